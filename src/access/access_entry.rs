@@ -1,0 +1,244 @@
+//! The `access-entry` strategy: EKS access entries and access-policy
+//! associations, converged from the set of grants in force.
+
+use async_trait::async_trait;
+use aws_sdk_eks::error::ProvideErrorMetadata;
+use aws_sdk_eks::types::{AccessScope, AccessScopeType};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use super::aws::{describe_error, AwsClients};
+use super::{AccessEngine, AccessError, InForce};
+use crate::domain::grant::{desired_policies, plan_associations, Scope};
+use crate::domain::policy::ClusterPolicy;
+use crate::store::Store;
+
+pub const TAG_MANAGED_BY: &str = "managed-by";
+pub const TAG_MANAGED_BY_VALUE: &str = "tollgate";
+pub const TAG_GRANT: &str = "tollgate-grant";
+
+pub struct AccessEntryStrategy {
+    clients: Arc<AwsClients>,
+    store: Arc<dyn Store>,
+}
+
+struct Entry {
+    tags: HashMap<String, String>,
+}
+
+impl Entry {
+    fn created_by_tollgate(&self) -> bool {
+        self.tags.get(TAG_MANAGED_BY).map(String::as_str) == Some(TAG_MANAGED_BY_VALUE)
+    }
+}
+
+fn aws_error<E: std::error::Error>(
+    cluster: &ClusterPolicy,
+    operation: &'static str,
+    e: &E,
+) -> AccessError {
+    AccessError::Aws {
+        cluster: cluster.name.clone(),
+        operation,
+        message: describe_error(e),
+    }
+}
+
+fn is_code<E: ProvideErrorMetadata>(e: &E, code: &str) -> bool {
+    e.code() == Some(code)
+}
+
+fn to_aws_scope(scope: &Scope) -> AccessScope {
+    match scope {
+        Scope::Cluster => AccessScope::builder()
+            .r#type(AccessScopeType::Cluster)
+            .build(),
+        Scope::Namespaces(ns) => AccessScope::builder()
+            .r#type(AccessScopeType::Namespace)
+            .set_namespaces(Some(ns.iter().cloned().collect()))
+            .build(),
+    }
+}
+
+fn from_aws_scope(scope: Option<&AccessScope>) -> Scope {
+    match scope {
+        Some(s) if s.r#type() == Some(&AccessScopeType::Namespace) => {
+            Scope::from_namespaces(s.namespaces().iter().cloned())
+        }
+        _ => Scope::Cluster,
+    }
+}
+
+impl AccessEntryStrategy {
+    pub fn new(clients: Arc<AwsClients>, store: Arc<dyn Store>) -> Self {
+        AccessEntryStrategy { clients, store }
+    }
+
+    async fn describe_entry(
+        &self,
+        eks: &aws_sdk_eks::Client,
+        cluster: &ClusterPolicy,
+        principal: &str,
+    ) -> Result<Option<Entry>, AccessError> {
+        match eks
+            .describe_access_entry()
+            .cluster_name(&cluster.name)
+            .principal_arn(principal)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(Entry {
+                tags: out
+                    .access_entry()
+                    .and_then(|e| e.tags())
+                    .cloned()
+                    .unwrap_or_default(),
+            })),
+            Err(e) if is_code(&e, "ResourceNotFoundException") => Ok(None),
+            Err(e) => Err(aws_error(cluster, "DescribeAccessEntry", &e)),
+        }
+    }
+
+    async fn associations(
+        &self,
+        eks: &aws_sdk_eks::Client,
+        cluster: &ClusterPolicy,
+        principal: &str,
+    ) -> Result<BTreeMap<String, Scope>, AccessError> {
+        let mut out = BTreeMap::new();
+        let mut token = None;
+        loop {
+            let page = match eks
+                .list_associated_access_policies()
+                .cluster_name(&cluster.name)
+                .principal_arn(principal)
+                .set_next_token(token)
+                .send()
+                .await
+            {
+                Ok(page) => page,
+                Err(e) if is_code(&e, "ResourceNotFoundException") => return Ok(out),
+                Err(e) => return Err(aws_error(cluster, "ListAssociatedAccessPolicies", &e)),
+            };
+            for assoc in page.associated_access_policies() {
+                if let Some(arn) = assoc.policy_arn() {
+                    out.insert(arn.to_string(), from_aws_scope(assoc.access_scope()));
+                }
+            }
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AccessEngine for AccessEntryStrategy {
+    async fn converge(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+        creator: &str,
+    ) -> Result<(), AccessError> {
+        let eks = self.clients.eks(cluster).await;
+        let desired = desired_policies(grants.iter().map(|g| g.spec));
+        let entry = self.describe_entry(&eks, cluster, principal).await?;
+        let current = match entry {
+            Some(_) => self.associations(&eks, cluster, principal).await?,
+            None => BTreeMap::new(),
+        };
+        let baselines = self.store.baselines(&cluster.name, principal).await?;
+        let plan = plan_associations(&current, &desired, &baselines);
+        tracing::debug!(cluster = %cluster.name, ?plan, "access-entry plan");
+
+        if !plan.new_baselines.is_empty() {
+            self.store
+                .record_baselines(&cluster.name, principal, &plan.new_baselines)
+                .await?;
+        }
+        if plan.needs_entry && entry.is_none() {
+            let created = eks
+                .create_access_entry()
+                .cluster_name(&cluster.name)
+                .principal_arn(principal)
+                .tags(TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE)
+                .tags(TAG_GRANT, creator)
+                .send()
+                .await;
+            match created {
+                Ok(_) => {}
+                Err(e) if is_code(&e, "ResourceInUseException") => {}
+                Err(e) => return Err(aws_error(cluster, "CreateAccessEntry", &e)),
+            }
+        }
+        for (policy, scope) in &plan.associate {
+            eks.associate_access_policy()
+                .cluster_name(&cluster.name)
+                .principal_arn(principal)
+                .policy_arn(policy)
+                .access_scope(to_aws_scope(scope))
+                .send()
+                .await
+                .map_err(|e| aws_error(cluster, "AssociateAccessPolicy", &e))?;
+        }
+        for policy in &plan.disassociate {
+            match eks
+                .disassociate_access_policy()
+                .cluster_name(&cluster.name)
+                .principal_arn(principal)
+                .policy_arn(policy)
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_code(&e, "ResourceNotFoundException") => {}
+                Err(e) => return Err(aws_error(cluster, "DisassociateAccessPolicy", &e)),
+            }
+        }
+        if !plan.forget_baselines.is_empty() {
+            self.store
+                .forget_baselines(&cluster.name, principal, &plan.forget_baselines)
+                .await?;
+        }
+        // An entry Tollgate created goes once nothing at all is associated
+        // with it; an entry someone else made stays whatever happens.
+        if !plan.needs_entry && entry.as_ref().is_some_and(Entry::created_by_tollgate) {
+            let remaining = self.associations(&eks, cluster, principal).await?;
+            if remaining.is_empty() {
+                match eks
+                    .delete_access_entry()
+                    .cluster_name(&cluster.name)
+                    .principal_arn(principal)
+                    .send()
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if is_code(&e, "ResourceNotFoundException") => {}
+                    Err(e) => return Err(aws_error(cluster, "DeleteAccessEntry", &e)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cluster's authentication mode, for `tollgate check`.
+pub async fn authentication_mode(
+    clients: &AwsClients,
+    cluster: &ClusterPolicy,
+) -> Result<Option<String>, AccessError> {
+    let eks = clients.eks(cluster).await;
+    let out = eks
+        .describe_cluster()
+        .name(&cluster.name)
+        .send()
+        .await
+        .map_err(|e| aws_error(cluster, "DescribeCluster", &e))?;
+    Ok(out
+        .cluster()
+        .and_then(|c| c.access_config())
+        .and_then(|a| a.authentication_mode())
+        .map(|m| m.as_str().to_string()))
+}

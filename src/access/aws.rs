@@ -1,0 +1,82 @@
+//! AWS SDK clients per cluster: one base config from the default chain
+//! (env, profile, IRSA; `AWS_ENDPOINT_URL` honoured), and per cluster its
+//! region and, when set, an assumed role.
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::SharedCredentialsProvider;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use std::collections::HashMap;
+use tokio::sync::Mutex;
+
+use crate::domain::policy::ClusterPolicy;
+
+pub struct AwsClients {
+    base: SdkConfig,
+    eks: Mutex<HashMap<String, aws_sdk_eks::Client>>,
+}
+
+/// The SDK's default HTTPS client would bring aws-lc-rs next to the ring
+/// provider the rest of the binary uses; both at once make rustls refuse to
+/// pick one at run time.
+pub async fn load_base_config() -> SdkConfig {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .load()
+        .await
+}
+
+impl AwsClients {
+    pub fn new(base: SdkConfig) -> Self {
+        AwsClients {
+            base,
+            eks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn base(&self) -> &SdkConfig {
+        &self.base
+    }
+
+    /// The SDK config for acting on a cluster: its region, and its
+    /// `assume_role_arn` when set (credentials refreshed by the provider).
+    pub async fn cluster_config(&self, cluster: &ClusterPolicy) -> SdkConfig {
+        let region = Region::new(cluster.region.clone());
+        let mut builder = self.base.to_builder().region(region.clone());
+        if let Some(role) = &cluster.assume_role_arn {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(role.clone())
+                .session_name("tollgate")
+                .region(region)
+                .configure(&self.base)
+                .build()
+                .await;
+            builder = builder.credentials_provider(SharedCredentialsProvider::new(provider));
+        }
+        builder.build()
+    }
+
+    pub async fn eks(&self, cluster: &ClusterPolicy) -> aws_sdk_eks::Client {
+        let mut cache = self.eks.lock().await;
+        if let Some(client) = cache.get(&cluster.name) {
+            return client.clone();
+        }
+        let client = aws_sdk_eks::Client::new(&self.cluster_config(cluster).await);
+        cache.insert(cluster.name.clone(), client.clone());
+        client
+    }
+
+    pub async fn sts(&self, cluster: Option<&ClusterPolicy>) -> aws_sdk_sts::Client {
+        match cluster {
+            Some(c) => aws_sdk_sts::Client::new(&self.cluster_config(c).await),
+            None => aws_sdk_sts::Client::new(&self.base),
+        }
+    }
+}
+
+/// The error text of an SDK call with its whole cause chain; never includes
+/// credentials.
+pub fn describe_error<E: std::error::Error>(e: &E) -> String {
+    aws_sdk_eks::error::DisplayErrorContext(e).to_string()
+}

@@ -1,0 +1,772 @@
+//! `tollgate.toml` (spec 8.1): parsing with errors that name the key and the
+//! line, and resolution of defaults → cluster → role into one policy per role.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::domain::policy::{
+    BreakGlass, ClusterPolicy, IdentityPolicy, Limits, RolePolicy, Strategy,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: line {line}: `{key}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+pub const EKS_POLICY_ARN_PREFIX: &str = "arn:aws:eks::aws:cluster-access-policy/";
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not a duration ({e}); use a value like \"90m\", \"2h\" or \"1h30m\""
+        ))
+    })
+}
+
+/// The keys of `[defaults]`, which any cluster or role may override; a macro
+/// keeps the three sections' lists identical while `deny_unknown_fields`
+/// (which does not combine with `flatten`) stays on.
+macro_rules! with_limit_keys {
+    ($(#[$meta:meta])* struct $name:ident { $($(#[$fmeta:meta])* $field:ident : $ty:ty,)* }) => {
+        $(#[$meta])*
+        struct $name {
+            #[serde(default, deserialize_with = "de_duration")]
+            min_duration: Option<Duration>,
+            #[serde(default, deserialize_with = "de_duration")]
+            max_duration: Option<Duration>,
+            #[serde(default, deserialize_with = "de_duration")]
+            default_duration: Option<Duration>,
+            #[serde(default, deserialize_with = "de_duration")]
+            approval_timeout: Option<Duration>,
+            #[serde(default, deserialize_with = "de_duration")]
+            reminder_before: Option<Duration>,
+            #[serde(default, deserialize_with = "de_duration")]
+            reconcile_interval: Option<Duration>,
+            required_approvals: Option<u32>,
+            allow_self_approval: Option<bool>,
+            require_reason: Option<bool>,
+            $($(#[$fmeta])* $field: $ty,)*
+        }
+
+        impl $name {
+            fn limit_overrides(&self) -> LimitOverrides {
+                LimitOverrides {
+                    min_duration: self.min_duration,
+                    max_duration: self.max_duration,
+                    default_duration: self.default_duration,
+                    approval_timeout: self.approval_timeout,
+                    reminder_before: self.reminder_before,
+                    reconcile_interval: self.reconcile_interval,
+                    required_approvals: self.required_approvals,
+                    allow_self_approval: self.allow_self_approval,
+                    require_reason: self.require_reason,
+                }
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LimitOverrides {
+    min_duration: Option<Duration>,
+    max_duration: Option<Duration>,
+    default_duration: Option<Duration>,
+    approval_timeout: Option<Duration>,
+    reminder_before: Option<Duration>,
+    reconcile_interval: Option<Duration>,
+    required_approvals: Option<u32>,
+    allow_self_approval: Option<bool>,
+    require_reason: Option<bool>,
+}
+
+impl LimitOverrides {
+    fn apply(&self, base: &Limits) -> Limits {
+        Limits {
+            min_duration: self.min_duration.unwrap_or(base.min_duration),
+            max_duration: self.max_duration.unwrap_or(base.max_duration),
+            default_duration: self.default_duration.unwrap_or(base.default_duration),
+            approval_timeout: self.approval_timeout.unwrap_or(base.approval_timeout),
+            reminder_before: self.reminder_before.unwrap_or(base.reminder_before),
+            reconcile_interval: self.reconcile_interval.unwrap_or(base.reconcile_interval),
+            required_approvals: self.required_approvals.unwrap_or(base.required_approvals),
+            allow_self_approval: self.allow_self_approval.unwrap_or(base.allow_self_approval),
+            require_reason: self.require_reason.unwrap_or(base.require_reason),
+        }
+    }
+}
+
+const BUILTIN_LIMITS: Limits = Limits {
+    min_duration: Duration::from_secs(5 * 60),
+    max_duration: Duration::from_secs(8 * 3600),
+    default_duration: Duration::from_secs(3600),
+    approval_timeout: Duration::from_secs(30 * 60),
+    reminder_before: Duration::from_secs(10 * 60),
+    reconcile_interval: Duration::from_secs(5 * 60),
+    required_approvals: 1,
+    allow_self_approval: false,
+    require_reason: false,
+};
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
+    slack: SlackSection,
+    #[serde(default)]
+    identity: IdentitySection,
+    #[serde(default)]
+    defaults: DefaultsSection,
+    #[serde(default)]
+    clusters: Vec<ClusterSection>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    pub public_url: Option<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: default_listen(),
+            public_url: None,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:8080".into()
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Sled,
+    Dynamodb,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    pub table: Option<String>,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            backend: Backend::Sled,
+            path: default_store_path(),
+            table: None,
+        }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("./tollgate-data")
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SlackSection {
+    pub api_url: Option<String>,
+    pub security_channel: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct IdentitySection {
+    principal_template: Option<String>,
+    #[serde(default)]
+    principals: BTreeMap<String, String>,
+}
+
+with_limit_keys! {
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct DefaultsSection {}
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+enum StrategyName {
+    #[default]
+    AccessEntry,
+    SessionRbac,
+    AwsAuth,
+}
+
+with_limit_keys! {
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ClusterSection {
+        name: String,
+        region: String,
+        account_id: String,
+        assume_role_arn: Option<String>,
+        #[serde(default)]
+        strategy: StrategyName,
+        endpoint: Option<String>,
+        ca_file: Option<String>,
+        approval_channel: String,
+        #[serde(default)]
+        approvers: Vec<String>,
+        #[serde(default)]
+        dm_approvers: bool,
+        #[serde(default)]
+        requesters: Vec<String>,
+        default_role: Option<String>,
+        break_glass: Option<BreakGlassSection>,
+        #[serde(default)]
+        roles: BTreeMap<String, RoleSection>,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakGlassSection {
+    #[serde(default)]
+    allowed: Vec<String>,
+    #[serde(default, deserialize_with = "de_duration")]
+    max_duration: Option<Duration>,
+}
+
+with_limit_keys! {
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct RoleSection {
+        access_policy: Option<String>,
+        cluster_role: Option<String>,
+        groups: Option<Vec<String>>,
+        #[serde(default)]
+        namespaced: bool,
+        #[serde(default)]
+        auto_approve: Vec<String>,
+        approvers: Option<Vec<String>>,
+        requesters: Option<Vec<String>>,
+    }
+}
+
+/// The whole configuration, resolved.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: String,
+    pub server: ServerSection,
+    pub store: StoreSection,
+    pub slack: SlackSection,
+    pub identity: IdentityPolicy,
+    pub clusters: Vec<ClusterPolicy>,
+}
+
+impl Config {
+    pub fn cluster(&self, name: &str) -> Option<&ClusterPolicy> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Config::parse(&text, &shown)
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Resolver { text, path }.resolve(file)
+    }
+}
+
+struct Resolver<'a> {
+    text: &'a str,
+    path: &'a str,
+}
+
+impl Resolver<'_> {
+    fn invalid(&self, section: Section<'_>, key: &str, message: String) -> ConfigError {
+        let (line, shown) = locate(self.text, section, key);
+        ConfigError::Invalid {
+            path: self.path.to_string(),
+            line,
+            key: shown,
+            message,
+        }
+    }
+
+    fn resolve(&self, file: FileConfig) -> Result<Config, ConfigError> {
+        let defaults = file.defaults.limit_overrides().apply(&BUILTIN_LIMITS);
+        self.check_limits(&defaults, Section::Table("defaults"))?;
+        if file.store.backend == Backend::Dynamodb && file.store.table.is_none() {
+            return Err(self.invalid(
+                Section::Table("store"),
+                "backend",
+                "the dynamodb backend needs `table` in [store]".into(),
+            ));
+        }
+        if let Some(url) = &file.slack.api_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(self.invalid(
+                    Section::Table("slack"),
+                    "api_url",
+                    "must be an http(s) URL".into(),
+                ));
+            }
+        }
+        if let Some(template) = &file.identity.principal_template {
+            if !template.starts_with("arn:") {
+                return Err(self.invalid(
+                    Section::Table("identity"),
+                    "principal_template",
+                    "must be an IAM ARN template, e.g. \"arn:aws:iam::{account_id}:role/{email_local}\"".into(),
+                ));
+            }
+        }
+        let identity = IdentityPolicy {
+            principal_template: file.identity.principal_template.clone(),
+            principals: file
+                .identity
+                .principals
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+        };
+        let mut clusters: Vec<ClusterPolicy> = Vec::new();
+        for (index, c) in file.clusters.iter().enumerate() {
+            let cluster = self.resolve_cluster(index, c, &defaults)?;
+            if clusters.iter().any(|other| other.name == cluster.name) {
+                return Err(self.invalid(
+                    Section::Cluster(index),
+                    "name",
+                    format!("cluster `{}` is defined twice", cluster.name),
+                ));
+            }
+            clusters.push(cluster);
+        }
+        Ok(Config {
+            path: self.path.to_string(),
+            server: file.server,
+            store: file.store,
+            slack: file.slack,
+            identity,
+            clusters,
+        })
+    }
+
+    fn resolve_cluster(
+        &self,
+        index: usize,
+        c: &ClusterSection,
+        defaults: &Limits,
+    ) -> Result<ClusterPolicy, ConfigError> {
+        let here = Section::Cluster(index);
+        let name_ok = !c.name.is_empty()
+            && c.name.len() <= 100
+            && c.name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_');
+        if !name_ok {
+            return Err(self.invalid(
+                here,
+                "name",
+                "cluster names are 1-100 letters, digits, `-` or `_`".into(),
+            ));
+        }
+        if c.account_id.len() != 12 || !c.account_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(self.invalid(
+                here,
+                "account_id",
+                format!("`{}` is not a 12-digit AWS account id", c.account_id),
+            ));
+        }
+        if c.region.is_empty() {
+            return Err(self.invalid(here, "region", "must not be empty".into()));
+        }
+        if c.approval_channel.is_empty() {
+            return Err(self.invalid(
+                here,
+                "approval_channel",
+                "must be a Slack channel id".into(),
+            ));
+        }
+        if c.roles.is_empty() {
+            return Err(self.invalid(
+                here,
+                "roles",
+                format!(
+                    "cluster `{}` has no roles: add a [clusters.roles.<name>] table",
+                    c.name
+                ),
+            ));
+        }
+        let strategy = match c.strategy {
+            StrategyName::AccessEntry => Strategy::AccessEntry,
+            StrategyName::SessionRbac => Strategy::SessionRbac,
+            StrategyName::AwsAuth => Strategy::AwsAuth,
+        };
+        let cluster_limits = c.limit_overrides().apply(defaults);
+        self.check_limits(&cluster_limits, here)?;
+        let mut roles = BTreeMap::new();
+        for (role_name, r) in &c.roles {
+            let role_here = Section::Role(index, role_name);
+            let limits = r.limit_overrides().apply(&cluster_limits);
+            self.check_limits(&limits, role_here)?;
+            let access_policy = match &r.access_policy {
+                Some(p) => Some(
+                    self.policy_arn(p)
+                        .map_err(|m| self.invalid(role_here, "access_policy", m))?,
+                ),
+                None => None,
+            };
+            match strategy {
+                Strategy::AccessEntry if access_policy.is_none() => {
+                    return Err(self.invalid(role_here, "access_policy", format!(
+                        "role `{role_name}` needs `access_policy` on an access-entry cluster, e.g. \"AmazonEKSViewPolicy\""
+                    )));
+                }
+                Strategy::SessionRbac if r.cluster_role.is_none() => {
+                    return Err(self.invalid(
+                        role_here,
+                        "cluster_role",
+                        format!(
+                            "role `{role_name}` needs `cluster_role` on a session-rbac cluster"
+                        ),
+                    ));
+                }
+                Strategy::AwsAuth if r.groups.as_ref().is_none_or(|g| g.is_empty()) => {
+                    return Err(self.invalid(
+                        role_here,
+                        "groups",
+                        format!("role `{role_name}` needs `groups` on an aws-auth cluster"),
+                    ));
+                }
+                _ => {}
+            }
+            roles.insert(
+                role_name.clone(),
+                RolePolicy {
+                    name: role_name.clone(),
+                    access_policy,
+                    cluster_role: r.cluster_role.clone(),
+                    groups: r.groups.clone().unwrap_or_default(),
+                    namespaced: r.namespaced,
+                    auto_approve: r.auto_approve.clone(),
+                    approvers: r.approvers.clone().unwrap_or_else(|| c.approvers.clone()),
+                    requesters: r.requesters.clone().unwrap_or_else(|| c.requesters.clone()),
+                    limits,
+                },
+            );
+        }
+        if let Some(default_role) = &c.default_role {
+            if !roles.contains_key(default_role) {
+                return Err(self.invalid(
+                    here,
+                    "default_role",
+                    format!(
+                        "`{default_role}` is not one of this cluster's roles ({})",
+                        roles.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+        for id in &c.approvers {
+            if !(id.starts_with('U') || id.starts_with('W') || id.starts_with('S')) {
+                return Err(self.invalid(
+                    here,
+                    "approvers",
+                    format!("`{id}` is not a Slack user id (U…/W…) or user-group id (S…)"),
+                ));
+            }
+        }
+        let break_glass = c.break_glass.as_ref().map(|b| BreakGlass {
+            allowed: b.allowed.clone(),
+            max_duration: b.max_duration.unwrap_or(Duration::from_secs(3600)),
+        });
+        Ok(ClusterPolicy {
+            name: c.name.clone(),
+            region: c.region.clone(),
+            account_id: c.account_id.clone(),
+            assume_role_arn: c.assume_role_arn.clone(),
+            strategy,
+            endpoint: c.endpoint.clone(),
+            ca_file: c.ca_file.clone(),
+            approval_channel: c.approval_channel.clone(),
+            dm_approvers: c.dm_approvers,
+            default_role: c.default_role.clone(),
+            roles,
+            break_glass,
+            reconcile_interval: cluster_limits.reconcile_interval,
+        })
+    }
+
+    fn check_limits(&self, l: &Limits, at: Section<'_>) -> Result<(), ConfigError> {
+        if l.min_duration.is_zero() {
+            return Err(self.invalid(at, "min_duration", "must be more than zero".into()));
+        }
+        if l.max_duration < l.min_duration {
+            return Err(self.invalid(
+                at,
+                "max_duration",
+                format!(
+                    "{} is below min_duration {}",
+                    humantime::format_duration(l.max_duration),
+                    humantime::format_duration(l.min_duration)
+                ),
+            ));
+        }
+        if l.default_duration < l.min_duration || l.default_duration > l.max_duration {
+            return Err(self.invalid(
+                at,
+                "default_duration",
+                format!(
+                    "{} is outside min_duration..max_duration ({}..{})",
+                    humantime::format_duration(l.default_duration),
+                    humantime::format_duration(l.min_duration),
+                    humantime::format_duration(l.max_duration)
+                ),
+            ));
+        }
+        if l.approval_timeout.is_zero() {
+            return Err(self.invalid(at, "approval_timeout", "must be more than zero".into()));
+        }
+        if l.required_approvals == 0 {
+            return Err(self.invalid(at, "required_approvals", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    fn policy_arn(&self, name: &str) -> Result<String, String> {
+        let short = name.strip_prefix(EKS_POLICY_ARN_PREFIX).unwrap_or(name);
+        let ok = short.starts_with("AmazonEKS")
+            && short.ends_with("Policy")
+            && short.chars().all(|c| c.is_ascii_alphanumeric());
+        if ok {
+            Ok(format!("{EKS_POLICY_ARN_PREFIX}{short}"))
+        } else {
+            Err(format!(
+                "`{name}` is not an EKS access policy name (like \"AmazonEKSViewPolicy\") or ARN ({EKS_POLICY_ARN_PREFIX}…)"
+            ))
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Section<'a> {
+    Table(&'a str),
+    Cluster(usize),
+    Role(usize, &'a str),
+}
+
+/// Finds the line of a key for errors found after deserialisation, when toml's
+/// own spans are gone. Falls back to the section header, then line 1.
+fn locate(text: &str, section: Section<'_>, key: &str) -> (usize, String) {
+    let lines: Vec<&str> = text.lines().collect();
+    let header_of = |l: &str| -> Option<String> {
+        let t = l.trim();
+        if t.starts_with('[') {
+            Some(t.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        } else {
+            None
+        }
+    };
+    let (wanted_header, shown) = match section {
+        Section::Table(t) => (t.to_string(), format!("{t}.{key}")),
+        Section::Cluster(i) => ("clusters".to_string(), format!("clusters[{i}].{key}")),
+        Section::Role(i, r) => (
+            format!("clusters.roles.{r}"),
+            format!("clusters[{i}].roles.{r}.{key}"),
+        ),
+    };
+    let cluster_index = match section {
+        Section::Cluster(i) | Section::Role(i, _) => Some(i),
+        Section::Table(_) => None,
+    };
+    let mut clusters_seen: Option<usize> = None;
+    let mut in_section = false;
+    let mut header_line = 0;
+    for (n, line) in lines.iter().enumerate() {
+        if let Some(h) = header_of(line) {
+            if h == "clusters" && line.trim().starts_with("[[") {
+                clusters_seen = Some(clusters_seen.map_or(0, |c| c + 1));
+            }
+            let right_cluster = cluster_index.is_none() || clusters_seen == cluster_index;
+            in_section = h == wanted_header && right_cluster;
+            if in_section {
+                header_line = n + 1;
+            }
+            continue;
+        }
+        if in_section {
+            let t = line.trim_start();
+            if t.starts_with(key) && t[key.len()..].trim_start().starts_with('=') {
+                return (n + 1, shown);
+            }
+        }
+    }
+    (header_line.max(1), shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[identity]
+principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+
+[[clusters]]
+name = "prod-cluster"
+region = "us-east-1"
+account_id = "111122223333"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP", "S0ONCALL"]
+default_role = "view"
+max_duration = "4h"
+
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+
+[clusters.roles.edit]
+access_policy = "AmazonEKSEditPolicy"
+namespaced = true
+max_duration = "2h"
+"#;
+
+    fn line_of(text: &str, needle: &str) -> String {
+        let n = text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        format!("line {n}")
+    }
+
+    #[test]
+    fn resolves_defaults_cluster_role() {
+        let cfg = Config::parse(MINIMAL, "t.toml").unwrap();
+        let c = cfg.cluster("prod-cluster").unwrap();
+        assert_eq!(c.strategy, Strategy::AccessEntry);
+        let view = &c.roles["view"];
+        assert_eq!(view.limits.max_duration, Duration::from_secs(4 * 3600));
+        assert_eq!(view.limits.min_duration, Duration::from_secs(300));
+        assert_eq!(
+            view.access_policy.as_deref(),
+            Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy")
+        );
+        assert_eq!(view.approvers, vec!["U0APP", "S0ONCALL"]);
+        assert_eq!(
+            c.roles["edit"].limits.max_duration,
+            Duration::from_secs(2 * 3600)
+        );
+        assert!(c.roles["edit"].namespaced);
+        assert_eq!(cfg.store.backend, Backend::Sled);
+        assert_eq!(cfg.server.listen, "0.0.0.0:8080");
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace("namespaced = true", "namespaced = true\nnamespacd = true");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("namespacd"), "{err}");
+        assert!(err.contains(&line_of(&text, "namespacd")), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_line() {
+        let text = MINIMAL.replace("max_duration = \"4h\"", "max_duration = \"4 hours-ish\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "4 hours-ish")) && err.contains("not a duration"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let text = MINIMAL.replace("default_role = \"view\"", "default_role = \"admin\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "default_role"))
+                && err.contains("clusters[0].default_role"),
+            "{err}"
+        );
+
+        let text = MINIMAL.replace("\"AmazonEKSEditPolicy\"", "\"EditEverything\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "EditEverything"))
+                && err.contains("roles.edit.access_policy"),
+            "{err}"
+        );
+
+        let text = MINIMAL.replace("max_duration = \"2h\"", "max_duration = \"1m\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "\"1m\"")) && err.contains("roles.edit.max_duration"),
+            "{err}"
+        );
+
+        let text = MINIMAL.replace("111122223333", "1234");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "account_id = ")) && err.contains("account_id"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn strategy_specific_role_keys_required() {
+        let text = MINIMAL.replace(
+            "region = \"us-east-1\"",
+            "region = \"us-east-1\"\nstrategy = \"session-rbac\"",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("cluster_role"), "{err}");
+        let text = MINIMAL.replace(
+            "region = \"us-east-1\"",
+            "region = \"us-east-1\"\nstrategy = \"magic\"",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("magic") && err.contains(&line_of(&text, "magic")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tollgate.example.toml");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let cfg = Config::parse(&text, path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!cfg.clusters.is_empty());
+        } else {
+            panic!("tollgate.example.toml is missing");
+        }
+    }
+}

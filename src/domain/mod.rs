@@ -1,0 +1,10 @@
+//! Pure domain logic: no I/O, no SDK types. Everything here takes `now` as an
+//! argument so tests can move time without sleeping.
+
+pub mod audit;
+pub mod command;
+pub mod duration;
+pub mod grant;
+pub mod policy;
+pub mod request;
+pub mod text;

@@ -1,0 +1,437 @@
+//! Who may request and approve what, for how long (spec section 4). The
+//! types are the config after defaults → cluster → role resolution.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use super::command::RequestArgs;
+use super::duration::{format_duration, parse_in_range, DurationRange};
+use super::text::{clip, escape_slack};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    AccessEntry,
+    SessionRbac,
+    AwsAuth,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::AccessEntry => "access-entry",
+            Strategy::SessionRbac => "session-rbac",
+            Strategy::AwsAuth => "aws-auth",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub min_duration: Duration,
+    pub max_duration: Duration,
+    pub default_duration: Duration,
+    pub approval_timeout: Duration,
+    pub reminder_before: Duration,
+    pub reconcile_interval: Duration,
+    pub required_approvals: u32,
+    pub allow_self_approval: bool,
+    pub require_reason: bool,
+}
+
+impl Limits {
+    pub fn range(&self) -> DurationRange {
+        DurationRange {
+            min: self.min_duration,
+            max: self.max_duration,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BreakGlass {
+    pub allowed: Vec<String>,
+    pub max_duration: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolePolicy {
+    pub name: String,
+    /// Full ARN of the EKS access policy (access-entry strategy).
+    pub access_policy: Option<String>,
+    pub cluster_role: Option<String>,
+    pub groups: Vec<String>,
+    pub namespaced: bool,
+    pub auto_approve: Vec<String>,
+    pub approvers: Vec<String>,
+    pub requesters: Vec<String>,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterPolicy {
+    pub name: String,
+    pub region: String,
+    pub account_id: String,
+    pub assume_role_arn: Option<String>,
+    pub strategy: Strategy,
+    pub endpoint: Option<String>,
+    pub ca_file: Option<String>,
+    pub approval_channel: String,
+    pub dm_approvers: bool,
+    pub default_role: Option<String>,
+    pub roles: BTreeMap<String, RolePolicy>,
+    pub break_glass: Option<BreakGlass>,
+    pub reconcile_interval: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityPolicy {
+    pub principal_template: Option<String>,
+    /// Keys lowercased: email addresses compare case-insensitively.
+    pub principals: BTreeMap<String, String>,
+}
+
+impl IdentityPolicy {
+    /// The IAM principal for a Slack email on a cluster; never a guess.
+    pub fn principal_for(&self, cluster: &ClusterPolicy, email: &str) -> Result<String, String> {
+        let email = email.trim();
+        if email.is_empty() {
+            return Err("Tollgate could not read your email address from Slack (scope `users:read.email`), so it cannot tell which IAM principal is yours. Ask an admin to check the app's scopes.".into());
+        }
+        if let Some(arn) = self.principals.get(&email.to_ascii_lowercase()) {
+            return Ok(arn.clone());
+        }
+        let Some(template) = &self.principal_template else {
+            return Err(format!(
+                "No IAM principal is configured for {}. Ask a Tollgate admin to add you to `[identity.principals]`.",
+                escape_slack(email)
+            ));
+        };
+        let local = email.split('@').next().unwrap_or(email);
+        Ok(template
+            .replace("{account_id}", &cluster.account_id)
+            .replace("{email_local}", local)
+            .replace("{email}", email))
+    }
+}
+
+/// A request after it has been checked against its cluster's policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedRequest {
+    pub role: String,
+    pub duration: Duration,
+    pub namespaces: Vec<String>,
+    pub reason: String,
+}
+
+impl ClusterPolicy {
+    pub fn role_names(&self) -> String {
+        self.roles
+            .keys()
+            .map(|r| format!("`{r}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The word after the duration is the role when it names one; otherwise it
+/// starts the reason and the default role applies (spec 8.7).
+pub fn resolve_request(
+    cluster: &ClusterPolicy,
+    args: &RequestArgs,
+) -> Result<ResolvedRequest, String> {
+    let (role, reason_words) = match args.words.split_first() {
+        Some((first, rest)) if cluster.roles.contains_key(first.as_str()) => (first.clone(), rest),
+        _ => match &cluster.default_role {
+            Some(default) => (default.clone(), &args.words[..]),
+            None => {
+                let hint = args
+                    .words
+                    .first()
+                    .map(|w| {
+                        format!(
+                            "`{}` is not a role on {}. ",
+                            escape_slack(&clip(w, 40)),
+                            cluster.name
+                        )
+                    })
+                    .unwrap_or_default();
+                return Err(format!(
+                    "{hint}Name a role after the duration: {}.",
+                    cluster.role_names()
+                ));
+            }
+        },
+    };
+    let policy = cluster.roles.get(&role).ok_or_else(|| {
+        format!(
+            "The default role `{role}` of {} is not configured; ask an admin.",
+            cluster.name
+        )
+    })?;
+    let namespaces = args.namespaces.clone().unwrap_or_default();
+    if cluster.strategy == Strategy::AwsAuth && !namespaces.is_empty() {
+        return Err(format!(
+            "{} grants through aws-auth groups, which are cluster-wide; `--ns` cannot narrow them. Namespace limits come from the RBAC bindings of the role's groups.",
+            cluster.name
+        ));
+    }
+    if policy.namespaced && namespaces.is_empty() {
+        return Err(format!(
+            "The role `{role}` on {} is namespaced: add `--ns <namespace>[,<namespace>…]`.",
+            cluster.name
+        ));
+    }
+    let duration = parse_in_range(&args.duration, &policy.limits.range())
+        .map_err(|e| format!("{e} (role `{role}` on {})", cluster.name))?;
+    let reason = reason_words.join(" ");
+    if policy.limits.require_reason && reason.trim().is_empty() {
+        return Err(format!(
+            "Requests for `{role}` on {} need a reason, e.g. a ticket: `/access eks {} {} {role} INC-1234`.",
+            cluster.name,
+            cluster.name,
+            format_duration(duration)
+        ));
+    }
+    Ok(ResolvedRequest {
+        role,
+        duration,
+        namespaces,
+        reason,
+    })
+}
+
+/// `members` holds the user ids of the user groups named in the list.
+pub fn listed(list: &[String], user: &str, members: &HashSet<String>) -> bool {
+    list.iter().any(|id| id == user) || members.contains(user)
+}
+
+pub fn may_request(role: &RolePolicy, user: &str, members: &HashSet<String>) -> bool {
+    role.requesters.is_empty() || listed(&role.requesters, user, members)
+}
+
+/// Whether a click on Approve counts. `approver_members` holds the members
+/// of the user groups among the approvers.
+pub fn check_approver(
+    role: &RolePolicy,
+    requester: &str,
+    clicker: &str,
+    approver_members: &HashSet<String>,
+) -> Result<(), String> {
+    if !listed(&role.approvers, clicker, approver_members) {
+        return Err(format!(
+            "You are not an approver for `{}` requests. Approvers: {}.",
+            role.name,
+            mention_list(&role.approvers)
+        ));
+    }
+    if clicker == requester && !role.limits.allow_self_approval {
+        return Err("You cannot approve your own request; another approver has to.".into());
+    }
+    Ok(())
+}
+
+pub fn quorum_reached(distinct_approvals: usize, required: u32) -> bool {
+    distinct_approvals >= required.max(1) as usize
+}
+
+/// Slack renders `<@U…>` and `<!subteam^S…>` as names.
+pub fn mention_list(ids: &[String]) -> String {
+    if ids.is_empty() {
+        return "nobody is configured".into();
+    }
+    ids.iter()
+        .map(|id| {
+            if id.starts_with('S') {
+                format!("<!subteam^{id}>")
+            } else {
+                format!("<@{id}>")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::domain::command::{parse, Command};
+
+    pub(crate) fn limits() -> Limits {
+        Limits {
+            min_duration: Duration::from_secs(300),
+            max_duration: Duration::from_secs(4 * 3600),
+            default_duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(1800),
+            reminder_before: Duration::from_secs(600),
+            reconcile_interval: Duration::from_secs(300),
+            required_approvals: 1,
+            allow_self_approval: false,
+            require_reason: false,
+        }
+    }
+
+    fn role(name: &str, namespaced: bool) -> RolePolicy {
+        RolePolicy {
+            name: name.into(),
+            access_policy: Some(format!("arn:aws:eks::aws:cluster-access-policy/{name}")),
+            cluster_role: None,
+            groups: vec![],
+            namespaced,
+            auto_approve: vec![],
+            approvers: vec!["U0APP".into(), "S0ONCALL".into()],
+            requesters: vec![],
+            limits: limits(),
+        }
+    }
+
+    pub(crate) fn cluster() -> ClusterPolicy {
+        ClusterPolicy {
+            name: "prod".into(),
+            region: "us-east-1".into(),
+            account_id: "111122223333".into(),
+            assume_role_arn: None,
+            strategy: Strategy::AccessEntry,
+            endpoint: None,
+            ca_file: None,
+            approval_channel: "C0APPROVALS".into(),
+            dm_approvers: false,
+            default_role: Some("view".into()),
+            roles: BTreeMap::from([
+                ("view".to_string(), role("view", false)),
+                ("edit".to_string(), role("edit", true)),
+            ]),
+            break_glass: None,
+            reconcile_interval: Duration::from_secs(300),
+        }
+    }
+
+    fn resolve(text: &str) -> Result<ResolvedRequest, String> {
+        match parse(text)? {
+            Command::Request(args) => resolve_request(&cluster(), &args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn role_word_or_default_role() {
+        let r = resolve("eks prod 2h edit --ns payments INC-1").unwrap();
+        assert_eq!((r.role.as_str(), r.reason.as_str()), ("edit", "INC-1"));
+        assert_eq!(r.namespaces, vec!["payments"]);
+        let r = resolve("eks prod 2h debugging the thing").unwrap();
+        assert_eq!(
+            (r.role.as_str(), r.reason.as_str()),
+            ("view", "debugging the thing")
+        );
+    }
+
+    #[test]
+    fn namespaced_role_needs_ns() {
+        let err = resolve("eks prod 2h edit").unwrap_err();
+        assert!(err.contains("namespaced"), "{err}");
+    }
+
+    #[test]
+    fn unknown_role_without_default_is_refused_naming_roles() {
+        let mut c = cluster();
+        c.default_role = None;
+        let Command::Request(args) = parse("eks prod 1h wizard").unwrap() else {
+            panic!()
+        };
+        let err = resolve_request(&c, &args).unwrap_err();
+        assert!(
+            err.contains("`wizard` is not a role") && err.contains("`edit`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_checked_against_role_range() {
+        for bad in ["0s", "-1h", "99999h", "1m"] {
+            let err = resolve(&format!("eks prod {bad} view")).unwrap_err();
+            assert!(err.contains("between 5m and 4h"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn aws_auth_refuses_ns_and_reason_can_be_required() {
+        let mut c = cluster();
+        c.strategy = Strategy::AwsAuth;
+        let Command::Request(args) = parse("eks prod 1h view --ns a").unwrap() else {
+            panic!()
+        };
+        assert!(resolve_request(&c, &args)
+            .unwrap_err()
+            .contains("cluster-wide"));
+        let mut c = cluster();
+        c.roles.get_mut("view").unwrap().limits.require_reason = true;
+        let Command::Request(args) = parse("eks prod 1h view").unwrap() else {
+            panic!()
+        };
+        assert!(resolve_request(&c, &args)
+            .unwrap_err()
+            .contains("need a reason"));
+    }
+
+    #[test]
+    fn approvers_groups_and_self_approval() {
+        let c = cluster();
+        let view = &c.roles["view"];
+        let none = HashSet::new();
+        let oncall = HashSet::from(["U0MEMBER".to_string()]);
+        assert!(check_approver(view, "U0REQ", "U0APP", &none).is_ok());
+        assert!(check_approver(view, "U0REQ", "U0MEMBER", &oncall).is_ok());
+        assert!(check_approver(view, "U0REQ", "U0MEMBER", &none)
+            .unwrap_err()
+            .contains("not an approver"));
+        assert!(check_approver(view, "U0APP", "U0APP", &none)
+            .unwrap_err()
+            .contains("your own"));
+        let mut selfie = view.clone();
+        selfie.limits.allow_self_approval = true;
+        assert!(check_approver(&selfie, "U0APP", "U0APP", &none).is_ok());
+    }
+
+    #[test]
+    fn quorum_counts_distinct_approvals() {
+        assert!(!quorum_reached(0, 1));
+        assert!(quorum_reached(1, 1));
+        assert!(!quorum_reached(1, 2));
+        assert!(quorum_reached(2, 2));
+        assert!(
+            quorum_reached(1, 0),
+            "zero is treated as one: nobody gets access unreviewed by accident"
+        );
+    }
+
+    #[test]
+    fn requesters_restrict_when_listed() {
+        let mut r = cluster().roles["view"].clone();
+        assert!(may_request(&r, "U1", &HashSet::new()));
+        r.requesters = vec!["S0DEV".into()];
+        assert!(!may_request(&r, "U1", &HashSet::new()));
+        assert!(may_request(&r, "U1", &HashSet::from(["U1".to_string()])));
+    }
+
+    #[test]
+    fn principals_table_wins_over_template_and_no_mapping_is_an_error() {
+        let c = cluster();
+        let mut id = IdentityPolicy::default();
+        assert!(id
+            .principal_for(&c, "alice@example.com")
+            .unwrap_err()
+            .contains("No IAM principal"));
+        id.principal_template = Some("arn:aws:iam::{account_id}:role/{email_local}".into());
+        assert_eq!(
+            id.principal_for(&c, "alice@example.com").unwrap(),
+            "arn:aws:iam::111122223333:role/alice"
+        );
+        id.principals
+            .insert("alice@example.com".into(), "arn:aws:iam::1:role/a".into());
+        assert_eq!(
+            id.principal_for(&c, "Alice@Example.com").unwrap(),
+            "arn:aws:iam::1:role/a"
+        );
+        assert!(id.principal_for(&c, "").is_err());
+    }
+}

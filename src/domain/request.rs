@@ -1,0 +1,362 @@
+//! Requests, their ids and the one function that says which state changes are
+//! legal (spec section 2).
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+use time::OffsetDateTime;
+
+/// Crockford's base32 alphabet: no I, L, O or U, so an id read aloud or typed
+/// from a screenshot is unambiguous.
+const ID_ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+const ID_LEN: usize = 5;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(String);
+
+impl RequestId {
+    pub fn generate<R: Rng>(rng: &mut R) -> Self {
+        let body: String = (0..ID_LEN)
+            .map(|_| ID_ALPHABET[rng.gen_range(0..ID_ALPHABET.len())] as char)
+            .collect();
+        RequestId(format!("R-{body}"))
+    }
+
+    /// Accepts what a person types: any case, with or without the `R-` prefix.
+    pub fn parse(text: &str) -> Option<Self> {
+        let upper = text.trim().to_ascii_uppercase();
+        let body = upper.strip_prefix("R-").unwrap_or(&upper);
+        if body.len() == ID_LEN && body.bytes().all(|b| ID_ALPHABET.contains(&b)) {
+            Some(RequestId(format!("R-{body}")))
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum State {
+    Pending,
+    Approved,
+    Active,
+    Revoked,
+    Denied,
+    Cancelled,
+    Expired,
+    Failed,
+    RevokeFailed,
+}
+
+impl State {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            State::Revoked | State::Denied | State::Cancelled | State::Expired | State::Failed
+        )
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Approved => "approved",
+            State::Active => "active",
+            State::Revoked => "revoked",
+            State::Denied => "denied",
+            State::Cancelled => "cancelled",
+            State::Expired => "expired",
+            State::Failed => "failed",
+            State::RevokeFailed => "revoke_failed",
+        }
+    }
+}
+
+/// What happened to a request; `transition` decides whether it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    QuorumReached,
+    Deny,
+    Cancel,
+    ApprovalTimeout,
+    Granted,
+    GrantFailed,
+    Revoked,
+    RevokeFailing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a {} request cannot take the event {event:?}", from.label())]
+pub struct IllegalTransition {
+    pub from: State,
+    pub event: Event,
+}
+
+/// The state machine of spec section 2, in one place.
+pub fn transition(from: State, event: Event) -> Result<State, IllegalTransition> {
+    use Event as E;
+    use State as S;
+    let to = match (from, event) {
+        (S::Pending, E::QuorumReached) => S::Approved,
+        (S::Pending, E::Deny) => S::Denied,
+        (S::Pending, E::Cancel) => S::Cancelled,
+        (S::Pending, E::ApprovalTimeout) => S::Expired,
+        (S::Approved, E::Granted) => S::Active,
+        (S::Approved, E::GrantFailed) => S::Failed,
+        // An approved request revoked before its grant was made ends here:
+        // the grant engine converges it away, or it was never made.
+        (S::Approved, E::Revoked) => S::Revoked,
+        (S::Active, E::Revoked) => S::Revoked,
+        (S::Active, E::RevokeFailing) => S::RevokeFailed,
+        (S::RevokeFailed, E::Revoked) => S::Revoked,
+        (S::RevokeFailed, E::RevokeFailing) => S::RevokeFailed,
+        _ => return Err(IllegalTransition { from, event }),
+    };
+    Ok(to)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeReason {
+    Expiry,
+    Early,
+    Admin,
+}
+
+impl RevokeReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            RevokeReason::Expiry => "expiry",
+            RevokeReason::Early => "early",
+            RevokeReason::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeIntent {
+    pub reason: RevokeReason,
+    pub by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vote {
+    pub user: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardRef {
+    pub channel: String,
+    pub ts: String,
+}
+
+/// Who asked and how to reach and address them; captured at request time so
+/// later messages need no Slack lookups.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    pub user_id: String,
+    pub email: String,
+    pub tz: Option<String>,
+    pub tz_offset_secs: i32,
+}
+
+/// The access a request asks for, resolved from config at request time so a
+/// later config edit cannot change what an approver already agreed to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessSpec {
+    pub cluster: String,
+    pub role: String,
+    pub principal: String,
+    /// Full EKS access policy ARN (access-entry strategy).
+    pub policy_arn: Option<String>,
+    /// Empty means cluster-wide.
+    pub namespaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: RequestId,
+    pub state: State,
+    /// Bumped on every store write; the compare-and-swap guard.
+    pub version: u64,
+    pub requester: Requester,
+    pub access: AccessSpec,
+    pub reason: String,
+    #[serde(with = "humantime_serde_secs")]
+    pub duration: Duration,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub approval_deadline: OffsetDateTime,
+    pub required_approvals: u32,
+    pub approvals: Vec<Vote>,
+    pub decided_by: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub approved_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub activated_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    pub revoke: Option<RevokeIntent>,
+    pub revoke_attempts: u32,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub retry_at: Option<OffsetDateTime>,
+    pub failure: Option<String>,
+    pub card: Option<CardRef>,
+    pub response_url: Option<String>,
+}
+
+impl Request {
+    /// The instant the scheduler must next act on this request, derived from
+    /// its state so the store's due index can never disagree with the row.
+    pub fn next_due(&self) -> Option<OffsetDateTime> {
+        match self.state {
+            State::Pending => Some(self.approval_deadline),
+            State::Approved => self.approved_at.or(Some(self.created_at)),
+            State::Active | State::RevokeFailed => {
+                if let Some(retry) = self.retry_at {
+                    return Some(retry);
+                }
+                match (&self.revoke, self.expires_at) {
+                    (Some(intent), Some(exp)) => Some(intent.at.min(exp)),
+                    (Some(intent), None) => Some(intent.at),
+                    (None, exp) => exp,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Applies a state event, enforcing the state machine.
+    pub fn apply(&mut self, event: Event) -> Result<(), IllegalTransition> {
+        self.state = transition(self.state, event)?;
+        Ok(())
+    }
+
+    pub fn has_vote_from(&self, user: &str) -> bool {
+        self.approvals.iter().any(|v| v.user == user)
+    }
+}
+
+/// Durations are stored as whole seconds: readable in a store dump and
+/// stable across serde versions.
+mod humantime_serde_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL_STATES: [State; 9] = [
+        State::Pending,
+        State::Approved,
+        State::Active,
+        State::Revoked,
+        State::Denied,
+        State::Cancelled,
+        State::Expired,
+        State::Failed,
+        State::RevokeFailed,
+    ];
+    const ALL_EVENTS: [Event; 8] = [
+        Event::QuorumReached,
+        Event::Deny,
+        Event::Cancel,
+        Event::ApprovalTimeout,
+        Event::Granted,
+        Event::GrantFailed,
+        Event::Revoked,
+        Event::RevokeFailing,
+    ];
+
+    #[test]
+    fn legal_transitions_are_exactly_the_spec() {
+        let legal: Vec<(State, Event, State)> = vec![
+            (State::Pending, Event::QuorumReached, State::Approved),
+            (State::Pending, Event::Deny, State::Denied),
+            (State::Pending, Event::Cancel, State::Cancelled),
+            (State::Pending, Event::ApprovalTimeout, State::Expired),
+            (State::Approved, Event::Granted, State::Active),
+            (State::Approved, Event::GrantFailed, State::Failed),
+            (State::Approved, Event::Revoked, State::Revoked),
+            (State::Active, Event::Revoked, State::Revoked),
+            (State::Active, Event::RevokeFailing, State::RevokeFailed),
+            (State::RevokeFailed, Event::Revoked, State::Revoked),
+            (
+                State::RevokeFailed,
+                Event::RevokeFailing,
+                State::RevokeFailed,
+            ),
+        ];
+        for from in ALL_STATES {
+            for event in ALL_EVENTS {
+                let expected = legal
+                    .iter()
+                    .find(|(f, e, _)| *f == from && *e == event)
+                    .map(|(_, _, to)| *to);
+                match (transition(from, event), expected) {
+                    (Ok(to), Some(want)) => assert_eq!(to, want, "{from:?} + {event:?}"),
+                    (Err(err), None) => {
+                        assert_eq!(err, IllegalTransition { from, event });
+                    }
+                    (got, want) => panic!("{from:?} + {event:?}: got {got:?}, want {want:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_states_accept_nothing() {
+        for from in ALL_STATES.into_iter().filter(|s| s.is_terminal()) {
+            for event in ALL_EVENTS {
+                assert!(transition(from, event).is_err(), "{from:?} + {event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_short_unambiguous_and_round_trip() {
+        let mut rng = rand::thread_rng();
+        for _ in 0..1000 {
+            let id = RequestId::generate(&mut rng);
+            assert_eq!(id.as_str().len(), 7);
+            assert!(id.as_str().starts_with("R-"));
+            assert!(!id.as_str()[2..].contains(['I', 'L', 'O', 'U']));
+            assert_eq!(RequestId::parse(id.as_str()), Some(id.clone()));
+            assert_eq!(RequestId::parse(&id.as_str().to_lowercase()), Some(id));
+        }
+        assert_eq!(
+            RequestId::parse("7f3k2").map(|i| i.to_string()),
+            Some("R-7F3K2".into())
+        );
+        for bad in ["", "R-", "R-7F3K", "R-7F3K2X", "R-7F3KI", "../x", "R-7F 3K"] {
+            assert_eq!(RequestId::parse(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! Tollgate: just-in-time, time-boxed access to Amazon EKS, approved in Slack.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::await_holding_lock
+)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod access;
+pub mod config;
+pub mod domain;
+pub mod store;

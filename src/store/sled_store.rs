@@ -1,0 +1,272 @@
+//! The embedded default backend. One sled transaction spans the request row,
+//! the due index and the audit log, so they can never disagree.
+
+use async_trait::async_trait;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use std::path::Path;
+use time::OffsetDateTime;
+
+use super::{Store, StoreError};
+use crate::domain::audit::AuditEvent;
+use crate::domain::grant::{Baselines, Scope};
+use crate::domain::request::{Request, RequestId};
+
+pub struct SledStore {
+    db: sled::Db,
+    requests: sled::Tree,
+    due: sled::Tree,
+    audit: sled::Tree,
+    baselines: sled::Tree,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Milliseconds since the epoch, big-endian, so byte order is time order.
+fn time_key(t: OffsetDateTime) -> [u8; 8] {
+    let ms = (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+    ms.to_be_bytes()
+}
+
+fn due_key(t: OffsetDateTime, id: &RequestId) -> Vec<u8> {
+    let mut k = time_key(t).to_vec();
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
+}
+
+fn time_of_key(key: &[u8]) -> Option<OffsetDateTime> {
+    let ms = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok()
+}
+
+fn baseline_prefix(cluster: &str, principal: &str) -> Vec<u8> {
+    format!("{cluster}\u{0}{principal}\u{0}").into_bytes()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(backend)
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+fn write_audit(tx: &TransactionalTree, events: &[Vec<u8>], at: OffsetDateTime) -> TxResult<()> {
+    for event in events {
+        let mut key = time_key(at).to_vec();
+        key.extend_from_slice(&tx.generate_id()?.to_be_bytes());
+        tx.insert(key, event.as_slice())?;
+    }
+    Ok(())
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(inner) => inner,
+        TransactionError::Storage(s) => backend(s),
+    }
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        Ok(SledStore {
+            requests: db.open_tree("requests").map_err(backend)?,
+            due: db.open_tree("due").map_err(backend)?,
+            audit: db.open_tree("audit").map_err(backend)?,
+            baselines: db.open_tree("baselines").map_err(backend)?,
+            db,
+        })
+    }
+
+    fn encode_audit(audit: &[AuditEvent]) -> Result<Vec<Vec<u8>>, StoreError> {
+        audit.iter().map(encode).collect()
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn create(&self, req: &Request, audit: Vec<AuditEvent>) -> Result<(), StoreError> {
+        let row = encode(req)?;
+        let events = Self::encode_audit(&audit)?;
+        let at = audit.first().map(|e| e.ts).unwrap_or(req.created_at);
+        let id = req.id.clone();
+        let due = req.next_due();
+        (&self.requests, &self.due, &self.audit)
+            .transaction(|(requests, due_tree, audit_tree)| {
+                if requests.get(id.as_str())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Exists(
+                        id.to_string(),
+                    )));
+                }
+                requests.insert(id.as_str(), row.as_slice())?;
+                if let Some(t) = due {
+                    due_tree.insert(due_key(t, &id), id.as_str())?;
+                }
+                write_audit(audit_tree, &events, at)
+            })
+            .map_err(tx_error)?;
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        prev: &Request,
+        mut next: Request,
+        audit: Vec<AuditEvent>,
+    ) -> Result<Request, StoreError> {
+        next.version = prev.version + 1;
+        let row = encode(&next)?;
+        let events = Self::encode_audit(&audit)?;
+        let at = audit
+            .first()
+            .map(|e| e.ts)
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        let id = prev.id.clone();
+        let old_due = prev.next_due();
+        let new_due = next.next_due();
+        let expected_version = prev.version;
+        (&self.requests, &self.due, &self.audit)
+            .transaction(|(requests, due_tree, audit_tree)| {
+                let current = requests.get(id.as_str())?.ok_or_else(|| {
+                    ConflictableTransactionError::Abort(StoreError::NotFound(id.to_string()))
+                })?;
+                let current: Request = decode(id.as_str().as_bytes(), &current)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if current.version != expected_version {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Conflict(
+                        id.to_string(),
+                    )));
+                }
+                requests.insert(id.as_str(), row.as_slice())?;
+                if let Some(t) = old_due {
+                    due_tree.remove(due_key(t, &id))?;
+                }
+                if let Some(t) = new_due {
+                    due_tree.insert(due_key(t, &id), id.as_str())?;
+                }
+                write_audit(audit_tree, &events, at)
+            })
+            .map_err(tx_error)?;
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(next)
+    }
+
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
+        match self.requests.get(id.as_str()).map_err(backend)? {
+            Some(bytes) => Ok(Some(decode(id.as_str().as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Request>, StoreError> {
+        self.requests
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    async fn next_due(&self) -> Result<Option<OffsetDateTime>, StoreError> {
+        Ok(self
+            .due
+            .first()
+            .map_err(backend)?
+            .and_then(|(k, _)| time_of_key(&k)))
+    }
+
+    async fn due(&self, now: OffsetDateTime) -> Result<Vec<RequestId>, StoreError> {
+        let end = time_key(now + time::Duration::milliseconds(1));
+        let mut ids = Vec::new();
+        for item in self.due.range(..end.as_slice()) {
+            let (k, v) = item.map_err(backend)?;
+            let text = String::from_utf8_lossy(&v).into_owned();
+            let id = RequestId::parse(&text).ok_or_else(|| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                message: format!("bad request id {text:?} in due index"),
+            })?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    async fn audit_since(
+        &self,
+        since: Option<OffsetDateTime>,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let start = since.map(time_key).unwrap_or([0; 8]);
+        self.audit
+            .range(start.as_slice()..)
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError> {
+        let prefix = baseline_prefix(cluster, principal);
+        let mut out = Baselines::new();
+        for item in self.baselines.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(backend)?;
+            let policy = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            let scope: Option<Scope> = decode(&k, &v)?;
+            out.insert(policy, scope);
+        }
+        Ok(out)
+    }
+
+    async fn record_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        baselines: &Baselines,
+    ) -> Result<(), StoreError> {
+        let prefix = baseline_prefix(cluster, principal);
+        let mut batch = sled::Batch::default();
+        for (policy, scope) in baselines {
+            let mut key = prefix.clone();
+            key.extend_from_slice(policy.as_bytes());
+            batch.insert(key, encode(scope)?);
+        }
+        self.baselines.apply_batch(batch).map_err(backend)?;
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn forget_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        policies: &[String],
+    ) -> Result<(), StoreError> {
+        let prefix = baseline_prefix(cluster, principal);
+        let mut batch = sled::Batch::default();
+        for policy in policies {
+            let mut key = prefix.clone();
+            key.extend_from_slice(policy.as_bytes());
+            batch.remove(key);
+        }
+        self.baselines.apply_batch(batch).map_err(backend)?;
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+}

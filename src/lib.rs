@@ -8,6 +8,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod access;
+pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod locks;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod slack;
 pub mod store;
+pub mod telemetry;

@@ -95,6 +95,19 @@ async fn ministack_serves_eks_access_entries() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn ministacks_started_together_keep_separate_state() {
+    let (a, b) = tokio::join!(
+        tokio::task::spawn_blocking(MiniStack::start),
+        tokio::task::spawn_blocking(MiniStack::start)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.port, b.port);
+    a.create_cluster("only-in-a").await;
+    let (_, listed) = b.eks_json("GET", "/clusters", None).await;
+    assert_eq!(listed["clusters"], json!([]));
+}
+
 #[test]
 fn encode_arn_escapes_path_separators() {
     assert_eq!(
@@ -432,12 +445,27 @@ async fn slack_morphism_client_understands_the_standin() {
         "{limited:?}"
     );
 
-    let methods: Vec<(String, Value)> = standin
+    // Read methods travel as GET with a query string, writes as JSON POSTs.
+    let verbs: Vec<(String, String)> = standin
         .calls()
         .into_iter()
-        .map(|call| (call.method, call.params))
+        .map(|call| (call.method, call.http_method))
         .collect();
-    eprintln!("slack-morphism requests: {methods:#?}");
+    for (method, verb) in [
+        ("auth.test", "GET"),
+        ("users.info", "GET"),
+        ("usergroups.users.list", "GET"),
+        ("conversations.info", "GET"),
+        ("conversations.open", "POST"),
+        ("chat.postMessage", "POST"),
+        ("chat.update", "POST"),
+        ("chat.postEphemeral", "POST"),
+    ] {
+        assert!(
+            verbs.contains(&(method.to_string(), verb.to_string())),
+            "{method} not sent as {verb}: {verbs:?}"
+        );
+    }
 }
 
 #[test]
@@ -515,4 +543,89 @@ async fn post_signed_passes_slack_morphism_verification() {
     assert_eq!(accepted.status(), 200);
     let rejected = sign::post_signed(&http, &url, "other-secret", body).await;
     assert_eq!(rejected.status(), 401);
+}
+
+#[tokio::test]
+async fn aws_sdk_eks_works_against_ministack() {
+    use aws_sdk_eks::types::{AccessScope, AccessScopeType};
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+
+    let stack = MiniStack::start();
+    stack.create_cluster("dev").await;
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let config = aws_sdk_eks::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_eks::config::Region::new("us-east-1"))
+        .endpoint_url(&stack.endpoint)
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .http_client(http)
+        .build();
+    let eks = aws_sdk_eks::Client::from_conf(config);
+    let principal = "arn:aws:iam::000000000000:role/team/alice";
+    let policy = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
+
+    eks.create_access_entry()
+        .cluster_name("dev")
+        .principal_arn(principal)
+        .send()
+        .await
+        .expect("CreateAccessEntry");
+    eks.associate_access_policy()
+        .cluster_name("dev")
+        .principal_arn(principal)
+        .policy_arn(policy)
+        .access_scope(
+            AccessScope::builder()
+                .r#type(AccessScopeType::Cluster)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("AssociateAccessPolicy");
+    let listed = eks
+        .list_associated_access_policies()
+        .cluster_name("dev")
+        .principal_arn(principal)
+        .send()
+        .await
+        .expect("ListAssociatedAccessPolicies");
+    assert_eq!(listed.associated_access_policies().len(), 1);
+    let described = eks
+        .describe_access_entry()
+        .cluster_name("dev")
+        .principal_arn(principal)
+        .send()
+        .await
+        .expect("DescribeAccessEntry");
+    assert!(described.access_entry().is_some());
+    eks.disassociate_access_policy()
+        .cluster_name("dev")
+        .principal_arn(principal)
+        .policy_arn(policy)
+        .send()
+        .await
+        .expect("DisassociateAccessPolicy");
+    eks.delete_access_entry()
+        .cluster_name("dev")
+        .principal_arn(principal)
+        .send()
+        .await
+        .expect("DeleteAccessEntry");
+    let missing = eks
+        .describe_access_entry()
+        .cluster_name("dev")
+        .principal_arn(principal)
+        .send()
+        .await
+        .expect_err("entry deleted");
+    assert!(
+        missing
+            .as_service_error()
+            .is_some_and(|e| e.is_resource_not_found_exception()),
+        "{missing:?}"
+    );
 }

@@ -32,6 +32,8 @@ pub struct Call {
     /// Web API method (`chat.postMessage`), or `response:{name}` for a POST to
     /// [`SlackStandIn::response_url`].
     pub method: String,
+    /// HTTP verb the client used (`GET` or `POST`).
+    pub http_method: String,
     /// Query string and body merged into one object. Query and form values
     /// are strings; JSON bodies are kept as sent.
     pub params: Value,
@@ -392,6 +394,7 @@ async fn handle(
 
     shared.lock().calls.push(Call {
         method,
+        http_method: http_method.to_string(),
         params,
         token,
         status: answer.status().as_u16(),

@@ -1,0 +1,186 @@
+//! `tollgate serve` and `tollgate check`: wiring the adapters together.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+use crate::access::{access_entry, aws, AwsClients, Engine};
+use crate::clock::SystemClock;
+use crate::config::{Backend, Config};
+use crate::domain::policy::Strategy;
+use crate::scheduler;
+use crate::service::Service;
+use crate::slack::client::SlackWebApi;
+use crate::slack::routes::{router, AppState};
+use crate::slack::verify::Verifier;
+use crate::slack::SlackApi;
+use crate::store::{SledStore, Store};
+
+pub const DEFAULT_SLACK_API_URL: &str = "https://slack.com/api";
+
+/// Secrets come from the environment only; the error names the variable,
+/// never a value.
+fn secret(name: &str) -> anyhow::Result<String> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => Ok(v),
+        _ => anyhow::bail!("environment variable {name} is not set"),
+    }
+}
+
+fn slack_api_url(config: &Config) -> String {
+    std::env::var("SLACK_API_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| config.slack.api_url.clone())
+        .unwrap_or_else(|| DEFAULT_SLACK_API_URL.to_string())
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store.backend {
+        Backend::Sled => Ok(Arc::new(SledStore::open(&config.store.path)?)),
+        Backend::Dynamodb => anyhow::bail!(
+            "{}: store.backend = \"dynamodb\" is not available in this version of Tollgate; use \"sled\"",
+            config.path
+        ),
+    }
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let bot_token = secret("SLACK_BOT_TOKEN")?;
+    let signing_secret = secret("SLACK_SIGNING_SECRET")?;
+    let config = Arc::new(config);
+    let store = open_store(&config)?;
+    let slack: Arc<dyn SlackApi> = Arc::new(
+        SlackWebApi::new(&slack_api_url(&config), &bot_token).map_err(anyhow::Error::msg)?,
+    );
+    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let engine = Arc::new(Engine::new(clients, store.clone()));
+    let service = Service::new(
+        config.clone(),
+        store.clone(),
+        engine,
+        slack,
+        Arc::new(SystemClock),
+    );
+
+    // Overdue revokes and half-finished grants are driven before the port
+    // opens, so a restart never serves with stale access in place.
+    let recovered = service.run_due().await?;
+    tracing::info!(due = recovered, "start-up recovery done");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let scheduler_task = tokio::spawn(scheduler::run(service.clone(), stop_rx));
+    let ready = Arc::new(AtomicBool::new(true));
+    let app = router(AppState {
+        service: service.clone(),
+        verifier: Verifier::new(&signing_secret),
+        ready: ready.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {} (server.listen): {e}",
+                config.server.listen
+            )
+        })?;
+    tracing::info!(listen = %listener.local_addr()?, "serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    ready.store(false, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    let _ = scheduler_task.await;
+    store.flush().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// One line per check; false if any failed.
+pub async fn check(config: Config) -> bool {
+    let mut ok = true;
+    let mut line = |passed: bool, what: String| {
+        println!("{} {what}", if passed { "ok  " } else { "FAIL" });
+        ok &= passed;
+    };
+    line(
+        true,
+        format!(
+            "config {} ({} clusters)",
+            config.path,
+            config.clusters.len()
+        ),
+    );
+
+    match (secret("SLACK_BOT_TOKEN"), secret("SLACK_SIGNING_SECRET")) {
+        (Ok(token), Ok(_)) => match SlackWebApi::new(&slack_api_url(&config), &token) {
+            Ok(slack) => {
+                match slack.auth_test().await {
+                    Ok(bot) => line(true, format!("slack auth.test (bot user {bot})")),
+                    Err(e) => line(false, format!("slack auth.test: {e}")),
+                }
+                for c in &config.clusters {
+                    match slack.is_member(&c.approval_channel).await {
+                        Ok(true) => line(true, format!("slack bot is in {} (approval channel of {})", c.approval_channel, c.name)),
+                        Ok(false) => line(false, format!("slack bot is not a member of {} (approval channel of {}): invite it", c.approval_channel, c.name)),
+                        Err(e) => line(false, format!("slack conversations.info {}: {e}", c.approval_channel)),
+                    }
+                }
+            }
+            Err(e) => line(false, format!("slack client: {e}")),
+        },
+        (Err(e), _) | (_, Err(e)) => line(false, format!("slack: {e}")),
+    }
+
+    let clients = AwsClients::new(aws::load_base_config().await);
+    match clients.sts(None).await.get_caller_identity().send().await {
+        Ok(id) => line(
+            true,
+            format!("aws sts get-caller-identity ({})", id.arn().unwrap_or("?")),
+        ),
+        Err(e) => line(
+            false,
+            format!("aws sts get-caller-identity: {}", aws::describe_error(&e)),
+        ),
+    }
+    for c in &config.clusters {
+        match c.strategy {
+            Strategy::AccessEntry => match access_entry::authentication_mode(&clients, c).await {
+                Ok(Some(mode)) if mode == "CONFIG_MAP" => line(false, format!(
+                    "cluster {}: authentication mode CONFIG_MAP cannot use the access-entry strategy; switch the cluster to API_AND_CONFIG_MAP or use strategy = \"aws-auth\"",
+                    c.name
+                )),
+                Ok(mode) => line(true, format!("cluster {} reachable (authentication mode {})", c.name, mode.as_deref().unwrap_or("unknown"))),
+                Err(e) => line(false, format!("cluster {}: {e}", c.name)),
+            },
+            other => line(false, format!(
+                "cluster {}: the {} strategy is not available in this version of Tollgate",
+                c.name,
+                other.name()
+            )),
+        }
+    }
+    ok
+}

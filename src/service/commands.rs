@@ -1,0 +1,307 @@
+//! `/access …`: parse, check against policy, record, and answer with an
+//! ephemeral receipt; the approval card is posted after the answer.
+
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Change, Service};
+use crate::domain::audit::AuditEvent;
+use crate::domain::command::{parse, Command, RequestArgs, USAGE};
+use crate::domain::duration::format_duration;
+use crate::domain::policy::{may_request, mention_list, resolve_request, Strategy};
+use crate::domain::request::{AccessSpec, CardRef, Request, RequestId, Requester, State};
+use crate::domain::text::{clip, escape_slack};
+use crate::slack::blocks;
+use crate::store::StoreError;
+
+/// The form fields of a slash command that Tollgate reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SlashCommand {
+    pub user_id: String,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub response_url: Option<String>,
+    #[serde(default)]
+    pub trigger_id: Option<String>,
+}
+
+/// Slack waits three seconds for the answer; the user lookup must leave room
+/// for the rest of the work.
+const USER_LOOKUP_TIMEOUT: Duration = Duration::from_millis(2000);
+
+impl Service {
+    /// Every outcome, error or not, is a message for the requester.
+    pub async fn handle_command(self: &Arc<Self>, cmd: SlashCommand) -> String {
+        let parsed = match parse(&cmd.text) {
+            Ok(c) => c,
+            Err(message) => return message,
+        };
+        match parsed {
+            Command::Help | Command::Modal => help_text(),
+            Command::Clusters => self.clusters_text(),
+            Command::List => self.list_text(&cmd.user_id).await,
+            Command::Revoke { .. } | Command::Extend { .. } => {
+                "Early revoke and extension from Slack are not available in this version of Tollgate; an admin can revoke with `tollgate grants revoke`.".to_string()
+            }
+            Command::Request(args) => match self.submit(&cmd, args).await {
+                Ok(receipt) | Err(receipt) => receipt,
+            },
+        }
+    }
+
+    async fn submit(
+        self: &Arc<Self>,
+        cmd: &SlashCommand,
+        args: RequestArgs,
+    ) -> Result<String, String> {
+        let cluster = self.config.cluster(&args.cluster).ok_or_else(|| {
+            let known: Vec<String> = self
+                .config
+                .clusters
+                .iter()
+                .map(|c| format!("`{}`", c.name))
+                .collect();
+            format!(
+                "There is no cluster `{}`. Clusters you can ask for: {}.",
+                escape_slack(&clip(&args.cluster, 60)),
+                if known.is_empty() {
+                    "none are configured".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })?;
+        if args.break_glass.is_some() {
+            return Err(format!(
+                "Break-glass is not available in this version of Tollgate; ask for access on {} the usual way.",
+                cluster.name
+            ));
+        }
+        if cluster.strategy != Strategy::AccessEntry {
+            return Err(format!(
+                "{} is configured with the {} strategy, which this version of Tollgate cannot grant yet. Nothing was requested.",
+                cluster.name,
+                cluster.strategy.name()
+            ));
+        }
+        let resolved = resolve_request(cluster, &args)?;
+        let role = cluster.roles.get(&resolved.role).ok_or_else(|| {
+            format!(
+                "The role `{}` is not configured on {}.",
+                resolved.role, cluster.name
+            )
+        })?;
+
+        let user = match tokio::time::timeout(USER_LOOKUP_TIMEOUT, self.slack.user(&cmd.user_id)).await {
+            Ok(Ok(user)) => user,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "users.info failed");
+                return Err("Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into());
+            }
+            Err(_) => {
+                return Err("Slack took too long to answer a profile lookup; nothing was requested. Please try again.".into())
+            }
+        };
+        if user.deleted || user.is_bot {
+            return Err("Deactivated accounts and bots cannot request access.".into());
+        }
+        if !role.requesters.is_empty() {
+            let members = self.group_members(&role.requesters).await;
+            if !may_request(role, &user.id, &members) {
+                return Err(format!(
+                    "You may not request `{}` on {}. Who may: {}.",
+                    role.name,
+                    cluster.name,
+                    mention_list(&role.requesters)
+                ));
+            }
+        }
+        let email = user.email.clone().unwrap_or_default();
+        let principal = self.config.identity.principal_for(cluster, &email)?;
+
+        let now = self.clock.now();
+        let mut req = Request {
+            id: RequestId::generate(&mut rand::thread_rng()),
+            state: State::Pending,
+            version: 0,
+            requester: Requester {
+                user_id: user.id.clone(),
+                email,
+                tz: user.tz.clone(),
+                tz_offset_secs: user.tz_offset_secs,
+            },
+            access: AccessSpec {
+                cluster: cluster.name.clone(),
+                role: role.name.clone(),
+                principal,
+                policy_arn: role.access_policy.clone(),
+                namespaces: resolved.namespaces.clone(),
+            },
+            reason: resolved.reason.clone(),
+            duration: resolved.duration,
+            created_at: now,
+            approval_deadline: now + role.limits.approval_timeout,
+            required_approvals: role.limits.required_approvals,
+            approvals: Vec::new(),
+            decided_by: None,
+            approved_at: None,
+            activated_at: None,
+            expires_at: None,
+            ended_at: None,
+            revoke: None,
+            revoke_attempts: 0,
+            retry_at: None,
+            failure: None,
+            card: None,
+            response_url: cmd.response_url.clone(),
+        };
+        let mut attempts = 0;
+        loop {
+            let audit = AuditEvent::for_request(
+                &req,
+                "requested",
+                &req.requester.user_id,
+                now,
+                json!({
+                    "role": req.access.role,
+                    "duration": format_duration(req.duration),
+                    "namespaces": req.access.namespaces,
+                    "reason": req.reason,
+                    "policy": req.access.policy_arn,
+                }),
+            );
+            match self.store.create(&req, vec![audit]).await {
+                Ok(()) => break,
+                // Ids are short for people's sake; a collision just draws again.
+                Err(StoreError::Exists(_)) if attempts < 5 => {
+                    attempts += 1;
+                    req.id = RequestId::generate(&mut rand::thread_rng());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record request");
+                    return Err("Tollgate could not record your request (storage error); nothing was requested. Please try again or tell an admin.".into());
+                }
+            }
+        }
+        self.wake.notify_one();
+        tracing::info!(request_id = %req.id, cluster = %req.access.cluster, role = %req.access.role, "requested");
+
+        let service = Arc::clone(self);
+        let id = req.id.clone();
+        tokio::spawn(async move { service.post_card(&id).await });
+
+        Ok(format!(
+            "Request {} sent to <#{}> for approval: `{}` on {} for {} from approval. Approval will {}. You'll get a DM when it's decided.",
+            req.id,
+            cluster.approval_channel,
+            req.access.role,
+            cluster.name,
+            format_duration(req.duration),
+            blocks::change_description(&req),
+        ))
+    }
+
+    async fn post_card(&self, id: &RequestId) {
+        let Ok(Some(req)) = self.store.get(id).await else {
+            return;
+        };
+        let Some(cluster) = self.config.cluster(&req.access.cluster) else {
+            return;
+        };
+        let channel = cluster.approval_channel.clone();
+        let msg = blocks::card(&req, self.clock.now());
+        match self.slack.post(&channel, &msg).await {
+            Ok(ts) => {
+                let card = CardRef { channel, ts };
+                let stored = self
+                    .modify(id, |current| {
+                        let mut next = current.clone();
+                        next.card = Some(card.clone());
+                        Change::Write(Box::new(next), Vec::new(), ())
+                    })
+                    .await;
+                if let Err(e) = stored {
+                    tracing::error!(request_id = %id, error = %e, "card posted but not recorded");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %id, error = %e, "approval card not posted");
+                let text = match e.code() {
+                    Some("not_in_channel") | Some("channel_not_found") | Some("is_archived") => format!(
+                        "Tollgate cannot post your request {} in <#{channel}> (Slack says `{}`). Ask someone there to invite the app (`/invite @Tollgate`). Your request stays pending until it is decided or expires.",
+                        req.id,
+                        e.code().unwrap_or_default()
+                    ),
+                    _ => format!(
+                        "Tollgate could not post the approval card for {} just now ({e}). Your request stays pending.",
+                        req.id
+                    ),
+                };
+                self.respond(req.response_url.as_deref(), text).await;
+            }
+        }
+    }
+
+    fn clusters_text(&self) -> String {
+        if self.config.clusters.is_empty() {
+            return "No clusters are configured.".into();
+        }
+        let mut out = String::from("Clusters you can request:\n");
+        for c in &self.config.clusters {
+            let roles: Vec<String> = c
+                .roles
+                .values()
+                .map(|r| {
+                    format!(
+                        "`{}`{} ({}–{})",
+                        r.name,
+                        if r.namespaced { " (needs --ns)" } else { "" },
+                        format_duration(r.limits.min_duration),
+                        format_duration(r.limits.max_duration)
+                    )
+                })
+                .collect();
+            out.push_str(&format!("• *{}*: {}\n", c.name, roles.join(", ")));
+        }
+        out
+    }
+
+    async fn list_text(&self, user: &str) -> String {
+        let all = match self.store.list().await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list requests");
+                return "Tollgate could not read its store just now.".into();
+            }
+        };
+        let mine: Vec<String> = all
+            .iter()
+            .filter(|r| r.requester.user_id == user && !r.state.is_terminal())
+            .map(|r| {
+                let until = r
+                    .expires_at
+                    .map(|t| format!(" until {}", blocks::utc_time(t, self.clock.now())))
+                    .unwrap_or_default();
+                format!(
+                    "• {} `{}` on {}: {}{until}",
+                    r.id,
+                    r.access.role,
+                    r.access.cluster,
+                    r.state.label()
+                )
+            })
+            .collect();
+        if mine.is_empty() {
+            "You have no pending or active requests.".into()
+        } else {
+            format!("Your requests:\n{}", mine.join("\n"))
+        }
+    }
+}
+
+fn help_text() -> String {
+    USAGE.to_string()
+}

@@ -1,0 +1,176 @@
+//! Approve / Deny clicks. Each click is one CAS write; a double click, a
+//! Slack retry or eight approvers at once still reach the quorum once.
+
+use serde_json::json;
+use std::sync::Arc;
+
+use super::{Change, Service};
+use crate::domain::audit::AuditEvent;
+use crate::domain::policy::{check_approver, listed, quorum_reached};
+use crate::domain::request::{Event, RequestId, State, Vote};
+use crate::slack::blocks;
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub request_id: String,
+    pub user_id: String,
+    pub approve: bool,
+    pub response_url: Option<String>,
+}
+
+enum Outcome {
+    NotPending(State),
+    AlreadyVoted,
+    Voted { quorum: bool },
+    Denied,
+}
+
+impl Service {
+    pub async fn decide(self: &Arc<Self>, d: Decision) {
+        let reply = |text: String| {
+            let url = d.response_url.clone();
+            async move { self.respond(url.as_deref(), text).await }
+        };
+        let Some(id) = RequestId::parse(&d.request_id) else {
+            return reply("That button names no request Tollgate knows.".into()).await;
+        };
+        let req = match self.store.get(&id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return reply(format!("Tollgate has no request {id}.")).await,
+            Err(e) => {
+                tracing::error!(error = %e, "store read failed");
+                return reply(
+                    "Tollgate could not read its store; your click was not counted. Try again."
+                        .into(),
+                )
+                .await;
+            }
+        };
+        if req.state != State::Pending {
+            return reply(not_pending_text(&id, req.state)).await;
+        }
+        let Some(role) = self
+            .config
+            .cluster(&req.access.cluster)
+            .and_then(|c| c.roles.get(&req.access.role))
+        else {
+            return reply(format!(
+                "{} names `{}` on {}, which the configuration no longer has; it cannot be decided.",
+                id, req.access.role, req.access.cluster
+            ))
+            .await;
+        };
+        match self.slack.user(&d.user_id).await {
+            Ok(u) if u.deleted || u.is_bot => {
+                return reply("Deactivated accounts and bots cannot decide requests.".into()).await
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "users.info failed for a decision");
+                return reply("Tollgate could not look up your Slack profile; your click was not counted. Try again.".into()).await;
+            }
+        }
+        let members = self.group_members(&role.approvers).await;
+        let allowed = if d.approve {
+            check_approver(role, &req.requester.user_id, &d.user_id, &members)
+        } else if listed(&role.approvers, &d.user_id, &members) {
+            Ok(())
+        } else {
+            check_approver(role, &req.requester.user_id, &d.user_id, &members)
+        };
+        if let Err(why) = allowed {
+            return reply(why).await;
+        }
+
+        let now = self.clock.now();
+        let user = d.user_id.clone();
+        let approve = d.approve;
+        let outcome = self
+            .modify(&id, |current| {
+                if current.state != State::Pending {
+                    return Change::Keep(Outcome::NotPending(current.state));
+                }
+                let mut next = current.clone();
+                if !approve {
+                    next.decided_by = Some(user.clone());
+                    next.ended_at = Some(now);
+                    if next.apply(Event::Deny).is_err() {
+                        return Change::Keep(Outcome::NotPending(current.state));
+                    }
+                    let audit = AuditEvent::for_request(&next, "denied", &user, now, json!({}));
+                    return Change::Write(Box::new(next), vec![audit], Outcome::Denied);
+                }
+                if current.has_vote_from(&user) {
+                    return Change::Keep(Outcome::AlreadyVoted);
+                }
+                next.approvals.push(Vote {
+                    user: user.clone(),
+                    at: now,
+                });
+                let mut audit = vec![AuditEvent::for_request(
+                    &next,
+                    "approval",
+                    &user,
+                    now,
+                    json!({"approvals": next.approvals.len(), "required": next.required_approvals}),
+                )];
+                let quorum = quorum_reached(next.approvals.len(), next.required_approvals);
+                if quorum {
+                    if next.apply(Event::QuorumReached).is_err() {
+                        return Change::Keep(Outcome::NotPending(current.state));
+                    }
+                    next.approved_at = Some(now);
+                    next.decided_by = Some(user.clone());
+                    let approvers: Vec<&str> =
+                        next.approvals.iter().map(|v| v.user.as_str()).collect();
+                    audit.push(AuditEvent::for_request(
+                        &next,
+                        "approved",
+                        &user,
+                        now,
+                        json!({"approvers": approvers}),
+                    ));
+                }
+                Change::Write(Box::new(next), audit, Outcome::Voted { quorum })
+            })
+            .await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(request_id = %id, error = %e, "decision not recorded");
+                return reply("Tollgate could not record your decision; try again.".into()).await;
+            }
+        };
+        match outcome {
+            Outcome::NotPending(state) => reply(not_pending_text(&id, state)).await,
+            Outcome::AlreadyVoted => {
+                reply(format!("Your approval of {id} is already counted.")).await
+            }
+            Outcome::Voted { quorum } => {
+                tracing::info!(request_id = %id, approver = %d.user_id, quorum, "approval");
+                if let Ok(Some(current)) = self.store.get(&id).await {
+                    self.refresh_card(&current).await;
+                }
+                if quorum {
+                    let service = Arc::clone(self);
+                    tokio::spawn(async move { service.drive(&id).await });
+                }
+            }
+            Outcome::Denied => {
+                tracing::info!(request_id = %id, by = %d.user_id, "denied");
+                if let Ok(Some(current)) = self.store.get(&id).await {
+                    self.refresh_card(&current).await;
+                    self.dm(&current.requester.user_id, blocks::denied_dm(&current))
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+fn not_pending_text(id: &RequestId, state: State) -> String {
+    format!(
+        "{id} is already {}; your click changed nothing.",
+        state.label().replace('_', " ")
+    )
+}

@@ -1,0 +1,139 @@
+//! The workflows: submit, decide, grant, revoke, expire. The only place that
+//! combines the domain, the store, the grant engine and Slack.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+use crate::access::AccessEngine;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::domain::audit::AuditEvent;
+use crate::domain::request::{Request, RequestId};
+use crate::locks::KeyedLocks;
+use crate::slack::{blocks, Message, SlackApi};
+use crate::store::{Store, StoreError};
+
+mod commands;
+mod decide;
+mod lifecycle;
+
+pub use commands::SlashCommand;
+pub use decide::Decision;
+
+pub struct Service {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    access: Arc<dyn AccessEngine>,
+    slack: Arc<dyn SlackApi>,
+    clock: Arc<dyn Clock>,
+    /// Wakes the scheduler when a write moves the earliest due instant.
+    wake: Arc<Notify>,
+    locks: KeyedLocks,
+}
+
+/// What a read-modify-write decides after looking at the current row.
+pub(crate) enum Change<T> {
+    Write(Box<Request>, Vec<AuditEvent>, T),
+    Keep(T),
+}
+
+/// CAS retries before giving up; each retry means another writer won, so
+/// more than a handful means something is badly wrong.
+const MAX_CAS_RETRIES: usize = 50;
+
+impl Service {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        access: Arc<dyn AccessEngine>,
+        slack: Arc<dyn SlackApi>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Self> {
+        Arc::new(Service {
+            config,
+            store,
+            access,
+            slack,
+            clock,
+            wake: Arc::new(Notify::new()),
+            locks: KeyedLocks::default(),
+        })
+    }
+
+    pub fn wake_handle(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Read, decide, write-if-unchanged; on a lost race read again and let
+    /// `decide` look at the new row.
+    pub(crate) async fn modify<T, F>(&self, id: &RequestId, mut decide: F) -> Result<T, StoreError>
+    where
+        F: FnMut(&Request) -> Change<T>,
+    {
+        for _ in 0..MAX_CAS_RETRIES {
+            let current = self
+                .store
+                .get(id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            match decide(&current) {
+                Change::Keep(out) => return Ok(out),
+                Change::Write(next, audit, out) => {
+                    match self.store.update(&current, *next, audit).await {
+                        Ok(_) => {
+                            self.wake.notify_one();
+                            return Ok(out);
+                        }
+                        Err(StoreError::Conflict(_)) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(StoreError::Conflict(id.to_string()))
+    }
+
+    /// Members of the user groups (`S…`) in a list of approvers or
+    /// requesters. A group Slack cannot list contributes nobody.
+    async fn group_members(&self, ids: &[String]) -> HashSet<String> {
+        let mut members = HashSet::new();
+        for id in ids.iter().filter(|id| id.starts_with('S')) {
+            match self.slack.group_members(id).await {
+                Ok(users) => members.extend(users),
+                Err(e) => tracing::warn!(group = %id, error = %e, "cannot list user group"),
+            }
+        }
+        members
+    }
+
+    /// Slack being slow or down delays messages, never state changes.
+    async fn dm(&self, user: &str, msg: Message) {
+        if let Err(e) = self.slack.dm(user, &msg).await {
+            tracing::warn!(%user, error = %e, "direct message not delivered");
+        }
+    }
+
+    async fn respond(&self, response_url: Option<&str>, text: String) {
+        let Some(url) = response_url else { return };
+        if let Err(e) = self.slack.respond(url, &Message::plain(text)).await {
+            tracing::warn!(error = %e, "response_url message not delivered");
+        }
+    }
+
+    async fn refresh_card(&self, req: &Request) {
+        let Some(card) = &req.card else { return };
+        let msg = blocks::card(req, self.clock.now());
+        if let Err(e) = self.slack.update(&card.channel, &card.ts, &msg).await {
+            tracing::warn!(request_id = %req.id, error = %e, "approval card not updated");
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Block Kit messages. Every piece of user-typed text passes through
+//! `escape_slack` here, and nowhere else builds message text.
+
+use serde_json::{json, Value};
+use time::{OffsetDateTime, UtcOffset};
+
+use super::Message;
+use crate::domain::duration::format_duration;
+use crate::domain::grant::Scope;
+use crate::domain::request::{Request, State};
+use crate::domain::text::escape_slack;
+
+pub const ACTION_APPROVE: &str = "approve";
+pub const ACTION_DENY: &str = "deny";
+
+fn section(text: &str) -> Value {
+    json!({"type": "section", "text": {"type": "mrkdwn", "text": text}})
+}
+
+fn context(text: &str) -> Value {
+    json!({"type": "context", "elements": [{"type": "mrkdwn", "text": text}]})
+}
+
+/// `16:40 UTC`, or with the date when it is not today.
+pub fn utc_time(t: OffsetDateTime, now: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    let hm = format!("{:02}:{:02}", t.hour(), t.minute());
+    if t.date() == now.to_offset(UtcOffset::UTC).date() {
+        format!("{hm} UTC")
+    } else {
+        format!("{hm} UTC on {}", t.date())
+    }
+}
+
+/// The requester's wall-clock time, from Slack's profile offset.
+pub fn local_time(t: OffsetDateTime, offset_secs: i32, tz: Option<&str>) -> String {
+    let offset = UtcOffset::from_whole_seconds(offset_secs).unwrap_or(UtcOffset::UTC);
+    let local = t.to_offset(offset);
+    let (h, m, _) = offset.as_hms();
+    let zone = tz.map(|z| format!("{z}, ")).unwrap_or_default();
+    format!(
+        "{} {:02}:{:02} ({zone}UTC{}{:02}:{:02})",
+        local.date(),
+        local.hour(),
+        local.minute(),
+        if offset.is_negative() { '-' } else { '+' },
+        h.abs(),
+        m.abs()
+    )
+}
+
+/// Exactly what approval changes, so an approver approves a precise change.
+pub fn change_description(req: &Request) -> String {
+    let scope = Scope::from_namespaces(req.access.namespaces.iter().cloned());
+    let policy = req
+        .access
+        .policy_arn
+        .as_deref()
+        .map(|arn| arn.rsplit('/').next().unwrap_or(arn))
+        .unwrap_or(&req.access.role);
+    format!(
+        "associate {policy}, {}, to {} on {}",
+        scope.describe(),
+        req.access.principal,
+        req.access.cluster
+    )
+}
+
+fn when(req: &Request, now: OffsetDateTime) -> String {
+    match req.expires_at {
+        Some(exp) => format!("until {}", utc_time(exp, now)),
+        None => format!("for {} from approval", format_duration(req.duration)),
+    }
+}
+
+fn card_header(req: &Request, now: OffsetDateTime) -> String {
+    let reason = if req.reason.trim().is_empty() {
+        "_no reason given_".to_string()
+    } else {
+        escape_slack(&req.reason)
+    };
+    format!(
+        "*<@{}> requests `{}` on {}* ({})\nApproval will {} {}.\n*Reason:* {}",
+        req.requester.user_id,
+        req.access.role,
+        req.access.cluster,
+        req.id,
+        change_description(req),
+        when(req, now),
+        reason
+    )
+}
+
+fn votes(req: &Request) -> String {
+    req.approvals
+        .iter()
+        .map(|v| format!("<@{}>", v.user))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The approval card: buttons while Pending, the outcome once decided.
+pub fn card(req: &Request, now: OffsetDateTime) -> Message {
+    let mut blocks = vec![section(&card_header(req, now))];
+    let status = match req.state {
+        State::Pending => {
+            let mut s = format!(
+                "Waiting for approval: {} of {} so far.",
+                req.approvals.len(),
+                req.required_approvals
+            );
+            if !req.approvals.is_empty() {
+                s.push_str(&format!(" Approved by {}.", votes(req)));
+            }
+            s
+        }
+        State::Approved => format!("Approved by {}; granting…", votes(req)),
+        State::Active => format!(
+            "Approved by {} at {}. Access active {}.",
+            votes(req),
+            req.approved_at
+                .map(|t| utc_time(t, now))
+                .unwrap_or_default(),
+            when(req, now)
+        ),
+        State::Denied => format!(
+            "Denied by <@{}>.",
+            req.decided_by.as_deref().unwrap_or("tollgate")
+        ),
+        State::Expired => "Expired: nobody decided in time.".to_string(),
+        State::Cancelled => "Cancelled.".to_string(),
+        State::Failed => format!(
+            "Approved by {}, but the grant failed: {}",
+            votes(req),
+            req.failure.as_deref().map(escape_slack).unwrap_or_default()
+        ),
+        State::Revoked => format!(
+            "Approved by {}. Access ended at {}.",
+            votes(req),
+            req.ended_at.map(|t| utc_time(t, now)).unwrap_or_default()
+        ),
+        State::RevokeFailed => "Revoking is failing; Tollgate keeps retrying.".to_string(),
+    };
+    blocks.push(context(&status));
+    if req.state == State::Pending {
+        blocks.push(json!({
+            "type": "actions",
+            "block_id": format!("decide:{}", req.id),
+            "elements": [
+                {"type": "button", "action_id": ACTION_APPROVE, "value": req.id.as_str(),
+                 "style": "primary", "text": {"type": "plain_text", "text": "Approve"}},
+                {"type": "button", "action_id": ACTION_DENY, "value": req.id.as_str(),
+                 "style": "danger", "text": {"type": "plain_text", "text": "Deny"}}
+            ]
+        }));
+    }
+    Message {
+        text: format!(
+            "{} requests {} on {} ({}): {}",
+            req.requester.email,
+            req.access.role,
+            req.access.cluster,
+            req.id,
+            req.state.label()
+        ),
+        blocks,
+    }
+}
+
+/// What the requester runs to connect, with the expiry in their time zone.
+pub fn granted_dm(req: &Request, region: &str) -> Message {
+    let until = req
+        .expires_at
+        .map(|t| local_time(t, req.requester.tz_offset_secs, req.requester.tz.as_deref()))
+        .unwrap_or_default();
+    let ns_hint = match req.access.namespaces.first() {
+        Some(ns) => format!("kubectl get pods -n {ns}"),
+        None => "kubectl get pods -A".to_string(),
+    };
+    let text = format!(
+        "Your access {} is active: `{}` on *{}* until {until}.\nConnect with AWS credentials for `{}`:\n```aws eks update-kubeconfig --name {} --region {}\n{ns_hint}```\nTollgate removes the access at expiry; you'll get a message then.",
+        req.id, req.access.role, req.access.cluster, req.access.principal, req.access.cluster, region
+    );
+    Message {
+        text: format!(
+            "Access {} on {} is active until {until}",
+            req.id, req.access.cluster
+        ),
+        blocks: vec![section(&text)],
+    }
+}
+
+pub fn denied_dm(req: &Request) -> Message {
+    Message::plain(format!(
+        "Your request {} for `{}` on {} was denied by <@{}>.",
+        req.id,
+        req.access.role,
+        req.access.cluster,
+        req.decided_by.as_deref().unwrap_or("tollgate")
+    ))
+}
+
+pub fn failed_dm(req: &Request) -> Message {
+    Message::plain(format!(
+        "Your request {} for `{}` on {} was approved, but Tollgate could not grant it: {}. Nothing was left granted. Ask an admin to check `tollgate check`.",
+        req.id,
+        req.access.role,
+        req.access.cluster,
+        req.failure.as_deref().map(escape_slack).unwrap_or_default()
+    ))
+}
+
+pub fn revoked_dm(req: &Request, now: OffsetDateTime) -> Message {
+    let why = match req.revoke.as_ref().map(|r| r.reason) {
+        Some(crate::domain::request::RevokeReason::Early) => "revoked early",
+        Some(crate::domain::request::RevokeReason::Admin) => "revoked by an admin",
+        _ => "expired",
+    };
+    Message::plain(format!(
+        "Your access {} (`{}` on {}) has {why} and was removed at {}.",
+        req.id,
+        req.access.role,
+        req.access.cluster,
+        utc_time(now, now)
+    ))
+}
+
+pub fn expired_dm(req: &Request) -> Message {
+    Message::plain(format!(
+        "Your request {} for `{}` on {} expired: nobody decided within the approval window. Ask again if you still need it.",
+        req.id, req.access.role, req.access.cluster
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_time_uses_offset() {
+        let t = time::macros::datetime!(2026-11-23 16:40 UTC);
+        assert_eq!(
+            local_time(t, 3600, Some("Europe/Berlin")),
+            "2026-11-23 17:40 (Europe/Berlin, UTC+01:00)"
+        );
+        assert_eq!(
+            local_time(t, -5 * 3600 - 1800, None),
+            "2026-11-23 11:10 (UTC-05:30)"
+        );
+    }
+
+    #[test]
+    fn utc_time_adds_date_when_not_today() {
+        let t = time::macros::datetime!(2026-11-23 16:40 UTC);
+        assert_eq!(utc_time(t, t), "16:40 UTC");
+        assert_eq!(
+            utc_time(t, t - time::Duration::days(1)),
+            "16:40 UTC on 2026-11-23"
+        );
+    }
+}

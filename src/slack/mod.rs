@@ -1,0 +1,75 @@
+//! Slack: the Web API behind a narrow trait, request verification, Block Kit
+//! builders and the HTTP routes Slack calls.
+
+use async_trait::async_trait;
+
+pub mod blocks;
+pub mod client;
+pub mod routes;
+pub mod verify;
+
+/// What Tollgate needs to know of a Slack user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlackUser {
+    pub id: String,
+    pub email: Option<String>,
+    pub deleted: bool,
+    pub is_bot: bool,
+    pub tz: Option<String>,
+    pub tz_offset_secs: i32,
+}
+
+/// A message: fallback text (notifications, screen readers) and Block Kit
+/// blocks as JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub text: String,
+    pub blocks: Vec<serde_json::Value>,
+}
+
+impl Message {
+    pub fn plain(text: impl Into<String>) -> Self {
+        Message {
+            text: text.into(),
+            blocks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlackError {
+    /// Slack answered `ok: false` with this error code.
+    #[error("Slack {method} refused: {code}")]
+    Api { method: &'static str, code: String },
+    #[error("Slack {method} failed: {message}")]
+    Transport {
+        method: &'static str,
+        message: String,
+    },
+}
+
+impl SlackError {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            SlackError::Api { code, .. } => Some(code),
+            SlackError::Transport { .. } => None,
+        }
+    }
+}
+
+#[async_trait]
+pub trait SlackApi: Send + Sync + 'static {
+    async fn user(&self, id: &str) -> Result<SlackUser, SlackError>;
+    async fn group_members(&self, group: &str) -> Result<Vec<String>, SlackError>;
+    /// Posts to a channel; returns the message's `ts`.
+    async fn post(&self, channel: &str, msg: &Message) -> Result<String, SlackError>;
+    async fn update(&self, channel: &str, ts: &str, msg: &Message) -> Result<(), SlackError>;
+    /// Opens (or reuses) the DM with a user and posts there.
+    async fn dm(&self, user: &str, msg: &Message) -> Result<(), SlackError>;
+    /// Posts an ephemeral follow-up through an interaction's `response_url`.
+    async fn respond(&self, response_url: &str, msg: &Message) -> Result<(), SlackError>;
+    /// `auth.test`: the bot's user id.
+    async fn auth_test(&self) -> Result<String, SlackError>;
+    /// `conversations.info`: whether the bot is a member of the channel.
+    async fn is_member(&self, channel: &str) -> Result<bool, SlackError>;
+}

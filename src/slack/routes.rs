@@ -1,0 +1,162 @@
+//! The HTTP endpoints Slack calls, and the probes. Order per request: size
+//! limit while reading, signature, then parsing; nothing is parsed before
+//! the signature is good.
+
+use axum::body::{to_bytes, Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::blocks::{ACTION_APPROVE, ACTION_DENY};
+use super::verify::{Rejection, Verifier};
+use crate::service::{Decision, Service, SlashCommand};
+
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Slack gives up after three seconds; answer before that whatever happens.
+const COMMAND_DEADLINE: Duration = Duration::from_millis(2700);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+    pub verifier: Verifier,
+    pub ready: Arc<AtomicBool>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/slack/commands", post(commands))
+        .route("/slack/interactions", post(interactions))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    if app.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    }
+}
+
+fn ephemeral(text: String) -> Response {
+    Json(json!({"response_type": "ephemeral", "text": text})).into_response()
+}
+
+/// Reads at most 64 KiB and checks the signature; the error is the response.
+async fn authenticated_body(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, Response> {
+    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+        tracing::warn!(reason = "too_large", "request rejected");
+        (StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB").into_response()
+    })?;
+    app.verifier
+        .verify(headers, &bytes)
+        .map_err(|r: Rejection| {
+            tracing::warn!(reason = r.label(), "request rejected");
+            (StatusCode::UNAUTHORIZED, "invalid Slack signature").into_response()
+        })?;
+    Ok(bytes)
+}
+
+async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let bytes = match authenticated_body(&app, &headers, body).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let cmd: SlashCommand = match serde_urlencoded::from_bytes(&bytes) {
+        Ok(c) => c,
+        Err(_) => {
+            return ephemeral("Tollgate could not read that command. Please try again.".into())
+        }
+    };
+    let service = app.service.clone();
+    // The work runs in its own task so a late answer is still finished and
+    // recorded even after Slack stopped waiting for it.
+    let work = tokio::spawn(async move { service.handle_command(cmd).await });
+    match tokio::time::timeout(COMMAND_DEADLINE, work).await {
+        Ok(Ok(text)) => ephemeral(text),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "command handler failed");
+            ephemeral(
+                "Tollgate hit an internal error handling that command; nothing was requested."
+                    .into(),
+            )
+        }
+        Err(_) => ephemeral(
+            "Tollgate is still working on that; if it was a request, its receipt follows.".into(),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct InteractionForm {
+    payload: String,
+}
+
+#[derive(Deserialize)]
+struct Interaction {
+    #[serde(rename = "type")]
+    kind: String,
+    user: InteractionUser,
+    #[serde(default)]
+    response_url: Option<String>,
+    #[serde(default)]
+    actions: Vec<Action>,
+}
+
+#[derive(Deserialize)]
+struct InteractionUser {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct Action {
+    action_id: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let bytes = match authenticated_body(&app, &headers, body).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let parsed = serde_urlencoded::from_bytes::<InteractionForm>(&bytes)
+        .ok()
+        .and_then(|f| serde_json::from_str::<Value>(&f.payload).ok())
+        .and_then(|v| serde_json::from_value::<Interaction>(v).ok());
+    let Some(interaction) = parsed else {
+        return (StatusCode::BAD_REQUEST, "malformed interaction payload").into_response();
+    };
+    if interaction.kind != "block_actions" {
+        return StatusCode::OK.into_response();
+    }
+    for action in interaction.actions {
+        let approve = match action.action_id.as_str() {
+            ACTION_APPROVE => true,
+            ACTION_DENY => false,
+            _ => continue,
+        };
+        let decision = Decision {
+            request_id: action.value.unwrap_or_default(),
+            user_id: interaction.user.id.clone(),
+            approve,
+            response_url: interaction.response_url.clone(),
+        };
+        let service = app.service.clone();
+        tokio::spawn(async move { service.decide(decision).await });
+    }
+    StatusCode::OK.into_response()
+}

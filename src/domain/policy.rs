@@ -218,15 +218,15 @@ pub fn check_approver(
     clicker: &str,
     approver_members: &HashSet<String>,
 ) -> Result<(), String> {
+    if clicker == requester && !role.limits.allow_self_approval {
+        return Err("You cannot approve your own request; another approver has to.".into());
+    }
     if !listed(&role.approvers, clicker, approver_members) {
         return Err(format!(
             "You are not an approver for `{}` requests. Approvers: {}.",
             role.name,
             mention_list(&role.approvers)
         ));
-    }
-    if clicker == requester && !role.limits.allow_self_approval {
-        return Err("You cannot approve your own request; another approver has to.".into());
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 pub mod ministack;
 pub mod sign;
 pub mod slack;
+pub mod tollgate;
 
 /// rustls 0.23 refuses to build TLS configs until a process-wide crypto
 /// provider is chosen; tollgate depends on rustls with only `ring`.

@@ -1,0 +1,537 @@
+//! End to end: the real `tollgate` binary as a process, a Slack stand-in and
+//! MiniStack. Request → card → approve → access in EKS → revoke at expiry,
+//! and what must hold across kill -9.
+
+mod support;
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use support::ministack::{encode_arn, MiniStack};
+use support::sign::{action_body, post_signed, signature, slash_body};
+use support::slack::SlackStandIn;
+use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
+
+const CLUSTER: &str = "prod-cluster";
+const CHANNEL: &str = "C0APPROVALS";
+const REQUESTER: &str = "U0REQ";
+const APPROVER: &str = "U0APP";
+const OUTSIDER: &str = "U0NOT";
+const ALICE: &str = "arn:aws:iam::000000000000:role/alice";
+const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
+const EDIT: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy";
+const ONCALL: [&str; 7] = [
+    "U0ON1", "U0ON2", "U0ON3", "U0ON4", "U0ON5", "U0ON6", "U0ON7",
+];
+
+const CONFIG: &str = r#"
+[server]
+listen = "{listen}"
+
+[store]
+path = "{data}"
+
+[identity]
+principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+
+[defaults]
+min_duration = "1s"
+max_duration = "1h"
+default_duration = "1m"
+approval_timeout = "10m"
+
+[[clusters]]
+name = "prod-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP", "S0ONCALL"]
+default_role = "view"
+
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+
+[clusters.roles.edit]
+access_policy = "AmazonEKSEditPolicy"
+namespaced = true
+
+[[clusters]]
+name = "staging"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+"#;
+
+struct World {
+    ms: MiniStack,
+    slack: SlackStandIn,
+    tollgate: Tollgate,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn new() -> World {
+        support::install_crypto_provider();
+        let ms = MiniStack::start();
+        ms.create_cluster(CLUSTER).await;
+        let slack = SlackStandIn::start(BOT_TOKEN).await;
+        slack.add_user(REQUESTER, "alice@example.com", "Europe/Berlin", 3600);
+        slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
+        slack.add_user(OUTSIDER, "outsider@example.com", "UTC", 0);
+        for id in ONCALL {
+            slack.add_user(id, &format!("{}@example.com", id.to_lowercase()), "UTC", 0);
+        }
+        slack.add_usergroup("S0ONCALL", &ONCALL);
+        slack.add_channel(CHANNEL, true);
+        let dir = tempfile::tempdir().unwrap();
+        let tollgate = Tollgate::start(dir.path(), CONFIG, &slack.api_url(), &ms).await;
+        World {
+            ms,
+            slack,
+            tollgate,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    async fn slash(&self, user: &str, text: &str) -> (u16, Value) {
+        let body = slash_body(user, text, &self.slack.response_url("cmd"));
+        let url = format!("{}/slack/commands", self.tollgate.base);
+        let resp = post_signed(&self.http, &url, SIGNING_SECRET, body).await;
+        let status = resp.status().as_u16();
+        let json = resp.json().await.unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    /// Submits a request and returns its id, checking the receipt.
+    async fn request(&self, text: &str) -> String {
+        let (status, json) = self.slash(REQUESTER, text).await;
+        assert_eq!(status, 200);
+        assert_eq!(json["response_type"], "ephemeral", "{json}");
+        let receipt = json["text"].as_str().unwrap_or_default().to_string();
+        let at = receipt
+            .find("R-")
+            .unwrap_or_else(|| panic!("no request id in receipt: {receipt}"));
+        receipt[at..at + 7].to_string()
+    }
+
+    /// The approval card for `id`: its ts, once posted.
+    async fn card(&self, id: &str) -> String {
+        let id = id.to_string();
+        let call = self
+            .slack
+            .wait_for_call(
+                "chat.postMessage",
+                move |c| c.params["channel"] == CHANNEL && c.params.to_string().contains(&id),
+                Duration::from_secs(10),
+            )
+            .await;
+        call.response["ts"].as_str().unwrap_or_default().to_string()
+    }
+
+    async fn click(&self, user: &str, action: &str, id: &str, ts: &str) -> u16 {
+        let body = action_body(
+            user,
+            action,
+            id,
+            CHANNEL,
+            ts,
+            &self.slack.response_url(&format!("click-{user}")),
+        );
+        let url = format!("{}/slack/interactions", self.tollgate.base);
+        post_signed(&self.http, &url, SIGNING_SECRET, body)
+            .await
+            .status()
+            .as_u16()
+    }
+
+    /// The principal's associations in MiniStack: policy → scope JSON.
+    async fn associations(&self, principal: &str) -> Vec<(String, Value)> {
+        let path = format!(
+            "/clusters/{CLUSTER}/access-entries/{}/access-policies",
+            encode_arn(principal)
+        );
+        let (status, json) = self.ms.eks_json("GET", &path, None).await;
+        if status == 404 {
+            return Vec::new();
+        }
+        assert_eq!(status, 200, "{json}");
+        json["associatedAccessPolicies"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| {
+                (
+                    a["policyArn"].as_str().unwrap_or_default().to_string(),
+                    a["accessScope"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    async fn entry_exists(&self, principal: &str) -> bool {
+        let path = format!(
+            "/clusters/{CLUSTER}/access-entries/{}",
+            encode_arn(principal)
+        );
+        self.ms.eks_json("GET", &path, None).await.0 == 200
+    }
+
+    async fn has_policy(&self, principal: &str, policy: &str) -> bool {
+        self.associations(principal)
+            .await
+            .iter()
+            .any(|(p, _)| p == policy)
+    }
+
+    fn dms_to(&self, user: &str, needle: &str) -> usize {
+        let channel = format!("D{user}");
+        self.slack
+            .calls_to("chat.postMessage")
+            .iter()
+            .filter(|c| {
+                c.params["channel"] == channel.as_str() && c.params.to_string().contains(needle)
+            })
+            .count()
+    }
+
+    fn responses_to(&self, name: &str) -> Vec<String> {
+        self.slack
+            .calls_to(&format!("response:{name}"))
+            .iter()
+            .map(|c| c.params["text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    async fn healthy(&self) -> bool {
+        let url = format!("{}/healthz", self.tollgate.base);
+        matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_grants_then_revokes_at_expiry() {
+    let w = World::new().await;
+    let id = w
+        .request("eks prod-cluster 4s view debugging <!channel> INC-1234")
+        .await;
+    let ts = w.card(&id).await;
+
+    let card = w.slack.message(CHANNEL, &ts).expect("card stored");
+    let text = card.to_string();
+    assert!(text.contains("associate AmazonEKSViewPolicy, cluster-wide, to arn:aws:iam::000000000000:role/alice on prod-cluster for 4s from approval"), "{text}");
+    assert!(
+        text.contains("&lt;!channel&gt;") && !text.contains("<!channel>"),
+        "reason must be escaped: {text}"
+    );
+    assert!(
+        text.contains("\"action_id\":\"approve\"") && text.contains("\"action_id\":\"deny\""),
+        "{text}"
+    );
+    assert!(
+        !w.entry_exists(ALICE).await,
+        "nothing granted before approval"
+    );
+
+    assert_eq!(w.click(APPROVER, "approve", &id, &ts).await, 200);
+    wait_until("View associated in EKS", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+    let granted_at = Instant::now();
+    let assoc = w.associations(ALICE).await;
+    assert_eq!(assoc.len(), 1);
+    assert_eq!(assoc[0].1["type"], "cluster");
+
+    wait_until("granted DM", Duration::from_secs(5), || async {
+        w.dms_to(
+            REQUESTER,
+            "update-kubeconfig --name prod-cluster --region us-east-1",
+        ) == 1
+    })
+    .await;
+    assert!(
+        w.dms_to(REQUESTER, "Europe/Berlin") >= 1,
+        "expiry shown in the requester's time zone"
+    );
+    wait_until(
+        "card updated without buttons",
+        Duration::from_secs(5),
+        || async {
+            let card = w
+                .slack
+                .message(CHANNEL, &ts)
+                .unwrap_or_default()
+                .to_string();
+            card.contains("Access active until") && !card.contains("\"action_id\":\"approve\"")
+        },
+    )
+    .await;
+
+    wait_until(
+        "access revoked at expiry",
+        Duration::from_secs(15),
+        || async { !w.entry_exists(ALICE).await },
+    )
+    .await;
+    let revoked_after = granted_at.elapsed();
+    assert!(
+        revoked_after >= Duration::from_millis(3500),
+        "revoked too early: {revoked_after:?}"
+    );
+    wait_until("expiry DM", Duration::from_secs(5), || async {
+        w.dms_to(REQUESTER, "has expired") == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_grants_nothing_and_tells_the_requester() {
+    let w = World::new().await;
+    let id = w
+        .request("eks prod-cluster 5m edit --ns payments,web fix INC-1")
+        .await;
+    let ts = w.card(&id).await;
+    let card = w.slack.message(CHANNEL, &ts).unwrap().to_string();
+    assert!(card.contains("associate AmazonEKSEditPolicy, namespaces payments, web, to arn:aws:iam::000000000000:role/alice"), "{card}");
+
+    assert_eq!(w.click(APPROVER, "deny", &id, &ts).await, 200);
+    wait_until("denied DM", Duration::from_secs(10), || async {
+        w.dms_to(REQUESTER, "was denied") == 1
+    })
+    .await;
+    let card = w.slack.message(CHANNEL, &ts).unwrap().to_string();
+    assert!(
+        card.contains("Denied by <@U0APP>") && !card.contains("\"action_id\""),
+        "{card}"
+    );
+
+    // A late approval changes nothing and says why.
+    assert_eq!(w.click("U0ON1", "approve", &id, &ts).await, 200);
+    wait_until("refusal", Duration::from_secs(10), || async {
+        w.responses_to("click-U0ON1")
+            .iter()
+            .any(|t| t.contains("already denied"))
+    })
+    .await;
+    assert!(!w.entry_exists(ALICE).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_distinct_real_approvers_count_and_eight_clicks_grant_once() {
+    let w = World::new().await;
+    let id = w.request("eks prod-cluster 10m view INC-8").await;
+    let ts = w.card(&id).await;
+
+    w.click(REQUESTER, "approve", &id, &ts).await;
+    w.click(OUTSIDER, "approve", &id, &ts).await;
+    wait_until("self-approval refused", Duration::from_secs(10), || async {
+        w.responses_to(&format!("click-{REQUESTER}"))
+            .iter()
+            .any(|t| t.contains("your own request"))
+    })
+    .await;
+    wait_until("outsider refused", Duration::from_secs(10), || async {
+        w.responses_to(&format!("click-{OUTSIDER}"))
+            .iter()
+            .any(|t| t.contains("not an approver"))
+    })
+    .await;
+    assert!(!w.entry_exists(ALICE).await, "refused clicks grant nothing");
+
+    let clickers = [
+        APPROVER, ONCALL[0], ONCALL[1], ONCALL[2], ONCALL[3], ONCALL[4], ONCALL[5], ONCALL[6],
+    ];
+    let clicks = clickers.iter().map(|u| w.click(u, "approve", &id, &ts));
+    let statuses = futures::future::join_all(clicks).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+    wait_until("granted DM", Duration::from_secs(10), || async {
+        w.dms_to(REQUESTER, "is active") == 1
+    })
+    .await;
+    wait_until(
+        "the other clickers told",
+        Duration::from_secs(10),
+        || async {
+            clickers
+                .iter()
+                .filter(|u| {
+                    w.responses_to(&format!("click-{u}"))
+                        .iter()
+                        .any(|t| t.contains("already"))
+                })
+                .count()
+                == 7
+        },
+    )
+    .await;
+    assert_eq!(w.dms_to(REQUESTER, "is active"), 1, "exactly one grant");
+    assert_eq!(w.associations(ALICE).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_grant_then_restart_revokes_overdue_access() {
+    let mut w = World::new().await;
+    let id = w
+        .request("eks prod-cluster 3s edit --ns payments INC-9")
+        .await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, EDIT)
+    })
+    .await;
+    let granted_at = Instant::now();
+
+    w.tollgate.kill9();
+    // Nothing runs while it is down: the access outlives its expiry.
+    while granted_at.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        w.has_policy(ALICE, EDIT).await,
+        "no process, no revoke: still present past expiry"
+    );
+
+    let restarted = w.tollgate.restart().await;
+    wait_until(
+        "overdue grant revoked after restart",
+        Duration::from_secs(10),
+        || async { !w.entry_exists(ALICE).await },
+    )
+    .await;
+    assert!(restarted.elapsed() < Duration::from_secs(10));
+    // Start-up recovery runs before the port opens: by the time /healthz
+    // answered, the revoke had been made.
+    let log = w.tollgate.log();
+    let recovery = log
+        .rfind("start-up recovery done")
+        .expect("recovery logged");
+    let serving = log.rfind("serving").expect("serving logged");
+    assert!(
+        recovery < serving,
+        "recovery must finish before the port opens"
+    );
+
+    // A request still pending across a crash can be decided after it.
+    let id2 = w.request("eks prod-cluster 1m view INC-10").await;
+    let ts2 = w.card(&id2).await;
+    w.tollgate.restart().await;
+    w.click(APPROVER, "approve", &id2, &ts2).await;
+    wait_until(
+        "pending request granted after restart",
+        Duration::from_secs(10),
+        || w.has_policy(ALICE, VIEW),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_answer_and_the_server_stays_healthy() {
+    let w = World::new().await;
+    let long_cluster = format!("eks {} 1h", "c".repeat(5000));
+    let cases: Vec<(&str, &str)> = vec![
+        ("eks", "needs a cluster and a duration"),
+        ("eks prod-cluster 0s", "zero"),
+        ("eks prod-cluster -1h", "between 1s and 1h"),
+        ("eks prod-cluster 99999h", "out of range"),
+        ("eks nope-cluster 1h", "no cluster `nope-cluster`"),
+        ("eks staging 1h wizard", "`wizard` is not a role on staging"),
+        ("eks prod-cluster 1h edit", "namespaced"),
+        (
+            "eks prod-cluster 1h edit --ns ../../etc",
+            "not a valid namespace",
+        ),
+        (&long_cluster, "limit"),
+        ("eks prod\u{202E}cluster 1h", "control"),
+        ("eks prod-cluster 1h view \u{0007}bell", "control"),
+    ];
+    for (text, expect) in &cases {
+        let (status, json) = w.slash(REQUESTER, text).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(json["response_type"], "ephemeral", "{text}: {json}");
+        let answer = json["text"].as_str().unwrap_or_default();
+        assert!(
+            answer.contains(expect),
+            "{}: expected `{expect}` in {answer}",
+            &text[..text.len().min(40)]
+        );
+    }
+    assert!(
+        w.slack.calls_to("chat.postMessage").is_empty(),
+        "no card for a refused request"
+    );
+
+    let url = format!("{}/slack/commands", w.tollgate.base);
+    let body = slash_body(
+        REQUESTER,
+        "eks prod-cluster 1h view",
+        &w.slack.response_url("x"),
+    );
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let forged = w
+        .http
+        .post(&url)
+        .header("X-Slack-Request-Timestamp", &ts)
+        .header("X-Slack-Signature", signature("wrong-secret", &ts, &body))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 401);
+    let old = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 600)
+        .to_string();
+    let stale = w
+        .http
+        .post(&url)
+        .header("X-Slack-Request-Timestamp", &old)
+        .header("X-Slack-Signature", signature(SIGNING_SECRET, &old, &body))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 401);
+
+    let huge = format!("text={}", "a".repeat(200 * 1024));
+    let too_big = post_signed(&w.http, &url, SIGNING_SECRET, huge).await;
+    assert_eq!(too_big.status(), 413);
+
+    let interactions = format!("{}/slack/interactions", w.tollgate.base);
+    let malformed = post_signed(
+        &w.http,
+        &interactions,
+        SIGNING_SECRET,
+        "payload=%7Bnot-json".into(),
+    )
+    .await;
+    assert_eq!(malformed.status(), 400);
+    let no_payload =
+        post_signed(&w.http, &interactions, SIGNING_SECRET, "hello=world".into()).await;
+    assert_eq!(no_payload.status(), 400);
+
+    assert!(w.healthy().await, "server healthy after bad input");
+    assert!(
+        !w.entry_exists(ALICE).await,
+        "no bad input granted anything"
+    );
+}

@@ -1,0 +1,142 @@
+//! Runs the real `tollgate` binary as a process against a Slack stand-in
+//! and MiniStack, as an operator would run it.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::ministack::MiniStack;
+
+pub const BOT_TOKEN: &str = "xoxb-test-token-not-secret";
+pub const SIGNING_SECRET: &str = "e2e-signing-secret-0123456789abcdef";
+
+pub struct Tollgate {
+    pub base: String,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// Waits for `cond` with a deadline, polling; panics with `what` on timeout.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+impl Tollgate {
+    /// Writes `config` (with `{listen}` and `{data}` filled in) into `dir`
+    /// and starts the server; returns once `/healthz` answers.
+    pub async fn start(dir: &Path, config: &str, slack_api_url: &str, ms: &MiniStack) -> Tollgate {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let config_text = config
+            .replace("{listen}", &listen)
+            .replace("{data}", &dir.join("data").display().to_string());
+        let config_path = dir.join("tollgate.toml");
+        std::fs::write(&config_path, config_text).unwrap_or_else(|e| panic!("writing config: {e}"));
+        let mut env = ms.aws_env();
+        env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
+        env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
+        env.push(("SLACK_API_URL".into(), slack_api_url.into()));
+        env.push(("RUST_LOG".into(), "info,tollgate=debug".into()));
+        let mut t = Tollgate {
+            base: format!("http://{listen}"),
+            config_path,
+            log_path: dir.join("tollgate.log"),
+            child: None,
+            env,
+        };
+        t.spawn().await;
+        t
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let err = log.try_clone().unwrap_or_else(|e| panic!("log file: {e}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting tollgate: {e}"));
+        self.child = Some(child);
+        let url = format!("{}/healthz", self.base);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("tollgate exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate did not come up:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown path runs, exactly like a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) -> Instant {
+        self.kill9();
+        let started = Instant::now();
+        self.spawn().await;
+        started
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Tollgate {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

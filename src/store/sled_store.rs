@@ -270,3 +270,130 @@ impl Store for SledStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::request::{AccessSpec, Requester, State};
+    use serde_json::json;
+    use std::time::Duration;
+    use time::macros::datetime;
+
+    fn request(id: &str, now: OffsetDateTime) -> Request {
+        Request {
+            id: RequestId::parse(id).unwrap(),
+            state: State::Pending,
+            version: 0,
+            requester: Requester {
+                user_id: "U1".into(),
+                email: "a@example.com".into(),
+                tz: None,
+                tz_offset_secs: 0,
+            },
+            access: AccessSpec {
+                cluster: "c".into(),
+                role: "view".into(),
+                principal: "arn:aws:iam::1:role/a".into(),
+                policy_arn: None,
+                namespaces: vec![],
+            },
+            reason: String::new(),
+            duration: Duration::from_secs(60),
+            created_at: now,
+            approval_deadline: now + Duration::from_secs(600),
+            required_approvals: 1,
+            approvals: vec![],
+            decided_by: None,
+            approved_at: None,
+            activated_at: None,
+            expires_at: None,
+            ended_at: None,
+            revoke: None,
+            revoke_attempts: 0,
+            retry_at: None,
+            failure: None,
+            card: None,
+            response_url: None,
+        }
+    }
+
+    fn event(req: &Request, name: &str, at: OffsetDateTime) -> AuditEvent {
+        AuditEvent::for_request(req, name, "U1", at, json!({}))
+    }
+
+    #[tokio::test]
+    async fn update_is_compare_and_swap_on_the_version_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let now = datetime!(2026-11-23 12:00 UTC);
+        let req = request("R-AAAAA", now);
+        store.create(&req, vec![event(&req, "requested", now)]).await.unwrap();
+        assert!(matches!(
+            store.create(&req, vec![]).await,
+            Err(StoreError::Exists(_))
+        ));
+
+        let mut approved = req.clone();
+        approved.state = State::Approved;
+        approved.approved_at = Some(now);
+        let written = store.update(&req, approved.clone(), vec![event(&req, "approved", now)]).await.unwrap();
+        assert_eq!(written.version, 1);
+
+        // A second writer that read version 0 loses and writes nothing.
+        let mut denied = req.clone();
+        denied.state = State::Denied;
+        let lost = store.update(&req, denied, vec![event(&req, "denied", now)]).await;
+        assert!(matches!(lost, Err(StoreError::Conflict(_))), "{lost:?}");
+        let stored = store.get(&req.id).await.unwrap().unwrap();
+        assert_eq!(stored.state, State::Approved);
+        let names: Vec<String> = store.audit_since(None).await.unwrap().into_iter().map(|e| e.event).collect();
+        assert_eq!(names, vec!["requested", "approved"], "the losing write left no audit event");
+    }
+
+    #[tokio::test]
+    async fn due_index_follows_the_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let now = datetime!(2026-11-23 12:00 UTC);
+        let req = request("R-BBBBB", now);
+        store.create(&req, vec![]).await.unwrap();
+        assert_eq!(store.next_due().await.unwrap(), Some(now + Duration::from_secs(600)));
+        assert!(store.due(now).await.unwrap().is_empty());
+
+        let mut active = req.clone();
+        active.state = State::Active;
+        active.expires_at = Some(now + Duration::from_secs(60));
+        let active = store.update(&req, active, vec![]).await.unwrap();
+        assert_eq!(store.next_due().await.unwrap(), active.expires_at);
+        assert_eq!(store.due(now + Duration::from_secs(60)).await.unwrap(), vec![req.id.clone()]);
+
+        let mut revoked = active.clone();
+        revoked.state = State::Revoked;
+        store.update(&active, revoked, vec![]).await.unwrap();
+        assert_eq!(store.next_due().await.unwrap(), None, "terminal rows leave the index");
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen_and_baselines_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = datetime!(2026-11-23 12:00 UTC);
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let req = request("R-CCCCC", now);
+            store.create(&req, vec![event(&req, "requested", now)]).await.unwrap();
+            let b = Baselines::from([
+                ("p1".to_string(), None),
+                ("p2".to_string(), Some(Scope::from_namespaces(["x"]))),
+            ]);
+            store.record_baselines("c", "arn", &b).await.unwrap();
+            store.forget_baselines("c", "arn", &["p1".to_string()]).await.unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(store.get(&RequestId::parse("R-CCCCC").unwrap()).await.unwrap().is_some());
+        let b = store.baselines("c", "arn").await.unwrap();
+        assert_eq!(b, Baselines::from([("p2".to_string(), Some(Scope::from_namespaces(["x"])))]));
+        assert!(store.baselines("c", "other").await.unwrap().is_empty());
+        assert_eq!(store.audit_since(Some(now)).await.unwrap().len(), 1);
+        assert!(store.audit_since(Some(now + Duration::from_secs(1))).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,412 @@
+//! The `access-entry` strategy against MiniStack's EKS API: every test
+//! converges through `AccessEntryStrategy` and then reads the cluster back
+//! over the EKS REST API, so what is asserted is what EKS holds.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region};
+use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+use support::ministack::{encode_arn, MiniStack};
+use tollgate::access::access_entry::AccessEntryStrategy;
+use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce};
+use tollgate::domain::policy::{ClusterPolicy, Strategy};
+use tollgate::domain::request::AccessSpec;
+use tollgate::store::SledStore;
+
+const EDIT: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy";
+const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
+const ALICE: &str = "arn:aws:iam::000000000000:role/alice";
+
+/// A type (`cluster` or `namespace`) and its namespaces, as EKS lists them.
+type Assoc = (String, Vec<String>);
+
+/// One MiniStack with one cluster, and the strategy under test with its own
+/// store.
+struct Harness {
+    ms: MiniStack,
+    cluster: ClusterPolicy,
+    engine: AccessEntryStrategy,
+    _store_dir: TempDir,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let h = Harness::without_cluster("dev").await;
+        h.ms.create_cluster("dev").await;
+        h
+    }
+
+    /// The strategy pointed at a cluster named `name` that is not created.
+    async fn without_cluster(name: &str) -> Harness {
+        let ms = MiniStack::start();
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let sdk = aws_config::defaults(BehaviorVersion::latest())
+            .endpoint_url(&ms.endpoint)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .http_client(http)
+            .load()
+            .await;
+        let store_dir = tempfile::tempdir().expect("temp dir for the store");
+        let store = SledStore::open(store_dir.path()).expect("opening the sled store");
+        let engine = AccessEntryStrategy::new(Arc::new(AwsClients::new(sdk)), Arc::new(store));
+        Harness {
+            ms,
+            cluster: cluster_policy(name),
+            engine,
+            _store_dir: store_dir,
+        }
+    }
+
+    /// Converges ALICE to the given (grant id, spec) pairs; the first grant,
+    /// or "none", is credited as creator.
+    async fn converge(&self, grants: &[(&str, &AccessSpec)]) -> Result<(), AccessError> {
+        let in_force: Vec<InForce> = grants
+            .iter()
+            .map(|(id, spec)| InForce { grant_id: id, spec })
+            .collect();
+        let creator = grants.first().map_or("none", |(id, _)| id);
+        self.engine
+            .converge(&self.cluster, ALICE, &in_force, creator)
+            .await
+    }
+
+    async fn converge_ok(&self, grants: &[(&str, &AccessSpec)]) {
+        if let Err(e) = self.converge(grants).await {
+            panic!("converge failed: {e}\nMiniStack log:\n{}", self.ms.log());
+        }
+    }
+
+    fn entry_path(&self) -> String {
+        format!("/clusters/dev/access-entries/{}", encode_arn(ALICE))
+    }
+
+    /// ALICE's access entry as DescribeAccessEntry returns it, if any.
+    async fn entry(&self) -> Option<Value> {
+        let (status, body) = self.ms.eks_json("GET", &self.entry_path(), None).await;
+        match status {
+            200 => Some(body["accessEntry"].clone()),
+            404 => None,
+            _ => panic!("DescribeAccessEntry answered {status}: {body}"),
+        }
+    }
+
+    /// ALICE's associations by policy ARN; empty when there is no entry.
+    async fn associations(&self) -> BTreeMap<String, Assoc> {
+        let path = format!("{}/access-policies", self.entry_path());
+        let (status, body) = self.ms.eks_json("GET", &path, None).await;
+        if status == 404 {
+            return BTreeMap::new();
+        }
+        assert_eq!(status, 200, "ListAssociatedAccessPolicies: {body}");
+        let list = body["associatedAccessPolicies"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no associatedAccessPolicies in {body}"));
+        list.iter()
+            .map(|a| {
+                let scope = &a["accessScope"];
+                let namespaces = scope["namespaces"]
+                    .as_array()
+                    .map(|ns| ns.iter().map(|n| n.as_str().unwrap().to_string()))
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                (
+                    a["policyArn"].as_str().unwrap().to_string(),
+                    (scope["type"].as_str().unwrap().to_string(), namespaces),
+                )
+            })
+            .collect()
+    }
+
+    /// Someone other than Tollgate creates ALICE's entry, without tags.
+    async fn create_entry_behind_tollgate(&self) {
+        let (status, body) = self
+            .ms
+            .eks_json(
+                "POST",
+                "/clusters/dev/access-entries",
+                Some(json!({"principalArn": ALICE, "type": "STANDARD"})),
+            )
+            .await;
+        assert_eq!(status, 200, "CreateAccessEntry: {body}");
+    }
+
+    /// Someone other than Tollgate associates `policy`; no namespaces means
+    /// cluster scope.
+    async fn associate_behind_tollgate(&self, policy: &str, ns: &[&str]) {
+        let scope = if ns.is_empty() {
+            json!({"type": "cluster"})
+        } else {
+            json!({"type": "namespace", "namespaces": ns})
+        };
+        let path = format!("{}/access-policies", self.entry_path());
+        let (status, body) = self
+            .ms
+            .eks_json(
+                "POST",
+                &path,
+                Some(json!({"policyArn": policy, "accessScope": scope})),
+            )
+            .await;
+        assert_eq!(status, 200, "AssociateAccessPolicy: {body}");
+    }
+}
+
+fn cluster_policy(name: &str) -> ClusterPolicy {
+    ClusterPolicy {
+        name: name.to_string(),
+        region: "us-east-1".to_string(),
+        account_id: "000000000000".to_string(),
+        assume_role_arn: None,
+        strategy: Strategy::AccessEntry,
+        endpoint: None,
+        ca_file: None,
+        approval_channel: "#access".to_string(),
+        dm_approvers: false,
+        default_role: None,
+        roles: BTreeMap::new(),
+        break_glass: None,
+        reconcile_interval: Duration::from_secs(300),
+    }
+}
+
+fn spec(policy: &str, ns: &[&str]) -> AccessSpec {
+    AccessSpec {
+        cluster: "dev".to_string(),
+        role: "r".to_string(),
+        principal: ALICE.to_string(),
+        policy_arn: Some(policy.to_string()),
+        namespaces: ns.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn cluster_scope() -> Assoc {
+    ("cluster".to_string(), vec![])
+}
+
+fn namespaces(ns: &[&str]) -> Assoc {
+    (
+        "namespace".to_string(),
+        ns.iter().map(|s| s.to_string()).collect(),
+    )
+}
+
+fn only(policy: &str, assoc: Assoc) -> BTreeMap<String, Assoc> {
+    BTreeMap::from([(policy.to_string(), assoc)])
+}
+
+#[tokio::test]
+async fn grant_is_idempotent_and_revoke_removes_what_tollgate_created() {
+    let h = Harness::new().await;
+    let edit = spec(EDIT, &[]);
+
+    h.converge_ok(&[("req-1", &edit)]).await;
+    let entry = h.entry().await.expect("entry created by the grant");
+    assert_eq!(
+        entry["tags"],
+        json!({"managed-by": "tollgate", "tollgate-grant": "req-1"}),
+        "{entry}"
+    );
+    assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
+
+    // Same grants again: the very same entry (its ARN carries a fresh uuid
+    // on every create) with the same association.
+    h.converge_ok(&[("req-1", &edit)]).await;
+    let again = h.entry().await.expect("entry kept by a repeated converge");
+    assert_eq!(again["accessEntryArn"], entry["accessEntryArn"]);
+    assert_eq!(again["tags"], entry["tags"]);
+    assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
+
+    h.converge_ok(&[]).await;
+    assert_eq!(
+        h.entry().await,
+        None,
+        "entry Tollgate created outlived revoke"
+    );
+    assert!(h.associations().await.is_empty());
+
+    h.converge_ok(&[]).await;
+    assert_eq!(h.entry().await, None);
+}
+
+#[tokio::test]
+async fn namespaced_grant_is_associated_with_exactly_those_namespaces() {
+    let h = Harness::new().await;
+    let edit = spec(EDIT, &["payments", "web"]);
+    h.converge_ok(&[("req-1", &edit)]).await;
+    assert_eq!(
+        h.associations().await,
+        only(EDIT, namespaces(&["payments", "web"]))
+    );
+}
+
+#[tokio::test]
+async fn preexisting_entry_and_other_policies_are_left_alone() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(VIEW, &[]).await;
+    let before = h.entry().await.unwrap();
+
+    let edit = spec(EDIT, &["a"]);
+    h.converge_ok(&[("req-1", &edit)]).await;
+    assert_eq!(
+        h.associations().await,
+        BTreeMap::from([
+            (VIEW.to_string(), cluster_scope()),
+            (EDIT.to_string(), namespaces(&["a"])),
+        ])
+    );
+
+    h.converge_ok(&[]).await;
+    let after = h.entry().await.expect("pre-existing entry deleted");
+    assert_eq!(after["accessEntryArn"], before["accessEntryArn"]);
+    assert_eq!(
+        after["tags"],
+        json!({}),
+        "Tollgate tagged an entry it did not create"
+    );
+    assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+}
+
+#[tokio::test]
+async fn tollgate_entry_stays_while_someone_else_uses_it() {
+    let h = Harness::new().await;
+    let edit = spec(EDIT, &[]);
+    h.converge_ok(&[("req-1", &edit)]).await;
+    assert_eq!(h.entry().await.unwrap()["tags"]["managed-by"], "tollgate");
+
+    h.associate_behind_tollgate(VIEW, &[]).await;
+    h.converge_ok(&[]).await;
+    assert!(
+        h.entry().await.is_some(),
+        "entry deleted with View still on it"
+    );
+    assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+}
+
+#[tokio::test]
+async fn overlapping_namespaced_grants_are_unioned_and_shrink_as_they_end() {
+    let h = Harness::new().await;
+    let a = spec(EDIT, &["a"]);
+    let b = spec(EDIT, &["b"]);
+
+    h.converge_ok(&[("req-a", &a)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["a"])));
+
+    h.converge_ok(&[("req-a", &a), ("req-b", &b)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "b"])));
+
+    h.converge_ok(&[("req-b", &b)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["b"])));
+
+    h.converge_ok(&[]).await;
+    assert!(h.associations().await.is_empty());
+    assert_eq!(h.entry().await, None);
+}
+
+#[tokio::test]
+async fn overlapping_cluster_grants_keep_the_policy_until_the_last_ends() {
+    let h = Harness::new().await;
+    let first = spec(VIEW, &[]);
+    let second = spec(VIEW, &[]);
+
+    h.converge_ok(&[("req-1", &first), ("req-2", &second)])
+        .await;
+    assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+
+    h.converge_ok(&[("req-2", &second)]).await;
+    assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+
+    h.converge_ok(&[]).await;
+    assert!(h.associations().await.is_empty());
+    assert_eq!(h.entry().await, None);
+}
+
+#[tokio::test]
+async fn preexisting_namespaced_association_is_widened_then_restored() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+
+    let edit = spec(EDIT, &["a"]);
+    h.converge_ok(&[("req-1", &edit)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "x"])));
+
+    h.converge_ok(&[]).await;
+    assert!(h.entry().await.is_some(), "pre-existing entry deleted");
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
+}
+
+#[tokio::test]
+async fn preexisting_cluster_association_survives_a_namespaced_grant() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &[]).await;
+
+    let edit = spec(EDIT, &["a"]);
+    h.converge_ok(&[("req-1", &edit)]).await;
+    assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
+
+    h.converge_ok(&[]).await;
+    assert!(h.entry().await.is_some(), "pre-existing entry deleted");
+    assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
+}
+
+#[tokio::test]
+async fn missing_cluster_is_an_error_naming_operation_and_cluster() {
+    let h = Harness::without_cluster("no-such-cluster").await;
+    let edit = spec(EDIT, &[]);
+    let err = h
+        .converge(&[("req-1", &edit)])
+        .await
+        .expect_err("granting on a cluster that does not exist succeeded");
+    // Describe answers ResourceNotFound for a missing cluster as for a
+    // missing entry, so the call that fails is the create.
+    let message = err.to_string();
+    assert!(
+        message.starts_with("CreateAccessEntry on no-such-cluster failed: "),
+        "{message}"
+    );
+    assert!(message.contains("ResourceNotFoundException"), "{message}");
+    assert!(
+        matches!(&err, AccessError::Aws { cluster, operation: "CreateAccessEntry", .. }
+            if cluster == "no-such-cluster"),
+        "{err:?}"
+    );
+    let (_, listed) = h.ms.eks_json("GET", "/clusters", None).await;
+    assert_eq!(
+        listed["clusters"],
+        json!([]),
+        "a cluster appeared: {listed}"
+    );
+}
+
+#[tokio::test]
+async fn probe_revoke_on_missing_cluster() {
+    let h = Harness::without_cluster("no-such-cluster").await;
+    let r = h.converge(&[]).await;
+    eprintln!("PROBE revoke on missing cluster: {r:?}");
+}
+
+#[tokio::test]
+async fn probe_groups_on_tollgate_entry() {
+    let h = Harness::new().await;
+    let edit = spec(EDIT, &[]);
+    h.converge_ok(&[("req-1", &edit)]).await;
+    let (s, b) = h.ms.eks_json("POST", &h.entry_path(), Some(json!({"kubernetesGroups": ["devs"]}))).await;
+    eprintln!("PROBE update {s} {b}");
+    h.converge_ok(&[]).await;
+    eprintln!("PROBE entry after revoke: {:?}", h.entry().await);
+}

@@ -392,21 +392,3 @@ async fn missing_cluster_is_an_error_naming_operation_and_cluster() {
         "a cluster appeared: {listed}"
     );
 }
-
-#[tokio::test]
-async fn probe_revoke_on_missing_cluster() {
-    let h = Harness::without_cluster("no-such-cluster").await;
-    let r = h.converge(&[]).await;
-    eprintln!("PROBE revoke on missing cluster: {r:?}");
-}
-
-#[tokio::test]
-async fn probe_groups_on_tollgate_entry() {
-    let h = Harness::new().await;
-    let edit = spec(EDIT, &[]);
-    h.converge_ok(&[("req-1", &edit)]).await;
-    let (s, b) = h.ms.eks_json("POST", &h.entry_path(), Some(json!({"kubernetesGroups": ["devs"]}))).await;
-    eprintln!("PROBE update {s} {b}");
-    h.converge_ok(&[]).await;
-    eprintln!("PROBE entry after revoke: {:?}", h.entry().await);
-}

@@ -43,6 +43,7 @@ approval_timeout = "10m"
 name = "prod-cluster"
 region = "us-east-1"
 account_id = "000000000000"
+assume_role_arn = "arn:aws:iam::000000000000:role/tollgate"
 approval_channel = "C0APPROVALS"
 approvers = ["U0APP", "S0ONCALL"]
 default_role = "view"

@@ -327,7 +327,10 @@ mod tests {
         let store = SledStore::open(dir.path()).unwrap();
         let now = datetime!(2026-11-23 12:00 UTC);
         let req = request("R-AAAAA", now);
-        store.create(&req, vec![event(&req, "requested", now)]).await.unwrap();
+        store
+            .create(&req, vec![event(&req, "requested", now)])
+            .await
+            .unwrap();
         assert!(matches!(
             store.create(&req, vec![]).await,
             Err(StoreError::Exists(_))
@@ -336,18 +339,33 @@ mod tests {
         let mut approved = req.clone();
         approved.state = State::Approved;
         approved.approved_at = Some(now);
-        let written = store.update(&req, approved.clone(), vec![event(&req, "approved", now)]).await.unwrap();
+        let written = store
+            .update(&req, approved.clone(), vec![event(&req, "approved", now)])
+            .await
+            .unwrap();
         assert_eq!(written.version, 1);
 
         // A second writer that read version 0 loses and writes nothing.
         let mut denied = req.clone();
         denied.state = State::Denied;
-        let lost = store.update(&req, denied, vec![event(&req, "denied", now)]).await;
+        let lost = store
+            .update(&req, denied, vec![event(&req, "denied", now)])
+            .await;
         assert!(matches!(lost, Err(StoreError::Conflict(_))), "{lost:?}");
         let stored = store.get(&req.id).await.unwrap().unwrap();
         assert_eq!(stored.state, State::Approved);
-        let names: Vec<String> = store.audit_since(None).await.unwrap().into_iter().map(|e| e.event).collect();
-        assert_eq!(names, vec!["requested", "approved"], "the losing write left no audit event");
+        let names: Vec<String> = store
+            .audit_since(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event)
+            .collect();
+        assert_eq!(
+            names,
+            vec!["requested", "approved"],
+            "the losing write left no audit event"
+        );
     }
 
     #[tokio::test]
@@ -357,7 +375,10 @@ mod tests {
         let now = datetime!(2026-11-23 12:00 UTC);
         let req = request("R-BBBBB", now);
         store.create(&req, vec![]).await.unwrap();
-        assert_eq!(store.next_due().await.unwrap(), Some(now + Duration::from_secs(600)));
+        assert_eq!(
+            store.next_due().await.unwrap(),
+            Some(now + Duration::from_secs(600))
+        );
         assert!(store.due(now).await.unwrap().is_empty());
 
         let mut active = req.clone();
@@ -365,12 +386,19 @@ mod tests {
         active.expires_at = Some(now + Duration::from_secs(60));
         let active = store.update(&req, active, vec![]).await.unwrap();
         assert_eq!(store.next_due().await.unwrap(), active.expires_at);
-        assert_eq!(store.due(now + Duration::from_secs(60)).await.unwrap(), vec![req.id.clone()]);
+        assert_eq!(
+            store.due(now + Duration::from_secs(60)).await.unwrap(),
+            vec![req.id.clone()]
+        );
 
         let mut revoked = active.clone();
         revoked.state = State::Revoked;
         store.update(&active, revoked, vec![]).await.unwrap();
-        assert_eq!(store.next_due().await.unwrap(), None, "terminal rows leave the index");
+        assert_eq!(
+            store.next_due().await.unwrap(),
+            None,
+            "terminal rows leave the index"
+        );
     }
 
     #[tokio::test]
@@ -380,20 +408,37 @@ mod tests {
         {
             let store = SledStore::open(dir.path()).unwrap();
             let req = request("R-CCCCC", now);
-            store.create(&req, vec![event(&req, "requested", now)]).await.unwrap();
+            store
+                .create(&req, vec![event(&req, "requested", now)])
+                .await
+                .unwrap();
             let b = Baselines::from([
                 ("p1".to_string(), None),
                 ("p2".to_string(), Some(Scope::from_namespaces(["x"]))),
             ]);
             store.record_baselines("c", "arn", &b).await.unwrap();
-            store.forget_baselines("c", "arn", &["p1".to_string()]).await.unwrap();
+            store
+                .forget_baselines("c", "arn", &["p1".to_string()])
+                .await
+                .unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
-        assert!(store.get(&RequestId::parse("R-CCCCC").unwrap()).await.unwrap().is_some());
+        assert!(store
+            .get(&RequestId::parse("R-CCCCC").unwrap())
+            .await
+            .unwrap()
+            .is_some());
         let b = store.baselines("c", "arn").await.unwrap();
-        assert_eq!(b, Baselines::from([("p2".to_string(), Some(Scope::from_namespaces(["x"])))]));
+        assert_eq!(
+            b,
+            Baselines::from([("p2".to_string(), Some(Scope::from_namespaces(["x"])))])
+        );
         assert!(store.baselines("c", "other").await.unwrap().is_empty());
         assert_eq!(store.audit_since(Some(now)).await.unwrap().len(), 1);
-        assert!(store.audit_since(Some(now + Duration::from_secs(1))).await.unwrap().is_empty());
+        assert!(store
+            .audit_since(Some(now + Duration::from_secs(1)))
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

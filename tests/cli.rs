@@ -1,0 +1,146 @@
+//! The command line as an operator meets it: `check` against real peers, and
+//! configuration or environment mistakes stopping `serve` with a clear line.
+
+mod support;
+
+use serde_json::json;
+use std::process::{Command, Output};
+use support::ministack::MiniStack;
+use support::slack::SlackStandIn;
+use support::tollgate::{BOT_TOKEN, SIGNING_SECRET};
+
+fn tollgate(args: &[&str], env: &[(String, String)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap()
+}
+
+const CHECK_CONFIG: &str = r#"
+[identity]
+principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+
+[[clusters]]
+name = "api-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+assume_role_arn = "arn:aws:iam::000000000000:role/tollgate"
+approval_channel = "C0JOINED"
+approvers = ["U0APP"]
+default_role = "view"
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+
+[[clusters]]
+name = "cm-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0OUTSIDE"
+approvers = ["U0APP"]
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_each_peer_and_fails_on_config_map_clusters() {
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    ms.create_cluster("api-cluster").await;
+    let (status, body) = ms
+        .eks_json(
+            "POST",
+            "/clusters",
+            Some(json!({"name": "cm-cluster", "roleArn": "arn:aws:iam::000000000000:role/eks-role",
+                        "resourcesVpcConfig": {}, "accessConfig": {"authenticationMode": "CONFIG_MAP"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    slack.add_channel("C0JOINED", true);
+    slack.add_channel("C0OUTSIDE", false);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, CHECK_CONFIG).unwrap();
+
+    let mut env = ms.aws_env();
+    env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
+    env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
+    env.push(("SLACK_API_URL".into(), slack.api_url()));
+    let path_arg = path.display().to_string();
+    let out =
+        tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let line = |needle: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{stdout}"))
+            .to_string()
+    };
+    assert!(line("auth.test").starts_with("ok"), "{stdout}");
+    assert!(line("C0JOINED").starts_with("ok"), "{stdout}");
+    assert!(line("C0OUTSIDE").starts_with("FAIL"), "{stdout}");
+    assert!(
+        line("sts get-caller-identity").starts_with("ok"),
+        "{stdout}"
+    );
+    assert!(
+        line("cluster api-cluster").starts_with("ok"),
+        "assumed role used: {stdout}"
+    );
+    let cm = line("cluster cm-cluster");
+    assert!(
+        cm.starts_with("FAIL") && cm.contains("CONFIG_MAP"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(BOT_TOKEN) && !stdout.contains(SIGNING_SECRET));
+}
+
+#[test]
+fn config_errors_name_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    let text = CHECK_CONFIG.replace(
+        "default_role = \"view\"",
+        "default_role = \"view\"\nmax_duraton = \"2h\"",
+    );
+    std::fs::write(&path, &text).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.contains("max_duraton"))
+        .unwrap()
+        + 1;
+    let out = tollgate(&["serve", "--config", &path.display().to_string()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("max_duraton") && stderr.contains(&format!("line {line}")),
+        "{stderr}"
+    );
+
+    let out = tollgate(&["serve", "--config", "/nonexistent/tollgate.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tollgate.toml"));
+}
+
+#[test]
+fn missing_secret_is_named_and_no_secret_is_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, CHECK_CONFIG).unwrap();
+    let env = vec![(
+        "SLACK_SIGNING_SECRET".to_string(),
+        SIGNING_SECRET.to_string(),
+    )];
+    let out = tollgate(&["serve", "--config", &path.display().to_string()], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("SLACK_BOT_TOKEN is not set"), "{stderr}");
+    assert!(!stderr.contains(SIGNING_SECRET), "{stderr}");
+}

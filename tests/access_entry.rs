@@ -365,30 +365,54 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
 }
 
 #[tokio::test]
-async fn missing_cluster_is_an_error_naming_operation_and_cluster() {
+async fn missing_cluster_is_an_error_for_grant_and_revoke_alike() {
     let h = Harness::without_cluster("no-such-cluster").await;
     let edit = spec(EDIT, &[]);
-    let err = h
-        .converge(&[("req-1", &edit)])
-        .await
-        .expect_err("granting on a cluster that does not exist succeeded");
-    // Describe answers ResourceNotFound for a missing cluster as for a
-    // missing entry, so the call that fails is the create.
-    let message = err.to_string();
-    assert!(
-        message.starts_with("CreateAccessEntry on no-such-cluster failed: "),
-        "{message}"
-    );
-    assert!(message.contains("ResourceNotFoundException"), "{message}");
-    assert!(
-        matches!(&err, AccessError::Aws { cluster, operation: "CreateAccessEntry", .. }
-            if cluster == "no-such-cluster"),
-        "{err:?}"
-    );
+    for grants in [vec![("req-1", &edit)], vec![]] {
+        let err = h
+            .converge(&grants)
+            .await
+            .expect_err("converging on a cluster that does not exist succeeded");
+        // A revoke that "succeeds" on a renamed or wrong-region cluster would
+        // record access as gone while it is still in place.
+        let message = err.to_string();
+        assert!(
+            message.starts_with("DescribeCluster on no-such-cluster failed: "),
+            "{message}"
+        );
+        assert!(message.contains("ResourceNotFoundException"), "{message}");
+        assert!(
+            matches!(&err, AccessError::Aws { cluster, operation: "DescribeCluster", .. }
+                if cluster == "no-such-cluster"),
+            "{err:?}"
+        );
+    }
     let (_, listed) = h.ms.eks_json("GET", "/clusters", None).await;
     assert_eq!(
         listed["clusters"],
         json!([]),
         "a cluster appeared: {listed}"
     );
+}
+
+#[tokio::test]
+async fn tollgate_entry_stays_while_someone_maps_groups_onto_it() {
+    let h = Harness::new().await;
+    let edit = spec(EDIT, &[]);
+    h.converge_ok(&[("req-1", &edit)]).await;
+    let (status, body) =
+        h.ms.eks_json(
+            "POST",
+            &h.entry_path(),
+            Some(json!({"kubernetesGroups": ["devs"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.converge_ok(&[]).await;
+    let entry = h
+        .entry()
+        .await
+        .expect("entry deleted with a group mapping on it");
+    assert_eq!(entry["kubernetesGroups"], json!(["devs"]));
+    assert!(h.associations().await.is_empty());
 }

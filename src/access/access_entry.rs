@@ -24,6 +24,7 @@ pub struct AccessEntryStrategy {
 
 struct Entry {
     tags: HashMap<String, String>,
+    kubernetes_groups: Vec<String>,
 }
 
 impl Entry {
@@ -93,8 +94,23 @@ impl AccessEntryStrategy {
                     .and_then(|e| e.tags())
                     .cloned()
                     .unwrap_or_default(),
+                kubernetes_groups: out
+                    .access_entry()
+                    .map(|e| e.kubernetes_groups().to_vec())
+                    .unwrap_or_default(),
             })),
-            Err(e) if is_code(&e, "ResourceNotFoundException") => Ok(None),
+            // EKS answers "not found" alike for a missing entry and a missing
+            // cluster; only the first means "nothing granted". Taking a
+            // renamed or wrong-region cluster for an empty one would record
+            // a revoke that never happened.
+            Err(e) if is_code(&e, "ResourceNotFoundException") => {
+                eks.describe_cluster()
+                    .name(&cluster.name)
+                    .send()
+                    .await
+                    .map_err(|e| aws_error(cluster, "DescribeCluster", &e))?;
+                Ok(None)
+            }
             Err(e) => Err(aws_error(cluster, "DescribeAccessEntry", &e)),
         }
     }
@@ -203,8 +219,12 @@ impl AccessEngine for AccessEntryStrategy {
                 .await?;
         }
         // An entry Tollgate created goes once nothing at all is associated
-        // with it; an entry someone else made stays whatever happens.
-        if !plan.needs_entry && entry.as_ref().is_some_and(Entry::created_by_tollgate) {
+        // with it and nobody has mapped Kubernetes groups onto it; an entry
+        // someone else made stays whatever happens.
+        let deletable = entry
+            .as_ref()
+            .is_some_and(|e| e.created_by_tollgate() && e.kubernetes_groups.is_empty());
+        if !plan.needs_entry && deletable {
             let remaining = self.associations(&eks, cluster, principal).await?;
             if remaining.is_empty() {
                 match eks

@@ -122,6 +122,11 @@ impl Service {
         }
     }
 
+    /// Delivers a command's answer that missed Slack's three seconds.
+    pub async fn follow_up(&self, response_url: Option<&str>, text: String) {
+        self.respond(response_url, text).await
+    }
+
     async fn respond(&self, response_url: Option<&str>, text: String) {
         let Some(url) = response_url else { return };
         if let Err(e) = self.slack.respond(url, &Message::plain(text)).await {

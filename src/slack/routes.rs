@@ -82,10 +82,12 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
         }
     };
     let service = app.service.clone();
-    // The work runs in its own task so a late answer is still finished and
-    // recorded even after Slack stopped waiting for it.
-    let work = tokio::spawn(async move { service.handle_command(cmd).await });
-    match tokio::time::timeout(COMMAND_DEADLINE, work).await {
+    let response_url = cmd.response_url.clone();
+    // The work runs in its own task so a late answer is still finished,
+    // recorded and delivered through response_url after Slack stopped
+    // waiting for the HTTP answer.
+    let mut work = tokio::spawn(async move { service.handle_command(cmd).await });
+    match tokio::time::timeout(COMMAND_DEADLINE, &mut work).await {
         Ok(Ok(text)) => ephemeral(text),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "command handler failed");
@@ -94,9 +96,15 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
                     .into(),
             )
         }
-        Err(_) => ephemeral(
-            "Tollgate is still working on that; if it was a request, its receipt follows.".into(),
-        ),
+        Err(_) => {
+            let service = app.service.clone();
+            tokio::spawn(async move {
+                if let Ok(text) = work.await {
+                    service.follow_up(response_url.as_deref(), text).await;
+                }
+            });
+            ephemeral("Tollgate is still working on that; the answer follows in a moment.".into())
+        }
     }
 }
 

@@ -22,7 +22,7 @@ impl DurationRange {
 /// Parses and range-checks in one step so every refusal can state the
 /// allowed range.
 pub fn parse_in_range(text: &str, range: &DurationRange) -> Result<Duration, String> {
-    let shown = super::text::clip(text, 40);
+    let shown = super::text::escape_slack(&super::text::clip(text, 40));
     let parsed = humantime::parse_duration(text).map_err(|_| {
         format!(
             "`{shown}` is not a duration. Use a value like `30m`, `2h` or `1h30m`, {}.",

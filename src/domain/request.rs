@@ -214,7 +214,9 @@ pub struct Request {
     #[serde(with = "time::serde::rfc3339::option")]
     pub ended_at: Option<OffsetDateTime>,
     pub revoke: Option<RevokeIntent>,
-    pub revoke_attempts: u32,
+    /// Failed tries of the current step (grant cleanup or revoke); reset
+    /// when the step succeeds.
+    pub attempts: u32,
     #[serde(with = "time::serde::rfc3339::option")]
     pub retry_at: Option<OffsetDateTime>,
     pub failure: Option<String>,
@@ -228,7 +230,7 @@ impl Request {
     pub fn next_due(&self) -> Option<OffsetDateTime> {
         match self.state {
             State::Pending => Some(self.approval_deadline),
-            State::Approved => self.approved_at.or(Some(self.created_at)),
+            State::Approved => self.retry_at.or(self.approved_at).or(Some(self.created_at)),
             State::Active | State::RevokeFailed => {
                 if let Some(retry) = self.retry_at {
                     return Some(retry);
@@ -247,6 +249,13 @@ impl Request {
     pub fn apply(&mut self, event: Event) -> Result<(), IllegalTransition> {
         self.state = transition(self.state, event)?;
         Ok(())
+    }
+
+    /// An approved request that must not be granted any more: its grant
+    /// failed, or it was revoked before it was made. What is left is to
+    /// converge its access away.
+    pub fn grant_abandoned(&self) -> bool {
+        self.state == State::Approved && (self.failure.is_some() || self.revoke.is_some())
     }
 
     pub fn has_vote_from(&self, user: &str) -> bool {

@@ -44,7 +44,7 @@ impl Service {
             Command::Clusters => self.clusters_text(),
             Command::List => self.list_text(&cmd.user_id).await,
             Command::Revoke { .. } | Command::Extend { .. } => {
-                "Early revoke and extension from Slack are not available in this version of Tollgate; an admin can revoke with `tollgate grants revoke`.".to_string()
+                "`/access revoke` and `/access extend` are not available in this version of Tollgate; grants end at their expiry.".to_string()
             }
             Command::Request(args) => match self.submit(&cmd, args).await {
                 Ok(receipt) | Err(receipt) => receipt,
@@ -152,7 +152,7 @@ impl Service {
             expires_at: None,
             ended_at: None,
             revoke: None,
-            revoke_attempts: 0,
+            attempts: 0,
             retry_at: None,
             failure: None,
             card: None,
@@ -204,7 +204,7 @@ impl Service {
         ))
     }
 
-    async fn post_card(&self, id: &RequestId) {
+    pub(super) async fn post_card(&self, id: &RequestId) {
         let Ok(Some(req)) = self.store.get(id).await else {
             return;
         };

@@ -4,11 +4,10 @@
 use serde_json::json;
 use std::sync::Arc;
 
-use super::{Change, Service};
+use super::{Change, Notice, Service};
 use crate::domain::audit::AuditEvent;
 use crate::domain::policy::{check_approver, listed, quorum_reached};
 use crate::domain::request::{Event, RequestId, State, Vote};
-use crate::slack::blocks;
 
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -90,6 +89,11 @@ impl Service {
                 if current.state != State::Pending {
                     return Change::Keep(Outcome::NotPending(current.state));
                 }
+                // Past its deadline a request is expired even if the
+                // scheduler has not got to it yet.
+                if now >= current.approval_deadline {
+                    return Change::Keep(Outcome::NotPending(State::Expired));
+                }
                 let mut next = current.clone();
                 if !approve {
                     next.decided_by = Some(user.clone());
@@ -148,21 +152,14 @@ impl Service {
             }
             Outcome::Voted { quorum } => {
                 tracing::info!(request_id = %id, approver = %d.user_id, quorum, "approval");
-                if let Ok(Some(current)) = self.store.get(&id).await {
-                    self.refresh_card(&current).await;
-                }
+                self.announce(&id, Notice::CardOnly);
                 if quorum {
-                    let service = Arc::clone(self);
-                    tokio::spawn(async move { service.drive(&id).await });
+                    self.drive(&id).await;
                 }
             }
             Outcome::Denied => {
                 tracing::info!(request_id = %id, by = %d.user_id, "denied");
-                if let Ok(Some(current)) = self.store.get(&id).await {
-                    self.refresh_card(&current).await;
-                    self.dm(&current.requester.user_id, blocks::denied_dm(&current))
-                        .await;
-                }
+                self.announce(&id, Notice::Denied);
             }
         }
     }

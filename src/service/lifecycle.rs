@@ -1,30 +1,33 @@
 //! What happens to a request when its time comes: grant after approval,
 //! revoke at expiry, expire when nobody decided. Each step converges the
 //! principal's access under its lock, then records the result in one CAS
-//! write; a crash in between leaves a row the next run picks up again.
+//! write; a crash in between leaves a row that is still due, and the next
+//! pass drives it again (converging is idempotent).
 
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
-use super::{Change, Service};
+use super::{Change, Notice, Service};
 use crate::access::InForce;
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
-use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::{Event, Request, RequestId, RevokeIntent, RevokeReason, State};
-use crate::slack::blocks;
 use crate::store::StoreError;
 
-/// Failed revokes retry with capped exponential backoff, and are flagged
-/// `RevokeFailed` (and alerted on) after this many attempts.
+/// Failed steps retry with capped exponential backoff; a revoke still
+/// failing after this many attempts becomes `RevokeFailed` and is alerted
+/// on, and retries go on.
 const REVOKE_FAILED_AFTER: u32 = 5;
-const REVOKE_BACKOFF_BASE: Duration = Duration::from_secs(2);
-const REVOKE_BACKOFF_CAP: Duration = Duration::from_secs(300);
+const RETRY_BASE: Duration = Duration::from_secs(2);
+const RETRY_CAP: Duration = Duration::from_secs(300);
+/// One stuck request must not hold up every other due one for long; a step
+/// cut off here is simply driven again (it is idempotent).
+const DRIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn revoke_backoff(attempts: u32) -> Duration {
+fn retry_backoff(attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
-    (REVOKE_BACKOFF_BASE * factor).min(REVOKE_BACKOFF_CAP)
+    (RETRY_BASE * factor).min(RETRY_CAP)
 }
 
 /// A grant still owed access at `now`.
@@ -32,21 +35,73 @@ fn in_force(r: &Request, now: OffsetDateTime) -> bool {
     r.state == State::Active && r.revoke.is_none() && r.expires_at.is_some_and(|e| e > now)
 }
 
+fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+}
+
+/// Whether a step runs only when due (the scheduler) or regardless of its
+/// retry time (start-up recovery).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum When {
+    Due,
+    Now,
+}
+
 impl Service {
-    /// Runs everything due now; at start-up this is the recovery pass that
-    /// revokes what expired while Tollgate was down.
+    /// Runs everything due now.
     pub async fn run_due(self: &Arc<Self>) -> Result<usize, StoreError> {
         let ids = self.store.due(self.clock.now()).await?;
+        Ok(self.drive_all(ids, When::Due).await)
+    }
+
+    /// Start-up recovery, before the HTTP port opens: every overdue grant is
+    /// revoked (whatever its retry time), every approved request is granted
+    /// or cleaned up, undecided requests past their deadline expire, and
+    /// cards that were never posted are posted.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        let mut ids = Vec::new();
+        for r in self.store.list().await? {
+            let overdue = r.expires_at.is_some_and(|e| e <= now) || r.revoke.is_some();
+            match r.state {
+                State::Approved => ids.push(r.id),
+                State::Active | State::RevokeFailed if overdue => ids.push(r.id),
+                State::Pending if r.approval_deadline <= now => ids.push(r.id),
+                State::Pending if r.card.is_none() => {
+                    let service = Arc::clone(self);
+                    tokio::spawn(async move { service.post_card(&r.id).await });
+                }
+                _ => {}
+            }
+        }
+        Ok(self.drive_all(ids, When::Now).await)
+    }
+
+    async fn drive_all(self: &Arc<Self>, ids: Vec<RequestId>, when: When) -> usize {
         let count = ids.len();
         let work = ids.into_iter().map(|id| {
             let service = Arc::clone(self);
-            async move { service.drive(&id).await }
+            async move {
+                if tokio::time::timeout(DRIVE_TIMEOUT, service.drive_when(&id, when))
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(request_id = %id, "step timed out; it will be driven again");
+                }
+            }
         });
         futures::future::join_all(work).await;
-        Ok(count)
+        count
     }
 
     pub async fn drive(self: &Arc<Self>, id: &RequestId) {
+        self.drive_when(id, When::Due).await
+    }
+
+    async fn drive_when(self: &Arc<Self>, id: &RequestId, when: When) {
         let req = match self.store.get(id).await {
             Ok(Some(r)) => r,
             Ok(None) => return,
@@ -55,12 +110,10 @@ impl Service {
                 return;
             }
         };
-        let now = self.clock.now();
-        let due = req.next_due().is_some_and(|t| t <= now);
         match req.state {
-            State::Pending if due => self.expire(id).await,
-            State::Approved => self.grant(id).await,
-            State::Active | State::RevokeFailed if due => self.revoke(id).await,
+            State::Pending => self.expire(id).await,
+            State::Approved => self.grant(&req, when).await,
+            State::Active | State::RevokeFailed => self.revoke(&req, when).await,
             _ => {}
         }
     }
@@ -86,181 +139,246 @@ impl Service {
             .collect())
     }
 
-    async fn converge(
+    /// Converges `req`'s principal to `others`, plus `req` itself when
+    /// `include` is set. Any object created is credited to `req` when it is
+    /// being granted, otherwise to a grant that stays.
+    async fn converge_with(
         &self,
-        cluster: &ClusterPolicy,
         req: &Request,
-        grants: &[Request],
+        others: &[Request],
+        include: bool,
     ) -> Result<(), String> {
-        let in_force: Vec<InForce<'_>> = grants
+        let cluster = self.config.cluster(&req.access.cluster).ok_or_else(|| {
+            format!(
+                "cluster {} is no longer in the configuration",
+                req.access.cluster
+            )
+        })?;
+        let mut grants: Vec<InForce<'_>> = others
             .iter()
             .map(|g| InForce {
                 grant_id: g.id.as_str(),
                 spec: &g.access,
             })
             .collect();
+        if include {
+            grants.push(InForce {
+                grant_id: req.id.as_str(),
+                spec: &req.access,
+            });
+        }
+        let creator = if include {
+            req.id.as_str()
+        } else {
+            grants
+                .first()
+                .map(|g| g.grant_id)
+                .unwrap_or(req.id.as_str())
+        };
         self.access
-            .converge(cluster, &req.access.principal, &in_force, req.id.as_str())
+            .converge(cluster, &req.access.principal, &grants, creator)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Converges with `req` in or out, reading the other grants first.
+    async fn converge_for(
+        &self,
+        req: &Request,
+        include: bool,
+        now: OffsetDateTime,
+    ) -> Result<(), String> {
+        let others = self
+            .others_in_force(req, now)
+            .await
+            .map_err(|e| format!("cannot read the grants in force: {e}"))?;
+        self.converge_with(req, &others, include).await
     }
 
     fn lock_key(req: &Request) -> String {
         format!("{}\u{0}{}", req.access.cluster, req.access.principal)
     }
 
-    async fn grant(self: &Arc<Self>, id: &RequestId) {
-        let Ok(Some(snapshot)) = self.store.get(id).await else {
-            return;
-        };
-        let _guard = self.locks.lock(Self::lock_key(&snapshot)).await;
-        let req = match self.store.get(id).await {
-            Ok(Some(r)) if r.state == State::Approved => r,
-            _ => return,
-        };
-        let now = self.clock.now();
-        let Some(cluster) = self.config.cluster(&req.access.cluster).cloned() else {
-            return self
-                .fail_grant(id, "the cluster is no longer configured".into())
-                .await;
-        };
-        let mut grants = match self.others_in_force(&req, now).await {
-            Ok(g) => g,
+    /// Re-reads `id` under its principal's lock; `None` if it no longer
+    /// needs this step.
+    async fn fresh(&self, id: &RequestId, ok: impl Fn(&Request) -> bool) -> Option<Request> {
+        match self.store.get(id).await {
+            Ok(Some(r)) if ok(&r) => Some(r),
+            Ok(_) => None,
             Err(e) => {
                 tracing::error!(request_id = %id, error = %e, "store read failed");
-                return;
+                None
+            }
+        }
+    }
+
+    async fn grant(self: &Arc<Self>, snapshot: &Request, when: When) {
+        let id = &snapshot.id;
+        let _guard = self.locks.lock(Self::lock_key(snapshot)).await;
+        let now = self.clock.now();
+        let Some(req) = self
+            .fresh(id, |r| {
+                r.state == State::Approved
+                    && (when == When::Now || r.next_due().is_some_and(|t| t <= now))
+            })
+            .await
+        else {
+            return;
+        };
+        let region = self
+            .config
+            .cluster(&req.access.cluster)
+            .map(|c| c.region.clone());
+        let started = std::time::Instant::now();
+
+        // A grant that failed, or was revoked before it was made, is only
+        // ever converged away; it becomes terminal once that succeeds, so
+        // nothing it may have left behind goes unrecorded.
+        let abandoned = req.grant_abandoned();
+        let (granted, failure) = if abandoned {
+            (false, self.converge_for(&req, false, now).await.err())
+        } else {
+            match self.converge_for(&req, true, now).await {
+                Ok(()) => (true, None),
+                Err(message) => {
+                    tracing::error!(request_id = %id, error = %message, "grant failed");
+                    let cleanup = self.converge_for(&req, false, now).await.err();
+                    let _ = self.record_grant_failure(&req, message, cleanup).await;
+                    return;
+                }
             }
         };
-        let revoked_before_grant = req.revoke.is_some();
-        if !revoked_before_grant {
-            grants.push(req.clone());
-        }
-        let started = std::time::Instant::now();
-        if let Err(message) = self.converge(&cluster, &req, &grants).await {
-            tracing::error!(request_id = %id, error = %message, "grant failed");
-            // Undo whatever part of this grant was made; the others stay.
-            grants.retain(|g| g.id != req.id);
-            if let Err(cleanup) = self.converge(&cluster, &req, &grants).await {
-                tracing::error!(request_id = %id, error = %cleanup, "cleanup after failed grant failed; the reconciler will retry");
-            }
-            return self.fail_grant(id, message).await;
-        }
-        let active_at = self.clock.now();
+        let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {
                 if current.state != State::Approved {
                     return Change::Keep(None);
                 }
                 let mut next = current.clone();
-                if revoked_before_grant {
-                    let _ = next.apply(Event::Revoked);
-                    next.ended_at = Some(active_at);
-                    let reason = next.revoke.as_ref().map(|r| r.reason.label()).unwrap_or("early");
-                    let audit = AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, active_at, json!({"reason": reason, "before_grant": true}));
-                    return Change::Write(Box::new(next), vec![audit], Some(false));
+                if let Some(message) = &failure {
+                    next.attempts += 1;
+                    next.retry_at = Some(done_at + retry_backoff(next.attempts));
+                    tracing::error!(request_id = %next.id, error = %message, attempts = next.attempts, "cleanup of an abandoned grant failed; retrying");
+                    return Change::Write(Box::new(next), Vec::new(), None);
                 }
-                if next.apply(Event::Granted).is_err() {
+                next.attempts = 0;
+                next.retry_at = None;
+                if granted {
+                    if next.apply(Event::Granted).is_err() {
+                        return Change::Keep(None);
+                    }
+                    // The clock starts when access is in place, not at approval.
+                    next.activated_at = Some(done_at);
+                    next.expires_at = Some(done_at + next.duration);
+                    let audit = AuditEvent::for_request(
+                        &next,
+                        "granted",
+                        ACTOR_TOLLGATE,
+                        done_at,
+                        json!({
+                            "expires_at": rfc3339(next.expires_at),
+                            "policy": next.access.policy_arn,
+                            "namespaces": next.access.namespaces,
+                            "grant_ms": started.elapsed().as_millis() as u64,
+                        }),
+                    );
+                    return Change::Write(Box::new(next), vec![audit], Some(Notice::Granted { region: region.clone().unwrap_or_default() }));
+                }
+                next.ended_at = Some(done_at);
+                if next.failure.is_some() {
+                    if next.apply(Event::GrantFailed).is_err() {
+                        return Change::Keep(None);
+                    }
+                    return Change::Write(Box::new(next), Vec::new(), Some(Notice::GrantFailed));
+                }
+                if next.apply(Event::Revoked).is_err() {
                     return Change::Keep(None);
                 }
-                // The clock starts when access is in place, not at approval.
-                next.activated_at = Some(active_at);
-                next.expires_at = Some(active_at + next.duration);
-                let audit = AuditEvent::for_request(
-                    &next,
-                    "granted",
-                    ACTOR_TOLLGATE,
-                    active_at,
-                    json!({
-                        "expires_at": next.expires_at.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
-                        "policy": next.access.policy_arn,
-                        "namespaces": next.access.namespaces,
-                        "grant_ms": started.elapsed().as_millis() as u64,
-                    }),
-                );
-                Change::Write(Box::new(next), vec![audit], Some(true))
+                let reason = next.revoke.as_ref().map(|r| r.reason.label()).unwrap_or("early");
+                let audit = AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, json!({"reason": reason, "before_grant": true}));
+                Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
             })
             .await;
         drop(_guard);
         match recorded {
-            Ok(Some(true)) => {
-                tracing::info!(request_id = %id, "granted");
-                if let Ok(Some(current)) = self.store.get(id).await {
-                    self.refresh_card(&current).await;
-                    self.dm(
-                        &current.requester.user_id,
-                        blocks::granted_dm(&current, &cluster.region),
-                    )
-                    .await;
-                }
+            Ok(Some(notice)) => {
+                tracing::info!(request_id = %id, granted, "grant step recorded");
+                self.announce(id, notice);
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "grant made but not recorded; it will be driven again")
+                tracing::error!(request_id = %id, error = %e, "grant step made but not recorded; it will be driven again")
             }
         }
     }
 
-    async fn fail_grant(&self, id: &RequestId, message: String) {
+    /// A failed grant is audited at once. It becomes `Failed` only when
+    /// whatever part of it was made is gone again; until then it stays
+    /// Approved with the failure noted, and the cleanup is retried.
+    async fn record_grant_failure(
+        self: &Arc<Self>,
+        req: &Request,
+        message: String,
+        cleanup: Option<String>,
+    ) -> Result<(), StoreError> {
         let now = self.clock.now();
-        let result = self
-            .modify(id, |current| {
+        let notice = self
+            .modify(&req.id, |current| {
+                if current.state != State::Approved {
+                    return Change::Keep(None);
+                }
                 let mut next = current.clone();
-                if next.apply(Event::GrantFailed).is_err() {
-                    return Change::Keep(false);
-                }
                 next.failure = Some(message.clone());
-                next.ended_at = Some(now);
-                let audit = AuditEvent::for_request(
-                    &next,
-                    "grant_failed",
-                    ACTOR_TOLLGATE,
-                    now,
-                    json!({"error": message}),
-                );
-                Change::Write(Box::new(next), vec![audit], true)
+                let mut details = json!({"error": message});
+                let notice = match &cleanup {
+                    None => {
+                        if next.apply(Event::GrantFailed).is_err() {
+                            return Change::Keep(None);
+                        }
+                        next.ended_at = Some(now);
+                        Some(Notice::GrantFailed)
+                    }
+                    Some(cleanup_error) => {
+                        tracing::error!(request_id = %next.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
+                        details["cleanup_pending"] = json!(cleanup_error);
+                        next.attempts += 1;
+                        next.retry_at = Some(now + retry_backoff(next.attempts));
+                        Some(Notice::CardOnly)
+                    }
+                };
+                let audit = AuditEvent::for_request(&next, "grant_failed", ACTOR_TOLLGATE, now, details);
+                Change::Write(Box::new(next), vec![audit], notice)
             })
-            .await;
-        if let Ok(true) = result {
-            if let Ok(Some(current)) = self.store.get(id).await {
-                self.refresh_card(&current).await;
-                self.dm(&current.requester.user_id, blocks::failed_dm(&current))
-                    .await;
-            }
+            .await?;
+        if let Some(notice) = notice {
+            self.announce(&req.id, notice);
         }
+        Ok(())
     }
 
-    async fn revoke(self: &Arc<Self>, id: &RequestId) {
-        let Ok(Some(snapshot)) = self.store.get(id).await else {
-            return;
-        };
-        let _guard = self.locks.lock(Self::lock_key(&snapshot)).await;
+    async fn revoke(self: &Arc<Self>, snapshot: &Request, when: When) {
+        let id = &snapshot.id;
+        let _guard = self.locks.lock(Self::lock_key(snapshot)).await;
         let now = self.clock.now();
-        let req = match self.store.get(id).await {
-            Ok(Some(r))
-                if matches!(r.state, State::Active | State::RevokeFailed)
-                    && r.next_due().is_some_and(|t| t <= now) =>
-            {
-                r
-            }
-            _ => return,
-        };
-        let Some(cluster) = self.config.cluster(&req.access.cluster).cloned() else {
-            tracing::error!(request_id = %id, cluster = %req.access.cluster, "cannot revoke: cluster no longer configured");
+        let overdue = |r: &Request| r.expires_at.is_some_and(|e| e <= now) || r.revoke.is_some();
+        let Some(req) = self
+            .fresh(id, |r| {
+                matches!(r.state, State::Active | State::RevokeFailed)
+                    && match when {
+                        When::Due => r.next_due().is_some_and(|t| t <= now),
+                        When::Now => overdue(r),
+                    }
+            })
+            .await
+        else {
             return;
         };
-        let others = match self.others_in_force(&req, now).await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "store read failed");
-                return;
-            }
-        };
-        let result = self.converge(&cluster, &req, &others).await;
+        let result = self.converge_for(&req, false, now).await;
         let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {
                 if !matches!(current.state, State::Active | State::RevokeFailed) {
-                    return Change::Keep(false);
+                    return Change::Keep(None);
                 }
                 let mut next = current.clone();
                 match &result {
@@ -282,49 +400,46 @@ impl Service {
                             "revoked",
                             ACTOR_TOLLGATE,
                             done_at,
-                            json!({"reason": reason, "lateness_seconds": lateness, "attempts": next.revoke_attempts + 1}),
+                            json!({"reason": reason, "lateness_seconds": lateness, "attempts": next.attempts + 1}),
                         );
-                        Change::Write(Box::new(next), vec![audit], true)
+                        Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
                     }
                     Err(message) => {
-                        next.revoke_attempts += 1;
-                        next.retry_at = Some(done_at + revoke_backoff(next.revoke_attempts));
+                        next.attempts += 1;
+                        next.retry_at = Some(done_at + retry_backoff(next.attempts));
                         let mut audit = Vec::new();
-                        if next.revoke_attempts == REVOKE_FAILED_AFTER && next.state == State::Active {
+                        let mut notice = None;
+                        if next.attempts >= REVOKE_FAILED_AFTER && next.state == State::Active {
                             let _ = next.apply(Event::RevokeFailing);
                             audit.push(AuditEvent::for_request(
                                 &next,
                                 "revoke_failed",
                                 ACTOR_TOLLGATE,
                                 done_at,
-                                json!({"error": message, "attempts": next.revoke_attempts}),
+                                json!({"error": message, "attempts": next.attempts}),
                             ));
+                            notice = Some(Notice::RevokeFailing { error: message.clone() });
                         }
-                        Change::Write(Box::new(next), audit, false)
+                        Change::Write(Box::new(next), audit, notice)
                     }
                 }
             })
             .await;
         drop(_guard);
-        match (&result, recorded) {
-            (Ok(()), Ok(true)) => {
-                tracing::info!(request_id = %id, "revoked");
-                if let Ok(Some(current)) = self.store.get(id).await {
-                    self.refresh_card(&current).await;
-                    self.dm(
-                        &current.requester.user_id,
-                        blocks::revoked_dm(&current, done_at),
-                    )
-                    .await;
+        if let Err(message) = &result {
+            tracing::error!(request_id = %id, error = %message, "revoke failed; will retry");
+        }
+        match recorded {
+            Ok(Some(notice)) => {
+                if result.is_ok() {
+                    tracing::info!(request_id = %id, "revoked");
                 }
+                self.announce(id, notice);
             }
-            (Err(message), _) => {
-                tracing::error!(request_id = %id, error = %message, "revoke failed; will retry")
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(request_id = %id, error = %e, "revoke step not recorded; it will run again")
             }
-            (_, Err(e)) => {
-                tracing::error!(request_id = %id, error = %e, "revoke made but not recorded; it will run again")
-            }
-            _ => {}
         }
     }
 
@@ -346,11 +461,7 @@ impl Service {
             })
             .await;
         if let Ok(true) = result {
-            if let Ok(Some(current)) = self.store.get(id).await {
-                self.refresh_card(&current).await;
-                self.dm(&current.requester.user_id, blocks::expired_dm(&current))
-                    .await;
-            }
+            self.announce(id, Notice::Expired);
         }
     }
 }
@@ -361,9 +472,9 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        assert_eq!(revoke_backoff(1), Duration::from_secs(2));
-        assert_eq!(revoke_backoff(2), Duration::from_secs(4));
-        assert_eq!(revoke_backoff(5), Duration::from_secs(32));
-        assert_eq!(revoke_backoff(30), REVOKE_BACKOFF_CAP);
+        assert_eq!(retry_backoff(1), Duration::from_secs(2));
+        assert_eq!(retry_backoff(2), Duration::from_secs(4));
+        assert_eq!(retry_backoff(5), Duration::from_secs(32));
+        assert_eq!(retry_backoff(30), RETRY_CAP);
     }
 }

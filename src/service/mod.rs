@@ -32,6 +32,17 @@ pub struct Service {
     locks: KeyedLocks,
 }
 
+/// What the people involved are told after a state change.
+pub(crate) enum Notice {
+    CardOnly,
+    Granted { region: String },
+    GrantFailed,
+    Denied,
+    Expired,
+    Revoked,
+    RevokeFailing { error: String },
+}
+
 /// What a read-modify-write decides after looking at the current row.
 pub(crate) enum Change<T> {
     Write(Box<Request>, Vec<AuditEvent>, T),
@@ -132,6 +143,41 @@ impl Service {
         if let Err(e) = self.slack.respond(url, &Message::plain(text)).await {
             tracing::warn!(error = %e, "response_url message not delivered");
         }
+    }
+
+    /// Tells people what happened to a request, off the caller's path: a
+    /// slow or failing Slack must never hold up a grant or a revoke.
+    pub(crate) fn announce(self: &Arc<Self>, id: &RequestId, notice: Notice) {
+        let service = Arc::clone(self);
+        let id = id.clone();
+        tokio::spawn(async move {
+            let Ok(Some(req)) = service.store.get(&id).await else {
+                return;
+            };
+            service.refresh_card(&req).await;
+            let user = req.requester.user_id.clone();
+            let now = service.clock.now();
+            match notice {
+                Notice::CardOnly => {}
+                Notice::Granted { region } => {
+                    service.dm(&user, blocks::granted_dm(&req, &region)).await
+                }
+                Notice::GrantFailed => service.dm(&user, blocks::failed_dm(&req)).await,
+                Notice::Denied => service.dm(&user, blocks::denied_dm(&req)).await,
+                Notice::Expired => service.dm(&user, blocks::expired_dm(&req)).await,
+                Notice::Revoked => service.dm(&user, blocks::revoked_dm(&req, now)).await,
+                Notice::RevokeFailing { error } => {
+                    let Some(channel) = service.config.slack.security_channel.clone() else {
+                        tracing::error!(request_id = %id, "revoke failing and no slack.security_channel to alert");
+                        return;
+                    };
+                    let msg = blocks::revoke_failing_alert(&req, &error);
+                    if let Err(e) = service.slack.post(&channel, &msg).await {
+                        tracing::error!(request_id = %id, error = %e, "revoke-failure alert not delivered");
+                    }
+                }
+            }
+        });
     }
 
     async fn refresh_card(&self, req: &Request) {

@@ -202,7 +202,7 @@ pub fn denied_dm(req: &Request) -> Message {
 
 pub fn failed_dm(req: &Request) -> Message {
     Message::plain(format!(
-        "Your request {} for `{}` on {} was approved, but Tollgate could not grant it: {}. Nothing was left granted. Ask an admin to check `tollgate check`.",
+        "Your request {} for `{}` on {} was approved, but Tollgate could not grant it: {}. Whatever part of it was made has been removed again. Ask an admin to run `tollgate check`.",
         req.id,
         req.access.role,
         req.access.cluster,
@@ -222,6 +222,18 @@ pub fn revoked_dm(req: &Request, now: OffsetDateTime) -> Message {
         req.access.role,
         req.access.cluster,
         utc_time(now, now)
+    ))
+}
+
+pub fn revoke_failing_alert(req: &Request, error: &str) -> Message {
+    Message::plain(format!(
+        ":rotating_light: Tollgate cannot revoke {} (`{}` on {} for `{}`) after {} attempts: {}. The access is still in place; Tollgate keeps retrying. Check AWS permissions and `tollgate check`.",
+        req.id,
+        req.access.role,
+        req.access.cluster,
+        req.access.principal,
+        req.attempts,
+        escape_slack(error)
     ))
 }
 

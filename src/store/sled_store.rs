@@ -309,7 +309,7 @@ mod tests {
             expires_at: None,
             ended_at: None,
             revoke: None,
-            revoke_attempts: 0,
+            attempts: 0,
             retry_at: None,
             failure: None,
             card: None,

@@ -188,3 +188,6 @@ impl Service {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,354 @@
+//! Workflow tests with the adapters replaced by fakes and time moved by
+//! hand: failure paths that MiniStack cannot be made to produce on cue.
+
+use async_trait::async_trait;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::macros::datetime;
+use time::OffsetDateTime;
+
+use super::*;
+use crate::access::{AccessError, InForce};
+use crate::domain::policy::{tests::cluster, ClusterPolicy};
+use crate::domain::request::State;
+use crate::slack::{SlackError, SlackUser};
+use crate::store::SledStore;
+
+struct ManualClock(Mutex<OffsetDateTime>);
+
+impl ManualClock {
+    fn advance(&self, d: Duration) {
+        let mut t = self.0.lock().unwrap();
+        *t += d;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// Records each converge's grant ids per principal; fails while
+/// `failures` is above zero.
+#[derive(Default)]
+struct FakeAccess {
+    failures: Mutex<u32>,
+    converged: Mutex<Vec<Vec<String>>>,
+}
+
+#[async_trait]
+impl AccessEngine for FakeAccess {
+    async fn converge(
+        &self,
+        _: &ClusterPolicy,
+        _: &str,
+        grants: &[InForce<'_>],
+        _: &str,
+    ) -> Result<(), AccessError> {
+        let mut failures = self.failures.lock().unwrap();
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(AccessError::Connect {
+                cluster: "prod".into(),
+                message: "AWS is down".into(),
+            });
+        }
+        self.converged
+            .lock()
+            .unwrap()
+            .push(grants.iter().map(|g| g.grant_id.to_string()).collect());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct FakeSlack {
+    posts: Mutex<Vec<(String, String)>>,
+    dms: Mutex<Vec<(String, String)>>,
+}
+
+#[async_trait]
+impl SlackApi for FakeSlack {
+    async fn user(&self, id: &str) -> Result<SlackUser, SlackError> {
+        Ok(SlackUser {
+            id: id.into(),
+            email: Some(format!("{}@example.com", id.to_lowercase())),
+            deleted: false,
+            is_bot: false,
+            tz: None,
+            tz_offset_secs: 0,
+        })
+    }
+    async fn group_members(&self, _: &str) -> Result<Vec<String>, SlackError> {
+        Ok(vec![])
+    }
+    async fn post(&self, channel: &str, msg: &Message) -> Result<String, SlackError> {
+        let mut posts = self.posts.lock().unwrap();
+        posts.push((channel.into(), msg.text.clone()));
+        Ok(format!("{}.0001", posts.len()))
+    }
+    async fn update(&self, _: &str, _: &str, _: &Message) -> Result<(), SlackError> {
+        Ok(())
+    }
+    async fn dm(&self, user: &str, msg: &Message) -> Result<(), SlackError> {
+        self.dms
+            .lock()
+            .unwrap()
+            .push((user.into(), msg.text.clone()));
+        Ok(())
+    }
+    async fn respond(&self, _: &str, _: &Message) -> Result<(), SlackError> {
+        Ok(())
+    }
+    async fn auth_test(&self) -> Result<String, SlackError> {
+        Ok("U0BOT".into())
+    }
+    async fn is_member(&self, _: &str) -> Result<bool, SlackError> {
+        Ok(true)
+    }
+}
+
+struct Rig {
+    service: Arc<Service>,
+    access: Arc<FakeAccess>,
+    slack: Arc<FakeSlack>,
+    clock: Arc<ManualClock>,
+    _dir: tempfile::TempDir,
+}
+
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        path: "test.toml".into(),
+        server: crate::config::ServerSection::default(),
+        store: crate::config::StoreSection::default(),
+        slack: crate::config::SlackSection {
+            api_url: None,
+            security_channel: Some("C0SECURITY".into()),
+        },
+        identity: crate::domain::policy::IdentityPolicy {
+            principal_template: Some("arn:aws:iam::{account_id}:role/{email_local}".into()),
+            principals: Default::default(),
+        },
+        clusters: vec![cluster()],
+    };
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let access = Arc::new(FakeAccess::default());
+    let slack = Arc::new(FakeSlack::default());
+    let clock = Arc::new(ManualClock(Mutex::new(datetime!(2026-11-23 12:00 UTC))));
+    let service = Service::new(
+        Arc::new(config),
+        store,
+        access.clone(),
+        slack.clone(),
+        clock.clone(),
+    );
+    Rig {
+        service,
+        access,
+        slack,
+        clock,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    async fn approved(&self, text: &str, approver: &str) -> RequestId {
+        let receipt = self
+            .service
+            .handle_command(SlashCommand {
+                user_id: "U0REQ".into(),
+                text: text.into(),
+                response_url: None,
+                trigger_id: None,
+            })
+            .await;
+        let at = receipt.find("R-").unwrap_or_else(|| panic!("{receipt}"));
+        let id = RequestId::parse(&receipt[at..at + 7]).unwrap();
+        self.service
+            .decide(Decision {
+                request_id: id.to_string(),
+                user_id: approver.into(),
+                approve: true,
+                response_url: None,
+            })
+            .await;
+        id
+    }
+
+    async fn state(&self, id: &RequestId) -> Request {
+        self.service.store.get(id).await.unwrap().unwrap()
+    }
+
+    /// Waits for spawned notification tasks (they only touch fakes) until
+    /// `cond` holds, with a deadline.
+    async fn wait_for(&self, what: &str, cond: impl Fn(&Rig) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !cond(self) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn audit_names(&self) -> Vec<String> {
+        let events = self.service.store.audit_since(None).await.unwrap();
+        events.into_iter().map(|e| e.event).collect()
+    }
+}
+
+#[tokio::test]
+async fn overlapping_grants_revoke_only_the_one_ending() {
+    let r = rig();
+    let first = r.approved("eks prod 10m view one", "U0APP").await;
+    r.clock.advance(Duration::from_secs(60));
+    let second = r.approved("eks prod 20m view two", "U0APP").await;
+    assert_eq!(r.state(&first).await.state, State::Active);
+    assert_eq!(r.state(&second).await.state, State::Active);
+    assert_eq!(
+        r.access.converged.lock().unwrap().last().unwrap(),
+        &vec![first.to_string(), second.to_string()]
+    );
+
+    r.clock.advance(Duration::from_secs(10 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&first).await.state, State::Revoked);
+    assert_eq!(r.state(&second).await.state, State::Active);
+    assert_eq!(
+        r.access.converged.lock().unwrap().last().unwrap(),
+        &vec![second.to_string()],
+        "revoking the first converged to the second, not to nothing"
+    );
+}
+
+#[tokio::test]
+async fn failing_revoke_backs_off_escalates_alerts_then_completes() {
+    let r = rig();
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    *r.access.failures.lock().unwrap() = 5;
+    r.clock.advance(Duration::from_secs(5 * 60));
+    for attempt in 1..=5u32 {
+        r.service.run_due().await.unwrap();
+        let row = r.state(&id).await;
+        assert_eq!(row.attempts, attempt);
+        let expected = if attempt >= 5 {
+            State::RevokeFailed
+        } else {
+            State::Active
+        };
+        assert_eq!(row.state, expected, "after attempt {attempt}");
+        // Nothing runs again before the backoff is over.
+        r.service.run_due().await.unwrap();
+        assert_eq!(r.state(&id).await.attempts, attempt);
+        r.clock.advance(Duration::from_secs(300));
+    }
+    r.wait_for("alert", |r| {
+        r.slack
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(c, _)| c == "C0SECURITY")
+    })
+    .await;
+    let alerts: Vec<_> = r
+        .slack
+        .posts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(c, _)| c == "C0SECURITY")
+        .cloned()
+        .collect();
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert!(alerts[0].1.contains(id.as_str()) && alerts[0].1.contains("AWS is down"));
+
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+    let names = r.audit_names().await;
+    assert_eq!(names.iter().filter(|n| *n == "revoke_failed").count(), 1);
+    assert_eq!(names.last().map(String::as_str), Some("revoked"));
+}
+
+#[tokio::test]
+async fn failed_grant_stays_live_until_its_cleanup_succeeds() {
+    let r = rig();
+    // The grant fails and so does the cleanup after it.
+    *r.access.failures.lock().unwrap() = 2;
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    let row = r.state(&id).await;
+    assert_eq!(
+        row.state,
+        State::Approved,
+        "not Failed while access may remain"
+    );
+    assert!(row
+        .failure
+        .as_deref()
+        .unwrap_or_default()
+        .contains("AWS is down"));
+    assert!(r.audit_names().await.contains(&"grant_failed".to_string()));
+
+    r.clock.advance(Duration::from_secs(10));
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Failed);
+    assert_eq!(
+        r.access.converged.lock().unwrap().last().unwrap(),
+        &Vec::<String>::new()
+    );
+    r.wait_for("failure DM", |r| {
+        r.slack
+            .dms
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(u, t)| u == "U0REQ" && t.contains("could not grant"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn recovery_revokes_overdue_grants_whatever_their_retry_time() {
+    let r = rig();
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    *r.access.failures.lock().unwrap() = 1;
+    r.clock.advance(Duration::from_secs(5 * 60));
+    r.service.run_due().await.unwrap();
+    assert!(r.state(&id).await.retry_at.is_some());
+    // A restart right away: the overdue grant is revoked before serving.
+    r.service.recover().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+}
+
+#[tokio::test]
+async fn late_clicks_do_not_count() {
+    let r = rig();
+    let receipt = r
+        .service
+        .handle_command(SlashCommand {
+            user_id: "U0REQ".into(),
+            text: "eks prod 5m view".into(),
+            response_url: None,
+            trigger_id: None,
+        })
+        .await;
+    let at = receipt.find("R-").unwrap();
+    let id = RequestId::parse(&receipt[at..at + 7]).unwrap();
+    r.clock.advance(Duration::from_secs(31 * 60));
+    r.service
+        .decide(Decision {
+            request_id: id.to_string(),
+            user_id: "U0APP".into(),
+            approve: true,
+            response_url: None,
+        })
+        .await;
+    assert_eq!(r.state(&id).await.state, State::Pending);
+    assert!(r.state(&id).await.approvals.is_empty());
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Expired);
+}

@@ -4,7 +4,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
-use crate::access::{access_entry, aws, AwsClients, Engine};
+use crate::access::kube::KubeClients;
+use crate::access::{access_entry, aws, aws_auth, AwsClients, Engine};
 use crate::clock::SystemClock;
 use crate::config::{Backend, Config};
 use crate::domain::policy::Strategy;
@@ -53,15 +54,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let slack: Arc<dyn SlackApi> = Arc::new(
         SlackWebApi::new(&slack_api_url(&config), &bot_token).map_err(anyhow::Error::msg)?,
     );
+    let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
-    let engine = Arc::new(Engine::new(clients, store.clone()));
-    let service = Service::new(
-        config.clone(),
-        store.clone(),
-        engine,
-        slack,
-        Arc::new(SystemClock),
-    );
+    let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
+    let engine = Arc::new(Engine::new(clients, kube, store.clone()));
+    let service = Service::new(config.clone(), store.clone(), engine, slack, clock);
 
     // Overdue revokes and half-finished grants are driven before the port
     // opens, so a restart never serves with stale access in place.
@@ -119,6 +116,31 @@ async fn shutdown_signal() {
 }
 
 /// One line per check; false if any failed.
+async fn check_kube_rbac(
+    kube: &KubeClients,
+    cluster: &crate::domain::policy::ClusterPolicy,
+) -> Result<(), String> {
+    let client = kube.client(cluster).await.map_err(|e| e.to_string())?;
+    let api: kube::Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = kube::Api::all(client);
+    api.list(&kube::api::ListParams::default().limit(1))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("listing ClusterRoleBindings: {e}"))
+}
+
+async fn check_aws_auth(
+    kube: &KubeClients,
+    cluster: &crate::domain::policy::ClusterPolicy,
+) -> Result<Vec<String>, String> {
+    let client = kube.client(cluster).await.map_err(|e| e.to_string())?;
+    let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client, aws_auth::NAMESPACE);
+    let cm = aws_auth::read(&api, cluster)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(aws_auth::foreign_managers(&cm))
+}
+
 pub async fn check(config: Config) -> bool {
     let mut ok = true;
     let mut line = |passed: bool, what: String| {
@@ -154,7 +176,7 @@ pub async fn check(config: Config) -> bool {
         (Err(e), _) | (_, Err(e)) => line(false, format!("slack: {e}")),
     }
 
-    let clients = AwsClients::new(aws::load_base_config().await);
+    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     match clients.sts(None).await.get_caller_identity().send().await {
         Ok(id) => line(
             true,
@@ -165,6 +187,7 @@ pub async fn check(config: Config) -> bool {
             format!("aws sts get-caller-identity: {}", aws::describe_error(&e)),
         ),
     }
+    let kube = KubeClients::new(clients.clone(), Arc::new(SystemClock));
     for c in &config.clusters {
         match c.strategy {
             Strategy::AccessEntry => match access_entry::authentication_mode(&clients, c).await {
@@ -175,11 +198,22 @@ pub async fn check(config: Config) -> bool {
                 Ok(mode) => line(true, format!("cluster {} reachable (authentication mode {})", c.name, mode.as_deref().unwrap_or("unknown"))),
                 Err(e) => line(false, format!("cluster {}: {e}", c.name)),
             },
-            other => line(false, format!(
-                "cluster {}: the {} strategy is not available in this version of Tollgate",
-                c.name,
-                other.name()
-            )),
+            Strategy::SessionRbac => match check_kube_rbac(&kube, c).await {
+                Ok(()) => line(true, format!("cluster {} reachable (Kubernetes API, RoleBindings listable)", c.name)),
+                Err(e) => line(false, format!("cluster {}: {e}", c.name)),
+            },
+            Strategy::AwsAuth => match check_aws_auth(&kube, c).await {
+                Ok(foreign) if foreign.is_empty() => line(true, format!("cluster {} reachable ({}/{} readable)", c.name, aws_auth::NAMESPACE, aws_auth::NAME)),
+                Ok(foreign) => {
+                    line(true, format!("cluster {} reachable ({}/{} readable)", c.name, aws_auth::NAMESPACE, aws_auth::NAME));
+                    println!(
+                        "warn cluster {}: aws-auth is also managed by another tool ({}); its next sync may remove Tollgate's items",
+                        c.name,
+                        foreign.join(", ")
+                    );
+                }
+                Err(e) => line(false, format!("cluster {}: {e}", c.name)),
+            },
         }
     }
     ok

@@ -9,13 +9,15 @@ use crate::domain::request::AccessSpec;
 
 pub mod access_entry;
 pub mod aws;
+pub mod aws_auth;
+pub mod eks_token;
+pub mod kube;
+pub mod session_rbac;
 
 pub use aws::AwsClients;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessError {
-    #[error("the {strategy} strategy is not available in this version of Tollgate")]
-    StrategyNotBuilt { strategy: &'static str },
     #[error("cannot reach cluster {cluster}: {message}")]
     Connect { cluster: String, message: String },
     #[error("{operation} on {cluster} failed: {message}")]
@@ -32,7 +34,6 @@ impl AccessError {
     /// A short, stable label for metrics and logs.
     pub fn label(&self) -> &'static str {
         match self {
-            AccessError::StrategyNotBuilt { .. } => "strategy_not_built",
             AccessError::Connect { .. } => "connect",
             AccessError::Aws { operation, .. } => operation,
             AccessError::Store(_) => "store",
@@ -45,6 +46,8 @@ impl AccessError {
 pub struct InForce<'a> {
     pub grant_id: &'a str,
     pub spec: &'a AccessSpec,
+    /// When the grant ends; Kubernetes objects carry it as an annotation.
+    pub expires_at: Option<time::OffsetDateTime>,
 }
 
 #[async_trait]
@@ -64,12 +67,20 @@ pub trait AccessEngine: Send + Sync + 'static {
 /// Dispatches to the strategy each cluster is configured with.
 pub struct Engine {
     access_entry: access_entry::AccessEntryStrategy,
+    session_rbac: session_rbac::SessionRbacStrategy,
+    aws_auth: aws_auth::AwsAuthStrategy,
 }
 
 impl Engine {
-    pub fn new(clients: Arc<AwsClients>, store: Arc<dyn crate::store::Store>) -> Self {
+    pub fn new(
+        clients: Arc<AwsClients>,
+        kube: Arc<kube::KubeClients>,
+        store: Arc<dyn crate::store::Store>,
+    ) -> Self {
         Engine {
             access_entry: access_entry::AccessEntryStrategy::new(clients, store),
+            session_rbac: session_rbac::SessionRbacStrategy::new(kube.clone()),
+            aws_auth: aws_auth::AwsAuthStrategy::new(kube),
         }
     }
 }
@@ -83,15 +94,11 @@ impl AccessEngine for Engine {
         grants: &[InForce<'_>],
         creator: &str,
     ) -> Result<(), AccessError> {
-        match cluster.strategy {
-            Strategy::AccessEntry => {
-                self.access_entry
-                    .converge(cluster, principal, grants, creator)
-                    .await
-            }
-            other => Err(AccessError::StrategyNotBuilt {
-                strategy: other.name(),
-            }),
-        }
+        let strategy: &dyn AccessEngine = match cluster.strategy {
+            Strategy::AccessEntry => &self.access_entry,
+            Strategy::SessionRbac => &self.session_rbac,
+            Strategy::AwsAuth => &self.aws_auth,
+        };
+        strategy.converge(cluster, principal, grants, creator).await
     }
 }

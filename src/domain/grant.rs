@@ -140,6 +140,9 @@ mod tests {
             principal: "p".into(),
             policy_arn: Some(policy.into()),
             namespaces: ns.iter().map(|s| s.to_string()).collect(),
+            cluster_role: None,
+            groups: vec![],
+            k8s_user: None,
         }
     }
 

@@ -185,6 +185,15 @@ pub struct AccessSpec {
     pub policy_arn: Option<String>,
     /// Empty means cluster-wide.
     pub namespaces: Vec<String>,
+    /// session-rbac: the ClusterRole to bind.
+    #[serde(default)]
+    pub cluster_role: Option<String>,
+    /// aws-auth: the Kubernetes groups of the mapping.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The Kubernetes user name the grant is for (`tollgate:<email>`).
+    #[serde(default)]
+    pub k8s_user: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

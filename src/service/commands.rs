@@ -80,13 +80,6 @@ impl Service {
                 cluster.name
             ));
         }
-        if cluster.strategy != Strategy::AccessEntry {
-            return Err(format!(
-                "{} is configured with the {} strategy, which this version of Tollgate cannot grant yet. Nothing was requested.",
-                cluster.name,
-                cluster.strategy.name()
-            ));
-        }
         let resolved = resolve_request(cluster, &args)?;
         let role = cluster.roles.get(&resolved.role).ok_or_else(|| {
             format!(
@@ -120,7 +113,18 @@ impl Service {
             }
         }
         let email = user.email.clone().unwrap_or_default();
-        let principal = self.config.identity.principal_for(cluster, &email)?;
+        if email.trim().is_empty() {
+            return Err("Tollgate could not read your email address from Slack (scope `users:read.email`), so it cannot tell who you are in the cluster. Ask an admin to check the app's scopes.".into());
+        }
+        let k8s_user = format!("tollgate:{email}");
+        // session-rbac users all assume one shared role and are told apart
+        // by session name; the others need an IAM principal of their own.
+        let principal = match cluster.strategy {
+            Strategy::SessionRbac => k8s_user.clone(),
+            Strategy::AccessEntry | Strategy::AwsAuth => {
+                self.config.identity.principal_for(cluster, &email)?
+            }
+        };
 
         let now = self.clock.now();
         let mut req = Request {
@@ -137,8 +141,14 @@ impl Service {
                 cluster: cluster.name.clone(),
                 role: role.name.clone(),
                 principal,
-                policy_arn: role.access_policy.clone(),
+                policy_arn: match cluster.strategy {
+                    Strategy::AccessEntry => role.access_policy.clone(),
+                    _ => None,
+                },
                 namespaces: resolved.namespaces.clone(),
+                cluster_role: role.cluster_role.clone(),
+                groups: role.groups.clone(),
+                k8s_user: Some(k8s_user),
             },
             reason: resolved.reason.clone(),
             duration: resolved.duration,

@@ -140,13 +140,13 @@ impl Service {
     }
 
     /// Converges `req`'s principal to `others`, plus `req` itself when
-    /// `include` is set. Any object created is credited to `req` when it is
+    /// `include` names its planned expiry. Any object created is credited to `req` when it is
     /// being granted, otherwise to a grant that stays.
     async fn converge_with(
         &self,
         req: &Request,
         others: &[Request],
-        include: bool,
+        include: Option<OffsetDateTime>,
     ) -> Result<(), String> {
         let cluster = self.config.cluster(&req.access.cluster).ok_or_else(|| {
             format!(
@@ -159,15 +159,17 @@ impl Service {
             .map(|g| InForce {
                 grant_id: g.id.as_str(),
                 spec: &g.access,
+                expires_at: g.expires_at,
             })
             .collect();
-        if include {
+        if let Some(expires_at) = include {
             grants.push(InForce {
                 grant_id: req.id.as_str(),
                 spec: &req.access,
+                expires_at: Some(expires_at),
             });
         }
-        let creator = if include {
+        let creator = if include.is_some() {
             req.id.as_str()
         } else {
             grants
@@ -185,7 +187,7 @@ impl Service {
     async fn converge_for(
         &self,
         req: &Request,
-        include: bool,
+        include: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<(), String> {
         let others = self
@@ -225,24 +227,23 @@ impl Service {
         else {
             return;
         };
-        let region = self
-            .config
-            .cluster(&req.access.cluster)
-            .map(|c| c.region.clone());
         let started = std::time::Instant::now();
 
         // A grant that failed, or was revoked before it was made, is only
         // ever converged away; it becomes terminal once that succeeds, so
         // nothing it may have left behind goes unrecorded.
         let abandoned = req.grant_abandoned();
+        // The clock starts as access is put in place; Kubernetes objects carry
+        // this expiry, so the row must record the same instant.
+        let planned_expiry = now + req.duration;
         let (granted, failure) = if abandoned {
-            (false, self.converge_for(&req, false, now).await.err())
+            (false, self.converge_for(&req, None, now).await.err())
         } else {
-            match self.converge_for(&req, true, now).await {
+            match self.converge_for(&req, Some(planned_expiry), now).await {
                 Ok(()) => (true, None),
                 Err(message) => {
                     tracing::error!(request_id = %id, error = %message, "grant failed");
-                    let cleanup = self.converge_for(&req, false, now).await.err();
+                    let cleanup = self.converge_for(&req, None, now).await.err();
                     let _ = self.record_grant_failure(&req, message, cleanup).await;
                     return;
                 }
@@ -267,9 +268,10 @@ impl Service {
                     if next.apply(Event::Granted).is_err() {
                         return Change::Keep(None);
                     }
-                    // The clock starts when access is in place, not at approval.
-                    next.activated_at = Some(done_at);
-                    next.expires_at = Some(done_at + next.duration);
+                    // The clock starts when access is put in place, not at
+                    // approval.
+                    next.activated_at = Some(now);
+                    next.expires_at = Some(planned_expiry);
                     let audit = AuditEvent::for_request(
                         &next,
                         "granted",
@@ -282,7 +284,7 @@ impl Service {
                             "grant_ms": started.elapsed().as_millis() as u64,
                         }),
                     );
-                    return Change::Write(Box::new(next), vec![audit], Some(Notice::Granted { region: region.clone().unwrap_or_default() }));
+                    return Change::Write(Box::new(next), vec![audit], Some(Notice::Granted));
                 }
                 next.ended_at = Some(done_at);
                 if next.failure.is_some() {
@@ -373,7 +375,7 @@ impl Service {
         else {
             return;
         };
-        let result = self.converge_for(&req, false, now).await;
+        let result = self.converge_for(&req, None, now).await;
         let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {

@@ -35,7 +35,7 @@ pub struct Service {
 /// What the people involved are told after a state change.
 pub(crate) enum Notice {
     CardOnly,
-    Granted { region: String },
+    Granted,
     GrantFailed,
     Denied,
     Expired,
@@ -159,8 +159,10 @@ impl Service {
             let now = service.clock.now();
             match notice {
                 Notice::CardOnly => {}
-                Notice::Granted { region } => {
-                    service.dm(&user, blocks::granted_dm(&req, &region)).await
+                Notice::Granted => {
+                    if let Some(cluster) = service.config.cluster(&req.access.cluster) {
+                        service.dm(&user, blocks::granted_dm(&req, cluster)).await
+                    }
                 }
                 Notice::GrantFailed => service.dm(&user, blocks::failed_dm(&req)).await,
                 Notice::Denied => service.dm(&user, blocks::denied_dm(&req)).await,

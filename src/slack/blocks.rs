@@ -7,6 +7,7 @@ use time::{OffsetDateTime, UtcOffset};
 use super::Message;
 use crate::domain::duration::format_duration;
 use crate::domain::grant::Scope;
+use crate::domain::policy::{ClusterPolicy, Strategy};
 use crate::domain::request::{Request, State};
 use crate::domain::text::escape_slack;
 
@@ -51,19 +52,35 @@ pub fn local_time(t: OffsetDateTime, offset_secs: i32, tz: Option<&str>) -> Stri
 
 /// Exactly what approval changes, so an approver approves a precise change.
 pub fn change_description(req: &Request) -> String {
-    let scope = Scope::from_namespaces(req.access.namespaces.iter().cloned());
-    let policy = req
-        .access
-        .policy_arn
-        .as_deref()
-        .map(|arn| arn.rsplit('/').next().unwrap_or(arn))
-        .unwrap_or(&req.access.role);
-    format!(
-        "associate {policy}, {}, to {} on {}",
-        scope.describe(),
-        req.access.principal,
-        req.access.cluster
-    )
+    let a = &req.access;
+    let user = a.k8s_user.as_deref().unwrap_or(&a.principal);
+    if let Some(arn) = &a.policy_arn {
+        let scope = Scope::from_namespaces(a.namespaces.iter().cloned());
+        let policy = arn.rsplit('/').next().unwrap_or(arn);
+        format!(
+            "associate {policy}, {}, to {} on {}",
+            scope.describe(),
+            a.principal,
+            a.cluster
+        )
+    } else if let Some(role) = &a.cluster_role {
+        let target = if a.namespaces.is_empty() {
+            "a ClusterRoleBinding".to_string()
+        } else {
+            format!("RoleBindings in {}", a.namespaces.join(", "))
+        };
+        format!(
+            "bind ClusterRole {role} to user {user} with {target} on {}",
+            a.cluster
+        )
+    } else {
+        format!(
+            "map {} to user {user} with groups {} in aws-auth on {}",
+            a.principal,
+            a.groups.join(", "),
+            a.cluster
+        )
+    }
 }
 
 fn when(req: &Request, now: OffsetDateTime) -> String {
@@ -167,25 +184,40 @@ pub fn card(req: &Request, now: OffsetDateTime) -> Message {
     }
 }
 
+/// The shared IAM role session-rbac users assume, told apart by session
+/// name (spec 3).
+pub const SESSION_RBAC_ROLE: &str = "tollgate-k8s-access";
+
 /// What the requester runs to connect, with the expiry in their time zone.
-pub fn granted_dm(req: &Request, region: &str) -> Message {
+pub fn granted_dm(req: &Request, cluster: &ClusterPolicy) -> Message {
     let until = req
         .expires_at
         .map(|t| local_time(t, req.requester.tz_offset_secs, req.requester.tz.as_deref()))
         .unwrap_or_default();
-    let ns_hint = match req.access.namespaces.first() {
+    let next = match req.access.namespaces.first() {
         Some(ns) => format!("kubectl get pods -n {ns}"),
         None => "kubectl get pods -A".to_string(),
     };
+    let (name, region) = (&cluster.name, &cluster.region);
+    let how = match cluster.strategy {
+        Strategy::SessionRbac => {
+            let profile = format!("tollgate-{name}");
+            format!(
+                "Connect through the shared role, with your email as the session name:\n```aws configure set profile.{profile}.role_arn arn:aws:iam::{}:role/{SESSION_RBAC_ROLE}\naws configure set profile.{profile}.role_session_name {}\naws configure set profile.{profile}.source_profile default\naws eks update-kubeconfig --name {name} --region {region} --profile {profile}\n{next}```",
+                cluster.account_id, req.requester.email
+            )
+        }
+        Strategy::AccessEntry | Strategy::AwsAuth => format!(
+            "Connect with AWS credentials for `{}`:\n```aws eks update-kubeconfig --name {name} --region {region}\n{next}```",
+            req.access.principal
+        ),
+    };
     let text = format!(
-        "Your access {} is active: `{}` on *{}* until {until}.\nConnect with AWS credentials for `{}`:\n```aws eks update-kubeconfig --name {} --region {}\n{ns_hint}```\nTollgate removes the access at expiry; you'll get a message then.",
-        req.id, req.access.role, req.access.cluster, req.access.principal, req.access.cluster, region
+        "Your access {} is active: `{}` on *{name}* until {until}.\n{how}\nTollgate removes the access at expiry; you'll get a message then.",
+        req.id, req.access.role
     );
     Message {
-        text: format!(
-            "Access {} on {} is active until {until}",
-            req.id, req.access.cluster
-        ),
+        text: format!("Access {} on {name} is active until {until}", req.id),
         blocks: vec![section(&text)],
     }
 }

@@ -1,0 +1,358 @@
+//! The `aws-auth` strategy: one `mapRoles`/`mapUsers` item per principal in
+//! `kube-system/aws-auth`, written with optimistic concurrency. Every item
+//! Tollgate did not add stays exactly as it was.
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::PostParams;
+use kube::Api;
+use rand::Rng;
+use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::kube::KubeClients;
+use super::{AccessEngine, AccessError, InForce};
+use crate::domain::policy::ClusterPolicy;
+
+pub const NAMESPACE: &str = "kube-system";
+pub const NAME: &str = "aws-auth";
+/// Read-modify-write attempts before giving up on a busy ConfigMap.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// EKS matches mapRoles entries against the role ARN without its path, so
+/// an SSO role's `/aws-reserved/sso.amazonaws.com/...` must be dropped.
+pub fn strip_role_path(arn: &str) -> String {
+    match arn.split_once(":role/") {
+        Some((prefix, rest)) => {
+            let name = rest.rsplit('/').next().unwrap_or(rest);
+            format!("{prefix}:role/{name}")
+        }
+        None => arn.to_string(),
+    }
+}
+
+/// Which list of aws-auth an ARN belongs in, and that list's ARN key.
+fn list_for(arn: &str) -> Result<(&'static str, &'static str), String> {
+    if arn.contains(":role/") {
+        Ok(("mapRoles", "rolearn"))
+    } else if arn.contains(":user/") {
+        Ok(("mapUsers", "userarn"))
+    } else {
+        Err(format!(
+            "`{arn}` is neither an IAM role nor an IAM user ARN"
+        ))
+    }
+}
+
+fn item_field<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
+    item.get(key).and_then(Value::as_str)
+}
+
+/// The new `data` of aws-auth, or `None` when it already says what it
+/// should. Pure, so the merge rules are tested without a cluster.
+pub fn plan(
+    data: &BTreeMap<String, String>,
+    principal: &str,
+    username: &str,
+    groups: Option<&[String]>,
+) -> Result<Option<BTreeMap<String, String>>, String> {
+    let arn = strip_role_path(principal);
+    let (list, key) = list_for(&arn)?;
+    let items: Vec<Value> = match data.get(list).map(|s| s.trim()) {
+        None | Some("") => Vec::new(),
+        Some(text) => serde_yaml::from_str(text)
+            .map_err(|e| format!("aws-auth {list} is not valid YAML: {e}"))?,
+    };
+    let same_arn: Vec<&Value> = items
+        .iter()
+        .filter(|i| item_field(i, key) == Some(arn.as_str()))
+        .collect();
+    if let Some(other) = same_arn
+        .iter()
+        .find(|i| item_field(i, "username") != Some(username))
+    {
+        return Err(format!(
+            "{arn} is already mapped in aws-auth {list} (username `{}`) by someone else; Tollgate will not shadow that mapping",
+            item_field(other, "username").unwrap_or("?")
+        ));
+    }
+    let wanted = groups.map(|g| {
+        let mut m = Mapping::new();
+        m.insert(key.into(), arn.clone().into());
+        m.insert("username".into(), username.into());
+        m.insert(
+            "groups".into(),
+            Value::Sequence(g.iter().map(|s| s.clone().into()).collect()),
+        );
+        Value::Mapping(m)
+    });
+    let unchanged = match &wanted {
+        Some(w) => same_arn.len() == 1 && same_arn[0] == w,
+        None => same_arn.is_empty(),
+    };
+    if unchanged {
+        return Ok(None);
+    }
+    let mut next: Vec<Value> = items
+        .iter()
+        .filter(|i| {
+            !(item_field(i, key) == Some(arn.as_str())
+                && item_field(i, "username") == Some(username))
+        })
+        .cloned()
+        .collect();
+    next.extend(wanted);
+    let mut out = data.clone();
+    if next.is_empty() {
+        out.remove(list);
+    } else {
+        let text =
+            serde_yaml::to_string(&next).map_err(|e| format!("serialising aws-auth: {e}"))?;
+        out.insert(list.to_string(), text);
+    }
+    Ok(Some(out))
+}
+
+/// Marks of another tool managing aws-auth, which may overwrite Tollgate's
+/// items on its next sync.
+pub fn foreign_managers(cm: &ConfigMap) -> Vec<String> {
+    let mut found = Vec::new();
+    let keys = cm
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .chain(cm.metadata.annotations.iter().flatten());
+    for (k, v) in keys {
+        let k_l = k.to_ascii_lowercase();
+        let v_l = v.to_ascii_lowercase();
+        let mark = k == "kubectl.kubernetes.io/last-applied-configuration"
+            || k_l.contains("helm.sh")
+            || k_l.contains("argocd.argoproj.io")
+            || k_l.contains("terraform")
+            || (k == "app.kubernetes.io/managed-by" && v_l != "tollgate");
+        if mark {
+            let shown = if k == "kubectl.kubernetes.io/last-applied-configuration" {
+                "…"
+            } else {
+                v.as_str()
+            };
+            found.push(format!("{k}={shown}"));
+        }
+    }
+    found
+}
+
+pub struct AwsAuthStrategy {
+    kube: Arc<KubeClients>,
+}
+
+impl AwsAuthStrategy {
+    pub fn new(kube: Arc<KubeClients>) -> Self {
+        AwsAuthStrategy { kube }
+    }
+}
+
+fn error(cluster: &ClusterPolicy, operation: &'static str, message: String) -> AccessError {
+    AccessError::Aws {
+        cluster: cluster.name.clone(),
+        operation,
+        message,
+    }
+}
+
+pub async fn read(api: &Api<ConfigMap>, cluster: &ClusterPolicy) -> Result<ConfigMap, AccessError> {
+    match api.get(NAME).await {
+        Ok(cm) => Ok(cm),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(error(
+            cluster,
+            "read aws-auth",
+            format!(
+                "{NAMESPACE}/{NAME} does not exist on cluster {}; Tollgate never creates it",
+                cluster.name
+            ),
+        )),
+        Err(e) => Err(error(cluster, "read aws-auth", e.to_string())),
+    }
+}
+
+#[async_trait]
+impl AccessEngine for AwsAuthStrategy {
+    async fn converge(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+        _creator: &str,
+    ) -> Result<(), AccessError> {
+        let client = self.kube.client(cluster).await?;
+        let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
+        let username = grants.iter().find_map(|g| g.spec.k8s_user.clone());
+        let mut groups: Vec<String> = grants
+            .iter()
+            .flat_map(|g| g.spec.groups.iter().cloned())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut cm = read(&api, cluster).await?;
+            let data = cm.data.clone().unwrap_or_default();
+            // With no grant in force the username comes from what Tollgate
+            // wrote before: any item of this ARN whose user is Tollgate's.
+            let user = match &username {
+                Some(u) => u.clone(),
+                None => match existing_tollgate_user(&data, principal) {
+                    Some(u) => u,
+                    None => return Ok(()),
+                },
+            };
+            let wanted = (!grants.is_empty()).then_some(groups.as_slice());
+            let Some(next) = plan(&data, principal, &user, wanted)
+                .map_err(|m| error(cluster, "update aws-auth", m))?
+            else {
+                return Ok(());
+            };
+            cm.data = Some(next);
+            match api.replace(NAME, &PostParams::default(), &cm).await {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    let base = 20u64 << attempt.min(6);
+                    let jitter = rand::thread_rng().gen_range(0..=base);
+                    tracing::debug!(cluster = %cluster.name, attempt, "aws-auth changed underneath; retrying");
+                    tokio::time::sleep(Duration::from_millis(base + jitter)).await;
+                }
+                Err(e) => return Err(error(cluster, "update aws-auth", e.to_string())),
+            }
+        }
+        Err(error(
+            cluster,
+            "update aws-auth",
+            format!("gave up after {MAX_ATTEMPTS} conflicting writes"),
+        ))
+    }
+}
+
+fn existing_tollgate_user(data: &BTreeMap<String, String>, principal: &str) -> Option<String> {
+    let arn = strip_role_path(principal);
+    let (list, key) = list_for(&arn).ok()?;
+    let items: Vec<Value> = serde_yaml::from_str(data.get(list)?).ok()?;
+    items
+        .iter()
+        .filter(|i| item_field(i, key) == Some(arn.as_str()))
+        .filter_map(|i| item_field(i, "username"))
+        .find(|u| u.starts_with("tollgate:"))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: &str = "- rolearn: arn:aws:iam::123:role/node\n  username: system:node:{{EC2PrivateDNSName}}\n  groups:\n    - system:bootstrappers\n    - system:nodes\n";
+
+    fn data() -> BTreeMap<String, String> {
+        BTreeMap::from([("mapRoles".to_string(), NODES.to_string())])
+    }
+
+    fn items(d: &BTreeMap<String, String>, list: &str) -> Vec<Value> {
+        serde_yaml::from_str(&d[list]).unwrap()
+    }
+
+    #[test]
+    fn strips_sso_paths_only_from_roles() {
+        assert_eq!(
+            strip_role_path("arn:aws:iam::123:role/aws-reserved/sso.amazonaws.com/eu-west-1/AWSReservedSSO_Dev_abc"),
+            "arn:aws:iam::123:role/AWSReservedSSO_Dev_abc"
+        );
+        assert_eq!(
+            strip_role_path("arn:aws:iam::123:role/alice"),
+            "arn:aws:iam::123:role/alice"
+        );
+        assert_eq!(
+            strip_role_path("arn:aws:iam::123:user/bob"),
+            "arn:aws:iam::123:user/bob"
+        );
+    }
+
+    #[test]
+    fn adds_then_removes_exactly_its_item() {
+        let groups = vec!["tollgate-debug".to_string()];
+        let sso =
+            "arn:aws:iam::123:role/aws-reserved/sso.amazonaws.com/eu-west-1/AWSReservedSSO_Dev_abc";
+        let added = plan(&data(), sso, "tollgate:a@x.com", Some(&groups))
+            .unwrap()
+            .unwrap();
+        let list = items(&added, "mapRoles");
+        assert_eq!(list.len(), 2);
+        assert_eq!(
+            list[0],
+            items(&data(), "mapRoles")[0],
+            "node role untouched"
+        );
+        assert_eq!(
+            item_field(&list[1], "rolearn"),
+            Some("arn:aws:iam::123:role/AWSReservedSSO_Dev_abc")
+        );
+        assert_eq!(
+            plan(&added, sso, "tollgate:a@x.com", Some(&groups)).unwrap(),
+            None,
+            "idempotent"
+        );
+
+        let removed = plan(&added, sso, "tollgate:a@x.com", None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(items(&removed, "mapRoles"), items(&data(), "mapRoles"));
+        assert_eq!(plan(&removed, sso, "tollgate:a@x.com", None).unwrap(), None);
+    }
+
+    #[test]
+    fn users_go_to_map_users_and_groups_update_in_place() {
+        let one = vec!["a".to_string()];
+        let two = vec!["a".to_string(), "b".to_string()];
+        let d = plan(
+            &data(),
+            "arn:aws:iam::123:user/bob",
+            "tollgate:bob@x.com",
+            Some(&one),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(items(&d, "mapUsers").len(), 1);
+        let d = plan(
+            &d,
+            "arn:aws:iam::123:user/bob",
+            "tollgate:bob@x.com",
+            Some(&two),
+        )
+        .unwrap()
+        .unwrap();
+        let users = items(&d, "mapUsers");
+        assert_eq!(users.len(), 1);
+        assert_eq!(
+            users[0]["groups"],
+            Value::Sequence(vec!["a".into(), "b".into()])
+        );
+        let d = plan(&d, "arn:aws:iam::123:user/bob", "tollgate:bob@x.com", None)
+            .unwrap()
+            .unwrap();
+        assert!(!d.contains_key("mapUsers"));
+    }
+
+    #[test]
+    fn refuses_to_shadow_a_foreign_mapping() {
+        let err = plan(
+            &data(),
+            "arn:aws:iam::123:role/node",
+            "tollgate:a@x.com",
+            Some(&["g".to_string()]),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("already mapped") && err.contains("system:node"),
+            "{err}"
+        );
+    }
+}

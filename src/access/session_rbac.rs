@@ -1,0 +1,284 @@
+//! The `session-rbac` strategy: one RoleBinding per namespace (or one
+//! ClusterRoleBinding) per grant, for user `tollgate:<email>`, each marked
+//! as Tollgate's with the labels and annotation of spec 8.3.
+
+use async_trait::async_trait;
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::Api;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use super::kube::KubeClients;
+use super::{AccessEngine, AccessError, InForce};
+use crate::domain::policy::ClusterPolicy;
+
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const LABEL_GRANT: &str = "tollgate.dev/grant";
+pub const ANNOTATION_EXPIRES: &str = "tollgate.dev/expires-at";
+pub const MANAGED_BY: &str = "tollgate";
+
+/// Where one binding lives: `None` namespace means a ClusterRoleBinding.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BindingKey {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+pub fn binding_name(grant_id: &str) -> String {
+    format!("tollgate-{}", grant_id.to_ascii_lowercase())
+}
+
+struct Desired {
+    grant_id: String,
+    cluster_role: String,
+    expires_at: Option<String>,
+}
+
+pub struct SessionRbacStrategy {
+    kube: Arc<KubeClients>,
+}
+
+fn kube_error(cluster: &ClusterPolicy, operation: &'static str, e: kube::Error) -> AccessError {
+    AccessError::Aws {
+        cluster: cluster.name.clone(),
+        operation,
+        message: e.to_string(),
+    }
+}
+
+fn status_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    }
+}
+
+fn meta(key: &BindingKey, d: &Desired) -> ObjectMeta {
+    let mut annotations = BTreeMap::new();
+    if let Some(exp) = &d.expires_at {
+        annotations.insert(ANNOTATION_EXPIRES.to_string(), exp.clone());
+    }
+    ObjectMeta {
+        name: Some(key.name.clone()),
+        namespace: key.namespace.clone(),
+        labels: Some(BTreeMap::from([
+            (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+            (LABEL_GRANT.to_string(), d.grant_id.clone()),
+        ])),
+        annotations: Some(annotations),
+        ..Default::default()
+    }
+}
+
+fn subject(user: &str) -> Vec<Subject> {
+    vec![Subject {
+        kind: "User".into(),
+        name: user.to_string(),
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        namespace: None,
+    }]
+}
+
+fn role_ref(cluster_role: &str) -> RoleRef {
+    RoleRef {
+        api_group: "rbac.authorization.k8s.io".into(),
+        kind: "ClusterRole".into(),
+        name: cluster_role.to_string(),
+    }
+}
+
+fn for_user(subjects: Option<&Vec<Subject>>, user: &str) -> bool {
+    subjects.is_some_and(|s| s.iter().any(|s| s.kind == "User" && s.name == user))
+}
+
+fn grant_label(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_GRANT))
+        .map(String::as_str)
+}
+
+impl SessionRbacStrategy {
+    pub fn new(kube: Arc<KubeClients>) -> Self {
+        SessionRbacStrategy { kube }
+    }
+
+    /// Tollgate's bindings for `user` that exist now.
+    async fn owned(
+        &self,
+        client: &kube::Client,
+        cluster: &ClusterPolicy,
+        user: &str,
+    ) -> Result<BTreeSet<BindingKey>, AccessError> {
+        let selector = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+        let mut out = BTreeSet::new();
+        let rbs: Api<RoleBinding> = Api::all(client.clone());
+        for rb in rbs
+            .list(&selector)
+            .await
+            .map_err(|e| kube_error(cluster, "list RoleBindings", e))?
+        {
+            if for_user(rb.subjects.as_ref(), user) {
+                out.insert(BindingKey {
+                    namespace: rb.metadata.namespace.clone(),
+                    name: rb.metadata.name.clone().unwrap_or_default(),
+                });
+            }
+        }
+        let crbs: Api<ClusterRoleBinding> = Api::all(client.clone());
+        for crb in crbs
+            .list(&selector)
+            .await
+            .map_err(|e| kube_error(cluster, "list ClusterRoleBindings", e))?
+        {
+            if for_user(crb.subjects.as_ref(), user) {
+                out.insert(BindingKey {
+                    namespace: None,
+                    name: crb.metadata.name.clone().unwrap_or_default(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create(
+        &self,
+        client: &kube::Client,
+        cluster: &ClusterPolicy,
+        user: &str,
+        key: &BindingKey,
+        d: &Desired,
+    ) -> Result<(), AccessError> {
+        let result = match &key.namespace {
+            Some(ns) => {
+                let api: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+                let rb = RoleBinding {
+                    metadata: meta(key, d),
+                    role_ref: role_ref(&d.cluster_role),
+                    subjects: Some(subject(user)),
+                };
+                match api.create(&PostParams::default(), &rb).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if status_code(&e) == Some(409) => {
+                        let existing = api
+                            .get(&key.name)
+                            .await
+                            .map_err(|e| kube_error(cluster, "get RoleBinding", e))?;
+                        Err(grant_label(&existing.metadata).map(str::to_string))
+                    }
+                    Err(e) => return Err(kube_error(cluster, "create RoleBinding", e)),
+                }
+            }
+            None => {
+                let api: Api<ClusterRoleBinding> = Api::all(client.clone());
+                let crb = ClusterRoleBinding {
+                    metadata: meta(key, d),
+                    role_ref: role_ref(&d.cluster_role),
+                    subjects: Some(subject(user)),
+                };
+                match api.create(&PostParams::default(), &crb).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if status_code(&e) == Some(409) => {
+                        let existing = api
+                            .get(&key.name)
+                            .await
+                            .map_err(|e| kube_error(cluster, "get ClusterRoleBinding", e))?;
+                        Err(grant_label(&existing.metadata).map(str::to_string))
+                    }
+                    Err(e) => return Err(kube_error(cluster, "create ClusterRoleBinding", e)),
+                }
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            // Already there from an earlier attempt at the same grant.
+            Err(Some(label)) if label == d.grant_id => Ok(()),
+            Err(_) => Err(AccessError::Aws {
+                cluster: cluster.name.clone(),
+                operation: "create binding",
+                message: format!(
+                    "{} {} already exists and was not created by Tollgate for {}; it was left alone and nothing was granted",
+                    if key.namespace.is_some() { "RoleBinding" } else { "ClusterRoleBinding" },
+                    match &key.namespace { Some(ns) => format!("{ns}/{}", key.name), None => key.name.clone() },
+                    d.grant_id
+                ),
+            }),
+        }
+    }
+
+    async fn delete(
+        &self,
+        client: &kube::Client,
+        cluster: &ClusterPolicy,
+        key: &BindingKey,
+    ) -> Result<(), AccessError> {
+        let result = match &key.namespace {
+            Some(ns) => Api::<RoleBinding>::namespaced(client.clone(), ns)
+                .delete(&key.name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+            None => Api::<ClusterRoleBinding>::all(client.clone())
+                .delete(&key.name, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(kube_error(cluster, "delete binding", e)),
+        }
+    }
+}
+
+#[async_trait]
+impl AccessEngine for SessionRbacStrategy {
+    async fn converge(
+        &self,
+        cluster: &ClusterPolicy,
+        user: &str,
+        grants: &[InForce<'_>],
+        _creator: &str,
+    ) -> Result<(), AccessError> {
+        let client = self.kube.client(cluster).await?;
+        let mut desired: BTreeMap<BindingKey, Desired> = BTreeMap::new();
+        for g in grants {
+            let Some(cluster_role) = &g.spec.cluster_role else {
+                continue;
+            };
+            let name = binding_name(g.grant_id);
+            let namespaces: Vec<Option<String>> = if g.spec.namespaces.is_empty() {
+                vec![None]
+            } else {
+                g.spec.namespaces.iter().cloned().map(Some).collect()
+            };
+            for namespace in namespaces {
+                desired.insert(
+                    BindingKey {
+                        namespace,
+                        name: name.clone(),
+                    },
+                    Desired {
+                        grant_id: g.grant_id.to_string(),
+                        cluster_role: cluster_role.clone(),
+                        expires_at: g.expires_at.and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        }),
+                    },
+                );
+            }
+        }
+        let existing = self.owned(&client, cluster, user).await?;
+        for (key, d) in &desired {
+            if !existing.contains(key) {
+                self.create(&client, cluster, user, key, d).await?;
+            }
+        }
+        for key in existing.iter().filter(|k| !desired.contains_key(*k)) {
+            self.delete(&client, cluster, key).await?;
+        }
+        Ok(())
+    }
+}

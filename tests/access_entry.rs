@@ -74,7 +74,11 @@ impl Harness {
     async fn converge(&self, grants: &[(&str, &AccessSpec)]) -> Result<(), AccessError> {
         let in_force: Vec<InForce> = grants
             .iter()
-            .map(|(id, spec)| InForce { grant_id: id, spec })
+            .map(|(id, spec)| InForce {
+                grant_id: id,
+                spec,
+                expires_at: None,
+            })
             .collect();
         let creator = grants.first().map_or("none", |(id, _)| id);
         self.engine
@@ -189,6 +193,9 @@ fn spec(policy: &str, ns: &[&str]) -> AccessSpec {
         principal: ALICE.to_string(),
         policy_arn: Some(policy.to_string()),
         namespaces: ns.iter().map(|s| s.to_string()).collect(),
+        cluster_role: None,
+        groups: vec![],
+        k8s_user: None,
     }
 }
 

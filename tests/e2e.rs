@@ -6,6 +6,7 @@ mod support;
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
+use support::kube::{Kind, KubeStandIn};
 use support::ministack::{encode_arn, MiniStack};
 use support::sign::{action_body, post_signed, signature, slash_body};
 use support::slack::SlackStandIn;
@@ -76,6 +77,10 @@ struct World {
 
 impl World {
     async fn new() -> World {
+        World::with_config(CONFIG.to_string()).await
+    }
+
+    async fn with_config(config: String) -> World {
         support::install_crypto_provider();
         let ms = MiniStack::start();
         ms.create_cluster(CLUSTER).await;
@@ -89,7 +94,7 @@ impl World {
         slack.add_usergroup("S0ONCALL", &ONCALL);
         slack.add_channel(CHANNEL, true);
         let dir = tempfile::tempdir().unwrap();
-        let tollgate = Tollgate::start(dir.path(), CONFIG, &slack.api_url(), &ms).await;
+        let tollgate = Tollgate::start(dir.path(), &config, &slack.api_url(), &ms).await;
         World {
             ms,
             slack,
@@ -535,4 +540,132 @@ async fn bad_input_gets_a_clear_answer_and_the_server_stays_healthy() {
         !w.entry_exists(ALICE).await,
         "no bad input granted anything"
     );
+}
+
+const KUBE_CLUSTERS: &str = r#"
+[[clusters]]
+name = "rbac-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+strategy = "session-rbac"
+endpoint = "{kube}"
+ca_file = "{ca}"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+[clusters.roles.debug]
+cluster_role = "edit"
+
+[[clusters]]
+name = "auth-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+strategy = "aws-auth"
+endpoint = "{kube}"
+ca_file = "{ca}"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+[clusters.roles.debug]
+groups = ["tollgate-debug"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_strategies_grant_after_approval_and_clean_up_at_expiry() {
+    support::install_crypto_provider();
+    let kube = KubeStandIn::start().await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = kube.write_ca(ca_dir.path());
+    kube.seed_configmap(
+        "kube-system",
+        serde_json::json!({"metadata": {"name": "aws-auth", "namespace": "kube-system"},
+               "data": {"mapRoles": "- rolearn: arn:aws:iam::000000000000:role/eks-node\n  username: system:node:{{EC2PrivateDNSName}}\n  groups:\n    - system:nodes\n"}}),
+    );
+    let config = format!(
+        "{CONFIG}{}",
+        KUBE_CLUSTERS
+            .replace("{kube}", &kube.endpoint())
+            .replace("{ca}", &ca.display().to_string())
+    );
+    let w = World::with_config(config).await;
+
+    let rbac = w.request("eks rbac-cluster 4s debug --ns a,b INC-7").await;
+    let rbac_ts = w.card(&rbac).await;
+    let card = w.slack.message(CHANNEL, &rbac_ts).unwrap().to_string();
+    assert!(card.contains("bind ClusterRole edit to user tollgate:alice@example.com with RoleBindings in a, b on rbac-cluster"), "{card}");
+    let auth = w.request("eks auth-cluster 4s debug INC-8").await;
+    let auth_ts = w.card(&auth).await;
+
+    w.click(APPROVER, "approve", &rbac, &rbac_ts).await;
+    w.click(APPROVER, "approve", &auth, &auth_ts).await;
+    let name = format!("tollgate-{}", rbac.to_lowercase());
+    for ns in ["a", "b"] {
+        let rb = kube
+            .wait_for_object(
+                Kind::RoleBinding,
+                ns,
+                &name,
+                |o| o.is_some(),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|| panic!("RoleBinding in {ns}:\n{}", w.tollgate.log()));
+        assert_eq!(rb["subjects"][0]["name"], "tollgate:alice@example.com");
+        assert_eq!(
+            rb["metadata"]["labels"]["tollgate.dev/grant"],
+            rbac.as_str()
+        );
+    }
+    let mapped = |o: Option<&Value>| {
+        o.and_then(|cm| {
+            cm["data"]["mapRoles"]
+                .as_str()
+                .map(|t| t.contains("tollgate:alice@example.com"))
+        })
+        .unwrap_or(false)
+    };
+    kube.wait_for_object(
+        Kind::ConfigMap,
+        "kube-system",
+        "aws-auth",
+        mapped,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|| panic!("aws-auth item:\n{}", w.tollgate.log()));
+    wait_until("session-rbac DM", Duration::from_secs(5), || async {
+        w.dms_to(REQUESTER, "role_session_name alice@example.com") == 1
+    })
+    .await;
+
+    for ns in ["a", "b"] {
+        kube.wait_for_object(
+            Kind::RoleBinding,
+            ns,
+            &name,
+            |o| o.is_none(),
+            Duration::from_secs(15),
+        )
+        .await;
+        assert!(
+            kube.get_object(Kind::RoleBinding, ns, &name).is_none(),
+            "binding in {ns} removed at expiry"
+        );
+    }
+    let unmapped = |o: Option<&Value>| !mapped(o);
+    kube.wait_for_object(
+        Kind::ConfigMap,
+        "kube-system",
+        "aws-auth",
+        unmapped,
+        Duration::from_secs(15),
+    )
+    .await;
+    let cm = kube
+        .get_object(Kind::ConfigMap, "kube-system", "aws-auth")
+        .unwrap();
+    let roles = cm["data"]["mapRoles"].as_str().unwrap();
+    assert!(
+        !roles.contains("tollgate:") && roles.contains("eks-node"),
+        "{roles}"
+    );
+    assert_eq!(kube.rejected_count(), 0, "{:?}", kube.rejections());
 }

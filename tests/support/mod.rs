@@ -5,6 +5,7 @@
 //! this module, so unused items are expected.
 #![allow(dead_code)]
 
+pub mod kube;
 pub mod ministack;
 pub mod sign;
 pub mod slack;

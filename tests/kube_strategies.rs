@@ -1,0 +1,382 @@
+//! session-rbac and aws-auth through real `kube` clients, over HTTPS, against
+//! the Kubernetes API stand-in, with Tollgate's own EKS tokens.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::kube::{Kind, KubeStandIn};
+use time::OffsetDateTime;
+
+use tollgate::access::aws::AwsClients;
+use tollgate::access::aws_auth::AwsAuthStrategy;
+use tollgate::access::kube::KubeClients;
+use tollgate::access::session_rbac::SessionRbacStrategy;
+use tollgate::access::{AccessEngine, AccessError, InForce};
+use tollgate::clock::Clock;
+use tollgate::domain::policy::{ClusterPolicy, Strategy};
+use tollgate::domain::request::AccessSpec;
+
+const USER: &str = "tollgate:alice@example.com";
+const SSO_ROLE: &str = "arn:aws:iam::123456789012:role/aws-reserved/sso.amazonaws.com/eu-west-1/AWSReservedSSO_Dev_abc";
+const SSO_ROLE_STRIPPED: &str = "arn:aws:iam::123456789012:role/AWSReservedSSO_Dev_abc";
+const NODE_ROLES: &str = "- rolearn: arn:aws:iam::123456789012:role/eks-node\n  username: system:node:{{EC2PrivateDNSName}}\n  groups:\n    - system:bootstrappers\n    - system:nodes\n";
+
+struct ManualClock(Mutex<OffsetDateTime>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> OffsetDateTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+struct Rig {
+    kube: KubeStandIn,
+    clock: Arc<ManualClock>,
+    cluster: ClusterPolicy,
+    rbac: SessionRbacStrategy,
+    aws_auth: AwsAuthStrategy,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(strategy: Strategy) -> Rig {
+    support::install_crypto_provider();
+    let kube = KubeStandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kube.write_ca(dir.path());
+    let sdk = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(
+                aws_credential_types::Credentials::new("AKIDTEST", "secret", None, None, "test"),
+            ),
+        )
+        .build();
+    let now = OffsetDateTime::from(kube.now());
+    let clock = Arc::new(ManualClock(Mutex::new(now)));
+    let clients = Arc::new(KubeClients::new(
+        Arc::new(AwsClients::new(sdk)),
+        clock.clone(),
+    ));
+    let cluster = ClusterPolicy {
+        name: "dev".into(),
+        region: "us-east-1".into(),
+        account_id: "123456789012".into(),
+        assume_role_arn: None,
+        strategy,
+        endpoint: Some(kube.endpoint()),
+        ca_file: Some(ca.display().to_string()),
+        approval_channel: "C0".into(),
+        dm_approvers: false,
+        default_role: None,
+        roles: Default::default(),
+        break_glass: None,
+        reconcile_interval: Duration::from_secs(300),
+    };
+    Rig {
+        rbac: SessionRbacStrategy::new(clients.clone()),
+        aws_auth: AwsAuthStrategy::new(clients),
+        kube,
+        clock,
+        cluster,
+        _dir: dir,
+    }
+}
+
+fn rbac_spec(role: &str, ns: &[&str]) -> AccessSpec {
+    AccessSpec {
+        cluster: "dev".into(),
+        role: "debug".into(),
+        principal: USER.into(),
+        policy_arn: None,
+        namespaces: ns.iter().map(|s| s.to_string()).collect(),
+        cluster_role: Some(role.into()),
+        groups: vec![],
+        k8s_user: Some(USER.into()),
+    }
+}
+
+fn auth_spec(principal: &str, groups: &[&str]) -> AccessSpec {
+    AccessSpec {
+        cluster: "dev".into(),
+        role: "debug".into(),
+        principal: principal.into(),
+        policy_arn: None,
+        namespaces: vec![],
+        cluster_role: None,
+        groups: groups.iter().map(|s| s.to_string()).collect(),
+        k8s_user: Some(USER.into()),
+    }
+}
+
+impl Rig {
+    fn advance(&self, d: Duration) {
+        *self.clock.0.lock().unwrap() += d;
+        self.kube.set_now(self.kube.now() + d);
+    }
+
+    async fn rbac(&self, grants: &[(&str, &AccessSpec)]) -> Result<(), AccessError> {
+        let expires = OffsetDateTime::from(self.kube.now()) + Duration::from_secs(3600);
+        let in_force: Vec<InForce> = grants
+            .iter()
+            .map(|(id, spec)| InForce {
+                grant_id: id,
+                spec,
+                expires_at: Some(expires),
+            })
+            .collect();
+        self.rbac
+            .converge(&self.cluster, USER, &in_force, "none")
+            .await
+    }
+
+    async fn auth(
+        &self,
+        principal: &str,
+        grants: &[(&str, &AccessSpec)],
+    ) -> Result<(), AccessError> {
+        let in_force: Vec<InForce> = grants
+            .iter()
+            .map(|(id, spec)| InForce {
+                grant_id: id,
+                spec,
+                expires_at: None,
+            })
+            .collect();
+        self.aws_auth
+            .converge(&self.cluster, principal, &in_force, "none")
+            .await
+    }
+
+    fn map_roles(&self) -> Vec<Value> {
+        let cm = self
+            .kube
+            .get_object(Kind::ConfigMap, "kube-system", "aws-auth")
+            .expect("aws-auth");
+        let text = cm["data"]["mapRoles"].as_str().unwrap_or("");
+        serde_yaml::from_str::<Vec<Value>>(text).unwrap_or_default()
+    }
+
+    fn seed_aws_auth(&self) {
+        self.kube.seed_configmap(
+            "kube-system",
+            json!({"metadata": {"name": "aws-auth", "namespace": "kube-system"}, "data": {"mapRoles": NODE_ROLES}}),
+        );
+    }
+}
+
+fn node_item() -> Value {
+    serde_yaml::from_str::<Vec<Value>>(NODE_ROLES)
+        .unwrap()
+        .remove(0)
+}
+
+#[tokio::test]
+async fn session_rbac_binds_per_namespace_idempotently_and_leaves_others_alone() {
+    let r = rig(Strategy::SessionRbac).await;
+    let team = json!({"metadata": {"name": "team-edit"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+                      "subjects": [{"kind": "User", "name": USER}]});
+    r.kube.seed_rolebinding("a", team.clone());
+    let spec = rbac_spec("edit", &["a", "b"]);
+
+    r.rbac(&[("R-7F3K2", &spec)]).await.unwrap();
+    for ns in ["a", "b"] {
+        let rb = r
+            .kube
+            .get_object(Kind::RoleBinding, ns, "tollgate-r-7f3k2")
+            .expect("binding");
+        assert_eq!(
+            rb["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "tollgate"
+        );
+        assert_eq!(rb["metadata"]["labels"]["tollgate.dev/grant"], "R-7F3K2");
+        assert!(rb["metadata"]["annotations"]["tollgate.dev/expires-at"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'));
+        assert_eq!(rb["roleRef"]["kind"], "ClusterRole");
+        assert_eq!(rb["roleRef"]["name"], "edit");
+        assert_eq!(rb["subjects"][0]["name"], USER);
+        assert_eq!(rb["subjects"][0]["kind"], "User");
+    }
+    let writes = r.kube.writes().len();
+    r.rbac(&[("R-7F3K2", &spec)]).await.unwrap();
+    assert_eq!(
+        r.kube.writes().len(),
+        writes,
+        "a second converge writes nothing"
+    );
+
+    r.rbac(&[]).await.unwrap();
+    r.rbac(&[]).await.unwrap();
+    assert!(r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
+        .is_none());
+    assert!(r
+        .kube
+        .get_object(Kind::RoleBinding, "b", "tollgate-r-7f3k2")
+        .is_none());
+    let kept = r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "team-edit")
+        .expect("team binding kept");
+    assert_eq!(kept["roleRef"], team["roleRef"]);
+}
+
+#[tokio::test]
+async fn session_rbac_cluster_wide_and_overlapping_grants() {
+    let r = rig(Strategy::SessionRbac).await;
+    let wide = rbac_spec("view", &[]);
+    let narrow = rbac_spec("edit", &["a"]);
+    r.rbac(&[("R-AAAAA", &wide), ("R-BBBBB", &narrow)])
+        .await
+        .unwrap();
+    assert!(r
+        .kube
+        .get_object(Kind::ClusterRoleBinding, "", "tollgate-r-aaaaa")
+        .is_some());
+    assert!(r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "tollgate-r-bbbbb")
+        .is_some());
+    r.rbac(&[("R-BBBBB", &narrow)]).await.unwrap();
+    assert!(r
+        .kube
+        .get_object(Kind::ClusterRoleBinding, "", "tollgate-r-aaaaa")
+        .is_none());
+    assert!(
+        r.kube
+            .get_object(Kind::RoleBinding, "a", "tollgate-r-bbbbb")
+            .is_some(),
+        "the other grant keeps its binding"
+    );
+}
+
+#[tokio::test]
+async fn session_rbac_refuses_a_name_clash_with_a_foreign_binding() {
+    let r = rig(Strategy::SessionRbac).await;
+    r.kube.seed_rolebinding(
+        "a",
+        json!({"metadata": {"name": "tollgate-r-7f3k2"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+               "subjects": [{"kind": "User", "name": "mallory"}]}),
+    );
+    let err = r
+        .rbac(&[("R-7F3K2", &rbac_spec("edit", &["a"]))])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already exists") && err.contains("a/tollgate-r-7f3k2"),
+        "{err}"
+    );
+    let kept = r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
+        .unwrap();
+    assert_eq!(kept["subjects"][0]["name"], "mallory");
+}
+
+#[tokio::test]
+async fn aws_auth_adds_and_removes_exactly_its_item() {
+    let r = rig(Strategy::AwsAuth).await;
+    r.seed_aws_auth();
+    let spec = auth_spec(SSO_ROLE, &["tollgate-debug"]);
+    for _ in 0..2 {
+        r.auth(SSO_ROLE, &[("R-AAAAA", &spec)]).await.unwrap();
+    }
+    let items = r.map_roles();
+    assert_eq!(items.len(), 2, "{items:?}");
+    assert_eq!(items[0], node_item(), "node role unchanged");
+    assert_eq!(items[1]["rolearn"], SSO_ROLE_STRIPPED);
+    assert_eq!(items[1]["username"], USER);
+    assert_eq!(
+        items[1]["groups"],
+        serde_yaml::from_str::<Value>("[tollgate-debug]").unwrap()
+    );
+
+    for _ in 0..2 {
+        r.auth(SSO_ROLE, &[]).await.unwrap();
+    }
+    assert_eq!(r.map_roles(), vec![node_item()]);
+}
+
+#[tokio::test]
+async fn aws_auth_survives_a_concurrent_writer() {
+    let r = rig(Strategy::AwsAuth).await;
+    r.seed_aws_auth();
+    // Another tool writes between Tollgate's read and its write: the first
+    // PUT is a 409 and a correct client re-reads, keeping both changes.
+    r.kube.inject_concurrent_write(Kind::ConfigMap, "kube-system", "aws-auth", |cm| {
+        let roles = cm["data"]["mapRoles"].as_str().unwrap().to_string();
+        cm["data"]["mapRoles"] = json!(format!("{roles}- rolearn: arn:aws:iam::123456789012:role/other-team\n  username: other\n  groups:\n    - viewers\n"));
+    });
+    r.auth(
+        SSO_ROLE,
+        &[("R-AAAAA", &auth_spec(SSO_ROLE, &["tollgate-debug"]))],
+    )
+    .await
+    .unwrap();
+    let items = r.map_roles();
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert_eq!(items[0], node_item());
+    assert_eq!(items[1]["username"], "other");
+    assert_eq!(items.iter().filter(|i| i["username"] == USER).count(), 1);
+    let conflicts = r
+        .kube
+        .calls()
+        .iter()
+        .filter(|c| c.method == "PUT" && c.status == 409)
+        .count();
+    assert_eq!(conflicts, 1);
+}
+
+#[tokio::test]
+async fn aws_auth_refuses_foreign_mappings_and_missing_configmap() {
+    let r = rig(Strategy::AwsAuth).await;
+    let node = "arn:aws:iam::123456789012:role/eks-node";
+    let err = r
+        .auth(node, &[("R-AAAAA", &auth_spec(node, &["g"]))])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not exist on cluster dev") && err.contains("never creates it"),
+        "{err}"
+    );
+    assert!(r
+        .kube
+        .get_object(Kind::ConfigMap, "kube-system", "aws-auth")
+        .is_none());
+
+    r.seed_aws_auth();
+    let err = r
+        .auth(node, &[("R-AAAAA", &auth_spec(node, &["g"]))])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already mapped"), "{err}");
+    assert_eq!(r.map_roles(), vec![node_item()]);
+}
+
+#[tokio::test]
+async fn token_is_refreshed_before_it_expires() {
+    let r = rig(Strategy::SessionRbac).await;
+    r.rbac(&[]).await.unwrap();
+    assert_eq!(r.kube.tokens_seen().len(), 1);
+    r.advance(Duration::from_secs(5 * 60));
+    r.rbac(&[]).await.unwrap();
+    assert_eq!(
+        r.kube.tokens_seen().len(),
+        1,
+        "a five-minute-old token is reused"
+    );
+    // Sixteen minutes after the first token was signed it would be refused;
+    // the client was rebuilt with a fresh one before that.
+    r.advance(Duration::from_secs(11 * 60));
+    r.rbac(&[]).await.unwrap();
+    assert_eq!(r.kube.tokens_seen().len(), 2);
+    assert_eq!(r.kube.rejected_count(), 0, "{:?}", r.kube.rejections());
+}

@@ -423,3 +423,23 @@ async fn tollgate_entry_stays_while_someone_maps_groups_onto_it() {
     assert_eq!(entry["kubernetesGroups"], json!(["devs"]));
     assert!(h.associations().await.is_empty());
 }
+
+#[tokio::test]
+async fn owned_lists_only_what_carries_tollgate_tags() {
+    let h = Harness::new().await;
+    let edit = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-AAAAA", &edit)]).await;
+    let someone = "arn:aws:iam::000000000000:role/someone-else";
+    let (status, body) =
+        h.ms.eks_json(
+            "POST",
+            "/clusters/dev/access-entries",
+            Some(json!({"principalArn": someone, "type": "STANDARD"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let owned = h.engine.owned(&h.cluster).await.unwrap();
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert_eq!(owned[0].principal, ALICE);
+    assert_eq!(owned[0].grant_id.as_deref(), Some("R-AAAAA"));
+}

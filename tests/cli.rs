@@ -144,3 +144,101 @@ fn missing_secret_is_named_and_no_secret_is_printed() {
     assert!(stderr.contains("SLACK_BOT_TOKEN is not set"), "{stderr}");
     assert!(!stderr.contains(SIGNING_SECRET), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reaches_kubernetes_clusters_and_warns_about_other_aws_auth_managers() {
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    let kube = support::kube::KubeStandIn::start().await;
+    kube.seed_configmap(
+        "kube-system",
+        json!({"metadata": {"name": "aws-auth", "namespace": "kube-system",
+                            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                            "annotations": {"meta.helm.sh/release-name": "cluster-bootstrap"}},
+               "data": {"mapRoles": "[]"}}),
+    );
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    slack.add_channel("C0JOINED", true);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kube.write_ca(dir.path());
+    let config = format!(
+        r#"
+[[clusters]]
+name = "rbac-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+strategy = "session-rbac"
+endpoint = "{endpoint}"
+ca_file = "{ca}"
+approval_channel = "C0JOINED"
+[clusters.roles.debug]
+cluster_role = "edit"
+
+[[clusters]]
+name = "auth-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+strategy = "aws-auth"
+endpoint = "{endpoint}"
+ca_file = "{ca}"
+approval_channel = "C0JOINED"
+[clusters.roles.debug]
+groups = ["tollgate-debug"]
+"#,
+        endpoint = kube.endpoint(),
+        ca = ca.display()
+    );
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut env = ms.aws_env();
+    env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
+    env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
+    env.push(("SLACK_API_URL".into(), slack.api_url()));
+    let path_arg = path.display().to_string();
+    let out =
+        tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ok   cluster rbac-cluster reachable"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok   cluster auth-cluster reachable"),
+        "{stdout}"
+    );
+    let warn = stdout
+        .lines()
+        .find(|l| l.starts_with("warn"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        warn.contains("auth-cluster") && warn.contains("app.kubernetes.io/managed-by=Helm"),
+        "{warn}"
+    );
+
+    // An unreachable Kubernetes API fails its line and the whole check.
+    drop(kube);
+    let path_arg = path.display().to_string();
+    let mut env = ms.aws_env();
+    env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
+    env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
+    env.push(("SLACK_API_URL".into(), slack.api_url()));
+    let out =
+        tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL cluster rbac-cluster")),
+        "{stdout}"
+    );
+}

@@ -380,3 +380,37 @@ async fn token_is_refreshed_before_it_expires() {
     assert_eq!(r.kube.tokens_seen().len(), 2);
     assert_eq!(r.kube.rejected_count(), 0, "{:?}", r.kube.rejections());
 }
+
+#[tokio::test]
+async fn owned_lists_what_carries_tollgate_marks() {
+    let r = rig(Strategy::SessionRbac).await;
+    r.kube.seed_rolebinding(
+        "a",
+        json!({"metadata": {"name": "team"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+               "subjects": [{"kind": "User", "name": USER}]}),
+    );
+    r.rbac(&[("R-AAAAA", &rbac_spec("edit", &["a", "b"]))])
+        .await
+        .unwrap();
+    let mut owned = r.rbac.owned(&r.cluster).await.unwrap();
+    owned.sort_by(|x, y| x.object.cmp(&y.object));
+    let objects: Vec<&str> = owned.iter().map(|o| o.object.as_str()).collect();
+    assert_eq!(
+        objects,
+        vec![
+            "RoleBinding a/tollgate-r-aaaaa",
+            "RoleBinding b/tollgate-r-aaaaa"
+        ]
+    );
+    assert!(owned
+        .iter()
+        .all(|o| o.principal == USER && o.grant_id.as_deref() == Some("R-AAAAA")));
+
+    r.seed_aws_auth();
+    r.auth(SSO_ROLE, &[("R-BBBBB", &auth_spec(SSO_ROLE, &["g"]))])
+        .await
+        .unwrap();
+    let owned = r.aws_auth.owned(&r.cluster).await.unwrap();
+    assert_eq!(owned.len(), 1, "{owned:?}");
+    assert_eq!(owned[0].principal, SSO_ROLE_STRIPPED);
+}

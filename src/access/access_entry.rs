@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::aws::{describe_error, AwsClients};
-use super::{AccessEngine, AccessError, InForce};
+use super::{AccessEngine, AccessError, InForce, Owned};
 use crate::domain::grant::{desired_policies, plan_associations, Scope};
 use crate::domain::policy::ClusterPolicy;
 use crate::store::Store;
@@ -151,6 +151,40 @@ impl AccessEntryStrategy {
 
 #[async_trait]
 impl AccessEngine for AccessEntryStrategy {
+    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+        let eks = self.clients.eks(cluster).await;
+        let mut principals = Vec::new();
+        let mut token = None;
+        loop {
+            let page = eks
+                .list_access_entries()
+                .cluster_name(&cluster.name)
+                .set_next_token(token)
+                .send()
+                .await
+                .map_err(|e| aws_error(cluster, "ListAccessEntries", &e))?;
+            principals.extend(page.access_entries().iter().cloned());
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        for principal in principals {
+            let Some(entry) = self.describe_entry(&eks, cluster, &principal).await? else {
+                continue;
+            };
+            if entry.created_by_tollgate() {
+                out.push(Owned {
+                    grant_id: entry.tags.get(TAG_GRANT).cloned(),
+                    principal,
+                    object: "access entry".into(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     async fn converge(
         &self,
         cluster: &ClusterPolicy,

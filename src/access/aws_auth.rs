@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::kube::KubeClients;
-use super::{AccessEngine, AccessError, InForce};
+use super::{AccessEngine, AccessError, InForce, Owned};
 use crate::domain::policy::ClusterPolicy;
 
 pub const NAMESPACE: &str = "kube-system";
@@ -178,8 +178,36 @@ pub async fn read(api: &Api<ConfigMap>, cluster: &ClusterPolicy) -> Result<Confi
     }
 }
 
+/// Items of aws-auth whose username marks them as Tollgate's.
+pub fn owned_items(data: &BTreeMap<String, String>) -> Vec<Owned> {
+    let mut out = Vec::new();
+    for (list, key) in [("mapRoles", "rolearn"), ("mapUsers", "userarn")] {
+        let Some(text) = data.get(list) else { continue };
+        let items: Vec<Value> = serde_yaml::from_str(text).unwrap_or_default();
+        for item in &items {
+            if let (Some(arn), Some(user)) = (item_field(item, key), item_field(item, "username")) {
+                if user.starts_with("tollgate:") {
+                    out.push(Owned {
+                        principal: arn.to_string(),
+                        grant_id: None,
+                        object: format!("aws-auth {list} item for {user}"),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 #[async_trait]
 impl AccessEngine for AwsAuthStrategy {
+    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+        let client = self.kube.client(cluster).await?;
+        let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
+        let cm = read(&api, cluster).await?;
+        Ok(owned_items(&cm.data.unwrap_or_default()))
+    }
+
     async fn converge(
         &self,
         cluster: &ClusterPolicy,

@@ -50,8 +50,23 @@ pub struct InForce<'a> {
     pub expires_at: Option<time::OffsetDateTime>,
 }
 
+/// Something in a cluster that carries Tollgate's marks (spec 8.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owned {
+    /// The IAM principal or Kubernetes user it gives access to.
+    pub principal: String,
+    /// The grant named on it, where the strategy records one.
+    pub grant_id: Option<String>,
+    /// What it is, for logs and audit (`access entry`, `RoleBinding a/x`, …).
+    pub object: String,
+}
+
 #[async_trait]
 pub trait AccessEngine: Send + Sync + 'static {
+    /// Everything in the cluster that carries Tollgate's marks, for the
+    /// reconciler to compare with the grants in force.
+    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError>;
+
     /// Makes the cluster give `principal` exactly what `grants` need, plus
     /// whatever it had before Tollgate. `creator` names the grant credited
     /// with any object this call has to create.
@@ -85,6 +100,16 @@ impl Engine {
     }
 }
 
+impl Engine {
+    fn strategy(&self, cluster: &ClusterPolicy) -> &dyn AccessEngine {
+        match cluster.strategy {
+            Strategy::AccessEntry => &self.access_entry,
+            Strategy::SessionRbac => &self.session_rbac,
+            Strategy::AwsAuth => &self.aws_auth,
+        }
+    }
+}
+
 #[async_trait]
 impl AccessEngine for Engine {
     async fn converge(
@@ -94,11 +119,12 @@ impl AccessEngine for Engine {
         grants: &[InForce<'_>],
         creator: &str,
     ) -> Result<(), AccessError> {
-        let strategy: &dyn AccessEngine = match cluster.strategy {
-            Strategy::AccessEntry => &self.access_entry,
-            Strategy::SessionRbac => &self.session_rbac,
-            Strategy::AwsAuth => &self.aws_auth,
-        };
-        strategy.converge(cluster, principal, grants, creator).await
+        self.strategy(cluster)
+            .converge(cluster, principal, grants, creator)
+            .await
+    }
+
+    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+        self.strategy(cluster).owned(cluster).await
     }
 }

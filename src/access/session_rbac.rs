@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::kube::KubeClients;
-use super::{AccessEngine, AccessError, InForce};
+use super::{AccessEngine, AccessError, InForce, Owned};
 use crate::domain::policy::ClusterPolicy;
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -234,6 +234,56 @@ impl SessionRbacStrategy {
 
 #[async_trait]
 impl AccessEngine for SessionRbacStrategy {
+    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+        let client = self.kube.client(cluster).await?;
+        let selector = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+        let users = |subjects: Option<&Vec<Subject>>| -> Vec<String> {
+            subjects
+                .into_iter()
+                .flatten()
+                .filter(|s| s.kind == "User")
+                .map(|s| s.name.clone())
+                .collect()
+        };
+        let mut out = Vec::new();
+        let rbs: Api<RoleBinding> = Api::all(client.clone());
+        for rb in rbs
+            .list(&selector)
+            .await
+            .map_err(|e| kube_error(cluster, "list RoleBindings", e))?
+        {
+            for principal in users(rb.subjects.as_ref()) {
+                out.push(Owned {
+                    principal,
+                    grant_id: grant_label(&rb.metadata).map(str::to_string),
+                    object: format!(
+                        "RoleBinding {}/{}",
+                        rb.metadata.namespace.as_deref().unwrap_or_default(),
+                        rb.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                });
+            }
+        }
+        let crbs: Api<ClusterRoleBinding> = Api::all(client);
+        for crb in crbs
+            .list(&selector)
+            .await
+            .map_err(|e| kube_error(cluster, "list ClusterRoleBindings", e))?
+        {
+            for principal in users(crb.subjects.as_ref()) {
+                out.push(Owned {
+                    principal,
+                    grant_id: grant_label(&crb.metadata).map(str::to_string),
+                    object: format!(
+                        "ClusterRoleBinding {}",
+                        crb.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     async fn converge(
         &self,
         cluster: &ClusterPolicy,

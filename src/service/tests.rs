@@ -39,6 +39,10 @@ struct FakeAccess {
 
 #[async_trait]
 impl AccessEngine for FakeAccess {
+    async fn owned(&self, _: &ClusterPolicy) -> Result<Vec<crate::access::Owned>, AccessError> {
+        Ok(Vec::new())
+    }
+
     async fn converge(
         &self,
         _: &ClusterPolicy,

@@ -19,6 +19,16 @@ fn tollgate(args: &[&str], env: &[(String, String)]) -> Output {
         .unwrap()
 }
 
+/// What a deployed Tollgate gets: AWS pointed at MiniStack, Slack secrets,
+/// and the Web API stand-in.
+fn peer_env(ms: &MiniStack, slack: &SlackStandIn) -> Vec<(String, String)> {
+    let mut env = ms.aws_env();
+    env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
+    env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
+    env.push(("SLACK_API_URL".into(), slack.api_url()));
+    env
+}
+
 const CHECK_CONFIG: &str = r#"
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
@@ -65,10 +75,7 @@ async fn check_reports_each_peer_and_fails_on_config_map_clusters() {
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, CHECK_CONFIG).unwrap();
 
-    let mut env = ms.aws_env();
-    env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
-    env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
-    env.push(("SLACK_API_URL".into(), slack.api_url()));
+    let env = peer_env(&ms, &slack);
     let path_arg = path.display().to_string();
     let out =
         tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
@@ -190,10 +197,7 @@ groups = ["tollgate-debug"]
     );
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, config).unwrap();
-    let mut env = ms.aws_env();
-    env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
-    env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
-    env.push(("SLACK_API_URL".into(), slack.api_url()));
+    let env = peer_env(&ms, &slack);
     let path_arg = path.display().to_string();
     let out =
         tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
@@ -225,10 +229,7 @@ groups = ["tollgate-debug"]
     // An unreachable Kubernetes API fails its line and the whole check.
     drop(kube);
     let path_arg = path.display().to_string();
-    let mut env = ms.aws_env();
-    env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
-    env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
-    env.push(("SLACK_API_URL".into(), slack.api_url()));
+    let env = peer_env(&ms, &slack);
     let out =
         tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
             .await

@@ -36,3 +36,38 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
         }
     }
 }
+
+/// Reconciles each cluster every `reconcile_interval`, the first time right
+/// after start-up so a crash's orphans go at once.
+pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
+    let clusters = service.config().clusters.clone();
+    if clusters.is_empty() {
+        return;
+    }
+    let mut next_run: Vec<tokio::time::Instant> = vec![tokio::time::Instant::now(); clusters.len()];
+    loop {
+        let now = tokio::time::Instant::now();
+        for (cluster, next) in clusters.iter().zip(next_run.iter_mut()) {
+            if *next > now {
+                continue;
+            }
+            match service.reconcile_cluster(cluster).await {
+                Ok(report) if report.removed.is_empty() && report.drifted.is_empty() => {
+                    tracing::debug!(cluster = %cluster.name, "reconciled: nothing to do");
+                }
+                Ok(report) => {
+                    tracing::info!(cluster = %cluster.name, removed = ?report.removed, drifted = ?report.drifted, "reconciled")
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %cluster.name, error = %e, "reconcile failed; next interval retries")
+                }
+            }
+            *next = tokio::time::Instant::now() + cluster.reconcile_interval;
+        }
+        let wake = next_run.iter().min().copied().unwrap_or(now + MAX_SLEEP);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -66,7 +66,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(due = recovered, "start-up recovery done");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let scheduler_task = tokio::spawn(scheduler::run(service.clone(), stop_rx));
+    let scheduler_task = tokio::spawn(scheduler::run(service.clone(), stop_rx.clone()));
+    let reconciler_task = tokio::spawn(scheduler::reconcile(service.clone(), stop_rx));
     let ready = Arc::new(AtomicBool::new(true));
     let app = router(AppState {
         service: service.clone(),
@@ -88,6 +89,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ready.store(false, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let _ = scheduler_task.await;
+    let _ = reconciler_task.await;
     store.flush().await?;
     tracing::info!("stopped");
     Ok(())

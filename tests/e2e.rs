@@ -39,6 +39,7 @@ min_duration = "1s"
 max_duration = "1h"
 default_duration = "1m"
 approval_timeout = "10m"
+reconcile_interval = "1s"
 
 [[clusters]]
 name = "prod-cluster"
@@ -668,4 +669,49 @@ async fn kubernetes_strategies_grant_after_approval_and_clean_up_at_expiry() {
         "{roles}"
     );
     assert_eq!(kube.rejected_count(), 0, "{:?}", kube.rejections());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_removes_tagged_orphans_and_leaves_other_entries() {
+    let w = World::new().await;
+    let ghost = "arn:aws:iam::000000000000:role/ghost";
+    let bystander = "arn:aws:iam::000000000000:role/bystander";
+    let entries = format!("/clusters/{CLUSTER}/access-entries");
+    let (status, body) = w
+        .ms
+        .eks_json(
+            "POST",
+            &entries,
+            Some(serde_json::json!({"principalArn": ghost, "type": "STANDARD",
+                                    "tags": {"managed-by": "tollgate", "tollgate-grant": "R-GH0ST"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        w.ms.eks_json(
+            "POST",
+            &format!("{entries}/{}/access-policies", encode_arn(ghost)),
+            Some(serde_json::json!({"policyArn": VIEW, "accessScope": {"type": "cluster"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        w.ms.eks_json(
+            "POST",
+            &entries,
+            Some(serde_json::json!({"principalArn": bystander, "type": "STANDARD"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    wait_until(
+        "orphan removed by the reconciler",
+        Duration::from_secs(10),
+        || async { !w.entry_exists(ghost).await },
+    )
+    .await;
+    assert!(
+        w.entry_exists(bystander).await,
+        "an entry without Tollgate's tags is never touched"
+    );
 }

@@ -151,6 +151,36 @@ impl AccessEntryStrategy {
 
 #[async_trait]
 impl AccessEngine for AccessEntryStrategy {
+    async fn remove_orphan(
+        &self,
+        cluster: &ClusterPolicy,
+        object: &Owned,
+    ) -> Result<(), AccessError> {
+        let eks = self.clients.eks(cluster).await;
+        let Some(entry) = self
+            .describe_entry(&eks, cluster, &object.principal)
+            .await?
+        else {
+            return Ok(());
+        };
+        // Re-checked here: only an entry that still carries Tollgate's tag,
+        // for the same unknown grant, goes.
+        if !entry.created_by_tollgate() || entry.tags.get(TAG_GRANT) != object.grant_id.as_ref() {
+            return Ok(());
+        }
+        match eks
+            .delete_access_entry()
+            .cluster_name(&cluster.name)
+            .principal_arn(&object.principal)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_code(&e, "ResourceNotFoundException") => Ok(()),
+            Err(e) => Err(aws_error(cluster, "DeleteAccessEntry", &e)),
+        }
+    }
+
     async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
         let eks = self.clients.eks(cluster).await;
         let mut principals = Vec::new();

@@ -67,6 +67,18 @@ pub trait AccessEngine: Send + Sync + 'static {
     /// reconciler to compare with the grants in force.
     async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError>;
 
+    /// Removes an owned object whose grant the store has never heard of,
+    /// after `converge` has taken away what it knew to be Tollgate's. Only
+    /// the access-entry strategy has anything left to do then: an entry it
+    /// tagged, with associations it has no record of.
+    async fn remove_orphan(
+        &self,
+        _cluster: &ClusterPolicy,
+        _object: &Owned,
+    ) -> Result<(), AccessError> {
+        Ok(())
+    }
+
     /// Makes the cluster give `principal` exactly what `grants` need, plus
     /// whatever it had before Tollgate. `creator` names the grant credited
     /// with any object this call has to create.
@@ -126,5 +138,13 @@ impl AccessEngine for Engine {
 
     async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
         self.strategy(cluster).owned(cluster).await
+    }
+
+    async fn remove_orphan(
+        &self,
+        cluster: &ClusterPolicy,
+        object: &Owned,
+    ) -> Result<(), AccessError> {
+        self.strategy(cluster).remove_orphan(cluster, object).await
     }
 }

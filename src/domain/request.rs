@@ -231,6 +231,9 @@ pub struct Request {
     pub failure: Option<String>,
     pub card: Option<CardRef>,
     pub response_url: Option<String>,
+    /// The reconciler found this grant's access gone and said so once.
+    #[serde(default)]
+    pub drift_reported: bool,
 }
 
 impl Request {

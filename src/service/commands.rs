@@ -167,6 +167,7 @@ impl Service {
             failure: None,
             card: None,
             response_url: cmd.response_url.clone(),
+            drift_reported: false,
         };
         let mut attempts = 0;
         loop {

@@ -31,7 +31,7 @@ fn retry_backoff(attempts: u32) -> Duration {
 }
 
 /// A grant still owed access at `now`.
-fn in_force(r: &Request, now: OffsetDateTime) -> bool {
+pub(super) fn in_force(r: &Request, now: OffsetDateTime) -> bool {
     r.state == State::Active && r.revoke.is_none() && r.expires_at.is_some_and(|e| e > now)
 }
 

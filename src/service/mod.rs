@@ -17,9 +17,11 @@ use crate::store::{Store, StoreError};
 mod commands;
 mod decide;
 mod lifecycle;
+mod reconcile;
 
 pub use commands::SlashCommand;
 pub use decide::Decision;
+pub use reconcile::ReconcileReport;
 
 pub struct Service {
     config: Arc<Config>,
@@ -74,6 +76,10 @@ impl Service {
 
     pub fn wake_handle(&self) -> Arc<Notify> {
         self.wake.clone()
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {

@@ -35,21 +35,27 @@ impl Clock for ManualClock {
 struct FakeAccess {
     failures: Mutex<u32>,
     converged: Mutex<Vec<Vec<String>>>,
+    converged_principals: Mutex<Vec<String>>,
+    owned: Mutex<Vec<crate::access::Owned>>,
 }
 
 #[async_trait]
 impl AccessEngine for FakeAccess {
     async fn owned(&self, _: &ClusterPolicy) -> Result<Vec<crate::access::Owned>, AccessError> {
-        Ok(Vec::new())
+        Ok(self.owned.lock().unwrap().clone())
     }
 
     async fn converge(
         &self,
         _: &ClusterPolicy,
-        _: &str,
+        principal: &str,
         grants: &[InForce<'_>],
         _: &str,
     ) -> Result<(), AccessError> {
+        self.converged_principals
+            .lock()
+            .unwrap()
+            .push(principal.to_string());
         let mut failures = self.failures.lock().unwrap();
         if *failures > 0 {
             *failures -= 1;
@@ -355,4 +361,56 @@ async fn late_clicks_do_not_count() {
     assert!(r.state(&id).await.approvals.is_empty());
     r.service.run_due().await.unwrap();
     assert_eq!(r.state(&id).await.state, State::Expired);
+}
+
+#[tokio::test]
+async fn reconciler_removes_orphans_and_reports_drift_once() {
+    let r = rig();
+    let id = r.approved("eks prod 30m view", "U0APP").await;
+    let alice = r.state(&id).await.access.principal;
+    let owned = |principal: &str, grant: &str| crate::access::Owned {
+        principal: principal.into(),
+        grant_id: Some(grant.into()),
+        object: "access entry".into(),
+    };
+    // Alice's grant is in place; a ghost principal has an entry no grant needs.
+    *r.access.owned.lock().unwrap() = vec![
+        owned(&alice, id.as_str()),
+        owned("arn:aws:iam::111122223333:role/ghost", "R-GH0ST"),
+    ];
+    r.access.converged_principals.lock().unwrap().clear();
+    let cluster = r.service.config.clusters[0].clone();
+    let report = r.service.reconcile_cluster(&cluster).await.unwrap();
+    assert_eq!(report.drifted, Vec::<String>::new());
+    assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert_eq!(
+        r.access.converged_principals.lock().unwrap().clone(),
+        vec!["arn:aws:iam::111122223333:role/ghost".to_string()],
+        "only the orphan's principal is touched"
+    );
+    assert_eq!(
+        r.access.converged.lock().unwrap().last().unwrap(),
+        &Vec::<String>::new()
+    );
+    assert!(r.audit_names().await.contains(&"reconciled".to_string()));
+
+    // Alice's access vanishes outside Tollgate: reported once, not recreated.
+    *r.access.owned.lock().unwrap() = vec![];
+    r.access.converged_principals.lock().unwrap().clear();
+    for _ in 0..2 {
+        let report = r.service.reconcile_cluster(&cluster).await.unwrap();
+        assert!(report.removed.is_empty());
+    }
+    assert!(
+        r.access.converged_principals.lock().unwrap().is_empty(),
+        "nothing recreated"
+    );
+    let drift = r
+        .audit_names()
+        .await
+        .iter()
+        .filter(|n| *n == "drift")
+        .count();
+    assert_eq!(drift, 1);
+    assert!(r.state(&id).await.drift_reported);
 }

@@ -2,12 +2,13 @@
 //! limit while reading, signature, then parsing; nothing is parsed before
 //! the signature is good.
 
-use axum::body::{to_bytes, Body, Bytes};
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,15 +52,45 @@ fn ephemeral(text: String) -> Response {
     Json(json!({"response_type": "ephemeral", "text": text})).into_response()
 }
 
+/// A client still sending when the 413 goes out may see its connection
+/// reset instead of the answer; past the limit the rest is read and thrown
+/// away, up to this much, so ordinary clients get the 413.
+const DRAIN_BYTES: usize = 1024 * 1024;
+
+/// Keeps at most 64 KiB of the body; anything longer is a 413.
+async fn read_limited(body: Body) -> Result<Bytes, StatusCode> {
+    let mut body = body;
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| StatusCode::BAD_REQUEST)?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen > DRAIN_BYTES {
+            break;
+        }
+        if seen <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > MAX_BODY_BYTES {
+        Err(StatusCode::PAYLOAD_TOO_LARGE)
+    } else {
+        Ok(Bytes::from(kept))
+    }
+}
+
 /// Reads at most 64 KiB and checks the signature; the error is the response.
 async fn authenticated_body(
     app: &AppState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, Response> {
-    let bytes = to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+    let bytes = read_limited(body).await.map_err(|status| {
         tracing::warn!(reason = "too_large", "request rejected");
-        (StatusCode::PAYLOAD_TOO_LARGE, "request body over 64 KiB").into_response()
+        (status, "request body over 64 KiB").into_response()
     })?;
     app.verifier
         .verify(headers, &bytes)

@@ -39,6 +39,9 @@ pub trait Store: Send + Sync + 'static {
         next: Request,
         audit: Vec<AuditEvent>,
     ) -> Result<Request, StoreError>;
+    /// Audit events that belong to no request's state change (the
+    /// reconciler's findings).
+    async fn append_audit(&self, audit: Vec<AuditEvent>) -> Result<(), StoreError>;
     async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError>;
     async fn list(&self) -> Result<Vec<Request>, StoreError>;
     /// The earliest instant at which some request needs the scheduler.

@@ -163,6 +163,19 @@ impl Store for SledStore {
         Ok(next)
     }
 
+    async fn append_audit(&self, audit: Vec<AuditEvent>) -> Result<(), StoreError> {
+        let events = Self::encode_audit(&audit)?;
+        let at = audit
+            .first()
+            .map(|e| e.ts)
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        self.audit
+            .transaction(|tree| write_audit(tree, &events, at))
+            .map_err(tx_error)?;
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
     async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
         match self.requests.get(id.as_str()).map_err(backend)? {
             Some(bytes) => Ok(Some(decode(id.as_str().as_bytes(), &bytes)?)),
@@ -317,6 +330,7 @@ mod tests {
             failure: None,
             card: None,
             response_url: None,
+            drift_reported: false,
         }
     }
 
@@ -425,7 +439,18 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        // sled releases its file lock from a background thread after the
+        // handle is dropped; a reopen in the same process waits for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(dir.path()) {
+                Ok(store) => break store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
         assert!(store
             .get(&RequestId::parse("R-CCCCC").unwrap())
             .await

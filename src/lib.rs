@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod locks;
+pub mod metrics;
 pub mod scheduler;
 pub mod server;
 pub mod service;

@@ -16,6 +16,11 @@ const MIN_SLEEP: Duration = Duration::from_millis(100);
 pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     let wake = service.wake_handle();
     loop {
+        let lag = match service.store().next_due().await {
+            Ok(Some(t)) => (service.clock().now() - t).as_seconds_f64().max(0.0),
+            _ => 0.0,
+        };
+        service.metrics().scheduler_lag_seconds.set(lag);
         if let Err(e) = service.run_due().await {
             tracing::error!(error = %e, "scheduler pass failed");
         }

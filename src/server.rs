@@ -9,6 +9,7 @@ use crate::access::{access_entry, aws, aws_auth, AwsClients, Engine};
 use crate::clock::SystemClock;
 use crate::config::{Backend, Config};
 use crate::domain::policy::Strategy;
+use crate::metrics::Metrics;
 use crate::scheduler;
 use crate::service::Service;
 use crate::slack::client::SlackWebApi;
@@ -51,14 +52,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let signing_secret = secret("SLACK_SIGNING_SECRET")?;
     let config = Arc::new(config);
     let store = open_store(&config)?;
+    let metrics = Arc::new(Metrics::new());
     let slack: Arc<dyn SlackApi> = Arc::new(
-        SlackWebApi::new(&slack_api_url(&config), &bot_token).map_err(anyhow::Error::msg)?,
+        SlackWebApi::new(&slack_api_url(&config), &bot_token)
+            .map_err(anyhow::Error::msg)?
+            .with_metrics(metrics.clone()),
     );
     let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
     let engine = Arc::new(Engine::new(clients, kube, store.clone()));
-    let service = Service::new(config.clone(), store.clone(), engine, slack, clock);
+    let service = Service::new(config.clone(), store.clone(), engine, slack, clock, metrics);
 
     // Overdue revokes and half-finished grants are driven before the port
     // opens, so a restart never serves with stale access in place.

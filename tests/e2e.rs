@@ -215,6 +215,38 @@ impl World {
             .collect()
     }
 
+    /// `/metrics`, read by a Prometheus text-format parser.
+    async fn metrics(&self) -> prometheus_parse::Scrape {
+        let url = format!("{}/metrics", self.tollgate.base);
+        let text = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        prometheus_parse::Scrape::parse(lines)
+            .unwrap_or_else(|e| panic!("unparseable metrics: {e}\n{text}"))
+    }
+
+    async fn metric(&self, name: &str, label: Option<(&str, &str)>) -> Option<f64> {
+        let scrape = self.metrics().await;
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .and_then(|s| match &s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(*v),
+                prometheus_parse::Value::Histogram(buckets) => buckets.last().map(|b| b.count),
+                _ => None,
+            })
+    }
+
     async fn healthy(&self) -> bool {
         let url = format!("{}/healthz", self.tollgate.base);
         matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success())
@@ -295,6 +327,32 @@ async fn approve_grants_then_revokes_at_expiry() {
         w.dms_to(REQUESTER, "has expired") == 1
     })
     .await;
+    assert_eq!(
+        w.metric("tollgate_requests_total", Some(("state", "pending")))
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        w.metric("tollgate_requests_total", Some(("state", "active")))
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        w.metric("tollgate_requests_total", Some(("state", "revoked")))
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(w.metric("tollgate_grants_active", None).await, Some(0.0));
+    assert_eq!(w.metric("tollgate_overdue_grants", None).await, Some(0.0));
+    assert_eq!(
+        w.metric("tollgate_revoke_lateness_seconds_count", None)
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        w.metric("tollgate_grant_seconds_count", None).await,
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,6 +595,30 @@ async fn bad_input_gets_a_clear_answer_and_the_server_stays_healthy() {
     assert_eq!(no_payload.status(), 400);
 
     assert!(w.healthy().await, "server healthy after bad input");
+    assert_eq!(
+        w.metric(
+            "tollgate_http_rejected_total",
+            Some(("reason", "bad_signature"))
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        w.metric(
+            "tollgate_http_rejected_total",
+            Some(("reason", "stale_timestamp"))
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        w.metric(
+            "tollgate_http_rejected_total",
+            Some(("reason", "too_large"))
+        )
+        .await,
+        Some(1.0)
+    );
     assert!(
         !w.entry_exists(ALICE).await,
         "no bad input granted anything"

@@ -198,6 +198,7 @@ impl Service {
             }
         }
         self.wake.notify_one();
+        self.metrics.entered(State::Pending.label());
         tracing::info!(request_id = %req.id, cluster = %req.access.cluster, role = %req.access.role, "requested");
 
         let service = Arc::clone(self);

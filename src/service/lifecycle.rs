@@ -304,6 +304,15 @@ impl Service {
         drop(_guard);
         match recorded {
             Ok(Some(notice)) => {
+                if granted {
+                    if let Ok(Some(row)) = self.store.get(id).await {
+                        if let (Some(approved), Some(active)) = (row.approved_at, row.activated_at)
+                        {
+                            let seconds = (active - approved).as_seconds_f64().max(0.0);
+                            self.metrics.grant_seconds.observe(seconds);
+                        }
+                    }
+                }
                 tracing::info!(request_id = %id, granted, "grant step recorded");
                 self.announce(id, notice);
             }
@@ -429,11 +438,16 @@ impl Service {
             .await;
         drop(_guard);
         if let Err(message) = &result {
+            self.metrics.revoke_failures.inc();
             tracing::error!(request_id = %id, error = %message, "revoke failed; will retry");
         }
         match recorded {
             Ok(Some(notice)) => {
                 if result.is_ok() {
+                    if let Some(expired) = req.expires_at {
+                        let lateness = (done_at - expired).as_seconds_f64().max(0.0);
+                        self.metrics.revoke_lateness_seconds.observe(lateness);
+                    }
                     tracing::info!(request_id = %id, "revoked");
                 }
                 self.announce(id, notice);

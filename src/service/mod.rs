@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::domain::audit::AuditEvent;
 use crate::domain::request::{Request, RequestId};
 use crate::locks::KeyedLocks;
+use crate::metrics::Metrics;
 use crate::slack::{blocks, Message, SlackApi};
 use crate::store::{Store, StoreError};
 
@@ -29,6 +30,7 @@ pub struct Service {
     access: Arc<dyn AccessEngine>,
     slack: Arc<dyn SlackApi>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
     /// Wakes the scheduler when a write moves the earliest due instant.
     wake: Arc<Notify>,
     locks: KeyedLocks,
@@ -62,6 +64,7 @@ impl Service {
         access: Arc<dyn AccessEngine>,
         slack: Arc<dyn SlackApi>,
         clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Service {
             config,
@@ -69,6 +72,7 @@ impl Service {
             access,
             slack,
             clock,
+            metrics,
             wake: Arc::new(Notify::new()),
             locks: KeyedLocks::default(),
         })
@@ -76,6 +80,10 @@ impl Service {
 
     pub fn wake_handle(&self) -> Arc<Notify> {
         self.wake.clone()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn config(&self) -> &Arc<Config> {
@@ -105,8 +113,12 @@ impl Service {
             match decide(&current) {
                 Change::Keep(out) => return Ok(out),
                 Change::Write(next, audit, out) => {
+                    let entered = (next.state != current.state).then_some(next.state);
                     match self.store.update(&current, *next, audit).await {
                         Ok(_) => {
+                            if let Some(state) = entered {
+                                self.metrics.entered(state.label());
+                            }
                             self.wake.notify_one();
                             return Ok(out);
                         }

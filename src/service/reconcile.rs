@@ -192,6 +192,7 @@ impl Service {
                 if let Err(e) = self.store.append_audit(vec![event]).await {
                     tracing::error!(error = %e, "reconcile audit event not written");
                 }
+                self.metrics.reconcile_removed.inc();
                 report
                     .removed
                     .push(format!("{} ({})", o.object, o.principal));

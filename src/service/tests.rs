@@ -153,6 +153,7 @@ fn rig() -> Rig {
         access.clone(),
         slack.clone(),
         clock.clone(),
+        Arc::new(crate::metrics::Metrics::new()),
     );
     Rig {
         service,

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Message, SlackApi, SlackError, SlackUser};
+use crate::metrics::Metrics;
 
 type Connector = SlackClientHyperConnector<hyper_rustls::HttpsConnector<HttpConnector>>;
 
 pub struct SlackWebApi {
     client: Arc<SlackClient<Connector>>,
     token: SlackApiToken,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Retries after a 429 wait for Slack's `Retry-After`; past this many the
@@ -45,7 +47,21 @@ impl SlackWebApi {
         Ok(SlackWebApi {
             client: Arc::new(SlackClient::new(connector)),
             token: SlackApiToken::new(SlackApiTokenValue::new(bot_token.to_string())),
+            metrics: None,
         })
+    }
+
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts a failed call by method, then passes the error on.
+    fn fail(&self, method: &'static str, e: SlackClientError) -> SlackError {
+        if let Some(m) = &self.metrics {
+            m.slack_error(method);
+        }
+        map_err(method, e)
     }
 }
 
@@ -88,7 +104,7 @@ impl SlackApi for SlackWebApi {
                 id.to_string(),
             )))
             .await
-            .map_err(|e| map_err("users.info", e))?;
+            .map_err(|e| self.fail("users.info", e))?;
         let u = res.user;
         Ok(SlackUser {
             id: u.id.to_string(),
@@ -107,7 +123,7 @@ impl SlackApi for SlackWebApi {
                 SlackUserGroupId::new(group.to_string()),
             ))
             .await
-            .map_err(|e| map_err("usergroups.users.list", e))?;
+            .map_err(|e| self.fail("usergroups.users.list", e))?;
         Ok(res.users.into_iter().map(|u| u.to_string()).collect())
     }
 
@@ -119,7 +135,7 @@ impl SlackApi for SlackWebApi {
                 content(msg)?,
             ))
             .await
-            .map_err(|e| map_err("chat.postMessage", e))?;
+            .map_err(|e| self.fail("chat.postMessage", e))?;
         Ok(res.ts.to_string())
     }
 
@@ -132,7 +148,7 @@ impl SlackApi for SlackWebApi {
                 SlackTs::new(ts.to_string()),
             ))
             .await
-            .map_err(|e| map_err("chat.update", e))?;
+            .map_err(|e| self.fail("chat.update", e))?;
         Ok(())
     }
 
@@ -144,14 +160,14 @@ impl SlackApi for SlackWebApi {
                     .with_users(vec![SlackUserId::new(user.to_string())]),
             )
             .await
-            .map_err(|e| map_err("conversations.open", e))?;
+            .map_err(|e| self.fail("conversations.open", e))?;
         session
             .chat_post_message(&SlackApiChatPostMessageRequest::new(
                 opened.channel.id,
                 content(msg)?,
             ))
             .await
-            .map_err(|e| map_err("chat.postMessage", e))?;
+            .map_err(|e| self.fail("chat.postMessage", e))?;
         Ok(())
     }
 
@@ -165,7 +181,7 @@ impl SlackApi for SlackWebApi {
         self.client
             .respond_to_event(&SlackResponseUrl::new(url), &req)
             .await
-            .map_err(|e| map_err("response_url", e))?;
+            .map_err(|e| self.fail("response_url", e))?;
         Ok(())
     }
 
@@ -174,7 +190,7 @@ impl SlackApi for SlackWebApi {
         let res = session
             .auth_test()
             .await
-            .map_err(|e| map_err("auth.test", e))?;
+            .map_err(|e| self.fail("auth.test", e))?;
         Ok(res.user_id.to_string())
     }
 
@@ -185,7 +201,7 @@ impl SlackApi for SlackWebApi {
                 channel.to_string(),
             )))
             .await
-            .map_err(|e| map_err("conversations.info", e))?;
+            .map_err(|e| self.fail("conversations.info", e))?;
         Ok(res.channel.flags.is_member.unwrap_or(false))
     }
 }

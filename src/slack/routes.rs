@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use super::blocks::{ACTION_APPROVE, ACTION_DENY};
 use super::verify::{Rejection, Verifier};
+use crate::domain::request::State as RequestState;
 use crate::service::{Decision, Service, SlashCommand};
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/slack/interactions", post(interactions))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -46,6 +48,33 @@ async fn readyz(State(app): State<AppState>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
     }
+}
+
+/// Gauges that describe the store are computed when scraped, so they can
+/// never drift from it.
+async fn metrics(State(app): State<AppState>) -> Response {
+    let service = &app.service;
+    if let Ok(all) = service.store().list().await {
+        let now = service.clock().now();
+        let live: Vec<_> = all
+            .iter()
+            .filter(|r| matches!(r.state, RequestState::Active | RequestState::RevokeFailed))
+            .collect();
+        let overdue = live
+            .iter()
+            .filter(|r| r.expires_at.is_some_and(|e| e <= now))
+            .count();
+        service.metrics().grants_active.set(live.len() as i64);
+        service.metrics().overdue_grants.set(overdue as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        service.metrics().render(),
+    )
+        .into_response()
 }
 
 fn ephemeral(text: String) -> Response {
@@ -90,12 +119,14 @@ async fn authenticated_body(
 ) -> Result<Bytes, Response> {
     let bytes = read_limited(body).await.map_err(|status| {
         tracing::warn!(reason = "too_large", "request rejected");
+        app.service.metrics().rejected("too_large");
         (status, "request body over 64 KiB").into_response()
     })?;
     app.verifier
         .verify(headers, &bytes)
         .map_err(|r: Rejection| {
             tracing::warn!(reason = r.label(), "request rejected");
+            app.service.metrics().rejected(r.label());
             (StatusCode::UNAUTHORIZED, "invalid Slack signature").into_response()
         })?;
     Ok(bytes)

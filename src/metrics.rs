@@ -1,0 +1,155 @@
+//! Prometheus metrics (spec 8.6), in the text format of prometheus-client.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<StateLabel, Counter>,
+    pub grants_active: Gauge,
+    pub overdue_grants: Gauge,
+    pub grant_seconds: Histogram,
+    pub revoke_lateness_seconds: Histogram,
+    pub revoke_failures: Counter,
+    pub reconcile_removed: Counter,
+    pub slack_api_errors: Family<MethodLabel, Counter>,
+    pub http_rejected: Family<ReasonLabel, Counter>,
+    pub scheduler_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let requests = Family::<StateLabel, Counter>::default();
+        registry.register(
+            "requests",
+            "Transitions into each request state",
+            requests.clone(),
+        );
+        let grants_active = Gauge::default();
+        registry.register(
+            "grants_active",
+            "Grants whose access is in place",
+            grants_active.clone(),
+        );
+        let overdue_grants = Gauge::default();
+        registry.register(
+            "overdue_grants",
+            "Grants past expiry whose access is still present",
+            overdue_grants.clone(),
+        );
+        let grant_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        registry.register(
+            "grant_seconds",
+            "Seconds from approval to access in place",
+            grant_seconds.clone(),
+        );
+        let revoke_lateness_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 14));
+        registry.register(
+            "revoke_lateness_seconds",
+            "Seconds from a grant's expiry to its access being gone",
+            revoke_lateness_seconds.clone(),
+        );
+        let revoke_failures = Counter::default();
+        registry.register(
+            "revoke_failures",
+            "Failed revoke attempts",
+            revoke_failures.clone(),
+        );
+        let reconcile_removed = Counter::default();
+        registry.register(
+            "reconcile_removed",
+            "Objects the reconciler removed",
+            reconcile_removed.clone(),
+        );
+        let slack_api_errors = Family::<MethodLabel, Counter>::default();
+        registry.register(
+            "slack_api_errors",
+            "Slack Web API calls that failed",
+            slack_api_errors.clone(),
+        );
+        let http_rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "http_rejected",
+            "HTTP requests refused before parsing",
+            http_rejected.clone(),
+        );
+        let scheduler_lag_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "scheduler_lag_seconds",
+            "How late the scheduler's last pass acted on its earliest due item",
+            scheduler_lag_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            grants_active,
+            overdue_grants,
+            grant_seconds,
+            revoke_lateness_seconds,
+            revoke_failures,
+            reconcile_removed,
+            slack_api_errors,
+            http_rejected,
+            scheduler_lag_seconds,
+        }
+    }
+
+    pub fn entered(&self, state: &str) {
+        self.requests
+            .get_or_create(&StateLabel {
+                state: state.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn slack_error(&self, method: &str) {
+        self.slack_api_errors
+            .get_or_create(&MethodLabel {
+                method: method.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.http_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -463,6 +463,13 @@ impl Resolver<'_> {
                         ),
                     ));
                 }
+                Strategy::AwsAuth if r.namespaced => {
+                    return Err(self.invalid(
+                        role_here,
+                        "namespaced",
+                        format!("role `{role_name}` cannot be namespaced on an aws-auth cluster: aws-auth groups are cluster-wide"),
+                    ));
+                }
                 Strategy::AwsAuth if r.groups.as_ref().is_none_or(|g| g.is_empty()) => {
                     return Err(self.invalid(
                         role_here,

@@ -50,6 +50,34 @@ fn item_field<'a>(item: &'a Value, key: &str) -> Option<&'a str> {
     item.get(key).and_then(Value::as_str)
 }
 
+/// The ARN of an item. The authenticator decodes items case-insensitively
+/// (`rolearn` and `roleARN` are the same key) and compares ARNs in lower
+/// case; so does Tollgate, or it could append an item that silently wins
+/// over someone else's.
+fn item_arn(item: &Value, key: &str) -> Option<String> {
+    item_arn_as_written(item, key).map(|a| a.to_ascii_lowercase())
+}
+
+fn item_arn_as_written(item: &Value, key: &str) -> Option<String> {
+    item.as_mapping()?.iter().find_map(|(k, v)| {
+        let k = k.as_str()?;
+        if k.eq_ignore_ascii_case(key) {
+            v.as_str().map(strip_role_path)
+        } else {
+            None
+        }
+    })
+}
+
+/// A username Tollgate gives a requester: `tollgate:<email>`. Other
+/// `tollgate:` names (Tollgate's own mapping, a `{{SessionName}}` template)
+/// are not its grants.
+pub fn is_grant_username(username: &str) -> bool {
+    username
+        .strip_prefix("tollgate:")
+        .is_some_and(|rest| rest.contains('@') && !rest.contains("{{"))
+}
+
 /// The new `data` of aws-auth, or `None` when it already says what it
 /// should. Pure, so the merge rules are tested without a cluster.
 pub fn plan(
@@ -59,25 +87,15 @@ pub fn plan(
     groups: Option<&[String]>,
 ) -> Result<Option<BTreeMap<String, String>>, String> {
     let arn = strip_role_path(principal);
+    let arn_key = arn.to_ascii_lowercase();
     let (list, key) = list_for(&arn)?;
     let items: Vec<Value> = match data.get(list).map(|s| s.trim()) {
         None | Some("") => Vec::new(),
         Some(text) => serde_yaml::from_str(text)
             .map_err(|e| format!("aws-auth {list} is not valid YAML: {e}"))?,
     };
-    let same_arn: Vec<&Value> = items
-        .iter()
-        .filter(|i| item_field(i, key) == Some(arn.as_str()))
-        .collect();
-    if let Some(other) = same_arn
-        .iter()
-        .find(|i| item_field(i, "username") != Some(username))
-    {
-        return Err(format!(
-            "{arn} is already mapped in aws-auth {list} (username `{}`) by someone else; Tollgate will not shadow that mapping",
-            item_field(other, "username").unwrap_or("?")
-        ));
-    }
+    let same_arn = |i: &Value| item_arn(i, key).as_deref() == Some(arn_key.as_str());
+    let mine = |i: &Value| same_arn(i) && item_field(i, "username") == Some(username);
     let wanted = groups.map(|g| {
         let mut m = Mapping::new();
         m.insert(key.into(), arn.clone().into());
@@ -88,28 +106,35 @@ pub fn plan(
         );
         Value::Mapping(m)
     });
+    if wanted.is_some() {
+        // Only adding can shadow; removing Tollgate's own item is always
+        // allowed, whatever else appeared meanwhile.
+        if let Some(other) = items.iter().find(|i| same_arn(i) && !mine(i)) {
+            return Err(format!(
+                "{arn} is already mapped in aws-auth {list} (username `{}`) by someone else; Tollgate will not shadow that mapping",
+                item_field(other, "username").unwrap_or("?")
+            ));
+        }
+    }
+    let existing: Vec<&Value> = items.iter().filter(|i| mine(i)).collect();
     let unchanged = match &wanted {
-        Some(w) => same_arn.len() == 1 && same_arn[0] == w,
-        None => same_arn.is_empty(),
+        Some(w) => existing.len() == 1 && existing[0] == w,
+        None => existing.is_empty(),
     };
     if unchanged {
         return Ok(None);
     }
-    let mut next: Vec<Value> = items
-        .iter()
-        .filter(|i| {
-            !(item_field(i, key) == Some(arn.as_str())
-                && item_field(i, "username") == Some(username))
-        })
-        .cloned()
-        .collect();
+    let mut next: Vec<Value> = items.iter().filter(|i| !mine(i)).cloned().collect();
     next.extend(wanted);
     let mut out = data.clone();
     if next.is_empty() {
         out.remove(list);
     } else {
-        let text =
-            serde_yaml::to_string(&next).map_err(|e| format!("serialising aws-auth: {e}"))?;
+        // Written as JSON, which is YAML too: every string stays quoted, so
+        // a value like `yes` or `off` cannot turn into a YAML 1.1 boolean
+        // for the authenticator and break every mapping.
+        let text = serde_json::to_string_pretty(&next)
+            .map_err(|e| format!("serialising aws-auth: {e}"))?;
         out.insert(list.to_string(), text);
     }
     Ok(Some(out))
@@ -185,10 +210,12 @@ pub fn owned_items(data: &BTreeMap<String, String>) -> Vec<Owned> {
         let Some(text) = data.get(list) else { continue };
         let items: Vec<Value> = serde_yaml::from_str(text).unwrap_or_default();
         for item in &items {
-            if let (Some(arn), Some(user)) = (item_field(item, key), item_field(item, "username")) {
-                if user.starts_with("tollgate:") {
+            if let (Some(arn), Some(user)) =
+                (item_arn_as_written(item, key), item_field(item, "username"))
+            {
+                if is_grant_username(user) {
                     out.push(Owned {
-                        principal: arn.to_string(),
+                        principal: arn,
                         grant_id: None,
                         object: format!("aws-auth {list} item for {user}"),
                     });
@@ -217,7 +244,29 @@ impl AccessEngine for AwsAuthStrategy {
     ) -> Result<(), AccessError> {
         let client = self.kube.client(cluster).await?;
         let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
-        let username = grants.iter().find_map(|g| g.spec.k8s_user.clone());
+        let mut users: Vec<&str> = grants
+            .iter()
+            .filter_map(|g| g.spec.k8s_user.as_deref())
+            .collect();
+        users.sort();
+        users.dedup();
+        if users.len() > 1 {
+            // One aws-auth item maps one ARN to one user; two people behind
+            // one IAM principal cannot both be told apart in the cluster.
+            return Err(error(
+                cluster,
+                "update aws-auth",
+                format!("{principal} is the IAM principal of several requesters ({}); give each their own principal in [identity]", users.join(", ")),
+            ));
+        }
+        if !grants.is_empty() && users.is_empty() {
+            return Err(error(
+                cluster,
+                "update aws-auth",
+                "the grant names no Kubernetes user".into(),
+            ));
+        }
+        let username = users.first().map(|u| u.to_string());
         let mut groups: Vec<String> = grants
             .iter()
             .flat_map(|g| g.spec.groups.iter().cloned())
@@ -266,11 +315,12 @@ fn existing_tollgate_user(data: &BTreeMap<String, String>, principal: &str) -> O
     let arn = strip_role_path(principal);
     let (list, key) = list_for(&arn).ok()?;
     let items: Vec<Value> = serde_yaml::from_str(data.get(list)?).ok()?;
+    let arn_key = arn.to_ascii_lowercase();
     items
         .iter()
-        .filter(|i| item_field(i, key) == Some(arn.as_str()))
+        .filter(|i| item_arn(i, key).as_deref() == Some(arn_key.as_str()))
         .filter_map(|i| item_field(i, "username"))
-        .find(|u| u.starts_with("tollgate:"))
+        .find(|u| is_grant_username(u))
         .map(str::to_string)
 }
 
@@ -382,5 +432,72 @@ mod tests {
             err.contains("already mapped") && err.contains("system:node"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn matches_keys_and_arns_like_the_authenticator() {
+        let foreign = "- roleARN: arn:aws:iam::123:role/Alice\n  username: alice-admin\n  groups: [system:masters]\n";
+        let d = BTreeMap::from([("mapRoles".to_string(), foreign.to_string())]);
+        let err = plan(
+            &d,
+            "arn:aws:iam::123:role/alice",
+            "tollgate:a@x.com",
+            Some(&["g".to_string()]),
+        )
+        .unwrap_err();
+        assert!(err.contains("already mapped"), "{err}");
+    }
+
+    #[test]
+    fn removal_is_never_blocked_by_a_later_foreign_mapping() {
+        let sso = "arn:aws:iam::123:role/alice";
+        let added = plan(&data(), sso, "tollgate:a@x.com", Some(&["g".to_string()]))
+            .unwrap()
+            .unwrap();
+        let mut roles = items(&added, "mapRoles");
+        roles.push(
+            serde_yaml::from_str(
+                "{rolearn: 'arn:aws:iam::123:role/alice', username: eksctl-user, groups: [x]}",
+            )
+            .unwrap(),
+        );
+        let d = BTreeMap::from([(
+            "mapRoles".to_string(),
+            serde_json::to_string(&roles).unwrap(),
+        )]);
+        let removed = plan(&d, sso, "tollgate:a@x.com", None).unwrap().unwrap();
+        let left = items(&removed, "mapRoles");
+        assert_eq!(left.len(), 2);
+        assert!(left
+            .iter()
+            .all(|i| item_field(i, "username") != Some("tollgate:a@x.com")));
+    }
+
+    #[test]
+    fn other_items_keep_their_meaning_through_a_rewrite() {
+        let tricky = "- rolearn: arn:aws:iam::123:role/x\n  username: \"yes\"\n  groups:\n    - 'off'\n    - \"007\"\n";
+        let d = BTreeMap::from([("mapRoles".to_string(), tricky.to_string())]);
+        let out = plan(
+            &d,
+            "arn:aws:iam::123:role/alice",
+            "tollgate:a@x.com",
+            Some(&["g".to_string()]),
+        )
+        .unwrap()
+        .unwrap();
+        let text = &out["mapRoles"];
+        assert!(
+            text.contains("\"yes\"") && text.contains("\"off\"") && text.contains("\"007\""),
+            "{text}"
+        );
+        assert_eq!(items(&out, "mapRoles")[0], items(&d, "mapRoles")[0]);
+    }
+
+    #[test]
+    fn only_requesters_usernames_are_grants() {
+        assert!(is_grant_username("tollgate:alice@example.com"));
+        assert!(!is_grant_username("tollgate:controller"));
+        assert!(!is_grant_username("tollgate:{{SessionNameRaw}}"));
+        assert!(!is_grant_username("alice@example.com"));
     }
 }

@@ -121,9 +121,12 @@ impl Service {
         // by session name; the others need an IAM principal of their own.
         let principal = match cluster.strategy {
             Strategy::SessionRbac => k8s_user.clone(),
-            Strategy::AccessEntry | Strategy::AwsAuth => {
-                self.config.identity.principal_for(cluster, &email)?
-            }
+            Strategy::AccessEntry => self.config.identity.principal_for(cluster, &email)?,
+            // aws-auth matches roles without their path; recording it that
+            // way keeps one principal one key for locks and overlaps.
+            Strategy::AwsAuth => crate::access::aws_auth::strip_role_path(
+                &self.config.identity.principal_for(cluster, &email)?,
+            ),
         };
 
         let now = self.clock.now();
@@ -146,8 +149,16 @@ impl Service {
                     _ => None,
                 },
                 namespaces: resolved.namespaces.clone(),
-                cluster_role: role.cluster_role.clone(),
-                groups: role.groups.clone(),
+                // Only the cluster's strategy's fields, so the card describes
+                // the change that approval will really make.
+                cluster_role: (cluster.strategy == Strategy::SessionRbac)
+                    .then(|| role.cluster_role.clone())
+                    .flatten(),
+                groups: if cluster.strategy == Strategy::AwsAuth {
+                    role.groups.clone()
+                } else {
+                    Vec::new()
+                },
                 k8s_user: Some(k8s_user),
             },
             reason: resolved.reason.clone(),

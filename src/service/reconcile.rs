@@ -24,7 +24,8 @@ pub struct ReconcileReport {
 /// How a strategy names a principal in what it owns.
 fn principal_key(strategy: Strategy, principal: &str) -> String {
     match strategy {
-        Strategy::AwsAuth => strip_role_path(principal),
+        // The authenticator ignores an ARN's path and case.
+        Strategy::AwsAuth => strip_role_path(principal).to_ascii_lowercase(),
         Strategy::AccessEntry | Strategy::SessionRbac => principal.to_string(),
     }
 }

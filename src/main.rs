@@ -2,6 +2,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tollgate::admin::{AdminRequest, AdminResponse};
 use tollgate::config::Config;
 
 /// Just-in-time, time-boxed access to Amazon EKS, approved in Slack.
@@ -89,6 +90,66 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+async fn admin(config: &std::path::Path, request: AdminRequest, json: bool) -> ExitCode {
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let response = match tollgate::server::admin_command(config, request).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match response {
+        AdminResponse::Grants { grants } => {
+            for g in grants {
+                let expires = g.expires_at.and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                });
+                if json {
+                    let line = serde_json::json!({
+                        "id": g.id, "state": g.state.label(), "requester": g.requester.user_id,
+                        "email": g.requester.email, "cluster": g.access.cluster, "role": g.access.role,
+                        "principal": g.access.principal, "namespaces": g.access.namespaces, "expires_at": expires,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{}  {:<13} {:<20} {:<10} {:<28} {}",
+                        g.id,
+                        g.state.label(),
+                        g.access.cluster,
+                        g.access.role,
+                        g.requester.email,
+                        expires.unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        AdminResponse::Audit { events } => {
+            for e in events {
+                match serde_json::to_string(&e) {
+                    Ok(line) => println!("{line}"),
+                    Err(err) => eprintln!("error: unprintable audit event: {err}"),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        AdminResponse::Done { message } => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        AdminResponse::Error { message } => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn not_yet(what: &str) -> ExitCode {
     eprintln!("error: `tollgate {what}` is not available in this version of Tollgate");
     ExitCode::from(2)
@@ -126,14 +187,42 @@ async fn main() -> ExitCode {
             }
         }
         Cmd::Grants {
-            action: GrantsCmd::List { .. },
-        } => not_yet("grants list"),
+            action: GrantsCmd::List { config, json },
+        } => admin(&config, AdminRequest::ListGrants, json).await,
         Cmd::Grants {
-            action: GrantsCmd::Revoke { .. },
-        } => not_yet("grants revoke"),
+            action: GrantsCmd::Revoke { config, id, reason },
+        } => {
+            let os_user = std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .unwrap_or_else(|_| "unknown".into());
+            admin(
+                &config,
+                AdminRequest::Revoke {
+                    id,
+                    reason,
+                    os_user,
+                },
+                false,
+            )
+            .await
+        }
         Cmd::Audit {
-            action: AuditCmd::Export { .. },
-        } => not_yet("audit export"),
+            action: AuditCmd::Export { config, since },
+        } => {
+            let since = match since.as_deref().map(|s| {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+            }) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    eprintln!(
+                        "error: --since must be an RFC 3339 time like 2026-11-23T12:00:00Z: {e}"
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            admin(&config, AdminRequest::AuditExport { since }, true).await
+        }
         Cmd::Store {
             action: StoreCmd::Init { config },
         } => match load(&config) {

@@ -6,6 +6,7 @@ use tokio::sync::watch;
 
 use crate::access::kube::KubeClients;
 use crate::access::{access_entry, aws, aws_auth, AwsClients, Engine};
+use crate::admin::{self, AdminRequest, AdminResponse};
 use crate::clock::SystemClock;
 use crate::config::{Backend, Config};
 use crate::domain::policy::Strategy;
@@ -71,7 +72,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let scheduler_task = tokio::spawn(scheduler::run(service.clone(), stop_rx.clone()));
-    let reconciler_task = tokio::spawn(scheduler::reconcile(service.clone(), stop_rx));
+    let reconciler_task = tokio::spawn(scheduler::reconcile(service.clone(), stop_rx.clone()));
+    let admin_path = admin::socket_path(&config.store.path);
+    let admin_task = {
+        let (service, path) = (service.clone(), admin_path.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(service, path.clone(), stop_rx).await {
+                tracing::error!(path = %path.display(), error = %e, "admin socket unavailable; the CLI cannot reach this server");
+            }
+        })
+    };
     let ready = Arc::new(AtomicBool::new(true));
     let app = router(AppState {
         service: service.clone(),
@@ -94,9 +104,93 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = scheduler_task.await;
     let _ = reconciler_task.await;
+    let _ = admin_task.await;
     store.flush().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Slack for commands run without a bot token: messages are skipped, and
+/// said so in the log.
+struct NoSlack;
+
+#[async_trait::async_trait]
+impl SlackApi for NoSlack {
+    async fn user(&self, _: &str) -> Result<crate::slack::SlackUser, crate::slack::SlackError> {
+        Err(no_slack("users.info"))
+    }
+    async fn group_members(&self, _: &str) -> Result<Vec<String>, crate::slack::SlackError> {
+        Err(no_slack("usergroups.users.list"))
+    }
+    async fn post(
+        &self,
+        _: &str,
+        _: &crate::slack::Message,
+    ) -> Result<String, crate::slack::SlackError> {
+        Err(no_slack("chat.postMessage"))
+    }
+    async fn update(
+        &self,
+        _: &str,
+        _: &str,
+        _: &crate::slack::Message,
+    ) -> Result<(), crate::slack::SlackError> {
+        Err(no_slack("chat.update"))
+    }
+    async fn dm(&self, _: &str, _: &crate::slack::Message) -> Result<(), crate::slack::SlackError> {
+        Err(no_slack("chat.postMessage"))
+    }
+    async fn respond(
+        &self,
+        _: &str,
+        _: &crate::slack::Message,
+    ) -> Result<(), crate::slack::SlackError> {
+        Err(no_slack("response_url"))
+    }
+    async fn auth_test(&self) -> Result<String, crate::slack::SlackError> {
+        Err(no_slack("auth.test"))
+    }
+    async fn is_member(&self, _: &str) -> Result<bool, crate::slack::SlackError> {
+        Err(no_slack("conversations.info"))
+    }
+}
+
+fn no_slack(method: &'static str) -> crate::slack::SlackError {
+    crate::slack::SlackError::Transport {
+        method,
+        message: "SLACK_BOT_TOKEN is not set for this command".into(),
+    }
+}
+
+/// Runs an admin request on the running server through its socket, or,
+/// when none runs, on the store directly.
+pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Result<AdminResponse> {
+    let path = admin::socket_path(&config.store.path);
+    if let Some(response) = admin::call(&path, &request).await? {
+        return Ok(response);
+    }
+    let config = Arc::new(config);
+    let store = open_store(&config).map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\n(no server answered on {}; is one running without its admin socket?)",
+            path.display()
+        )
+    })?;
+    let metrics = Arc::new(Metrics::new());
+    let slack: Arc<dyn SlackApi> = match secret("SLACK_BOT_TOKEN") {
+        Ok(token) => {
+            Arc::new(SlackWebApi::new(&slack_api_url(&config), &token).map_err(anyhow::Error::msg)?)
+        }
+        Err(_) => Arc::new(NoSlack),
+    };
+    let clock = Arc::new(SystemClock);
+    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
+    let engine = Arc::new(Engine::new(clients, kube, store.clone()));
+    let service = Service::new(config, store.clone(), engine, slack, clock, metrics);
+    let response = admin::handle(&service, request).await;
+    store.flush().await?;
+    Ok(response)
 }
 
 async fn shutdown_signal() {

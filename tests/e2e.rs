@@ -797,3 +797,102 @@ async fn reconciler_removes_tagged_orphans_and_leaves_other_entries() {
         "an entry without Tollgate's tags is never touched"
     );
 }
+
+fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("USER", "oncall-ops")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
+    let mut w = World::new().await;
+    let id = w.request("eks prod-cluster 30m view INC-42").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+    let config = w.tollgate.config_path.clone();
+
+    let c = config.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || cli(&c, &["grants", "list", "--json"]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    let grants: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(grants.len(), 1, "{out}");
+    assert_eq!(grants[0]["id"], id.as_str());
+    assert_eq!(grants[0]["state"], "active");
+    assert_eq!(grants[0]["principal"], ALICE);
+
+    let (c, i) = (config.clone(), id.clone());
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        cli(&c, &["grants", "revoke", &i, "--reason", "leaver"])
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains("revoked"), "{out}{err}");
+    assert!(
+        !w.entry_exists(ALICE).await,
+        "access gone when the command returns"
+    );
+
+    let c = config.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&c, &["audit", "export"]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["request_id"] == id.as_str())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["requested", "approval", "approved", "granted", "revoked"],
+        "{out}"
+    );
+    let revoked = events.last().unwrap();
+    assert_eq!(revoked["actor"], "tollgate");
+    assert_eq!(revoked["details"]["reason"], "admin");
+    assert_eq!(revoked["details"]["via"], "cli");
+    assert_eq!(revoked["details"]["os_user"], "oncall-ops");
+    assert_eq!(revoked["details"]["note"], "leaver");
+    assert!(!out.contains(SIGNING_SECRET) && !out.contains(BOT_TOKEN));
+
+    // With the server gone the same commands read the store directly.
+    w.tollgate.kill9();
+    let c = config.clone();
+    let (ok, offline, err) = tokio::task::spawn_blocking(move || {
+        cli(&c, &["audit", "export", "--since", "2000-01-01T00:00:00Z"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(offline.lines().count(), out.lines().count());
+    let c = config.clone();
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || cli(&c, &["audit", "export", "--since", "yesterday"]))
+            .await
+            .unwrap();
+    assert!(!ok && err.contains("RFC 3339"), "{err}");
+}

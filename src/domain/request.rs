@@ -147,6 +147,9 @@ impl RevokeReason {
 pub struct RevokeIntent {
     pub reason: RevokeReason,
     pub by: String,
+    /// Free text the revoker gave (`--reason`).
+    #[serde(default)]
+    pub note: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
 }

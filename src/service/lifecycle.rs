@@ -296,8 +296,9 @@ impl Service {
                 if next.apply(Event::Revoked).is_err() {
                     return Change::Keep(None);
                 }
-                let reason = next.revoke.as_ref().map(|r| r.reason.label()).unwrap_or("early");
-                let audit = AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, json!({"reason": reason, "before_grant": true}));
+                let mut details = super::admin::revoke_details(next.revoke.as_ref());
+                details["before_grant"] = json!(true);
+                let audit = AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, details);
                 Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
             })
             .await;
@@ -399,20 +400,23 @@ impl Service {
                             next.revoke = Some(RevokeIntent {
                                 reason: RevokeReason::Expiry,
                                 by: ACTOR_TOLLGATE.into(),
+                                note: None,
                                 at: next.expires_at.unwrap_or(done_at),
                             });
                         }
                         next.ended_at = Some(done_at);
                         next.retry_at = None;
-                        let reason = next.revoke.as_ref().map(|r| r.reason.label()).unwrap_or("expiry");
-                        let lateness = next.expires_at.map(|e| (done_at - e).as_seconds_f64().max(0.0));
-                        let audit = AuditEvent::for_request(
-                            &next,
-                            "revoked",
-                            ACTOR_TOLLGATE,
-                            done_at,
-                            json!({"reason": reason, "lateness_seconds": lateness, "attempts": next.attempts + 1}),
-                        );
+                        let lateness = next
+                            .expires_at
+                            .map(|e| (done_at - e).as_seconds_f64().max(0.0));
+                        let audit =
+                            AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, {
+                                let mut details =
+                                    super::admin::revoke_details(next.revoke.as_ref());
+                                details["lateness_seconds"] = json!(lateness);
+                                details["attempts"] = json!(next.attempts + 1);
+                                details
+                            });
                         Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
                     }
                     Err(message) => {
@@ -429,7 +433,9 @@ impl Service {
                                 done_at,
                                 json!({"error": message, "attempts": next.attempts}),
                             ));
-                            notice = Some(Notice::RevokeFailing { error: message.clone() });
+                            notice = Some(Notice::RevokeFailing {
+                                error: message.clone(),
+                            });
                         }
                         Change::Write(Box::new(next), audit, notice)
                     }

@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::slack::{blocks, Message, SlackApi};
 use crate::store::{Store, StoreError};
 
+mod admin;
 mod commands;
 mod decide;
 mod lifecycle;

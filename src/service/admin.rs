@@ -1,0 +1,132 @@
+//! What operators do from the command line: list live grants, force a
+//! revoke, read the audit log. The CLI reaches these through the running
+//! server's admin socket, or directly on the store when no server runs.
+
+use serde_json::json;
+use std::sync::Arc;
+
+use super::{Change, Notice, Service};
+use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
+use crate::domain::request::{Event, Request, RequestId, RevokeIntent, RevokeReason, State};
+
+/// `RevokeIntent::by` for a revoke forced from the command line.
+pub const CLI_PREFIX: &str = "cli:";
+
+/// The audit details of a revoke: its reason, and for an admin's, who.
+pub(super) fn revoke_details(intent: Option<&RevokeIntent>) -> serde_json::Value {
+    let reason = intent.map(|i| i.reason.label()).unwrap_or("expiry");
+    let mut details = json!({"reason": reason});
+    if let Some(user) = intent.and_then(|i| i.by.strip_prefix(CLI_PREFIX)) {
+        details["via"] = json!("cli");
+        details["os_user"] = json!(user);
+    }
+    if let Some(note) = intent.and_then(|i| i.note.as_deref()) {
+        details["note"] = json!(note);
+    }
+    details
+}
+
+impl Service {
+    /// Requests that still hold or may still get access.
+    pub async fn live_requests(&self) -> Result<Vec<Request>, String> {
+        let mut out: Vec<Request> = self
+            .store
+            .list()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|r| !r.state.is_terminal())
+            .collect();
+        out.sort_by_key(|r| r.created_at);
+        Ok(out)
+    }
+
+    /// An admin's forced revoke: a pending request is cancelled, an
+    /// approved one is never granted (or converged away), an active one is
+    /// revoked now. Returns what happened, for the operator.
+    pub async fn admin_revoke(
+        self: &Arc<Self>,
+        id_text: &str,
+        reason: Option<&str>,
+        os_user: &str,
+    ) -> Result<String, String> {
+        let id = RequestId::parse(id_text)
+            .ok_or_else(|| format!("`{id_text}` is not a request id (like R-7F3K2)"))?;
+        let now = self.clock.now();
+        let details = json!({"via": "cli", "os_user": os_user, "note": reason});
+        let outcome = self
+            .modify(&id, |current| {
+                let mut next = current.clone();
+                match current.state {
+                    State::Pending => {
+                        if next.apply(Event::Cancel).is_err() {
+                            return Change::Keep(Err(current.state));
+                        }
+                        next.ended_at = Some(now);
+                        let audit = AuditEvent::for_request(
+                            &next,
+                            "cancelled",
+                            ACTOR_TOLLGATE,
+                            now,
+                            details.clone(),
+                        );
+                        Change::Write(Box::new(next), vec![audit], Ok(State::Cancelled))
+                    }
+                    State::Approved | State::Active | State::RevokeFailed
+                        if current.revoke.is_none() =>
+                    {
+                        // Audited as `revoked` (reason admin, via cli, the OS
+                        // user) once the access is actually gone.
+                        next.revoke = Some(RevokeIntent {
+                            reason: RevokeReason::Admin,
+                            by: format!("{CLI_PREFIX}{os_user}"),
+                            note: reason.map(str::to_string),
+                            at: now,
+                        });
+                        next.retry_at = None;
+                        Change::Write(Box::new(next), Vec::new(), Ok(current.state))
+                    }
+                    State::Approved | State::Active | State::RevokeFailed => {
+                        Change::Keep(Ok(current.state))
+                    }
+                    other => Change::Keep(Err(other)),
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        match outcome {
+            Ok(State::Cancelled) => {
+                self.announce(&id, Notice::CardOnly);
+                Ok(format!(
+                    "{id} was pending; it is cancelled and will never be granted."
+                ))
+            }
+            Ok(_) => {
+                // Revoke now rather than wait for the scheduler's next pass.
+                self.drive(&id).await;
+                match self.store.get(&id).await.map_err(|e| e.to_string())? {
+                    Some(r) if r.state == State::Revoked => Ok(format!("{id} is revoked; its access is gone.")),
+                    Some(r) => Ok(format!(
+                        "{id} is marked for revocation but is still {} (Tollgate keeps retrying; see the server log).",
+                        r.state.label()
+                    )),
+                    None => Err(format!("{id} disappeared from the store")),
+                }
+            }
+            Err(state) => Err(format!(
+                "{id} is already {}; nothing to revoke.",
+                state.label()
+            )),
+        }
+    }
+
+    pub async fn audit_since(
+        &self,
+        since: Option<time::OffsetDateTime>,
+    ) -> Result<Vec<AuditEvent>, String> {
+        self.store
+            .audit_since(since)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

@@ -417,7 +417,16 @@ impl Service {
                                 details["attempts"] = json!(next.attempts + 1);
                                 details
                             });
-                        Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
+                        let recovered = current.state == State::RevokeFailed;
+                        Change::Write(
+                            Box::new(next),
+                            vec![audit],
+                            Some(if recovered {
+                                Notice::RevokeRecovered
+                            } else {
+                                Notice::Revoked
+                            }),
+                        )
                     }
                     Err(message) => {
                         next.attempts += 1;

@@ -45,7 +45,11 @@ pub(crate) enum Notice {
     Denied,
     Expired,
     Revoked,
-    RevokeFailing { error: String },
+    RevokeFailing {
+        error: String,
+    },
+    /// A revoke that had been alerted on finally went through.
+    RevokeRecovered,
 }
 
 /// What a read-modify-write decides after looking at the current row.
@@ -188,17 +192,28 @@ impl Service {
                 Notice::Expired => service.dm(&user, blocks::expired_dm(&req)).await,
                 Notice::Revoked => service.dm(&user, blocks::revoked_dm(&req, now)).await,
                 Notice::RevokeFailing { error } => {
-                    let Some(channel) = service.config.slack.security_channel.clone() else {
-                        tracing::error!(request_id = %id, "revoke failing and no slack.security_channel to alert");
-                        return;
-                    };
-                    let msg = blocks::revoke_failing_alert(&req, &error);
-                    if let Err(e) = service.slack.post(&channel, &msg).await {
-                        tracing::error!(request_id = %id, error = %e, "revoke-failure alert not delivered");
-                    }
+                    service
+                        .alert(&id, blocks::revoke_failing_alert(&req, &error))
+                        .await
+                }
+                Notice::RevokeRecovered => {
+                    service.dm(&user, blocks::revoked_dm(&req, now)).await;
+                    service
+                        .alert(&id, blocks::revoke_recovered_alert(&req, now))
+                        .await
                 }
             }
         });
+    }
+
+    async fn alert(&self, id: &RequestId, msg: Message) {
+        let Some(channel) = self.config.slack.security_channel.clone() else {
+            tracing::error!(request_id = %id, text = %msg.text, "no slack.security_channel to alert");
+            return;
+        };
+        if let Err(e) = self.slack.post(&channel, &msg).await {
+            tracing::error!(request_id = %id, error = %e, "alert not delivered");
+        }
     }
 
     async fn refresh_card(&self, req: &Request) {

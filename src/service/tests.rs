@@ -279,6 +279,15 @@ async fn failing_revoke_backs_off_escalates_alerts_then_completes() {
 
     r.service.run_due().await.unwrap();
     assert_eq!(r.state(&id).await.state, State::Revoked);
+    r.wait_for("all-clear", |r| {
+        r.slack
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(c, t)| c == "C0SECURITY" && t.contains("All clear"))
+    })
+    .await;
     let names = r.audit_names().await;
     assert_eq!(names.iter().filter(|n| *n == "revoke_failed").count(), 1);
     assert_eq!(names.last().map(String::as_str), Some("revoked"));

@@ -269,6 +269,18 @@ pub fn revoke_failing_alert(req: &Request, error: &str) -> Message {
     ))
 }
 
+pub fn revoke_recovered_alert(req: &Request, now: OffsetDateTime) -> Message {
+    Message::plain(format!(
+        ":white_check_mark: All clear: {} (`{}` on {} for `{}`) is revoked after {} attempts, at {}.",
+        req.id,
+        req.access.role,
+        req.access.cluster,
+        req.access.principal,
+        req.attempts + 1,
+        utc_time(now, now)
+    ))
+}
+
 pub fn expired_dm(req: &Request) -> Message {
     Message::plain(format!(
         "Your request {} for `{}` on {} expired: nobody decided within the approval window. Ask again if you still need it.",

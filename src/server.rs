@@ -20,6 +20,8 @@ use crate::slack::SlackApi;
 use crate::store::{SledStore, Store};
 
 pub const DEFAULT_SLACK_API_URL: &str = "https://slack.com/api";
+/// How long shutdown waits for grants and revokes under way.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Secrets come from the environment only; the error names the variable,
 /// never a value.
@@ -102,6 +104,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await?;
     ready.store(false, Ordering::SeqCst);
     let _ = stop_tx.send(true);
+    if !service.drain(SHUTDOWN_GRACE).await {
+        tracing::warn!(
+            "grants or revokes still running at shutdown; start-up recovery will finish them"
+        );
+    }
     let _ = scheduler_task.await;
     let _ = reconciler_task.await;
     let _ = admin_task.await;

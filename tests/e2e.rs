@@ -896,3 +896,50 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
             .unwrap();
     assert!(!ok && err.contains("RFC 3339"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_grant_leaves_it_whole_or_not_made() {
+    let mut w = World::new().await;
+    let id = w.request("eks prod-cluster 10m view INC-TERM").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    // Terminate while the grant may be anywhere between the click and the
+    // store write; whatever the timing, shutdown is clean and bounded.
+    let status = w.tollgate.terminate(Duration::from_secs(35)).await;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        w.tollgate.log()
+    );
+    assert!(w.tollgate.log().contains("stopped"), "{}", w.tollgate.log());
+
+    let config = w.tollgate.config_path.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || cli(&config, &["grants", "list", "--json"]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    let state = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|g| g["id"] == id.as_str())
+        .map(|g| g["state"].as_str().unwrap().to_string());
+    let granted = w.has_policy(ALICE, VIEW).await;
+    match state.as_deref() {
+        Some("active") => assert!(granted, "recorded active, so access must exist"),
+        Some("approved") | Some("pending") => {
+            assert!(!granted, "not recorded as granted, so no access may exist")
+        }
+        other => panic!("unexpected state {other:?}: {out}"),
+    }
+    // Whatever was not finished is finished by the next start; a click
+    // that never reached the store is simply made again.
+    w.tollgate.start_again().await;
+    if state.as_deref() == Some("pending") {
+        w.click(APPROVER, "approve", &id, &ts).await;
+    }
+    wait_until("granted after restart", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+}

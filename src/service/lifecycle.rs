@@ -215,6 +215,9 @@ impl Service {
     }
 
     async fn grant(self: &Arc<Self>, snapshot: &Request, when: When) {
+        let Some(_working) = self.begin_work().await else {
+            return;
+        };
         let id = &snapshot.id;
         let _guard = self.locks.lock(Self::lock_key(snapshot)).await;
         let now = self.clock.now();
@@ -369,6 +372,9 @@ impl Service {
     }
 
     async fn revoke(self: &Arc<Self>, snapshot: &Request, when: When) {
+        let Some(_working) = self.begin_work().await else {
+            return;
+        };
         let id = &snapshot.id;
         let _guard = self.locks.lock(Self::lock_key(snapshot)).await;
         let now = self.clock.now();

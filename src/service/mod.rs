@@ -35,7 +35,11 @@ pub struct Service {
     /// Wakes the scheduler when a write moves the earliest due instant.
     wake: Arc<Notify>,
     locks: KeyedLocks,
+    /// One permit per grant or revoke under way; shutdown takes them all.
+    work: tokio::sync::Semaphore,
 }
+
+const WORK_PERMITS: u32 = 1 << 20;
 
 /// What the people involved are told after a state change.
 pub(crate) enum Notice {
@@ -80,7 +84,25 @@ impl Service {
             metrics,
             wake: Arc::new(Notify::new()),
             locks: KeyedLocks::default(),
+            work: tokio::sync::Semaphore::new(WORK_PERMITS as usize),
         })
+    }
+
+    /// Graceful shutdown: waits (up to `limit`) for the grants and revokes
+    /// under way to finish and be recorded, and lets no new one start.
+    /// Whatever did not start is picked up by the next start-up.
+    pub async fn drain(&self, limit: std::time::Duration) -> bool {
+        let finished = matches!(
+            tokio::time::timeout(limit, self.work.acquire_many(WORK_PERMITS)).await,
+            Ok(Ok(_))
+        );
+        self.work.close();
+        finished
+    }
+
+    /// A permit to change access, or `None` once shutting down.
+    pub(crate) async fn begin_work(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.work.acquire().await.ok()
     }
 
     pub fn wake_handle(&self) -> Arc<Notify> {

@@ -283,6 +283,8 @@ pub struct Config {
     pub slack: SlackSection,
     pub identity: IdentityPolicy,
     pub clusters: Vec<ClusterPolicy>,
+    /// `serve --dry-run`: the whole flow runs, access is never changed.
+    pub dry_run: bool,
 }
 
 impl Config {
@@ -380,6 +382,7 @@ impl Resolver<'_> {
             slack: file.slack,
             identity,
             clusters,
+            dry_run: false,
         })
     }
 

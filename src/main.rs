@@ -19,6 +19,10 @@ enum Cmd {
     Serve {
         #[arg(long, default_value = "tollgate.toml")]
         config: PathBuf,
+        /// Run the whole flow but only log and audit the AWS/Kubernetes
+        /// writes, for trying Tollgate before giving it IAM rights.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Check config, Slack, AWS and every cluster; non-zero on failure.
     Check {
@@ -162,11 +166,12 @@ async fn main() -> ExitCode {
     tollgate::telemetry::init();
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Serve { config } => {
-            let config = match load(&config) {
+        Cmd::Serve { config, dry_run } => {
+            let mut config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            config.dry_run = dry_run;
             match tollgate::server::serve(config).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

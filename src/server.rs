@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::access::kube::KubeClients;
-use crate::access::{access_entry, aws, aws_auth, AwsClients, Engine};
+use crate::access::{access_entry, aws, aws_auth, AccessEngine, AwsClients, DryRun, Engine};
 use crate::admin::{self, AdminRequest, AdminResponse};
 use crate::clock::SystemClock;
 use crate::config::{Backend, Config};
@@ -64,7 +64,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
-    let engine = Arc::new(Engine::new(clients, kube, store.clone()));
+    let engine: Arc<dyn AccessEngine> = if config.dry_run {
+        tracing::warn!("dry run: AWS and Kubernetes writes are logged and audited, never made");
+        Arc::new(DryRun)
+    } else {
+        Arc::new(Engine::new(clients, kube, store.clone()))
+    };
     let service = Service::new(config.clone(), store.clone(), engine, slack, clock, metrics);
 
     // Overdue revokes and half-finished grants are driven before the port

@@ -82,6 +82,10 @@ impl World {
     }
 
     async fn with_config(config: String) -> World {
+        World::with_config_and_args(config, &[]).await
+    }
+
+    async fn with_config_and_args(config: String, args: &[&str]) -> World {
         support::install_crypto_provider();
         let ms = MiniStack::start();
         ms.create_cluster(CLUSTER).await;
@@ -95,7 +99,8 @@ impl World {
         slack.add_usergroup("S0ONCALL", &ONCALL);
         slack.add_channel(CHANNEL, true);
         let dir = tempfile::tempdir().unwrap();
-        let tollgate = Tollgate::start(dir.path(), &config, &slack.api_url(), &ms).await;
+        let tollgate =
+            Tollgate::start_with_args(dir.path(), &config, &slack.api_url(), &ms, args).await;
         World {
             ms,
             slack,
@@ -942,4 +947,39 @@ async fn sigterm_during_a_grant_leaves_it_whole_or_not_made() {
         w.has_policy(ALICE, VIEW)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_plays_the_whole_flow_without_changing_access() {
+    let w = World::with_config_and_args(CONFIG.to_string(), &["--dry-run"]).await;
+    let id = w.request("eks prod-cluster 2s view trying tollgate").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted DM", Duration::from_secs(10), || async {
+        w.dms_to(REQUESTER, "is active") == 1
+    })
+    .await;
+    assert!(!w.entry_exists(ALICE).await, "dry run never creates access");
+    wait_until("expiry DM", Duration::from_secs(10), || async {
+        w.dms_to(REQUESTER, "has expired") == 1
+    })
+    .await;
+
+    let config = w.tollgate.config_path.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&config, &["audit", "export"]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for name in ["granted", "revoked"] {
+        let e = events
+            .iter()
+            .find(|e| e["event"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {out}"));
+        assert_eq!(e["details"]["dry_run"], true, "{e}");
+    }
+    assert!(w.tollgate.log().contains("dry run: would converge"));
 }

@@ -91,6 +91,36 @@ pub trait AccessEngine: Send + Sync + 'static {
     ) -> Result<(), AccessError>;
 }
 
+/// `serve --dry-run`: every write is logged instead of made, and nothing
+/// is reported as owned, so the reconciler has nothing to remove.
+pub struct DryRun;
+
+#[async_trait]
+impl AccessEngine for DryRun {
+    async fn owned(&self, _cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+        Ok(Vec::new())
+    }
+
+    async fn converge(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+        _creator: &str,
+    ) -> Result<(), AccessError> {
+        let ids: Vec<&str> = grants.iter().map(|g| g.grant_id).collect();
+        tracing::info!(
+            dry_run = true,
+            cluster = %cluster.name,
+            strategy = cluster.strategy.name(),
+            %principal,
+            grants_in_force = ?ids,
+            "dry run: would converge access to these grants"
+        );
+        Ok(())
+    }
+}
+
 /// Dispatches to the strategy each cluster is configured with.
 pub struct Engine {
     access_entry: access_entry::AccessEntryStrategy,

@@ -62,6 +62,18 @@ pub(crate) enum Change<T> {
     Keep(T),
 }
 
+/// Events that record a change of access say so when none was made.
+fn mark_dry_run(audit: &mut [AuditEvent]) {
+    for e in audit {
+        if matches!(
+            e.event.as_str(),
+            "granted" | "revoked" | "grant_failed" | "revoke_failed"
+        ) {
+            e.details["dry_run"] = serde_json::Value::Bool(true);
+        }
+    }
+}
+
 /// CAS retries before giving up; each retry means another writer won, so
 /// more than a handful means something is badly wrong.
 const MAX_CAS_RETRIES: usize = 50;
@@ -139,7 +151,10 @@ impl Service {
                 .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
             match decide(&current) {
                 Change::Keep(out) => return Ok(out),
-                Change::Write(next, audit, out) => {
+                Change::Write(next, mut audit, out) => {
+                    if self.config.dry_run {
+                        mark_dry_run(&mut audit);
+                    }
                     let entered = (next.state != current.state).then_some(next.state);
                     match self.store.update(&current, *next, audit).await {
                         Ok(_) => {

@@ -142,6 +142,7 @@ fn rig() -> Rig {
             principals: Default::default(),
         },
         clusters: vec![cluster()],
+        dry_run: false,
     };
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let access = Arc::new(FakeAccess::default());

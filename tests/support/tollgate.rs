@@ -17,6 +17,7 @@ pub struct Tollgate {
     pub log_path: PathBuf,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -49,6 +50,17 @@ impl Tollgate {
     /// Writes `config` (with `{listen}` and `{data}` filled in) into `dir`
     /// and starts the server; returns once `/healthz` answers.
     pub async fn start(dir: &Path, config: &str, slack_api_url: &str, ms: &MiniStack) -> Tollgate {
+        Tollgate::start_with_args(dir, config, slack_api_url, ms, &[]).await
+    }
+
+    /// As `start`, with extra arguments for `tollgate serve`.
+    pub async fn start_with_args(
+        dir: &Path,
+        config: &str,
+        slack_api_url: &str,
+        ms: &MiniStack,
+        args: &[&str],
+    ) -> Tollgate {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let config_text = config
@@ -67,6 +79,7 @@ impl Tollgate {
             log_path: dir.join("tollgate.log"),
             child: None,
             env,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         t.spawn().await;
         t
@@ -83,6 +96,7 @@ impl Tollgate {
             .arg("serve")
             .arg("--config")
             .arg(&self.config_path)
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log)

@@ -779,4 +779,14 @@ max_duration = "2h"
             panic!("tollgate.example.toml is missing");
         }
     }
+
+    #[test]
+    fn deployment_configmap_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/configmap.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let cm: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let toml = cm["data"]["tollgate.toml"].as_str().unwrap();
+        let cfg = Config::parse(toml, path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.store.path, PathBuf::from("/var/lib/tollgate"));
+    }
 }

@@ -1,0 +1,14 @@
+# Multi-stage: build with the Rust toolchain, run on distroless (no shell,
+# non-root). Tollgate needs no aws or kubectl binary at run time.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin tollgate
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/tollgate"]
+CMD ["serve", "--config", "/etc/tollgate/tollgate.toml"]

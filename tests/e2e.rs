@@ -983,3 +983,67 @@ async fn dry_run_plays_the_whole_flow_without_changing_access() {
     }
     assert!(w.tollgate.log().contains("dry run: would converge"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown() {
+    let mut w = World::new().await;
+    let config = w.tollgate.config_path.clone();
+    let state_of = |id: String| {
+        let config = config.clone();
+        async move {
+            let (ok, out, err) =
+                tokio::task::spawn_blocking(move || cli(&config, &["grants", "list", "--json"]))
+                    .await
+                    .unwrap();
+            assert!(ok, "{err}");
+            out.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .find(|g| g["id"] == id.as_str())
+                .map(|g| g["state"].as_str().unwrap().to_string())
+        }
+    };
+
+    // Grant: the process dies after AssociateAccessPolicy, before recording.
+    w.tollgate
+        .set_env("TOLLGATE_FAILPOINT", Some("after-grant-converge"));
+    w.tollgate.restart().await;
+    let id = w.request("eks prod-cluster 3s view INC-CRASH").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    let status = w.tollgate.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success(), "the failpoint aborts");
+    assert!(w.has_policy(ALICE, VIEW).await, "the cloud call was made");
+    assert_eq!(
+        state_of(id.clone()).await.as_deref(),
+        Some("approved"),
+        "the store knows the grant is under way"
+    );
+
+    // Restart: the approved grant is driven to Active; then the revoke dies
+    // after the cloud call, before recording.
+    w.tollgate
+        .set_env("TOLLGATE_FAILPOINT", Some("after-revoke-converge"));
+    w.tollgate.start_again().await;
+    let status = w.tollgate.wait_exit(Duration::from_secs(15)).await;
+    assert!(!status.success());
+    assert!(
+        !w.entry_exists(ALICE).await,
+        "the revoke's cloud call was made"
+    );
+    assert_eq!(
+        state_of(id.clone()).await.as_deref(),
+        Some("active"),
+        "the store still owes the revoke"
+    );
+
+    // Restart without failpoint: recovery finishes the revoke and the
+    // reconciler finds nothing left.
+    w.tollgate.set_env("TOLLGATE_FAILPOINT", None);
+    w.tollgate.start_again().await;
+    wait_until("revoke recorded", Duration::from_secs(10), || {
+        let f = state_of(id.clone());
+        async move { f.await.is_none() }
+    })
+    .await;
+    assert!(!w.entry_exists(ALICE).await);
+}

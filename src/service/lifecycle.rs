@@ -30,6 +30,16 @@ fn retry_backoff(attempts: u32) -> Duration {
     (RETRY_BASE * factor).min(RETRY_CAP)
 }
 
+/// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the
+/// process aborts right there, between a cloud call and the store write
+/// that records it, exactly as a kill -9 would.
+fn failpoint(name: &str) {
+    if std::env::var("TOLLGATE_FAILPOINT").is_ok_and(|v| v == name) {
+        tracing::error!(failpoint = name, "failpoint armed: aborting");
+        std::process::abort();
+    }
+}
+
 /// A grant still owed access at `now`.
 pub(super) fn in_force(r: &Request, now: OffsetDateTime) -> bool {
     r.state == State::Active && r.revoke.is_none() && r.expires_at.is_some_and(|e| e > now)
@@ -243,7 +253,10 @@ impl Service {
             (false, self.converge_for(&req, None, now).await.err())
         } else {
             match self.converge_for(&req, Some(planned_expiry), now).await {
-                Ok(()) => (true, None),
+                Ok(()) => {
+                    failpoint("after-grant-converge");
+                    (true, None)
+                }
                 Err(message) => {
                     tracing::error!(request_id = %id, error = %message, "grant failed");
                     let cleanup = self.converge_for(&req, None, now).await.err();
@@ -392,6 +405,9 @@ impl Service {
             return;
         };
         let result = self.converge_for(&req, None, now).await;
+        if result.is_ok() {
+            failpoint("after-revoke-converge");
+        }
         let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {

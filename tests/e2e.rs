@@ -1047,3 +1047,60 @@ async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown
     .await;
     assert!(!w.entry_exists(ALICE).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_outage_at_expiry_alerts_then_revokes_with_an_all_clear() {
+    let config = CONFIG.replace(
+        "[identity]",
+        "[slack]\nsecurity_channel = \"C0SECURITY\"\n\n[identity]",
+    );
+    let mut w = World::with_config(config).await;
+    w.slack.add_channel("C0SECURITY", true);
+    w.tollgate.set_env("TOLLGATE_RETRY_BASE", Some("100ms"));
+    w.tollgate.restart().await;
+    let id = w.request("eks prod-cluster 2s view INC-OUTAGE").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+
+    w.ms.stop();
+    let alerted = |needle: &'static str| {
+        let slack = &w.slack;
+        move || {
+            let n = slack
+                .calls_to("chat.postMessage")
+                .iter()
+                .filter(|c| {
+                    c.params["channel"] == "C0SECURITY" && c.params.to_string().contains(needle)
+                })
+                .count();
+            async move { n > 0 }
+        }
+    };
+    wait_until(
+        "revoke-failure alert",
+        Duration::from_secs(60),
+        alerted("cannot revoke"),
+    )
+    .await;
+    assert!(w
+        .slack
+        .calls_to("chat.postMessage")
+        .iter()
+        .any(|c| c.params.to_string().contains(id.as_str())));
+    let failed = w
+        .metric("tollgate_revoke_failures_total", None)
+        .await
+        .unwrap_or(0.0);
+    assert!(failed >= 5.0, "{failed}");
+    assert_eq!(w.metric("tollgate_overdue_grants", None).await, Some(1.0));
+
+    // AWS is back (fresh state: the access is gone with the old emulator).
+    w.ms.resume();
+    w.ms.create_cluster(CLUSTER).await;
+    wait_until("all-clear", Duration::from_secs(60), alerted("All clear")).await;
+    assert_eq!(w.metric("tollgate_overdue_grants", None).await, Some(0.0));
+}

@@ -20,6 +20,20 @@ use crate::store::StoreError;
 /// on, and retries go on.
 const REVOKE_FAILED_AFTER: u32 = 5;
 const RETRY_BASE: Duration = Duration::from_secs(2);
+/// `TOLLGATE_RETRY_BASE` (a humantime duration) overrides the first retry
+/// delay; outage drills and tests shorten it.
+const RETRY_BASE_ENV: &str = "TOLLGATE_RETRY_BASE";
+
+fn retry_base() -> Duration {
+    static BASE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        std::env::var(RETRY_BASE_ENV)
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(RETRY_BASE)
+    })
+}
 const RETRY_CAP: Duration = Duration::from_secs(300);
 /// One stuck request must not hold up every other due one for long; a step
 /// cut off here is simply driven again (it is idempotent).
@@ -27,7 +41,7 @@ const DRIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn retry_backoff(attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
-    (RETRY_BASE * factor).min(RETRY_CAP)
+    (retry_base() * factor).min(RETRY_CAP)
 }
 
 /// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the

@@ -52,6 +52,31 @@ impl MiniStack {
         );
     }
 
+    /// An AWS outage: the emulator is killed; its port refuses connections.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// AWS back after an outage, on the same port, with fresh (empty) state.
+    pub fn resume(&mut self) {
+        let binary = repo_root().join(".venv-test/bin/ministack");
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            match try_start_on(&binary, self.port) {
+                Ok(stack) => {
+                    // Swap in the new process; the old (dead) one is dropped.
+                    let old = std::mem::replace(self, stack);
+                    drop(old);
+                    return;
+                }
+                // The old socket may linger for a moment after the kill.
+                Err(_) if Instant::now() < deadline => std::thread::sleep(POLL_INTERVAL),
+                Err(why) => panic!("MiniStack did not come back on port {}: {why}", self.port),
+            }
+        }
+    }
+
     /// Environment that points the AWS SDK (and anything else reading the
     /// standard variables) at this MiniStack with throwaway credentials.
     pub fn aws_env(&self) -> Vec<(String, String)> {
@@ -222,7 +247,10 @@ fn free_port() -> u16 {
 }
 
 fn try_start(binary: &Path) -> Result<MiniStack, String> {
-    let port = free_port();
+    try_start_on(binary, free_port())
+}
+
+fn try_start_on(binary: &Path, port: u16) -> Result<MiniStack, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("creating temp dir: {e}"))?;
     let log_path = dir.path().join("ministack.log");
     let log = File::create(&log_path).map_err(|e| format!("creating log: {e}"))?;

@@ -358,6 +358,24 @@ async fn approve_grants_then_revokes_at_expiry() {
         w.metric("tollgate_grant_seconds_count", None).await,
         Some(1.0)
     );
+
+    // Logs are JSON lines, the request's work is in a span carrying its id,
+    // and no secret appears anywhere.
+    let log = w.tollgate.log();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["span"]["request_id"] == id.as_str() && l["fields"]["message"] == "revoked"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(SIGNING_SECRET) && !log.contains(BOT_TOKEN),
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 
 use serde_json::json;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use super::{Change, Notice, Service};
 use crate::domain::audit::AuditEvent;
@@ -26,6 +27,11 @@ enum Outcome {
 
 impl Service {
     pub async fn decide(self: &Arc<Self>, d: Decision) {
+        let span = tracing::info_span!("request", request_id = %d.request_id, user = %d.user_id);
+        self.decide_inner(d).instrument(span).await
+    }
+
+    async fn decide_inner(self: &Arc<Self>, d: Decision) {
         let reply = |text: String| {
             let url = d.response_url.clone();
             async move { self.respond(url.as_deref(), text).await }

@@ -8,6 +8,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use super::{Change, Notice, Service};
 use crate::access::InForce;
@@ -109,9 +110,13 @@ impl Service {
         let work = ids.into_iter().map(|id| {
             let service = Arc::clone(self);
             async move {
-                if tokio::time::timeout(DRIVE_TIMEOUT, service.drive_when(&id, when))
-                    .await
-                    .is_err()
+                let span = tracing::info_span!("request", request_id = %id);
+                if tokio::time::timeout(
+                    DRIVE_TIMEOUT,
+                    service.drive_when(&id, when).instrument(span),
+                )
+                .await
+                .is_err()
                 {
                     tracing::error!(request_id = %id, "step timed out; it will be driven again");
                 }
@@ -122,7 +127,8 @@ impl Service {
     }
 
     pub async fn drive(self: &Arc<Self>, id: &RequestId) {
-        self.drive_when(id, When::Due).await
+        let span = tracing::info_span!("request", request_id = %id);
+        self.drive_when(id, When::Due).instrument(span).await
     }
 
     async fn drive_when(self: &Arc<Self>, id: &RequestId, when: When) {

@@ -73,6 +73,7 @@ impl Tollgate {
         env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
         env.push(("SLACK_API_URL".into(), slack_api_url.into()));
         env.push(("RUST_LOG".into(), "info,tollgate=debug".into()));
+        env.push(("LOG_FORMAT".into(), "json".into()));
         let mut t = Tollgate {
             base: format!("http://{listen}"),
             config_path,

@@ -78,7 +78,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(due = recovered, "start-up recovery done");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let scheduler_task = tokio::spawn(scheduler::run(service.clone(), stop_rx.clone()));
+    let ready = Arc::new(AtomicBool::new(true));
+    // Ready means recovery is done (it ran above) and the scheduler runs:
+    // if the scheduler ever stops, so does readiness.
+    let scheduler_task = {
+        let (service, stop, ready) = (service.clone(), stop_rx.clone(), ready.clone());
+        tokio::spawn(async move {
+            scheduler::run(service, stop).await;
+            ready.store(false, Ordering::SeqCst);
+        })
+    };
     let reconciler_task = tokio::spawn(scheduler::reconcile(service.clone(), stop_rx.clone()));
     let admin_path = admin::socket_path(&config.store.path);
     let admin_task = {
@@ -89,7 +98,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let ready = Arc::new(AtomicBool::new(true));
     let app = router(AppState {
         service: service.clone(),
         verifier: Verifier::new(&signing_secret),

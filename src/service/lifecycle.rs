@@ -55,6 +55,14 @@ fn failpoint(name: &str) {
     }
 }
 
+/// Up to a quarter more, so many grants failing together (one AWS outage)
+/// do not all retry in the same instant.
+fn jittered(d: Duration) -> Duration {
+    use rand::Rng;
+    let extra = rand::thread_rng().gen_range(0..=d.as_millis() as u64 / 4);
+    d + Duration::from_millis(extra)
+}
+
 /// A grant still owed access at `now`.
 pub(super) fn in_force(r: &Request, now: OffsetDateTime) -> bool {
     r.state == State::Active && r.revoke.is_none() && r.expires_at.is_some_and(|e| e > now)
@@ -294,7 +302,7 @@ impl Service {
                 let mut next = current.clone();
                 if let Some(message) = &failure {
                     next.attempts += 1;
-                    next.retry_at = Some(done_at + retry_backoff(next.attempts));
+                    next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
                     tracing::error!(request_id = %next.id, error = %message, attempts = next.attempts, "cleanup of an abandoned grant failed; retrying");
                     return Change::Write(Box::new(next), Vec::new(), None);
                 }
@@ -390,7 +398,7 @@ impl Service {
                         tracing::error!(request_id = %next.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
                         details["cleanup_pending"] = json!(cleanup_error);
                         next.attempts += 1;
-                        next.retry_at = Some(now + retry_backoff(next.attempts));
+                        next.retry_at = Some(now + jittered(retry_backoff(next.attempts)));
                         Some(Notice::CardOnly)
                     }
                 };
@@ -472,7 +480,7 @@ impl Service {
                     }
                     Err(message) => {
                         next.attempts += 1;
-                        next.retry_at = Some(done_at + retry_backoff(next.attempts));
+                        next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
                         let mut audit = Vec::new();
                         let mut notice = None;
                         if next.attempts >= REVOKE_FAILED_AFTER && next.state == State::Active {

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub revoke_lateness_seconds: Histogram,
     pub revoke_failures: Counter,
     pub reconcile_removed: Counter,
+    pub drift: Counter,
     pub slack_api_errors: Family<MethodLabel, Counter>,
     pub http_rejected: Family<ReasonLabel, Counter>,
     pub scheduler_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -88,6 +89,12 @@ impl Metrics {
             "Objects the reconciler removed",
             reconcile_removed.clone(),
         );
+        let drift = Counter::default();
+        registry.register(
+            "reconcile_drift",
+            "Active grants whose access vanished outside Tollgate",
+            drift.clone(),
+        );
         let slack_api_errors = Family::<MethodLabel, Counter>::default();
         registry.register(
             "slack_api_errors",
@@ -115,6 +122,7 @@ impl Metrics {
             revoke_lateness_seconds,
             revoke_failures,
             reconcile_removed,
+            drift,
             slack_api_errors,
             http_rejected,
             scheduler_lag_seconds,

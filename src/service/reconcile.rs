@@ -223,6 +223,7 @@ impl Service {
             })
             .await;
         if let Ok(true) = result {
+            self.metrics.drift.inc();
             tracing::warn!(request_id = %grant.id, cluster = %grant.access.cluster, "access of an active grant vanished outside Tollgate");
         }
     }

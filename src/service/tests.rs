@@ -424,4 +424,5 @@ async fn reconciler_removes_orphans_and_reports_drift_once() {
         .count();
     assert_eq!(drift, 1);
     assert!(r.state(&id).await.drift_reported);
+    assert_eq!(r.service.metrics().drift.get(), 1);
 }

@@ -1122,3 +1122,74 @@ async fn aws_outage_at_expiry_alerts_then_revokes_with_an_all_clear() {
     wait_until("all-clear", Duration::from_secs(60), alerted("All clear")).await;
     assert_eq!(w.metric("tollgate_overdue_grants", None).await, Some(0.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requester_revokes_early_from_slack_and_outsiders_cannot() {
+    let w = World::new().await;
+    let id = w.request("eks prod-cluster 30m view INC-EARLY").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+
+    let (status, json) = w.slash(OUTSIDER, &format!("revoke {id}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        json["text"]
+            .as_str()
+            .unwrap()
+            .contains("Only the requester or an approver"),
+        "{json}"
+    );
+    assert!(
+        w.has_policy(ALICE, VIEW).await,
+        "an outsider's revoke changes nothing"
+    );
+
+    let (status, json) = w
+        .slash(REQUESTER, &format!("revoke {}", id.to_lowercase()))
+        .await;
+    assert_eq!(status, 200);
+    let text = json["text"].as_str().unwrap_or_default().to_string();
+    assert!(
+        text.contains("is revoked") || text.contains("answer follows"),
+        "{json}"
+    );
+    wait_until("access gone", Duration::from_secs(10), || async {
+        !w.entry_exists(ALICE).await
+    })
+    .await;
+    wait_until("revoked DM", Duration::from_secs(5), || async {
+        w.dms_to(REQUESTER, "revoked early") == 1
+    })
+    .await;
+
+    let (_, json) = w.slash(REQUESTER, &format!("revoke {id}")).await;
+    assert!(
+        json["text"].as_str().unwrap().contains("already revoked"),
+        "{json}"
+    );
+    let (_, json) = w.slash(REQUESTER, "revoke R-ZZZZZ").await;
+    assert!(
+        json["text"]
+            .as_str()
+            .unwrap()
+            .contains("no request R-ZZZZZ"),
+        "{json}"
+    );
+
+    let config = w.tollgate.config_path.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&config, &["audit", "export"]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let revoked: Value = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(revoked["details"]["reason"], "early");
+    assert_eq!(revoked["details"]["by"], REQUESTER);
+}

@@ -20,10 +20,24 @@ pub(super) fn revoke_details(intent: Option<&RevokeIntent>) -> serde_json::Value
         details["via"] = json!("cli");
         details["os_user"] = json!(user);
     }
+    if let Some(i) = intent.filter(|i| i.reason == RevokeReason::Early) {
+        details["by"] = json!(i.by);
+    }
     if let Some(note) = intent.and_then(|i| i.note.as_deref()) {
         details["note"] = json!(note);
     }
     details
+}
+
+/// Who ends a request early.
+pub enum Revoker {
+    Cli {
+        os_user: String,
+        note: Option<String>,
+    },
+    Slack {
+        user: String,
+    },
 }
 
 impl Service {
@@ -41,19 +55,57 @@ impl Service {
         Ok(out)
     }
 
-    /// An admin's forced revoke: a pending request is cancelled, an
-    /// approved one is never granted (or converged away), an active one is
-    /// revoked now. Returns what happened, for the operator.
+    /// An admin's forced revoke (see `revoke_request`).
     pub async fn admin_revoke(
         self: &Arc<Self>,
         id_text: &str,
         reason: Option<&str>,
         os_user: &str,
     ) -> Result<String, String> {
-        let id = RequestId::parse(id_text)
-            .ok_or_else(|| format!("`{id_text}` is not a request id (like R-7F3K2)"))?;
+        let who = Revoker::Cli {
+            os_user: os_user.to_string(),
+            note: reason.map(str::to_string),
+        };
+        self.revoke_request(id_text, who).await
+    }
+
+    /// Ends a request early: a pending one is cancelled, an approved one is
+    /// never granted (or converged away), an active one is revoked now.
+    /// Returns what happened, for the person who asked.
+    pub async fn revoke_request(
+        self: &Arc<Self>,
+        id_text: &str,
+        who: Revoker,
+    ) -> Result<String, String> {
+        let id = RequestId::parse(id_text).ok_or_else(|| {
+            format!(
+                "`{}` is not a request id (like R-7F3K2)",
+                crate::domain::text::clip(id_text, 20)
+            )
+        })?;
         let now = self.clock.now();
-        let details = json!({"via": "cli", "os_user": os_user, "note": reason});
+        let (actor, details, intent) = match &who {
+            Revoker::Cli { os_user, note } => (
+                ACTOR_TOLLGATE.to_string(),
+                json!({"via": "cli", "os_user": os_user, "note": note}),
+                RevokeIntent {
+                    reason: RevokeReason::Admin,
+                    by: format!("{CLI_PREFIX}{os_user}"),
+                    note: note.clone(),
+                    at: now,
+                },
+            ),
+            Revoker::Slack { user } => (
+                user.clone(),
+                json!({"via": "slack"}),
+                RevokeIntent {
+                    reason: RevokeReason::Early,
+                    by: user.clone(),
+                    note: None,
+                    at: now,
+                },
+            ),
+        };
         let outcome = self
             .modify(&id, |current| {
                 let mut next = current.clone();
@@ -66,7 +118,7 @@ impl Service {
                         let audit = AuditEvent::for_request(
                             &next,
                             "cancelled",
-                            ACTOR_TOLLGATE,
+                            &actor,
                             now,
                             details.clone(),
                         );
@@ -75,14 +127,9 @@ impl Service {
                     State::Approved | State::Active | State::RevokeFailed
                         if current.revoke.is_none() =>
                     {
-                        // Audited as `revoked` (reason admin, via cli, the OS
-                        // user) once the access is actually gone.
-                        next.revoke = Some(RevokeIntent {
-                            reason: RevokeReason::Admin,
-                            by: format!("{CLI_PREFIX}{os_user}"),
-                            note: reason.map(str::to_string),
-                            at: now,
-                        });
+                        // Audited as `revoked` (with who and why) once the
+                        // access is actually gone.
+                        next.revoke = Some(intent.clone());
                         next.retry_at = None;
                         Change::Write(Box::new(next), Vec::new(), Ok(current.state))
                     }
@@ -93,7 +140,10 @@ impl Service {
                 }
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                crate::store::StoreError::NotFound(_) => format!("Tollgate has no request {id}."),
+                other => other.to_string(),
+            })?;
         match outcome {
             Ok(State::Cancelled) => {
                 self.announce(&id, Notice::CardOnly);
@@ -105,9 +155,11 @@ impl Service {
                 // Revoke now rather than wait for the scheduler's next pass.
                 self.drive(&id).await;
                 match self.store.get(&id).await.map_err(|e| e.to_string())? {
-                    Some(r) if r.state == State::Revoked => Ok(format!("{id} is revoked; its access is gone.")),
+                    Some(r) if r.state == State::Revoked => {
+                        Ok(format!("{id} is revoked; its access is gone."))
+                    }
                     Some(r) => Ok(format!(
-                        "{id} is marked for revocation but is still {} (Tollgate keeps retrying; see the server log).",
+                        "{id} is marked for revocation but is still {} (Tollgate keeps retrying).",
                         r.state.label()
                     )),
                     None => Err(format!("{id} disappeared from the store")),
@@ -115,7 +167,7 @@ impl Service {
             }
             Err(state) => Err(format!(
                 "{id} is already {}; nothing to revoke.",
-                state.label()
+                state.label().replace('_', " ")
             )),
         }
     }

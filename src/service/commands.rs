@@ -43,8 +43,9 @@ impl Service {
             Command::Help | Command::Modal => help_text(),
             Command::Clusters => self.clusters_text(),
             Command::List => self.list_text(&cmd.user_id).await,
-            Command::Revoke { .. } | Command::Extend { .. } => {
-                "`/access revoke` and `/access extend` are not available in this version of Tollgate; grants end at their expiry.".to_string()
+            Command::Revoke { id } => self.slack_revoke(&cmd.user_id, &id).await,
+            Command::Extend { .. } => {
+                "`/access extend` is not available in this version of Tollgate; request the access again when it ends.".to_string()
             }
             Command::Request(args) => match self.submit(&cmd, args).await {
                 Ok(receipt) | Err(receipt) => receipt,
@@ -225,6 +226,45 @@ impl Service {
             format_duration(req.duration),
             blocks::change_description(&req),
         ))
+    }
+
+    /// `/access revoke <id>`: the requester, or an approver of that role.
+    async fn slack_revoke(self: &Arc<Self>, user: &str, id_text: &str) -> String {
+        let Some(id) = RequestId::parse(id_text) else {
+            return format!(
+                "`{}` is not a request id (like R-7F3K2).",
+                escape_slack(&clip(id_text, 20))
+            );
+        };
+        let req = match self.store.get(&id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return format!("Tollgate has no request {id}."),
+            Err(e) => {
+                tracing::error!(error = %e, "store read failed");
+                return "Tollgate could not read its store just now; nothing was revoked.".into();
+            }
+        };
+        if req.requester.user_id != user {
+            let approvers = self
+                .config
+                .cluster(&req.access.cluster)
+                .and_then(|c| c.roles.get(&req.access.role))
+                .map(|r| r.approvers.clone())
+                .unwrap_or_default();
+            let members = self.group_members(&approvers).await;
+            if !crate::domain::policy::listed(&approvers, user, &members) {
+                return format!(
+                    "Only the requester or an approver of `{}` on {} can revoke {id}.",
+                    req.access.role, req.access.cluster
+                );
+            }
+        }
+        let who = super::admin::Revoker::Slack {
+            user: user.to_string(),
+        };
+        self.revoke_request(id.as_str(), who)
+            .await
+            .unwrap_or_else(|e| e)
     }
 
     pub(super) async fn post_card(&self, id: &RequestId) {

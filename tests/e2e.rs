@@ -1193,3 +1193,82 @@ async fn requester_revokes_early_from_slack_and_outsiders_cannot() {
     assert_eq!(revoked["details"]["reason"], "early");
     assert_eq!(revoked["details"]["by"], REQUESTER);
 }
+
+const STRICT_CLUSTER: &str = r#"
+[[clusters]]
+name = "strict"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+requesters = ["S0OPS"]
+approval_timeout = "2s"
+[clusters.roles.ops]
+access_policy = "AmazonEKSViewPolicy"
+require_reason = true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_refusals_and_approval_timeout() {
+    let w = World::with_config(format!("{CONFIG}{STRICT_CLUSTER}")).await;
+    w.slack
+        .add_usergroup("S0OPS", &[REQUESTER, "U0GONE", "U0BOT1"]);
+    for (id, deleted, is_bot) in [("U0GONE", true, false), ("U0BOT1", false, true)] {
+        w.slack.add_user_full(support::slack::UserSpec {
+            id: id.into(),
+            email: format!("{}@example.com", id.to_lowercase()),
+            deleted,
+            is_bot,
+            tz: "UTC".into(),
+            tz_offset: 0,
+        });
+    }
+    let answer = |user: &'static str, text: &'static str| {
+        let w = &w;
+        async move {
+            let (status, json) = w.slash(user, text).await;
+            assert_eq!(status, 200);
+            json["text"].as_str().unwrap_or_default().to_string()
+        }
+    };
+    assert!(answer(REQUESTER, "eks strict 1h ops")
+        .await
+        .contains("need a reason"));
+    assert!(answer(OUTSIDER, "eks strict 1h ops INC-1")
+        .await
+        .contains("You may not request"));
+    assert!(answer("U0GONE", "eks strict 1h ops INC-1")
+        .await
+        .contains("Deactivated"));
+    assert!(answer("U0BOT1", "eks strict 1h ops INC-1")
+        .await
+        .contains("bots"));
+    assert!(
+        w.slack.calls_to("chat.postMessage").is_empty(),
+        "no card for a refused request"
+    );
+
+    // Nobody decides within approval_timeout: the request expires.
+    let id = w.request("eks strict 1h ops INC-2").await;
+    let ts = w.card(&id).await;
+    wait_until("expired card", Duration::from_secs(10), || async {
+        w.slack
+            .message(CHANNEL, &ts)
+            .unwrap_or_default()
+            .to_string()
+            .contains("Expired")
+    })
+    .await;
+    wait_until("expired DM", Duration::from_secs(5), || async {
+        w.dms_to(REQUESTER, "expired: nobody decided") == 1
+    })
+    .await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("late click refused", Duration::from_secs(10), || async {
+        w.responses_to(&format!("click-{APPROVER}"))
+            .iter()
+            .any(|t| t.contains("already expired"))
+    })
+    .await;
+    assert!(!w.entry_exists(ALICE).await);
+}

@@ -1272,3 +1272,78 @@ async fn policy_refusals_and_approval_timeout() {
     .await;
     assert!(!w.entry_exists(ALICE).await);
 }
+
+const QUORUM_CLUSTER: &str = r#"
+[[clusters]]
+name = "quorum"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP", "S0ONCALL"]
+required_approvals = 2
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_of_two_distinct_approvers() {
+    let w = World::with_config(format!("{CONFIG}{QUORUM_CLUSTER}")).await;
+    w.ms.create_cluster("quorum").await;
+    let id = w.request("eks quorum 10m view INC-Q").await;
+    let ts = w.card(&id).await;
+    assert!(w
+        .slack
+        .message(CHANNEL, &ts)
+        .unwrap()
+        .to_string()
+        .contains("0 of 2"));
+
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until(
+        "first approval on the card",
+        Duration::from_secs(10),
+        || async {
+            w.slack
+                .message(CHANNEL, &ts)
+                .unwrap_or_default()
+                .to_string()
+                .contains("1 of 2 so far. Approved by <@U0APP>")
+        },
+    )
+    .await;
+    // The same approver again counts once.
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("second click refused", Duration::from_secs(10), || async {
+        w.responses_to(&format!("click-{APPROVER}"))
+            .iter()
+            .any(|t| t.contains("already counted"))
+    })
+    .await;
+    let path = format!("/clusters/quorum/access-entries/{}", encode_arn(ALICE));
+    assert_eq!(
+        w.ms.eks_json("GET", &path, None).await.0,
+        404,
+        "one approval of two grants nothing"
+    );
+
+    w.click(ONCALL[0], "approve", &id, &ts).await;
+    wait_until("granted at quorum", Duration::from_secs(10), || async {
+        w.ms.eks_json("GET", &path, None).await.0 == 200
+    })
+    .await;
+    wait_until(
+        "card names both approvers",
+        Duration::from_secs(5),
+        || async {
+            let card = w
+                .slack
+                .message(CHANNEL, &ts)
+                .unwrap_or_default()
+                .to_string();
+            card.contains("<@U0APP>")
+                && card.contains("<@U0ON1>")
+                && card.contains("Access active until")
+        },
+    )
+    .await;
+}

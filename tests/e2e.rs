@@ -1347,3 +1347,32 @@ async fn quorum_of_two_distinct_approvers() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_rate_limits_delay_messages_never_the_grant() {
+    let w = World::new().await;
+    let id = w.request("eks prod-cluster 10m view INC-429").await;
+    let ts = w.card(&id).await;
+    // Slack answers 429 Retry-After: 2 to the next DM channel opening.
+    w.slack.rate_limit("conversations.open", 2, 1);
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+    let granted = Instant::now();
+    wait_until(
+        "DM delivered after the wait",
+        Duration::from_secs(15),
+        || async { w.dms_to(REQUESTER, "is active") == 1 },
+    )
+    .await;
+    let opens = w.slack.calls_to("conversations.open");
+    assert!(opens.iter().any(|c| c.status == 429), "the 429 was served");
+    let (first, last) = (opens.first().unwrap().at, opens.last().unwrap().at);
+    assert!(
+        last.duration_since(first) >= Duration::from_millis(1900),
+        "Retry-After was honoured"
+    );
+    let _ = granted;
+}

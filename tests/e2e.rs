@@ -1376,3 +1376,147 @@ async fn slack_rate_limits_delay_messages_never_the_grant() {
     );
     let _ = granted;
 }
+
+const BREAK_GLASS_CLUSTER: &str = r#"
+[[clusters]]
+name = "bg"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+default_role = "view"
+[clusters.break_glass]
+allowed = ["S0ONCALL"]
+max_duration = "3s"
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+auto_approve = ["U0REQ"]
+[clusters.roles.edit]
+access_policy = "AmazonEKSEditPolicy"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_approve_and_break_glass() {
+    let config = format!("{CONFIG}{BREAK_GLASS_CLUSTER}").replace(
+        "[identity]",
+        "[slack]\nsecurity_channel = \"C0SECURITY\"\n\n[identity]",
+    );
+    let w = World::with_config(config).await;
+    w.ms.create_cluster("bg").await;
+    let entry = |principal: &str| format!("/clusters/bg/access-entries/{}", encode_arn(principal));
+    let oncall = "arn:aws:iam::000000000000:role/u0on1";
+
+    // Auto-approve: granted without a click, recorded and noticed.
+    let (_, json) = w.slash(REQUESTER, "eks bg 1h view INC-AUTO").await;
+    let text = json["text"].as_str().unwrap().to_string();
+    assert!(text.starts_with("Auto-approved R-"), "{text}");
+    wait_until("auto-approved grant", Duration::from_secs(10), || async {
+        w.ms.eks_json("GET", &entry(ALICE), None).await.0 == 200
+    })
+    .await;
+    wait_until("notice card", Duration::from_secs(5), || async {
+        w.slack.calls_to("chat.postMessage").iter().any(|c| {
+            c.params["channel"] == CHANNEL
+                && c.params
+                    .to_string()
+                    .contains("auto-approve (no approval needed)")
+        })
+    })
+    .await;
+
+    // Break-glass refused for someone not allowed, and over its cap.
+    let (_, json) = w
+        .slash(REQUESTER, "eks bg 2s edit --break-glass SEV1")
+        .await;
+    assert!(
+        json["text"]
+            .as_str()
+            .unwrap()
+            .contains("You may not use break-glass"),
+        "{json}"
+    );
+    let (_, json) = w
+        .slash(ONCALL[0], "eks bg 1h edit --break-glass SEV1")
+        .await;
+    assert!(
+        json["text"].as_str().unwrap().contains("between 1s and 3s"),
+        "{json}"
+    );
+    let (_, json) = w
+        .slash(REQUESTER, "eks prod-cluster 1m view --break-glass SEV1")
+        .await;
+    assert!(
+        json["text"]
+            .as_str()
+            .unwrap()
+            .contains("does not allow break-glass"),
+        "{json}"
+    );
+    assert!(
+        !w.slack
+            .calls_to("chat.postMessage")
+            .iter()
+            .any(|c| c.params["channel"] == "C0SECURITY"),
+        "refusals are not announced"
+    );
+
+    // Allowed break-glass: immediate grant, loud post, review card, revoked at its cap.
+    let (_, json) = w
+        .slash(
+            ONCALL[0],
+            "eks bg 3s edit --break-glass SEV1 <!channel> db down",
+        )
+        .await;
+    assert!(
+        json["text"].as_str().unwrap().starts_with("Break-glass R-"),
+        "{json}"
+    );
+    wait_until("break-glass grant", Duration::from_secs(10), || async {
+        w.ms.eks_json("GET", &entry(oncall), None).await.0 == 200
+    })
+    .await;
+    wait_until("security post", Duration::from_secs(5), || async {
+        w.slack.calls_to("chat.postMessage").iter().any(|c| {
+            c.params["channel"] == "C0SECURITY" && c.params.to_string().contains("BREAK-GLASS")
+        })
+    })
+    .await;
+    let post = w
+        .slack
+        .calls_to("chat.postMessage")
+        .into_iter()
+        .find(|c| c.params["channel"] == "C0SECURITY")
+        .unwrap();
+    assert!(
+        post.params.to_string().contains("&lt;!channel&gt;"),
+        "reason escaped: {}",
+        post.params
+    );
+    wait_until(
+        "break-glass revoked at its cap",
+        Duration::from_secs(15),
+        || async { w.ms.eks_json("GET", &entry(oncall), None).await.0 == 404 },
+    )
+    .await;
+
+    let config = w.tollgate.config_path.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&config, &["audit", "export"]))
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(events.iter().any(|e| e["event"] == "auto_approved"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event"] == "break_glass" && e["details"]["refused"] == true)
+            .count(),
+        3
+    );
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "break_glass" && e["details"]["refused"].is_null()));
+}

@@ -8,13 +8,42 @@ use std::time::Duration;
 
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
+use crate::domain::audit::ACTOR_TOLLGATE;
 use crate::domain::command::{parse, Command, RequestArgs, USAGE};
 use crate::domain::duration::format_duration;
-use crate::domain::policy::{may_request, mention_list, resolve_request, Strategy};
+use crate::domain::policy::{
+    listed, may_request, mention_list, resolve_request, ClusterPolicy, Strategy,
+};
 use crate::domain::request::{AccessSpec, CardRef, Request, RequestId, Requester, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::blocks;
 use crate::store::StoreError;
+
+/// How a request is decided.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Approval,
+    AutoApproved,
+    BreakGlass,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Approval => "approval",
+            Mode::AutoApproved => "auto-approve",
+            Mode::BreakGlass => "break-glass",
+        }
+    }
+
+    fn label_title(self) -> &'static str {
+        match self {
+            Mode::Approval => "Request",
+            Mode::AutoApproved => "Auto-approved",
+            Mode::BreakGlass => "Break-glass",
+        }
+    }
+}
 
 /// The form fields of a slash command that Tollgate reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -75,13 +104,46 @@ impl Service {
                 }
             )
         })?;
-        if args.break_glass.is_some() {
-            return Err(format!(
-                "Break-glass is not available in this version of Tollgate; ask for access on {} the usual way.",
-                cluster.name
-            ));
+        // Break-glass is capped by its own max_duration, not the role's,
+        // and its reason is the rest of the line.
+        let break_glass_view;
+        let cluster = match (&args.break_glass, &cluster.break_glass) {
+            (None, _) => cluster,
+            (Some(_), None) => {
+                self.audit_break_glass_refused(
+                    &cmd.user_id,
+                    cluster,
+                    "not allowed on this cluster",
+                )
+                .await;
+                return Err(format!(
+                    "{} does not allow break-glass; ask for access the usual way.",
+                    cluster.name
+                ));
+            }
+            (Some(_), Some(bg)) => {
+                let mut c = cluster.clone();
+                for r in c.roles.values_mut() {
+                    r.limits.max_duration = bg.max_duration;
+                    r.limits.min_duration = r.limits.min_duration.min(bg.max_duration);
+                }
+                break_glass_view = c;
+                &break_glass_view
+            }
+        };
+        let mut resolved = match resolve_request(cluster, &args) {
+            Ok(r) => r,
+            Err(why) => {
+                if args.break_glass.is_some() {
+                    self.audit_break_glass_refused(&cmd.user_id, cluster, &why)
+                        .await;
+                }
+                return Err(why);
+            }
+        };
+        if let Some(reason) = &args.break_glass {
+            resolved.reason = reason.clone();
         }
-        let resolved = resolve_request(cluster, &args)?;
         let role = cluster.roles.get(&resolved.role).ok_or_else(|| {
             format!(
                 "The role `{}` is not configured on {}.",
@@ -113,6 +175,31 @@ impl Service {
                 ));
             }
         }
+        let mode = match &cluster.break_glass {
+            Some(bg) if args.break_glass.is_some() => {
+                let members = self.group_members(&bg.allowed).await;
+                if !listed(&bg.allowed, &user.id, &members) {
+                    self.audit_break_glass_refused(&user.id, cluster, "not in break_glass.allowed")
+                        .await;
+                    return Err(format!(
+                        "You may not use break-glass on {}. Who may: {}. Nothing was granted; ask for access the usual way.",
+                        cluster.name,
+                        mention_list(&bg.allowed)
+                    ));
+                }
+                Mode::BreakGlass
+            }
+            _ if !role.auto_approve.is_empty()
+                && listed(
+                    &role.auto_approve,
+                    &user.id,
+                    &self.group_members(&role.auto_approve).await,
+                ) =>
+            {
+                Mode::AutoApproved
+            }
+            _ => Mode::Approval,
+        };
         let email = user.email.clone().unwrap_or_default();
         if email.trim().is_empty() {
             return Err("Tollgate could not read your email address from Slack (scope `users:read.email`), so it cannot tell who you are in the cluster. Ask an admin to check the app's scopes.".into());
@@ -181,9 +268,16 @@ impl Service {
             response_url: cmd.response_url.clone(),
             drift_reported: false,
         };
+        if mode != Mode::Approval {
+            // Granted without a human decision: recorded as approved at once,
+            // so the grant is driven exactly like an approved request.
+            req.state = State::Approved;
+            req.approved_at = Some(now);
+            req.decided_by = Some(mode.label().to_string());
+        }
         let mut attempts = 0;
         loop {
-            let audit = AuditEvent::for_request(
+            let mut audit = vec![AuditEvent::for_request(
                 &req,
                 "requested",
                 &req.requester.user_id,
@@ -195,8 +289,43 @@ impl Service {
                     "reason": req.reason,
                     "policy": req.access.policy_arn,
                 }),
-            );
-            match self.store.create(&req, vec![audit]).await {
+            )];
+            match mode {
+                Mode::Approval => {}
+                Mode::AutoApproved => {
+                    audit.push(AuditEvent::for_request(
+                        &req,
+                        "auto_approved",
+                        &req.requester.user_id,
+                        now,
+                        json!({}),
+                    ));
+                    audit.push(AuditEvent::for_request(
+                        &req,
+                        "approved",
+                        ACTOR_TOLLGATE,
+                        now,
+                        json!({"via": "auto_approve"}),
+                    ));
+                }
+                Mode::BreakGlass => {
+                    audit.push(AuditEvent::for_request(
+                        &req,
+                        "break_glass",
+                        &req.requester.user_id,
+                        now,
+                        json!({"reason": req.reason}),
+                    ));
+                    audit.push(AuditEvent::for_request(
+                        &req,
+                        "approved",
+                        ACTOR_TOLLGATE,
+                        now,
+                        json!({"via": "break_glass"}),
+                    ));
+                }
+            }
+            match self.store.create(&req, audit).await {
                 Ok(()) => break,
                 // Ids are short for people's sake; a collision just draws again.
                 Err(StoreError::Exists(_)) if attempts < 5 => {
@@ -215,6 +344,40 @@ impl Service {
 
         let service = Arc::clone(self);
         let id = req.id.clone();
+        if mode != Mode::Approval {
+            let security = (mode == Mode::BreakGlass)
+                .then(|| self.config.slack.security_channel.clone())
+                .flatten();
+            tokio::spawn(async move {
+                service.drive(&id).await;
+                // The approval channel still gets a card: the record of what
+                // was granted without a click, for review.
+                service.post_card(&id).await;
+                if let (Some(channel), Ok(Some(req))) = (security, service.store.get(&id).await) {
+                    if let Err(e) = service
+                        .slack
+                        .post(&channel, &blocks::break_glass_alert(&req))
+                        .await
+                    {
+                        tracing::error!(request_id = %id, error = %e, "break-glass announcement not delivered");
+                    }
+                }
+            });
+            return Ok(format!(
+                "{} {}: granting `{}` on {} for {} now. It will {}. {}",
+                mode.label_title(),
+                req.id,
+                req.access.role,
+                cluster.name,
+                format_duration(req.duration),
+                blocks::change_description(&req),
+                match mode {
+                    Mode::BreakGlass =>
+                        "The security channel has been told and a review card posted.",
+                    _ => "A notice is posted in the approval channel.",
+                }
+            ));
+        }
         tokio::spawn(async move { service.post_card(&id).await });
 
         Ok(format!(
@@ -226,6 +389,22 @@ impl Service {
             format_duration(req.duration),
             blocks::change_description(&req),
         ))
+    }
+
+    /// A refused break-glass attempt is audited, never announced.
+    async fn audit_break_glass_refused(&self, user: &str, cluster: &ClusterPolicy, why: &str) {
+        let event = AuditEvent {
+            ts: self.clock.now(),
+            event: "break_glass".into(),
+            request_id: String::new(),
+            actor: user.to_string(),
+            cluster: cluster.name.clone(),
+            principal: String::new(),
+            details: json!({"refused": true, "why": why}),
+        };
+        if let Err(e) = self.store.append_audit(vec![event]).await {
+            tracing::error!(error = %e, "break-glass refusal not audited");
+        }
     }
 
     /// `/access revoke <id>`: the requester, or an approver of that role.

@@ -109,6 +109,12 @@ fn card_header(req: &Request, now: OffsetDateTime) -> String {
 }
 
 fn votes(req: &Request) -> String {
+    if req.approvals.is_empty() {
+        return format!(
+            "{} (no approval needed)",
+            req.decided_by.as_deref().unwrap_or("tollgate")
+        );
+    }
     req.approvals
         .iter()
         .map(|v| format!("<@{}>", v.user))
@@ -278,6 +284,18 @@ pub fn revoke_recovered_alert(req: &Request, now: OffsetDateTime) -> Message {
         req.access.principal,
         req.attempts + 1,
         utc_time(now, now)
+    ))
+}
+
+pub fn break_glass_alert(req: &Request) -> Message {
+    Message::plain(format!(
+        ":rotating_light: *BREAK-GLASS* by <@{}> on *{}*: `{}` for {} ({}). Reason: {}. Review it in the approval channel.",
+        req.requester.user_id,
+        req.access.cluster,
+        req.access.role,
+        format_duration(req.duration),
+        req.id,
+        escape_slack(&req.reason)
     ))
 }
 

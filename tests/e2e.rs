@@ -618,30 +618,12 @@ async fn bad_input_gets_a_clear_answer_and_the_server_stays_healthy() {
     assert_eq!(no_payload.status(), 400);
 
     assert!(w.healthy().await, "server healthy after bad input");
-    assert_eq!(
-        w.metric(
-            "tollgate_http_rejected_total",
-            Some(("reason", "bad_signature"))
-        )
-        .await,
-        Some(1.0)
-    );
-    assert_eq!(
-        w.metric(
-            "tollgate_http_rejected_total",
-            Some(("reason", "stale_timestamp"))
-        )
-        .await,
-        Some(1.0)
-    );
-    assert_eq!(
-        w.metric(
-            "tollgate_http_rejected_total",
-            Some(("reason", "too_large"))
-        )
-        .await,
-        Some(1.0)
-    );
+    for reason in ["bad_signature", "stale_timestamp", "too_large"] {
+        let counted = w
+            .metric("tollgate_http_rejected_total", Some(("reason", reason)))
+            .await;
+        assert_eq!(counted, Some(1.0), "{reason}");
+    }
     assert!(
         !w.entry_exists(ALICE).await,
         "no bad input granted anything"

@@ -29,6 +29,14 @@ fn peer_env(ms: &MiniStack, slack: &SlackStandIn) -> Vec<(String, String)> {
     env
 }
 
+/// `tollgate check --config <path>` with the given environment.
+async fn check(path: &std::path::Path, env: Vec<(String, String)>) -> Output {
+    let path = path.display().to_string();
+    tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path], &env))
+        .await
+        .unwrap()
+}
+
 const CHECK_CONFIG: &str = r#"
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
@@ -75,12 +83,7 @@ async fn check_reports_each_peer_and_fails_on_config_map_clusters() {
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, CHECK_CONFIG).unwrap();
 
-    let env = peer_env(&ms, &slack);
-    let path_arg = path.display().to_string();
-    let out =
-        tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
-            .await
-            .unwrap();
+    let out = check(&path, peer_env(&ms, &slack)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     let line = |needle: &str| {
@@ -197,12 +200,7 @@ groups = ["tollgate-debug"]
     );
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, config).unwrap();
-    let env = peer_env(&ms, &slack);
-    let path_arg = path.display().to_string();
-    let out =
-        tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
-            .await
-            .unwrap();
+    let out = check(&path, peer_env(&ms, &slack)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -228,12 +226,7 @@ groups = ["tollgate-debug"]
 
     // An unreachable Kubernetes API fails its line and the whole check.
     drop(kube);
-    let path_arg = path.display().to_string();
-    let env = peer_env(&ms, &slack);
-    let out =
-        tokio::task::spawn_blocking(move || tollgate(&["check", "--config", &path_arg], &env))
-            .await
-            .unwrap();
+    let out = check(&path, peer_env(&ms, &slack)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(

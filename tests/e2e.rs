@@ -220,6 +220,38 @@ impl World {
             .collect()
     }
 
+    /// `tollgate <args> --config <this server's config>`, as an operator
+    /// runs it next to the server.
+    async fn run_cli(&self, args: &[&str]) -> (bool, String, String) {
+        let config = self.tollgate.config_path.clone();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cli(&config, &args)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Every audit event, oldest first, through `tollgate audit export`.
+    async fn audit(&self) -> Vec<Value> {
+        let (ok, out, err) = self.run_cli(&["audit", "export"]).await;
+        assert!(ok, "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// The state of a live request per `tollgate grants list`, if listed.
+    async fn listed_state(&self, id: &str) -> Option<String> {
+        let (ok, out, err) = self.run_cli(&["grants", "list", "--json"]).await;
+        assert!(ok, "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|g| g["id"] == id)
+            .map(|g| g["state"].as_str().unwrap_or_default().to_string())
+    }
+
     /// `/metrics`, read by a Prometheus text-format parser.
     async fn metrics(&self) -> prometheus_parse::Scrape {
         let url = format!("{}/metrics", self.tollgate.base);
@@ -828,13 +860,7 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
         w.has_policy(ALICE, VIEW)
     })
     .await;
-    let config = w.tollgate.config_path.clone();
-
-    let c = config.clone();
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || cli(&c, &["grants", "list", "--json"]))
-            .await
-            .unwrap();
+    let (ok, out, err) = w.run_cli(&["grants", "list", "--json"]).await;
     assert!(ok, "{err}");
     let grants: Vec<Value> = out
         .lines()
@@ -845,22 +871,16 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
     assert_eq!(grants[0]["state"], "active");
     assert_eq!(grants[0]["principal"], ALICE);
 
-    let (c, i) = (config.clone(), id.clone());
-    let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        cli(&c, &["grants", "revoke", &i, "--reason", "leaver"])
-    })
-    .await
-    .unwrap();
+    let (ok, out, err) = w
+        .run_cli(&["grants", "revoke", &id, "--reason", "leaver"])
+        .await;
     assert!(ok && out.contains("revoked"), "{out}{err}");
     assert!(
         !w.entry_exists(ALICE).await,
         "access gone when the command returns"
     );
 
-    let c = config.clone();
-    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&c, &["audit", "export"]))
-        .await
-        .unwrap();
+    let (ok, out, err) = w.run_cli(&["audit", "export"]).await;
     assert!(ok, "{err}");
     let events: Vec<Value> = out
         .lines()
@@ -886,19 +906,14 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
 
     // With the server gone the same commands read the store directly.
     w.tollgate.kill9();
-    let c = config.clone();
-    let (ok, offline, err) = tokio::task::spawn_blocking(move || {
-        cli(&c, &["audit", "export", "--since", "2000-01-01T00:00:00Z"])
-    })
-    .await
-    .unwrap();
+    let (ok, offline, err) = w
+        .run_cli(&["audit", "export", "--since", "2000-01-01T00:00:00Z"])
+        .await;
     assert!(ok, "{err}");
     assert_eq!(offline.lines().count(), out.lines().count());
-    let c = config.clone();
-    let (ok, _, err) =
-        tokio::task::spawn_blocking(move || cli(&c, &["audit", "export", "--since", "yesterday"]))
-            .await
-            .unwrap();
+    let (ok, _, err) = w
+        .run_cli(&["audit", "export", "--since", "yesterday"])
+        .await;
     assert!(!ok && err.contains("RFC 3339"), "{err}");
 }
 
@@ -918,24 +933,14 @@ async fn sigterm_during_a_grant_leaves_it_whole_or_not_made() {
     );
     assert!(w.tollgate.log().contains("stopped"), "{}", w.tollgate.log());
 
-    let config = w.tollgate.config_path.clone();
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || cli(&config, &["grants", "list", "--json"]))
-            .await
-            .unwrap();
-    assert!(ok, "{err}");
-    let state = out
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|g| g["id"] == id.as_str())
-        .map(|g| g["state"].as_str().unwrap().to_string());
+    let state = w.listed_state(&id).await;
     let granted = w.has_policy(ALICE, VIEW).await;
     match state.as_deref() {
         Some("active") => assert!(granted, "recorded active, so access must exist"),
         Some("approved") | Some("pending") => {
             assert!(!granted, "not recorded as granted, so no access may exist")
         }
-        other => panic!("unexpected state {other:?}: {out}"),
+        other => panic!("unexpected state {other:?}"),
     }
     // Whatever was not finished is finished by the next start; a click
     // that never reached the store is simply made again.
@@ -965,20 +970,12 @@ async fn dry_run_plays_the_whole_flow_without_changing_access() {
     })
     .await;
 
-    let config = w.tollgate.config_path.clone();
-    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&config, &["audit", "export"]))
-        .await
-        .unwrap();
-    assert!(ok, "{err}");
-    let events: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = w.audit().await;
     for name in ["granted", "revoked"] {
         let e = events
             .iter()
             .find(|e| e["event"] == name)
-            .unwrap_or_else(|| panic!("no {name}: {out}"));
+            .unwrap_or_else(|| panic!("no {name} event: {events:?}"));
         assert_eq!(e["details"]["dry_run"], true, "{e}");
     }
     assert!(w.tollgate.log().contains("dry run: would converge"));
@@ -987,22 +984,6 @@ async fn dry_run_plays_the_whole_flow_without_changing_access() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown() {
     let mut w = World::new().await;
-    let config = w.tollgate.config_path.clone();
-    let state_of = |id: String| {
-        let config = config.clone();
-        async move {
-            let (ok, out, err) =
-                tokio::task::spawn_blocking(move || cli(&config, &["grants", "list", "--json"]))
-                    .await
-                    .unwrap();
-            assert!(ok, "{err}");
-            out.lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                .find(|g| g["id"] == id.as_str())
-                .map(|g| g["state"].as_str().unwrap().to_string())
-        }
-    };
-
     // Grant: the process dies after AssociateAccessPolicy, before recording.
     w.tollgate
         .set_env("TOLLGATE_FAILPOINT", Some("after-grant-converge"));
@@ -1014,7 +995,7 @@ async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown
     assert!(!status.success(), "the failpoint aborts");
     assert!(w.has_policy(ALICE, VIEW).await, "the cloud call was made");
     assert_eq!(
-        state_of(id.clone()).await.as_deref(),
+        w.listed_state(&id).await.as_deref(),
         Some("approved"),
         "the store knows the grant is under way"
     );
@@ -1031,7 +1012,7 @@ async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown
         "the revoke's cloud call was made"
     );
     assert_eq!(
-        state_of(id.clone()).await.as_deref(),
+        w.listed_state(&id).await.as_deref(),
         Some("active"),
         "the store still owes the revoke"
     );
@@ -1040,9 +1021,8 @@ async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown
     // reconciler finds nothing left.
     w.tollgate.set_env("TOLLGATE_FAILPOINT", None);
     w.tollgate.start_again().await;
-    wait_until("revoke recorded", Duration::from_secs(10), || {
-        let f = state_of(id.clone());
-        async move { f.await.is_none() }
+    wait_until("revoke recorded", Duration::from_secs(10), || async {
+        w.listed_state(&id).await.is_none()
     })
     .await;
     assert!(!w.entry_exists(ALICE).await);
@@ -1162,16 +1142,12 @@ async fn requester_revokes_early_from_slack_and_outsiders_cannot() {
         "{json}"
     );
 
-    let config = w.tollgate.config_path.clone();
-    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&config, &["audit", "export"]))
+    let revoked = w
+        .audit()
         .await
-        .unwrap();
-    assert!(ok, "{err}");
-    let revoked: Value = out
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .into_iter()
         .find(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
-        .unwrap_or_else(|| panic!("{out}"));
+        .unwrap_or_else(|| panic!("no revoked event for {id}"));
     assert_eq!(revoked["details"]["reason"], "early");
     assert_eq!(revoked["details"]["by"], REQUESTER);
 }
@@ -1481,15 +1457,7 @@ async fn auto_approve_and_break_glass() {
     )
     .await;
 
-    let config = w.tollgate.config_path.clone();
-    let (ok, out, err) = tokio::task::spawn_blocking(move || cli(&config, &["audit", "export"]))
-        .await
-        .unwrap();
-    assert!(ok, "{err}");
-    let events: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = w.audit().await;
     assert!(events.iter().any(|e| e["event"] == "auto_approved"));
     assert_eq!(
         events

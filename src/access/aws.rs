@@ -46,10 +46,6 @@ impl AwsClients {
         }
     }
 
-    pub fn base(&self) -> &SdkConfig {
-        &self.base
-    }
-
     /// The SDK config for acting on a cluster: its region, and its
     /// `assume_role_arn` when set (credentials refreshed by the provider).
     pub async fn cluster_config(&self, cluster: &ClusterPolicy) -> SdkConfig {

@@ -18,7 +18,8 @@ use crate::domain::policy::ClusterPolicy;
 
 /// A client is replaced after this long, leaving five minutes of token
 /// validity for requests already under way.
-pub const REFRESH_AFTER: Duration = Duration::from_secs(10 * 60);
+pub const REFRESH_AFTER: Duration =
+    Duration::from_secs(eks_token::TOKEN_LIFETIME.as_secs() - 5 * 60);
 
 struct Cached {
     client: kube::Client,

@@ -30,17 +30,6 @@ pub enum AccessError {
     Store(#[from] crate::store::StoreError),
 }
 
-impl AccessError {
-    /// A short, stable label for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            AccessError::Connect { .. } => "connect",
-            AccessError::Aws { operation, .. } => operation,
-            AccessError::Store(_) => "store",
-        }
-    }
-}
-
 /// One grant that should be in force, with the id of the request it came from.
 #[derive(Clone, Debug)]
 pub struct InForce<'a> {

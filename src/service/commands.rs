@@ -53,8 +53,6 @@ pub struct SlashCommand {
     pub text: String,
     #[serde(default)]
     pub response_url: Option<String>,
-    #[serde(default)]
-    pub trigger_id: Option<String>,
 }
 
 /// Slack waits three seconds for the answer; the user lookup must leave room

@@ -173,7 +173,6 @@ impl Rig {
                 user_id: "U0REQ".into(),
                 text: text.into(),
                 response_url: None,
-                trigger_id: None,
             })
             .await;
         let at = receipt.find("R-").unwrap_or_else(|| panic!("{receipt}"));
@@ -354,7 +353,6 @@ async fn late_clicks_do_not_count() {
             user_id: "U0REQ".into(),
             text: "eks prod 5m view".into(),
             response_url: None,
-            trigger_id: None,
         })
         .await;
     let at = receipt.find("R-").unwrap();

@@ -157,8 +157,19 @@ impl SlackApi for NoSlack {
     ) -> Result<(), crate::slack::SlackError> {
         Err(no_slack("chat.update"))
     }
-    async fn dm(&self, _: &str, _: &crate::slack::Message) -> Result<(), crate::slack::SlackError> {
+    async fn dm(
+        &self,
+        _: &str,
+        _: &crate::slack::Message,
+    ) -> Result<crate::domain::request::CardRef, crate::slack::SlackError> {
         Err(no_slack("chat.postMessage"))
+    }
+    async fn open_view(
+        &self,
+        _: &str,
+        _: &serde_json::Value,
+    ) -> Result<(), crate::slack::SlackError> {
+        Err(no_slack("views.open"))
     }
     async fn respond(
         &self,
@@ -176,9 +187,10 @@ impl SlackApi for NoSlack {
 }
 
 fn no_slack(method: &'static str) -> crate::slack::SlackError {
-    crate::slack::SlackError::Transport {
+    // An answer, not an outage: nothing is retried without a token.
+    crate::slack::SlackError::Api {
         method,
-        message: "SLACK_BOT_TOKEN is not set for this command".into(),
+        code: "SLACK_BOT_TOKEN is not set for this command".into(),
     }
 }
 

@@ -7,7 +7,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subje
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::Api;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::kube::KubeClients;
@@ -93,6 +93,25 @@ fn for_user(subjects: Option<&Vec<Subject>>, user: &str) -> bool {
     subjects.is_some_and(|s| s.iter().any(|s| s.kind == "User" && s.name == user))
 }
 
+fn expiry_of(meta: &ObjectMeta) -> Option<String> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_EXPIRES))
+        .cloned()
+}
+
+fn annotate_expiry(meta: &mut ObjectMeta, d: &Desired) {
+    let annotations = meta.annotations.get_or_insert_with(Default::default);
+    match &d.expires_at {
+        Some(exp) => {
+            annotations.insert(ANNOTATION_EXPIRES.to_string(), exp.clone());
+        }
+        None => {
+            annotations.remove(ANNOTATION_EXPIRES);
+        }
+    }
+}
+
 fn grant_label(meta: &ObjectMeta) -> Option<&str> {
     meta.labels
         .as_ref()
@@ -105,15 +124,16 @@ impl SessionRbacStrategy {
         SessionRbacStrategy { kube }
     }
 
-    /// Tollgate's bindings for `user` that exist now.
+    /// Tollgate's bindings for `user` that exist now, with the expiry each
+    /// carries.
     async fn owned(
         &self,
         client: &kube::Client,
         cluster: &ClusterPolicy,
         user: &str,
-    ) -> Result<BTreeSet<BindingKey>, AccessError> {
+    ) -> Result<BTreeMap<BindingKey, Option<String>>, AccessError> {
         let selector = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
-        let mut out = BTreeSet::new();
+        let mut out = BTreeMap::new();
         let rbs: Api<RoleBinding> = Api::all(client.clone());
         for rb in rbs
             .list(&selector)
@@ -121,10 +141,13 @@ impl SessionRbacStrategy {
             .map_err(|e| kube_error(cluster, "list RoleBindings", e))?
         {
             if for_user(rb.subjects.as_ref(), user) {
-                out.insert(BindingKey {
-                    namespace: rb.metadata.namespace.clone(),
-                    name: rb.metadata.name.clone().unwrap_or_default(),
-                });
+                out.insert(
+                    BindingKey {
+                        namespace: rb.metadata.namespace.clone(),
+                        name: rb.metadata.name.clone().unwrap_or_default(),
+                    },
+                    expiry_of(&rb.metadata),
+                );
             }
         }
         let crbs: Api<ClusterRoleBinding> = Api::all(client.clone());
@@ -134,10 +157,13 @@ impl SessionRbacStrategy {
             .map_err(|e| kube_error(cluster, "list ClusterRoleBindings", e))?
         {
             if for_user(crb.subjects.as_ref(), user) {
-                out.insert(BindingKey {
-                    namespace: None,
-                    name: crb.metadata.name.clone().unwrap_or_default(),
-                });
+                out.insert(
+                    BindingKey {
+                        namespace: None,
+                        name: crb.metadata.name.clone().unwrap_or_default(),
+                    },
+                    expiry_of(&crb.metadata),
+                );
             }
         }
         Ok(out)
@@ -206,6 +232,55 @@ impl SessionRbacStrategy {
                 ),
             }),
         }
+    }
+
+    /// Rewrites the expires-at annotation with a read-modify-replace; a
+    /// concurrent writer's change makes the replace fail with 409 and the
+    /// object is read again.
+    async fn set_expiry(
+        &self,
+        client: &kube::Client,
+        cluster: &ClusterPolicy,
+        key: &BindingKey,
+        d: &Desired,
+    ) -> Result<(), AccessError> {
+        const ATTEMPTS: usize = 3;
+        for _ in 0..ATTEMPTS {
+            let result = match &key.namespace {
+                Some(ns) => {
+                    let api: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
+                    let mut rb = api
+                        .get(&key.name)
+                        .await
+                        .map_err(|e| kube_error(cluster, "get RoleBinding", e))?;
+                    annotate_expiry(&mut rb.metadata, d);
+                    api.replace(&key.name, &PostParams::default(), &rb)
+                        .await
+                        .map(|_| ())
+                }
+                None => {
+                    let api: Api<ClusterRoleBinding> = Api::all(client.clone());
+                    let mut crb = api
+                        .get(&key.name)
+                        .await
+                        .map_err(|e| kube_error(cluster, "get ClusterRoleBinding", e))?;
+                    annotate_expiry(&mut crb.metadata, d);
+                    api.replace(&key.name, &PostParams::default(), &crb)
+                        .await
+                        .map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if status_code(&e) == Some(409) => continue,
+                Err(e) => return Err(kube_error(cluster, "update binding expiry", e)),
+            }
+        }
+        Err(AccessError::Aws {
+            cluster: cluster.name.clone(),
+            operation: "update binding expiry",
+            message: format!("{} kept changing concurrently", key.name),
+        })
     }
 
     async fn delete(
@@ -322,11 +397,16 @@ impl AccessEngine for SessionRbacStrategy {
         }
         let existing = self.owned(&client, cluster, user).await?;
         for (key, d) in &desired {
-            if !existing.contains(key) {
-                self.create(&client, cluster, user, key, d).await?;
+            match existing.get(key) {
+                None => self.create(&client, cluster, user, key, d).await?,
+                // An extension moved the expiry: the binding says so too.
+                Some(shown) if *shown != d.expires_at => {
+                    self.set_expiry(&client, cluster, key, d).await?
+                }
+                Some(_) => {}
             }
         }
-        for key in existing.iter().filter(|k| !desired.contains_key(*k)) {
+        for key in existing.keys().filter(|k| !desired.contains_key(*k)) {
             self.delete(&client, cluster, key).await?;
         }
         Ok(())

@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod command;
 pub mod duration;
+pub mod form;
 pub mod grant;
 pub mod policy;
 pub mod request;

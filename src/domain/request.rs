@@ -57,13 +57,20 @@ pub enum State {
     Expired,
     Failed,
     RevokeFailed,
+    /// An extension whose approval has moved its grant's expiry.
+    Applied,
 }
 
 impl State {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            State::Revoked | State::Denied | State::Cancelled | State::Expired | State::Failed
+            State::Revoked
+                | State::Denied
+                | State::Cancelled
+                | State::Expired
+                | State::Failed
+                | State::Applied
         )
     }
 
@@ -78,6 +85,7 @@ impl State {
             State::Expired => "expired",
             State::Failed => "failed",
             State::RevokeFailed => "revoke_failed",
+            State::Applied => "applied",
         }
     }
 }
@@ -93,6 +101,8 @@ pub enum Event {
     GrantFailed,
     Revoked,
     RevokeFailing,
+    /// An approved extension moved its grant's expiry.
+    ExtensionApplied,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +123,7 @@ pub fn transition(from: State, event: Event) -> Result<State, IllegalTransition>
         (S::Pending, E::ApprovalTimeout) => S::Expired,
         (S::Approved, E::Granted) => S::Active,
         (S::Approved, E::GrantFailed) => S::Failed,
+        (S::Approved, E::ExtensionApplied) => S::Applied,
         // An approved request revoked before its grant was made ends here:
         // the grant engine converges it away, or it was never made.
         (S::Approved, E::Revoked) => S::Revoked,
@@ -237,12 +248,57 @@ pub struct Request {
     /// The reconciler found this grant's access gone and said so once.
     #[serde(default)]
     pub drift_reported: bool,
+    /// An extension names the grant whose expiry it moves; it never grants
+    /// anything itself.
+    #[serde(default)]
+    pub extends: Option<RequestId>,
+    /// Extensions already applied to this grant, so re-driving one after a
+    /// crash never moves the expiry twice.
+    #[serde(default)]
+    pub extended_by: Vec<RequestId>,
+    /// When the requester is reminded that access ends soon; cleared once
+    /// sent, set again when an extension moves the expiry.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub remind_at: Option<OffsetDateTime>,
+    /// Copies of the card sent to approvers as DMs (`dm_approvers`); every
+    /// copy is updated with the card.
+    #[serde(default)]
+    pub card_copies: Vec<CardRef>,
+}
+
+/// When to remind the requester of an expiry `length` after access (re)starts:
+/// a grant no longer than `before` gets no reminder (spec 8.7).
+pub fn reminder_time(
+    expires_at: OffsetDateTime,
+    length: Duration,
+    before: Duration,
+) -> Option<OffsetDateTime> {
+    (length > before).then(|| expires_at - before)
 }
 
 impl Request {
     /// The instant the scheduler must next act on this request, derived from
     /// its state so the store's due index can never disagree with the row.
     pub fn next_due(&self) -> Option<OffsetDateTime> {
+        let reminder = self.reminder_due();
+        match (self.step_due(), reminder) {
+            (Some(step), Some(remind)) => Some(step.min(remind)),
+            (step, remind) => step.or(remind),
+        }
+    }
+
+    /// When the reminder DM is due: before expiry, for an Active grant that
+    /// nobody is revoking.
+    pub fn reminder_due(&self) -> Option<OffsetDateTime> {
+        match (self.state, self.remind_at, self.expires_at) {
+            (State::Active, Some(at), Some(exp)) if self.revoke.is_none() && at < exp => Some(at),
+            _ => None,
+        }
+    }
+
+    /// When the next state-changing step (grant, revoke, expiry) is due;
+    /// the reminder aside.
+    pub fn step_due(&self) -> Option<OffsetDateTime> {
         match self.state {
             State::Pending => Some(self.approval_deadline),
             State::Approved => self.retry_at.or(self.approved_at).or(Some(self.created_at)),
@@ -257,6 +313,49 @@ impl Request {
                 }
             }
             _ => None,
+        }
+    }
+
+    /// A new Pending request to extend `grant` by `by`: the same access for
+    /// the same person, decided afresh; nothing of the grant's own progress
+    /// (votes, cards, expiry) carries over.
+    pub fn extension_of(
+        grant: &Request,
+        id: RequestId,
+        by: Duration,
+        now: OffsetDateTime,
+        approval_timeout: Duration,
+        required_approvals: u32,
+        response_url: Option<String>,
+    ) -> Request {
+        Request {
+            id,
+            state: State::Pending,
+            version: 0,
+            requester: grant.requester.clone(),
+            access: grant.access.clone(),
+            reason: grant.reason.clone(),
+            duration: by,
+            created_at: now,
+            approval_deadline: now + approval_timeout,
+            required_approvals,
+            approvals: Vec::new(),
+            decided_by: None,
+            approved_at: None,
+            activated_at: None,
+            expires_at: None,
+            ended_at: None,
+            revoke: None,
+            attempts: 0,
+            retry_at: None,
+            failure: None,
+            card: None,
+            response_url,
+            drift_reported: false,
+            extends: Some(grant.id.clone()),
+            extended_by: Vec::new(),
+            remind_at: None,
+            card_copies: Vec::new(),
         }
     }
 
@@ -297,7 +396,7 @@ mod humantime_serde_secs {
 mod tests {
     use super::*;
 
-    const ALL_STATES: [State; 9] = [
+    const ALL_STATES: [State; 10] = [
         State::Pending,
         State::Approved,
         State::Active,
@@ -307,8 +406,9 @@ mod tests {
         State::Expired,
         State::Failed,
         State::RevokeFailed,
+        State::Applied,
     ];
-    const ALL_EVENTS: [Event; 8] = [
+    const ALL_EVENTS: [Event; 9] = [
         Event::QuorumReached,
         Event::Deny,
         Event::Cancel,
@@ -317,6 +417,7 @@ mod tests {
         Event::GrantFailed,
         Event::Revoked,
         Event::RevokeFailing,
+        Event::ExtensionApplied,
     ];
 
     #[test]
@@ -328,6 +429,7 @@ mod tests {
             (State::Pending, Event::ApprovalTimeout, State::Expired),
             (State::Approved, Event::Granted, State::Active),
             (State::Approved, Event::GrantFailed, State::Failed),
+            (State::Approved, Event::ExtensionApplied, State::Applied),
             (State::Approved, Event::Revoked, State::Revoked),
             (State::Active, Event::Revoked, State::Revoked),
             (State::Active, Event::RevokeFailing, State::RevokeFailed),
@@ -353,6 +455,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn short_grants_get_no_reminder() {
+        let exp = time::macros::datetime!(2026-11-23 12:00 UTC);
+        let ten = Duration::from_secs(600);
+        assert_eq!(reminder_time(exp, ten, ten), None);
+        assert_eq!(
+            reminder_time(exp, Duration::from_secs(3600), ten),
+            Some(time::macros::datetime!(2026-11-23 11:50 UTC))
+        );
     }
 
     #[test]

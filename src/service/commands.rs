@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
+use time::OffsetDateTime;
 
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
@@ -21,7 +22,7 @@ use crate::store::StoreError;
 
 /// How a request is decided.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub(super) enum Mode {
     Approval,
     AutoApproved,
     BreakGlass,
@@ -33,6 +34,33 @@ impl Mode {
             Mode::Approval => "approval",
             Mode::AutoApproved => "auto-approve",
             Mode::BreakGlass => "break-glass",
+        }
+    }
+
+    /// What records a decision made without a click, beside `requested`.
+    pub(super) fn decision_audit(self, req: &Request, now: OffsetDateTime) -> Vec<AuditEvent> {
+        let (event, via) = match self {
+            Mode::Approval => return Vec::new(),
+            Mode::AutoApproved => ("auto_approved", "auto_approve"),
+            Mode::BreakGlass => ("break_glass", "break_glass"),
+        };
+        let details = match self {
+            Mode::BreakGlass => json!({"reason": req.reason}),
+            _ => json!({}),
+        };
+        vec![
+            AuditEvent::for_request(req, event, &req.requester.user_id, now, details),
+            AuditEvent::for_request(req, "approved", ACTOR_TOLLGATE, now, json!({"via": via})),
+        ]
+    }
+
+    /// Recorded as approved at once when no human decides, so the grant is
+    /// driven exactly like an approved request.
+    pub(super) fn preapprove(self, req: &mut Request, now: OffsetDateTime) {
+        if self != Mode::Approval {
+            req.state = State::Approved;
+            req.approved_at = Some(now);
+            req.decided_by = Some(self.label().to_string());
         }
     }
 
@@ -53,6 +81,9 @@ pub struct SlashCommand {
     pub text: String,
     #[serde(default)]
     pub response_url: Option<String>,
+    /// Lets `/access` alone open the modal (valid for three seconds).
+    #[serde(default)]
+    pub trigger_id: Option<String>,
 }
 
 /// Slack waits three seconds for the answer; the user lookup must leave room
@@ -67,12 +98,14 @@ impl Service {
             Err(message) => return message,
         };
         match parsed {
-            Command::Help | Command::Modal => help_text(),
+            Command::Help => help_text(),
+            Command::Modal => self.open_request_modal(&cmd).await,
             Command::Clusters => self.clusters_text(),
             Command::List => self.list_text(&cmd.user_id).await,
             Command::Revoke { id } => self.slack_revoke(&cmd.user_id, &id).await,
-            Command::Extend { .. } => {
-                "`/access extend` is not available in this version of Tollgate; request the access again when it ends.".to_string()
+            Command::Extend { id, duration } => {
+                self.request_extension(&cmd.user_id, &id, Some(&duration), cmd.response_url.clone())
+                    .await
             }
             Command::Request(args) => match self.submit(&cmd, args).await {
                 Ok(receipt) | Err(receipt) => receipt,
@@ -80,7 +113,7 @@ impl Service {
         }
     }
 
-    async fn submit(
+    pub(super) async fn submit(
         self: &Arc<Self>,
         cmd: &SlashCommand,
         args: RequestArgs,
@@ -265,76 +298,34 @@ impl Service {
             card: None,
             response_url: cmd.response_url.clone(),
             drift_reported: false,
+            extends: None,
+            extended_by: Vec::new(),
+            remind_at: None,
+            card_copies: Vec::new(),
         };
-        if mode != Mode::Approval {
-            // Granted without a human decision: recorded as approved at once,
-            // so the grant is driven exactly like an approved request.
-            req.state = State::Approved;
-            req.approved_at = Some(now);
-            req.decided_by = Some(mode.label().to_string());
-        }
-        let mut attempts = 0;
-        loop {
-            let mut audit = vec![AuditEvent::for_request(
-                &req,
-                "requested",
-                &req.requester.user_id,
-                now,
-                json!({
-                    "role": req.access.role,
-                    "duration": format_duration(req.duration),
-                    "namespaces": req.access.namespaces,
-                    "reason": req.reason,
-                    "policy": req.access.policy_arn,
-                }),
-            )];
-            match mode {
-                Mode::Approval => {}
-                Mode::AutoApproved => {
-                    audit.push(AuditEvent::for_request(
-                        &req,
-                        "auto_approved",
-                        &req.requester.user_id,
-                        now,
-                        json!({}),
-                    ));
-                    audit.push(AuditEvent::for_request(
-                        &req,
-                        "approved",
-                        ACTOR_TOLLGATE,
-                        now,
-                        json!({"via": "auto_approve"}),
-                    ));
-                }
-                Mode::BreakGlass => {
-                    audit.push(AuditEvent::for_request(
-                        &req,
-                        "break_glass",
-                        &req.requester.user_id,
-                        now,
-                        json!({"reason": req.reason}),
-                    ));
-                    audit.push(AuditEvent::for_request(
-                        &req,
-                        "approved",
-                        ACTOR_TOLLGATE,
-                        now,
-                        json!({"via": "break_glass"}),
-                    ));
-                }
-            }
-            match self.store.create(&req, audit).await {
-                Ok(()) => break,
-                // Ids are short for people's sake; a collision just draws again.
-                Err(StoreError::Exists(_)) if attempts < 5 => {
-                    attempts += 1;
-                    req.id = RequestId::generate(&mut rand::thread_rng());
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot record request");
-                    return Err("Tollgate could not record your request (storage error); nothing was requested. Please try again or tell an admin.".into());
-                }
-            }
+        mode.preapprove(&mut req, now);
+        let recorded = self
+            .create_fresh(&mut req, |req| {
+                let mut audit = vec![AuditEvent::for_request(
+                    req,
+                    "requested",
+                    &req.requester.user_id,
+                    now,
+                    json!({
+                        "role": req.access.role,
+                        "duration": format_duration(req.duration),
+                        "namespaces": req.access.namespaces,
+                        "reason": req.reason,
+                        "policy": req.access.policy_arn,
+                    }),
+                )];
+                audit.extend(mode.decision_audit(req, now));
+                audit
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "cannot record request");
+            return Err("Tollgate could not record your request (storage error); nothing was requested. Please try again or tell an admin.".into());
         }
         self.wake.notify_one();
         self.metrics.entered(State::Pending.label());
@@ -387,6 +378,25 @@ impl Service {
             format_duration(req.duration),
             blocks::change_description(&req),
         ))
+    }
+
+    /// Records a new request; ids are short for people's sake, so a
+    /// collision just draws another.
+    pub(super) async fn create_fresh(
+        &self,
+        req: &mut Request,
+        audit: impl Fn(&Request) -> Vec<AuditEvent>,
+    ) -> Result<(), StoreError> {
+        let mut attempts = 0;
+        loop {
+            match self.store.create(req, audit(req)).await {
+                Err(StoreError::Exists(_)) if attempts < 5 => {
+                    attempts += 1;
+                    req.id = RequestId::generate(&mut rand::thread_rng());
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A refused break-glass attempt is audited, never announced.
@@ -453,18 +463,38 @@ impl Service {
         };
         let channel = cluster.approval_channel.clone();
         let msg = blocks::card(&req, self.clock.now());
-        match self.slack.post(&channel, &msg).await {
+        match self
+            .send("approval card", || self.slack.post(&channel, &msg))
+            .await
+        {
             Ok(ts) => {
                 let card = CardRef { channel, ts };
+                let copies = if cluster.dm_approvers {
+                    self.card_copies(&req, &msg).await
+                } else {
+                    Vec::new()
+                };
                 let stored = self
                     .modify(id, |current| {
                         let mut next = current.clone();
                         next.card = Some(card.clone());
+                        next.card_copies = copies.clone();
                         Change::Write(Box::new(next), Vec::new(), ())
                     })
                     .await;
-                if let Err(e) = stored {
-                    tracing::error!(request_id = %id, error = %e, "card posted but not recorded");
+                match stored {
+                    Err(e) => {
+                        tracing::error!(request_id = %id, error = %e, "card posted but not recorded")
+                    }
+                    // A click may have decided the request while the copies
+                    // were being sent; they must not keep showing buttons.
+                    Ok(()) => {
+                        if let Ok(Some(now)) = self.store.get(id).await {
+                            if now.state != State::Pending {
+                                self.refresh_card(&now).await;
+                            }
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -483,6 +513,33 @@ impl Service {
                 self.respond(req.response_url.as_deref(), text).await;
             }
         }
+    }
+
+    /// `dm_approvers`: each approver (user-group members included) but the
+    /// requester gets the card as a DM.
+    async fn card_copies(&self, req: &Request, msg: &crate::slack::Message) -> Vec<CardRef> {
+        let approvers = self
+            .config
+            .cluster(&req.access.cluster)
+            .and_then(|c| c.roles.get(&req.access.role))
+            .map(|r| r.approvers.clone())
+            .unwrap_or_default();
+        let mut users: Vec<String> = approvers
+            .iter()
+            .filter(|a| !a.starts_with('S'))
+            .cloned()
+            .chain(self.group_members(&approvers).await)
+            .filter(|u| *u != req.requester.user_id)
+            .collect();
+        users.sort();
+        users.dedup();
+        let mut copies = Vec::new();
+        for user in users {
+            if let Some(at) = self.dm_at(&user, msg.clone()).await {
+                copies.push(at);
+            }
+        }
+        copies
     }
 
     fn clusters_text(&self) -> String {
@@ -525,8 +582,13 @@ impl Service {
                     .expires_at
                     .map(|t| format!(" until {}", blocks::utc_time(t, self.clock.now())))
                     .unwrap_or_default();
+                let extends = r
+                    .extends
+                    .as_ref()
+                    .map(|g| format!(" (extends {g} by {})", format_duration(r.duration)))
+                    .unwrap_or_default();
                 format!(
-                    "• {} `{}` on {}: {}{until}",
+                    "• {} `{}` on {}{extends}: {}{until}",
                     r.id,
                     r.access.role,
                     r.access.cluster,

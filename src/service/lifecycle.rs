@@ -13,7 +13,9 @@ use tracing::Instrument;
 use super::{Change, Notice, Service};
 use crate::access::InForce;
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
-use crate::domain::request::{Event, Request, RequestId, RevokeIntent, RevokeReason, State};
+use crate::domain::request::{
+    reminder_time, Event, Request, RequestId, RevokeIntent, RevokeReason, State,
+};
 use crate::store::StoreError;
 
 /// Failed steps retry with capped exponential backoff; a revoke still
@@ -68,7 +70,7 @@ pub(super) fn in_force(r: &Request, now: OffsetDateTime) -> bool {
     r.state == State::Active && r.revoke.is_none() && r.expires_at.is_some_and(|e| e > now)
 }
 
-fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
+pub(super) fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
     t.and_then(|t| {
         t.format(&time::format_description::well_known::Rfc3339)
             .ok()
@@ -148,9 +150,21 @@ impl Service {
                 return;
             }
         };
+        let now = self.clock.now();
         match req.state {
             State::Pending => self.expire(id).await,
+            State::Approved if req.extends.is_some() && !req.grant_abandoned() => {
+                self.apply_extension(&req).await
+            }
             State::Approved => self.grant(&req, when).await,
+            // Only the reminder is due: the grant itself stays.
+            State::Active
+                if when == When::Due
+                    && req.step_due().is_none_or(|t| t > now)
+                    && req.reminder_due().is_some_and(|t| t <= now) =>
+            {
+                self.remind(id).await
+            }
             State::Active | State::RevokeFailed => self.revoke(&req, when).await,
             _ => {}
         }
@@ -222,7 +236,7 @@ impl Service {
     }
 
     /// Converges with `req` in or out, reading the other grants first.
-    async fn converge_for(
+    pub(super) async fn converge_for(
         &self,
         req: &Request,
         include: Option<OffsetDateTime>,
@@ -235,7 +249,7 @@ impl Service {
         self.converge_with(req, &others, include).await
     }
 
-    fn lock_key(req: &Request) -> String {
+    pub(super) fn lock_key(req: &Request) -> String {
         format!("{}\u{0}{}", req.access.cluster, req.access.principal)
     }
 
@@ -262,7 +276,7 @@ impl Service {
         let Some(req) = self
             .fresh(id, |r| {
                 r.state == State::Approved
-                    && (when == When::Now || r.next_due().is_some_and(|t| t <= now))
+                    && (when == When::Now || r.step_due().is_some_and(|t| t <= now))
             })
             .await
         else {
@@ -277,6 +291,11 @@ impl Service {
         // The clock starts as access is put in place; Kubernetes objects carry
         // this expiry, so the row must record the same instant.
         let planned_expiry = now + req.duration;
+        let reminder_before = self
+            .config
+            .cluster(&req.access.cluster)
+            .and_then(|c| c.roles.get(&req.access.role))
+            .map(|r| r.limits.reminder_before);
         let (granted, failure) = if abandoned {
             (false, self.converge_for(&req, None, now).await.err())
         } else {
@@ -316,6 +335,9 @@ impl Service {
                     // approval.
                     next.activated_at = Some(now);
                     next.expires_at = Some(planned_expiry);
+                    next.remind_at = reminder_before.and_then(|before| {
+                        reminder_time(planned_expiry, next.duration, before)
+                    });
                     let audit = AuditEvent::for_request(
                         &next,
                         "granted",
@@ -424,7 +446,7 @@ impl Service {
             .fresh(id, |r| {
                 matches!(r.state, State::Active | State::RevokeFailed)
                     && match when {
-                        When::Due => r.next_due().is_some_and(|t| t <= now),
+                        When::Due => r.step_due().is_some_and(|t| t <= now),
                         When::Now => overdue(r),
                     }
             })

@@ -9,16 +9,18 @@ use crate::access::AccessEngine;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::audit::AuditEvent;
-use crate::domain::request::{Request, RequestId};
+use crate::domain::request::{CardRef, Request, RequestId};
 use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
-use crate::slack::{blocks, Message, SlackApi};
+use crate::slack::{blocks, Message, SlackApi, SlackError};
 use crate::store::{Store, StoreError};
 
 mod admin;
 mod commands;
 mod decide;
+mod extend;
 mod lifecycle;
+mod modal;
 mod reconcile;
 
 pub use commands::SlashCommand;
@@ -41,6 +43,12 @@ pub struct Service {
 
 const WORK_PERMITS: u32 = 1 << 20;
 
+/// How long a message waits out a Slack outage before it is given up (and
+/// logged); the first retry comes quickly, later ones at most this far apart.
+const SLACK_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+const SLACK_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const SLACK_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What the people involved are told after a state change.
 pub(crate) enum Notice {
     CardOnly,
@@ -54,6 +62,8 @@ pub(crate) enum Notice {
     },
     /// A revoke that had been alerted on finally went through.
     RevokeRecovered,
+    /// An approved extension moved its grant's expiry.
+    Extended,
 }
 
 /// What a read-modify-write decides after looking at the current row.
@@ -186,10 +196,44 @@ impl Service {
         members
     }
 
+    /// Sends through Slack, retrying while Slack is down or answering 5xx:
+    /// an outage delays messages, it does not drop them. Callers are always
+    /// off the grant and revoke path, so waiting here holds up nothing.
+    pub(crate) async fn send<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, SlackError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, SlackError>>,
+    {
+        let started = std::time::Instant::now();
+        let mut delay = SLACK_RETRY_FIRST;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && started.elapsed() + delay < SLACK_RETRY_WINDOW => {
+                    tracing::warn!(what, error = %e, retry_in = ?delay, "Slack unavailable; will send again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(SLACK_RETRY_CAP);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Slack being slow or down delays messages, never state changes.
     async fn dm(&self, user: &str, msg: Message) {
-        if let Err(e) = self.slack.dm(user, &msg).await {
-            tracing::warn!(%user, error = %e, "direct message not delivered");
+        self.dm_at(user, msg).await;
+    }
+
+    /// A DM that may be updated later: where it landed.
+    async fn dm_at(&self, user: &str, msg: Message) -> Option<CardRef> {
+        match self
+            .send("direct message", || self.slack.dm(user, &msg))
+            .await
+        {
+            Ok(at) => Some(at),
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "direct message not delivered");
+                None
+            }
         }
     }
 
@@ -200,7 +244,11 @@ impl Service {
 
     async fn respond(&self, response_url: Option<&str>, text: String) {
         let Some(url) = response_url else { return };
-        if let Err(e) = self.slack.respond(url, &Message::plain(text)).await {
+        let msg = Message::plain(text);
+        if let Err(e) = self
+            .send("response_url message", || self.slack.respond(url, &msg))
+            .await
+        {
             tracing::warn!(error = %e, "response_url message not delivered");
         }
     }
@@ -233,6 +281,15 @@ impl Service {
                         .alert(&id, blocks::revoke_failing_alert(&req, &error))
                         .await
                 }
+                Notice::Extended => {
+                    let grant = match &req.extends {
+                        Some(g) => service.store.get(g).await.ok().flatten(),
+                        None => None,
+                    };
+                    if let Some(grant) = grant {
+                        service.dm(&user, blocks::extended_dm(&req, &grant)).await
+                    }
+                }
                 Notice::RevokeRecovered => {
                     service.dm(&user, blocks::revoked_dm(&req, now)).await;
                     service
@@ -248,16 +305,24 @@ impl Service {
             tracing::error!(request_id = %id, text = %msg.text, "no slack.security_channel to alert");
             return;
         };
-        if let Err(e) = self.slack.post(&channel, &msg).await {
+        if let Err(e) = self.send("alert", || self.slack.post(&channel, &msg)).await {
             tracing::error!(request_id = %id, error = %e, "alert not delivered");
         }
     }
 
+    /// Every copy of the card (the approval channel's and approvers' DMs)
+    /// shows the same state.
     async fn refresh_card(&self, req: &Request) {
-        let Some(card) = &req.card else { return };
         let msg = blocks::card(req, self.clock.now());
-        if let Err(e) = self.slack.update(&card.channel, &card.ts, &msg).await {
-            tracing::warn!(request_id = %req.id, error = %e, "approval card not updated");
+        for card in req.card.iter().chain(&req.card_copies) {
+            if let Err(e) = self
+                .send("card update", || {
+                    self.slack.update(&card.channel, &card.ts, &msg)
+                })
+                .await
+            {
+                tracing::warn!(request_id = %req.id, error = %e, "approval card not updated");
+            }
         }
     }
 }

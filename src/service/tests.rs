@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use super::*;
 use crate::access::{AccessError, InForce};
 use crate::domain::policy::{tests::cluster, ClusterPolicy};
-use crate::domain::request::State;
+use crate::domain::request::{CardRef, State};
 use crate::slack::{SlackError, SlackUser};
 use crate::store::SledStore;
 
@@ -101,11 +101,15 @@ impl SlackApi for FakeSlack {
     async fn update(&self, _: &str, _: &str, _: &Message) -> Result<(), SlackError> {
         Ok(())
     }
-    async fn dm(&self, user: &str, msg: &Message) -> Result<(), SlackError> {
-        self.dms
-            .lock()
-            .unwrap()
-            .push((user.into(), msg.text.clone()));
+    async fn dm(&self, user: &str, msg: &Message) -> Result<CardRef, SlackError> {
+        let mut dms = self.dms.lock().unwrap();
+        dms.push((user.into(), msg.text.clone()));
+        Ok(CardRef {
+            channel: format!("D{user}"),
+            ts: format!("{}.0001", dms.len()),
+        })
+    }
+    async fn open_view(&self, _: &str, _: &serde_json::Value) -> Result<(), SlackError> {
         Ok(())
     }
     async fn respond(&self, _: &str, _: &Message) -> Result<(), SlackError> {
@@ -170,6 +174,7 @@ impl Rig {
         let receipt = self
             .service
             .handle_command(SlashCommand {
+                trigger_id: None,
                 user_id: "U0REQ".into(),
                 text: text.into(),
                 response_url: None,
@@ -350,6 +355,7 @@ async fn late_clicks_do_not_count() {
     let receipt = r
         .service
         .handle_command(SlashCommand {
+            trigger_id: None,
             user_id: "U0REQ".into(),
             text: "eks prod 5m view".into(),
             response_url: None,

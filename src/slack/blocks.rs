@@ -13,6 +13,8 @@ use crate::domain::text::escape_slack;
 
 pub const ACTION_APPROVE: &str = "approve";
 pub const ACTION_DENY: &str = "deny";
+/// The reminder DM's button (spec 8.2); its value is the grant's id.
+pub const ACTION_EXTEND: &str = "extend";
 
 fn section(text: &str) -> Value {
     json!({"type": "section", "text": {"type": "mrkdwn", "text": text}})
@@ -96,6 +98,19 @@ fn card_header(req: &Request, now: OffsetDateTime) -> String {
     } else {
         escape_slack(&req.reason)
     };
+    if let Some(grant) = &req.extends {
+        return format!(
+            "*<@{}> asks to extend {grant} (`{}` on {}) by {}* ({})\nApproval will keep access to {} in place {} longer; nothing is revoked and granted again.\n*Reason:* {}",
+            req.requester.user_id,
+            req.access.role,
+            req.access.cluster,
+            format_duration(req.duration),
+            req.id,
+            change_description(req),
+            format_duration(req.duration),
+            reason
+        );
+    }
     format!(
         "*<@{}> requests `{}` on {}* ({})\nApproval will {} {}.\n*Reason:* {}",
         req.requester.user_id,
@@ -163,6 +178,15 @@ pub fn card(req: &Request, now: OffsetDateTime) -> Message {
             req.ended_at.map(|t| utc_time(t, now)).unwrap_or_default()
         ),
         State::RevokeFailed => "Revoking is failing; Tollgate keeps retrying.".to_string(),
+        State::Applied => format!(
+            "Approved by {}. {} now lasts {} longer.",
+            votes(req),
+            req.extends
+                .as_ref()
+                .map(|g| g.to_string())
+                .unwrap_or_default(),
+            format_duration(req.duration)
+        ),
     };
     blocks.push(context(&status));
     if req.state == State::Pending {
@@ -239,6 +263,13 @@ pub fn denied_dm(req: &Request) -> Message {
 }
 
 pub fn failed_dm(req: &Request) -> Message {
+    if let Some(grant) = &req.extends {
+        return Message::plain(format!(
+            "Your extension {} of {grant} was approved but could not be applied: {}. Request access again with `/access eks …`.",
+            req.id,
+            req.failure.as_deref().map(escape_slack).unwrap_or_default()
+        ));
+    }
     Message::plain(format!(
         "Your request {} for `{}` on {} was approved, but Tollgate could not grant it: {}. Whatever part of it was made has been removed again. Ask an admin to run `tollgate check`.",
         req.id,
@@ -296,6 +327,64 @@ pub fn break_glass_alert(req: &Request) -> Message {
         format_duration(req.duration),
         req.id,
         escape_slack(&req.reason)
+    ))
+}
+
+/// `reminder_before` ahead of expiry, with a button asking for the same
+/// duration again through the same approval rules.
+pub fn reminder_dm(req: &Request, now: OffsetDateTime) -> Message {
+    let until = req
+        .expires_at
+        .map(|t| local_time(t, req.requester.tz_offset_secs, req.requester.tz.as_deref()))
+        .unwrap_or_default();
+    let left = req
+        .expires_at
+        .map(|t| (t - now).max(time::Duration::ZERO))
+        .and_then(|d| std::time::Duration::try_from(d).ok())
+        .map(|d| format_duration(std::time::Duration::from_secs(d.as_secs().max(1))))
+        .unwrap_or_default();
+    let text = format!(
+        "Your access {} (`{}` on {}) ends at {until}, in about {left}. Need longer? Extend it by {} (it goes through approval again), or `/access extend {} <duration>`.",
+        req.id,
+        req.access.role,
+        req.access.cluster,
+        format_duration(req.duration),
+        req.id
+    );
+    Message {
+        text: format!(
+            "Access {} on {} ends in about {left}",
+            req.id, req.access.cluster
+        ),
+        blocks: vec![
+            section(&text),
+            json!({
+                "type": "actions",
+                "block_id": format!("remind:{}", req.id),
+                "elements": [
+                    {"type": "button", "action_id": ACTION_EXTEND, "value": req.id.as_str(),
+                     "text": {"type": "plain_text", "text": format!("Extend by {}", format_duration(req.duration))}}
+                ]
+            }),
+        ],
+    }
+}
+
+/// The requester's answer once an extension is approved and applied.
+pub fn extended_dm(extension: &Request, grant: &Request) -> Message {
+    let until = grant
+        .expires_at
+        .map(|t| {
+            local_time(
+                t,
+                grant.requester.tz_offset_secs,
+                grant.requester.tz.as_deref(),
+            )
+        })
+        .unwrap_or_default();
+    Message::plain(format!(
+        "Extension {} approved: your access {} (`{}` on {}) now lasts until {until}.",
+        extension.id, grant.id, grant.access.role, grant.access.cluster
     ))
 }
 

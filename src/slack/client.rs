@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Message, SlackApi, SlackError, SlackUser};
+use crate::domain::request::CardRef;
 use crate::metrics::Metrics;
 
 type Connector = SlackClientHyperConnector<hyper_rustls::HttpsConnector<HttpConnector>>;
@@ -84,10 +85,7 @@ fn content(msg: &Message) -> Result<SlackMessageContent, SlackError> {
         .iter()
         .map(|b| serde_json::from_value(b.clone()))
         .collect::<Result<_, _>>()
-        .map_err(|e| SlackError::Transport {
-            method: "blocks",
-            message: format!("invalid block: {e}"),
-        })?;
+        .map_err(|e| SlackError::Invalid(format!("invalid block: {e}")))?;
     let mut c = SlackMessageContent::new().with_text(msg.text.clone());
     if !blocks.is_empty() {
         c = c.with_blocks(blocks);
@@ -152,7 +150,7 @@ impl SlackApi for SlackWebApi {
         Ok(())
     }
 
-    async fn dm(&self, user: &str, msg: &Message) -> Result<(), SlackError> {
+    async fn dm(&self, user: &str, msg: &Message) -> Result<CardRef, SlackError> {
         let session = self.client.open_session(&self.token);
         let opened = session
             .conversations_open(
@@ -161,21 +159,41 @@ impl SlackApi for SlackWebApi {
             )
             .await
             .map_err(|e| self.fail("conversations.open", e))?;
-        session
+        let posted = session
             .chat_post_message(&SlackApiChatPostMessageRequest::new(
-                opened.channel.id,
+                opened.channel.id.clone(),
                 content(msg)?,
             ))
             .await
             .map_err(|e| self.fail("chat.postMessage", e))?;
+        Ok(CardRef {
+            channel: opened.channel.id.to_string(),
+            ts: posted.ts.to_string(),
+        })
+    }
+
+    async fn open_view(
+        &self,
+        trigger_id: &str,
+        view: &serde_json::Value,
+    ) -> Result<(), SlackError> {
+        let view: SlackView = serde_json::from_value(view.clone())
+            .map_err(|e| SlackError::Invalid(format!("invalid view: {e}")))?;
+        let session = self.client.open_session(&self.token);
+        session
+            .views_open(&SlackApiViewsOpenRequest::new(
+                SlackTriggerId::new(trigger_id.to_string()),
+                view,
+            ))
+            .await
+            .map_err(|e| self.fail("views.open", e))?;
         Ok(())
     }
 
     async fn respond(&self, response_url: &str, msg: &Message) -> Result<(), SlackError> {
-        let url: url::Url = response_url.parse().map_err(|e| SlackError::Transport {
-            method: "response_url",
-            message: format!("invalid response_url: {e}"),
-        })?;
+        let url: url::Url = response_url
+            .parse()
+            .map_err(|e| SlackError::Invalid(format!("invalid response_url: {e}")))?;
         let req =
             SlackApiPostWebhookMessageRequest::new(content(msg)?).with_replace_original(false);
         self.client

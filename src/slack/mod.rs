@@ -3,8 +3,11 @@
 
 use async_trait::async_trait;
 
+use crate::domain::request::CardRef;
+
 pub mod blocks;
 pub mod client;
+pub mod modal;
 pub mod routes;
 pub mod verify;
 
@@ -46,13 +49,33 @@ pub enum SlackError {
         method: &'static str,
         message: String,
     },
+    /// Tollgate built something Slack would refuse; sending it again cannot help.
+    #[error("cannot send to Slack: {0}")]
+    Invalid(String),
 }
 
 impl SlackError {
     pub fn code(&self) -> Option<&str> {
         match self {
             SlackError::Api { code, .. } => Some(code),
-            SlackError::Transport { .. } => None,
+            SlackError::Transport { .. } | SlackError::Invalid(_) => None,
+        }
+    }
+
+    /// Worth sending again later: Slack unreachable, answering 5xx, or
+    /// saying it is having trouble.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SlackError::Transport { .. } => true,
+            SlackError::Api { code, .. } => matches!(
+                code.as_str(),
+                "internal_error"
+                    | "fatal_error"
+                    | "service_unavailable"
+                    | "request_timeout"
+                    | "ratelimited"
+            ),
+            SlackError::Invalid(_) => false,
         }
     }
 }
@@ -64,8 +87,12 @@ pub trait SlackApi: Send + Sync + 'static {
     /// Posts to a channel; returns the message's `ts`.
     async fn post(&self, channel: &str, msg: &Message) -> Result<String, SlackError>;
     async fn update(&self, channel: &str, ts: &str, msg: &Message) -> Result<(), SlackError>;
-    /// Opens (or reuses) the DM with a user and posts there.
-    async fn dm(&self, user: &str, msg: &Message) -> Result<(), SlackError>;
+    /// Opens (or reuses) the DM with a user and posts there; returns where
+    /// the message landed so it can be updated later.
+    async fn dm(&self, user: &str, msg: &Message) -> Result<CardRef, SlackError>;
+    /// `views.open`: shows a modal in answer to an interaction's trigger id.
+    async fn open_view(&self, trigger_id: &str, view: &serde_json::Value)
+        -> Result<(), SlackError>;
     /// Posts an ephemeral follow-up through an interaction's `response_url`.
     async fn respond(&self, response_url: &str, msg: &Message) -> Result<(), SlackError>;
     /// `auth.test`: the bot's user id.

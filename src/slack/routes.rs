@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::blocks::{ACTION_APPROVE, ACTION_DENY};
+use super::blocks::{ACTION_APPROVE, ACTION_DENY, ACTION_EXTEND};
+use super::modal;
 use super::verify::{Rejection, Verifier};
 use crate::domain::request::State as RequestState;
 use crate::service::{Decision, Service, SlashCommand};
@@ -150,6 +151,8 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
     // waiting for the HTTP answer.
     let mut work = tokio::spawn(async move { service.handle_command(cmd).await });
     match tokio::time::timeout(COMMAND_DEADLINE, &mut work).await {
+        // The modal opened: Slack wants an empty 200, not a message.
+        Ok(Ok(text)) if text.is_empty() => StatusCode::OK.into_response(),
         Ok(Ok(text)) => ephemeral(text),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "command handler failed");
@@ -203,20 +206,32 @@ async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Bod
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let parsed = serde_urlencoded::from_bytes::<InteractionForm>(&bytes)
+    let raw = serde_urlencoded::from_bytes::<InteractionForm>(&bytes)
         .ok()
-        .and_then(|f| serde_json::from_str::<Value>(&f.payload).ok())
+        .and_then(|f| serde_json::from_str::<Value>(&f.payload).ok());
+    let parsed = raw
+        .clone()
         .and_then(|v| serde_json::from_value::<Interaction>(v).ok());
-    let Some(interaction) = parsed else {
+    let (Some(raw), Some(interaction)) = (raw, parsed) else {
         return (StatusCode::BAD_REQUEST, "malformed interaction payload").into_response();
     };
-    if interaction.kind != "block_actions" {
-        return StatusCode::OK.into_response();
+    match interaction.kind.as_str() {
+        "view_submission" => return view_submission(&app, &raw).await,
+        "block_actions" => {}
+        _ => return StatusCode::OK.into_response(),
     }
     for action in interaction.actions {
         let approve = match action.action_id.as_str() {
             ACTION_APPROVE => true,
             ACTION_DENY => false,
+            ACTION_EXTEND => {
+                let service = app.service.clone();
+                let user = interaction.user.id.clone();
+                let url = interaction.response_url.clone();
+                let id = action.value.unwrap_or_default();
+                tokio::spawn(async move { service.extend_clicked(&user, &id, url).await });
+                continue;
+            }
             _ => continue,
         };
         let decision = Decision {
@@ -229,4 +244,24 @@ async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Bod
         tokio::spawn(async move { service.decide(decision).await });
     }
     StatusCode::OK.into_response()
+}
+
+/// Slack waits three seconds for the answer to a submission, and only that
+/// answer can show errors in the modal; past the deadline the modal closes
+/// and the outcome arrives as a message instead.
+async fn view_submission(app: &AppState, payload: &Value) -> Response {
+    let Some(sub) = modal::parse_submission(payload) else {
+        return StatusCode::OK.into_response();
+    };
+    let service = app.service.clone();
+    let work = async move {
+        service
+            .submit_form(&sub.user_id, &sub.form, sub.response_url)
+            .await
+    };
+    match tokio::time::timeout(COMMAND_DEADLINE, work).await {
+        Ok(Ok(())) => StatusCode::OK.into_response(),
+        Ok(Err(errors)) => Json(modal::errors_response(&errors)).into_response(),
+        Err(_) => StatusCode::OK.into_response(),
+    }
 }

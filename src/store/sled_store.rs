@@ -331,6 +331,10 @@ mod tests {
             card: None,
             response_url: None,
             drift_reported: false,
+            extends: None,
+            extended_by: Vec::new(),
+            remind_at: None,
+            card_copies: Vec::new(),
         }
     }
 

@@ -70,6 +70,8 @@ struct State {
     rate_limits: HashMap<String, VecDeque<u64>>,
     /// Method (or `*`) → number of upcoming calls to answer with HTTP 500.
     server_errors: HashMap<String, usize>,
+    /// Until this instant every API method and response URL answers 500.
+    outage_until: Option<Instant>,
     messages: HashMap<(String, String), Value>,
     issued_ts: u64,
 }
@@ -82,6 +84,12 @@ impl State {
     }
 
     fn take_server_error(&mut self, method: &str) -> bool {
+        if self
+            .outage_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return true;
+        }
         [method, "*"]
             .into_iter()
             .any(|key| match self.server_errors.get_mut(key) {
@@ -281,6 +289,11 @@ impl SlackStandIn {
 
     /// The next `times` calls to `method` answer HTTP 500. `*` matches every
     /// method and response URL (`response:{name}`).
+    /// Slack is down for `length` from now: every call answers HTTP 500.
+    pub fn outage_for(&self, length: Duration) {
+        self.shared.lock().outage_until = Some(Instant::now() + length);
+    }
+
     pub fn server_error(&self, method_or_star: &str, times: usize) {
         *self
             .shared
@@ -441,7 +454,36 @@ fn answer_api(state: &mut State, method: &str, params: &Value) -> Answer {
         "conversations.info" => conversation_info(state, params),
         "users.info" => user_info(state, params),
         "usergroups.users.list" => usergroup_members(state, params),
+        "views.open" => open_view(params),
         _ => Answer::error("unknown_method"),
+    }
+}
+
+/// Slack checks the trigger id and the view's shape; the stand-in checks
+/// what Tollgate could get wrong: a modal with a title and blocks.
+fn open_view(params: &Value) -> Answer {
+    if str_param(params, "trigger_id").is_none_or(|t| t.is_empty()) {
+        return Answer::error("invalid_trigger_id");
+    }
+    let view = match params.get("view") {
+        Some(Value::String(text)) => serde_json::from_str::<Value>(text).ok(),
+        Some(v @ Value::Object(_)) => Some(v.clone()),
+        _ => None,
+    };
+    match view {
+        Some(view)
+            if view["type"] == "modal"
+                && view["title"]["text"].is_string()
+                && view["blocks"].is_array() =>
+        {
+            let mut opened = view.clone();
+            opened["id"] = json!("V0TOLLGATE");
+            opened["team_id"] = json!(TEAM_ID);
+            opened["hash"] = json!("1700000000.tollgate");
+            opened["state"] = json!({"values": {}});
+            Answer::ok(json!({"view": opened}))
+        }
+        _ => Answer::error("invalid_arguments"),
     }
 }
 

@@ -1,0 +1,196 @@
+//! The request modal's fields → the same `RequestArgs` a typed command
+//! gives, with every problem attached to the field it belongs to, so Slack
+//! can show it under that field.
+
+use super::command::{validate_namespace, RequestArgs};
+use super::duration::parse_in_range;
+use super::policy::{ClusterPolicy, Strategy};
+use super::text::{clip, escape_slack};
+
+/// The modal's input blocks; the names are the `block_id`s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    Cluster,
+    Role,
+    Namespaces,
+    Duration,
+    Reason,
+}
+
+impl Field {
+    pub fn block_id(self) -> &'static str {
+        match self {
+            Field::Cluster => "cluster",
+            Field::Role => "role",
+            Field::Namespaces => "namespaces",
+            Field::Duration => "duration",
+            Field::Reason => "reason",
+        }
+    }
+}
+
+/// What the user entered, as text.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestForm {
+    pub cluster: String,
+    pub role: String,
+    pub namespaces: String,
+    pub duration: String,
+    pub reason: String,
+}
+
+pub type FieldErrors = Vec<(Field, String)>;
+
+/// Checks every field against the configuration and reports all problems
+/// at once, not just the first.
+pub fn check(form: &RequestForm, clusters: &[ClusterPolicy]) -> Result<RequestArgs, FieldErrors> {
+    let mut errors = FieldErrors::new();
+    let Some(cluster) = clusters.iter().find(|c| c.name == form.cluster) else {
+        errors.push((Field::Cluster, "Choose one of the clusters offered.".into()));
+        return Err(errors);
+    };
+    let role = cluster.roles.get(form.role.as_str());
+    if role.is_none() {
+        errors.push((
+            Field::Role,
+            format!(
+                "{} has no role `{}`; its roles: {}.",
+                cluster.name,
+                clip(&form.role, 40),
+                cluster.role_names()
+            ),
+        ));
+    }
+    let mut namespaces: Vec<String> = Vec::new();
+    for ns in form
+        .namespaces
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+    {
+        match validate_namespace(ns) {
+            Ok(()) if !namespaces.iter().any(|n| n == ns) => namespaces.push(ns.to_string()),
+            Ok(()) => {}
+            Err(e) => {
+                errors.push((Field::Namespaces, e));
+                break;
+            }
+        }
+    }
+    if cluster.strategy == Strategy::AwsAuth && !namespaces.is_empty() {
+        errors.push((
+            Field::Namespaces,
+            format!(
+                "{} grants cluster-wide aws-auth groups; leave namespaces empty.",
+                cluster.name
+            ),
+        ));
+    }
+    if let Some(role) = role {
+        if role.namespaced && namespaces.is_empty() {
+            errors.push((
+                Field::Namespaces,
+                format!(
+                    "`{}` is namespaced: name at least one namespace.",
+                    role.name
+                ),
+            ));
+        }
+        if let Err(e) = parse_in_range(&form.duration, &role.limits.range()) {
+            errors.push((Field::Duration, e));
+        }
+        if role.limits.require_reason && form.reason.trim().is_empty() {
+            errors.push((
+                Field::Reason,
+                format!(
+                    "`{}` on {} needs a reason, e.g. a ticket.",
+                    role.name, cluster.name
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        // Slack shows one message per field: the first is the one to fix.
+        let mut seen = Vec::new();
+        errors.retain(|(f, _)| {
+            let first = !seen.contains(f);
+            seen.push(*f);
+            first
+        });
+        return Err(errors);
+    }
+    let mut words = vec![form.role.clone()];
+    words.extend(form.reason.split_whitespace().map(str::to_string));
+    Ok(RequestArgs {
+        cluster: cluster.name.clone(),
+        duration: form.duration.trim().to_string(),
+        words,
+        namespaces: (!namespaces.is_empty()).then_some(namespaces),
+        break_glass: None,
+    })
+}
+
+/// Slack shows field errors as plain text, briefly.
+pub fn for_display(message: &str) -> String {
+    clip(&escape_slack(message).replace('`', ""), 150)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::policy::tests::cluster;
+
+    fn form(role: &str, ns: &str, duration: &str) -> RequestForm {
+        RequestForm {
+            cluster: cluster().name,
+            role: role.into(),
+            namespaces: ns.into(),
+            duration: duration.into(),
+            reason: "INC-1".into(),
+        }
+    }
+
+    fn fields(errors: &FieldErrors) -> Vec<Field> {
+        errors.iter().map(|(f, _)| *f).collect()
+    }
+
+    #[test]
+    fn a_valid_form_gives_the_same_args_as_a_command() {
+        let c = cluster();
+        let role = c.roles.keys().next().unwrap().clone();
+        let args = check(
+            &form(&role, "payments, web,payments", "1h"),
+            std::slice::from_ref(&c),
+        )
+        .unwrap();
+        assert_eq!(args.cluster, c.name);
+        assert_eq!(args.words, vec![role, "INC-1".to_string()]);
+        assert_eq!(
+            args.namespaces,
+            Some(vec!["payments".to_string(), "web".to_string()])
+        );
+        assert_eq!(args.duration, "1h");
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_under_itself() {
+        let c = cluster();
+        let role = c.roles.keys().next().unwrap().clone();
+        let errors = check(&form(&role, "Bad_NS", "99d"), std::slice::from_ref(&c)).unwrap_err();
+        assert_eq!(fields(&errors), vec![Field::Namespaces, Field::Duration]);
+        let errors = check(&form("nope", "", "1h"), std::slice::from_ref(&c)).unwrap_err();
+        assert_eq!(fields(&errors), vec![Field::Role]);
+        let mut unknown = form(&role, "", "1h");
+        unknown.cluster = "elsewhere".into();
+        assert_eq!(
+            fields(&check(&unknown, &[c]).unwrap_err()),
+            vec![Field::Cluster]
+        );
+    }
+
+    #[test]
+    fn display_is_plain_and_short() {
+        let shown = for_display(&format!("`<!channel>` {}", "x".repeat(400)));
+        assert!(!shown.contains('`') && !shown.contains("<!channel>"));
+        assert!(shown.chars().count() <= 151);
+    }
+}

@@ -1,0 +1,318 @@
+//! Extensions and the reminder before expiry. An extension is a request of
+//! its own, naming the grant it extends and decided by the same rules; once
+//! approved it moves the grant's expiry in place, so access never drops and
+//! nothing is revoked and granted again.
+
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::commands::Mode;
+use super::lifecycle::in_force;
+use super::{Change, Notice, Service};
+use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
+use crate::domain::duration::{format_duration, parse_in_range};
+use crate::domain::policy::listed;
+use crate::domain::request::{reminder_time, Event, Request, RequestId, State};
+use crate::domain::text::{clip, escape_slack};
+use crate::slack::blocks;
+
+const USER_LOOKUP_TIMEOUT: Duration = Duration::from_millis(2000);
+
+/// What applying an approved extension found.
+enum Applied {
+    /// The grant's expiry moved (now, or by an earlier pass of this same
+    /// extension).
+    Moved(Box<Request>),
+    /// The grant had ended; there is nothing left to extend.
+    Ended(String),
+}
+
+impl Service {
+    /// `/access extend <id> <duration>`, and the reminder's Extend button
+    /// (no duration: the grant's own again).
+    pub(super) async fn request_extension(
+        self: &Arc<Self>,
+        user: &str,
+        id_text: &str,
+        duration_text: Option<&str>,
+        response_url: Option<String>,
+    ) -> String {
+        let Some(id) = RequestId::parse(id_text) else {
+            return format!(
+                "`{}` is not a request id (like R-7F3K2).",
+                escape_slack(&clip(id_text, 20))
+            );
+        };
+        let grant = match self.store.get(&id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return format!("Tollgate has no request {id}."),
+            Err(e) => {
+                tracing::error!(error = %e, "store read failed");
+                return "Tollgate could not read its store just now; nothing was requested.".into();
+            }
+        };
+        if let Some(original) = &grant.extends {
+            return format!("{id} is itself an extension; extend the grant {original} instead.");
+        }
+        if grant.requester.user_id != user {
+            return format!("Only the requester of {id} can extend it.");
+        }
+        let now = self.clock.now();
+        if !in_force(&grant, now) {
+            return format!(
+                "{id} is {}, not active, so there is nothing to extend. Request access again with `/access eks …`.",
+                grant.state.label().replace('_', " ")
+            );
+        }
+        let Some(role) = self
+            .config
+            .cluster(&grant.access.cluster)
+            .and_then(|c| c.roles.get(&grant.access.role))
+        else {
+            return format!(
+                "`{}` on {} is no longer configured; {id} cannot be extended.",
+                grant.access.role, grant.access.cluster
+            );
+        };
+        let text = duration_text
+            .map(str::to_string)
+            .unwrap_or_else(|| format_duration(grant.duration));
+        let by = match parse_in_range(&text, &role.limits.range()) {
+            Ok(d) => d,
+            Err(e) => {
+                return format!(
+                    "{e} (role `{}` on {})",
+                    grant.access.role, grant.access.cluster
+                )
+            }
+        };
+        match tokio::time::timeout(USER_LOOKUP_TIMEOUT, self.slack.user(user)).await {
+            Ok(Ok(u)) if u.deleted || u.is_bot => {
+                return "Deactivated accounts and bots cannot request access.".into()
+            }
+            Ok(Ok(_)) => {}
+            _ => return "Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into(),
+        }
+        let mode = if !role.auto_approve.is_empty()
+            && listed(
+                &role.auto_approve,
+                user,
+                &self.group_members(&role.auto_approve).await,
+            ) {
+            Mode::AutoApproved
+        } else {
+            Mode::Approval
+        };
+        let mut ext = Request::extension_of(
+            &grant,
+            RequestId::generate(&mut rand::thread_rng()),
+            by,
+            now,
+            role.limits.approval_timeout,
+            role.limits.required_approvals,
+            response_url,
+        );
+        mode.preapprove(&mut ext, now);
+        let recorded = self
+            .create_fresh(&mut ext, |ext| {
+                let mut audit = vec![AuditEvent::for_request(
+                    ext,
+                    "requested",
+                    user,
+                    now,
+                    json!({"extends": grant.id.as_str(), "duration": format_duration(by)}),
+                )];
+                audit.extend(mode.decision_audit(ext, now));
+                audit
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "cannot record extension");
+            return "Tollgate could not record your extension (storage error); nothing was requested. Please try again.".into();
+        }
+        self.wake.notify_one();
+        self.metrics.entered(ext.state.label());
+        tracing::info!(request_id = %ext.id, extends = %grant.id, "extension requested");
+        let service = Arc::clone(self);
+        let ext_id = ext.id.clone();
+        tokio::spawn(async move {
+            if mode != Mode::Approval {
+                service.drive(&ext_id).await;
+            }
+            service.post_card(&ext_id).await;
+        });
+        let until = grant
+            .expires_at
+            .map(|t| blocks::utc_time(t, now))
+            .unwrap_or_default();
+        match mode {
+            Mode::Approval => format!(
+                "Extension {} of {} by {} sent for approval. Your access stays in place meanwhile (until {until} unless extended); you'll get a DM when it's decided.",
+                ext.id, grant.id, format_duration(by)
+            ),
+            _ => format!(
+                "Extension {} of {} by {} is auto-approved; the new expiry follows in a DM.",
+                ext.id,
+                grant.id,
+                format_duration(by)
+            ),
+        }
+    }
+
+    /// The reminder's Extend button: the same duration again; the answer
+    /// goes back ephemerally where the button was clicked.
+    pub async fn extend_clicked(
+        self: &Arc<Self>,
+        user: &str,
+        grant_id: &str,
+        response_url: Option<String>,
+    ) {
+        let text = self
+            .request_extension(user, grant_id, None, response_url.clone())
+            .await;
+        self.respond(response_url.as_deref(), text).await;
+    }
+
+    /// An approved extension: the grant's expiry moves under the principal's
+    /// lock, so a revoke of the same grant either sees the new expiry or has
+    /// already finished (and then the extension fails, said so).
+    pub(super) async fn apply_extension(self: &Arc<Self>, ext: &Request) {
+        let Some(grant_id) = ext.extends.clone() else {
+            return;
+        };
+        let Some(_working) = self.begin_work().await else {
+            return;
+        };
+        let guard = self.locks.lock(Self::lock_key(ext)).await;
+        let now = self.clock.now();
+        let reminder_before = self
+            .config
+            .cluster(&ext.access.cluster)
+            .and_then(|c| c.roles.get(&ext.access.role))
+            .map(|r| r.limits.reminder_before);
+        let applied = self
+            .modify(&grant_id, |grant| {
+                if grant.extended_by.contains(&ext.id) {
+                    return Change::Keep(Applied::Moved(Box::new(grant.clone())));
+                }
+                let Some(expires_at) = grant.expires_at.filter(|_| in_force(grant, now)) else {
+                    return Change::Keep(Applied::Ended(format!(
+                        "{} had already ended when the extension was approved",
+                        grant.id
+                    )));
+                };
+                let mut next = grant.clone();
+                let new_expiry = expires_at + ext.duration;
+                next.expires_at = Some(new_expiry);
+                next.extended_by.push(ext.id.clone());
+                next.remind_at = reminder_before.and_then(|before| {
+                    let left = Duration::try_from(new_expiry - now).unwrap_or_default();
+                    reminder_time(new_expiry, left, before)
+                });
+                let audit = AuditEvent::for_request(
+                    &next,
+                    "extended",
+                    ext.decided_by.as_deref().unwrap_or(ACTOR_TOLLGATE),
+                    now,
+                    json!({
+                        "extension": ext.id.as_str(),
+                        "by": format_duration(ext.duration),
+                        "expires_at": super::lifecycle::rfc3339(Some(new_expiry)),
+                        "previous_expires_at": super::lifecycle::rfc3339(Some(expires_at)),
+                    }),
+                );
+                let moved = Applied::Moved(Box::new(next.clone()));
+                Change::Write(Box::new(next), vec![audit], moved)
+            })
+            .await;
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(request_id = %ext.id, error = %e, "extension not applied; it will be driven again");
+                return;
+            }
+        };
+        // Kubernetes objects carry the expiry as an annotation; the store is
+        // what revokes, so a failure here is only logged.
+        if let Applied::Moved(grant) = &applied {
+            if let Err(e) = self.converge_for(grant, grant.expires_at, now).await {
+                tracing::warn!(request_id = %grant.id, error = %e, "expiry annotation not updated");
+            }
+        }
+        drop(guard);
+        let recorded = self
+            .modify(&ext.id, |current| {
+                if current.state != State::Approved {
+                    return Change::Keep(None);
+                }
+                let mut next = current.clone();
+                next.ended_at = Some(now);
+                match &applied {
+                    Applied::Moved(grant) => {
+                        if next.apply(Event::ExtensionApplied).is_err() {
+                            return Change::Keep(None);
+                        }
+                        next.expires_at = grant.expires_at;
+                        Change::Write(Box::new(next), Vec::new(), Some(Notice::Extended))
+                    }
+                    Applied::Ended(why) => {
+                        if next.apply(Event::GrantFailed).is_err() {
+                            return Change::Keep(None);
+                        }
+                        next.failure = Some(why.clone());
+                        let audit = AuditEvent::for_request(
+                            &next,
+                            "grant_failed",
+                            ACTOR_TOLLGATE,
+                            now,
+                            json!({"error": why}),
+                        );
+                        Change::Write(Box::new(next), vec![audit], Some(Notice::GrantFailed))
+                    }
+                }
+            })
+            .await;
+        match recorded {
+            Ok(Some(notice)) => {
+                tracing::info!(request_id = %ext.id, grant = %grant_id, "extension applied");
+                self.announce(&ext.id, notice);
+                if let Ok(Some(grant)) = self.store.get(&grant_id).await {
+                    self.refresh_card(&grant).await;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(request_id = %ext.id, error = %e, "extension applied but not recorded; it will be driven again")
+            }
+        }
+    }
+
+    /// The reminder DM, sent once: the row is marked first, so a crash
+    /// loses at most one reminder and never sends two.
+    pub(super) async fn remind(self: &Arc<Self>, id: &RequestId) {
+        let now = self.clock.now();
+        let due = self
+            .modify(id, |current| {
+                if current.reminder_due().is_none_or(|t| t > now) {
+                    return Change::Keep(None);
+                }
+                let mut next = current.clone();
+                next.remind_at = None;
+                Change::Write(Box::new(next.clone()), Vec::new(), Some(next))
+            })
+            .await;
+        match due {
+            Ok(Some(req)) => {
+                tracing::info!(request_id = %id, "reminder due");
+                let service = Arc::clone(self);
+                tokio::spawn(async move {
+                    let msg = blocks::reminder_dm(&req, service.clock.now());
+                    service.dm(&req.requester.user_id, msg).await;
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(request_id = %id, error = %e, "reminder not recorded"),
+        }
+    }
+}

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use support::kube::{Kind, KubeStandIn};
 use support::ministack::{encode_arn, MiniStack};
-use support::sign::{action_body, post_signed, signature, slash_body};
+use support::sign::{action_body, payload_body, post_signed, signature, slash_body};
 use support::slack::SlackStandIn;
 use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
 
@@ -1469,4 +1469,416 @@ async fn auto_approve_and_break_glass() {
     assert!(events
         .iter()
         .any(|e| e["event"] == "break_glass" && e["details"]["refused"].is_null()));
+}
+
+/// A signed `view_submission` of the request modal with these field values.
+async fn submit_modal(w: &World, user: &str, view: &Value, fields: &[(&str, &str)]) -> Value {
+    let mut values = serde_json::Map::new();
+    for (block, value) in fields {
+        let entry = if matches!(*block, "cluster" | "role") {
+            serde_json::json!({"value": {"type": "static_select", "selected_option": {"value": value}}})
+        } else {
+            serde_json::json!({"value": {"type": "plain_text_input", "value": value}})
+        };
+        values.insert(block.to_string(), entry);
+    }
+    let payload = serde_json::json!({
+        "type": "view_submission",
+        "team": {"id": "T0TEST"},
+        "user": {"id": user},
+        "trigger_id": "1.2.submit",
+        "view": {
+            "id": "V0TOLLGATE",
+            "type": "modal",
+            "callback_id": view["callback_id"],
+            "private_metadata": view["private_metadata"],
+            "state": {"values": values},
+        },
+    });
+    let url = format!("{}/slack/interactions", w.tollgate.base);
+    let resp = post_signed(&w.http, &url, SIGNING_SECRET, payload_body(&payload)).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.unwrap_or_default();
+    if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modal_round_trip_with_field_errors_then_a_card() {
+    let w = World::new().await;
+    let body = slash_body(REQUESTER, "", &w.slack.response_url("cmd"));
+    let url = format!("{}/slack/commands", w.tollgate.base);
+    let resp = post_signed(&w.http, &url, SIGNING_SECRET, body).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "",
+        "a modal answers with an empty 200"
+    );
+
+    let open = w
+        .slack
+        .wait_for_call("views.open", |_| true, Duration::from_secs(5))
+        .await;
+    assert!(open.params["trigger_id"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+    assert_eq!(open.status, 200);
+    assert_eq!(open.response["ok"], true, "{}", open.response);
+    let view: Value = match &open.params["view"] {
+        Value::String(s) => serde_json::from_str(s).unwrap(),
+        v => v.clone(),
+    };
+    let shown = view.to_string();
+    for offered in ["prod-cluster", "staging", "\"view\"", "\"edit\""] {
+        assert!(shown.contains(offered), "{offered} offered: {shown}");
+    }
+
+    // Unknown-to-this-cluster inputs come back under their fields.
+    let answer = submit_modal(
+        &w,
+        REQUESTER,
+        &view,
+        &[
+            ("cluster", CLUSTER),
+            ("role", "edit"),
+            ("namespaces", ""),
+            ("duration", "99d"),
+            ("reason", "INC-MODAL"),
+        ],
+    )
+    .await;
+    assert_eq!(answer["response_action"], "errors", "{answer}");
+    let errors = answer["errors"].as_object().unwrap();
+    assert!(
+        errors.contains_key("duration") && errors.contains_key("namespaces"),
+        "{answer}"
+    );
+    assert!(
+        !w.audit().await.iter().any(|e| e["event"] == "requested"),
+        "a refused form records nothing"
+    );
+
+    let answer = submit_modal(
+        &w,
+        REQUESTER,
+        &view,
+        &[
+            ("cluster", CLUSTER),
+            ("role", "edit"),
+            ("namespaces", "payments"),
+            ("duration", "30m"),
+            ("reason", "INC-MODAL <!channel>"),
+        ],
+    )
+    .await;
+    assert_eq!(answer, Value::Null, "a valid form closes the modal");
+    wait_until(
+        "receipt through response_url",
+        Duration::from_secs(10),
+        || async {
+            w.responses_to("cmd")
+                .iter()
+                .any(|t| t.contains("for approval"))
+        },
+    )
+    .await;
+    let receipt = w
+        .responses_to("cmd")
+        .into_iter()
+        .find(|t| t.contains("for approval"))
+        .unwrap();
+    let id = &receipt[receipt.find("R-").unwrap()..][..7];
+    let ts = w.card(id).await;
+    let card = w.slack.message(CHANNEL, &ts).unwrap().to_string();
+    assert!(
+        card.contains("AmazonEKSEditPolicy, namespaces payments"),
+        "{card}"
+    );
+    assert!(
+        card.contains("&lt;!channel&gt;") && !card.contains("<!channel>"),
+        "{card}"
+    );
+}
+
+const REMIND_CLUSTER: &str = r#"
+[[clusters]]
+name = "remind"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+reminder_before = "6s"
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reminder_offers_extend_and_an_approved_extension_moves_the_expiry() {
+    let w = World::with_config(format!("{CONFIG}{REMIND_CLUSTER}")).await;
+    w.ms.create_cluster("remind").await;
+    let id = w.request("eks remind 8s view INC-EXT <!here>").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    let path = format!("/clusters/remind/access-entries/{}", encode_arn(ALICE));
+    wait_until("granted", Duration::from_secs(10), || async {
+        w.ms.eks_json("GET", &path, None).await.0 == 200
+    })
+    .await;
+    let granted = Instant::now();
+
+    let reminder = w
+        .slack
+        .wait_for_call(
+            "chat.postMessage",
+            |c| c.params["channel"] == "DU0REQ" && c.params.to_string().contains("ends at"),
+            Duration::from_secs(10),
+        )
+        .await;
+    let at = granted.elapsed();
+    assert!(
+        at < Duration::from_secs(5),
+        "reminded 6s before an 8s expiry, not at {at:?}"
+    );
+    let text = reminder.params.to_string();
+    assert!(
+        text.contains(r#"\"action_id\":\"extend\""#) || text.contains(r#""action_id":"extend""#),
+        "{text}"
+    );
+    assert!(
+        text.contains(&id),
+        "the button carries the grant id: {text}"
+    );
+
+    // Refusals: not the requester, out-of-range duration.
+    let (_, answer) = w.slash(OUTSIDER, &format!("extend {id} 1m")).await;
+    assert!(
+        answer["text"]
+            .as_str()
+            .unwrap()
+            .contains("Only the requester"),
+        "{answer}"
+    );
+    let (_, answer) = w.slash(REQUESTER, &format!("extend {id} 99d")).await;
+    assert!(answer["text"].as_str().unwrap().contains("99d"), "{answer}");
+
+    // The Extend button asks for the same duration again, through approval.
+    let body = action_body(
+        REQUESTER,
+        "extend",
+        &id,
+        "DU0REQ",
+        reminder.response["ts"].as_str().unwrap(),
+        &w.slack.response_url("extend"),
+    );
+    let url = format!("{}/slack/interactions", w.tollgate.base);
+    assert_eq!(
+        post_signed(&w.http, &url, SIGNING_SECRET, body)
+            .await
+            .status(),
+        200
+    );
+    wait_until("extension receipt", Duration::from_secs(5), || async {
+        w.responses_to("extend")
+            .iter()
+            .any(|t| t.contains("sent for approval"))
+    })
+    .await;
+    let receipt = w.responses_to("extend").join(" ");
+    let ext = receipt[receipt.find("R-").unwrap()..][..7].to_string();
+    assert_ne!(ext, id, "an extension has its own id");
+    assert!(receipt.contains(&format!("of {id} by 8s")), "{receipt}");
+    let ext_ts = w.card(&ext).await;
+    let card = w.slack.message(CHANNEL, &ext_ts).unwrap().to_string();
+    assert!(card.contains(&format!("extend {id}")), "{card}");
+    assert!(
+        card.contains("&lt;!here&gt;") && !card.contains("<!here>"),
+        "{card}"
+    );
+    w.click(APPROVER, "approve", &ext, &ext_ts).await;
+    wait_until("extension applied", Duration::from_secs(5), || async {
+        w.dms_to(REQUESTER, &format!("Extension {ext} approved")) == 1
+    })
+    .await;
+
+    // Past the original expiry the same grant is still in place.
+    while granted.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        w.ms.eks_json("GET", &path, None).await.0,
+        200,
+        "access kept past 8s"
+    );
+    assert_eq!(w.listed_state(&id).await.as_deref(), Some("active"));
+    let audit = w.audit().await;
+    let extended: Vec<&Value> = audit.iter().filter(|e| e["event"] == "extended").collect();
+    assert_eq!(extended.len(), 1, "{audit:?}");
+    assert_eq!(extended[0]["request_id"], id.as_str());
+    assert_eq!(extended[0]["details"]["extension"], ext.as_str());
+    assert!(
+        !audit
+            .iter()
+            .any(|e| e["event"] == "revoked" && e["request_id"] == id.as_str()),
+        "nothing was revoked and granted again"
+    );
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|e| e["event"] == "granted" && e["request_id"] == id.as_str())
+            .count(),
+        1
+    );
+
+    wait_until(
+        "revoked at the new expiry",
+        Duration::from_secs(15),
+        || async { w.ms.eks_json("GET", &path, None).await.0 == 404 },
+    )
+    .await;
+    let ended = granted.elapsed();
+    assert!(
+        ended >= Duration::from_secs(15),
+        "ended at {ended:?}, not before 16s"
+    );
+}
+
+const DM_CLUSTER: &str = r#"
+[[clusters]]
+name = "dmcopies"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP", "S0ONCALL"]
+dm_approvers = true
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvers_get_card_copies_that_follow_the_decision() {
+    let w = World::with_config(format!("{CONFIG}{DM_CLUSTER}")).await;
+    w.ms.create_cluster("dmcopies").await;
+    let id = w.request("eks dmcopies 10m view INC-DM").await;
+    let ts = w.card(&id).await;
+    let approvers: Vec<&str> = std::iter::once(APPROVER).chain(ONCALL).collect();
+    wait_until(
+        "a copy to every approver",
+        Duration::from_secs(10),
+        || async { approvers.iter().all(|a| w.dms_to(a, &id) == 1) },
+    )
+    .await;
+    assert_eq!(
+        w.dms_to(REQUESTER, "Approve"),
+        0,
+        "the requester gets no copy"
+    );
+    let copy = w
+        .slack
+        .calls_to("chat.postMessage")
+        .into_iter()
+        .find(|c| c.params["channel"] == "DU0ON1")
+        .unwrap();
+    let copy_ts = copy.response["ts"].as_str().unwrap().to_string();
+    assert!(copy.params.to_string().contains("approve"));
+
+    // Approving from a DM copy updates the channel card and every copy.
+    let body = action_body(
+        ONCALL[0],
+        "approve",
+        &id,
+        "DU0ON1",
+        &copy_ts,
+        &w.slack.response_url("dm"),
+    );
+    let url = format!("{}/slack/interactions", w.tollgate.base);
+    assert_eq!(
+        post_signed(&w.http, &url, SIGNING_SECRET, body)
+            .await
+            .status(),
+        200
+    );
+    wait_until(
+        "every copy shows the grant",
+        Duration::from_secs(10),
+        || async {
+            let channel_card = w
+                .slack
+                .message(CHANNEL, &ts)
+                .unwrap_or_default()
+                .to_string();
+            let copies_done = approvers.iter().all(|a| {
+                let dm = w
+                    .slack
+                    .calls_to("chat.postMessage")
+                    .into_iter()
+                    .find(|c| c.params["channel"] == format!("D{a}").as_str())
+                    .unwrap();
+                let now = w
+                    .slack
+                    .message(&format!("D{a}"), dm.response["ts"].as_str().unwrap())
+                    .unwrap_or_default()
+                    .to_string();
+                now.contains("Access active") && !now.contains("\"approve\"")
+            });
+            channel_card.contains("Access active") && copies_done
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_down_for_30s_while_a_grant_expires_revokes_on_time_and_tells_later() {
+    let w = World::new().await;
+    let id = w.request("eks prod-cluster 4s view INC-OUTAGE").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted DM", Duration::from_secs(10), || async {
+        w.dms_to(REQUESTER, "is active") == 1
+    })
+    .await;
+    let outage = Instant::now();
+    w.slack.outage_for(Duration::from_secs(30));
+
+    wait_until(
+        "revoked while Slack is down",
+        Duration::from_secs(8),
+        || async { !w.has_policy(ALICE, VIEW).await },
+    )
+    .await;
+    assert!(
+        outage.elapsed() < Duration::from_secs(30),
+        "the revoke did not wait on Slack"
+    );
+    let revoked = w
+        .audit()
+        .await
+        .into_iter()
+        .find(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
+        .expect("revoke recorded");
+    assert!(
+        revoked["details"]["lateness_seconds"].as_f64().unwrap() < 2.0,
+        "{revoked}"
+    );
+    assert!(
+        w.slack.calls().iter().any(|c| c.status == 500),
+        "Slack was really down"
+    );
+
+    wait_until(
+        "revoked DM after the outage",
+        Duration::from_secs(70),
+        || async { w.dms_to(REQUESTER, "has expired") >= 1 },
+    )
+    .await;
+    let delivered = w
+        .slack
+        .calls_to("chat.postMessage")
+        .into_iter()
+        .find(|c| c.status == 200 && c.params.to_string().contains("has expired"))
+        .unwrap();
+    assert!(delivered.at.duration_since(outage) >= Duration::from_secs(30));
 }

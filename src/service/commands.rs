@@ -100,7 +100,7 @@ impl Service {
         match parsed {
             Command::Help => help_text(),
             Command::Modal => self.open_request_modal(&cmd).await,
-            Command::Clusters => self.clusters_text(),
+            Command::Clusters => self.clusters_text(&cmd.user_id).await,
             Command::List => self.list_text(&cmd.user_id).await,
             Command::Revoke { id } => self.slack_revoke(&cmd.user_id, &id).await,
             Command::Extend { id, duration } => {
@@ -542,22 +542,37 @@ impl Service {
         copies
     }
 
-    fn clusters_text(&self) -> String {
-        if self.config.clusters.is_empty() {
-            return "No clusters are configured.".into();
+    /// Only what `user` may request (`requesters`), with each role's limits.
+    async fn clusters_text(&self, user: &str) -> String {
+        let offer = self.offer_for(user).await;
+        if offer.is_empty() {
+            return "There is no cluster you may request.".into();
         }
         let mut out = String::from("Clusters you can request:\n");
-        for c in &self.config.clusters {
+        for (name, allowed) in &offer {
+            let Some(c) = self.config.cluster(name) else {
+                continue;
+            };
             let roles: Vec<String> = c
                 .roles
                 .values()
+                .filter(|r| allowed.contains(&r.name))
                 .map(|r| {
                     format!(
-                        "`{}`{} ({}–{})",
+                        "`{}`{} ({}–{}{}{})",
                         r.name,
                         if r.namespaced { " (needs --ns)" } else { "" },
                         format_duration(r.limits.min_duration),
-                        format_duration(r.limits.max_duration)
+                        format_duration(r.limits.max_duration),
+                        match r.limits.required_approvals {
+                            1 => String::new(),
+                            n => format!(", {n} approvals"),
+                        },
+                        if r.limits.require_reason {
+                            ", reason required"
+                        } else {
+                            ""
+                        }
                     )
                 })
                 .collect();

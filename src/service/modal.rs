@@ -11,7 +11,7 @@ use crate::slack::modal::{self, Offer};
 impl Service {
     /// What `user` may request: clusters with at least one role whose
     /// `requesters` admit them.
-    async fn offer_for(&self, user: &str) -> Offer {
+    pub(super) async fn offer_for(&self, user: &str) -> Offer {
         let lists: Vec<String> = self
             .config
             .clusters

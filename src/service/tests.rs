@@ -430,3 +430,134 @@ async fn reconciler_removes_orphans_and_reports_drift_once() {
     assert!(r.state(&id).await.drift_reported);
     assert_eq!(r.service.metrics().drift.get(), 1);
 }
+
+impl Rig {
+    async fn say(&self, user: &str, text: &str) -> String {
+        self.service
+            .handle_command(SlashCommand {
+                trigger_id: None,
+                user_id: user.into(),
+                text: text.into(),
+                response_url: None,
+            })
+            .await
+    }
+
+    async fn approve(&self, id: &RequestId) {
+        self.service
+            .decide(Decision {
+                request_id: id.to_string(),
+                user_id: "U0APP".into(),
+                approve: true,
+                response_url: None,
+            })
+            .await;
+    }
+
+    fn id_in(text: &str, skip: usize) -> RequestId {
+        let at = text
+            .match_indices("R-")
+            .nth(skip)
+            .unwrap_or_else(|| panic!("{text}"))
+            .0;
+        RequestId::parse(&text[at..at + 7]).unwrap()
+    }
+
+    fn reminders(&self) -> usize {
+        self.slack
+            .dms
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| t.contains("ends in about"))
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn the_reminder_comes_once_before_expiry_and_changes_nothing_else() {
+    let r = rig();
+    let id = r.approved("eks prod 30m view", "U0APP").await;
+    r.clock.advance(Duration::from_secs(19 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.reminders(), 0, "not before reminder_before");
+    r.clock.advance(Duration::from_secs(60));
+    r.service.run_due().await.unwrap();
+    r.service.run_due().await.unwrap();
+    r.wait_for("reminder DM", |r| r.reminders() == 1).await;
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Active);
+    assert_eq!(row.remind_at, None);
+    r.clock.advance(Duration::from_secs(10 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+    assert_eq!(r.reminders(), 1);
+}
+
+#[tokio::test]
+async fn no_reminder_for_a_grant_no_longer_than_reminder_before() {
+    let r = rig();
+    let id = r.approved("eks prod 10m view", "U0APP").await;
+    assert_eq!(r.state(&id).await.remind_at, None);
+}
+
+#[tokio::test]
+async fn an_approved_extension_moves_the_expiry_once() {
+    let r = rig();
+    let grant = r.approved("eks prod 30m view", "U0APP").await;
+    let before = r.state(&grant).await.expires_at.unwrap();
+    let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    let ext = Rig::id_in(&receipt, 0);
+    assert_ne!(ext, grant, "{receipt}");
+    assert_eq!(r.state(&ext).await.state, State::Pending);
+    r.approve(&ext).await;
+
+    let moved = r.state(&grant).await;
+    assert_eq!(moved.state, State::Active);
+    assert_eq!(moved.expires_at, Some(before + Duration::from_secs(3600)));
+    assert_eq!(moved.extended_by, vec![ext.clone()]);
+    let applied = r.state(&ext).await;
+    assert_eq!(applied.state, State::Applied);
+    // Driving the same extension again (a crash before its own write) does
+    // not move the expiry a second time.
+    let mut again = applied.clone();
+    again.state = State::Approved;
+    r.service.apply_extension(&again).await;
+    assert_eq!(r.state(&grant).await.expires_at, moved.expires_at);
+    assert_eq!(
+        r.audit_names()
+            .await
+            .iter()
+            .filter(|e| *e == "extended")
+            .count(),
+        1
+    );
+    // Past the old expiry the grant stays; at the new one it goes.
+    r.clock.advance(Duration::from_secs(31 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&grant).await.state, State::Active);
+    r.clock.advance(Duration::from_secs(3600));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&grant).await.state, State::Revoked);
+}
+
+#[tokio::test]
+async fn an_extension_of_an_ended_grant_fails_and_others_may_not_extend() {
+    let r = rig();
+    let grant = r.approved("eks prod 20m view", "U0APP").await;
+    let refused = r.say("U0APP", &format!("extend {grant} 1h")).await;
+    assert!(refused.contains("Only the requester"), "{refused}");
+    let refused = r.say("U0REQ", &format!("extend {grant} 9h")).await;
+    assert!(refused.contains("out of range"), "{refused}");
+    let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    let ext = Rig::id_in(&receipt, 0);
+    r.clock.advance(Duration::from_secs(20 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&grant).await.state, State::Revoked);
+    r.approve(&ext).await;
+    let failed = r.state(&ext).await;
+    assert_eq!(failed.state, State::Failed);
+    assert!(failed.failure.unwrap().contains("already ended"));
+    let again = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    assert!(again.contains("not active"), "{again}");
+}

@@ -1206,8 +1206,36 @@ async fn policy_refusals_and_approval_timeout() {
         "no card for a refused request"
     );
 
+    // The self-service commands answer from the same policy.
+    let mine = answer(REQUESTER, "clusters").await;
+    assert!(
+        mine.contains("*strict*: `ops` (5m") || mine.contains("*strict*: `ops`"),
+        "{mine}"
+    );
+    assert!(
+        mine.contains("reason required") && mine.contains("*prod-cluster*"),
+        "{mine}"
+    );
+    let theirs = answer(OUTSIDER, "clusters").await;
+    assert!(
+        !theirs.contains("strict") && theirs.contains("*prod-cluster*"),
+        "{theirs}"
+    );
+    assert!(answer(OUTSIDER, "help")
+        .await
+        .starts_with("Usage: `/access eks"));
+    assert_eq!(
+        answer(REQUESTER, "list").await,
+        "You have no pending or active requests."
+    );
+
     // Nobody decides within approval_timeout: the request expires.
     let id = w.request("eks strict 1h ops INC-2").await;
+    let listed = answer(REQUESTER, "list").await;
+    assert!(
+        listed.contains(&format!("• {id} `ops` on strict: pending")),
+        "{listed}"
+    );
     let ts = w.card(&id).await;
     wait_until("expired card", Duration::from_secs(10), || async {
         w.slack

@@ -12,9 +12,17 @@ use crate::service::Service;
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// Floor between passes, so a row that keeps failing cannot spin the loop.
 const MIN_SLEEP: Duration = Duration::from_millis(100);
+/// On a shared store another replica's writes wake nobody here: the due
+/// index is read at least this often.
+const SHARED_MAX_SLEEP: Duration = Duration::from_secs(1);
 
 pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     let wake = service.wake_handle();
+    let max_sleep = if service.store().is_shared() {
+        SHARED_MAX_SLEEP
+    } else {
+        MAX_SLEEP
+    };
     loop {
         let lag = match service.store().next_due().await {
             Ok(Some(t)) => (service.clock().now() - t).as_seconds_f64().max(0.0),
@@ -27,13 +35,13 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
         let now = service.clock().now();
         let sleep = match service.store().next_due().await {
             Ok(Some(t)) => Duration::try_from(t - now).unwrap_or(Duration::ZERO),
-            Ok(None) => MAX_SLEEP,
+            Ok(None) => max_sleep,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the due index");
                 Duration::from_secs(1)
             }
         }
-        .clamp(MIN_SLEEP, MAX_SLEEP);
+        .clamp(MIN_SLEEP, max_sleep);
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = wake.notified() => {}
@@ -55,6 +63,28 @@ pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool
         for (cluster, next) in clusters.iter().zip(next_run.iter_mut()) {
             if *next > now {
                 continue;
+            }
+            *next = now + cluster.reconcile_interval;
+            // With several replicas one reconciles each cluster per interval:
+            // whoever holds the lease, which lapses if its holder dies.
+            let wall = service.clock().now();
+            let lease = format!("reconcile/{}", cluster.name);
+            match service
+                .store()
+                .try_lease(
+                    &lease,
+                    service.replica(),
+                    wall + cluster.reconcile_interval,
+                    wall,
+                )
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!(cluster = %cluster.name, error = %e, "reconcile lease unavailable");
+                    continue;
+                }
             }
             match service.reconcile_cluster(cluster).await {
                 Ok(report) if report.removed.is_empty() && report.drifted.is_empty() => {

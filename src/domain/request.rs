@@ -264,6 +264,18 @@ pub struct Request {
     /// copy is updated with the card.
     #[serde(default)]
     pub card_copies: Vec<CardRef>,
+    /// With several replicas on one store: the replica driving this row's
+    /// grant or revoke, until when. Nobody else drives it meanwhile; a
+    /// replica that dies holding it is replaced once it lapses.
+    #[serde(default)]
+    pub claim: Option<Claim>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub owner: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub until: OffsetDateTime,
 }
 
 /// When to remind the requester of an expiry `length` after access (re)starts:
@@ -281,10 +293,24 @@ impl Request {
     /// its state so the store's due index can never disagree with the row.
     pub fn next_due(&self) -> Option<OffsetDateTime> {
         let reminder = self.reminder_due();
-        match (self.step_due(), reminder) {
+        let due = match (self.step_due(), reminder) {
             (Some(step), Some(remind)) => Some(step.min(remind)),
             (step, remind) => step.or(remind),
+        };
+        // A claimed row is next looked at when the claim lapses: if its
+        // holder finished, the row has moved on; if it died, another takes over.
+        match (due, &self.claim) {
+            (Some(due), Some(claim)) => Some(due.max(claim.until)),
+            (due, _) => due,
         }
+    }
+
+    /// Whether `owner` may drive this row at `now`: nobody else holds a
+    /// live claim on it.
+    pub fn claimable_by(&self, owner: &str, now: OffsetDateTime) -> bool {
+        self.claim
+            .as_ref()
+            .is_none_or(|c| c.owner == owner || c.until <= now)
     }
 
     /// When the reminder DM is due: before expiry, for an Active grant that
@@ -356,6 +382,7 @@ impl Request {
             extended_by: Vec::new(),
             remind_at: None,
             card_copies: Vec::new(),
+            claim: None,
         }
     }
 

@@ -302,6 +302,7 @@ impl Service {
             extended_by: Vec::new(),
             remind_at: None,
             card_copies: Vec::new(),
+            claim: None,
         };
         mode.preapprove(&mut req, now);
         let recorded = self
@@ -325,7 +326,7 @@ impl Service {
             .await;
         if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record request");
-            return Err("Tollgate could not record your request (storage error); nothing was requested. Please try again or tell an admin.".into());
+            return Err("Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into());
         }
         self.wake.notify_one();
         self.metrics.entered(State::Pending.label());
@@ -428,7 +429,7 @@ impl Service {
             Ok(None) => return format!("Tollgate has no request {id}."),
             Err(e) => {
                 tracing::error!(error = %e, "store read failed");
-                return "Tollgate could not read its store just now; nothing was revoked.".into();
+                return "Tollgate's store is temporarily unavailable; nothing was revoked. Please try again in a minute.".into();
             }
         };
         if req.requester.user_id != user {
@@ -586,7 +587,7 @@ impl Service {
             Ok(all) => all,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list requests");
-                return "Tollgate could not read its store just now.".into();
+                return "Tollgate's store is temporarily unavailable; please try again in a minute.".into();
             }
         };
         let mine: Vec<String> = all

@@ -45,7 +45,7 @@ impl Service {
             Err(e) => {
                 tracing::error!(error = %e, "store read failed");
                 return reply(
-                    "Tollgate could not read its store; your click was not counted. Try again."
+                    "Tollgate's store is temporarily unavailable; your click was not counted. Please try again in a minute."
                         .into(),
                 )
                 .await;
@@ -148,7 +148,7 @@ impl Service {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(request_id = %id, error = %e, "decision not recorded");
-                return reply("Tollgate could not record your decision; try again.".into()).await;
+                return reply("Tollgate's store is temporarily unavailable; your decision was not recorded. Please try again in a minute.".into()).await;
             }
         };
         match outcome {

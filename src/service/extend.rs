@@ -49,7 +49,7 @@ impl Service {
             Ok(None) => return format!("Tollgate has no request {id}."),
             Err(e) => {
                 tracing::error!(error = %e, "store read failed");
-                return "Tollgate could not read its store just now; nothing was requested.".into();
+                return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
             }
         };
         if let Some(original) = &grant.extends {
@@ -129,7 +129,7 @@ impl Service {
             .await;
         if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record extension");
-            return "Tollgate could not record your extension (storage error); nothing was requested. Please try again.".into();
+            return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
         }
         self.wake.notify_one();
         self.metrics.entered(ext.state.label());
@@ -196,7 +196,12 @@ impl Service {
                 if grant.extended_by.contains(&ext.id) {
                     return Change::Keep(Applied::Moved(Box::new(grant.clone())));
                 }
-                let Some(expires_at) = grant.expires_at.filter(|_| in_force(grant, now)) else {
+                // A live claim on an Active grant means a replica is revoking it.
+                let revoking = grant.claim.as_ref().is_some_and(|c| c.until > now);
+                let Some(expires_at) = grant
+                    .expires_at
+                    .filter(|_| in_force(grant, now) && !revoking)
+                else {
                     return Change::Keep(Applied::Ended(format!(
                         "{} had already ended when the extension was approved",
                         grant.id

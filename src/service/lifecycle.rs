@@ -14,7 +14,7 @@ use super::{Change, Notice, Service};
 use crate::access::InForce;
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::request::{
-    reminder_time, Event, Request, RequestId, RevokeIntent, RevokeReason, State,
+    reminder_time, Claim, Event, Request, RequestId, RevokeIntent, RevokeReason, State,
 };
 use crate::store::StoreError;
 
@@ -39,8 +39,28 @@ fn retry_base() -> Duration {
 }
 const RETRY_CAP: Duration = Duration::from_secs(300);
 /// One stuck request must not hold up every other due one for long; a step
-/// cut off here is simply driven again (it is idempotent).
-const DRIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// cut off here is simply driven again (it is idempotent). Kept well inside
+/// the claim, so a step never outlives the claim it runs under.
+fn drive_timeout() -> Duration {
+    Duration::from_secs(60).min(claim_ttl() * 2 / 3)
+}
+
+/// How long a replica's claim on a row lasts: the failover time when a
+/// replica dies mid-step. `TOLLGATE_CLAIM_TTL` (humantime) overrides it for
+/// drills and tests.
+const CLAIM_TTL: Duration = Duration::from_secs(90);
+const CLAIM_TTL_ENV: &str = "TOLLGATE_CLAIM_TTL";
+
+pub fn claim_ttl() -> Duration {
+    static TTL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TTL.get_or_init(|| {
+        std::env::var(CLAIM_TTL_ENV)
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .filter(|d| *d >= Duration::from_secs(1))
+            .unwrap_or(CLAIM_TTL)
+    })
+}
 
 fn retry_backoff(attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
@@ -122,7 +142,7 @@ impl Service {
             async move {
                 let span = tracing::info_span!("request", request_id = %id);
                 if tokio::time::timeout(
-                    DRIVE_TIMEOUT,
+                    drive_timeout(),
                     service.drive_when(&id, when).instrument(span),
                 )
                 .await
@@ -249,6 +269,43 @@ impl Service {
         self.converge_with(req, &others, include).await
     }
 
+    /// On a shared store, takes this row for this replica before any cloud
+    /// call; `None` when another replica holds it. The row returned is what
+    /// the step works from.
+    async fn claim(&self, req: Request, now: OffsetDateTime) -> Option<Request> {
+        if !self.store.is_shared() {
+            return Some(req);
+        }
+        let owner = self.replica.clone();
+        let state = req.state;
+        let claimed = self
+            .modify(&req.id, |current| {
+                if current.state != state || !current.claimable_by(&owner, now) {
+                    return Change::Keep(None);
+                }
+                let mut next = current.clone();
+                next.claim = Some(Claim {
+                    owner: owner.clone(),
+                    until: now + claim_ttl(),
+                });
+                Change::Write(Box::new(next.clone()), Vec::new(), Some(next))
+            })
+            .await;
+        match claimed {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(request_id = %req.id, error = %e, "cannot claim; another pass will");
+                None
+            }
+        }
+    }
+
+    /// The step's result is written only by the replica that claimed it: a
+    /// replica paused past its claim finds the row taken and writes nothing.
+    fn holds_claim(&self, row: &Request) -> bool {
+        !self.store.is_shared() || row.claim.as_ref().is_some_and(|c| c.owner == self.replica)
+    }
+
     pub(super) fn lock_key(req: &Request) -> String {
         format!("{}\u{0}{}", req.access.cluster, req.access.principal)
     }
@@ -280,6 +337,9 @@ impl Service {
             })
             .await
         else {
+            return;
+        };
+        let Some(req) = self.claim(req, now).await else {
             return;
         };
         let started = std::time::Instant::now();
@@ -315,10 +375,11 @@ impl Service {
         let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {
-                if current.state != State::Approved {
+                if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
                 let mut next = current.clone();
+                next.claim = None;
                 if let Some(message) = &failure {
                     next.attempts += 1;
                     next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
@@ -402,10 +463,11 @@ impl Service {
         let now = self.clock.now();
         let notice = self
             .modify(&req.id, |current| {
-                if current.state != State::Approved {
+                if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
                 let mut next = current.clone();
+                next.claim = None;
                 next.failure = Some(message.clone());
                 let mut details = json!({"error": message});
                 let notice = match &cleanup {
@@ -454,6 +516,9 @@ impl Service {
         else {
             return;
         };
+        let Some(req) = self.claim(req, now).await else {
+            return;
+        };
         let result = self.converge_for(&req, None, now).await;
         if result.is_ok() {
             failpoint("after-revoke-converge");
@@ -461,10 +526,13 @@ impl Service {
         let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {
-                if !matches!(current.state, State::Active | State::RevokeFailed) {
+                if !matches!(current.state, State::Active | State::RevokeFailed)
+                    || !self.holds_claim(current)
+                {
                     return Change::Keep(None);
                 }
                 let mut next = current.clone();
+                next.claim = None;
                 match &result {
                     Ok(()) => {
                         let _ = next.apply(Event::Revoked);

@@ -39,6 +39,8 @@ pub struct Service {
     locks: KeyedLocks,
     /// One permit per grant or revoke under way; shutdown takes them all.
     work: tokio::sync::Semaphore,
+    /// This process's name in claims and leases on a shared store.
+    replica: String,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -84,6 +86,17 @@ fn mark_dry_run(audit: &mut [AuditEvent]) {
     }
 }
 
+/// Host name (the pod's, under Kubernetes) plus a random suffix: a
+/// restarted process never mistakes an old claim for its own.
+fn replica_name() -> String {
+    use rand::Rng;
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tollgate".into());
+    format!("{host}-{:08x}", rand::thread_rng().gen::<u32>())
+}
+
 /// CAS retries before giving up; each retry means another writer won, so
 /// more than a handful means something is badly wrong.
 const MAX_CAS_RETRIES: usize = 50;
@@ -107,7 +120,12 @@ impl Service {
             wake: Arc::new(Notify::new()),
             locks: KeyedLocks::default(),
             work: tokio::sync::Semaphore::new(WORK_PERMITS as usize),
+            replica: replica_name(),
         })
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// Graceful shutdown: waits (up to `limit`) for the grants and revokes

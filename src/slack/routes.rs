@@ -23,6 +23,8 @@ use crate::service::{Decision, Service, SlashCommand};
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+const STORE_PING_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Slack gives up after three seconds; answer before that whatever happens.
 const COMMAND_DEADLINE: Duration = Duration::from_millis(2700);
 
@@ -43,11 +45,20 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Ready: recovery done, the scheduler running, and the store answering (a
+/// replica that lost a shared store is taken out of the load balancer
+/// until it is back; it keeps answering whoever still reaches it).
 async fn readyz(State(app): State<AppState>) -> Response {
-    if app.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    if !app.ready.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response();
+    }
+    match tokio::time::timeout(STORE_PING_TIMEOUT, app.service.store().ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: store unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable").into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable").into_response(),
     }
 }
 

@@ -68,4 +68,25 @@ pub trait Store: Send + Sync + 'static {
         policies: &[String],
     ) -> Result<(), StoreError>;
     async fn flush(&self) -> Result<(), StoreError>;
+    /// Whether several processes share this store, so grants and revokes
+    /// are claimed per row and background jobs take a lease. One process on
+    /// an embedded store needs neither.
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Takes or renews the named lease for `holder` until `until`, if nobody
+    /// else holds it past `now`. An unshared store has one holder: always.
+    async fn try_lease(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _until: OffsetDateTime,
+        _now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    /// A cheap round trip, for readiness.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -335,6 +335,7 @@ mod tests {
             extended_by: Vec::new(),
             remind_at: None,
             card_copies: Vec::new(),
+            claim: None,
         }
     }
 

@@ -106,7 +106,7 @@ fn request(n: usize) -> Request {
             role: "view".into(),
             principal: format!("arn:aws:iam::000000000000:role/u{n}"),
             policy_arn: Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy".into()),
-            namespaces: if n % 3 == 0 {
+            namespaces: if n.is_multiple_of(3) {
                 vec!["team-a".into()]
             } else {
                 vec![]
@@ -152,7 +152,7 @@ async fn fill(store: &dyn Store) {
             at,
             json!({"n": n}),
         )];
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             events.push(AuditEvent::for_request(
                 &r,
                 "approved",
@@ -163,7 +163,7 @@ async fn fill(store: &dyn Store) {
         }
         store.create(&r, events).await.unwrap();
         // Every fifth write shares its instant with the one before.
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             store
                 .append_audit(vec![AuditEvent::for_request(
                     &r,
@@ -175,7 +175,7 @@ async fn fill(store: &dyn Store) {
                 .await
                 .unwrap();
         }
-        if n % 7 == 0 {
+        if n.is_multiple_of(7) {
             let b = Baselines::from([
                 (
                     "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy".to_string(),

@@ -583,3 +583,6 @@ impl Store for DynamoStore {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod manifest_tests;

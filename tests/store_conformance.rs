@@ -708,3 +708,157 @@ async fn dynamodb_outage_is_unavailable_not_conflict() {
         assert!(e.is_unavailable(), "{e:?}");
     }
 }
+
+// ------------------------------------------- DynamoDB answers MiniStack won't give
+
+/// A DynamoDB endpoint that answers each call with the next scripted
+/// (status, body) for its operation, and counts calls.
+struct Scripted {
+    endpoint: String,
+    calls: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn scripted(answers: Vec<(&'static str, u16, &'static str)>) -> Scripted {
+    use axum::http::{HeaderMap, StatusCode};
+    let script = Arc::new(std::sync::Mutex::new(answers));
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s, c) = (script.clone(), calls.clone());
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |headers: HeaderMap| {
+            let (script, calls) = (s.clone(), c.clone());
+            async move {
+                let op = headers
+                    .get("x-amz-target")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.split('.').nth(1))
+                    .unwrap_or("?")
+                    .to_string();
+                calls.lock().unwrap().push(op.clone());
+                let mut script = script.lock().unwrap();
+                let answer = script
+                    .iter()
+                    .position(|(o, _, _)| *o == op)
+                    .map(|i| script.remove(i));
+                let (status, body) = match answer {
+                    Some((_, status, body)) => (status, body),
+                    None => (200, "{}"),
+                };
+                (
+                    StatusCode::from_u16(status).unwrap(),
+                    [("content-type", "application/x-amz-json-1.0")],
+                    body,
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Scripted { endpoint, calls }
+}
+
+async fn scripted_store(endpoint: &str) -> DynamoStore {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let sdk = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        // The mapping is under test here, not the SDK's backoff.
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .http_client(http)
+        .load()
+        .await;
+    DynamoStore::new(aws_sdk_dynamodb::Client::new(&sdk), "tollgate")
+}
+
+const CONTENDED: &str = r#"{"__type":"com.amazonaws.dynamodb.v20120810#TransactionCanceledException","message":"cancelled [None, TransactionConflict]","CancellationReasons":[{"Code":"None"},{"Code":"TransactionConflict","Message":"in flight"}]}"#;
+const CONDITION: &str = r#"{"__type":"com.amazonaws.dynamodb.v20120810#TransactionCanceledException","message":"cancelled [ConditionalCheckFailed, None]","CancellationReasons":[{"Code":"ConditionalCheckFailed"},{"Code":"None"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_transaction_conflicts_are_retried_then_reported_as_conflict() {
+    support::install_crypto_provider();
+    let r = request(1, State::Pending);
+    let mut next = r.clone();
+    next.state = State::Approved;
+
+    // Two in-flight collisions, then the write goes through.
+    let fake = scripted(vec![
+        ("TransactWriteItems", 400, CONTENDED),
+        ("TransactWriteItems", 400, CONTENDED),
+    ])
+    .await;
+    let store = scripted_store(&fake.endpoint).await;
+    let written = store.update(&r, next.clone(), vec![]).await.unwrap();
+    assert_eq!(written.version, 1);
+    assert_eq!(fake.calls.lock().unwrap().len(), 3);
+
+    // Contended every time: a Conflict (re-read and decide), not an outage.
+    let fake = scripted(vec![("TransactWriteItems", 400, CONTENDED); 20]).await;
+    let store = scripted_store(&fake.endpoint).await;
+    let e = store.update(&r, next.clone(), vec![]).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    let attempts = fake.calls.lock().unwrap().len();
+    assert!((2..20).contains(&attempts), "{attempts} attempts");
+
+    // A failed condition is final at once; the row exists, so Conflict.
+    let row = r#"{"Item":{"pk":{"S":"REQUEST"},"sk":{"S":"R-00001"},"version":{"N":"3"},"doc":{"S":"{}"}}}"#;
+    let fake = scripted(vec![
+        ("TransactWriteItems", 400, CONDITION),
+        ("GetItem", 200, row),
+    ])
+    .await;
+    let store = scripted_store(&fake.endpoint).await;
+    let e = store.update(&r, next, vec![]).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    assert_eq!(
+        fake.calls.lock().unwrap().clone(),
+        vec!["TransactWriteItems", "GetItem"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_throttling_and_5xx_are_unavailable_other_refusals_are_not() {
+    support::install_crypto_provider();
+    let cases: [(u16, &str, bool); 5] = [
+        (
+            400,
+            r#"{"__type":"com.amazonaws.dynamodb.v20120810#ThrottlingException","message":"slow down"}"#,
+            true,
+        ),
+        (
+            400,
+            r#"{"__type":"com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException","message":"slow down"}"#,
+            true,
+        ),
+        (
+            500,
+            r#"{"__type":"com.amazonaws.dynamodb.v20120810#InternalServerError","message":"oops"}"#,
+            true,
+        ),
+        (
+            400,
+            r#"{"__type":"com.amazonaws.dynamodb.v20120810#ResourceNotFoundException","message":"no table"}"#,
+            false,
+        ),
+        (
+            400,
+            r#"{"__type":"com.amazon.coral.service#AccessDeniedException","message":"denied"}"#,
+            false,
+        ),
+    ];
+    for (status, body, unavailable) in cases {
+        let fake = scripted(vec![("GetItem", status, body)]).await;
+        let store = scripted_store(&fake.endpoint).await;
+        let e = store.get(&id(1)).await.unwrap_err();
+        assert_eq!(e.is_unavailable(), unavailable, "{body}: {e:?}");
+        assert!(!matches!(e, StoreError::Conflict(_)), "{e:?}");
+        if body.contains("ResourceNotFound") {
+            assert!(e.to_string().contains("store init"), "{e}");
+        }
+    }
+}

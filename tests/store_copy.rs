@@ -376,3 +376,79 @@ async fn store_copy_moves_sled_to_dynamodb_and_is_idempotent() {
         r.version + 1
     );
 }
+
+/// `serve` on the DynamoDB backend: refuses to start without the table,
+/// then, once `store init` made it, becomes ready and answers the admin CLI
+/// from the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_on_the_dynamodb_table() {
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    let slack = support::slack::SlackStandIn::start(support::tollgate::BOT_TOKEN).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG
+        .replace(
+            "STORE",
+            "backend = \"dynamodb\"\ntable = \"tollgate\"\npath = \"{data}\"",
+        )
+        .replace(
+            "[identity]",
+            "[server]\nlisten = \"{listen}\"\n\n[identity]",
+        );
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+
+    // Without the table, start-up stops with the fix in the message.
+    let cfg_path = dir.path().join("precheck.toml");
+    std::fs::write(
+        &cfg_path,
+        config
+            .replace("{listen}", "127.0.0.1:0")
+            .replace("{data}", &dir.path().join("data").display().to_string()),
+    )
+    .unwrap();
+    let mut env = ms.aws_env();
+    env.push(("SLACK_BOT_TOKEN".into(), "xoxb-x".into()));
+    env.push(("SLACK_SIGNING_SECRET".into(), "s".into()));
+    let cfg = cfg_path.display().to_string();
+    let out = run(&["serve", "--config", &cfg], &env).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("store init"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&["store", "init", "--config", &cfg], &env).await;
+    assert!(out.status.success(), "{}", text(&out));
+
+    let tollgate =
+        support::tollgate::Tollgate::start(dir.path(), &config, &slack.api_url(), &ms).await;
+    let client = reqwest::Client::new();
+    support::tollgate::wait_until("/readyz", Duration::from_secs(20), || {
+        let (client, url) = (client.clone(), format!("{}/readyz", tollgate.base));
+        async move {
+            client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await;
+
+    // A grant placed in the table is what the running server lists.
+    let store = dynamo(&ms, "tollgate").await;
+    let mut active = request(2);
+    active.state = State::Active;
+    active.expires_at = Some(OffsetDateTime::now_utc() + time::Duration::hours(1));
+    active.revoke = None;
+    store.create(&active, vec![]).await.unwrap();
+    let config_path = tollgate.config_path.display().to_string();
+    let out = run(
+        &["grants", "list", "--config", &config_path, "--json"],
+        &env,
+    )
+    .await;
+    assert!(out.status.success(), "{}\n{}", text(&out), tollgate.log());
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains(active.id.as_str()), "{listed}");
+}

@@ -154,11 +154,6 @@ async fn admin(config: &std::path::Path, request: AdminRequest, json: bool) -> E
     }
 }
 
-fn not_yet(what: &str) -> ExitCode {
-    eprintln!("error: `tollgate {what}` is not available in this version of Tollgate");
-    ExitCode::from(2)
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     // aws-smithy and slack-morphism must agree on one rustls provider.
@@ -231,15 +226,31 @@ async fn main() -> ExitCode {
         Cmd::Store {
             action: StoreCmd::Init { config },
         } => match load(&config) {
-            Ok(c) if c.store.backend == tollgate::config::Backend::Sled => {
-                println!("store.backend = \"sled\": nothing to initialise");
-                ExitCode::SUCCESS
-            }
-            Ok(_) => not_yet("store init (dynamodb)"),
+            Ok(c) => report(tollgate::store::cli::init(&c).await),
             Err(code) => code,
         },
         Cmd::Store {
-            action: StoreCmd::Copy { .. },
-        } => not_yet("store copy"),
+            action:
+                StoreCmd::Copy {
+                    from_config,
+                    to_config,
+                },
+        } => match (load(&from_config), load(&to_config)) {
+            (Ok(from), Ok(to)) => report(tollgate::store::cli::copy(&from, &to).await),
+            (Err(code), _) | (_, Err(code)) => code,
+        },
+    }
+}
+
+fn report(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

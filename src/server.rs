@@ -17,7 +17,7 @@ use crate::slack::client::SlackWebApi;
 use crate::slack::routes::{router, AppState};
 use crate::slack::verify::Verifier;
 use crate::slack::SlackApi;
-use crate::store::{SledStore, Store};
+use crate::store::Store;
 
 pub const DEFAULT_SLACK_API_URL: &str = "https://slack.com/api";
 /// How long shutdown waits for grants and revokes under way.
@@ -40,21 +40,15 @@ fn slack_api_url(config: &Config) -> String {
         .unwrap_or_else(|| DEFAULT_SLACK_API_URL.to_string())
 }
 
-fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match config.store.backend {
-        Backend::Sled => Ok(Arc::new(SledStore::open(&config.store.path)?)),
-        Backend::Dynamodb => anyhow::bail!(
-            "{}: store.backend = \"dynamodb\" is not available in this version of Tollgate; use \"sled\"",
-            config.path
-        ),
-    }
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    crate::store::open(config).await
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let bot_token = secret("SLACK_BOT_TOKEN")?;
     let signing_secret = secret("SLACK_SIGNING_SECRET")?;
     let config = Arc::new(config);
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let metrics = Arc::new(Metrics::new());
     let slack: Arc<dyn SlackApi> = Arc::new(
         SlackWebApi::new(&slack_api_url(&config), &bot_token)
@@ -202,7 +196,7 @@ pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Res
         return Ok(response);
     }
     let config = Arc::new(config);
-    let store = open_store(&config).map_err(|e| {
+    let store = open_store(&config).await.map_err(|e| {
         anyhow::anyhow!(
             "{e:#}\n(no server answered on {}; is one running without its admin socket?)",
             path.display()
@@ -318,6 +312,14 @@ pub async fn check(config: Config) -> bool {
             false,
             format!("aws sts get-caller-identity: {}", aws::describe_error(&e)),
         ),
+    }
+    if config.store.backend == Backend::Dynamodb {
+        let table = config.store.table.as_deref().unwrap_or_default();
+        let client = aws_sdk_dynamodb::Client::new(&aws::load_base_config().await);
+        match crate::store::dynamodb::verify(&client, table).await {
+            Ok(what) => line(true, format!("store: {what}")),
+            Err(e) => line(false, format!("store: {e}")),
+        }
     }
     let kube = KubeClients::new(clients.clone(), Arc::new(SystemClock));
     for c in &config.clusters {

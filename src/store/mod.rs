@@ -9,8 +9,14 @@ use crate::domain::audit::AuditEvent;
 use crate::domain::grant::Baselines;
 use crate::domain::request::{Request, RequestId};
 
+pub mod cli;
+pub mod copy;
+pub mod dynamodb;
+mod open;
 pub mod sled_store;
 
+pub use dynamodb::DynamoStore;
+pub use open::open;
 pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,8 +30,48 @@ pub enum StoreError {
     NotFound(String),
     #[error("store backend error: {0}")]
     Backend(String),
+    /// The backend could not be reached or refused for load (network,
+    /// timeout, throttling, a 5xx): nothing was decided, and the same call
+    /// may succeed later.
+    #[error("store backend unavailable: {0}")]
+    Unavailable(String),
     #[error("store holds unreadable data under {key}: {message}")]
     Corrupt { key: String, message: String },
+}
+
+impl StoreError {
+    /// Whether the failure is the backend being out of reach rather than
+    /// anything about the data: callers report "temporarily unavailable"
+    /// and try again later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Where an audit event sits in the log: the time of the write that made it
+/// (milliseconds since the epoch), then a sequence number unique within the
+/// store. Both backends order the log by it, and `store copy` keeps it, so a
+/// copied log reads back in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuditPosition {
+    pub at_ms: u64,
+    pub seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEntry {
+    pub position: AuditPosition,
+    pub event: AuditEvent,
+}
+
+/// Milliseconds since the epoch; instants before it (never written by
+/// Tollgate) clamp to zero, as they always have in the sled key.
+pub(crate) fn epoch_ms(t: OffsetDateTime) -> u64 {
+    (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64
+}
+
+pub(crate) fn from_epoch_ms(ms: u64) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok()
 }
 
 #[async_trait]
@@ -68,6 +114,17 @@ pub trait Store: Send + Sync + 'static {
         policies: &[String],
     ) -> Result<(), StoreError>;
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Every audit event with its position, in log order (for `store copy`).
+    async fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Writes events at the given positions verbatim; an event already at a
+    /// position is overwritten (with the same content on a re-run).
+    async fn import_audit(&self, entries: Vec<AuditEntry>) -> Result<(), StoreError>;
+    /// Writes a request row verbatim, version included, with its due-index
+    /// entry, replacing any row with its id (for `store copy`).
+    async fn import_request(&self, req: &Request) -> Result<(), StoreError>;
+    /// Every recorded baseline as (cluster, principal, baselines).
+    async fn all_baselines(&self) -> Result<Vec<(String, String, Baselines)>, StoreError>;
     /// Whether several processes share this store, so grants and revokes
     /// are claimed per row and background jobs take a lease. One process on
     /// an embedded store needs neither.

@@ -7,7 +7,7 @@ use sled::Transactional;
 use std::path::Path;
 use time::OffsetDateTime;
 
-use super::{Store, StoreError};
+use super::{epoch_ms, AuditEntry, AuditPosition, Store, StoreError};
 use crate::domain::audit::AuditEvent;
 use crate::domain::grant::{Baselines, Scope};
 use crate::domain::request::{Request, RequestId};
@@ -26,8 +26,29 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 
 /// Milliseconds since the epoch, big-endian, so byte order is time order.
 fn time_key(t: OffsetDateTime) -> [u8; 8] {
-    let ms = (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-    ms.to_be_bytes()
+    epoch_ms(t).to_be_bytes()
+}
+
+fn audit_key(position: AuditPosition) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&position.at_ms.to_be_bytes());
+    key[8..].copy_from_slice(&position.seq.to_be_bytes());
+    key
+}
+
+fn audit_position(key: &[u8]) -> Result<AuditPosition, StoreError> {
+    let part = |range: std::ops::Range<usize>| {
+        key.get(range)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+    };
+    match (part(0..8), part(8..16), key.len()) {
+        (Some(at_ms), Some(seq), 16) => Ok(AuditPosition { at_ms, seq }),
+        _ => Err(StoreError::Corrupt {
+            key: format!("{key:02x?}"),
+            message: "audit key is not 8 bytes of time and 8 of sequence".into(),
+        }),
+    }
 }
 
 fn due_key(t: OffsetDateTime, id: &RequestId) -> Vec<u8> {
@@ -281,6 +302,83 @@ impl Store for SledStore {
     async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await.map_err(backend)?;
         Ok(())
+    }
+
+    async fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        self.audit
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                Ok(AuditEntry {
+                    position: audit_position(&k)?,
+                    event: decode(&k, &v)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn import_audit(&self, entries: Vec<AuditEntry>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for entry in &entries {
+            batch.insert(&audit_key(entry.position), encode(&entry.event)?);
+        }
+        self.audit.apply_batch(batch).map_err(backend)?;
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn import_request(&self, req: &Request) -> Result<(), StoreError> {
+        let row = encode(req)?;
+        let id = req.id.clone();
+        let due = req.next_due();
+        (&self.requests, &self.due)
+            .transaction(|(requests, due_tree)| {
+                if let Some(old) = requests.get(id.as_str())? {
+                    let old: Request = decode(id.as_str().as_bytes(), &old)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    if let Some(t) = old.next_due() {
+                        due_tree.remove(due_key(t, &id))?;
+                    }
+                }
+                requests.insert(id.as_str(), row.as_slice())?;
+                if let Some(t) = due {
+                    due_tree.insert(due_key(t, &id), id.as_str())?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn all_baselines(&self) -> Result<Vec<(String, String, Baselines)>, StoreError> {
+        let mut out: Vec<(String, String, Baselines)> = Vec::new();
+        for item in self.baselines.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let text = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = text.splitn(3, '\u{0}');
+            let (Some(cluster), Some(principal), Some(policy)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(StoreError::Corrupt {
+                    key: text.clone(),
+                    message: "baseline key is not cluster, principal and policy".into(),
+                });
+            };
+            let scope: Option<Scope> = decode(&k, &v)?;
+            // Keys sort by cluster then principal, so one group is contiguous.
+            match out.last_mut() {
+                Some((c, p, b)) if c == cluster && p == principal => {
+                    b.insert(policy.to_string(), scope);
+                }
+                _ => out.push((
+                    cluster.to_string(),
+                    principal.to_string(),
+                    Baselines::from([(policy.to_string(), scope)]),
+                )),
+            }
+        }
+        Ok(out)
     }
 }
 

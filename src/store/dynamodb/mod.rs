@@ -1,0 +1,296 @@
+//! The DynamoDB backend, for several replicas sharing one store. Every state
+//! change is one `TransactWriteItems` — request row, due-index entries and
+//! audit events — with a condition on the row's version, so it gives the same
+//! compare-and-swap guarantee as one sled transaction. The layout is in
+//! `items`.
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use time::OffsetDateTime;
+
+mod error;
+mod items;
+mod ops;
+mod table;
+
+pub use table::{init, verify, InitOutcome};
+
+use error::{refusal, Refusal};
+use items::*;
+use ops::{Guard, MAX_TRANSACT_ITEMS};
+
+use super::{epoch_ms, AuditEntry, Store, StoreError};
+use crate::domain::audit::AuditEvent;
+use crate::domain::grant::Baselines;
+use crate::domain::request::{Request, RequestId};
+
+#[derive(Clone)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        DynamoStore {
+            client,
+            table: table.into(),
+        }
+    }
+
+    /// A store on `table` with the AWS default chain (region, credentials,
+    /// `AWS_ENDPOINT_URL`).
+    pub async fn connect(table: &str) -> Self {
+        let config = crate::access::aws::load_base_config().await;
+        DynamoStore::new(Client::new(&config), table)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    async fn create(&self, req: &Request, audit: Vec<AuditEvent>) -> Result<(), StoreError> {
+        let mut items = vec![self.put_row(req, None)?];
+        if let Some(t) = req.next_due() {
+            items.push(self.put(due_item(t, &req.id))?);
+        }
+        items.extend(self.audit_puts(audit, req.created_at).await?);
+        self.transact(items, Guard::Create(&req.id)).await
+    }
+
+    async fn update(
+        &self,
+        prev: &Request,
+        mut next: Request,
+        audit: Vec<AuditEvent>,
+    ) -> Result<Request, StoreError> {
+        next.version = prev.version + 1;
+        let mut items = vec![self.put_row(&next, Some(prev.version))?];
+        let old_due = prev.next_due().map(|t| due_sk(t, &prev.id));
+        let new_due = next.next_due();
+        // One transaction may not touch an item twice: an unchanged due
+        // entry is left alone.
+        if old_due != new_due.map(|t| due_sk(t, &prev.id)) {
+            if let Some(sk) = old_due {
+                items.push(self.delete(key(DUE, sk))?);
+            }
+            if let Some(t) = new_due {
+                items.push(self.put(due_item(t, &prev.id))?);
+            }
+        }
+        items.extend(self.audit_puts(audit, OffsetDateTime::now_utc()).await?);
+        self.transact(items, Guard::Update(&prev.id)).await?;
+        Ok(next)
+    }
+
+    async fn append_audit(&self, audit: Vec<AuditEvent>) -> Result<(), StoreError> {
+        let items = self.audit_puts(audit, OffsetDateTime::now_utc()).await?;
+        for chunk in items.chunks(MAX_TRANSACT_ITEMS) {
+            if let Err(e) = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(chunk.to_vec()))
+                .send()
+                .await
+            {
+                return Err(match refusal(&self.table, e) {
+                    Refusal::Other(e) => e,
+                    _ => StoreError::Unavailable(format!(
+                        "DynamoDB TransactWriteItems on table {}: audit write refused, try again",
+                        self.table
+                    )),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(REQUEST, id.as_str())))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.err("GetItem", e))?;
+        out.item().map(request_of).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<Request>, StoreError> {
+        self.query(REQUEST, None, None)
+            .await?
+            .iter()
+            .map(request_of)
+            .collect()
+    }
+
+    async fn next_due(&self) -> Result<Option<OffsetDateTime>, StoreError> {
+        self.query(DUE, None, Some(1))
+            .await?
+            .first()
+            .map(time_of_sk)
+            .transpose()
+    }
+
+    async fn due(&self, now: OffsetDateTime) -> Result<Vec<RequestId>, StoreError> {
+        let end = ms_key(epoch_ms(now) + 1);
+        self.query(DUE, Some(("#sk < :end", vec![(":end", s(end))])), None)
+            .await?
+            .iter()
+            .map(due_id_of)
+            .collect()
+    }
+
+    async fn audit_since(
+        &self,
+        since: Option<OffsetDateTime>,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let start = ms_key(since.map(epoch_ms).unwrap_or(0));
+        self.query(
+            AUDIT,
+            Some(("#sk >= :start", vec![(":start", s(start))])),
+            None,
+        )
+        .await?
+        .iter()
+        .map(|item| audit_of(item).map(|entry| entry.event))
+        .collect()
+    }
+
+    async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError> {
+        let prefix = baseline_prefix(cluster, principal);
+        self.query(
+            BASELINE,
+            Some(("begins_with(#sk, :prefix)", vec![(":prefix", s(prefix))])),
+            None,
+        )
+        .await?
+        .iter()
+        .map(|item| baseline_of(item).map(|row| (row.policy, row.scope)))
+        .collect()
+    }
+
+    async fn record_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        baselines: &Baselines,
+    ) -> Result<(), StoreError> {
+        let items = baselines
+            .iter()
+            .map(|(policy, scope)| self.put(baseline_item(cluster, principal, policy, scope)?))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.baseline_writes(items).await
+    }
+
+    async fn forget_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        policies: &[String],
+    ) -> Result<(), StoreError> {
+        let items = policies
+            .iter()
+            .map(|policy| self.delete(key(BASELINE, baseline_sk(cluster, principal, policy))))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.baseline_writes(items).await
+    }
+
+    /// Every write is durable when DynamoDB answers it.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError> {
+        self.query(AUDIT, None, None)
+            .await?
+            .iter()
+            .map(audit_of)
+            .collect()
+    }
+
+    async fn import_audit(&self, entries: Vec<AuditEntry>) -> Result<(), StoreError> {
+        let Some(max_seq) = entries.iter().map(|e| e.position.seq).max() else {
+            return Ok(());
+        };
+        let items = entries
+            .iter()
+            .map(audit_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.batch_write(items).await?;
+        // Sequence numbers handed out later must not land on an imported
+        // position, so the counter moves past them.
+        let raised = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(key(META, AUDIT_SEQ)))
+            .update_expression("SET #s = :max")
+            .condition_expression("attribute_not_exists(#s) OR #s < :max")
+            .expression_attribute_names("#s", "seq")
+            .expression_attribute_values(":max", n(max_seq))
+            .send()
+            .await;
+        match raised {
+            Ok(_) => Ok(()),
+            Err(e)
+                if aws_sdk_dynamodb::error::ProvideErrorMetadata::code(&e)
+                    == Some("ConditionalCheckFailedException") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.err("UpdateItem (audit sequence)", e)),
+        }
+    }
+
+    async fn import_request(&self, req: &Request) -> Result<(), StoreError> {
+        let old = self.get(&req.id).await?;
+        let mut items = vec![self.put_row(req, old.as_ref().map(|o| o.version))?];
+        let old_due = old
+            .as_ref()
+            .and_then(Request::next_due)
+            .map(|t| due_sk(t, &req.id));
+        let new_due = req.next_due();
+        if old_due != new_due.map(|t| due_sk(t, &req.id)) {
+            if let Some(sk) = old_due {
+                items.push(self.delete(key(DUE, sk))?);
+            }
+            if let Some(t) = new_due {
+                items.push(self.put(due_item(t, &req.id))?);
+            }
+        }
+        self.transact(items, Guard::Import(&req.id)).await
+    }
+
+    async fn all_baselines(&self) -> Result<Vec<(String, String, Baselines)>, StoreError> {
+        let mut out: Vec<(String, String, Baselines)> = Vec::new();
+        for item in self.query(BASELINE, None, None).await? {
+            let row = baseline_of(&item)?;
+            // Sort keys start with cluster then principal: one group is
+            // contiguous.
+            match out.last_mut() {
+                Some((c, p, b)) if *c == row.cluster && *p == row.principal => {
+                    b.insert(row.policy, row.scope);
+                }
+                _ => out.push((
+                    row.cluster,
+                    row.principal,
+                    Baselines::from([(row.policy, row.scope)]),
+                )),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod manifest_tests;

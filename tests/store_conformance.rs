@@ -575,6 +575,39 @@ macro_rules! cases {
     };
 }
 
+/// A shared store hands a lease to one holder at a time until it lapses; an
+/// unshared one has a single process, which always holds it.
+async fn leases_have_one_holder(store: Arc<dyn Store>) {
+    let ok = |r: Result<bool, StoreError>| r.unwrap();
+    assert!(store.ping().await.is_ok());
+    let until = T0 + secs(30);
+    assert!(ok(store.try_lease("reconcile/a", "r1", until, T0).await));
+    assert!(
+        ok(store.try_lease("reconcile/b", "r2", until, T0).await),
+        "leases are per name"
+    );
+    let second = ok(store
+        .try_lease("reconcile/a", "r2", until, T0 + secs(1))
+        .await);
+    assert_eq!(second, !store.is_shared(), "a live lease has one holder");
+    assert!(
+        ok(store
+            .try_lease("reconcile/a", "r1", until + secs(30), T0 + secs(2))
+            .await),
+        "renewal"
+    );
+    let early = ok(store
+        .try_lease("reconcile/a", "r2", until, T0 + secs(40))
+        .await);
+    assert_eq!(early, !store.is_shared(), "the renewal extended the term");
+    assert!(
+        ok(store
+            .try_lease("reconcile/a", "r2", T0 + secs(120), T0 + secs(61))
+            .await),
+        "a lapsed lease is taken over"
+    );
+}
+
 fn all_cases() -> Vec<(&'static str, Case)> {
     cases![
         create_get_list,
@@ -586,6 +619,7 @@ fn all_cases() -> Vec<(&'static str, Case)> {
         audit_order_is_write_order,
         baselines_record_and_forget,
         imports_are_verbatim,
+        leases_have_one_holder,
     ]
     .to_vec()
 }

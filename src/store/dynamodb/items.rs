@@ -29,6 +29,10 @@ pub(super) const AUDIT: &str = "AUDIT";
 pub(super) const BASELINE: &str = "BASELINE";
 pub(super) const META: &str = "META";
 pub(super) const AUDIT_SEQ: &str = "audit-seq";
+/// Leases of background jobs (`sk` = the job's name), held by one replica.
+pub(super) const LEASE: &str = "LEASE";
+pub(super) const HOLDER: &str = "holder";
+pub(super) const UNTIL_MS: &str = "until_ms";
 pub(super) const VERSION: &str = "version";
 
 pub(super) fn s(v: impl Into<String>) -> AttributeValue {

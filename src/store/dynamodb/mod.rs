@@ -210,6 +210,62 @@ impl Store for DynamoStore {
         Ok(())
     }
 
+    /// Replicas share the table: grants and revokes are claimed per row and
+    /// background jobs take leases.
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    /// A conditional put: the lease item is written only if nobody holds
+    /// it, the holder is us (a renewal), or the holder's term has passed.
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        let mut item = key(LEASE, name);
+        item.insert(HOLDER.into(), s(holder));
+        item.insert(UNTIL_MS.into(), n(epoch_ms(until)));
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk) OR #holder = :me OR #until < :now")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#holder", HOLDER)
+            .expression_attribute_names("#until", UNTIL_MS)
+            .expression_attribute_values(":me", s(holder))
+            .expression_attribute_values(":now", n(epoch_ms(now)))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err("PutItem (lease)", e)),
+        }
+    }
+
+    /// One consistent read of a tiny item: the table answers or it does not.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key(META, AUDIT_SEQ)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("GetItem (ping)", e))
+    }
+
     async fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError> {
         self.query(AUDIT, None, None)
             .await?

@@ -48,7 +48,7 @@ fn drive_timeout() -> Duration {
 /// How long a replica's claim on a row lasts: the failover time when a
 /// replica dies mid-step. `TOLLGATE_CLAIM_TTL` (humantime) overrides it for
 /// drills and tests.
-const CLAIM_TTL: Duration = Duration::from_secs(90);
+const CLAIM_TTL: Duration = Duration::from_secs(30);
 const CLAIM_TTL_ENV: &str = "TOLLGATE_CLAIM_TTL";
 
 pub fn claim_ttl() -> Duration {

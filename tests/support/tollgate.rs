@@ -61,6 +61,18 @@ impl Tollgate {
         ms: &MiniStack,
         args: &[&str],
     ) -> Tollgate {
+        Tollgate::start_with_env(dir, config, slack_api_url, ms, args, &[]).await
+    }
+
+    /// As `start_with_args`, with extra environment variables.
+    pub async fn start_with_env(
+        dir: &Path,
+        config: &str,
+        slack_api_url: &str,
+        ms: &MiniStack,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Tollgate {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let config_text = config
@@ -74,6 +86,11 @@ impl Tollgate {
         env.push(("SLACK_API_URL".into(), slack_api_url.into()));
         env.push(("RUST_LOG".into(), "info,tollgate=debug".into()));
         env.push(("LOG_FORMAT".into(), "json".into()));
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let mut t = Tollgate {
             base: format!("http://{listen}"),
             config_path,
@@ -199,6 +216,31 @@ impl Tollgate {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// SIGSTOP / SIGCONT: the process freezes mid-whatever and resumes
+    /// later with its old view of the world, like a long GC pause or a
+    /// descheduled VM.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .map(|c| c.id())
+            .unwrap_or_else(|| panic!("tollgate is not running"));
+        let status = std::process::Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("kill {sig}: {e}"));
+        assert!(status.success(), "kill {sig} {pid} failed");
     }
 
     pub fn log(&self) -> String {

@@ -118,7 +118,17 @@ impl Rig {
     }
 
     async fn rbac(&self, grants: &[(&str, &AccessSpec)]) -> Result<(), AccessError> {
-        let expires = OffsetDateTime::from(self.kube.now()) + Duration::from_secs(3600);
+        let expires = *self.clock.0.lock().unwrap() + Duration::from_secs(3600);
+        self.rbac_until(grants, expires).await
+    }
+
+    /// Every grant in force until `expires`: a later call with another
+    /// instant is what an extension does.
+    async fn rbac_until(
+        &self,
+        grants: &[(&str, &AccessSpec)],
+        expires: OffsetDateTime,
+    ) -> Result<(), AccessError> {
         let in_force: Vec<InForce> = grants
             .iter()
             .map(|(id, spec)| InForce {
@@ -207,6 +217,27 @@ async fn session_rbac_binds_per_namespace_idempotently_and_leaves_others_alone()
         r.kube.writes().len(),
         writes,
         "a second converge writes nothing"
+    );
+    // An extension moves the expiry: the annotation follows, in place.
+    let later = *r.clock.0.lock().unwrap() + Duration::from_secs(3 * 3600);
+    r.rbac_until(&[("R-7F3K2", &spec)], later).await.unwrap();
+    let shown = later
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    for ns in ["a", "b"] {
+        let rb = r
+            .kube
+            .get_object(Kind::RoleBinding, ns, "tollgate-r-7f3k2")
+            .expect("binding kept");
+        assert_eq!(
+            rb["metadata"]["annotations"]["tollgate.dev/expires-at"],
+            shown.as_str()
+        );
+    }
+    assert_eq!(
+        r.kube.writes().len(),
+        writes + 2,
+        "two replaces, nothing deleted"
     );
 
     r.rbac(&[]).await.unwrap();

@@ -1881,12 +1881,20 @@ async fn slack_down_for_30s_while_a_grant_expires_revokes_on_time_and_tells_late
         outage.elapsed() < Duration::from_secs(30),
         "the revoke did not wait on Slack"
     );
+    // The policy goes first; the store write recording it follows.
+    wait_until("revoke recorded", Duration::from_secs(5), || async {
+        w.audit()
+            .await
+            .iter()
+            .any(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
+    })
+    .await;
     let revoked = w
         .audit()
         .await
         .into_iter()
         .find(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
-        .expect("revoke recorded");
+        .unwrap();
     assert!(
         revoked["details"]["lateness_seconds"].as_f64().unwrap() < 2.0,
         "{revoked}"

@@ -231,6 +231,14 @@ async fn clicks_on_both_replicas_grant_once_and_a_dead_replica_is_replaced() {
         p.count("revoked", &id) == 1
     })
     .await;
+    let revoked = p
+        .audit()
+        .into_iter()
+        .find(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
+        .unwrap();
+    let lateness = revoked["details"]["lateness_seconds"].as_f64().unwrap();
+    eprintln!("revoke lateness with one replica killed: {lateness:.3}s");
+    assert!(lateness < 5.0, "{revoked}");
 
     // A replica that dies between making a grant and recording it: the
     // survivor takes the row over once the claim lapses.

@@ -233,6 +233,9 @@ impl Service {
             .await;
         let applied = match applied {
             Ok(a) => a,
+            Err(crate::store::StoreError::NotFound(_)) => {
+                Applied::Ended(format!("{grant_id} no longer exists"))
+            }
             Err(e) => {
                 tracing::error!(request_id = %ext.id, error = %e, "extension not applied; it will be driven again");
                 return;

@@ -5,7 +5,7 @@
 use super::command::{validate_namespace, RequestArgs};
 use super::duration::parse_in_range;
 use super::policy::{ClusterPolicy, Strategy};
-use super::text::{clip, escape_slack};
+use super::text::{clip, escape_slack, has_hidden_characters};
 
 /// The modal's input blocks; the names are the `block_id`s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,8 +43,33 @@ pub type FieldErrors = Vec<(Field, String)>;
 
 /// Checks every field against the configuration and reports all problems
 /// at once, not just the first.
+/// The same bound as a typed command: a reason longer than this would not
+/// fit on the card.
+pub const MAX_REASON_CHARS: usize = 1000;
+
 pub fn check(form: &RequestForm, clusters: &[ClusterPolicy]) -> Result<RequestArgs, FieldErrors> {
     let mut errors = FieldErrors::new();
+    // What the approver reads must be what was typed: no hidden or
+    // direction-changing characters anywhere, as for a typed command.
+    for (field, text) in [
+        (Field::Namespaces, &form.namespaces),
+        (Field::Duration, &form.duration),
+        (Field::Reason, &form.reason),
+    ] {
+        if has_hidden_characters(text) {
+            errors.push((
+                field,
+                "Contains control or text-direction characters; type it again in plain text."
+                    .into(),
+            ));
+        }
+    }
+    if form.reason.chars().count() > MAX_REASON_CHARS {
+        errors.push((
+            Field::Reason,
+            format!("At most {MAX_REASON_CHARS} characters, please."),
+        ));
+    }
     let Some(cluster) = clusters.iter().find(|c| c.name == form.cluster) else {
         errors.push((Field::Cluster, "Choose one of the clusters offered.".into()));
         return Err(errors);
@@ -185,6 +210,19 @@ mod tests {
             fields(&check(&unknown, &[c]).unwrap_err()),
             vec![Field::Cluster]
         );
+    }
+
+    #[test]
+    fn hidden_characters_and_long_reasons_are_refused() {
+        let c = cluster();
+        let mut f = form("view", "", "1h");
+        f.reason = "INC-1 \u{202e}evil".into();
+        assert_eq!(
+            fields(&check(&f, std::slice::from_ref(&c)).unwrap_err()),
+            vec![Field::Reason]
+        );
+        f.reason = "x".repeat(MAX_REASON_CHARS + 1);
+        assert_eq!(fields(&check(&f, &[c]).unwrap_err()), vec![Field::Reason]);
     }
 
     #[test]

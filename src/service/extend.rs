@@ -65,6 +65,26 @@ impl Service {
                 grant.state.label().replace('_', " ")
             );
         }
+        // One open extension per grant: a double click on Extend must not
+        // file two.
+        match self.store.list().await {
+            Ok(all) => {
+                if let Some(open) = all.iter().find(|r| {
+                    r.extends.as_ref() == Some(&grant.id)
+                        && matches!(r.state, State::Pending | State::Approved)
+                }) {
+                    return format!(
+                        "{id} already has an extension waiting: {} (by {}). It is decided before another can be asked for.",
+                        open.id,
+                        format_duration(open.duration)
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store read failed");
+                return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
+            }
+        }
         let Some(role) = self
             .config
             .cluster(&grant.access.cluster)
@@ -184,7 +204,12 @@ impl Service {
         let Some(_working) = self.begin_work().await else {
             return;
         };
-        let guard = self.locks.lock(Self::lock_key(ext)).await;
+        let Some(guard) = self
+            .principal(&ext.access.cluster, &ext.access.principal)
+            .await
+        else {
+            return;
+        };
         let now = self.clock.now();
         let reminder_before = self
             .config
@@ -243,7 +268,9 @@ impl Service {
         };
         // Kubernetes objects carry the expiry as an annotation; the store is
         // what revokes, so a failure here is only logged.
-        if let Applied::Moved(grant) = &applied {
+        // The annotation rewrite is a cloud call: only while the lease is fresh.
+        let fresh = guard.fresh_enough(self.clock.now());
+        if let (true, Applied::Moved(grant)) = (fresh, &applied) {
             if let Err(e) = self.converge_for(grant, grant.expires_at, now).await {
                 tracing::warn!(request_id = %grant.id, error = %e, "expiry annotation not updated");
             }

@@ -71,9 +71,21 @@ fn retry_backoff(attempts: u32) -> Duration {
 /// process aborts right there, between a cloud call and the store write
 /// that records it, exactly as a kill -9 would.
 fn failpoint(name: &str) {
-    if std::env::var("TOLLGATE_FAILPOINT").is_ok_and(|v| v == name) {
+    let Ok(armed) = std::env::var("TOLLGATE_FAILPOINT") else {
+        return;
+    };
+    if armed == name {
         tracing::error!(failpoint = name, "failpoint armed: aborting");
         std::process::abort();
+    }
+    // `stop:<name>` freezes the process there (SIGSTOP to itself) until it
+    // is sent SIGCONT: a long pause at the worst moment, on demand.
+    if armed.strip_prefix("stop:") == Some(name) {
+        tracing::error!(failpoint = name, "failpoint armed: stopping");
+        let _ = std::process::Command::new("kill")
+            .arg("-STOP")
+            .arg(std::process::id().to_string())
+            .status();
     }
 }
 
@@ -158,7 +170,10 @@ impl Service {
 
     pub async fn drive(self: &Arc<Self>, id: &RequestId) {
         let span = tracing::info_span!("request", request_id = %id);
-        self.drive_when(id, When::Due).instrument(span).await
+        let step = self.drive_when(id, When::Due).instrument(span);
+        if tokio::time::timeout(drive_timeout(), step).await.is_err() {
+            tracing::error!(request_id = %id, "step timed out; it will be driven again");
+        }
     }
 
     async fn drive_when(self: &Arc<Self>, id: &RequestId, when: When) {
@@ -300,14 +315,26 @@ impl Service {
         }
     }
 
+    /// Last look before a cloud call: a replica that was paused (or slow)
+    /// past most of its lease leaves the row to whoever holds it now.
+    fn may_act(
+        &self,
+        guard: &super::principal::PrincipalGuard,
+        req: &Request,
+        point: &str,
+    ) -> bool {
+        failpoint(point);
+        if guard.fresh_enough(self.clock.now()) {
+            return true;
+        }
+        tracing::warn!(request_id = %req.id, "lease nearly lapsed before the cloud call; leaving the row to the next pass");
+        false
+    }
+
     /// The step's result is written only by the replica that claimed it: a
     /// replica paused past its claim finds the row taken and writes nothing.
     fn holds_claim(&self, row: &Request) -> bool {
         !self.store.is_shared() || row.claim.as_ref().is_some_and(|c| c.owner == self.replica)
-    }
-
-    pub(super) fn lock_key(req: &Request) -> String {
-        format!("{}\u{0}{}", req.access.cluster, req.access.principal)
     }
 
     /// Re-reads `id` under its principal's lock; `None` if it no longer
@@ -328,7 +355,12 @@ impl Service {
             return;
         };
         let id = &snapshot.id;
-        let _guard = self.locks.lock(Self::lock_key(snapshot)).await;
+        let Some(_guard) = self
+            .principal(&snapshot.access.cluster, &snapshot.access.principal)
+            .await
+        else {
+            return;
+        };
         let now = self.clock.now();
         let Some(req) = self
             .fresh(id, |r| {
@@ -342,6 +374,9 @@ impl Service {
         let Some(req) = self.claim(req, now).await else {
             return;
         };
+        if !self.may_act(&_guard, &req, "after-grant-claim") {
+            return;
+        }
         let started = std::time::Instant::now();
 
         // A grant that failed, or was revoked before it was made, is only
@@ -501,7 +536,12 @@ impl Service {
             return;
         };
         let id = &snapshot.id;
-        let _guard = self.locks.lock(Self::lock_key(snapshot)).await;
+        let Some(_guard) = self
+            .principal(&snapshot.access.cluster, &snapshot.access.principal)
+            .await
+        else {
+            return;
+        };
         let now = self.clock.now();
         let overdue = |r: &Request| r.expires_at.is_some_and(|e| e <= now) || r.revoke.is_some();
         let Some(req) = self
@@ -519,6 +559,9 @@ impl Service {
         let Some(req) = self.claim(req, now).await else {
             return;
         };
+        if !self.may_act(&_guard, &req, "after-revoke-claim") {
+            return;
+        }
         let result = self.converge_for(&req, None, now).await;
         if result.is_ok() {
             failpoint("after-revoke-converge");

@@ -21,6 +21,7 @@ mod decide;
 mod extend;
 mod lifecycle;
 mod modal;
+mod principal;
 mod reconcile;
 
 pub use commands::SlashCommand;
@@ -329,16 +330,21 @@ impl Service {
     }
 
     /// Every copy of the card (the approval channel's and approvers' DMs)
-    /// shows the same state.
+    /// shows the same state. Each attempt renders the row as it is then, so
+    /// retries through a Slack outage never put an older state back.
     async fn refresh_card(&self, req: &Request) {
-        let msg = blocks::card(req, self.clock.now());
         for card in req.card.iter().chain(&req.card_copies) {
-            if let Err(e) = self
-                .send("card update", || {
-                    self.slack.update(&card.channel, &card.ts, &msg)
+            let sent = self
+                .send("card update", || async {
+                    let now = match self.store.get(&req.id).await {
+                        Ok(Some(row)) => row,
+                        _ => req.clone(),
+                    };
+                    let msg = blocks::card(&now, self.clock.now());
+                    self.slack.update(&card.channel, &card.ts, &msg).await
                 })
-                .await
-            {
+                .await;
+            if let Err(e) = sent {
                 tracing::warn!(request_id = %req.id, error = %e, "approval card not updated");
             }
         }

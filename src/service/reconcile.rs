@@ -104,10 +104,9 @@ impl Service {
                 .get(key)
                 .cloned()
                 .unwrap_or_else(|| key.clone());
-            let _guard = self
-                .locks
-                .lock(format!("{}\u{0}{}", cluster.name, principal))
-                .await;
+            let Some(_guard) = self.principal(&cluster.name, &principal).await else {
+                continue;
+            };
             // Re-read under the lock: a grant or revoke may have finished.
             let now = self.clock.now();
             let fresh: Vec<Request> = match self.store.list().await {

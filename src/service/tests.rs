@@ -551,6 +551,11 @@ async fn an_extension_of_an_ended_grant_fails_and_others_may_not_extend() {
     assert!(refused.contains("out of range"), "{refused}");
     let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
     let ext = Rig::id_in(&receipt, 0);
+    let twice = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    assert!(
+        twice.contains("already has an extension waiting"),
+        "{twice}"
+    );
     r.clock.advance(Duration::from_secs(20 * 60));
     r.service.run_due().await.unwrap();
     assert_eq!(r.state(&grant).await.state, State::Revoked);

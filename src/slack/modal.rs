@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::domain::form::{Field, RequestForm};
+use crate::domain::form::{Field, RequestForm, MAX_REASON_CHARS};
 
 /// Identifies Tollgate's modal in `view_submission` payloads.
 pub const CALLBACK_REQUEST: &str = "tollgate_request";
@@ -40,6 +40,7 @@ fn text_input(
     placeholder: &str,
     optional: bool,
     multiline: bool,
+    max_length: usize,
 ) -> Value {
     json!({
         "type": "input",
@@ -50,6 +51,7 @@ fn text_input(
             "type": "plain_text_input",
             "action_id": ACTION_VALUE,
             "multiline": multiline,
+            "max_length": max_length,
             "placeholder": plain(placeholder),
         },
     })
@@ -81,9 +83,9 @@ pub fn request_view(offer: &Offer, response_url: Option<&str>) -> Value {
         "blocks": [
             select(Field::Cluster, "Cluster", &clusters, None),
             select(Field::Role, "Role", &roles, Some(crate::domain::text::clip(&hint, 140))),
-            text_input(Field::Namespaces, "Namespaces", "payments, web (empty: cluster-wide)", true, false),
-            text_input(Field::Duration, "Duration", "2h", false, false),
-            text_input(Field::Reason, "Reason", "INC-1234: why you need it", true, true),
+            text_input(Field::Namespaces, "Namespaces", "payments, web (empty: cluster-wide)", true, false, 500),
+            text_input(Field::Duration, "Duration", "2h", false, false, 20),
+            text_input(Field::Reason, "Reason", "INC-1234: why you need it", true, true, MAX_REASON_CHARS),
         ],
     })
 }

@@ -175,8 +175,13 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
         Err(_) => {
             let service = app.service.clone();
             tokio::spawn(async move {
-                if let Ok(text) = work.await {
-                    service.follow_up(response_url.as_deref(), text).await;
+                // An empty answer means a modal opened: nothing to say.
+                match work.await {
+                    Ok(text) if !text.is_empty() => {
+                        service.follow_up(response_url.as_deref(), text).await
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "command handler failed"),
                 }
             });
             ephemeral("Tollgate is still working on that; the answer follows in a moment.".into())
@@ -265,14 +270,36 @@ async fn view_submission(app: &AppState, payload: &Value) -> Response {
         return StatusCode::OK.into_response();
     };
     let service = app.service.clone();
-    let work = async move {
+    let url = sub.response_url.clone();
+    // Its own task, like a command: past the deadline it still finishes,
+    // and whatever it has to say goes through the response_url.
+    let mut work = tokio::spawn(async move {
         service
             .submit_form(&sub.user_id, &sub.form, sub.response_url)
             .await
-    };
-    match tokio::time::timeout(COMMAND_DEADLINE, work).await {
-        Ok(Ok(())) => StatusCode::OK.into_response(),
-        Ok(Err(errors)) => Json(modal::errors_response(&errors)).into_response(),
-        Err(_) => StatusCode::OK.into_response(),
+    });
+    match tokio::time::timeout(COMMAND_DEADLINE, &mut work).await {
+        Ok(Ok(Ok(()))) => StatusCode::OK.into_response(),
+        Ok(Ok(Err(errors))) => Json(modal::errors_response(&errors)).into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "modal submission failed");
+            StatusCode::OK.into_response()
+        }
+        Err(_) => {
+            let service = app.service.clone();
+            tokio::spawn(async move {
+                if let Ok(Err(errors)) = work.await {
+                    let text = errors
+                        .iter()
+                        .map(|(field, why)| format!("{}: {why}", field.block_id()))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    service
+                        .follow_up(url.as_deref(), format!("Nothing was requested.\n{text}"))
+                        .await;
+                }
+            });
+            StatusCode::OK.into_response()
+        }
     }
 }

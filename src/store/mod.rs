@@ -142,6 +142,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<bool, StoreError> {
         Ok(true)
     }
+    /// Gives a lease back before its term, if `holder` still has it.
+    async fn release_lease(&self, _name: &str, _holder: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())

@@ -253,6 +253,30 @@ impl Store for DynamoStore {
         }
     }
 
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(LEASE, name)))
+            .condition_expression("#holder = :me")
+            .expression_attribute_names("#holder", HOLDER)
+            .expression_attribute_values(":me", s(holder))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Someone else holds it now (ours had lapsed): nothing to give back.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.err("DeleteItem (lease)", e)),
+        }
+    }
+
     /// One consistent read of a tiny item: the table answers or it does not.
     async fn ping(&self) -> Result<(), StoreError> {
         self.client

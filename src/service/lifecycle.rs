@@ -165,15 +165,10 @@ impl Service {
     ) -> Result<Vec<Request>, StoreError> {
         Ok(self
             .store
-            .list()
+            .live_for(&req.access.cluster, &req.access.principal)
             .await?
             .into_iter()
-            .filter(|r| {
-                r.id != req.id
-                    && r.access.cluster == req.access.cluster
-                    && r.access.principal == req.access.principal
-                    && in_force(r, now)
-            })
+            .filter(|r| r.id != req.id && in_force(r, now))
             .collect())
     }
 

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use time::OffsetDateTime;
 
 use super::{Store, StoreError};
@@ -22,6 +23,20 @@ pub struct SledStore {
     /// id: a grant or revoke reads the other grants of its principal with
     /// one prefix scan instead of decoding every row ever written.
     live: sled::Tree,
+    flushes: FlushGate,
+}
+
+/// Group commit. sled 0.34 deadlocks when many threads flush at once (its
+/// flushes wait on each other inside the log), and each flush is an fsync:
+/// so one flush runs at a time, and a writer whose write an already
+/// finished flush covered does not flush again.
+#[derive(Default)]
+struct FlushGate {
+    /// Tickets taken by writers after their write was applied.
+    written: AtomicU64,
+    /// Every ticket up to this one is durable.
+    durable: AtomicU64,
+    running: tokio::sync::Mutex<()>,
 }
 
 /// sled's page cache defaults to 1 GiB; Tollgate's working set (live rows,
@@ -102,6 +117,9 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
+            // Every write is flushed by the writer (group commit below); a
+            // background flusher would only add concurrent flushes.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         let store = SledStore {
@@ -110,6 +128,7 @@ impl SledStore {
             audit: db.open_tree("audit").map_err(backend)?,
             baselines: db.open_tree("baselines").map_err(backend)?,
             live: db.open_tree("live").map_err(backend)?,
+            flushes: FlushGate::default(),
             db,
         };
         store.build_live_index()?;
@@ -153,6 +172,22 @@ impl SledStore {
         Ok(out)
     }
 
+    /// Returns once everything this caller wrote before the call is on
+    /// disk.
+    async fn durable(&self) -> Result<(), StoreError> {
+        let ticket = self.flushes.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = self.flushes.running.lock().await;
+        if self.flushes.durable.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        // Every ticket taken so far belongs to a write already applied, so
+        // this flush covers them all.
+        let covered = self.flushes.written.load(Ordering::SeqCst);
+        self.db.flush_async().await.map_err(backend)?;
+        self.flushes.durable.fetch_max(covered, Ordering::SeqCst);
+        Ok(())
+    }
+
     fn encode_audit(audit: &[AuditEvent]) -> Result<Vec<Vec<u8>>, StoreError> {
         audit.iter().map(encode).collect()
     }
@@ -184,7 +219,7 @@ impl Store for SledStore {
                 write_audit(audit_tree, &events, at)
             })
             .map_err(tx_error)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -235,7 +270,7 @@ impl Store for SledStore {
                 write_audit(audit_tree, &events, at)
             })
             .map_err(tx_error)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(next)
     }
 
@@ -248,7 +283,7 @@ impl Store for SledStore {
         self.audit
             .transaction(|tree| write_audit(tree, &events, at))
             .map_err(tx_error)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -332,7 +367,7 @@ impl Store for SledStore {
             batch.insert(key, encode(scope)?);
         }
         self.baselines.apply_batch(batch).map_err(backend)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -350,12 +385,12 @@ impl Store for SledStore {
             batch.remove(key);
         }
         self.baselines.apply_batch(batch).map_err(backend)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 

@@ -594,9 +594,20 @@ async fn fig1_ack(c: &Counts, rows: &mut Vec<Row>) {
             record(&mut bare, d);
         }
     }
+    // The same requests one at a time: what an ack costs without queueing.
+    let (mut tg_seq, mut bare_seq) = (histogram(), histogram());
+    for user in &users {
+        let one = std::slice::from_ref(user);
+        for d in load(&client, &tollgate_url, one, &response_url, true).await {
+            record(&mut tg_seq, d);
+        }
+        for d in load(&client, &bare_url, one, &response_url, false).await {
+            record(&mut bare_seq, d);
+        }
+    }
     // Every ack stands for a Pending request in the store.
     let listed = server.json_lines(&["grants", "list", "--json"]).await;
-    let want = c.ack_concurrent * (c.ack_rounds + 1);
+    let want = c.ack_concurrent * (c.ack_rounds + 2);
     let pending = listed.iter().filter(|g| g["state"] == "pending").count();
     assert_eq!(
         pending, want,
@@ -619,6 +630,20 @@ async fn fig1_ack(c: &Counts, rows: &mut Vec<Row>) {
         .baseline(format!("bare axum 200: {}", fmt_pcts(&bare)))
         .ratio(ratio)
         .target("p99 ≤ 10 ms, ratio ≤ 5", ms(p99) <= 10.0 && ratio <= 5.0),
+    );
+    let (_, seq_p99, _) = pcts(&tg_seq);
+    let (_, bare_seq_p99, _) = pcts(&bare_seq);
+    rows.push(
+        Row::new(
+            "1",
+            format!(
+                "ack p50/p99/max, the same {} requests one at a time",
+                c.ack_concurrent
+            ),
+            fmt_pcts(&tg_seq),
+        )
+        .baseline(format!("bare axum 200: {}", fmt_pcts(&bare_seq)))
+        .ratio(seq_p99 as f64 / bare_seq_p99.max(1) as f64),
     );
 }
 
@@ -1352,19 +1377,38 @@ fn main() {
     } else {
         Counts::smoke()
     };
+    // `--only 1,4` runs some figures (figure 4 measures the store first for
+    // its lead time either way).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_string).collect());
+    let runs = |figure: &str| only.as_ref().is_none_or(|o| o.iter().any(|f| f == figure));
     let started = Instant::now();
     let rows = runtime.block_on(async {
         let mut rows = Vec::new();
-        eprintln!("bench: 1/6 ack latency");
-        fig1_ack(&counts, &mut rows).await;
-        eprintln!("bench: 2/6 store");
-        let rate = fig2_store(&counts, &mut rows).await;
-        eprintln!("bench: 3/6 scale");
-        fig3_scale(&counts, &mut rows).await;
-        eprintln!("bench: 4/6 expiry storm");
-        fig4_storm(&counts, &mut rows, rate).await;
-        eprintln!("bench: 5-6/6 MiniStack");
-        fig5_and_6(&counts, &mut rows).await;
+        if runs("1") {
+            eprintln!("bench: 1/6 ack latency");
+            fig1_ack(&counts, &mut rows).await;
+        }
+        let mut rate = 0.0;
+        if runs("2") || runs("4") {
+            eprintln!("bench: 2/6 store");
+            rate = fig2_store(&counts, &mut rows).await;
+        }
+        if runs("3") {
+            eprintln!("bench: 3/6 scale");
+            fig3_scale(&counts, &mut rows).await;
+        }
+        if runs("4") {
+            eprintln!("bench: 4/6 expiry storm");
+            fig4_storm(&counts, &mut rows, rate).await;
+        }
+        if runs("5") || runs("6") {
+            eprintln!("bench: 5-6/6 MiniStack");
+            fig5_and_6(&counts, &mut rows).await;
+        }
         rows
     });
     print_table(&rows, counts.smoke, started.elapsed());

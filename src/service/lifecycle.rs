@@ -115,9 +115,12 @@ impl Service {
 
     async fn drive_all(self: &Arc<Self>, ids: Vec<RequestId>, when: When) -> usize {
         let count = ids.len();
-        let work = ids.into_iter().map(|id| {
+        // One task per request, so a burst of expiries is driven on every
+        // core rather than polled in turn from this one.
+        let mut work = tokio::task::JoinSet::new();
+        for id in ids {
             let service = Arc::clone(self);
-            async move {
+            work.spawn(async move {
                 let span = tracing::info_span!("request", request_id = %id);
                 if tokio::time::timeout(
                     DRIVE_TIMEOUT,
@@ -128,9 +131,9 @@ impl Service {
                 {
                     tracing::error!(request_id = %id, "step timed out; it will be driven again");
                 }
-            }
-        });
-        futures::future::join_all(work).await;
+            });
+        }
+        while work.join_next().await.is_some() {}
         count
     }
 

@@ -9,7 +9,6 @@
 //! the suite cannot rot unnoticed.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::collections::HashMap;

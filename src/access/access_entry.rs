@@ -135,6 +135,16 @@ impl AccessEntryStrategy {
         {
             Ok(_) => Ok(true),
             Err(e) if is_code(&e, "ResourceInUseException") => Ok(false),
+            // Reported as the describe path reports it: a missing cluster
+            // is a DescribeCluster error whichever call found out.
+            Err(e) if is_code(&e, "ResourceNotFoundException") => {
+                eks.describe_cluster()
+                    .name(&cluster.name)
+                    .send()
+                    .await
+                    .map_err(|e| aws_error(cluster, "DescribeCluster", &e))?;
+                Err(aws_error(cluster, "CreateAccessEntry", &e))
+            }
             Err(e) => Err(aws_error(cluster, "CreateAccessEntry", &e)),
         }
     }

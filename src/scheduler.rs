@@ -10,8 +10,12 @@ use crate::service::Service;
 /// Even with nothing due it looks again this often, so a clock jump or a
 /// missed wake-up costs at most this much.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
-/// Floor between passes, so a row that keeps failing cannot spin the loop.
-const MIN_SLEEP: Duration = Duration::from_millis(100);
+/// Pause when something is still due right after a pass (a row that keeps
+/// failing, or one another writer holds), so it cannot spin the loop.
+const BUSY_SLEEP: Duration = Duration::from_millis(100);
+/// The due index keeps whole milliseconds, rounded down; waking this much
+/// after an index instant means the row itself is due when it is read.
+const INDEX_RESOLUTION: Duration = Duration::from_millis(1);
 /// On a shared store another replica's writes wake nobody here: the due
 /// index is read at least this often.
 const SHARED_MAX_SLEEP: Duration = Duration::from_secs(1);
@@ -33,15 +37,23 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             tracing::error!(error = %e, "scheduler pass failed");
         }
         let now = service.clock().now();
+        // A row due later sleeps exactly until then (an expiry right after
+        // another is not held back); only a row still due now waits longer.
         let sleep = match service.store().next_due().await {
-            Ok(Some(t)) => Duration::try_from(t - now).unwrap_or(Duration::ZERO),
+            Ok(Some(t)) => match Duration::try_from(t - now) {
+                Ok(ahead) if !ahead.is_zero() => ahead + INDEX_RESOLUTION,
+                // Within the index's rounding: the row may become due in
+                // under a millisecond.
+                _ if now - t < INDEX_RESOLUTION => INDEX_RESOLUTION,
+                _ => BUSY_SLEEP,
+            },
             Ok(None) => max_sleep,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the due index");
                 Duration::from_secs(1)
             }
         }
-        .clamp(MIN_SLEEP, max_sleep);
+        .min(max_sleep);
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
             _ = wake.notified() => {}
@@ -54,7 +66,9 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
 /// after start-up so a crash's orphans go at once.
 pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     let clusters = service.config().clusters.clone();
-    if clusters.is_empty() {
+    // A dry run makes nothing, so every active grant would look drifted and
+    // there is never an orphan to remove.
+    if clusters.is_empty() || service.config().dry_run {
         return;
     }
     let mut next_run: Vec<tokio::time::Instant> = vec![tokio::time::Instant::now(); clusters.len()];

@@ -115,6 +115,40 @@ impl AccessEntryStrategy {
         }
     }
 
+    /// Creates the principal's entry, tagged as Tollgate's; false if one
+    /// exists already (whoever made it).
+    async fn create_entry(
+        &self,
+        eks: &aws_sdk_eks::Client,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        creator: &str,
+    ) -> Result<bool, AccessError> {
+        match eks
+            .create_access_entry()
+            .cluster_name(&cluster.name)
+            .principal_arn(principal)
+            .tags(TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE)
+            .tags(TAG_GRANT, creator)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_code(&e, "ResourceInUseException") => Ok(false),
+            // Reported as the describe path reports it: a missing cluster
+            // is a DescribeCluster error whichever call found out.
+            Err(e) if is_code(&e, "ResourceNotFoundException") => {
+                eks.describe_cluster()
+                    .name(&cluster.name)
+                    .send()
+                    .await
+                    .map_err(|e| aws_error(cluster, "DescribeCluster", &e))?;
+                Err(aws_error(cluster, "CreateAccessEntry", &e))
+            }
+            Err(e) => Err(aws_error(cluster, "CreateAccessEntry", &e)),
+        }
+    }
+
     async fn associations(
         &self,
         eks: &aws_sdk_eks::Client,
@@ -224,10 +258,28 @@ impl AccessEngine for AccessEntryStrategy {
     ) -> Result<(), AccessError> {
         let eks = self.clients.eks(cluster).await;
         let desired = desired_policies(grants.iter().map(|g| g.spec));
-        let entry = self.describe_entry(&eks, cluster, principal).await?;
+        // A grant usually finds no entry: creating it straight away saves
+        // the describe calls that would only say so. An entry that exists
+        // answers ResourceInUse, and is then read as before.
+        let created = if grants.is_empty() {
+            false
+        } else {
+            self.create_entry(&eks, cluster, principal, creator).await?
+        };
+        let entry = if created {
+            Some(Entry {
+                tags: HashMap::from([
+                    (TAG_MANAGED_BY.to_string(), TAG_MANAGED_BY_VALUE.to_string()),
+                    (TAG_GRANT.to_string(), creator.to_string()),
+                ]),
+                kubernetes_groups: Vec::new(),
+            })
+        } else {
+            self.describe_entry(&eks, cluster, principal).await?
+        };
         let current = match entry {
-            Some(_) => self.associations(&eks, cluster, principal).await?,
-            None => BTreeMap::new(),
+            Some(_) if !created => self.associations(&eks, cluster, principal).await?,
+            _ => BTreeMap::new(),
         };
         let baselines = self.store.baselines(&cluster.name, principal).await?;
         let plan = plan_associations(&current, &desired, &baselines);
@@ -239,19 +291,7 @@ impl AccessEngine for AccessEntryStrategy {
                 .await?;
         }
         if plan.needs_entry && entry.is_none() {
-            let created = eks
-                .create_access_entry()
-                .cluster_name(&cluster.name)
-                .principal_arn(principal)
-                .tags(TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE)
-                .tags(TAG_GRANT, creator)
-                .send()
-                .await;
-            match created {
-                Ok(_) => {}
-                Err(e) if is_code(&e, "ResourceInUseException") => {}
-                Err(e) => return Err(aws_error(cluster, "CreateAccessEntry", &e)),
-            }
+            self.create_entry(&eks, cluster, principal, creator).await?;
         }
         for (policy, scope) in &plan.associate {
             eks.associate_access_policy()

@@ -43,14 +43,7 @@ pub enum Revoker {
 impl Service {
     /// Requests that still hold or may still get access.
     pub async fn live_requests(&self) -> Result<Vec<Request>, String> {
-        let mut out: Vec<Request> = self
-            .store
-            .list()
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .filter(|r| !r.state.is_terminal())
-            .collect();
+        let mut out: Vec<Request> = self.store.live().await.map_err(|e| e.to_string())?;
         out.sort_by_key(|r| r.created_at);
         Ok(out)
     }

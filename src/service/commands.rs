@@ -583,7 +583,7 @@ impl Service {
     }
 
     async fn list_text(&self, user: &str) -> String {
-        let all = match self.store.list().await {
+        let all = match self.store.live().await {
             Ok(all) => all,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list requests");

@@ -67,7 +67,7 @@ impl Service {
         }
         // One open extension per grant: a double click on Extend must not
         // file two.
-        match self.store.list().await {
+        match self.store.live().await {
             Ok(all) => {
                 if let Some(open) = all.iter().find(|r| {
                     r.extends.as_ref() == Some(&grant.id)

@@ -131,7 +131,7 @@ impl Service {
     pub async fn recover(self: &Arc<Self>) -> Result<usize, StoreError> {
         let now = self.clock.now();
         let mut ids = Vec::new();
-        for r in self.store.list().await? {
+        for r in self.store.live().await? {
             let overdue = r.expires_at.is_some_and(|e| e <= now) || r.revoke.is_some();
             match r.state {
                 State::Approved => ids.push(r.id),
@@ -149,9 +149,12 @@ impl Service {
 
     async fn drive_all(self: &Arc<Self>, ids: Vec<RequestId>, when: When) -> usize {
         let count = ids.len();
-        let work = ids.into_iter().map(|id| {
+        // One task per request, so a burst of expiries is driven on every
+        // core rather than polled in turn from this one.
+        let mut work = tokio::task::JoinSet::new();
+        for id in ids {
             let service = Arc::clone(self);
-            async move {
+            work.spawn(async move {
                 let span = tracing::info_span!("request", request_id = %id);
                 if tokio::time::timeout(
                     drive_timeout(),
@@ -162,9 +165,9 @@ impl Service {
                 {
                     tracing::error!(request_id = %id, "step timed out; it will be driven again");
                 }
-            }
-        });
-        futures::future::join_all(work).await;
+            });
+        }
+        while work.join_next().await.is_some() {}
         count
     }
 
@@ -214,15 +217,10 @@ impl Service {
     ) -> Result<Vec<Request>, StoreError> {
         Ok(self
             .store
-            .list()
+            .live_for(&req.access.cluster, &req.access.principal)
             .await?
             .into_iter()
-            .filter(|r| {
-                r.id != req.id
-                    && r.access.cluster == req.access.cluster
-                    && r.access.principal == req.access.principal
-                    && in_force(r, now)
-            })
+            .filter(|r| r.id != req.id && in_force(r, now))
             .collect())
     }
 

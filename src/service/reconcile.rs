@@ -67,7 +67,7 @@ impl Service {
         let now = self.clock.now();
         let requests: Vec<Request> = self
             .store
-            .list()
+            .live()
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
@@ -109,7 +109,7 @@ impl Service {
             };
             // Re-read under the lock: a grant or revoke may have finished.
             let now = self.clock.now();
-            let fresh: Vec<Request> = match self.store.list().await {
+            let fresh: Vec<Request> = match self.store.live().await {
                 Ok(all) => all
                     .into_iter()
                     .filter(|r| {

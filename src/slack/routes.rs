@@ -66,7 +66,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
 /// never drift from it.
 async fn metrics(State(app): State<AppState>) -> Response {
     let service = &app.service;
-    if let Ok(all) = service.store().list().await {
+    if let Ok(all) = service.store().live().await {
         let now = service.clock().now();
         let live: Vec<_> = all
             .iter()

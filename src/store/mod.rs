@@ -150,4 +150,27 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Requests not yet in a terminal state: the ones that may still hold
+    /// or get access. Backends with an index of them override this; the
+    /// default filters `list`.
+    async fn live(&self) -> Result<Vec<Request>, StoreError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| !r.state.is_terminal())
+            .collect())
+    }
+
+    /// The live requests of one principal on one cluster: what a grant or a
+    /// revoke converges against, so it must not cost a scan of the store.
+    async fn live_for(&self, cluster: &str, principal: &str) -> Result<Vec<Request>, StoreError> {
+        Ok(self
+            .live()
+            .await?
+            .into_iter()
+            .filter(|r| r.access.cluster == cluster && r.access.principal == principal)
+            .collect())
+    }
 }

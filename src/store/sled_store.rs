@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use time::OffsetDateTime;
 
 use super::{epoch_ms, AuditEntry, AuditPosition, Store, StoreError};
@@ -18,7 +19,34 @@ pub struct SledStore {
     due: sled::Tree,
     audit: sled::Tree,
     baselines: sled::Tree,
+    /// Index of the requests not yet terminal, keyed cluster, principal,
+    /// id: a grant or revoke reads the other grants of its principal with
+    /// one prefix scan instead of decoding every row ever written.
+    live: sled::Tree,
+    flushes: FlushGate,
 }
+
+/// Group commit. sled 0.34 deadlocks when many threads flush at once (its
+/// flushes wait on each other inside the log), and each flush is an fsync:
+/// so one flush runs at a time, and a writer whose write an already
+/// finished flush covered does not flush again.
+#[derive(Default)]
+struct FlushGate {
+    /// Tickets taken by writers after their write was applied.
+    written: AtomicU64,
+    /// Every ticket up to this one is durable.
+    durable: AtomicU64,
+    running: tokio::sync::Mutex<()>,
+}
+
+/// sled's page cache defaults to 1 GiB; Tollgate's working set (live rows,
+/// the due index, the tail of the audit log) is a few MiB, and the rest of
+/// the history is read only by `audit export` and the admin listing.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Set once the live index has been built from the rows, so stores written
+/// before the index existed get it on their first open.
+const LIVE_INDEX_MARKER: &[u8] = b"index:live:v1";
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
@@ -62,6 +90,16 @@ fn time_of_key(key: &[u8]) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok()
 }
 
+fn live_prefix(cluster: &str, principal: &str) -> Vec<u8> {
+    format!("{cluster}\u{0}{principal}\u{0}").into_bytes()
+}
+
+fn live_key(req: &Request) -> Vec<u8> {
+    let mut k = live_prefix(&req.access.cluster, &req.access.principal);
+    k.extend_from_slice(req.id.as_str().as_bytes());
+    k
+}
+
 fn baseline_prefix(cluster: &str, principal: &str) -> Vec<u8> {
     format!("{cluster}\u{0}{principal}\u{0}").into_bytes()
 }
@@ -99,15 +137,76 @@ impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(CACHE_BYTES)
+            // Every write is flushed by the writer (group commit below); a
+            // background flusher would only add concurrent flushes.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
-        Ok(SledStore {
+        let store = SledStore {
             requests: db.open_tree("requests").map_err(backend)?,
             due: db.open_tree("due").map_err(backend)?,
             audit: db.open_tree("audit").map_err(backend)?,
             baselines: db.open_tree("baselines").map_err(backend)?,
+            live: db.open_tree("live").map_err(backend)?,
+            flushes: FlushGate::default(),
             db,
-        })
+        };
+        store.build_live_index()?;
+        Ok(store)
+    }
+
+    /// One pass over the rows, only for a store that predates the index;
+    /// a crash half-way leaves no marker, and the next open starts over.
+    fn build_live_index(&self) -> Result<(), StoreError> {
+        if self.db.get(LIVE_INDEX_MARKER).map_err(backend)?.is_some() {
+            return Ok(());
+        }
+        self.live.clear().map_err(backend)?;
+        let mut batch = sled::Batch::default();
+        for item in self.requests.iter() {
+            let (k, v) = item.map_err(backend)?;
+            let req: Request = decode(&k, &v)?;
+            if !req.state.is_terminal() {
+                batch.insert(live_key(&req), req.id.as_str().as_bytes());
+            }
+        }
+        self.live.apply_batch(batch).map_err(backend)?;
+        self.db.insert(LIVE_INDEX_MARKER, &[]).map_err(backend)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    /// Rows named by live-index entries under `prefix`; a row that turned
+    /// terminal between the two reads is left out.
+    fn live_rows(&self, prefix: &[u8]) -> Result<Vec<Request>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.live.scan_prefix(prefix) {
+            let (_, id) = item.map_err(backend)?;
+            if let Some(bytes) = self.requests.get(&id).map_err(backend)? {
+                let req: Request = decode(&id, &bytes)?;
+                if !req.state.is_terminal() {
+                    out.push(req);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Returns once everything this caller wrote before the call is on
+    /// disk.
+    async fn durable(&self) -> Result<(), StoreError> {
+        let ticket = self.flushes.written.fetch_add(1, Ordering::SeqCst) + 1;
+        let _running = self.flushes.running.lock().await;
+        if self.flushes.durable.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        // Every ticket taken so far belongs to a write already applied, so
+        // this flush covers them all.
+        let covered = self.flushes.written.load(Ordering::SeqCst);
+        self.db.flush_async().await.map_err(backend)?;
+        self.flushes.durable.fetch_max(covered, Ordering::SeqCst);
+        Ok(())
     }
 
     fn encode_audit(audit: &[AuditEvent]) -> Result<Vec<Vec<u8>>, StoreError> {
@@ -123,8 +222,9 @@ impl Store for SledStore {
         let at = audit.first().map(|e| e.ts).unwrap_or(req.created_at);
         let id = req.id.clone();
         let due = req.next_due();
-        (&self.requests, &self.due, &self.audit)
-            .transaction(|(requests, due_tree, audit_tree)| {
+        let live = (!req.state.is_terminal()).then(|| live_key(req));
+        (&self.requests, &self.due, &self.audit, &self.live)
+            .transaction(|(requests, due_tree, audit_tree, live_tree)| {
                 if requests.get(id.as_str())?.is_some() {
                     return Err(ConflictableTransactionError::Abort(StoreError::Exists(
                         id.to_string(),
@@ -134,10 +234,13 @@ impl Store for SledStore {
                 if let Some(t) = due {
                     due_tree.insert(due_key(t, &id), id.as_str())?;
                 }
+                if let Some(k) = &live {
+                    live_tree.insert(k.as_slice(), id.as_str())?;
+                }
                 write_audit(audit_tree, &events, at)
             })
             .map_err(tx_error)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -158,8 +261,10 @@ impl Store for SledStore {
         let old_due = prev.next_due();
         let new_due = next.next_due();
         let expected_version = prev.version;
-        (&self.requests, &self.due, &self.audit)
-            .transaction(|(requests, due_tree, audit_tree)| {
+        let old_live = (!prev.state.is_terminal()).then(|| live_key(prev));
+        let new_live = (!next.state.is_terminal()).then(|| live_key(&next));
+        (&self.requests, &self.due, &self.audit, &self.live)
+            .transaction(|(requests, due_tree, audit_tree, live_tree)| {
                 let current = requests.get(id.as_str())?.ok_or_else(|| {
                     ConflictableTransactionError::Abort(StoreError::NotFound(id.to_string()))
                 })?;
@@ -177,10 +282,16 @@ impl Store for SledStore {
                 if let Some(t) = new_due {
                     due_tree.insert(due_key(t, &id), id.as_str())?;
                 }
+                if let Some(k) = &old_live {
+                    live_tree.remove(k.as_slice())?;
+                }
+                if let Some(k) = &new_live {
+                    live_tree.insert(k.as_slice(), id.as_str())?;
+                }
                 write_audit(audit_tree, &events, at)
             })
             .map_err(tx_error)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(next)
     }
 
@@ -193,7 +304,7 @@ impl Store for SledStore {
         self.audit
             .transaction(|tree| write_audit(tree, &events, at))
             .map_err(tx_error)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -277,7 +388,7 @@ impl Store for SledStore {
             batch.insert(key, encode(scope)?);
         }
         self.baselines.apply_batch(batch).map_err(backend)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -295,12 +406,12 @@ impl Store for SledStore {
             batch.remove(key);
         }
         self.baselines.apply_batch(batch).map_err(backend)?;
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map_err(backend)?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -323,32 +434,35 @@ impl Store for SledStore {
             batch.insert(&audit_key(entry.position), encode(&entry.event)?);
         }
         self.audit.apply_batch(batch).map_err(backend)?;
-        self.db.flush_async().await.map_err(backend)?;
-        Ok(())
+        self.durable().await
     }
 
     async fn import_request(&self, req: &Request) -> Result<(), StoreError> {
         let row = encode(req)?;
         let id = req.id.clone();
         let due = req.next_due();
-        (&self.requests, &self.due)
-            .transaction(|(requests, due_tree)| {
+        let live = (!req.state.is_terminal()).then(|| live_key(req));
+        (&self.requests, &self.due, &self.live)
+            .transaction(|(requests, due_tree, live_tree)| {
                 if let Some(old) = requests.get(id.as_str())? {
                     let old: Request = decode(id.as_str().as_bytes(), &old)
                         .map_err(ConflictableTransactionError::Abort)?;
                     if let Some(t) = old.next_due() {
                         due_tree.remove(due_key(t, &id))?;
                     }
+                    live_tree.remove(live_key(&old))?;
                 }
                 requests.insert(id.as_str(), row.as_slice())?;
                 if let Some(t) = due {
                     due_tree.insert(due_key(t, &id), id.as_str())?;
                 }
+                if let Some(k) = &live {
+                    live_tree.insert(k.as_slice(), id.as_str())?;
+                }
                 Ok(())
             })
             .map_err(tx_error)?;
-        self.db.flush_async().await.map_err(backend)?;
-        Ok(())
+        self.durable().await
     }
 
     async fn all_baselines(&self) -> Result<Vec<(String, String, Baselines)>, StoreError> {
@@ -379,6 +493,14 @@ impl Store for SledStore {
             }
         }
         Ok(out)
+    }
+
+    async fn live(&self) -> Result<Vec<Request>, StoreError> {
+        self.live_rows(&[])
+    }
+
+    async fn live_for(&self, cluster: &str, principal: &str) -> Result<Vec<Request>, StoreError> {
+        self.live_rows(&live_prefix(cluster, principal))
     }
 }
 
@@ -518,6 +640,64 @@ mod tests {
             store.next_due().await.unwrap(),
             None,
             "terminal rows leave the index"
+        );
+    }
+
+    #[tokio::test]
+    async fn live_index_follows_the_row_and_is_built_for_older_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = datetime!(2026-11-23 12:00 UTC);
+        let ids = |rows: Vec<Request>| -> Vec<String> {
+            let mut ids: Vec<String> = rows.into_iter().map(|r| r.id.to_string()).collect();
+            ids.sort();
+            ids
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let a = request("R-AAAAA", now);
+            let mut b = request("R-BBBBB", now);
+            b.access.principal = "arn:aws:iam::1:role/b".into();
+            store.create(&a, vec![]).await.unwrap();
+            store.create(&b, vec![]).await.unwrap();
+            let c = request("R-CCCCC", now);
+            store.create(&c, vec![]).await.unwrap();
+            assert_eq!(
+                ids(store.live_for("c", "arn:aws:iam::1:role/a").await.unwrap()),
+                vec!["R-AAAAA", "R-CCCCC"]
+            );
+            let mut denied = c.clone();
+            denied.state = State::Denied;
+            store.update(&c, denied, vec![]).await.unwrap();
+            assert_eq!(
+                ids(store.live_for("c", "arn:aws:iam::1:role/a").await.unwrap()),
+                vec!["R-AAAAA"],
+                "a terminal row leaves the index"
+            );
+            assert_eq!(ids(store.live().await.unwrap()), vec!["R-AAAAA", "R-BBBBB"]);
+            assert!(store
+                .live_for("other", "arn:aws:iam::1:role/a")
+                .await
+                .unwrap()
+                .is_empty());
+            // As a store written before the index existed.
+            store.live.clear().unwrap();
+            store.db.remove(LIVE_INDEX_MARKER).unwrap();
+            store.db.flush().unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let store = loop {
+            match SledStore::open(dir.path()) {
+                Ok(store) => break store,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        };
+        assert_eq!(
+            ids(store.live().await.unwrap()),
+            vec!["R-AAAAA", "R-BBBBB"],
+            "the index is rebuilt from the rows on open"
         );
     }
 

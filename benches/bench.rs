@@ -1,0 +1,1419 @@
+//! Tollgate's benchmark suite: ack latency, store throughput, scale,
+//! expiry storm, and grant/revoke against MiniStack, each beside a baseline
+//! measured in the same run.
+//!
+//! `scripts/bench` (`cargo bench --bench bench`) runs the full counts and
+//! prints the table. Run by `cargo test` (no `--bench` argument) or with
+//! `--smoke`, the same code paths run with tiny counts and every figure
+//! asserts what must hold (every request answered, every grant revoked), so
+//! the suite cannot rot unnoticed.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_eks::types::{AccessScope, AccessScopeType};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+use support::ministack::MiniStack;
+use support::sign::{action_body, post_signed, slash_body};
+use support::slack::SlackStandIn;
+use support::tollgate::{BOT_TOKEN, SIGNING_SECRET};
+use tollgate::domain::audit::AuditEvent;
+use tollgate::domain::request::{
+    AccessSpec, Request, RequestId, Requester, RevokeIntent, RevokeReason, State, Vote,
+};
+use tollgate::store::{SledStore, Store};
+
+const CLUSTER: &str = "bench-cluster";
+const CHANNEL: &str = "C0APPROVALS";
+const APPROVER: &str = "U0APP";
+const STORM_USER: &str = "U0STORM";
+const VIEW_POLICY: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
+const TOLLGATE_ROLE: &str = "arn:aws:iam::000000000000:role/tollgate";
+
+const CONFIG: &str = r#"
+[server]
+listen = "{listen}"
+
+[store]
+path = "{data}"
+
+[identity]
+principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+
+[defaults]
+min_duration = "1s"
+max_duration = "8h"
+default_duration = "1h"
+approval_timeout = "1h"
+
+[[clusters]]
+name = "bench-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+assume_role_arn = "arn:aws:iam::000000000000:role/tollgate"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+default_role = "view"
+
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+"#;
+
+/// How many of everything; the smoke counts only prove the paths work.
+struct Counts {
+    smoke: bool,
+    ack_concurrent: usize,
+    ack_rounds: usize,
+    store_single: usize,
+    store_per_writer: usize,
+    scale_grants: usize,
+    scale_active: usize,
+    storm: usize,
+    isolated: usize,
+    e2e_grants: usize,
+    revoke_grants: usize,
+    revoke_duration_secs: u64,
+}
+
+impl Counts {
+    fn full() -> Counts {
+        Counts {
+            smoke: false,
+            ack_concurrent: 200,
+            ack_rounds: 5,
+            store_single: 2_000,
+            store_per_writer: 250,
+            scale_grants: 100_000,
+            scale_active: 1_000,
+            storm: 10_000,
+            isolated: 20,
+            e2e_grants: 20,
+            revoke_grants: 50,
+            revoke_duration_secs: 20,
+        }
+    }
+
+    fn smoke() -> Counts {
+        Counts {
+            smoke: true,
+            ack_concurrent: 20,
+            ack_rounds: 1,
+            store_single: 20,
+            store_per_writer: 2,
+            scale_grants: 500,
+            scale_active: 20,
+            storm: 200,
+            isolated: 3,
+            e2e_grants: 2,
+            revoke_grants: 3,
+            revoke_duration_secs: 4,
+        }
+    }
+}
+
+/// One line of the printed table.
+struct Row {
+    figure: &'static str,
+    measure: String,
+    tollgate: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    met: Option<bool>,
+}
+
+impl Row {
+    fn new(figure: &'static str, measure: impl Into<String>, tollgate: impl Into<String>) -> Row {
+        Row {
+            figure,
+            measure: measure.into(),
+            tollgate: tollgate.into(),
+            baseline: String::new(),
+            ratio: String::new(),
+            target: String::new(),
+            met: None,
+        }
+    }
+    fn baseline(mut self, b: impl Into<String>) -> Row {
+        self.baseline = b.into();
+        self
+    }
+    fn ratio(mut self, r: f64) -> Row {
+        self.ratio = format!("{r:.2}");
+        self
+    }
+    fn target(mut self, t: impl Into<String>, met: bool) -> Row {
+        self.target = t.into();
+        self.met = Some(met);
+        self
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|e| panic!("histogram: {e}"))
+}
+
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).max(1));
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn fmt_ms(us: u64) -> String {
+    format!("{:.2} ms", ms(us))
+}
+
+/// p50 / p99 / max of a histogram in microseconds.
+fn pcts(h: &Histogram<u64>) -> (u64, u64, u64) {
+    (
+        h.value_at_quantile(0.50),
+        h.value_at_quantile(0.99),
+        h.max(),
+    )
+}
+
+fn fmt_pcts(h: &Histogram<u64>) -> String {
+    let (p50, p99, max) = pcts(h);
+    format!("{:.2} / {:.2} / {:.2} ms", ms(p50), ms(p99), ms(max))
+}
+
+// ---------------------------------------------------------------------------
+// Building requests the way the service stores them.
+
+/// Distinct request ids from a counter, in the id alphabet.
+fn id_for(n: usize) -> RequestId {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut body = String::new();
+    let mut v = n;
+    for _ in 0..5 {
+        body.insert(0, ALPHABET[v % 32] as char);
+        v /= 32;
+    }
+    RequestId::parse(&body).unwrap_or_else(|| panic!("id {n}"))
+}
+
+fn pending(n: usize, principal: &str, now: OffsetDateTime) -> Request {
+    Request {
+        id: id_for(n),
+        state: State::Pending,
+        version: 0,
+        requester: Requester {
+            user_id: STORM_USER.into(),
+            email: "storm@example.com".into(),
+            tz: Some("UTC".into()),
+            tz_offset_secs: 0,
+        },
+        access: AccessSpec {
+            cluster: CLUSTER.into(),
+            role: "view".into(),
+            principal: principal.into(),
+            policy_arn: Some(VIEW_POLICY.into()),
+            namespaces: vec![],
+            cluster_role: None,
+            groups: vec![],
+            k8s_user: None,
+        },
+        reason: "benchmark".into(),
+        duration: Duration::from_secs(3600),
+        created_at: now,
+        approval_deadline: now + Duration::from_secs(3600),
+        required_approvals: 1,
+        approvals: vec![],
+        decided_by: None,
+        approved_at: None,
+        activated_at: None,
+        expires_at: None,
+        ended_at: None,
+        revoke: None,
+        attempts: 0,
+        retry_at: None,
+        failure: None,
+        card: None,
+        response_url: None,
+        drift_reported: false,
+        extends: None,
+        extended_by: Vec::new(),
+        remind_at: None,
+        card_copies: Vec::new(),
+        claim: None,
+    }
+}
+
+fn approved(r: &Request, now: OffsetDateTime) -> Request {
+    let mut next = r.clone();
+    next.state = State::Approved;
+    next.approvals.push(Vote {
+        user: APPROVER.into(),
+        at: now,
+    });
+    next.decided_by = Some(APPROVER.into());
+    next.approved_at = Some(now);
+    next
+}
+
+fn active(r: &Request, now: OffsetDateTime, expires_at: OffsetDateTime) -> Request {
+    let mut next = r.clone();
+    next.state = State::Active;
+    next.activated_at = Some(now);
+    next.expires_at = Some(expires_at);
+    next
+}
+
+fn revoked(r: &Request, now: OffsetDateTime) -> Request {
+    let mut next = r.clone();
+    next.state = State::Revoked;
+    next.ended_at = Some(now);
+    next.revoke = Some(RevokeIntent {
+        reason: RevokeReason::Expiry,
+        by: "tollgate".into(),
+        note: None,
+        at: now,
+    });
+    next
+}
+
+fn event(r: &Request, name: &str, now: OffsetDateTime) -> Vec<AuditEvent> {
+    vec![AuditEvent::for_request(r, name, "tollgate", now, json!({}))]
+}
+
+async fn open_store(path: &Path) -> SledStore {
+    // sled drops its file lock from a background thread; a store another
+    // handle just closed opens a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match SledStore::open(path) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("opening the store at {}: {e}", path.display()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The real binary, started the way an operator starts it.
+
+struct Server {
+    child: Option<Child>,
+    base: String,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    env: Vec<(String, String)>,
+    started: Instant,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// Environment for a dry run: credentials and region so the AWS SDK never
+/// looks beyond loopback, though a dry run makes no AWS call.
+fn offline_aws_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+impl Server {
+    fn spawn(
+        dir: &Path,
+        aws_env: Vec<(String, String)>,
+        slack_api_url: &str,
+        args: &[&str],
+    ) -> Server {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let config = CONFIG
+            .replace("{listen}", &listen)
+            .replace("{data}", &dir.join("data").display().to_string());
+        let config_path = dir.join("tollgate.toml");
+        std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("config: {e}"));
+        let mut env = aws_env;
+        env.push(("SLACK_BOT_TOKEN".into(), BOT_TOKEN.into()));
+        env.push(("SLACK_SIGNING_SECRET".into(), SIGNING_SECRET.into()));
+        env.push(("SLACK_API_URL".into(), slack_api_url.into()));
+        env.push(("LOG_FORMAT".into(), "json".into()));
+        let log_path = dir.join("tollgate.log");
+        let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("log: {e}"));
+        let err = log.try_clone().unwrap_or_else(|e| panic!("log: {e}"));
+        let started = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting tollgate: {e}"));
+        Server {
+            child: Some(child),
+            base: format!("http://{listen}"),
+            config_path,
+            log_path,
+            env,
+            started,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Time from spawn to the first `/readyz` 200, polled every 2 ms.
+    async fn wait_ready(&mut self, within: Duration) -> Duration {
+        let client = reqwest::Client::new();
+        let url = format!("{}/readyz", self.base);
+        loop {
+            if let Ok(r) = client.get(&url).send().await {
+                if r.status().is_success() {
+                    return self.started.elapsed();
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("tollgate exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                self.started.elapsed() < within,
+                "tollgate not ready within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .unwrap_or_else(|| panic!("tollgate is not running"))
+    }
+
+    /// A line of /proc/<pid>/status in KiB (VmRSS, VmHWM).
+    fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|e| panic!("/proc status: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| rest.trim_start_matches(':').split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
+    /// `tollgate <args> --config <this server's config>` through its admin
+    /// socket; stdout.
+    async fn cli(&self, args: &[&str]) -> String {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let out = cmd
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("tollgate {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "tollgate {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn json_lines(&self, args: &[&str]) -> Vec<Value> {
+        self.cli(args)
+            .await
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    /// SIGTERM and wait: the store is flushed and unlocked afterwards.
+    async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn receipt_id(text: &str) -> Option<String> {
+    let at = text.find("R-")?;
+    text.get(at..at + 7).map(str::to_string)
+}
+
+fn parse_ts(v: &Value) -> OffsetDateTime {
+    let text = v.as_str().unwrap_or_else(|| panic!("not a timestamp: {v}"));
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("timestamp {text}: {e}"))
+}
+
+fn since(from: OffsetDateTime, to: OffsetDateTime) -> Duration {
+    Duration::try_from(to - from).unwrap_or(Duration::ZERO)
+}
+
+fn wall_now() -> OffsetDateTime {
+    OffsetDateTime::from(SystemTime::now())
+}
+
+// ---------------------------------------------------------------------------
+// 1. Slash-command ack latency.
+
+async fn load(
+    client: &reqwest::Client,
+    url: &str,
+    users: &[String],
+    response_url: &str,
+    expect_receipt: bool,
+) -> Vec<Duration> {
+    let tasks: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let client = client.clone();
+            let url = url.to_string();
+            let body = slash_body(user, "eks bench-cluster 1h view load test", response_url);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let resp = post_signed(&client, &url, SIGNING_SECRET, body).await;
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap_or_default();
+                let took = started.elapsed();
+                assert_eq!(status, 200, "{url}: {text}");
+                if expect_receipt {
+                    assert!(
+                        text.contains("R-") && text.contains("sent to"),
+                        "not a receipt: {text}"
+                    );
+                }
+                took
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| panic!("request task: {e}")));
+    }
+    out
+}
+
+async fn bare_axum() -> String {
+    let app = axum::Router::new().route(
+        "/slack/commands",
+        axum::routing::post(|| async { axum::http::StatusCode::OK }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}/slack/commands")
+}
+
+async fn fig1_ack(c: &Counts, rows: &mut Vec<Row>) {
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
+    slack.add_channel(CHANNEL, true);
+    let users: Vec<String> = (0..c.ack_concurrent)
+        .map(|i| format!("U0ACK{i:04}"))
+        .collect();
+    for u in &users {
+        slack.add_user(u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let mut server = Server::spawn(
+        dir.path(),
+        offline_aws_env(),
+        &slack.api_url(),
+        &["--dry-run"],
+    );
+    server.wait_ready(Duration::from_secs(60)).await;
+    let client = reqwest::Client::new();
+    let tollgate_url = format!("{}/slack/commands", server.base);
+    let bare_url = bare_axum().await;
+    let response_url = slack.response_url("ack");
+
+    // One unmeasured round each opens the connections.
+    load(&client, &tollgate_url, &users, &response_url, true).await;
+    load(&client, &bare_url, &users, &response_url, false).await;
+    let (mut tg, mut bare) = (histogram(), histogram());
+    for _ in 0..c.ack_rounds {
+        for d in load(&client, &tollgate_url, &users, &response_url, true).await {
+            record(&mut tg, d);
+        }
+        for d in load(&client, &bare_url, &users, &response_url, false).await {
+            record(&mut bare, d);
+        }
+    }
+    // The same requests one at a time: what an ack costs without queueing.
+    let (mut tg_seq, mut bare_seq) = (histogram(), histogram());
+    for user in &users {
+        let one = std::slice::from_ref(user);
+        for d in load(&client, &tollgate_url, one, &response_url, true).await {
+            record(&mut tg_seq, d);
+        }
+        for d in load(&client, &bare_url, one, &response_url, false).await {
+            record(&mut bare_seq, d);
+        }
+    }
+    // Every ack stands for a Pending request in the store.
+    let listed = server.json_lines(&["grants", "list", "--json"]).await;
+    let want = c.ack_concurrent * (c.ack_rounds + 2);
+    let pending = listed.iter().filter(|g| g["state"] == "pending").count();
+    assert_eq!(
+        pending, want,
+        "every acknowledged command is a Pending request"
+    );
+    server.stop().await;
+
+    let (_, p99, _) = pcts(&tg);
+    let (_, bare_p99, _) = pcts(&bare);
+    let ratio = p99 as f64 / bare_p99.max(1) as f64;
+    rows.push(
+        Row::new(
+            "1",
+            format!(
+                "ack p50/p99/max, {} concurrent signed `/access eks`, {} rounds",
+                c.ack_concurrent, c.ack_rounds
+            ),
+            fmt_pcts(&tg),
+        )
+        .baseline(format!("bare axum 200: {}", fmt_pcts(&bare)))
+        .ratio(ratio)
+        .target("p99 ≤ 10 ms, ratio ≤ 5", ms(p99) <= 10.0 && ratio <= 5.0),
+    );
+    let (_, seq_p99, _) = pcts(&tg_seq);
+    let (_, bare_seq_p99, _) = pcts(&bare_seq);
+    rows.push(
+        Row::new(
+            "1",
+            format!(
+                "ack p50/p99/max, the same {} requests one at a time",
+                c.ack_concurrent
+            ),
+            fmt_pcts(&tg_seq),
+        )
+        .baseline(format!("bare axum 200: {}", fmt_pcts(&bare_seq)))
+        .ratio(seq_p99 as f64 / bare_seq_p99.max(1) as f64),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. Store transitions.
+
+/// Drives grants `first..first+n` through create → approve → active →
+/// revoked, each one durable transaction with its audit event.
+async fn lifecycles(store: Arc<SledStore>, first: usize, n: usize) -> Histogram<u64> {
+    let mut h = histogram();
+    for i in first..first + n {
+        let principal = format!("arn:aws:iam::000000000000:role/store-{i}");
+        let now = wall_now();
+        let r0 = pending(i, &principal, now);
+        let t = Instant::now();
+        store
+            .create(&r0, event(&r0, "requested", now))
+            .await
+            .unwrap_or_else(|e| panic!("create: {e}"));
+        record(&mut h, t.elapsed());
+        let mut prev = r0;
+        for step in 0..3 {
+            let now = wall_now();
+            let (next, name) = match step {
+                0 => (approved(&prev, now), "approved"),
+                1 => (
+                    active(&prev, now, now + Duration::from_secs(3600)),
+                    "granted",
+                ),
+                _ => (revoked(&prev, now), "revoked"),
+            };
+            let audit = event(&next, name, now);
+            let t = Instant::now();
+            prev = store
+                .update(&prev, next, audit)
+                .await
+                .unwrap_or_else(|e| panic!("update: {e}"));
+            record(&mut h, t.elapsed());
+        }
+    }
+    h
+}
+
+async fn fig2_store(c: &Counts, rows: &mut Vec<Row>) -> f64 {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let store = Arc::new(open_store(dir.path()).await);
+
+    let started = Instant::now();
+    let single = lifecycles(store.clone(), 0, c.store_single).await;
+    let single_rate = (4 * c.store_single) as f64 / started.elapsed().as_secs_f64();
+
+    let writers = 16;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            let first = c.store_single + w * c.store_per_writer;
+            tokio::spawn(lifecycles(store, first, c.store_per_writer))
+        })
+        .collect();
+    let mut concurrent = histogram();
+    for t in tasks {
+        let h = t.await.unwrap_or_else(|e| panic!("writer: {e}"));
+        concurrent
+            .add(&h)
+            .unwrap_or_else(|e| panic!("histogram: {e}"));
+    }
+    let concurrent_rate =
+        (4 * writers * c.store_per_writer) as f64 / started.elapsed().as_secs_f64();
+
+    let total = c.store_single + writers * c.store_per_writer;
+    assert!(
+        store.live().await.unwrap_or_default().is_empty(),
+        "every grant reached Revoked"
+    );
+    let audit = store.audit_since(None).await.unwrap_or_default();
+    assert_eq!(audit.len(), 4 * total, "one audit event per transition");
+    assert!(
+        store.next_due().await.unwrap_or_default().is_none(),
+        "nothing left due"
+    );
+
+    let (_, p99, _) = pcts(&single);
+    rows.push(
+        Row::new(
+            "2",
+            format!(
+                "store, 1 writer: transitions/s, p99 ({} grants × 4)",
+                c.store_single
+            ),
+            format!("{single_rate:.0}/s, p99 {}", fmt_ms(p99)),
+        )
+        .baseline("—"),
+    );
+    let (_, p99, _) = pcts(&concurrent);
+    rows.push(
+        Row::new(
+            "2",
+            format!(
+                "store, {writers} writers: transitions/s, p99 ({} grants × 4)",
+                writers * c.store_per_writer
+            ),
+            format!("{concurrent_rate:.0}/s, p99 {}", fmt_ms(p99)),
+        )
+        .baseline("—")
+        .ratio(concurrent_rate / single_rate),
+    );
+    concurrent_rate
+}
+
+// ---------------------------------------------------------------------------
+// Seeding a store happens in a child process (this binary, `__seed …`), so
+// the store's file lock is surely released before the server opens it.
+
+async fn seed_child(args: &[String]) {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current exe: {e}"));
+    let status = tokio::process::Command::new(exe)
+        .arg("__seed")
+        .args(args)
+        .status()
+        .await
+        .unwrap_or_else(|e| panic!("seeding: {e}"));
+    assert!(status.success(), "seeding {args:?} failed");
+}
+
+/// `__seed scale <dir> <grants> <active>`: `grants` requests that went the
+/// whole way (requested, approved, granted, revoked: four audit events
+/// each), of which the last `active` are still Active for an hour.
+///
+/// `__seed storm <dir> <storm> <isolated> <at_unix_ms>`: `storm` Active
+/// grants expiring spread over the second starting at `at`, then
+/// `isolated` more expiring 250 ms apart from `at + 4 s`.
+async fn seed_main(args: &[String]) {
+    let kind = args[0].as_str();
+    let store = Arc::new(open_store(Path::new(&args[1])).await);
+    let now = wall_now();
+    let rows: Vec<(Request, Vec<AuditEvent>)> = match kind {
+        "scale" => {
+            let (n, live): (usize, usize) =
+                (args[2].parse().unwrap_or(0), args[3].parse().unwrap_or(0));
+            (0..n)
+                .map(|i| {
+                    let principal = format!("arn:aws:iam::000000000000:role/user-{}", i % 5_000);
+                    let r = pending(i, &principal, now);
+                    let mut audit = event(&r, "requested", now);
+                    let r = approved(&r, now);
+                    audit.extend(event(&r, "approved", now));
+                    let r = active(&r, now, now + Duration::from_secs(3600));
+                    audit.extend(event(&r, "granted", now));
+                    if i + live >= n {
+                        return (r, audit);
+                    }
+                    let r = revoked(&r, now);
+                    audit.extend(event(&r, "revoked", now));
+                    (r, audit)
+                })
+                .collect()
+        }
+        "storm" => {
+            let (storm, isolated): (usize, usize) =
+                (args[2].parse().unwrap_or(0), args[3].parse().unwrap_or(0));
+            let at_ms: i128 = args[4].parse().unwrap_or(0);
+            let at = OffsetDateTime::from_unix_timestamp_nanos(at_ms * 1_000_000)
+                .unwrap_or_else(|e| panic!("{e}"));
+            (0..storm + isolated)
+                .map(|i| {
+                    let expires = if i < storm {
+                        at + time::Duration::nanoseconds((i as i64 * 1_000_000_000) / storm as i64)
+                    } else {
+                        at + time::Duration::milliseconds(4_000 + 250 * (i - storm) as i64)
+                    };
+                    let principal = format!("arn:aws:iam::000000000000:role/storm-{i}");
+                    let r = pending(i, &principal, now);
+                    let r = active(&approved(&r, now), now, expires);
+                    let audit = event(&r, "granted", now);
+                    (r, audit)
+                })
+                .collect()
+        }
+        other => panic!("unknown seed {other}"),
+    };
+    // Concurrent writers share sled's flushes, as concurrent requests do.
+    futures::stream::iter(rows)
+        .for_each_concurrent(64, |(r, audit)| {
+            let store = store.clone();
+            async move {
+                store
+                    .create(&r, audit)
+                    .await
+                    .unwrap_or_else(|e| panic!("seed create: {e}"))
+            }
+        })
+        .await;
+    store.flush().await.unwrap_or_else(|e| panic!("flush: {e}"));
+}
+
+// ---------------------------------------------------------------------------
+// 3. Start-up and memory with a large store.
+
+async fn fig3_scale(c: &Counts, rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let data = dir.path().join("data");
+    let seeding = Instant::now();
+    seed_child(&[
+        "scale".into(),
+        data.display().to_string(),
+        c.scale_grants.to_string(),
+        c.scale_active.to_string(),
+    ])
+    .await;
+    let seeded_in = seeding.elapsed();
+    let size: u64 = std::fs::read_dir(&data)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    let mut server = Server::spawn(
+        dir.path(),
+        offline_aws_env(),
+        &slack.api_url(),
+        &["--dry-run"],
+    );
+    let ready = server.wait_ready(Duration::from_secs(120)).await;
+    // Idle: no requests, the scheduler asleep until the next expiry.
+    tokio::time::sleep(Duration::from_secs(if c.smoke { 1 } else { 5 })).await;
+    let rss = server.status_kib("VmRSS");
+    let hwm = server.status_kib("VmHWM");
+    let listed = server.json_lines(&["grants", "list", "--json"]).await;
+    assert_eq!(
+        listed.len(),
+        c.scale_active,
+        "the active grants are all listed"
+    );
+    server.stop().await;
+
+    let what = format!(
+        "{} grants ({} active, {} ended; 4 audit events each; {:.0} MiB on disk, seeded in {:.1} s)",
+        c.scale_grants,
+        c.scale_active,
+        c.scale_grants - c.scale_active,
+        size as f64 / (1024.0 * 1024.0),
+        seeded_in.as_secs_f64()
+    );
+    rows.push(
+        Row::new(
+            "3",
+            format!("start → /readyz 200, {what}"),
+            format!("{:.0} ms", ready.as_secs_f64() * 1000.0),
+        )
+        .target("≤ 1 s", ready <= Duration::from_secs(1)),
+    );
+    let mib = rss as f64 / 1024.0;
+    rows.push(
+        Row::new(
+            "3",
+            "RSS when idle (VmRSS; peak VmHWM)",
+            format!("{mib:.1} MiB (peak {:.1} MiB)", hwm as f64 / 1024.0),
+        )
+        .target("≤ 64 MiB", mib <= 64.0),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Expiry storm with the no-op (dry-run) engine.
+
+async fn fig4_storm(c: &Counts, rows: &mut Vec<Row>, store_rate: f64) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let data = dir.path().join("data");
+    // Far enough ahead to seed and start before the first expiry.
+    let lead = Duration::from_secs(4)
+        + Duration::from_secs_f64(3.0 * (c.storm + c.isolated) as f64 / store_rate.max(1.0));
+    let at = wall_now() + lead;
+    let at_ms = at.unix_timestamp_nanos() / 1_000_000;
+    let at = OffsetDateTime::from_unix_timestamp_nanos(at_ms * 1_000_000)
+        .unwrap_or_else(|e| panic!("{e}"));
+    seed_child(&[
+        "storm".into(),
+        data.display().to_string(),
+        c.storm.to_string(),
+        c.isolated.to_string(),
+        at_ms.to_string(),
+    ])
+    .await;
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    slack.add_user(STORM_USER, "storm@example.com", "UTC", 0);
+    let mut server = Server::spawn(
+        dir.path(),
+        offline_aws_env(),
+        &slack.api_url(),
+        &["--dry-run"],
+    );
+    server.wait_ready(Duration::from_secs(60)).await;
+    assert!(
+        wall_now() < at,
+        "the server was not ready before the storm; raise the lead time"
+    );
+    let last = at + Duration::from_millis(4_000 + 250 * c.isolated as u64);
+    let deadline = Instant::now() + since(wall_now(), last) + Duration::from_secs(120);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if wall_now() > last
+            && server
+                .json_lines(&["grants", "list", "--json"])
+                .await
+                .is_empty()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "grants still live long after expiry"
+        );
+    }
+    server.stop().await;
+
+    let store = open_store(&data).await;
+    let audit = store.audit_since(None).await.unwrap_or_default();
+    let mut revoked: HashMap<String, (OffsetDateTime, f64)> = HashMap::new();
+    for e in audit.iter().filter(|e| e.event == "revoked") {
+        let lateness = e.details["lateness_seconds"].as_f64().unwrap_or(f64::NAN);
+        revoked.insert(e.request_id.clone(), (e.ts, lateness));
+    }
+    let mut storm = histogram();
+    let mut last_storm = at;
+    for i in 0..c.storm {
+        let (ts, lateness) = revoked
+            .get(id_for(i).as_str())
+            .copied()
+            .unwrap_or_else(|| panic!("storm grant {} was not revoked", id_for(i)));
+        record(&mut storm, Duration::from_secs_f64(lateness));
+        last_storm = last_storm.max(ts);
+    }
+    let mut isolated = histogram();
+    for i in c.storm..c.storm + c.isolated {
+        let (_, lateness) = revoked
+            .get(id_for(i).as_str())
+            .copied()
+            .unwrap_or_else(|| panic!("isolated grant {} was not revoked", id_for(i)));
+        record(&mut isolated, Duration::from_secs_f64(lateness));
+    }
+    let all_in = since(at, last_storm);
+    rows.push(
+        Row::new(
+            "4",
+            format!(
+                "expiry storm: {} grants expiring within one second → last Revoked",
+                c.storm
+            ),
+            format!("{:.2} s after the first expiry", all_in.as_secs_f64()),
+        )
+        .target("≤ 2 s", all_in <= Duration::from_secs(2)),
+    );
+    let (_, p99, _) = pcts(&storm);
+    rows.push(
+        Row::new(
+            "4",
+            "storm lateness p50/p99/max (expiry → revoke call done)",
+            fmt_pcts(&storm),
+        )
+        .target("—", p99 <= 2_000_000),
+    );
+    let (_, p99, _) = pcts(&isolated);
+    rows.push(
+        Row::new(
+            "4",
+            format!(
+                "isolated expiries ({}, 250 ms apart) lateness p50/p99/max",
+                c.isolated
+            ),
+            fmt_pcts(&isolated),
+        )
+        .target("p99 ≤ 50 ms", p99 <= 50_000),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5 and 6. Against MiniStack.
+
+struct Aws {
+    eks: aws_sdk_eks::Client,
+    sts: aws_sdk_sts::Client,
+}
+
+async fn aws_clients(ms: &MiniStack) -> Aws {
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http)
+        .endpoint_url(&ms.endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "test", "test", None, None, "bench",
+        ))
+        .load()
+        .await;
+    Aws {
+        eks: aws_sdk_eks::Client::new(&config),
+        sts: aws_sdk_sts::Client::new(&config),
+    }
+}
+
+/// The calls a grant for a new principal comes down to, made directly.
+async fn bare_grant(aws: &Aws, principal: &str) -> Duration {
+    let started = Instant::now();
+    aws.sts
+        .assume_role()
+        .role_arn(TOLLGATE_ROLE)
+        .role_session_name("tollgate")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("AssumeRole: {e}"));
+    aws.eks
+        .create_access_entry()
+        .cluster_name(CLUSTER)
+        .principal_arn(principal)
+        .tags("managed-by", "tollgate")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateAccessEntry: {e}"));
+    aws.eks
+        .associate_access_policy()
+        .cluster_name(CLUSTER)
+        .principal_arn(principal)
+        .policy_arn(VIEW_POLICY)
+        .access_scope(
+            AccessScope::builder()
+                .r#type(AccessScopeType::Cluster)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("AssociateAccessPolicy: {e}"));
+    started.elapsed()
+}
+
+async fn has_view(aws: &Aws, principal: &str) -> bool {
+    match aws
+        .eks
+        .list_associated_access_policies()
+        .cluster_name(CLUSTER)
+        .principal_arn(principal)
+        .send()
+        .await
+    {
+        Ok(out) => out
+            .associated_access_policies()
+            .iter()
+            .any(|a| a.policy_arn() == Some(VIEW_POLICY)),
+        Err(_) => false,
+    }
+}
+
+struct E2e {
+    _ms: MiniStack,
+    slack: SlackStandIn,
+    server: Server,
+    aws: Aws,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl E2e {
+    async fn start(users: &[String]) -> E2e {
+        let ms = tokio::task::spawn_blocking(MiniStack::start)
+            .await
+            .unwrap_or_else(|e| panic!("MiniStack: {e}"));
+        ms.create_cluster(CLUSTER).await;
+        let slack = SlackStandIn::start(BOT_TOKEN).await;
+        slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
+        slack.add_channel(CHANNEL, true);
+        for u in users {
+            slack.add_user(u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
+        }
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let mut server = Server::spawn(dir.path(), ms.aws_env(), &slack.api_url(), &[]);
+        server.wait_ready(Duration::from_secs(60)).await;
+        let aws = aws_clients(&ms).await;
+        E2e {
+            _ms: ms,
+            slack,
+            server,
+            aws,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Requests as `user`; the request id and its card's ts.
+    async fn request(&self, user: &str, duration: &str) -> (String, String) {
+        let body = slash_body(
+            user,
+            &format!("eks {CLUSTER} {duration} view benchmark"),
+            &self.slack.response_url("cmd"),
+        );
+        let url = format!("{}/slack/commands", self.server.base);
+        let resp = post_signed(&self.http, &url, SIGNING_SECRET, body).await;
+        let text = resp.text().await.unwrap_or_default();
+        let id = receipt_id(&text).unwrap_or_else(|| panic!("no receipt: {text}"));
+        let needle = id.clone();
+        let card = self
+            .slack
+            .wait_for_call(
+                "chat.postMessage",
+                move |c| c.params["channel"] == CHANNEL && c.params.to_string().contains(&needle),
+                Duration::from_secs(20),
+            )
+            .await;
+        let ts = card.response["ts"].as_str().unwrap_or_default().to_string();
+        (id, ts)
+    }
+
+    /// Clicks Approve; the wall-clock instant the click was sent.
+    async fn approve(&self, id: &str, ts: &str) -> OffsetDateTime {
+        let body = action_body(
+            APPROVER,
+            "approve",
+            id,
+            CHANNEL,
+            ts,
+            &self.slack.response_url("click"),
+        );
+        let url = format!("{}/slack/interactions", self.server.base);
+        let sent = wall_now();
+        let status = post_signed(&self.http, &url, SIGNING_SECRET, body)
+            .await
+            .status();
+        assert_eq!(status.as_u16(), 200);
+        sent
+    }
+
+    async fn wait_access(
+        &self,
+        principal: &str,
+        present: bool,
+        within: Duration,
+    ) -> OffsetDateTime {
+        let deadline = Instant::now() + within;
+        loop {
+            if has_view(&self.aws, principal).await == present {
+                return wall_now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "access of {principal} not {} within {within:?}:\n{}",
+                if present { "granted" } else { "revoked" },
+                self.server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn audit(&self) -> Vec<Value> {
+        self.server.json_lines(&["audit", "export"]).await
+    }
+}
+
+fn principal_of(user: &str) -> String {
+    format!("arn:aws:iam::000000000000:role/{}", user.to_lowercase())
+}
+
+async fn fig5_and_6(c: &Counts, rows: &mut Vec<Row>) {
+    let grant_users: Vec<String> = (0..c.e2e_grants).map(|i| format!("U0GR{i:03}")).collect();
+    let revoke_users: Vec<String> = (0..c.revoke_grants)
+        .map(|i| format!("U0RV{i:03}"))
+        .collect();
+    let all: Vec<String> = grant_users.iter().chain(&revoke_users).cloned().collect();
+    let w = E2e::start(&all).await;
+
+    // 5. Approve → access active, interleaved with the bare SDK sequence.
+    let mut bare = histogram();
+    let mut clicks: Vec<(String, OffsetDateTime)> = Vec::new();
+    for (i, user) in grant_users.iter().enumerate() {
+        record(
+            &mut bare,
+            bare_grant(&w.aws, &format!("arn:aws:iam::000000000000:role/bare-{i}")).await,
+        );
+        let (id, ts) = w.request(user, "1h").await;
+        let sent = w.approve(&id, &ts).await;
+        w.wait_access(&principal_of(user), true, Duration::from_secs(30))
+            .await;
+        clicks.push((id, sent));
+    }
+
+    // 6. Grants that expire while others are being made, watched by a
+    // separate client.
+    let duration = Duration::from_secs(c.revoke_duration_secs);
+    let mut watchers = Vec::new();
+    let mut revoke_ids = Vec::new();
+    for user in &revoke_users {
+        let (id, ts) = w
+            .request(user, &format!("{}s", c.revoke_duration_secs))
+            .await;
+        w.approve(&id, &ts).await;
+        let principal = principal_of(user);
+        let seen = w
+            .wait_access(&principal, true, Duration::from_secs(30))
+            .await;
+        revoke_ids.push(id);
+        // The expiry is at most `duration` after access was seen.
+        let watch_from = seen + duration - Duration::from_millis(300);
+        let aws = Aws {
+            eks: w.aws.eks.clone(),
+            sts: w.aws.sts.clone(),
+        };
+        watchers.push(tokio::spawn(async move {
+            tokio::time::sleep(since(wall_now(), watch_from)).await;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if !has_view(&aws, &principal).await {
+                    return wall_now();
+                }
+                assert!(Instant::now() < deadline, "{principal} never revoked");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }));
+    }
+    let mut gone = Vec::new();
+    for w in watchers {
+        gone.push(w.await.unwrap_or_else(|e| panic!("watcher: {e}")));
+    }
+
+    let audit = w.audit().await;
+    let granted: HashMap<String, &Value> = audit
+        .iter()
+        .filter(|e| e["event"] == "granted")
+        .map(|e| (e["request_id"].as_str().unwrap_or_default().to_string(), e))
+        .collect();
+    let mut e2e = histogram();
+    for (id, sent) in &clicks {
+        let g = granted
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} has no granted event"));
+        record(&mut e2e, since(*sent, parse_ts(&g["ts"])));
+    }
+    let mut lateness = histogram();
+    for (id, gone_at) in revoke_ids.iter().zip(&gone) {
+        let g = granted
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} has no granted event"));
+        let expires = parse_ts(&g["details"]["expires_at"]);
+        record(&mut lateness, since(expires, *gone_at));
+        assert!(
+            audit
+                .iter()
+                .any(|e| e["event"] == "revoked" && e["request_id"] == id.as_str()),
+            "{id} revoked in the audit log"
+        );
+    }
+    drop(w);
+
+    let (p50, _, _) = pcts(&e2e);
+    let (bare50, _, _) = pcts(&bare);
+    let ratio = p50 as f64 / bare50.max(1) as f64;
+    rows.push(
+        Row::new(
+            "5",
+            format!(
+                "Approve click → access active (granted), {} grants, p50/p99/max",
+                c.e2e_grants
+            ),
+            fmt_pcts(&e2e),
+        )
+        .baseline(format!(
+            "AssumeRole+CreateAccessEntry+AssociateAccessPolicy: {}",
+            fmt_pcts(&bare)
+        ))
+        .ratio(ratio)
+        .target("ratio (p50) ≤ 1.2", ratio <= 1.2),
+    );
+    let (_, p99, _) = pcts(&lateness);
+    rows.push(
+        Row::new(
+            "6",
+            format!(
+                "revoke lateness, expiry → policy gone for a separate client, {} grants, p50/p99/max",
+                c.revoke_grants
+            ),
+            fmt_pcts(&lateness),
+        )
+        .target("p99 ≤ 1 s", p99 <= 1_000_000),
+    );
+}
+
+// ---------------------------------------------------------------------------
+
+fn print_table(rows: &[Row], smoke: bool, took: Duration) {
+    println!();
+    println!(
+        "Tollgate benchmarks ({} run, {:.0} s)",
+        if smoke { "smoke" } else { "full" },
+        took.as_secs_f64()
+    );
+    println!();
+    println!("| # | measure | Tollgate | baseline | ratio | target | met |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.figure, r.measure, r.tollgate, r.baseline, r.ratio, r.target, met
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    if args.first().map(String::as_str) == Some("__seed") {
+        runtime.block_on(seed_main(&args[1..]));
+        return;
+    }
+    support::install_crypto_provider();
+    // `cargo bench` passes --bench; anything else (cargo test) is the smoke.
+    let full = args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--smoke");
+    let counts = if full {
+        Counts::full()
+    } else {
+        Counts::smoke()
+    };
+    // `--only 1,4` runs some figures (figure 4 measures the store first for
+    // its lead time either way).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_string).collect());
+    let runs = |figure: &str| only.as_ref().is_none_or(|o| o.iter().any(|f| f == figure));
+    let started = Instant::now();
+    let rows = runtime.block_on(async {
+        let mut rows = Vec::new();
+        if runs("1") {
+            eprintln!("bench: 1/6 ack latency");
+            fig1_ack(&counts, &mut rows).await;
+        }
+        let mut rate = 0.0;
+        if runs("2") || runs("4") {
+            eprintln!("bench: 2/6 store");
+            rate = fig2_store(&counts, &mut rows).await;
+        }
+        if runs("3") {
+            eprintln!("bench: 3/6 scale");
+            fig3_scale(&counts, &mut rows).await;
+        }
+        if runs("4") {
+            eprintln!("bench: 4/6 expiry storm");
+            fig4_storm(&counts, &mut rows, rate).await;
+        }
+        if runs("5") || runs("6") {
+            eprintln!("bench: 5-6/6 MiniStack");
+            fig5_and_6(&counts, &mut rows).await;
+        }
+        rows
+    });
+    print_table(&rows, counts.smoke, started.elapsed());
+}

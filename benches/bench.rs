@@ -29,7 +29,7 @@ use support::slack::SlackStandIn;
 use support::tollgate::{BOT_TOKEN, SIGNING_SECRET};
 use tollgate::domain::audit::AuditEvent;
 use tollgate::domain::request::{
-    AccessSpec, Request, RequestId, Requester, RevokeIntent, RevokeReason, State, Vote,
+    AccessSpec, Asked, Request, RequestId, Requester, RevokeIntent, RevokeReason, State, Vote,
 };
 use tollgate::store::{SledStore, Store};
 
@@ -205,50 +205,33 @@ fn id_for(n: usize) -> RequestId {
 }
 
 fn pending(n: usize, principal: &str, now: OffsetDateTime) -> Request {
-    Request {
-        id: id_for(n),
-        state: State::Pending,
-        version: 0,
-        requester: Requester {
-            user_id: STORM_USER.into(),
-            email: "storm@example.com".into(),
-            tz: Some("UTC".into()),
-            tz_offset_secs: 0,
+    Request::pending(
+        Asked {
+            id: id_for(n),
+            requester: Requester {
+                user_id: STORM_USER.into(),
+                email: "storm@example.com".into(),
+                tz: Some("UTC".into()),
+                tz_offset_secs: 0,
+            },
+            access: AccessSpec {
+                cluster: CLUSTER.into(),
+                role: "view".into(),
+                principal: principal.into(),
+                policy_arn: Some(VIEW_POLICY.into()),
+                namespaces: vec![],
+                cluster_role: None,
+                groups: vec![],
+                k8s_user: None,
+            },
+            reason: "benchmark".into(),
+            duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(3600),
+            required_approvals: 1,
+            response_url: None,
         },
-        access: AccessSpec {
-            cluster: CLUSTER.into(),
-            role: "view".into(),
-            principal: principal.into(),
-            policy_arn: Some(VIEW_POLICY.into()),
-            namespaces: vec![],
-            cluster_role: None,
-            groups: vec![],
-            k8s_user: None,
-        },
-        reason: "benchmark".into(),
-        duration: Duration::from_secs(3600),
-        created_at: now,
-        approval_deadline: now + Duration::from_secs(3600),
-        required_approvals: 1,
-        approvals: vec![],
-        decided_by: None,
-        approved_at: None,
-        activated_at: None,
-        expires_at: None,
-        ended_at: None,
-        revoke: None,
-        attempts: 0,
-        retry_at: None,
-        failure: None,
-        card: None,
-        response_url: None,
-        drift_reported: false,
-        extends: None,
-        extended_by: Vec::new(),
-        remind_at: None,
-        card_copies: Vec::new(),
-        claim: None,
-    }
+        now,
+    )
 }
 
 fn approved(r: &Request, now: OffsetDateTime) -> Request {

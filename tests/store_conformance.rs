@@ -17,7 +17,8 @@ use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 use tollgate::domain::audit::AuditEvent;
 use tollgate::domain::grant::{Baselines, Scope};
 use tollgate::domain::request::{
-    transition, AccessSpec, Event, Request, RequestId, Requester, RevokeIntent, RevokeReason, State,
+    transition, AccessSpec, Asked, Event, Request, RequestId, Requester, RevokeIntent,
+    RevokeReason, State,
 };
 use tollgate::store::{
     dynamodb, AuditEntry, AuditPosition, DynamoStore, SledStore, Store, StoreError,
@@ -65,50 +66,36 @@ fn id(n: usize) -> RequestId {
 }
 
 fn request(n: usize, state: State) -> Request {
-    let mut req = Request {
-        id: id(n),
-        state,
-        version: 0,
-        requester: Requester {
-            user_id: format!("U{n}"),
-            email: format!("u{n}@example.com"),
-            tz: None,
-            tz_offset_secs: 0,
+    let mut req = Request::pending(
+        Asked {
+            id: id(n),
+            requester: Requester {
+                user_id: format!("U{n}"),
+                email: format!("u{n}@example.com"),
+                tz: None,
+                tz_offset_secs: 0,
+            },
+            access: AccessSpec {
+                cluster: "prod".into(),
+                role: "view".into(),
+                principal: format!("arn:aws:iam::1:role/u{n}"),
+                policy_arn: Some(
+                    "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy".into(),
+                ),
+                namespaces: vec![],
+                cluster_role: None,
+                groups: vec![],
+                k8s_user: None,
+            },
+            reason: format!("reason {n}"),
+            duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(1800),
+            required_approvals: 1,
+            response_url: None,
         },
-        access: AccessSpec {
-            cluster: "prod".into(),
-            role: "view".into(),
-            principal: format!("arn:aws:iam::1:role/u{n}"),
-            policy_arn: Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy".into()),
-            namespaces: vec![],
-            cluster_role: None,
-            groups: vec![],
-            k8s_user: None,
-        },
-        reason: format!("reason {n}"),
-        duration: Duration::from_secs(3600),
-        created_at: T0,
-        approval_deadline: T0 + secs(1800),
-        required_approvals: 1,
-        approvals: vec![],
-        decided_by: None,
-        approved_at: None,
-        activated_at: None,
-        expires_at: None,
-        ended_at: None,
-        revoke: None,
-        attempts: 0,
-        retry_at: None,
-        failure: None,
-        card: None,
-        response_url: None,
-        drift_reported: false,
-        extends: None,
-        extended_by: Vec::new(),
-        remind_at: None,
-        card_copies: Vec::new(),
-        claim: None,
-    };
+        T0,
+    );
+    req.state = state;
     shape_for(&mut req, T0);
     req
 }

@@ -17,7 +17,7 @@ use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 use tollgate::domain::audit::AuditEvent;
 use tollgate::domain::grant::{Baselines, Scope};
 use tollgate::domain::request::{
-    AccessSpec, Request, RequestId, Requester, RevokeIntent, RevokeReason, State,
+    AccessSpec, Asked, Request, RequestId, Requester, RevokeIntent, RevokeReason, State,
 };
 use tollgate::store::{DynamoStore, SledStore, Store};
 
@@ -91,59 +91,52 @@ fn request(n: usize) -> Request {
     let state = states[n % states.len()];
     let at = T0 + time::Duration::seconds(n as i64);
     let active = matches!(state, State::Active | State::RevokeFailed | State::Revoked);
-    Request {
-        id,
-        state,
-        version: (n % 4) as u64,
-        requester: Requester {
-            user_id: format!("U{n}"),
-            email: format!("u{n}@example.com"),
-            tz: Some("Europe/Paris".into()),
-            tz_offset_secs: 3600,
-        },
-        access: AccessSpec {
-            cluster: "prod".into(),
-            role: "view".into(),
-            principal: format!("arn:aws:iam::000000000000:role/u{n}"),
-            policy_arn: Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy".into()),
-            namespaces: if n.is_multiple_of(3) {
-                vec!["team-a".into()]
-            } else {
-                vec![]
+    let mut req = Request::pending(
+        Asked {
+            id,
+            requester: Requester {
+                user_id: format!("U{n}"),
+                email: format!("u{n}@example.com"),
+                tz: Some("Europe/Paris".into()),
+                tz_offset_secs: 3600,
             },
-            cluster_role: None,
-            groups: vec![],
-            k8s_user: None,
+            access: AccessSpec {
+                cluster: "prod".into(),
+                role: "view".into(),
+                principal: format!("arn:aws:iam::000000000000:role/u{n}"),
+                policy_arn: Some(
+                    "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy".into(),
+                ),
+                namespaces: if n.is_multiple_of(3) {
+                    vec!["team-a".into()]
+                } else {
+                    vec![]
+                },
+                cluster_role: None,
+                groups: vec![],
+                k8s_user: None,
+            },
+            reason: format!("ticket {n}"),
+            duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(30 * 60),
+            required_approvals: 1,
+            response_url: None,
         },
-        reason: format!("ticket {n}"),
-        duration: Duration::from_secs(3600),
-        created_at: at,
-        approval_deadline: at + time::Duration::minutes(30),
-        required_approvals: 1,
-        approvals: vec![],
-        decided_by: None,
-        approved_at: (state != State::Pending).then_some(at),
-        activated_at: active.then_some(at),
-        expires_at: active.then_some(at + time::Duration::hours(1)),
-        ended_at: (state == State::Revoked || state == State::Denied).then_some(at),
-        revoke: (n % 10 == 2).then(|| RevokeIntent {
-            reason: RevokeReason::Early,
-            by: "U0ADMIN".into(),
-            note: Some("done".into()),
-            at,
-        }),
-        attempts: 0,
-        retry_at: None,
-        failure: None,
-        card: None,
-        response_url: None,
-        drift_reported: false,
-        extends: None,
-        extended_by: Vec::new(),
-        remind_at: None,
-        card_copies: Vec::new(),
-        claim: None,
-    }
+        at,
+    );
+    req.state = state;
+    req.version = (n % 4) as u64;
+    req.approved_at = (state != State::Pending).then_some(at);
+    req.activated_at = active.then_some(at);
+    req.expires_at = active.then_some(at + time::Duration::hours(1));
+    req.ended_at = (state == State::Revoked || state == State::Denied).then_some(at);
+    req.revoke = (n % 10 == 2).then(|| RevokeIntent {
+        reason: RevokeReason::Early,
+        by: "U0ADMIN".into(),
+        note: Some("done".into()),
+        at,
+    });
+    req
 }
 
 async fn fill(store: &dyn Store) {

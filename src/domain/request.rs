@@ -271,6 +271,19 @@ pub struct Request {
     pub claim: Option<Claim>,
 }
 
+/// What a new request asks for, before any decision.
+#[derive(Clone, Debug)]
+pub struct Asked {
+    pub id: RequestId,
+    pub requester: Requester,
+    pub access: AccessSpec,
+    pub reason: String,
+    pub duration: Duration,
+    pub approval_timeout: Duration,
+    pub required_approvals: u32,
+    pub response_url: Option<String>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
     pub owner: String,
@@ -342,6 +355,41 @@ impl Request {
         }
     }
 
+    /// A new request waiting for approval: what was asked, and nothing of a
+    /// lifecycle yet. The one place every field gets its starting value.
+    pub fn pending(asked: Asked, now: OffsetDateTime) -> Request {
+        Request {
+            id: asked.id,
+            state: State::Pending,
+            version: 0,
+            requester: asked.requester,
+            access: asked.access,
+            reason: asked.reason,
+            duration: asked.duration,
+            created_at: now,
+            approval_deadline: now + asked.approval_timeout,
+            required_approvals: asked.required_approvals,
+            approvals: Vec::new(),
+            decided_by: None,
+            approved_at: None,
+            activated_at: None,
+            expires_at: None,
+            ended_at: None,
+            revoke: None,
+            attempts: 0,
+            retry_at: None,
+            failure: None,
+            card: None,
+            response_url: asked.response_url,
+            drift_reported: false,
+            extends: None,
+            extended_by: Vec::new(),
+            remind_at: None,
+            card_copies: Vec::new(),
+            claim: None,
+        }
+    }
+
     /// A new Pending request to extend `grant` by `by`: the same access for
     /// the same person, decided afresh; nothing of the grant's own progress
     /// (votes, cards, expiry) carries over.
@@ -354,36 +402,21 @@ impl Request {
         required_approvals: u32,
         response_url: Option<String>,
     ) -> Request {
-        Request {
-            id,
-            state: State::Pending,
-            version: 0,
-            requester: grant.requester.clone(),
-            access: grant.access.clone(),
-            reason: grant.reason.clone(),
-            duration: by,
-            created_at: now,
-            approval_deadline: now + approval_timeout,
-            required_approvals,
-            approvals: Vec::new(),
-            decided_by: None,
-            approved_at: None,
-            activated_at: None,
-            expires_at: None,
-            ended_at: None,
-            revoke: None,
-            attempts: 0,
-            retry_at: None,
-            failure: None,
-            card: None,
-            response_url,
-            drift_reported: false,
-            extends: Some(grant.id.clone()),
-            extended_by: Vec::new(),
-            remind_at: None,
-            card_copies: Vec::new(),
-            claim: None,
-        }
+        let mut ext = Request::pending(
+            Asked {
+                id,
+                requester: grant.requester.clone(),
+                access: grant.access.clone(),
+                reason: grant.reason.clone(),
+                duration: by,
+                approval_timeout,
+                required_approvals,
+                response_url,
+            },
+            now,
+        );
+        ext.extends = Some(grant.id.clone());
+        ext
     }
 
     /// Applies a state event, enforcing the state machine.

@@ -15,7 +15,7 @@ use crate::domain::duration::format_duration;
 use crate::domain::policy::{
     listed, may_request, mention_list, resolve_request, ClusterPolicy, Strategy,
 };
-use crate::domain::request::{AccessSpec, CardRef, Request, RequestId, Requester, State};
+use crate::domain::request::{AccessSpec, Asked, CardRef, Request, RequestId, Requester, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::blocks;
 use crate::store::StoreError;
@@ -249,61 +249,44 @@ impl Service {
         };
 
         let now = self.clock.now();
-        let mut req = Request {
-            id: RequestId::generate(&mut rand::thread_rng()),
-            state: State::Pending,
-            version: 0,
-            requester: Requester {
-                user_id: user.id.clone(),
-                email,
-                tz: user.tz.clone(),
-                tz_offset_secs: user.tz_offset_secs,
-            },
-            access: AccessSpec {
-                cluster: cluster.name.clone(),
-                role: role.name.clone(),
-                principal,
-                policy_arn: match cluster.strategy {
-                    Strategy::AccessEntry => role.access_policy.clone(),
-                    _ => None,
+        let mut req = Request::pending(
+            Asked {
+                id: RequestId::generate(&mut rand::thread_rng()),
+                requester: Requester {
+                    user_id: user.id.clone(),
+                    email,
+                    tz: user.tz.clone(),
+                    tz_offset_secs: user.tz_offset_secs,
                 },
-                namespaces: resolved.namespaces.clone(),
-                // Only the cluster's strategy's fields, so the card describes
-                // the change that approval will really make.
-                cluster_role: (cluster.strategy == Strategy::SessionRbac)
-                    .then(|| role.cluster_role.clone())
-                    .flatten(),
-                groups: if cluster.strategy == Strategy::AwsAuth {
-                    role.groups.clone()
-                } else {
-                    Vec::new()
+                access: AccessSpec {
+                    cluster: cluster.name.clone(),
+                    role: role.name.clone(),
+                    principal,
+                    policy_arn: match cluster.strategy {
+                        Strategy::AccessEntry => role.access_policy.clone(),
+                        _ => None,
+                    },
+                    namespaces: resolved.namespaces.clone(),
+                    // Only the cluster's strategy's fields, so the card
+                    // describes the change that approval will really make.
+                    cluster_role: (cluster.strategy == Strategy::SessionRbac)
+                        .then(|| role.cluster_role.clone())
+                        .flatten(),
+                    groups: if cluster.strategy == Strategy::AwsAuth {
+                        role.groups.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    k8s_user: Some(k8s_user),
                 },
-                k8s_user: Some(k8s_user),
+                reason: resolved.reason.clone(),
+                duration: resolved.duration,
+                approval_timeout: role.limits.approval_timeout,
+                required_approvals: role.limits.required_approvals,
+                response_url: cmd.response_url.clone(),
             },
-            reason: resolved.reason.clone(),
-            duration: resolved.duration,
-            created_at: now,
-            approval_deadline: now + role.limits.approval_timeout,
-            required_approvals: role.limits.required_approvals,
-            approvals: Vec::new(),
-            decided_by: None,
-            approved_at: None,
-            activated_at: None,
-            expires_at: None,
-            ended_at: None,
-            revoke: None,
-            attempts: 0,
-            retry_at: None,
-            failure: None,
-            card: None,
-            response_url: cmd.response_url.clone(),
-            drift_reported: false,
-            extends: None,
-            extended_by: Vec::new(),
-            remind_at: None,
-            card_copies: Vec::new(),
-            claim: None,
-        };
+            now,
+        );
         mode.preapprove(&mut req, now);
         let recorded = self
             .create_fresh(&mut req, |req| {

@@ -507,56 +507,39 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::request::{AccessSpec, Requester, State};
+    use crate::domain::request::{AccessSpec, Asked, Requester, State};
     use serde_json::json;
     use std::time::Duration;
     use time::macros::datetime;
 
     fn request(id: &str, now: OffsetDateTime) -> Request {
-        Request {
-            id: RequestId::parse(id).unwrap(),
-            state: State::Pending,
-            version: 0,
-            requester: Requester {
-                user_id: "U1".into(),
-                email: "a@example.com".into(),
-                tz: None,
-                tz_offset_secs: 0,
+        Request::pending(
+            Asked {
+                id: RequestId::parse(id).unwrap(),
+                requester: Requester {
+                    user_id: "U1".into(),
+                    email: "a@example.com".into(),
+                    tz: None,
+                    tz_offset_secs: 0,
+                },
+                access: AccessSpec {
+                    cluster: "c".into(),
+                    role: "view".into(),
+                    principal: "arn:aws:iam::1:role/a".into(),
+                    policy_arn: None,
+                    namespaces: vec![],
+                    cluster_role: None,
+                    groups: vec![],
+                    k8s_user: None,
+                },
+                reason: String::new(),
+                duration: Duration::from_secs(60),
+                approval_timeout: Duration::from_secs(600),
+                required_approvals: 1,
+                response_url: None,
             },
-            access: AccessSpec {
-                cluster: "c".into(),
-                role: "view".into(),
-                principal: "arn:aws:iam::1:role/a".into(),
-                policy_arn: None,
-                namespaces: vec![],
-                cluster_role: None,
-                groups: vec![],
-                k8s_user: None,
-            },
-            reason: String::new(),
-            duration: Duration::from_secs(60),
-            created_at: now,
-            approval_deadline: now + Duration::from_secs(600),
-            required_approvals: 1,
-            approvals: vec![],
-            decided_by: None,
-            approved_at: None,
-            activated_at: None,
-            expires_at: None,
-            ended_at: None,
-            revoke: None,
-            attempts: 0,
-            retry_at: None,
-            failure: None,
-            card: None,
-            response_url: None,
-            drift_reported: false,
-            extends: None,
-            extended_by: Vec::new(),
-            remind_at: None,
-            card_copies: Vec::new(),
-            claim: None,
-        }
+            now,
+        )
     }
 
     fn event(req: &Request, name: &str, at: OffsetDateTime) -> AuditEvent {

@@ -126,7 +126,24 @@ impl Service {
                 .iter()
                 .filter(|r| super::lifecycle::in_force(r, now))
                 .collect();
-            let mine: Vec<&Owned> = owned_by.get(key).cloned().unwrap_or_default();
+            let mut mine: Vec<&Owned> = owned_by.get(key).cloned().unwrap_or_default();
+            // The listing was taken before this principal's lock; a grant or
+            // revoke may have finished since. Before acting on (or reporting)
+            // a difference, look again.
+            let relisted;
+            let differs = mine.iter().any(|o| !needed(strategy, o, &grants))
+                || grants.iter().any(|g| !present(strategy, g, &mine));
+            if differs {
+                relisted = self
+                    .access
+                    .owned(cluster)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                mine = relisted
+                    .iter()
+                    .filter(|o| principal_key(strategy, &o.principal) == *key)
+                    .collect();
+            }
             let orphans: Vec<&Owned> = mine
                 .iter()
                 .copied()

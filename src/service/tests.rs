@@ -37,12 +37,19 @@ struct FakeAccess {
     converged: Mutex<Vec<Vec<String>>>,
     converged_principals: Mutex<Vec<String>>,
     owned: Mutex<Vec<crate::access::Owned>>,
+    /// What the listings after the next one show: access that changed
+    /// between a listing and the step that acts on it.
+    relist: Mutex<Option<Vec<crate::access::Owned>>>,
 }
 
 #[async_trait]
 impl AccessEngine for FakeAccess {
     async fn owned(&self, _: &ClusterPolicy) -> Result<Vec<crate::access::Owned>, AccessError> {
-        Ok(self.owned.lock().unwrap().clone())
+        let listed = self.owned.lock().unwrap().clone();
+        if let Some(next) = self.relist.lock().unwrap().take() {
+            *self.owned.lock().unwrap() = next;
+        }
+        Ok(listed)
     }
 
     async fn converge(
@@ -376,6 +383,28 @@ async fn late_clicks_do_not_count() {
     assert!(r.state(&id).await.approvals.is_empty());
     r.service.run_due().await.unwrap();
     assert_eq!(r.state(&id).await.state, State::Expired);
+}
+
+#[tokio::test]
+async fn reconciler_looks_again_before_calling_a_just_revoked_entry_an_orphan() {
+    let r = rig();
+    let id = r.approved("eks prod 10m view", "U0APP").await;
+    let alice = r.state(&id).await.access.principal;
+    r.clock.advance(Duration::from_secs(10 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+    // The cluster was listed while the revoke was still under way; by the
+    // time the reconciler holds Alice's lock, the entry is gone.
+    *r.access.owned.lock().unwrap() = vec![crate::access::Owned {
+        principal: alice,
+        grant_id: Some(id.to_string()),
+        object: "access entry".into(),
+    }];
+    *r.access.relist.lock().unwrap() = Some(Vec::new());
+    let cluster = r.service.config.clusters[0].clone();
+    let report = r.service.reconcile_cluster(&cluster).await.unwrap();
+    assert!(report.removed.is_empty(), "{report:?}");
+    assert!(!r.audit_names().await.contains(&"reconciled".to_string()));
 }
 
 #[tokio::test]

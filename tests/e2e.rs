@@ -1780,7 +1780,8 @@ name = "dmcopies"
 region = "us-east-1"
 account_id = "000000000000"
 approval_channel = "C0APPROVALS"
-approvers = ["U0APP", "S0ONCALL"]
+# The requester is listed too: nobody is sent a copy to approve their own request.
+approvers = ["U0APP", "S0ONCALL", "U0REQ"]
 dm_approvers = true
 [clusters.roles.view]
 access_policy = "AmazonEKSViewPolicy"

@@ -56,7 +56,7 @@ struct Pair {
     a: Tollgate,
     b: Tollgate,
     http: reqwest::Client,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
 impl Pair {
@@ -85,7 +85,7 @@ impl Pair {
             a,
             b,
             http: reqwest::Client::new(),
-            _dirs: (da, db),
+            dirs: (da, db),
         }
     }
 
@@ -165,7 +165,7 @@ impl Pair {
     }
 
     fn b_config(&self) -> std::path::PathBuf {
-        self._dirs.1.path().join("tollgate.toml")
+        self.dirs.1.path().join("tollgate.toml")
     }
 
     fn count(&self, event: &str, id: &str) -> usize {
@@ -391,7 +391,7 @@ async fn losing_dynamodb_answers_unavailable_goes_unready_and_resumes() {
     // DynamoDB is back (empty, as a restored table would be re-created):
     // the same processes become ready and take requests again.
     p.ms.resume();
-    init_table(&p.ms, p._dirs.0.path());
+    init_table(&p.ms, p.dirs.0.path());
     wait_until("ready again", Duration::from_secs(15), || async {
         ready(p.a.base.clone()).await == 200 && ready(p.b.base.clone()).await == 200
     })

@@ -28,30 +28,6 @@ use support::ministack::MiniStack;
 
 const T0: OffsetDateTime = datetime!(2026-11-23 12:00 UTC);
 
-const ALL_STATES: [State; 10] = [
-    State::Pending,
-    State::Approved,
-    State::Active,
-    State::Revoked,
-    State::Denied,
-    State::Cancelled,
-    State::Expired,
-    State::Failed,
-    State::RevokeFailed,
-    State::Applied,
-];
-const ALL_EVENTS: [Event; 9] = [
-    Event::QuorumReached,
-    Event::Deny,
-    Event::Cancel,
-    Event::ApprovalTimeout,
-    Event::Granted,
-    Event::GrantFailed,
-    Event::Revoked,
-    Event::RevokeFailing,
-    Event::ExtensionApplied,
-];
-
 fn secs(n: i64) -> time::Duration {
     time::Duration::seconds(n)
 }
@@ -199,8 +175,8 @@ async fn duplicate_create_is_exists_and_writes_nothing(store: Arc<dyn Store>) {
 
 async fn every_transition_through_update(store: Arc<dyn Store>) {
     let mut n = 0;
-    for from in ALL_STATES {
-        for ev in ALL_EVENTS {
+    for from in State::ALL {
+        for ev in Event::ALL {
             n += 1;
             let r = request(n, from);
             store.create(&r, vec![]).await.unwrap();
@@ -220,9 +196,9 @@ async fn every_transition_through_update(store: Arc<dyn Store>) {
             }
         }
     }
-    let legal = ALL_STATES
+    let legal = State::ALL
         .iter()
-        .flat_map(|s| ALL_EVENTS.iter().map(move |e| (*s, *e)))
+        .flat_map(|s| Event::ALL.iter().map(move |e| (*s, *e)))
         .filter(|(s, e)| transition(*s, *e).is_ok())
         .count();
     assert_eq!(

@@ -62,6 +62,20 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, for exhaustive checks of the state machine.
+    pub const ALL: [State; 10] = [
+        State::Pending,
+        State::Approved,
+        State::Active,
+        State::Revoked,
+        State::Denied,
+        State::Cancelled,
+        State::Expired,
+        State::Failed,
+        State::RevokeFailed,
+        State::Applied,
+    ];
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -103,6 +117,21 @@ pub enum Event {
     RevokeFailing,
     /// An approved extension moved its grant's expiry.
     ExtensionApplied,
+}
+
+impl Event {
+    /// Every event, for exhaustive checks of the state machine.
+    pub const ALL: [Event; 9] = [
+        Event::QuorumReached,
+        Event::Deny,
+        Event::Cancel,
+        Event::ApprovalTimeout,
+        Event::Granted,
+        Event::GrantFailed,
+        Event::Revoked,
+        Event::RevokeFailing,
+        Event::ExtensionApplied,
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -456,30 +485,6 @@ mod humantime_serde_secs {
 mod tests {
     use super::*;
 
-    const ALL_STATES: [State; 10] = [
-        State::Pending,
-        State::Approved,
-        State::Active,
-        State::Revoked,
-        State::Denied,
-        State::Cancelled,
-        State::Expired,
-        State::Failed,
-        State::RevokeFailed,
-        State::Applied,
-    ];
-    const ALL_EVENTS: [Event; 9] = [
-        Event::QuorumReached,
-        Event::Deny,
-        Event::Cancel,
-        Event::ApprovalTimeout,
-        Event::Granted,
-        Event::GrantFailed,
-        Event::Revoked,
-        Event::RevokeFailing,
-        Event::ExtensionApplied,
-    ];
-
     #[test]
     fn legal_transitions_are_exactly_the_spec() {
         let legal: Vec<(State, Event, State)> = vec![
@@ -500,8 +505,8 @@ mod tests {
                 State::RevokeFailed,
             ),
         ];
-        for from in ALL_STATES {
-            for event in ALL_EVENTS {
+        for from in State::ALL {
+            for event in Event::ALL {
                 let expected = legal
                     .iter()
                     .find(|(f, e, _)| *f == from && *e == event)
@@ -530,8 +535,8 @@ mod tests {
 
     #[test]
     fn terminal_states_accept_nothing() {
-        for from in ALL_STATES.into_iter().filter(|s| s.is_terminal()) {
-            for event in ALL_EVENTS {
+        for from in State::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for event in Event::ALL {
                 assert!(transition(from, event).is_err(), "{from:?} + {event:?}");
             }
         }

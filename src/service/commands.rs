@@ -17,7 +17,7 @@ use crate::domain::policy::{
 };
 use crate::domain::request::{AccessSpec, Asked, CardRef, Request, RequestId, Requester, State};
 use crate::domain::text::{clip, escape_slack};
-use crate::slack::blocks;
+use crate::slack::{blocks, SlackUser};
 use crate::store::StoreError;
 
 /// How a request is decided.
@@ -182,19 +182,7 @@ impl Service {
             )
         })?;
 
-        let user = match tokio::time::timeout(USER_LOOKUP_TIMEOUT, self.slack.user(&cmd.user_id)).await {
-            Ok(Ok(user)) => user,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "users.info failed");
-                return Err("Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into());
-            }
-            Err(_) => {
-                return Err("Slack took too long to answer a profile lookup; nothing was requested. Please try again.".into())
-            }
-        };
-        if user.deleted || user.is_bot {
-            return Err("Deactivated accounts and bots cannot request access.".into());
-        }
+        let user = self.requesting_user(&cmd.user_id).await?;
         if !role.requesters.is_empty() {
             let members = self.group_members(&role.requesters).await;
             if !may_request(role, &user.id, &members) {
@@ -362,6 +350,25 @@ impl Service {
             format_duration(req.duration),
             blocks::change_description(&req),
         ))
+    }
+
+    /// The Slack profile of someone asking for access, within the time a
+    /// command has; deactivated accounts and bots are refused.
+    pub(super) async fn requesting_user(&self, id: &str) -> Result<SlackUser, String> {
+        let user = match tokio::time::timeout(USER_LOOKUP_TIMEOUT, self.slack.user(id)).await {
+            Ok(Ok(user)) => user,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "users.info failed");
+                return Err("Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into());
+            }
+            Err(_) => {
+                return Err("Slack took too long to answer a profile lookup; nothing was requested. Please try again.".into())
+            }
+        };
+        if user.deleted || user.is_bot {
+            return Err("Deactivated accounts and bots cannot request access.".into());
+        }
+        Ok(user)
     }
 
     /// Records a new request; ids are short for people's sake, so a

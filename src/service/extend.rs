@@ -17,8 +17,6 @@ use crate::domain::request::{reminder_time, Event, Request, RequestId, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::blocks;
 
-const USER_LOOKUP_TIMEOUT: Duration = Duration::from_millis(2000);
-
 /// What applying an approved extension found.
 enum Applied {
     /// The grant's expiry moved (now, or by an earlier pass of this same
@@ -107,12 +105,8 @@ impl Service {
                 )
             }
         };
-        match tokio::time::timeout(USER_LOOKUP_TIMEOUT, self.slack.user(user)).await {
-            Ok(Ok(u)) if u.deleted || u.is_bot => {
-                return "Deactivated accounts and bots cannot request access.".into()
-            }
-            Ok(Ok(_)) => {}
-            _ => return "Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into(),
+        if let Err(why) = self.requesting_user(user).await {
+            return why;
         }
         let mode = if !role.auto_approve.is_empty()
             && listed(

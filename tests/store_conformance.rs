@@ -538,6 +538,89 @@ macro_rules! cases {
     };
 }
 
+/// Ended requests this case writes before its live ones: a year of history
+/// on a busy installation, all for the same person as the live rows.
+const HISTORY: usize = 10_000;
+
+/// Live reads follow live rows, whatever the history holds: with
+/// `HISTORY` ended requests for the same principal stored, `live`,
+/// `live_for` and `due` return exactly the live ones, and a row leaves the
+/// live index in the write that ends it.
+async fn live_reads_ignore_history(store: Arc<dyn Store>) {
+    use futures::StreamExt;
+    let alice = "arn:aws:iam::1:role/alice";
+    let of_alice = |n: usize, state: State| {
+        let mut r = request(n, state);
+        r.access.principal = alice.into();
+        r
+    };
+    let ended = [State::Revoked, State::Denied, State::Expired, State::Failed];
+    futures::stream::iter(1..=HISTORY)
+        .map(|n| {
+            let store = store.clone();
+            let row = of_alice(n, ended[n % ended.len()]);
+            async move { store.import_request(&row).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let pending = of_alice(HISTORY + 1, State::Pending);
+    let active = of_alice(HISTORY + 2, State::Active);
+    let elsewhere = {
+        let mut r = of_alice(HISTORY + 3, State::Active);
+        r.access.cluster = "staging".into();
+        r
+    };
+    let bob = request(HISTORY + 4, State::Approved);
+    for r in [&pending, &active, &elsewhere, &bob] {
+        store.create(r, vec![]).await.unwrap();
+    }
+    let ids =
+        |rows: Vec<Request>| -> BTreeSet<RequestId> { rows.into_iter().map(|r| r.id).collect() };
+    assert_eq!(
+        ids(store.live_for("prod", alice).await.unwrap()),
+        BTreeSet::from([pending.id.clone(), active.id.clone()])
+    );
+    assert_eq!(
+        ids(store.live().await.unwrap()),
+        BTreeSet::from([
+            pending.id.clone(),
+            active.id.clone(),
+            elsewhere.id.clone(),
+            bob.id.clone()
+        ])
+    );
+    let due: BTreeSet<RequestId> = store
+        .due(T0 + secs(100_000))
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        due,
+        ids(store.live().await.unwrap()),
+        "only live rows are due"
+    );
+
+    // The live copy follows the row: a new version is what `live_for` reads,
+    // and the write that ends the row removes it.
+    let mut extended = active.clone();
+    extended.expires_at = Some(T0 + secs(7200));
+    let extended = store.update(&active, extended, vec![]).await.unwrap();
+    let read = store.live_for("prod", alice).await.unwrap();
+    let copy = read.iter().find(|r| r.id == active.id).unwrap();
+    assert_eq!(copy, &extended);
+    let mut revoked = extended.clone();
+    revoked.state = State::Revoked;
+    revoked.ended_at = Some(T0 + secs(60));
+    store.update(&extended, revoked, vec![]).await.unwrap();
+    assert_eq!(
+        ids(store.live_for("prod", alice).await.unwrap()),
+        BTreeSet::from([pending.id.clone()])
+    );
+    assert_eq!(store.list().await.unwrap().len(), HISTORY + 4);
+}
+
 /// A shared store hands a lease to one holder at a time until it lapses; an
 /// unshared one has a single process, which always holds it.
 async fn leases_have_one_holder(store: Arc<dyn Store>) {
@@ -583,6 +666,7 @@ fn all_cases() -> Vec<(&'static str, Case)> {
         baselines_record_and_forget,
         imports_are_verbatim,
         leases_have_one_holder,
+        live_reads_ignore_history,
     ]
     .to_vec()
 }
@@ -662,6 +746,53 @@ async fn dynamodb_init_is_idempotent_and_verify_names_what_is_wrong() {
         dynamodb::InitOutcome::AlreadyThere
     );
     assert!(dynamodb::verify(&client, "tollgate").await.is_ok());
+
+    // A table an older Tollgate made: rows but no live items and no marker.
+    // Start-up refuses it and says what to do; `store init` builds the
+    // index once, and then the live rows are read from it.
+    let store = DynamoStore::new(client.clone(), "tollgate");
+    let live = request(1, State::Active);
+    let ended = request(2, State::Revoked);
+    store.create(&live, vec![]).await.unwrap();
+    store.create(&ended, vec![]).await.unwrap();
+    let scan = client.scan().table_name("tollgate").send().await.unwrap();
+    for item in scan.items() {
+        let pk = item["pk"].as_s().unwrap();
+        let sk = item["sk"].as_s().unwrap();
+        if pk == "LIVE" || (pk == "META" && sk == "live-index") {
+            client
+                .delete_item()
+                .table_name("tollgate")
+                .key("pk", aws_sdk_dynamodb::types::AttributeValue::S(pk.clone()))
+                .key("sk", aws_sdk_dynamodb::types::AttributeValue::S(sk.clone()))
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    assert!(store.live().await.unwrap().is_empty());
+    let old = dynamodb::verify(&client, "tollgate").await.unwrap_err();
+    assert!(
+        old.to_string().contains("no live index") && old.to_string().contains("store init"),
+        "{old}"
+    );
+    assert_eq!(
+        dynamodb::init(&client, "tollgate").await.unwrap(),
+        dynamodb::InitOutcome::Upgraded { live: 1 }
+    );
+    assert!(dynamodb::verify(&client, "tollgate").await.is_ok());
+    let rows: Vec<RequestId> = store
+        .live()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(rows, vec![live.id.clone()]);
+    assert_eq!(
+        dynamodb::init(&client, "tollgate").await.unwrap(),
+        dynamodb::InitOutcome::AlreadyThere
+    );
 
     // A table someone made with other keys is named as such.
     client

@@ -23,6 +23,9 @@ pub async fn init(config: &Config) -> anyhow::Result<String> {
                 dynamodb::InitOutcome::AlreadyThere => Ok(format!(
                     "DynamoDB table {table} already exists with the expected key schema; nothing changed"
                 )),
+                dynamodb::InitOutcome::Upgraded { live } => Ok(format!(
+                    "DynamoDB table {table} upgraded: live index built ({live} live requests)"
+                )),
             }
         }
     }

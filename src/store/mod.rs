@@ -125,52 +125,35 @@ pub trait Store: Send + Sync + 'static {
     async fn import_request(&self, req: &Request) -> Result<(), StoreError>;
     /// Every recorded baseline as (cluster, principal, baselines).
     async fn all_baselines(&self) -> Result<Vec<(String, String, Baselines)>, StoreError>;
+    // No method below has a default: a backend states whether it is shared,
+    // how it grants a lease and how it reads live rows, so a new backend
+    // cannot inherit a lease that always succeeds or a "live" read that
+    // scans the whole history.
+
     /// Whether several processes share this store, so grants and revokes
     /// are claimed per row and background jobs take a lease. One process on
     /// an embedded store needs neither.
-    fn is_shared(&self) -> bool {
-        false
-    }
+    fn is_shared(&self) -> bool;
     /// Takes or renews the named lease for `holder` until `until`, if nobody
-    /// else holds it past `now`. An unshared store has one holder: always.
+    /// else holds it past `now`.
     async fn try_lease(
         &self,
-        _name: &str,
-        _holder: &str,
-        _until: OffsetDateTime,
-        _now: OffsetDateTime,
-    ) -> Result<bool, StoreError> {
-        Ok(true)
-    }
+        name: &str,
+        holder: &str,
+        until: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
     /// Gives a lease back before its term, if `holder` still has it.
-    async fn release_lease(&self, _name: &str, _holder: &str) -> Result<(), StoreError> {
-        Ok(())
-    }
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// A cheap round trip, for readiness.
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+    async fn ping(&self) -> Result<(), StoreError>;
 
     /// Requests not yet in a terminal state: the ones that may still hold
-    /// or get access. Backends with an index of them override this; the
-    /// default filters `list`.
-    async fn live(&self) -> Result<Vec<Request>, StoreError> {
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|r| !r.state.is_terminal())
-            .collect())
-    }
+    /// or get access, read from an index kept in the same write as the
+    /// row, never by filtering the history.
+    async fn live(&self) -> Result<Vec<Request>, StoreError>;
 
     /// The live requests of one principal on one cluster: what a grant or a
     /// revoke converges against, so it must not cost a scan of the store.
-    async fn live_for(&self, cluster: &str, principal: &str) -> Result<Vec<Request>, StoreError> {
-        Ok(self
-            .live()
-            .await?
-            .into_iter()
-            .filter(|r| r.access.cluster == cluster && r.access.principal == principal)
-            .collect())
-    }
+    async fn live_for(&self, cluster: &str, principal: &str) -> Result<Vec<Request>, StoreError>;
 }

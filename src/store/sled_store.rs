@@ -502,6 +502,34 @@ impl Store for SledStore {
     async fn live_for(&self, cluster: &str, principal: &str) -> Result<Vec<Request>, StoreError> {
         self.live_rows(&live_prefix(cluster, principal))
     }
+
+    /// sled locks its directory: one process owns the store.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// The one process that can open the directory is the only possible
+    /// holder, so every lease is its own. This holds only because sled
+    /// refuses a second opener; a shared backend must decide in the store.
+    async fn try_lease(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _until: OffsetDateTime,
+        _now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn release_lease(&self, _name: &str, _holder: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// A read of the smallest tree: the embedded store answers or its files
+    /// are gone.
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.live.first().map(|_| ()).map_err(backend)
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //! | `DUE`      | due ms (20 digits) `#` request id     | `id` |
 //! | `AUDIT`    | write ms (20 digits) `#` seq (20 digits) | `doc` (JSON) |
 //! | `BASELINE` | JSON `[cluster, principal, policy]`  | `cluster`, `principal`, `policy`, `scope` (JSON) |
+//! | `LIVE`     | JSON `[cluster, principal, id]`      | `doc` (JSON, the row's copy), `version` (N) |
 //! | `META`     | `audit-seq`                          | `seq` (N): last audit sequence handed out |
+//! | `META`     | `live-index`                         | `version` (N): the live index is complete |
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use std::collections::HashMap;
@@ -29,6 +31,14 @@ pub(super) const AUDIT: &str = "AUDIT";
 pub(super) const BASELINE: &str = "BASELINE";
 pub(super) const META: &str = "META";
 pub(super) const AUDIT_SEQ: &str = "audit-seq";
+/// Requests not yet in a terminal state, one item each, written in the same
+/// transaction as the row: what grants, revokes, listings and the reconciler
+/// read, so their cost follows live access, not the history.
+pub(super) const LIVE: &str = "LIVE";
+/// Present once every live row has its `LIVE` item (a table made before the
+/// index existed gets them from `store init`).
+pub(super) const LIVE_INDEX: &str = "live-index";
+pub(super) const LIVE_INDEX_VERSION: u64 = 1;
 /// Leases of background jobs (`sk` = the job's name), held by one replica.
 pub(super) const LEASE: &str = "LEASE";
 pub(super) const HOLDER: &str = "holder";
@@ -62,11 +72,26 @@ pub(super) fn audit_sk(position: AuditPosition) -> String {
 
 /// A JSON array prefix is unambiguous whatever the names contain: every
 /// string is quoted and escaped.
-pub(super) fn baseline_prefix(cluster: &str, principal: &str) -> String {
+pub(super) fn principal_prefix(cluster: &str, principal: &str) -> String {
     let mut prefix = serde_json::json!([cluster, principal]).to_string();
     prefix.pop();
     prefix.push(',');
     prefix
+}
+
+pub(super) fn live_sk(req: &Request) -> String {
+    serde_json::json!([req.access.cluster, req.access.principal, req.id.as_str()]).to_string()
+}
+
+/// The live item of a row, or `None` for a terminal row (which has none).
+pub(super) fn live_item(req: &Request) -> Result<Option<Item>, StoreError> {
+    if req.state.is_terminal() {
+        return Ok(None);
+    }
+    let mut item = key(LIVE, live_sk(req));
+    item.insert("doc".into(), s(encode(req)?));
+    item.insert(VERSION.into(), n(req.version));
+    Ok(Some(item))
 }
 
 pub(super) fn baseline_sk(cluster: &str, principal: &str, policy: &str) -> String {
@@ -199,8 +224,8 @@ mod tests {
     }
 
     #[test]
-    fn baseline_prefix_cannot_match_another_principal() {
-        let prefix = baseline_prefix("c", "arn:a");
+    fn principal_prefix_cannot_match_another_principal() {
+        let prefix = principal_prefix("c", "arn:a");
         assert!(baseline_sk("c", "arn:a", "p").starts_with(&prefix));
         assert!(!baseline_sk("c", "arn:a\",\"x", "p").starts_with(&prefix));
         assert!(!baseline_sk("c", "arn:ab", "p").starts_with(&prefix));

@@ -61,6 +61,7 @@ impl Store for DynamoStore {
         if let Some(t) = req.next_due() {
             items.push(self.put(due_item(t, &req.id))?);
         }
+        items.extend(self.live_writes(None, req)?);
         items.extend(self.audit_puts(audit, req.created_at).await?);
         self.transact(items, Guard::Create(&req.id)).await
     }
@@ -85,6 +86,7 @@ impl Store for DynamoStore {
                 items.push(self.put(due_item(t, &prev.id))?);
             }
         }
+        items.extend(self.live_writes(Some(prev), &next)?);
         items.extend(self.audit_puts(audit, OffsetDateTime::now_utc()).await?);
         self.transact(items, Guard::Update(&prev.id)).await?;
         Ok(next)
@@ -167,7 +169,7 @@ impl Store for DynamoStore {
     }
 
     async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError> {
-        let prefix = baseline_prefix(cluster, principal);
+        let prefix = principal_prefix(cluster, principal);
         self.query(
             BASELINE,
             Some(("begins_with(#sk, :prefix)", vec![(":prefix", s(prefix))])),
@@ -348,7 +350,31 @@ impl Store for DynamoStore {
                 items.push(self.put(due_item(t, &req.id))?);
             }
         }
+        items.extend(self.live_writes(old.as_ref(), req)?);
         self.transact(items, Guard::Import(&req.id)).await
+    }
+
+    /// One Query of the `LIVE` partition: its items carry the rows, so the
+    /// cost is the live requests' whatever the history holds.
+    async fn live(&self) -> Result<Vec<Request>, StoreError> {
+        self.query(LIVE, None, None)
+            .await?
+            .iter()
+            .map(request_of)
+            .collect()
+    }
+
+    async fn live_for(&self, cluster: &str, principal: &str) -> Result<Vec<Request>, StoreError> {
+        let prefix = principal_prefix(cluster, principal);
+        self.query(
+            LIVE,
+            Some(("begins_with(#sk, :prefix)", vec![(":prefix", s(prefix))])),
+            None,
+        )
+        .await?
+        .iter()
+        .map(request_of)
+        .collect()
     }
 
     async fn all_baselines(&self) -> Result<Vec<(String, String, Baselines)>, StoreError> {

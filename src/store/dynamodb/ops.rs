@@ -87,6 +87,33 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().delete(delete).build())
     }
 
+    /// The `LIVE` item writes that move a row from `prev` (none: a new
+    /// row) to `next`: put while it is live, delete once it is terminal. A
+    /// transaction may not touch an item twice, so a key that did not move
+    /// is only put.
+    pub(super) fn live_writes(
+        &self,
+        prev: Option<&Request>,
+        next: &Request,
+    ) -> Result<Vec<TransactWriteItem>, StoreError> {
+        let old = prev.filter(|p| !p.state.is_terminal()).map(live_sk);
+        let mut writes = Vec::new();
+        match live_item(next)? {
+            Some(item) => {
+                if let Some(moved) = old.filter(|k| *k != live_sk(next)) {
+                    writes.push(self.delete(key(LIVE, moved))?);
+                }
+                writes.push(self.put(item)?);
+            }
+            None => {
+                if let Some(k) = old {
+                    writes.push(self.delete(key(LIVE, k))?);
+                }
+            }
+        }
+        Ok(writes)
+    }
+
     /// Reserves `count` audit sequence numbers, unique across replicas.
     pub(super) async fn next_seqs(&self, count: usize) -> Result<Vec<u64>, StoreError> {
         if count == 0 {

@@ -10,7 +10,11 @@ use aws_sdk_dynamodb::Client;
 use std::time::{Duration, Instant};
 
 use super::error::{classify, describe};
-use super::items::{PK, SK};
+use super::items::{
+    key, live_item, n, request_of, s, LIVE_INDEX, LIVE_INDEX_VERSION, META, PK, REQUEST, SK,
+    VERSION,
+};
+use super::DynamoStore;
 use crate::store::StoreError;
 
 /// Creating an on-demand table usually takes seconds; this bounds a stuck
@@ -22,6 +26,11 @@ const POLL: Duration = Duration::from_millis(500);
 pub enum InitOutcome {
     Created,
     AlreadyThere,
+    /// An existing table made before the live index: every live row got its
+    /// `LIVE` item.
+    Upgraded {
+        live: usize,
+    },
 }
 
 async fn describe_table(
@@ -95,7 +104,58 @@ pub async fn verify(client: &Client, table: &str) -> Result<String, StoreError> 
             )))
         }
     }
-    Ok(format!("DynamoDB table {table} (key pk/sk) is ready"))
+    if !has_live_index(client, table).await? {
+        return Err(StoreError::Backend(format!(
+            "DynamoDB table {table} has no live index (it was made by an older Tollgate): \
+             stop every replica, run `tollgate store init` once, then start them again"
+        )));
+    }
+    Ok(format!(
+        "DynamoDB table {table} (key pk/sk, live index) is ready"
+    ))
+}
+
+async fn has_live_index(client: &Client, table: &str) -> Result<bool, StoreError> {
+    let out = client
+        .get_item()
+        .table_name(table)
+        .set_key(Some(key(META, LIVE_INDEX)))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| classify(table, "GetItem (live index marker)", e))?;
+    Ok(out
+        .item()
+        .and_then(|i| i.get(VERSION))
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|v| v >= LIVE_INDEX_VERSION))
+}
+
+/// Gives every live row its `LIVE` item, then writes the marker. Run with
+/// no replica serving: a row an older replica changes meanwhile would not
+/// have its item follow it. Running it again rewrites the same items.
+async fn build_live_index(client: &Client, table: &str) -> Result<usize, StoreError> {
+    let store = DynamoStore::new(client.clone(), table);
+    let mut items = Vec::new();
+    for row in store.query(REQUEST, None, None).await? {
+        if let Some(item) = live_item(&request_of(&row)?)? {
+            items.push(item);
+        }
+    }
+    let live = items.len();
+    store.batch_write(items).await?;
+    let mut marker = key(META, LIVE_INDEX);
+    marker.insert(VERSION.into(), n(LIVE_INDEX_VERSION));
+    marker.insert("note".into(), s("every live request has its LIVE item"));
+    client
+        .put_item()
+        .table_name(table)
+        .set_item(Some(marker))
+        .send()
+        .await
+        .map_err(|e| classify(table, "PutItem (live index marker)", e))?;
+    Ok(live)
 }
 
 /// Creates the table (on-demand billing) and waits until it is ACTIVE.
@@ -115,7 +175,14 @@ pub async fn init(client: &Client, table: &str) -> Result<InitOutcome, StoreErro
         }
     };
     wait_active(client, table).await?;
-    Ok(outcome)
+    if has_live_index(client, table).await? {
+        return Ok(outcome);
+    }
+    let live = build_live_index(client, table).await?;
+    Ok(match outcome {
+        InitOutcome::Created => InitOutcome::Created,
+        _ => InitOutcome::Upgraded { live },
+    })
 }
 
 fn attribute(name: &str) -> Result<AttributeDefinition, StoreError> {

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::domain::audit::AuditEvent;
 use crate::domain::request::Request;
 use crate::service::Service;
+use crate::store::prune::PrunePlan;
 
 pub fn socket_path(store_dir: &Path) -> PathBuf {
     store_dir.join("admin.sock")
@@ -32,6 +33,17 @@ pub enum AdminRequest {
         #[serde(with = "time::serde::rfc3339::option")]
         since: Option<time::OffsetDateTime>,
     },
+    /// What `store prune` would remove; nothing is removed yet.
+    PrunePlan {
+        #[serde(with = "time::serde::rfc3339")]
+        before: time::OffsetDateTime,
+    },
+    /// Removes what a plan selected, once the CLI has written its audit out.
+    PruneApply {
+        #[serde(with = "time::serde::rfc3339")]
+        before: time::OffsetDateTime,
+        plan: PrunePlan,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +52,7 @@ pub enum AdminResponse {
     Grants { grants: Vec<Request> },
     Done { message: String },
     Audit { events: Vec<AuditEvent> },
+    PrunePlan { plan: PrunePlan },
     Error { message: String },
 }
 
@@ -61,6 +74,14 @@ pub async fn handle(service: &Arc<Service>, request: AdminRequest) -> AdminRespo
             .audit_since(since)
             .await
             .map(|events| AdminResponse::Audit { events }),
+        AdminRequest::PrunePlan { before } => service
+            .prune_plan(before)
+            .await
+            .map(|plan| AdminResponse::PrunePlan { plan }),
+        AdminRequest::PruneApply { before, plan } => service
+            .prune_apply(&plan, before)
+            .await
+            .map(|message| AdminResponse::Done { message }),
     };
     result.unwrap_or_else(|message| AdminResponse::Error { message })
 }

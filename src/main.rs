@@ -85,6 +85,15 @@ enum StoreCmd {
         #[arg(long)]
         to_config: PathBuf,
     },
+    /// Remove requests that ended before a time, printing their audit
+    /// events as JSON lines first.
+    Prune {
+        #[arg(long, default_value = "tollgate.toml")]
+        config: PathBuf,
+        /// RFC 3339, e.g. 2026-01-01T00:00:00Z
+        #[arg(long)]
+        before: String,
+    },
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -149,6 +158,11 @@ async fn admin(config: &std::path::Path, request: AdminRequest, json: bool) -> E
         }
         AdminResponse::Error { message } => {
             eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+        // Only `store prune` asks for a plan, and it reads the answer itself.
+        AdminResponse::PrunePlan { .. } => {
+            eprintln!("error: unexpected prune plan in answer to another command");
             ExitCode::FAILURE
         }
     }
@@ -239,6 +253,37 @@ async fn main() -> ExitCode {
             (Ok(from), Ok(to)) => report(tollgate::store::cli::copy(&from, &to).await),
             (Err(code), _) | (_, Err(code)) => code,
         },
+        Cmd::Store {
+            action: StoreCmd::Prune { config, before },
+        } => {
+            let before = match time::OffsetDateTime::parse(
+                &before,
+                &time::format_description::well_known::Rfc3339,
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!(
+                        "error: --before must be an RFC 3339 time like 2026-01-01T00:00:00Z: {e}"
+                    );
+                    return ExitCode::from(2);
+                }
+            };
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            // stdout carries the removed events; the summary goes to stderr.
+            match tollgate::store::cli::prune(&config, before, &mut std::io::stdout()).await {
+                Ok(summary) => {
+                    eprintln!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -450,3 +450,183 @@ async fn serve_runs_on_the_dynamodb_table() {
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains(active.id.as_str()), "{listed}");
 }
+
+/// `store prune` on one backend: the events of the requests that ended
+/// before the cutoff come out on stdout first, then exactly those rows and
+/// events are gone; live and later rows stay; a second run removes nothing.
+async fn prune_through_the_cli(
+    open: &dyn Fn() -> Arc<dyn Store>,
+    config: &str,
+    env: &[(String, String)],
+) {
+    let cutoff = T0 + time::Duration::seconds(150);
+    let cutoff_text = "2026-11-23T12:02:30Z";
+    let store = open();
+    let before_rows = store.list().await.unwrap();
+    let before_events = store.audit_entries().await.unwrap();
+    let live_before: Vec<RequestId> = store
+        .live()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let gone: std::collections::BTreeSet<String> = before_rows
+        .iter()
+        .filter(|r| r.state.is_terminal() && r.ended_at.is_some_and(|t| t < cutoff))
+        .map(|r| r.id.to_string())
+        .collect();
+    assert!(
+        gone.len() > 20,
+        "the fixture has ended rows before the cutoff"
+    );
+    let gone_events: Vec<AuditEvent> = before_events
+        .iter()
+        .filter(|e| gone.contains(&e.event.request_id))
+        .map(|e| e.event.clone())
+        .collect();
+
+    drop(store);
+    let out = run(
+        &[
+            "store",
+            "prune",
+            "--config",
+            config,
+            "--before",
+            cutoff_text,
+        ],
+        env,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let printed: Vec<AuditEvent> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(printed, gone_events, "every removed event, in log order");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "removed {} requests that ended before {cutoff_text} and their {} audit events",
+            gone.len(),
+            gone_events.len()
+        )),
+        "{}",
+        text(&out)
+    );
+
+    let store = open();
+    let rows = store.list().await.unwrap();
+    assert_eq!(rows.len(), before_rows.len() - gone.len());
+    assert!(rows.iter().all(|r| !gone.contains(&r.id.to_string())));
+    let events = store.audit_entries().await.unwrap();
+    assert_eq!(events.len(), before_events.len() - gone_events.len());
+    let live_after: Vec<RequestId> = store
+        .live()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(live_after, live_before, "live requests are never pruned");
+
+    drop(store);
+    let again = run(
+        &[
+            "store",
+            "prune",
+            "--config",
+            config,
+            "--before",
+            cutoff_text,
+        ],
+        env,
+    )
+    .await;
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(again.stdout.is_empty(), "{}", text(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("removed 0 requests"),
+        "{}",
+        text(&again)
+    );
+
+    let bad = run(
+        &[
+            "store",
+            "prune",
+            "--config",
+            config,
+            "--before",
+            "last year",
+        ],
+        env,
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"),
+        "{}",
+        text(&bad)
+    );
+    assert_eq!(open().list().await.unwrap().len(), rows.len());
+}
+
+/// The sled directory once the CLI that held it has let go (its lock is
+/// released a moment after the process exits).
+fn open_sled(dir: &Path) -> Arc<dyn Store> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match SledStore::open(dir) {
+            Ok(store) => return Arc::new(store),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("sled store stays locked: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_prune_removes_only_ended_requests_before_the_cutoff() {
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    let env = ms.aws_env();
+    let dir = tempfile::tempdir().unwrap();
+
+    // sled: the CLI opens the directory itself, so the test's handle is
+    // reopened around each run.
+    let sled_dir = dir.path().join("sled");
+    let sled_cfg = dir.path().join("sled.toml");
+    write_config(
+        &sled_cfg,
+        &format!("path = {:?}", sled_dir.display().to_string()),
+    );
+    {
+        let sled = SledStore::open(&sled_dir).unwrap();
+        fill(&sled).await;
+        sled.flush().await.unwrap();
+    }
+    prune_through_the_cli(
+        &|| open_sled(&sled_dir),
+        &sled_cfg.display().to_string(),
+        &env,
+    )
+    .await;
+
+    let dyn_cfg = dir.path().join("dynamodb.toml");
+    write_config(
+        &dyn_cfg,
+        &format!(
+            "backend = \"dynamodb\"\ntable = \"pruned\"\npath = {:?}",
+            dir.path().join("dyn-socket").display().to_string()
+        ),
+    );
+    let dyn_cfg = dyn_cfg.display().to_string();
+    let init = run(&["store", "init", "--config", &dyn_cfg], &env).await;
+    assert!(init.status.success(), "{}", text(&init));
+    let table = dynamo(&ms, "pruned").await;
+    fill(&table).await;
+    prune_through_the_cli(&|| Arc::new(table.clone()), &dyn_cfg, &env).await;
+}

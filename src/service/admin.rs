@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{Change, Notice, Service};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::request::{Event, Request, RequestId, RevokeIntent, RevokeReason, State};
+use crate::store::prune::{self, PrunePlan};
 
 /// `RevokeIntent::by` for a revoke forced from the command line.
 pub const CLI_PREFIX: &str = "cli:";
@@ -41,6 +42,25 @@ pub enum Revoker {
 }
 
 impl Service {
+    /// What `store prune --before` would remove (see `store::prune`).
+    pub async fn prune_plan(&self, before: time::OffsetDateTime) -> Result<PrunePlan, String> {
+        prune::plan(self.store.as_ref(), before)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn prune_apply(
+        &self,
+        plan: &PrunePlan,
+        before: time::OffsetDateTime,
+    ) -> Result<String, String> {
+        let (rows, events) = prune::apply(self.store.as_ref(), plan, before)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.store.flush().await.map_err(|e| e.to_string())?;
+        Ok(prune::summary(rows, events, before))
+    }
+
     /// Requests that still hold or may still get access.
     pub async fn live_requests(&self) -> Result<Vec<Request>, String> {
         let mut out: Vec<Request> = self.store.live().await.map_err(|e| e.to_string())?;

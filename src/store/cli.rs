@@ -2,7 +2,7 @@
 
 use crate::config::{Backend, Config};
 
-use super::{copy, dynamodb, DynamoStore};
+use super::{copy, dynamodb, prune, DynamoStore};
 
 /// Creates the DynamoDB table the config names; nothing to do for sled.
 pub async fn init(config: &Config) -> anyhow::Result<String> {
@@ -50,4 +50,43 @@ pub async fn copy(from: &Config, to: &Config) -> anyhow::Result<String> {
         .await
         .map_err(|e| anyhow::anyhow!("copying {} to {}: {e}", from.path, to.path))?;
     Ok(report.to_string())
+}
+
+/// `store prune`: the audit events of the requests to remove are written to
+/// `out` (and flushed) before anything is removed, so an export cut short
+/// removes nothing. Goes through a running server's admin socket when one
+/// answers (sled allows one opener), else opens the store itself.
+pub async fn prune(
+    config: &Config,
+    before: time::OffsetDateTime,
+    out: &mut dyn std::io::Write,
+) -> anyhow::Result<String> {
+    use crate::admin::{self, AdminRequest, AdminResponse};
+    let socket = admin::socket_path(&config.store.path);
+    let write = |out: &mut dyn std::io::Write, plan: &prune::PrunePlan| -> anyhow::Result<()> {
+        for entry in &plan.audit {
+            writeln!(out, "{}", serde_json::to_string(&entry.event)?)?;
+        }
+        out.flush()?;
+        Ok(())
+    };
+    if let Some(answer) = admin::call(&socket, &AdminRequest::PrunePlan { before }).await? {
+        let plan = match answer {
+            AdminResponse::PrunePlan { plan } => plan,
+            AdminResponse::Error { message } => anyhow::bail!(message),
+            _ => anyhow::bail!("the server answered the prune plan with something else"),
+        };
+        write(out, &plan)?;
+        return match admin::call(&socket, &AdminRequest::PruneApply { before, plan }).await? {
+            Some(AdminResponse::Done { message }) => Ok(message),
+            Some(AdminResponse::Error { message }) => anyhow::bail!(message),
+            _ => anyhow::bail!("the server went away before removing; run the prune again"),
+        };
+    }
+    let store = super::open(config).await?;
+    let plan = prune::plan(store.as_ref(), before).await?;
+    write(out, &plan)?;
+    let (rows, events) = prune::apply(store.as_ref(), &plan, before).await?;
+    store.flush().await?;
+    Ok(prune::summary(rows, events, before))
 }

@@ -3,6 +3,7 @@
 //! compare-and-swap on the version the caller read.
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::domain::audit::AuditEvent;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod copy;
 pub mod dynamodb;
 mod open;
+pub mod prune;
 pub mod sled_store;
 
 pub use dynamodb::DynamoStore;
@@ -52,13 +54,13 @@ impl StoreError {
 /// (milliseconds since the epoch), then a sequence number unique within the
 /// store. Both backends order the log by it, and `store copy` keeps it, so a
 /// copied log reads back in the same order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AuditPosition {
     pub at_ms: u64,
     pub seq: u64,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub position: AuditPosition,
     pub event: AuditEvent,
@@ -123,6 +125,14 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a request row verbatim, version included, with its due-index
     /// entry, replacing any row with its id (for `store copy`).
     async fn import_request(&self, req: &Request) -> Result<(), StoreError>;
+    /// Removes ended request rows and the audit events at `audit` (for
+    /// `store prune`). A row that is not terminal is refused and nothing is
+    /// removed; terminal rows have no due or live entries to remove.
+    async fn remove_ended(
+        &self,
+        ids: &[RequestId],
+        audit: &[AuditPosition],
+    ) -> Result<(), StoreError>;
     /// Every recorded baseline as (cluster, principal, baselines).
     async fn all_baselines(&self) -> Result<Vec<(String, String, Baselines)>, StoreError>;
     // No method below has a default: a backend states whether it is shared,

@@ -503,6 +503,37 @@ impl Store for SledStore {
         self.live_rows(&live_prefix(cluster, principal))
     }
 
+    async fn remove_ended(
+        &self,
+        ids: &[RequestId],
+        audit: &[AuditPosition],
+    ) -> Result<(), StoreError> {
+        (&self.requests, &self.audit)
+            .transaction(|(requests, audit_tree)| {
+                for id in ids {
+                    if let Some(bytes) = requests.get(id.as_str())? {
+                        let row: Request = decode(id.as_str().as_bytes(), &bytes)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        if !row.state.is_terminal() {
+                            return Err(ConflictableTransactionError::Abort(StoreError::Backend(
+                                format!(
+                                    "{id} is {}, not ended; nothing was removed",
+                                    row.state.label()
+                                ),
+                            )));
+                        }
+                        requests.remove(id.as_str())?;
+                    }
+                }
+                for position in audit {
+                    audit_tree.remove(&audit_key(*position))?;
+                }
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.durable().await
+    }
+
     /// sled locks its directory: one process owns the store.
     fn is_shared(&self) -> bool {
         false

@@ -354,6 +354,67 @@ impl Store for DynamoStore {
         self.transact(items, Guard::Import(&req.id)).await
     }
 
+    /// Deletes in transactions of at most 100 items; each row's delete is
+    /// conditional on its stored state being terminal, so a row that is not
+    /// ended is never removed (its transaction is refused whole).
+    async fn remove_ended(
+        &self,
+        ids: &[RequestId],
+        audit: &[crate::store::AuditPosition],
+    ) -> Result<(), StoreError> {
+        use aws_sdk_dynamodb::types::{Delete, TransactWriteItem};
+        let ended: Vec<&str> = crate::domain::request::State::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| s.label())
+            .collect();
+        let placeholders: Vec<String> = (0..ended.len()).map(|i| format!(":e{i}")).collect();
+        let mut items = Vec::new();
+        for id in ids {
+            let mut delete = Delete::builder()
+                .table_name(&self.table)
+                .set_key(Some(key(REQUEST, id.as_str())))
+                .condition_expression(format!(
+                    "attribute_not_exists(#pk) OR #state IN ({})",
+                    placeholders.join(", ")
+                ))
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#state", "state");
+            for (p, label) in placeholders.iter().zip(&ended) {
+                delete = delete.expression_attribute_values(p, s(*label));
+            }
+            let delete = delete
+                .build()
+                .map_err(|e| StoreError::Backend(error::describe(&e)))?;
+            items.push(TransactWriteItem::builder().delete(delete).build());
+        }
+        for position in audit {
+            items.push(self.delete(key(AUDIT, audit_sk(*position)))?);
+        }
+        for chunk in items.chunks(MAX_TRANSACT_ITEMS) {
+            if let Err(e) = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(chunk.to_vec()))
+                .send()
+                .await
+            {
+                return Err(match refusal(&self.table, e) {
+                    Refusal::Other(e) => e,
+                    Refusal::Condition => StoreError::Backend(
+                        "a request selected for pruning is not ended; nothing of it was removed"
+                            .into(),
+                    ),
+                    Refusal::Contended => StoreError::Unavailable(format!(
+                        "DynamoDB TransactWriteItems on table {}: prune refused, run it again",
+                        self.table
+                    )),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// One Query of the `LIVE` partition: its items carry the rows, so the
     /// cost is the live requests' whatever the history holds.
     async fn live(&self) -> Result<Vec<Request>, StoreError> {

@@ -20,6 +20,21 @@ const INDEX_RESOLUTION: Duration = Duration::from_millis(1);
 /// index is read at least this often.
 const SHARED_MAX_SLEEP: Duration = Duration::from_secs(1);
 
+/// Whether a write that moved a row's due instant from `before` to `after`
+/// must wake the scheduler: only when the row may now be due earlier than
+/// the scheduler planned. A row due later, or no longer due, at worst wakes
+/// it once for nothing at the old instant, where it reads the index again.
+pub fn needs_wake(
+    before: Option<time::OffsetDateTime>,
+    after: Option<time::OffsetDateTime>,
+) -> bool {
+    match (before, after) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(b), Some(a)) => a < b,
+    }
+}
+
 pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     let wake = service.wake_handle();
     let max_sleep = if service.store().is_shared() {
@@ -118,5 +133,26 @@ pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool
             _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_wake;
+    use time::macros::datetime;
+
+    #[test]
+    fn only_an_earlier_due_instant_wakes_the_scheduler() {
+        let t = datetime!(2026-11-23 12:00 UTC);
+        let later = t + time::Duration::seconds(1);
+        assert!(needs_wake(None, Some(t)), "newly due");
+        assert!(
+            needs_wake(Some(later), Some(t)),
+            "due earlier (early revoke)"
+        );
+        assert!(!needs_wake(Some(t), Some(later)), "due later (extension)");
+        assert!(!needs_wake(Some(t), Some(t)), "unchanged");
+        assert!(!needs_wake(Some(t), None), "no longer due (ended)");
+        assert!(!needs_wake(None, None));
     }
 }

@@ -35,7 +35,8 @@ pub struct Service {
     slack: Arc<dyn SlackApi>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    /// Wakes the scheduler when a write moves the earliest due instant.
+    /// Wakes the scheduler when a write may have moved the earliest due
+    /// instant earlier (`scheduler::needs_wake`); creates always wake it.
     wake: Arc<Notify>,
     locks: KeyedLocks,
     /// One permit per grant or revoke under way; shutdown takes them all.
@@ -185,12 +186,15 @@ impl Service {
                         mark_dry_run(&mut audit);
                     }
                     let entered = (next.state != current.state).then_some(next.state);
+                    let wake = crate::scheduler::needs_wake(current.next_due(), next.next_due());
                     match self.store.update(&current, *next, audit).await {
                         Ok(_) => {
                             if let Some(state) = entered {
                                 self.metrics.entered(state.label());
                             }
-                            self.wake.notify_one();
+                            if wake {
+                                self.wake.notify_one();
+                            }
                             return Ok(out);
                         }
                         Err(StoreError::Conflict(_)) => continue,

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::domain::audit::AuditEvent;
 use crate::domain::request::Request;
+use crate::domain::standing::GrantRecord;
 use crate::service::Service;
 
 pub fn socket_path(store_dir: &Path) -> PathBuf {
@@ -32,6 +33,10 @@ pub enum AdminRequest {
         #[serde(with = "time::serde::rfc3339::option")]
         since: Option<time::OffsetDateTime>,
     },
+    /// `tollgate discover`: the requests behind Tollgate's marks.
+    StandingRecords {
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +45,7 @@ pub enum AdminResponse {
     Grants { grants: Vec<Request> },
     Done { message: String },
     Audit { events: Vec<AuditEvent> },
+    Records { records: Vec<GrantRecord> },
     Error { message: String },
 }
 
@@ -61,6 +67,10 @@ pub async fn handle(service: &Arc<Service>, request: AdminRequest) -> AdminRespo
             .audit_since(since)
             .await
             .map(|events| AdminResponse::Audit { events }),
+        AdminRequest::StandingRecords { ids } => service
+            .standing_records(&ids)
+            .await
+            .map(|records| AdminResponse::Records { records }),
     };
     result.unwrap_or_else(|message| AdminResponse::Error { message })
 }

@@ -44,6 +44,19 @@ enum Cmd {
         #[command(subcommand)]
         action: StoreCmd,
     },
+    /// Standing access: who reaches each cluster without Tollgate. Exit
+    /// status 0 all clusters read, 3 some could not be read, 1 none (or the
+    /// store could not be asked), 2 bad config or arguments.
+    Discover {
+        #[arg(long, default_value = "tollgate.toml")]
+        config: PathBuf,
+        /// Only this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -147,6 +160,10 @@ async fn admin(config: &std::path::Path, request: AdminRequest, json: bool) -> E
             println!("{message}");
             ExitCode::SUCCESS
         }
+        AdminResponse::Records { .. } => {
+            eprintln!("error: unexpected answer from the server");
+            ExitCode::FAILURE
+        }
         AdminResponse::Error { message } => {
             eprintln!("error: {message}");
             ExitCode::FAILURE
@@ -223,6 +240,14 @@ async fn main() -> ExitCode {
             };
             admin(&config, AdminRequest::AuditExport { since }, true).await
         }
+        Cmd::Discover {
+            config,
+            cluster,
+            json,
+        } => match load(&config) {
+            Ok(c) => ExitCode::from(tollgate::discover::run(c, cluster.as_deref(), json).await),
+            Err(code) => code,
+        },
         Cmd::Store {
             action: StoreCmd::Init { config },
         } => match load(&config) {

@@ -97,7 +97,10 @@ impl ClusterReader {
             out.push(RawEntry {
                 principal: principal.clone(),
                 kind: entry.r#type().unwrap_or("STANDARD").to_string(),
-                username: entry.username().map(str::to_string),
+                username: entry
+                    .username()
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_string),
                 groups: entry.kubernetes_groups().to_vec(),
                 policies: self.associations(&eks, cluster, &principal).await?,
                 grant_mark,

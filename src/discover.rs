@@ -97,14 +97,15 @@ pub fn render(standing: &[ClusterStanding], json: bool) -> String {
             out.push('\n');
         }
     } else {
+        let width = grants.iter().map(|g| g.principal.len()).max().unwrap_or(0);
         if !grants.is_empty() {
             out.push_str(&format!(
-                "{:<13} {:<16} {:<18} {}  {}\n",
+                "{:<13} {:<16} {:<18} {:<width$}  {}\n",
                 "LEVEL", "CLUSTER", "SOURCE", "PRINCIPAL", "DETAILS"
             ));
         }
         for g in &grants {
-            out.push_str(&g.text_line());
+            out.push_str(&g.text_line(width));
             out.push('\n');
         }
         out.push('\n');

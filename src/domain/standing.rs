@@ -270,8 +270,9 @@ pub struct StandingGrant {
 }
 
 impl StandingGrant {
-    /// One line of `tollgate discover`.
-    pub fn text_line(&self) -> String {
+    /// One line of `tollgate discover`, the principal padded to
+    /// `principal_width` so the details line up.
+    pub fn text_line(&self, principal_width: usize) -> String {
         let mut details = vec![format!("type={}", self.kind)];
         if let Some(u) = &self.username {
             details.push(format!("username={u}"));
@@ -293,7 +294,7 @@ impl StandingGrant {
             details.push(format!("clusterrole={r}"));
         }
         format!(
-            "{:<13} {:<16} {:<18} {}  {}",
+            "{:<13} {:<16} {:<18} {:<principal_width$}  {}",
             self.level.label(),
             self.cluster,
             self.source,
@@ -641,10 +642,10 @@ mod tests {
         );
         assert!(
             out[1]
-                .text_line()
+                .text_line(0)
                 .contains("AmazonEKSEditPolicy(namespace: payments)"),
             "{}",
-            out[1].text_line()
+            out[1].text_line(0)
         );
         let s = summary(&out);
         assert_eq!(

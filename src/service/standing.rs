@@ -122,6 +122,15 @@ impl Service {
         Ok(classify_all(readings, &records))
     }
 
+    /// The reconcile loop's hook: a tick in its own task, so reading every
+    /// cluster (slow when one is unreachable) never holds up reconciling.
+    /// Overlapping ticks are harmless: the first marks the refresh as done
+    /// before it reads.
+    pub fn spawn_standing_tick(self: &Arc<Self>) {
+        let service = self.clone();
+        tokio::spawn(async move { service.standing_tick().await });
+    }
+
     /// Called on every pass of the reconcile loop: refreshes the gauge when
     /// it has never been set or is an hour old, and posts the weekly digest
     /// when a Monday 09:00 UTC has passed since the previous pass — from the

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::domain::audit::AuditEvent;
 use crate::domain::request::Request;
+use crate::domain::standing::GrantRecord;
 use crate::service::Service;
 use crate::store::prune::PrunePlan;
 
@@ -44,6 +45,10 @@ pub enum AdminRequest {
         before: time::OffsetDateTime,
         plan: PrunePlan,
     },
+    /// `tollgate discover`: the requests behind Tollgate's marks.
+    StandingRecords {
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -53,6 +58,7 @@ pub enum AdminResponse {
     Done { message: String },
     Audit { events: Vec<AuditEvent> },
     PrunePlan { plan: PrunePlan },
+    Records { records: Vec<GrantRecord> },
     Error { message: String },
 }
 
@@ -82,6 +88,10 @@ pub async fn handle(service: &Arc<Service>, request: AdminRequest) -> AdminRespo
             .prune_apply(&plan, before)
             .await
             .map(|message| AdminResponse::Done { message }),
+        AdminRequest::StandingRecords { ids } => service
+            .standing_records(&ids)
+            .await
+            .map(|records| AdminResponse::Records { records }),
     };
     result.unwrap_or_else(|message| AdminResponse::Error { message })
 }

@@ -198,6 +198,19 @@ fn default_store_path() -> PathBuf {
 pub struct SlackSection {
     pub api_url: Option<String>,
     pub security_channel: Option<String>,
+    /// Standing-access summary to `security_channel` (spec section 12).
+    #[serde(default)]
+    pub standing_access_digest: Digest,
+}
+
+/// `[slack] standing_access_digest`.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Digest {
+    #[default]
+    Off,
+    /// Mondays 09:00 UTC.
+    Weekly,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -344,6 +357,15 @@ impl Resolver<'_> {
                     "must be an http(s) URL".into(),
                 ));
             }
+        }
+        if file.slack.standing_access_digest == Digest::Weekly
+            && file.slack.security_channel.is_none()
+        {
+            return Err(self.invalid(
+                Section::Table("slack"),
+                "standing_access_digest",
+                "a weekly digest is posted to `security_channel`; set it in [slack]".into(),
+            ));
         }
         if let Some(template) = &file.identity.principal_template {
             if !template.starts_with("arn:") {
@@ -675,6 +697,33 @@ max_duration = "2h"
     fn line_of(text: &str, needle: &str) -> String {
         let n = text.lines().position(|l| l.contains(needle)).unwrap() + 1;
         format!("line {n}")
+    }
+
+    #[test]
+    fn weekly_digest_needs_a_security_channel_and_a_known_value() {
+        let weekly = format!("[slack]\nstanding_access_digest = \"weekly\"\n{MINIMAL}");
+        let err = Config::parse(&weekly, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("standing_access_digest") && err.contains("security_channel"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&line_of(&weekly, "standing_access_digest")),
+            "{err}"
+        );
+        let ok = weekly.replace("[slack]\n", "[slack]\nsecurity_channel = \"C0SEC\"\n");
+        let config = Config::parse(&ok, "t.toml").unwrap();
+        assert_eq!(config.slack.standing_access_digest, Digest::Weekly);
+        let daily = ok.replace("\"weekly\"", "\"daily\"");
+        let err = Config::parse(&daily, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("daily") && err.contains("weekly"), "{err}");
+        assert_eq!(
+            Config::parse(MINIMAL, "t.toml")
+                .unwrap()
+                .slack
+                .standing_access_digest,
+            Digest::Off
+        );
     }
 
     #[test]

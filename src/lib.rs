@@ -11,6 +11,7 @@ pub mod access;
 pub mod admin;
 pub mod clock;
 pub mod config;
+pub mod discover;
 pub mod domain;
 pub mod locks;
 pub mod metrics;

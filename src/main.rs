@@ -44,6 +44,19 @@ enum Cmd {
         #[command(subcommand)]
         action: StoreCmd,
     },
+    /// Standing access: who reaches each cluster without Tollgate. Exit
+    /// status 0 all clusters read, 3 some could not be read, 1 none (or the
+    /// store could not be asked), 2 bad config or arguments.
+    Discover {
+        #[arg(long, default_value = "tollgate.toml")]
+        config: PathBuf,
+        /// Only this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -160,9 +173,10 @@ async fn admin(config: &std::path::Path, request: AdminRequest, json: bool) -> E
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
-        // Only `store prune` asks for a plan, and it reads the answer itself.
-        AdminResponse::PrunePlan { .. } => {
-            eprintln!("error: unexpected prune plan in answer to another command");
+        // Only `discover` and `store prune` ask for these, and they read
+        // the answer themselves.
+        AdminResponse::Records { .. } | AdminResponse::PrunePlan { .. } => {
+            eprintln!("error: unexpected answer from the server");
             ExitCode::FAILURE
         }
     }
@@ -237,6 +251,14 @@ async fn main() -> ExitCode {
             };
             admin(&config, AdminRequest::AuditExport { since }, true).await
         }
+        Cmd::Discover {
+            config,
+            cluster,
+            json,
+        } => match load(&config) {
+            Ok(c) => ExitCode::from(tollgate::discover::run(c, cluster.as_deref(), json).await),
+            Err(code) => code,
+        },
         Cmd::Store {
             action: StoreCmd::Init { config },
         } => match load(&config) {

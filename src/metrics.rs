@@ -23,6 +23,12 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StandingLabel {
+    pub cluster: String,
+    pub level: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<StateLabel, Counter>,
@@ -36,6 +42,7 @@ pub struct Metrics {
     pub slack_api_errors: Family<MethodLabel, Counter>,
     pub http_rejected: Family<ReasonLabel, Counter>,
     pub scheduler_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub standing_access: Family<StandingLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -113,6 +120,12 @@ impl Metrics {
             "How late the scheduler's last pass acted on its earliest due item",
             scheduler_lag_seconds.clone(),
         );
+        let standing_access = Family::<StandingLabel, Gauge>::default();
+        registry.register(
+            "standing_access",
+            "Ways into each cluster that do not go through Tollgate, by level (tollgate discover)",
+            standing_access.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -126,6 +139,7 @@ impl Metrics {
             slack_api_errors,
             http_rejected,
             scheduler_lag_seconds,
+            standing_access,
         }
     }
 

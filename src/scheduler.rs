@@ -88,6 +88,7 @@ pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool
     }
     let mut next_run: Vec<tokio::time::Instant> = vec![tokio::time::Instant::now(); clusters.len()];
     loop {
+        service.spawn_standing_tick();
         let now = tokio::time::Instant::now();
         for (cluster, next) in clusters.iter().zip(next_run.iter_mut()) {
             if *next > now {

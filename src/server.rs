@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::access::kube::KubeClients;
+use crate::access::standing::ClusterReader;
 use crate::access::{access_entry, aws, aws_auth, AccessEngine, AwsClients, DryRun, Engine};
 use crate::admin::{self, AdminRequest, AdminResponse};
 use crate::clock::SystemClock;
@@ -58,6 +59,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
+    let reader = Arc::new(ClusterReader::new(clients.clone(), kube.clone()));
     let engine: Arc<dyn AccessEngine> = if config.dry_run {
         tracing::warn!("dry run: AWS and Kubernetes writes are logged and audited, never made");
         Arc::new(DryRun)
@@ -65,6 +67,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Arc::new(Engine::new(clients, kube, store.clone()))
     };
     let service = Service::new(config.clone(), store.clone(), engine, slack, clock, metrics);
+    service.set_standing_reader(reader);
 
     // Overdue revokes and half-finished grants are driven before the port
     // opens, so a restart never serves with stale access in place.

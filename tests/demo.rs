@@ -56,6 +56,46 @@ access_policy = "AmazonEKSEditPolicy"
 namespaced = true
 "#;
 
+const STANDING_ADMIN: &str = "arn:aws:iam::000000000000:role/platform-admin";
+const STANDING_DEV: &str = "arn:aws:iam::000000000000:role/payments-dev";
+const STANDING_NODE: &str = "arn:aws:iam::000000000000:role/eks-node";
+
+/// Access someone set up by hand, outside Tollgate, for step 11 to find.
+async fn seed_standing_access(ms: &MiniStack) {
+    let entries = [
+        (
+            STANDING_ADMIN,
+            "STANDARD",
+            Some(("AmazonEKSClusterAdminPolicy", None)),
+        ),
+        (
+            STANDING_DEV,
+            "STANDARD",
+            Some(("AmazonEKSEditPolicy", Some("payments"))),
+        ),
+        (STANDING_NODE, "EC2_LINUX", None),
+    ];
+    for (principal, kind, policy) in entries {
+        let path = format!("/clusters/{CLUSTER}/access-entries");
+        let body = serde_json::json!({"principalArn": principal, "type": kind});
+        let (status, json) = ms.eks_json("POST", &path, Some(body)).await;
+        assert_eq!(status, 200, "CreateAccessEntry: {json}");
+        if let Some((policy, namespace)) = policy {
+            let scope = match namespace {
+                Some(ns) => serde_json::json!({"type": "namespace", "namespaces": [ns]}),
+                None => serde_json::json!({"type": "cluster"}),
+            };
+            let body = serde_json::json!({
+                "policyArn": format!("arn:aws:eks::aws:cluster-access-policy/{policy}"),
+                "accessScope": scope,
+            });
+            let path = format!("{path}/{}/access-policies", encode_arn(principal));
+            let (status, json) = ms.eks_json("POST", &path, Some(body)).await;
+            assert_eq!(status, 200, "AssociateAccessPolicy: {json}");
+        }
+    }
+}
+
 /// Prints `text` indented under a step, one line per line.
 fn show(text: &str) {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -136,6 +176,7 @@ async fn demo() {
     step(1, "Starting the stand-ins and the real tollgate binary");
     let ms = MiniStack::start();
     ms.create_cluster(CLUSTER).await;
+    seed_standing_access(&ms).await;
     let slack = SlackStandIn::start(BOT_TOKEN).await;
     slack.add_user(REQUESTER, "alice@example.com", "Europe/Berlin", 3600);
     slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
@@ -153,6 +194,7 @@ async fn demo() {
         tollgate.base
     );
     println!("     EKS: no access entry for {ALICE}");
+    println!("     EKS: access entries made by hand long ago: {STANDING_ADMIN} (cluster admin), {STANDING_DEV} (edit in payments), {STANDING_NODE} (nodes)");
 
     step(2, &format!("alice (U0REQ) types: /access {COMMAND}"));
     let http = reqwest::Client::new();
@@ -360,6 +402,50 @@ async fn demo() {
         "{stdout}"
     );
     assert_eq!(events[4]["details"]["reason"], "expiry", "{stdout}");
+
+    step(
+        11,
+        "Who can still reach prod-cluster without Tollgate? (tollgate discover)",
+    );
+    let config = tollgate.config_path.clone();
+    let env = ms.aws_env();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["discover", "--config"])
+            .arg(&config)
+            .envs(env)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(STANDING_ADMIN) && !stdout.contains(ALICE),
+        "{stdout}"
+    );
+    show(&stdout);
+    let metrics = http
+        .get(format!("{}/metrics", tollgate.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    println!("     The same counts on /metrics, for a dashboard to watch fall:");
+    show(
+        &metrics
+            .lines()
+            .filter(|l| l.starts_with("tollgate_standing_access{"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
 
     println!(
         "\n=== Done in {:.1}s: requested, approved, granted, revoked on time. ===\n",

@@ -13,6 +13,7 @@ pub mod aws_auth;
 pub mod eks_token;
 pub mod kube;
 pub mod session_rbac;
+pub mod standing;
 
 pub use aws::AwsClients;
 

@@ -8,4 +8,5 @@ pub mod form;
 pub mod grant;
 pub mod policy;
 pub mod request;
+pub mod standing;
 pub mod text;

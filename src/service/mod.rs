@@ -23,6 +23,7 @@ mod lifecycle;
 mod modal;
 mod principal;
 mod reconcile;
+pub mod standing;
 
 pub use commands::SlashCommand;
 pub use decide::Decision;
@@ -43,6 +44,8 @@ pub struct Service {
     work: tokio::sync::Semaphore,
     /// This process's name in claims and leases on a shared store.
     replica: String,
+    /// Standing-access discovery: its reader and when it last ran.
+    standing: standing::StandingState,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -123,6 +126,7 @@ impl Service {
             locks: KeyedLocks::default(),
             work: tokio::sync::Semaphore::new(WORK_PERMITS as usize),
             replica: replica_name(),
+            standing: Default::default(),
         })
     }
 

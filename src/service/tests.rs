@@ -147,6 +147,7 @@ fn rig() -> Rig {
         slack: crate::config::SlackSection {
             api_url: None,
             security_channel: Some("C0SECURITY".into()),
+            ..Default::default()
         },
         identity: crate::domain::policy::IdentityPolicy {
             principal_template: Some("arn:aws:iam::{account_id}:role/{email_local}".into()),

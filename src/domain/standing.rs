@@ -1,0 +1,868 @@
+//! Standing access (spec section 12): who can reach a cluster without
+//! Tollgate, at what level. Pure: the adapter reads a cluster into a
+//! [`ClusterReading`], the store names the requests behind Tollgate's marks
+//! ([`GrantRecord`]), and everything from there — what is Tollgate's, what
+//! Kubernetes needs for itself, levels, order, summaries, the weekly digest
+//! text and its week boundary — is decided here.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use time::{Duration, OffsetDateTime, Time, Weekday};
+
+use super::text::escape_slack;
+
+/// How much a standing grant allows, most powerful first (the order of
+/// the listing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Level {
+    ClusterAdmin,
+    Admin,
+    Edit,
+    View,
+    /// Anything else: a custom policy or ClusterRole, Kubernetes groups
+    /// whose rights come from bindings, a node identity. Listed last, not
+    /// because it is harmless but because what it allows is not known here.
+    Custom,
+}
+
+impl Level {
+    pub const ALL: [Level; 5] = [
+        Level::ClusterAdmin,
+        Level::Admin,
+        Level::Edit,
+        Level::View,
+        Level::Custom,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Level::ClusterAdmin => "cluster-admin",
+            Level::Admin => "admin",
+            Level::Edit => "edit",
+            Level::View => "view",
+            Level::Custom => "custom",
+        }
+    }
+}
+
+/// The level of an EKS access policy, by ARN or bare name.
+pub fn policy_level(policy: &str) -> Level {
+    match policy.rsplit('/').next().unwrap_or(policy) {
+        "AmazonEKSClusterAdminPolicy" => Level::ClusterAdmin,
+        "AmazonEKSAdminPolicy" => Level::Admin,
+        "AmazonEKSEditPolicy" => Level::Edit,
+        "AmazonEKSViewPolicy" => Level::View,
+        _ => Level::Custom,
+    }
+}
+
+/// The level of a binding to a ClusterRole: Kubernetes' user-facing roles
+/// by name, anything else custom.
+pub fn cluster_role_level(name: &str) -> Level {
+    match name {
+        "cluster-admin" => Level::ClusterAdmin,
+        "admin" => Level::Admin,
+        "edit" => Level::Edit,
+        "view" => Level::View,
+        _ => Level::Custom,
+    }
+}
+
+/// Kubernetes groups: `system:masters` bypasses RBAC altogether; any other
+/// group's rights come from bindings, so its level is not known here.
+fn groups_level(groups: &[String]) -> Option<Level> {
+    if groups.is_empty() {
+        None
+    } else if groups.iter().any(|g| g == "system:masters") {
+        Some(Level::ClusterAdmin)
+    } else {
+        Some(Level::Custom)
+    }
+}
+
+/// One associated access policy of an entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Association {
+    pub policy: String,
+    /// `cluster`, or `namespace` with `namespaces`.
+    pub scope: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+}
+
+impl Association {
+    fn short(&self) -> String {
+        let name = self.policy.rsplit('/').next().unwrap_or(&self.policy);
+        if self.namespaces.is_empty() {
+            format!("{name}({})", self.scope)
+        } else {
+            format!("{name}({}: {})", self.scope, self.namespaces.join(","))
+        }
+    }
+}
+
+/// An access entry as read, before deciding whose it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEntry {
+    pub principal: String,
+    /// `STANDARD`, `EC2_LINUX`, `FARGATE_LINUX`, …
+    pub kind: String,
+    pub username: Option<String>,
+    pub groups: Vec<String>,
+    pub policies: Vec<Association>,
+    /// The grant named by Tollgate's tags, when it carries them.
+    pub grant_mark: Option<String>,
+}
+
+/// One `mapRoles` / `mapUsers` item of aws-auth.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawMapping {
+    /// `mapRoles` or `mapUsers`.
+    pub list: String,
+    pub arn: String,
+    pub username: Option<String>,
+    pub groups: Vec<String>,
+}
+
+/// A ClusterRoleBinding (`namespace` None) or RoleBinding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawBinding {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// `ClusterRole` or `Role`.
+    pub role_kind: String,
+    pub role_name: String,
+    /// (kind, name): `User`, `Group`, `ServiceAccount`.
+    pub subjects: Vec<(String, String)>,
+    pub labels: BTreeMap<String, String>,
+    /// The grant named by Tollgate's labels, when it carries them.
+    pub grant_mark: Option<String>,
+}
+
+/// Everything one read of a cluster found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterReading {
+    pub entries: Vec<RawEntry>,
+    pub mappings: Vec<RawMapping>,
+    pub bindings: Vec<RawBinding>,
+}
+
+impl ClusterReading {
+    /// The grant ids Tollgate's marks name, for one store lookup.
+    pub fn marks(&self) -> impl Iterator<Item = &str> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.grant_mark.as_deref())
+            .chain(self.bindings.iter().filter_map(|b| b.grant_mark.as_deref()))
+    }
+}
+
+/// What the store says about one request: enough to tell whether an
+/// object carrying Tollgate's marks is really Tollgate's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct GrantRecord {
+    pub id: String,
+    pub cluster: String,
+    pub principal: String,
+    #[serde(default)]
+    pub k8s_user: Option<String>,
+}
+
+/// What marks an object as Tollgate's.
+#[derive(Clone, Copy, Debug)]
+pub enum Mark<'a> {
+    /// A `tollgate-grant` tag or `tollgate.dev/grant` label naming a grant.
+    Grant(&'a str),
+    /// An aws-auth item's `tollgate:<email>` username (aws-auth items carry
+    /// no grant id).
+    Username(&'a str),
+}
+
+/// IAM compares role ARNs without their path and case-insensitively; a
+/// Kubernetes user name compares as written.
+fn same_principal(a: &str, b: &str) -> bool {
+    let norm = |s: &str| {
+        if s.starts_with("arn:") {
+            crate::access::aws_auth::strip_role_path(s).to_ascii_lowercase()
+        } else {
+            s.to_string()
+        }
+    };
+    norm(a) == norm(b)
+}
+
+/// The one place that decides whether an object in a cluster is
+/// Tollgate's: a mark is not enough (anyone with tagging rights can forge
+/// one, spec 8.7); the store must hold a request for this cluster and this
+/// principal that the mark names. A forged or stale mark leaves the object
+/// listed as standing access.
+pub fn created_by_tollgate(
+    records: &[GrantRecord],
+    cluster: &str,
+    principal: &str,
+    mark: Mark<'_>,
+) -> bool {
+    records.iter().any(|r| {
+        r.cluster == cluster
+            && match mark {
+                Mark::Grant(id) => {
+                    r.id == id
+                        && (same_principal(&r.principal, principal)
+                            || r.k8s_user.as_deref() == Some(principal))
+                }
+                Mark::Username(user) => {
+                    r.k8s_user.as_deref() == Some(user) && same_principal(&r.principal, principal)
+                }
+            }
+    })
+}
+
+/// Node identities in aws-auth: a `system:node:` username with no group
+/// beyond what nodes need. A "node" mapping that also grants, say,
+/// `system:masters` is listed.
+fn is_node_mapping(m: &RawMapping) -> bool {
+    const NODE_GROUPS: [&str; 3] = [
+        "system:bootstrappers",
+        "system:nodes",
+        "system:node-proxier",
+    ];
+    m.username
+        .as_deref()
+        .is_some_and(|u| u.starts_with("system:node:"))
+        && m.groups.iter().all(|g| NODE_GROUPS.contains(&g.as_str()))
+}
+
+/// A `system:` subject of a binding Kubernetes or EKS set up for itself
+/// (labelled `kubernetes.io/bootstrapping=rbac-defaults`, or named
+/// `system:…` / `eks:…`). The same subject in a binding someone else made
+/// (cluster-admin for `system:authenticated`, say) is listed.
+fn is_platform_subject(b: &RawBinding, subject: &str) -> bool {
+    subject.starts_with("system:")
+        && (b
+            .labels
+            .get("kubernetes.io/bootstrapping")
+            .map(String::as_str)
+            == Some("rbac-defaults")
+            || b.name.starts_with("system:")
+            || b.name.starts_with("eks:"))
+}
+
+/// One way into a cluster that does not go through Tollgate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StandingGrant {
+    pub cluster: String,
+    pub level: Level,
+    /// `access-entry`, `aws-auth`, `ClusterRoleBinding` or `RoleBinding`.
+    pub source: &'static str,
+    /// IAM principal ARN, or the Kubernetes user or group name.
+    pub principal: String,
+    /// Entry type (`STANDARD`, `EC2_LINUX`, …), aws-auth list (`mapRoles`,
+    /// `mapUsers`), or subject kind (`User`, `Group`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub username: Option<String>,
+    pub groups: Vec<String>,
+    pub policies: Vec<Association>,
+    pub binding: Option<String>,
+    pub namespace: Option<String>,
+    pub cluster_role: Option<String>,
+}
+
+impl StandingGrant {
+    /// One line of `tollgate discover`, the principal padded to
+    /// `principal_width` so the details line up.
+    pub fn text_line(&self, principal_width: usize) -> String {
+        let mut details = vec![format!("type={}", self.kind)];
+        if let Some(u) = &self.username {
+            details.push(format!("username={u}"));
+        }
+        if !self.groups.is_empty() {
+            details.push(format!("groups={}", self.groups.join(",")));
+        }
+        if !self.policies.is_empty() {
+            let p: Vec<String> = self.policies.iter().map(Association::short).collect();
+            details.push(format!("policies={}", p.join(",")));
+        }
+        if let Some(b) = &self.binding {
+            match &self.namespace {
+                Some(ns) => details.push(format!("binding={ns}/{b}")),
+                None => details.push(format!("binding={b}")),
+            }
+        }
+        if let Some(r) = &self.cluster_role {
+            details.push(format!("clusterrole={r}"));
+        }
+        format!(
+            "{:<13} {:<16} {:<18} {:<principal_width$}  {}",
+            self.level.label(),
+            self.cluster,
+            self.source,
+            self.principal,
+            details.join(" ")
+        )
+    }
+}
+
+/// The standing grants of one cluster reading, Tollgate's own and the
+/// platform's left out, sorted by level.
+pub fn classify(
+    cluster: &str,
+    reading: &ClusterReading,
+    records: &[GrantRecord],
+) -> Vec<StandingGrant> {
+    let mut out = Vec::new();
+    for e in &reading.entries {
+        if let Some(id) = &e.grant_mark {
+            if created_by_tollgate(records, cluster, &e.principal, Mark::Grant(id)) {
+                continue;
+            }
+        }
+        let level = e
+            .policies
+            .iter()
+            .map(|p| policy_level(&p.policy))
+            .chain(groups_level(&e.groups))
+            .min()
+            .unwrap_or(Level::Custom);
+        out.push(StandingGrant {
+            cluster: cluster.to_string(),
+            level,
+            source: "access-entry",
+            principal: e.principal.clone(),
+            kind: e.kind.clone(),
+            username: e.username.clone(),
+            groups: e.groups.clone(),
+            policies: e.policies.clone(),
+            binding: None,
+            namespace: None,
+            cluster_role: None,
+        });
+    }
+    for m in &reading.mappings {
+        if is_node_mapping(m) {
+            continue;
+        }
+        if let Some(user) = m.username.as_deref() {
+            if crate::access::aws_auth::is_grant_username(user)
+                && created_by_tollgate(records, cluster, &m.arn, Mark::Username(user))
+            {
+                continue;
+            }
+        }
+        out.push(StandingGrant {
+            cluster: cluster.to_string(),
+            level: groups_level(&m.groups).unwrap_or(Level::Custom),
+            source: "aws-auth",
+            principal: m.arn.clone(),
+            kind: m.list.clone(),
+            username: m.username.clone(),
+            groups: m.groups.clone(),
+            policies: Vec::new(),
+            binding: None,
+            namespace: None,
+            cluster_role: None,
+        });
+    }
+    for b in &reading.bindings {
+        if b.role_kind != "ClusterRole" {
+            continue;
+        }
+        for (kind, name) in &b.subjects {
+            if !matches!(kind.as_str(), "User" | "Group") || is_platform_subject(b, name) {
+                continue;
+            }
+            if let Some(id) = &b.grant_mark {
+                if created_by_tollgate(records, cluster, name, Mark::Grant(id)) {
+                    continue;
+                }
+            }
+            out.push(StandingGrant {
+                cluster: cluster.to_string(),
+                level: cluster_role_level(&b.role_name),
+                source: if b.namespace.is_some() {
+                    "RoleBinding"
+                } else {
+                    "ClusterRoleBinding"
+                },
+                principal: name.clone(),
+                kind: kind.clone(),
+                username: None,
+                groups: Vec::new(),
+                policies: Vec::new(),
+                binding: Some(b.name.clone()),
+                namespace: b.namespace.clone(),
+                cluster_role: Some(b.role_name.clone()),
+            });
+        }
+    }
+    sort(&mut out);
+    out
+}
+
+/// By level (most powerful first), then cluster, source, principal.
+pub fn sort(grants: &mut [StandingGrant]) {
+    grants.sort_by(|a, b| {
+        (
+            a.level,
+            &a.cluster,
+            a.source,
+            &a.principal,
+            &a.namespace,
+            &a.binding,
+        )
+            .cmp(&(
+                b.level,
+                &b.cluster,
+                b.source,
+                &b.principal,
+                &b.namespace,
+                &b.binding,
+            ))
+    });
+}
+
+/// Standing grants per level, every level present (zeros included, so a
+/// gauge falls to 0 rather than keeping its last value).
+pub fn summary(grants: &[StandingGrant]) -> BTreeMap<Level, u64> {
+    let mut out: BTreeMap<Level, u64> = Level::ALL.iter().map(|l| (*l, 0)).collect();
+    for g in grants {
+        *out.entry(g.level).or_default() += 1;
+    }
+    out
+}
+
+/// What discovery found on one cluster: its standing grants, or why it
+/// could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterStanding {
+    pub cluster: String,
+    pub result: Result<Vec<StandingGrant>, String>,
+}
+
+/// `prod-cluster: 3 standing (cluster-admin 1, admin 0, edit 1, view 0, custom 1)`
+pub fn summary_line(c: &ClusterStanding) -> String {
+    match &c.result {
+        Ok(grants) => {
+            let counts: Vec<String> = summary(grants)
+                .iter()
+                .map(|(l, n)| format!("{} {n}", l.label()))
+                .collect();
+            format!(
+                "{}: {} standing ({})",
+                c.cluster,
+                grants.len(),
+                counts.join(", ")
+            )
+        }
+        Err(e) => format!("{}: cannot be read: {e}", c.cluster),
+    }
+}
+
+/// The JSON object of a cluster's summary line (`--json`).
+pub fn summary_json(c: &ClusterStanding) -> serde_json::Value {
+    match &c.result {
+        Ok(grants) => {
+            let counts: serde_json::Map<String, serde_json::Value> = summary(grants)
+                .iter()
+                .map(|(l, n)| (l.label().to_string(), (*n).into()))
+                .collect();
+            serde_json::json!({"cluster": c.cluster, "total": grants.len(), "summary": counts})
+        }
+        Err(e) => serde_json::json!({"cluster": c.cluster, "error": e}),
+    }
+}
+
+/// The last Monday 09:00 UTC at or before `now`: the weekly digest's
+/// boundary.
+pub fn week_boundary(now: OffsetDateTime) -> OffsetDateTime {
+    let now = now.to_offset(time::UtcOffset::UTC);
+    let days_since_monday = i64::from(now.weekday().number_days_from_monday());
+    let monday = (now - Duration::days(days_since_monday))
+        .replace_time(Time::from_hms(9, 0, 0).unwrap_or(Time::MIDNIGHT));
+    debug_assert_eq!(monday.weekday(), Weekday::Monday);
+    if monday > now {
+        monday - Duration::weeks(1)
+    } else {
+        monday
+    }
+}
+
+/// The boundary passed in `(previous, now]`, if one was: the digest is
+/// posted once per boundary, by the first pass after it.
+pub fn boundary_crossed(previous: OffsetDateTime, now: OffsetDateTime) -> Option<OffsetDateTime> {
+    let b = week_boundary(now);
+    (previous < b && b <= now).then_some(b)
+}
+
+/// The weekly digest for the security channel; every name escaped.
+pub fn digest_text(clusters: &[ClusterStanding], week_of: OffsetDateTime) -> String {
+    let mut text = format!(
+        "*Standing access* — who can reach each cluster without Tollgate (week of {}):",
+        week_of.date()
+    );
+    for c in clusters {
+        text.push_str("\n• ");
+        text.push_str(&escape_slack(&summary_line(c)));
+    }
+    text.push_str(
+        "\nRun `tollgate discover` for the list; move each standing admin to a Tollgate role.",
+    );
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn entry(principal: &str, kind: &str, policies: &[(&str, &[&str])]) -> RawEntry {
+        RawEntry {
+            principal: principal.into(),
+            kind: kind.into(),
+            username: None,
+            groups: Vec::new(),
+            policies: policies
+                .iter()
+                .map(|(p, ns)| Association {
+                    policy: format!("arn:aws:eks::aws:cluster-access-policy/{p}"),
+                    scope: if ns.is_empty() {
+                        "cluster"
+                    } else {
+                        "namespace"
+                    }
+                    .into(),
+                    namespaces: ns.iter().map(|s| s.to_string()).collect(),
+                })
+                .collect(),
+            grant_mark: None,
+        }
+    }
+
+    fn binding(name: &str, ns: Option<&str>, role: &str, subjects: &[(&str, &str)]) -> RawBinding {
+        RawBinding {
+            name: name.into(),
+            namespace: ns.map(str::to_string),
+            role_kind: "ClusterRole".into(),
+            role_name: role.into(),
+            subjects: subjects
+                .iter()
+                .map(|(k, n)| (k.to_string(), n.to_string()))
+                .collect(),
+            labels: BTreeMap::new(),
+            grant_mark: None,
+        }
+    }
+
+    fn record(id: &str, cluster: &str, principal: &str, user: Option<&str>) -> GrantRecord {
+        GrantRecord {
+            id: id.into(),
+            cluster: cluster.into(),
+            principal: principal.into(),
+            k8s_user: user.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn levels_follow_policies_roles_and_masters() {
+        assert_eq!(
+            policy_level("AmazonEKSClusterAdminPolicy"),
+            Level::ClusterAdmin
+        );
+        assert_eq!(
+            policy_level("arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy"),
+            Level::Edit
+        );
+        assert_eq!(
+            policy_level("arn:aws:eks::aws:cluster-access-policy/AmazonEKSAdminViewPolicy"),
+            Level::Custom
+        );
+        assert_eq!(cluster_role_level("view"), Level::View);
+        assert_eq!(cluster_role_level("cluster-admin"), Level::ClusterAdmin);
+        assert_eq!(cluster_role_level("my-ops"), Level::Custom);
+        let mut e = entry(
+            "arn:aws:iam::1:role/x",
+            "STANDARD",
+            &[("AmazonEKSViewPolicy", &[])],
+        );
+        e.groups = vec!["system:masters".into()];
+        let out = classify(
+            "c",
+            &ClusterReading {
+                entries: vec![e],
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            out[0].level,
+            Level::ClusterAdmin,
+            "system:masters outranks view"
+        );
+    }
+
+    #[test]
+    fn lists_every_entry_but_tollgates_own_sorted_by_level() {
+        let mut tollgate = entry(
+            "arn:aws:iam::1:role/alice",
+            "STANDARD",
+            &[("AmazonEKSViewPolicy", &[])],
+        );
+        tollgate.grant_mark = Some("R-AAAAA".into());
+        let reading = ClusterReading {
+            entries: vec![
+                entry("arn:aws:iam::1:role/node", "EC2_LINUX", &[]),
+                entry(
+                    "arn:aws:iam::1:role/dev",
+                    "STANDARD",
+                    &[("AmazonEKSEditPolicy", &["payments"])],
+                ),
+                entry(
+                    "arn:aws:iam::1:role/admin",
+                    "STANDARD",
+                    &[("AmazonEKSClusterAdminPolicy", &[])],
+                ),
+                tollgate,
+            ],
+            ..Default::default()
+        };
+        let records = [record("R-AAAAA", "prod", "arn:aws:iam::1:role/alice", None)];
+        let out = classify("prod", &reading, &records);
+        let got: Vec<(&str, Level)> = out
+            .iter()
+            .map(|g| (g.principal.as_str(), g.level))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("arn:aws:iam::1:role/admin", Level::ClusterAdmin),
+                ("arn:aws:iam::1:role/dev", Level::Edit),
+                ("arn:aws:iam::1:role/node", Level::Custom),
+            ]
+        );
+        assert!(
+            out[1]
+                .text_line(0)
+                .contains("AmazonEKSEditPolicy(namespace: payments)"),
+            "{}",
+            out[1].text_line(0)
+        );
+        let s = summary(&out);
+        assert_eq!(
+            (
+                s[&Level::ClusterAdmin],
+                s[&Level::Edit],
+                s[&Level::Custom],
+                s[&Level::View]
+            ),
+            (1, 1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn a_forged_mark_does_not_hide_access() {
+        // Tagged as Tollgate's, but the store's request is for someone
+        // else, on another cluster, or does not exist.
+        let mut forged = entry(
+            "arn:aws:iam::1:role/mallory",
+            "STANDARD",
+            &[("AmazonEKSClusterAdminPolicy", &[])],
+        );
+        forged.grant_mark = Some("R-AAAAA".into());
+        let reading = ClusterReading {
+            entries: vec![forged],
+            ..Default::default()
+        };
+        for records in [
+            vec![],
+            vec![record("R-AAAAA", "prod", "arn:aws:iam::1:role/alice", None)],
+            vec![record(
+                "R-AAAAA",
+                "staging",
+                "arn:aws:iam::1:role/mallory",
+                None,
+            )],
+        ] {
+            let out = classify("prod", &reading, &records);
+            assert_eq!(out.len(), 1, "{records:?}");
+            assert_eq!(out[0].level, Level::ClusterAdmin);
+        }
+    }
+
+    #[test]
+    fn kubernetes_platform_subjects_and_tollgate_bindings_are_left_out() {
+        let mut defaults = binding(
+            "cluster-admin",
+            None,
+            "cluster-admin",
+            &[("Group", "system:masters")],
+        );
+        defaults
+            .labels
+            .insert("kubernetes.io/bootstrapping".into(), "rbac-defaults".into());
+        let mut ours = binding(
+            "tollgate-r-bbbbb",
+            Some("payments"),
+            "edit",
+            &[("User", "tollgate:bob@example.com")],
+        );
+        ours.grant_mark = Some("R-BBBBB".into());
+        let mut forged = binding(
+            "tollgate-r-ccccc",
+            None,
+            "cluster-admin",
+            &[("User", "mallory")],
+        );
+        forged.grant_mark = Some("R-CCCCC".into());
+        let reading = ClusterReading {
+            bindings: vec![
+                defaults,
+                binding(
+                    "system:node-proxier",
+                    None,
+                    "system:node-proxier",
+                    &[("User", "system:kube-proxy")],
+                ),
+                binding(
+                    "ops-admins",
+                    None,
+                    "cluster-admin",
+                    &[("Group", "ops"), ("ServiceAccount", "ci")],
+                ),
+                binding("carol-view", None, "view", &[("User", "carol")]),
+                binding(
+                    "everyone-admin",
+                    None,
+                    "cluster-admin",
+                    &[("Group", "system:authenticated")],
+                ),
+                ours,
+                forged,
+                RawBinding {
+                    role_kind: "Role".into(),
+                    ..binding("ns-role", Some("a"), "x", &[("User", "dave")])
+                },
+            ],
+            mappings: vec![
+                RawMapping {
+                    list: "mapRoles".into(),
+                    arn: "arn:aws:iam::1:role/node".into(),
+                    username: Some("system:node:{{EC2PrivateDNSName}}".into()),
+                    groups: vec!["system:bootstrappers".into(), "system:nodes".into()],
+                },
+                RawMapping {
+                    list: "mapRoles".into(),
+                    arn: "arn:aws:iam::1:role/node-or-not".into(),
+                    username: Some("system:node:{{EC2PrivateDNSName}}".into()),
+                    groups: vec!["system:nodes".into(), "system:masters".into()],
+                },
+                RawMapping {
+                    list: "mapRoles".into(),
+                    arn: "arn:aws:iam::1:role/Admin".into(),
+                    username: Some("admin".into()),
+                    groups: vec!["system:masters".into()],
+                },
+                RawMapping {
+                    list: "mapRoles".into(),
+                    arn: "arn:aws:iam::1:role/erin".into(),
+                    username: Some("tollgate:erin@example.com".into()),
+                    groups: vec!["tollgate-debug".into()],
+                },
+            ],
+            ..Default::default()
+        };
+        let records = [
+            record(
+                "R-BBBBB",
+                "dev",
+                "tollgate:bob@example.com",
+                Some("tollgate:bob@example.com"),
+            ),
+            record(
+                "R-DDDDD",
+                "dev",
+                "arn:aws:iam::1:role/sso/erin",
+                Some("tollgate:erin@example.com"),
+            ),
+        ];
+        let out = classify("dev", &reading, &records);
+        let got: Vec<(&str, &str, Level)> = out
+            .iter()
+            .map(|g| (g.source, g.principal.as_str(), g.level))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ClusterRoleBinding", "mallory", Level::ClusterAdmin),
+                ("ClusterRoleBinding", "ops", Level::ClusterAdmin),
+                (
+                    "ClusterRoleBinding",
+                    "system:authenticated",
+                    Level::ClusterAdmin
+                ),
+                ("aws-auth", "arn:aws:iam::1:role/Admin", Level::ClusterAdmin),
+                (
+                    "aws-auth",
+                    "arn:aws:iam::1:role/node-or-not",
+                    Level::ClusterAdmin
+                ),
+                ("ClusterRoleBinding", "carol", Level::View),
+            ]
+        );
+    }
+
+    #[test]
+    fn week_boundary_is_monday_nine_utc() {
+        assert_eq!(
+            week_boundary(datetime!(2026-11-23 09:00 UTC)),
+            datetime!(2026-11-23 09:00 UTC)
+        );
+        assert_eq!(
+            week_boundary(datetime!(2026-11-23 08:59 UTC)),
+            datetime!(2026-11-16 09:00 UTC)
+        );
+        assert_eq!(
+            week_boundary(datetime!(2026-11-29 23:00 UTC)),
+            datetime!(2026-11-23 09:00 UTC)
+        );
+        assert_eq!(
+            week_boundary(datetime!(2026-11-24 01:00 +02:00)),
+            datetime!(2026-11-23 09:00 UTC)
+        );
+        assert_eq!(
+            boundary_crossed(
+                datetime!(2026-11-23 08:55 UTC),
+                datetime!(2026-11-23 09:00 UTC)
+            ),
+            Some(datetime!(2026-11-23 09:00 UTC))
+        );
+        assert_eq!(
+            boundary_crossed(
+                datetime!(2026-11-23 09:00 UTC),
+                datetime!(2026-11-23 09:05 UTC)
+            ),
+            None
+        );
+        assert_eq!(
+            boundary_crossed(
+                datetime!(2026-11-25 10:00 UTC),
+                datetime!(2026-11-26 10:00 UTC)
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn digest_escapes_names() {
+        let c = ClusterStanding {
+            cluster: "<!channel>".into(),
+            result: Err("x <https://evil|y>".into()),
+        };
+        let text = digest_text(&[c], datetime!(2026-11-23 09:00 UTC));
+        assert!(
+            !text.contains("<!channel>") && !text.contains("<https"),
+            "{text}"
+        );
+        assert!(text.contains("&lt;!channel&gt;"), "{text}");
+    }
+}

@@ -17,8 +17,9 @@ use support::ministack::{encode_arn, MiniStack};
 use tollgate::access::access_entry::AccessEntryStrategy;
 use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce};
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
-use tollgate::domain::request::AccessSpec;
-use tollgate::store::SledStore;
+use tollgate::domain::grant::intents_for;
+use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
+use tollgate::store::{SledStore, Store};
 
 const EDIT: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy";
 const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
@@ -33,7 +34,33 @@ struct Harness {
     ms: MiniStack,
     cluster: ClusterPolicy,
     engine: AccessEntryStrategy,
+    store: Arc<SledStore>,
     _store_dir: TempDir,
+}
+
+/// A row for grant `id`, with what granting it will create recorded, as
+/// the grant step writes it before any create call.
+fn recorded_row(id: &str, spec: &AccessSpec) -> Request {
+    let mut row = Request::pending(
+        Asked {
+            id: RequestId::parse(id).expect("a request id"),
+            requester: Requester {
+                user_id: "U0ALICE".into(),
+                email: "alice@example.com".into(),
+                tz: None,
+                tz_offset_secs: 0,
+            },
+            access: spec.clone(),
+            reason: String::new(),
+            duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(600),
+            required_approvals: 1,
+            response_url: None,
+        },
+        time::OffsetDateTime::now_utc(),
+    );
+    row.intents = intents_for(Strategy::AccessEntry, id, spec);
+    row
 }
 
 impl Harness {
@@ -59,13 +86,26 @@ impl Harness {
             .load()
             .await;
         let store_dir = tempfile::tempdir().expect("temp dir for the store");
-        let store = SledStore::open(store_dir.path()).expect("opening the sled store");
-        let engine = AccessEntryStrategy::new(Arc::new(AwsClients::new(sdk)), Arc::new(store));
+        let store = Arc::new(SledStore::open(store_dir.path()).expect("opening the sled store"));
+        let engine = AccessEntryStrategy::new(Arc::new(AwsClients::new(sdk)), store.clone());
         Harness {
             ms,
             cluster: cluster_policy(name),
             engine,
+            store,
             _store_dir: store_dir,
+        }
+    }
+
+    /// Records grant `id` in the store as the grant step does before its
+    /// first create call (once).
+    async fn record(&self, id: &str, spec: &AccessSpec) {
+        let rid = RequestId::parse(id).expect("a request id");
+        if self.store.get(&rid).await.unwrap().is_none() {
+            self.store
+                .create(&recorded_row(id, spec), Vec::new())
+                .await
+                .unwrap();
         }
     }
 
@@ -80,6 +120,9 @@ impl Harness {
                 expires_at: None,
             })
             .collect();
+        for (id, spec) in grants {
+            self.record(id, spec).await;
+        }
         let creator = grants.first().map_or("none", |(id, _)| id);
         self.engine
             .converge(&self.cluster, ALICE, &in_force, creator)
@@ -196,6 +239,7 @@ fn spec(policy: &str, ns: &[&str]) -> AccessSpec {
         cluster_role: None,
         groups: vec![],
         k8s_user: None,
+        strategy: None,
     }
 }
 
@@ -219,18 +263,18 @@ async fn grant_is_idempotent_and_revoke_removes_what_tollgate_created() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &[]);
 
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     let entry = h.entry().await.expect("entry created by the grant");
     assert_eq!(
         entry["tags"],
-        json!({"managed-by": "tollgate", "tollgate-grant": "req-1"}),
+        json!({"managed-by": "tollgate", "tollgate-grant": "R-00001", "tollgate-instance": "tollgate"}),
         "{entry}"
     );
     assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
 
     // Same grants again: the very same entry (its ARN carries a fresh uuid
     // on every create) with the same association.
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     let again = h.entry().await.expect("entry kept by a repeated converge");
     assert_eq!(again["accessEntryArn"], entry["accessEntryArn"]);
     assert_eq!(again["tags"], entry["tags"]);
@@ -252,7 +296,7 @@ async fn grant_is_idempotent_and_revoke_removes_what_tollgate_created() {
 async fn namespaced_grant_is_associated_with_exactly_those_namespaces() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &["payments", "web"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(
         h.associations().await,
         only(EDIT, namespaces(&["payments", "web"]))
@@ -267,7 +311,7 @@ async fn preexisting_entry_and_other_policies_are_left_alone() {
     let before = h.entry().await.unwrap();
 
     let edit = spec(EDIT, &["a"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(
         h.associations().await,
         BTreeMap::from([
@@ -291,7 +335,7 @@ async fn preexisting_entry_and_other_policies_are_left_alone() {
 async fn tollgate_entry_stays_while_someone_else_uses_it() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &[]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(h.entry().await.unwrap()["tags"]["managed-by"], "tollgate");
 
     h.associate_behind_tollgate(VIEW, &[]).await;
@@ -309,13 +353,13 @@ async fn overlapping_namespaced_grants_are_unioned_and_shrink_as_they_end() {
     let a = spec(EDIT, &["a"]);
     let b = spec(EDIT, &["b"]);
 
-    h.converge_ok(&[("req-a", &a)]).await;
+    h.converge_ok(&[("R-0000A", &a)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["a"])));
 
-    h.converge_ok(&[("req-a", &a), ("req-b", &b)]).await;
+    h.converge_ok(&[("R-0000A", &a), ("R-0000B", &b)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "b"])));
 
-    h.converge_ok(&[("req-b", &b)]).await;
+    h.converge_ok(&[("R-0000B", &b)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["b"])));
 
     h.converge_ok(&[]).await;
@@ -329,11 +373,11 @@ async fn overlapping_cluster_grants_keep_the_policy_until_the_last_ends() {
     let first = spec(VIEW, &[]);
     let second = spec(VIEW, &[]);
 
-    h.converge_ok(&[("req-1", &first), ("req-2", &second)])
+    h.converge_ok(&[("R-00001", &first), ("R-00002", &second)])
         .await;
     assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
 
-    h.converge_ok(&[("req-2", &second)]).await;
+    h.converge_ok(&[("R-00002", &second)]).await;
     assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
 
     h.converge_ok(&[]).await;
@@ -348,7 +392,7 @@ async fn preexisting_namespaced_association_is_widened_then_restored() {
     h.associate_behind_tollgate(EDIT, &["x"]).await;
 
     let edit = spec(EDIT, &["a"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "x"])));
 
     h.converge_ok(&[]).await;
@@ -363,7 +407,7 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
     h.associate_behind_tollgate(EDIT, &[]).await;
 
     let edit = spec(EDIT, &["a"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
 
     h.converge_ok(&[]).await;
@@ -375,7 +419,7 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
 async fn missing_cluster_is_an_error_for_grant_and_revoke_alike() {
     let h = Harness::without_cluster("no-such-cluster").await;
     let edit = spec(EDIT, &[]);
-    for grants in [vec![("req-1", &edit)], vec![]] {
+    for grants in [vec![("R-00001", &edit)], vec![]] {
         let err = h
             .converge(&grants)
             .await
@@ -406,7 +450,7 @@ async fn missing_cluster_is_an_error_for_grant_and_revoke_alike() {
 async fn tollgate_entry_stays_while_someone_maps_groups_onto_it() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &[]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     let (status, body) =
         h.ms.eks_json(
             "POST",

@@ -16,7 +16,9 @@ use tollgate::access::session_rbac::SessionRbacStrategy;
 use tollgate::access::{AccessEngine, AccessError, InForce};
 use tollgate::clock::Clock;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
-use tollgate::domain::request::AccessSpec;
+use tollgate::domain::grant::intents_for;
+use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
+use tollgate::store::{SledStore, Store};
 
 const USER: &str = "tollgate:alice@example.com";
 const SSO_ROLE: &str = "arn:aws:iam::123456789012:role/aws-reserved/sso.amazonaws.com/eu-west-1/AWSReservedSSO_Dev_abc";
@@ -37,7 +39,33 @@ struct Rig {
     cluster: ClusterPolicy,
     rbac: SessionRbacStrategy,
     aws_auth: AwsAuthStrategy,
+    store: Arc<SledStore>,
     _dir: tempfile::TempDir,
+}
+
+/// A row for grant `id` with what granting it creates recorded, as the
+/// grant step writes it before any create call.
+fn recorded_row(id: &str, spec: &AccessSpec, strategy: Strategy) -> Request {
+    let mut row = Request::pending(
+        Asked {
+            id: RequestId::parse(id).expect("a request id"),
+            requester: Requester {
+                user_id: "U0ALICE".into(),
+                email: "alice@example.com".into(),
+                tz: None,
+                tz_offset_secs: 0,
+            },
+            access: spec.clone(),
+            reason: String::new(),
+            duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(600),
+            required_approvals: 1,
+            response_url: None,
+        },
+        OffsetDateTime::now_utc(),
+    );
+    row.intents = intents_for(strategy, id, spec);
+    row
 }
 
 async fn rig(strategy: Strategy) -> Rig {
@@ -75,8 +103,10 @@ async fn rig(strategy: Strategy) -> Rig {
         break_glass: None,
         reconcile_interval: Duration::from_secs(300),
     };
+    let store = Arc::new(SledStore::open(&dir.path().join("store")).expect("sled store"));
     Rig {
-        rbac: SessionRbacStrategy::new(clients.clone()),
+        rbac: SessionRbacStrategy::new(clients.clone(), store.clone()),
+        store,
         aws_auth: AwsAuthStrategy::new(clients),
         kube,
         clock,
@@ -95,6 +125,7 @@ fn rbac_spec(role: &str, ns: &[&str]) -> AccessSpec {
         cluster_role: Some(role.into()),
         groups: vec![],
         k8s_user: Some(USER.into()),
+        strategy: None,
     }
 }
 
@@ -108,6 +139,7 @@ fn auth_spec(principal: &str, groups: &[&str]) -> AccessSpec {
         cluster_role: None,
         groups: groups.iter().map(|s| s.to_string()).collect(),
         k8s_user: Some(USER.into()),
+        strategy: None,
     }
 }
 
@@ -137,6 +169,9 @@ impl Rig {
                 expires_at: Some(expires),
             })
             .collect();
+        for (id, spec) in grants {
+            self.record(id, spec, Strategy::SessionRbac).await;
+        }
         self.rbac
             .converge(&self.cluster, USER, &in_force, "none")
             .await
@@ -158,6 +193,17 @@ impl Rig {
         self.aws_auth
             .converge(&self.cluster, principal, &in_force, "none")
             .await
+    }
+
+    /// Records grant `id` in the store (once), as the grant step does.
+    async fn record(&self, id: &str, spec: &AccessSpec, strategy: Strategy) {
+        let rid = RequestId::parse(id).expect("a request id");
+        if self.store.get(&rid).await.unwrap().is_none() {
+            self.store
+                .create(&recorded_row(id, spec, strategy), Vec::new())
+                .await
+                .unwrap();
+        }
     }
 
     fn map_roles(&self) -> Vec<Value> {

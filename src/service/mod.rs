@@ -42,6 +42,9 @@ pub struct Service {
     work: tokio::sync::Semaphore,
     /// This process's name in claims and leases on a shared store.
     replica: String,
+    /// Per cluster, the marked objects the last reconcile pass found that
+    /// the store did not create: each is audited when first seen.
+    foreign: std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -122,6 +125,7 @@ impl Service {
             locks: KeyedLocks::default(),
             work: tokio::sync::Semaphore::new(WORK_PERMITS as usize),
             replica: replica_name(),
+            foreign: Default::default(),
         })
     }
 

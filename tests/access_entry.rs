@@ -487,3 +487,143 @@ async fn owned_lists_only_what_carries_tollgate_tags() {
     assert_eq!(owned[0].principal, ALICE);
     assert_eq!(owned[0].grant_id.as_deref(), Some("R-AAAAA"));
 }
+
+/// Creates an entry by hand with whatever `extra` says (type, tags, groups).
+async fn put_entry(h: &Harness, principal: &str, extra: Value) {
+    let mut body = json!({"principalArn": principal, "type": "STANDARD"});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    let (status, json) =
+        h.ms.eks_json("POST", "/clusters/dev/access-entries", Some(body))
+            .await;
+    assert_eq!(status, 200, "{json}");
+}
+
+async fn exists(h: &Harness, principal: &str) -> bool {
+    let path = format!("/clusters/dev/access-entries/{}", encode_arn(principal));
+    h.ms.eks_json("GET", &path, None).await.0 == 200
+}
+
+#[tokio::test]
+async fn only_plain_entries_the_store_created_are_ever_deleted() {
+    let h = Harness::new().await;
+    let marks = |grant: &str| json!({"managed-by": "tollgate", "tollgate-grant": grant, "tollgate-instance": "tollgate"});
+    let node = "arn:aws:iam::000000000000:role/eks-node";
+    let masters = "arn:aws:iam::000000000000:role/masters";
+    let admins = "arn:aws:iam::000000000000:role/admins";
+    let ghost = "arn:aws:iam::000000000000:role/ghost";
+    // Even with the store knowing the grant each tag names (the strongest
+    // forgery: a real grant id of that principal), an entry of another
+    // type, with groups, or with an association Tollgate did not make is
+    // never deleted.
+    for (principal, grant) in [(node, "R-00001"), (masters, "R-00002"), (admins, "R-00003")] {
+        let mut s = spec(VIEW, &[]);
+        s.principal = principal.to_string();
+        h.record(grant, &s).await;
+    }
+    put_entry(&h, node, json!({"type": "EC2_LINUX", "tags": marks("R-00001")})).await;
+    put_entry(
+        &h,
+        masters,
+        json!({"kubernetesGroups": ["system:masters"], "tags": marks("R-00002")}),
+    )
+    .await;
+    put_entry(&h, admins, json!({"tags": marks("R-00003")})).await;
+    let path = format!("/clusters/dev/access-entries/{}/access-policies", encode_arn(admins));
+    let admin_policy = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy";
+    let (status, body) =
+        h.ms.eks_json(
+            "POST",
+            &path,
+            Some(json!({"policyArn": admin_policy, "accessScope": {"type": "cluster"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // And a plain entry whose tag names a grant the store never issued.
+    put_entry(&h, ghost, json!({"tags": marks("R-GH0ST")})).await;
+
+    for principal in [node, masters, admins, ghost] {
+        for _ in 0..2 {
+            h.engine
+                .converge(&h.cluster, principal, &[], "none")
+                .await
+                .unwrap();
+        }
+        assert!(exists(&h, principal).await, "{principal} was deleted");
+    }
+    let (_, body) = h.ms.eks_json("GET", &path, None).await;
+    assert_eq!(
+        body["associatedAccessPolicies"][0]["policyArn"], admin_policy,
+        "an association Tollgate did not make is never disassociated"
+    );
+}
+
+#[tokio::test]
+async fn another_installations_entries_are_not_listed() {
+    let h = Harness::new().await;
+    let blue = "arn:aws:iam::000000000000:role/blue";
+    let legacy = "arn:aws:iam::000000000000:role/legacy";
+    put_entry(
+        &h,
+        blue,
+        json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-00001", "tollgate-instance": "blue"}}),
+    )
+    .await;
+    put_entry(
+        &h,
+        legacy,
+        json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-00002"}}),
+    )
+    .await;
+    let owned = h.engine.owned(&h.cluster).await.unwrap();
+    let principals: Vec<&str> = owned.iter().map(|o| o.principal.as_str()).collect();
+    assert_eq!(principals, vec![legacy], "{owned:?}");
+    assert_eq!(owned[0].instance, None);
+
+    // What this installation creates carries its name.
+    h.converge_ok(&[("R-00003", &spec(VIEW, &[]))]).await;
+    let entry = h.entry().await.expect("ours");
+    assert_eq!(entry["tags"]["tollgate-instance"], "tollgate");
+}
+
+#[tokio::test]
+async fn missing_looks_at_what_each_grant_needs() {
+    let h = Harness::new().await;
+    // Alice's entry existed before Tollgate.
+    put_entry(&h, ALICE, json!({})).await;
+    let view = spec(VIEW, &[]);
+    let edit_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &view), ("R-00002", &edit_a)]).await;
+    let grants = [
+        InForce {
+            grant_id: "R-00001",
+            spec: &view,
+            expires_at: None,
+        },
+        InForce {
+            grant_id: "R-00002",
+            spec: &edit_a,
+            expires_at: None,
+        },
+    ];
+    let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
+    assert!(missing.is_empty(), "in place on a pre-existing entry: {missing:?}");
+
+    // The edit association removed by hand: only that grant is missing.
+    let path = format!(
+        "{}/access-policies/{}",
+        h.entry_path(),
+        encode_arn(EDIT)
+    );
+    let (status, body) = h.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
+    assert_eq!(missing, vec!["R-00002".to_string()]);
+
+    // The entry deleted by hand: both.
+    let (status, body) = h.ms.eks_json("DELETE", &h.entry_path(), None).await;
+    assert_eq!(status, 200, "{body}");
+    let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
+    assert_eq!(missing, vec!["R-00001".to_string(), "R-00002".to_string()]);
+}

@@ -748,12 +748,18 @@ max_duration = "2h"
         assert_eq!(cfg.server.instance, "tollgate");
         for good in ["blue", "prod.eu-1", "a"] {
             let text = format!("[server]\ninstance = \"{good}\"\n{MINIMAL}");
-            assert_eq!(Config::parse(&text, "t.toml").unwrap().server.instance, good);
+            assert_eq!(
+                Config::parse(&text, "t.toml").unwrap().server.instance,
+                good
+            );
         }
         for bad in ["", "-x", "x-", "a b", "a/b", &"x".repeat(64), "tollgate*"] {
             let text = format!("[server]\ninstance = \"{bad}\"\n{MINIMAL}");
             let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
-            assert!(err.contains("instance") && err.contains("line 2"), "{bad}: {err}");
+            assert!(
+                err.contains("instance") && err.contains("line 2"),
+                "{bad}: {err}"
+            );
         }
     }
 

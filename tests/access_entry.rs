@@ -16,8 +16,8 @@ use tempfile::TempDir;
 use support::ministack::{encode_arn, MiniStack};
 use tollgate::access::access_entry::AccessEntryStrategy;
 use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce};
-use tollgate::domain::policy::{ClusterPolicy, Strategy};
 use tollgate::domain::grant::intents_for;
+use tollgate::domain::policy::{ClusterPolicy, Strategy};
 use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
 use tollgate::store::{SledStore, Store};
 
@@ -522,7 +522,12 @@ async fn only_plain_entries_the_store_created_are_ever_deleted() {
         s.principal = principal.to_string();
         h.record(grant, &s).await;
     }
-    put_entry(&h, node, json!({"type": "EC2_LINUX", "tags": marks("R-00001")})).await;
+    put_entry(
+        &h,
+        node,
+        json!({"type": "EC2_LINUX", "tags": marks("R-00001")}),
+    )
+    .await;
     put_entry(
         &h,
         masters,
@@ -530,7 +535,10 @@ async fn only_plain_entries_the_store_created_are_ever_deleted() {
     )
     .await;
     put_entry(&h, admins, json!({"tags": marks("R-00003")})).await;
-    let path = format!("/clusters/dev/access-entries/{}/access-policies", encode_arn(admins));
+    let path = format!(
+        "/clusters/dev/access-entries/{}/access-policies",
+        encode_arn(admins)
+    );
     let admin_policy = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy";
     let (status, body) =
         h.ms.eks_json(
@@ -594,7 +602,8 @@ async fn missing_looks_at_what_each_grant_needs() {
     put_entry(&h, ALICE, json!({})).await;
     let view = spec(VIEW, &[]);
     let edit_a = spec(EDIT, &["a"]);
-    h.converge_ok(&[("R-00001", &view), ("R-00002", &edit_a)]).await;
+    h.converge_ok(&[("R-00001", &view), ("R-00002", &edit_a)])
+        .await;
     let grants = [
         InForce {
             grant_id: "R-00001",
@@ -608,14 +617,13 @@ async fn missing_looks_at_what_each_grant_needs() {
         },
     ];
     let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
-    assert!(missing.is_empty(), "in place on a pre-existing entry: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "in place on a pre-existing entry: {missing:?}"
+    );
 
     // The edit association removed by hand: only that grant is missing.
-    let path = format!(
-        "{}/access-policies/{}",
-        h.entry_path(),
-        encode_arn(EDIT)
-    );
+    let path = format!("{}/access-policies/{}", h.entry_path(), encode_arn(EDIT));
     let (status, body) = h.ms.eks_json("DELETE", &path, None).await;
     assert_eq!(status, 200, "{body}");
     let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();

@@ -850,7 +850,8 @@ async fn kubernetes_strategies_grant_after_approval_and_clean_up_at_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
     let w = World::new().await;
-    let marks = |grant: &str| serde_json::json!({"managed-by": "tollgate", "tollgate-grant": grant});
+    let marks =
+        |grant: &str| serde_json::json!({"managed-by": "tollgate", "tollgate-grant": grant});
     // Each carries Tollgate's tags, as anyone with eks:TagResource can
     // make them: a node role's entry, the platform admins' entries (one
     // with groups, one with an association), and an entry naming a grant
@@ -860,8 +861,11 @@ async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
     let admins = "arn:aws:iam::000000000000:role/platform-admins";
     let ghost = "arn:aws:iam::000000000000:role/ghost";
     let blue = "arn:aws:iam::000000000000:role/blue-grant";
-    w.put_entry(node, serde_json::json!({"type": "EC2_LINUX", "tags": marks("R-N0DE1")}))
-        .await;
+    w.put_entry(
+        node,
+        serde_json::json!({"type": "EC2_LINUX", "tags": marks("R-N0DE1")}),
+    )
+    .await;
     w.put_entry(
         masters,
         serde_json::json!({"kubernetesGroups": ["system:masters"], "tags": marks("R-GR0UP")}),
@@ -916,17 +920,23 @@ async fn drift_is_judged_per_grant_once_and_never_for_access_in_place() {
     let kept = w.request("eks prod-cluster 1m view INC-1").await;
     let ts = w.card(&kept).await;
     w.click(APPROVER, "approve", &kept, &ts).await;
-    wait_until("granted on the existing entry", Duration::from_secs(10), || {
-        w.has_policy(ALICE, VIEW)
-    })
+    wait_until(
+        "granted on the existing entry",
+        Duration::from_secs(10),
+        || w.has_policy(ALICE, VIEW),
+    )
     .await;
 
     let outsider = "arn:aws:iam::000000000000:role/outsider";
-    let unassociated = w.request_as(OUTSIDER, "eks prod-cluster 1m view INC-2").await;
+    let unassociated = w
+        .request_as(OUTSIDER, "eks prod-cluster 1m view INC-2")
+        .await;
     let ts = w.card(&unassociated).await;
     w.click(APPROVER, "approve", &unassociated, &ts).await;
     let oncall = "arn:aws:iam::000000000000:role/u0on1";
-    let deleted = w.request_as(ONCALL[0], "eks prod-cluster 1m view INC-3").await;
+    let deleted = w
+        .request_as(ONCALL[0], "eks prod-cluster 1m view INC-3")
+        .await;
     let ts = w.card(&deleted).await;
     w.click(APPROVER, "approve", &deleted, &ts).await;
     wait_until("both granted", Duration::from_secs(10), || async {
@@ -957,7 +967,11 @@ async fn drift_is_judged_per_grant_once_and_never_for_access_in_place() {
     };
     let audit = w.audit().await;
     assert_eq!(drift_of(&audit, &kept), 0, "access in place is no drift");
-    assert_eq!(drift_of(&audit, &unassociated), 1, "association removed by hand");
+    assert_eq!(
+        drift_of(&audit, &unassociated),
+        1,
+        "association removed by hand"
+    );
     assert_eq!(drift_of(&audit, &deleted), 1, "entry deleted by hand");
     assert!(
         !w.has_policy(outsider, VIEW).await && !w.entry_exists(oncall).await,
@@ -979,7 +993,10 @@ async fn a_strategy_changed_mid_grant_still_revokes_the_stored_way() {
     let id = w.request("eks prod-cluster 6s view INC-1").await;
     let ts = w.card(&id).await;
     w.click(APPROVER, "approve", &id, &ts).await;
-    wait_until("granted", Duration::from_secs(10), || w.has_policy(ALICE, VIEW)).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
 
     w.tollgate.kill9();
     edit_config(&w, |text| {

@@ -15,8 +15,8 @@ use tollgate::access::kube::KubeClients;
 use tollgate::access::session_rbac::SessionRbacStrategy;
 use tollgate::access::{AccessEngine, AccessError, InForce};
 use tollgate::clock::Clock;
-use tollgate::domain::policy::{ClusterPolicy, Strategy};
 use tollgate::domain::grant::intents_for;
+use tollgate::domain::policy::{ClusterPolicy, Strategy};
 use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
 use tollgate::store::{SledStore, Store};
 
@@ -519,7 +519,10 @@ async fn bindings_the_store_did_not_create_are_left_alone() {
         .kube
         .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
         .expect("ours");
-    assert_eq!(made["metadata"]["labels"]["tollgate.dev/instance"], "tollgate");
+    assert_eq!(
+        made["metadata"]["labels"]["tollgate.dev/instance"],
+        "tollgate"
+    );
 
     let owned = r.rbac.owned(&r.cluster).await.unwrap();
     let mut objects: Vec<&str> = owned.iter().map(|o| o.object.as_str()).collect();
@@ -537,7 +540,10 @@ async fn bindings_the_store_did_not_create_are_left_alone() {
         .kube
         .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
         .is_none());
-    assert!(r.kube.get_object(Kind::RoleBinding, "a", "forged").is_some());
+    assert!(r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "forged")
+        .is_some());
     assert!(r
         .kube
         .get_object(Kind::ClusterRoleBinding, "", "tollgate-r-b1ue0")
@@ -565,8 +571,15 @@ async fn missing_bindings_are_reported_per_grant() {
             expires_at: expires,
         },
     ];
-    assert!(r.rbac.missing(&r.cluster, USER, &grants).await.unwrap().is_empty());
-    assert!(r.kube.delete_object(Kind::RoleBinding, "b", "tollgate-r-aaaaa"));
+    assert!(r
+        .rbac
+        .missing(&r.cluster, USER, &grants)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(r
+        .kube
+        .delete_object(Kind::RoleBinding, "b", "tollgate-r-aaaaa"));
     assert_eq!(
         r.rbac.missing(&r.cluster, USER, &grants).await.unwrap(),
         vec!["R-AAAAA".to_string()]

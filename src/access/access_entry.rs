@@ -52,10 +52,7 @@ impl Entry {
     /// installations were marked, for none). A mark is only a finding aid.
     fn marked_for(&self, instance: &str) -> bool {
         self.tags.get(TAG_MANAGED_BY).map(String::as_str) == Some(TAG_MANAGED_BY_VALUE)
-            && self
-                .tags
-                .get(TAG_INSTANCE)
-                .is_none_or(|i| i == instance)
+            && self.tags.get(TAG_INSTANCE).is_none_or(|i| i == instance)
     }
 
     /// Nothing on the entry was set by anyone but Tollgate: a standard
@@ -63,9 +60,7 @@ impl Entry {
     fn plain(&self, principal: &str) -> bool {
         let username_ok = match self.username.as_deref() {
             None | Some("") => true,
-            Some(u) => {
-                Some(u) == default_username(principal).as_deref() || u == principal
-            }
+            Some(u) => Some(u) == default_username(principal).as_deref() || u == principal,
         };
         self.kind.as_deref().is_none_or(|k| k == STANDARD)
             && self.kubernetes_groups.is_empty()

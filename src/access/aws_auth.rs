@@ -203,7 +203,11 @@ fn read_error(cluster: &ClusterPolicy, e: kube::Error) -> AccessError {
 
 impl AwsAuthStrategy {
     /// `read`, telling the client cache about a refused token.
-    async fn read(&self, api: &Api<ConfigMap>, cluster: &ClusterPolicy) -> Result<ConfigMap, AccessError> {
+    async fn read(
+        &self,
+        api: &Api<ConfigMap>,
+        cluster: &ClusterPolicy,
+    ) -> Result<ConfigMap, AccessError> {
         api.get(NAME).await.map_err(|e| {
             self.kube.note_error(cluster, &e);
             read_error(cluster, e)
@@ -371,7 +375,12 @@ fn item_groups(data: &BTreeMap<String, String>, principal: &str) -> Vec<(String,
             let groups = i
                 .get("groups")
                 .and_then(Value::as_sequence)
-                .map(|g| g.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .map(|g| {
+                    g.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
                 .unwrap_or_default();
             (user, groups)
         })

@@ -255,13 +255,19 @@ impl SessionRbacStrategy {
                 match api.create(&PostParams::default(), &crb).await {
                     Ok(_) => Ok(()),
                     Err(e) if status_code(&e) == Some(409) => {
-                        let existing = api
-                            .get(&key.name)
-                            .await
-                            .map_err(|e| kube_error(&self.kube, cluster, "get ClusterRoleBinding", e))?;
+                        let existing = api.get(&key.name).await.map_err(|e| {
+                            kube_error(&self.kube, cluster, "get ClusterRoleBinding", e)
+                        })?;
                         Err(grant_label(&existing.metadata).map(str::to_string))
                     }
-                    Err(e) => return Err(kube_error(&self.kube, cluster, "create ClusterRoleBinding", e)),
+                    Err(e) => {
+                        return Err(kube_error(
+                            &self.kube,
+                            cluster,
+                            "create ClusterRoleBinding",
+                            e,
+                        ))
+                    }
                 }
             }
         };
@@ -308,10 +314,9 @@ impl SessionRbacStrategy {
                 }
                 None => {
                     let api: Api<ClusterRoleBinding> = Api::all(client.clone());
-                    let mut crb = api
-                        .get(&key.name)
-                        .await
-                        .map_err(|e| kube_error(&self.kube, cluster, "get ClusterRoleBinding", e))?;
+                    let mut crb = api.get(&key.name).await.map_err(|e| {
+                        kube_error(&self.kube, cluster, "get ClusterRoleBinding", e)
+                    })?;
                     annotate_expiry(&mut crb.metadata, d);
                     api.replace(&key.name, &PostParams::default(), &crb)
                         .await
@@ -479,7 +484,14 @@ impl AccessEngine for SessionRbacStrategy {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
             };
-            if store_knows(self.store.as_ref(), &cluster.name, f.grant.as_deref(), &object).await? {
+            if store_knows(
+                self.store.as_ref(),
+                &cluster.name,
+                f.grant.as_deref(),
+                &object,
+            )
+            .await?
+            {
                 self.delete(&client, cluster, key).await?;
             } else {
                 tracing::warn!(cluster = %cluster.name, binding = %key.name, grant = ?f.grant, "binding carries Tollgate's labels but its store did not create it; left alone");

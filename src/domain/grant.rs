@@ -367,4 +367,167 @@ mod tests {
         let plan = plan_associations(&current, &BTreeMap::new(), &Baselines::new());
         assert_eq!(plan, AssociationPlan::default());
     }
+
+    fn granted(id: &str, spec: AccessSpec, intents: Vec<Intent>) -> Request {
+        let mut row = Request::pending(
+            crate::domain::request::Asked {
+                id: crate::domain::request::RequestId::parse(id).unwrap(),
+                requester: crate::domain::request::Requester {
+                    user_id: "U1".into(),
+                    email: "alice@example.com".into(),
+                    tz: None,
+                    tz_offset_secs: 0,
+                },
+                access: spec,
+                reason: String::new(),
+                duration: std::time::Duration::from_secs(60),
+                approval_timeout: std::time::Duration::from_secs(60),
+                required_approvals: 1,
+                response_url: None,
+            },
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        row.intents = intents;
+        row
+    }
+
+    #[test]
+    fn intents_name_what_each_strategy_creates() {
+        let mut s = spec(EDIT, &["b", "a"]);
+        s.principal = "arn:aws:iam::1:role/x/alice".into();
+        s.k8s_user = Some("tollgate:alice@example.com".into());
+        assert_eq!(
+            intents_for(Strategy::AccessEntry, "R-AAAAA", &s),
+            vec![
+                Intent::AccessEntry {
+                    principal: s.principal.clone()
+                },
+                Intent::Association {
+                    principal: s.principal.clone(),
+                    policy: EDIT.into()
+                },
+            ]
+        );
+        assert_eq!(
+            intents_for(Strategy::SessionRbac, "R-AAAAA", &s),
+            vec![
+                Intent::Binding {
+                    namespace: Some("a".into()),
+                    name: "tollgate-r-aaaaa".into()
+                },
+                Intent::Binding {
+                    namespace: Some("b".into()),
+                    name: "tollgate-r-aaaaa".into()
+                },
+            ]
+        );
+        assert_eq!(
+            intents_for(Strategy::AwsAuth, "R-AAAAA", &s),
+            vec![Intent::AwsAuthItem {
+                arn: "arn:aws:iam::1:role/alice".into(),
+                username: "tollgate:alice@example.com".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_row_records_only_what_it_said_it_would_create() {
+        let s = spec(VIEW, &[]);
+        let alice = Intent::AccessEntry {
+            principal: "p".into(),
+        };
+        let admin = Intent::AccessEntry {
+            principal: "arn:aws:iam::1:role/admin".into(),
+        };
+        let row = granted(
+            "R-AAAAA",
+            s.clone(),
+            intents_for(Strategy::AccessEntry, "R-AAAAA", &s),
+        );
+        assert!(row_records(&row, &alice));
+        assert!(
+            !row_records(&row, &admin),
+            "a real grant id on someone else's entry"
+        );
+        // A row from before intents were recorded adopts only what it would
+        // have created: its own principal's entry and policy.
+        let legacy = granted("R-AAAAA", s.clone(), Vec::new());
+        assert!(row_records(&legacy, &alice));
+        assert!(!row_records(&legacy, &admin));
+        assert!(row_records(
+            &legacy,
+            &Intent::Association {
+                principal: "p".into(),
+                policy: VIEW.into()
+            }
+        ));
+        assert!(!row_records(
+            &legacy,
+            &Intent::Association {
+                principal: "p".into(),
+                policy: EDIT.into()
+            }
+        ));
+        assert!(row_records(
+            &legacy,
+            &Intent::Binding {
+                namespace: None,
+                name: "tollgate-r-aaaaa".into()
+            }
+        ));
+        assert!(!row_records(
+            &legacy,
+            &Intent::Binding {
+                namespace: None,
+                name: "tollgate-r-bbbbb".into()
+            }
+        ));
+    }
+
+    #[test]
+    fn a_role_changed_since_approval_is_named() {
+        let cluster = crate::domain::policy::tests::cluster();
+        let mut s = spec("arn:aws:eks::aws:cluster-access-policy/view", &[]);
+        s.cluster = "prod".into();
+        s.role = "view".into();
+        s.strategy = Some(Strategy::AccessEntry);
+        assert_eq!(role_changed(&cluster, &s), None);
+        // A row written before the strategy was stored reads as what its
+        // fields say.
+        s.strategy = None;
+        assert_eq!(role_changed(&cluster, &s), None);
+
+        let mut admin = s.clone();
+        admin.policy_arn =
+            Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy".into());
+        let why = role_changed(&cluster, &admin).unwrap();
+        assert!(why.starts_with("the role changed since approval"), "{why}");
+        assert!(why.contains("AmazonEKSClusterAdminPolicy"), "{why}");
+
+        let mut gone = s.clone();
+        gone.role = "debug".into();
+        assert!(role_changed(&cluster, &gone)
+            .unwrap()
+            .contains("no longer has a role"));
+
+        let mut rbac = cluster.clone();
+        rbac.strategy = Strategy::SessionRbac;
+        let mut stored = s.clone();
+        stored.strategy = Some(Strategy::AccessEntry);
+        assert!(role_changed(&rbac, &stored)
+            .unwrap()
+            .contains("strategy access-entry is now session-rbac"));
+    }
+
+    #[test]
+    fn scopes_cover_what_a_grant_needs() {
+        assert!(scope_covers(&Scope::Cluster, &[]));
+        assert!(scope_covers(&Scope::Cluster, &["a".into()]));
+        assert!(scope_covers(&ns(&["a", "b"]), &["a".into()]));
+        assert!(!scope_covers(&ns(&["a"]), &["a".into(), "b".into()]));
+        assert!(
+            !scope_covers(&ns(&["a"]), &[]),
+            "namespaces never cover cluster-wide"
+        );
+    }
 }

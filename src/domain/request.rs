@@ -1,12 +1,12 @@
 //! Requests, their ids and the one function that says which state changes are
 //! legal (spec section 2).
 
+use super::policy::Strategy;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 use time::OffsetDateTime;
-use super::policy::Strategy;
 
 /// Crockford's base32 alphabet: no I, L, O or U, so an id read aloud or typed
 /// from a screenshot is unambiguous.

@@ -44,7 +44,8 @@ pub struct Service {
     replica: String,
     /// Per cluster, the marked objects the last reconcile pass found that
     /// the store did not create: each is audited when first seen.
-    foreign: std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
+    foreign:
+        std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;

@@ -448,9 +448,12 @@ async fn reconciler_removes_what_its_store_created_and_leaves_forged_marks() {
     let old = r.approved("eks prod 10m view", "U0APP").await;
     let alice = r.state(&old).await.access.principal;
     assert!(
-        r.state(&old).await.intents.contains(&crate::domain::request::Intent::AccessEntry {
-            principal: alice.clone()
-        }),
+        r.state(&old)
+            .await
+            .intents
+            .contains(&crate::domain::request::Intent::AccessEntry {
+                principal: alice.clone()
+            }),
         "the entry was recorded before it was created"
     );
     r.clock.advance(Duration::from_secs(10 * 60));
@@ -479,7 +482,11 @@ async fn reconciler_removes_what_its_store_created_and_leaves_forged_marks() {
     );
     let names = r.audit_names().await;
     assert_eq!(names.iter().filter(|n| *n == "reconciled").count(), 1);
-    assert_eq!(names.iter().filter(|n| *n == "foreign").count(), 1, "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| *n == "foreign").count(),
+        1,
+        "{names:?}"
+    );
     assert_eq!(r.service.metrics().foreign_objects.get(), 1);
 }
 

@@ -377,8 +377,24 @@ async fn overlapping_cluster_grants_keep_the_policy_until_the_last_ends() {
         .await;
     assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
 
+    let entry = h.entry().await.expect("entry");
+    assert_eq!(entry["tags"]["tollgate-grant"], "R-00001");
+
     h.converge_ok(&[("R-00002", &second)]).await;
     assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+    // The grant that created the entry has ended: the entry now names one
+    // that still uses it, so it stays provably Tollgate's even once the
+    // first grant's row is pruned.
+    // Read through ListTagsForResource: MiniStack's DescribeAccessEntry
+    // keeps showing the tags the entry was created with.
+    let entry = h.entry().await.expect("entry kept");
+    let arn = entry["accessEntryArn"].as_str().unwrap();
+    let (status, tags) =
+        h.ms.eks_json("GET", &format!("/tags/{}", encode_arn(arn)), None)
+            .await;
+    assert_eq!(status, 200, "{tags}");
+    assert_eq!(tags["tags"]["tollgate-grant"], "R-00002", "{tags}");
+    assert_eq!(tags["tags"]["managed-by"], "tollgate");
 
     h.converge_ok(&[]).await;
     assert!(h.associations().await.is_empty());

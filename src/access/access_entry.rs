@@ -30,6 +30,7 @@ pub struct AccessEntryStrategy {
 }
 
 struct Entry {
+    arn: Option<String>,
     tags: HashMap<String, String>,
     kubernetes_groups: Vec<String>,
     kind: Option<String>,
@@ -136,6 +137,7 @@ impl AccessEntryStrategy {
             Ok(out) => {
                 let entry = out.access_entry();
                 Ok(Some(Entry {
+                    arn: entry.and_then(|e| e.access_entry_arn()).map(str::to_string),
                     tags: entry.and_then(|e| e.tags()).cloned().unwrap_or_default(),
                     kubernetes_groups: entry
                         .map(|e| e.kubernetes_groups().to_vec())
@@ -193,6 +195,61 @@ impl AccessEntryStrategy {
             }
             Err(e) => Err(aws_error(cluster, "CreateAccessEntry", &e)),
         }
+    }
+
+    /// An entry Tollgate created names the grant that created it; once that
+    /// grant has ended and others still use the entry, the tag is moved to
+    /// one of them, so the entry stays provably Tollgate's even after the
+    /// first grant's row is pruned from the store.
+    async fn hand_over(
+        &self,
+        eks: &aws_sdk_eks::Client,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        entry: &mut Entry,
+        grants: &[InForce<'_>],
+        creator: &str,
+    ) -> Result<(), AccessError> {
+        let named = entry.tags.get(TAG_GRANT).cloned();
+        let still_in_force = named
+            .as_deref()
+            .is_some_and(|n| grants.iter().any(|g| g.grant_id == n));
+        if grants.is_empty()
+            || still_in_force
+            || !grants.iter().any(|g| g.grant_id == creator)
+            || !entry.marked_for(&self.instance)
+        {
+            return Ok(());
+        }
+        let Some(arn) = entry.arn.clone() else {
+            return Ok(());
+        };
+        let object = Intent::AccessEntry {
+            principal: principal.to_string(),
+        };
+        if !store_knows(
+            self.store.as_ref(),
+            &cluster.name,
+            named.as_deref(),
+            &object,
+        )
+        .await?
+        {
+            return Ok(());
+        }
+        eks.tag_resource()
+            .resource_arn(&arn)
+            .tags(TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE)
+            .tags(TAG_GRANT, creator)
+            .tags(TAG_INSTANCE, &self.instance)
+            .send()
+            .await
+            .map_err(|e| aws_error(cluster, "TagResource", &e))?;
+        entry.tags.insert(TAG_GRANT.into(), creator.into());
+        entry
+            .tags
+            .insert(TAG_INSTANCE.into(), self.instance.clone());
+        Ok(())
     }
 
     async fn associations(
@@ -314,8 +371,9 @@ impl AccessEngine for AccessEntryStrategy {
         } else {
             self.create_entry(&eks, cluster, principal, creator).await?
         };
-        let entry = if created {
+        let mut entry = if created {
             Some(Entry {
+                arn: None,
                 tags: HashMap::from([
                     (TAG_MANAGED_BY.to_string(), TAG_MANAGED_BY_VALUE.to_string()),
                     (TAG_GRANT.to_string(), creator.to_string()),
@@ -328,6 +386,10 @@ impl AccessEngine for AccessEntryStrategy {
         } else {
             self.describe_entry(&eks, cluster, principal).await?
         };
+        if let Some(e) = entry.as_mut().filter(|_| !created) {
+            self.hand_over(&eks, cluster, principal, e, grants, creator)
+                .await?;
+        }
         let current = match entry {
             Some(_) if !created => self.associations(&eks, cluster, principal).await?,
             _ => BTreeMap::new(),
@@ -443,6 +505,7 @@ mod tests {
         );
         assert_eq!(default_username("arn:aws:iam::111122223333:user/bob"), None);
         let entry = |username: Option<&str>, groups: &[&str], kind: &str| Entry {
+            arn: None,
             tags: HashMap::new(),
             kubernetes_groups: groups.iter().map(|g| g.to_string()).collect(),
             kind: Some(kind.into()),

@@ -223,6 +223,7 @@ fn pending(n: usize, principal: &str, now: OffsetDateTime) -> Request {
                 cluster_role: None,
                 groups: vec![],
                 k8s_user: None,
+                strategy: None,
             },
             reason: "benchmark".into(),
             duration: Duration::from_secs(3600),

@@ -146,6 +146,10 @@ pub struct ServerSection {
     #[serde(default = "default_listen")]
     pub listen: String,
     pub public_url: Option<String>,
+    /// Names this installation on every object it creates
+    /// (`tollgate-instance` tag, `tollgate.dev/instance` label).
+    #[serde(default = "default_instance")]
+    pub instance: String,
 }
 
 impl Default for ServerSection {
@@ -153,8 +157,29 @@ impl Default for ServerSection {
         ServerSection {
             listen: default_listen(),
             public_url: None,
+            instance: default_instance(),
         }
     }
+}
+
+pub const DEFAULT_INSTANCE: &str = "tollgate";
+
+fn default_instance() -> String {
+    DEFAULT_INSTANCE.into()
+}
+
+/// An instance name must be both an EKS tag value and a Kubernetes label
+/// value: 1-63 characters, letters, digits, `-`, `_`, `.`, starting and
+/// ending with a letter or digit.
+pub fn valid_instance(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn default_listen() -> String {
@@ -342,6 +367,16 @@ impl Resolver<'_> {
     fn resolve(&self, file: FileConfig) -> Result<Config, ConfigError> {
         let defaults = file.defaults.limit_overrides().apply(&BUILTIN_LIMITS);
         self.check_limits(&defaults, Section::Table("defaults"))?;
+        if !valid_instance(&file.server.instance) {
+            return Err(self.invalid(
+                Section::Table("server"),
+                "instance",
+                format!(
+                    "`{}` is not a valid instance name: 1-63 letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit",
+                    file.server.instance
+                ),
+            ));
+        }
         if file.store.backend == Backend::Dynamodb && file.store.table.is_none() {
             return Err(self.invalid(
                 Section::Table("store"),
@@ -754,6 +789,27 @@ max_duration = "2h"
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("namespacd"), "{err}");
         assert!(err.contains(&line_of(&text, "namespacd")), "{err}");
+    }
+
+    #[test]
+    fn instance_defaults_and_is_validated() {
+        let cfg = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(cfg.server.instance, "tollgate");
+        for good in ["blue", "prod.eu-1", "a"] {
+            let text = format!("[server]\ninstance = \"{good}\"\n{MINIMAL}");
+            assert_eq!(
+                Config::parse(&text, "t.toml").unwrap().server.instance,
+                good
+            );
+        }
+        for bad in ["", "-x", "x-", "a b", "a/b", &"x".repeat(64), "tollgate*"] {
+            let text = format!("[server]\ninstance = \"{bad}\"\n{MINIMAL}");
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                err.contains("instance") && err.contains("line 2"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

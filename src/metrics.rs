@@ -39,6 +39,7 @@ pub struct Metrics {
     pub revoke_failures: Counter,
     pub reconcile_removed: Counter,
     pub drift: Counter,
+    pub foreign_objects: Gauge,
     pub slack_api_errors: Family<MethodLabel, Counter>,
     pub http_rejected: Family<ReasonLabel, Counter>,
     pub scheduler_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -102,6 +103,12 @@ impl Metrics {
             "Active grants whose access vanished outside Tollgate",
             drift.clone(),
         );
+        let foreign_objects = Gauge::default();
+        registry.register(
+            "foreign_objects",
+            "Objects marked as Tollgate's whose grant its store did not create; left alone",
+            foreign_objects.clone(),
+        );
         let slack_api_errors = Family::<MethodLabel, Counter>::default();
         registry.register(
             "slack_api_errors",
@@ -136,6 +143,7 @@ impl Metrics {
             revoke_failures,
             reconcile_removed,
             drift,
+            foreign_objects,
             slack_api_errors,
             http_rejected,
             scheduler_lag_seconds,

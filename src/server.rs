@@ -64,7 +64,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("dry run: AWS and Kubernetes writes are logged and audited, never made");
         Arc::new(DryRun)
     } else {
-        Arc::new(Engine::new(clients, kube, store.clone()))
+        Arc::new(Engine::new(
+            clients,
+            kube,
+            store.clone(),
+            &config.server.instance,
+        ))
     };
     let service = Service::new(config.clone(), store.clone(), engine, slack, clock, metrics);
     service.set_standing_reader(reader);
@@ -215,7 +220,12 @@ pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Res
     let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
-    let engine = Arc::new(Engine::new(clients, kube, store.clone()));
+    let engine = Arc::new(Engine::new(
+        clients,
+        kube,
+        store.clone(),
+        &config.server.instance,
+    ));
     let service = Service::new(config, store.clone(), engine, slack, clock, metrics);
     let response = admin::handle(&service, request).await;
     store.flush().await?;

@@ -16,9 +16,10 @@ use tempfile::TempDir;
 use support::ministack::{encode_arn, MiniStack};
 use tollgate::access::access_entry::AccessEntryStrategy;
 use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce};
+use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
-use tollgate::domain::request::AccessSpec;
-use tollgate::store::SledStore;
+use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
+use tollgate::store::{SledStore, Store};
 
 const EDIT: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy";
 const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
@@ -33,7 +34,33 @@ struct Harness {
     ms: MiniStack,
     cluster: ClusterPolicy,
     engine: AccessEntryStrategy,
+    store: Arc<SledStore>,
     _store_dir: TempDir,
+}
+
+/// A row for grant `id`, with what granting it will create recorded, as
+/// the grant step writes it before any create call.
+fn recorded_row(id: &str, spec: &AccessSpec) -> Request {
+    let mut row = Request::pending(
+        Asked {
+            id: RequestId::parse(id).expect("a request id"),
+            requester: Requester {
+                user_id: "U0ALICE".into(),
+                email: "alice@example.com".into(),
+                tz: None,
+                tz_offset_secs: 0,
+            },
+            access: spec.clone(),
+            reason: String::new(),
+            duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(600),
+            required_approvals: 1,
+            response_url: None,
+        },
+        time::OffsetDateTime::now_utc(),
+    );
+    row.intents = intents_for(Strategy::AccessEntry, id, spec);
+    row
 }
 
 impl Harness {
@@ -59,13 +86,26 @@ impl Harness {
             .load()
             .await;
         let store_dir = tempfile::tempdir().expect("temp dir for the store");
-        let store = SledStore::open(store_dir.path()).expect("opening the sled store");
-        let engine = AccessEntryStrategy::new(Arc::new(AwsClients::new(sdk)), Arc::new(store));
+        let store = Arc::new(SledStore::open(store_dir.path()).expect("opening the sled store"));
+        let engine = AccessEntryStrategy::new(Arc::new(AwsClients::new(sdk)), store.clone());
         Harness {
             ms,
             cluster: cluster_policy(name),
             engine,
+            store,
             _store_dir: store_dir,
+        }
+    }
+
+    /// Records grant `id` in the store as the grant step does before its
+    /// first create call (once).
+    async fn record(&self, id: &str, spec: &AccessSpec) {
+        let rid = RequestId::parse(id).expect("a request id");
+        if self.store.get(&rid).await.unwrap().is_none() {
+            self.store
+                .create(&recorded_row(id, spec), Vec::new())
+                .await
+                .unwrap();
         }
     }
 
@@ -80,6 +120,9 @@ impl Harness {
                 expires_at: None,
             })
             .collect();
+        for (id, spec) in grants {
+            self.record(id, spec).await;
+        }
         let creator = grants.first().map_or("none", |(id, _)| id);
         self.engine
             .converge(&self.cluster, ALICE, &in_force, creator)
@@ -196,6 +239,7 @@ fn spec(policy: &str, ns: &[&str]) -> AccessSpec {
         cluster_role: None,
         groups: vec![],
         k8s_user: None,
+        strategy: None,
     }
 }
 
@@ -219,18 +263,18 @@ async fn grant_is_idempotent_and_revoke_removes_what_tollgate_created() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &[]);
 
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     let entry = h.entry().await.expect("entry created by the grant");
     assert_eq!(
         entry["tags"],
-        json!({"managed-by": "tollgate", "tollgate-grant": "req-1"}),
+        json!({"managed-by": "tollgate", "tollgate-grant": "R-00001", "tollgate-instance": "tollgate"}),
         "{entry}"
     );
     assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
 
     // Same grants again: the very same entry (its ARN carries a fresh uuid
     // on every create) with the same association.
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     let again = h.entry().await.expect("entry kept by a repeated converge");
     assert_eq!(again["accessEntryArn"], entry["accessEntryArn"]);
     assert_eq!(again["tags"], entry["tags"]);
@@ -252,7 +296,7 @@ async fn grant_is_idempotent_and_revoke_removes_what_tollgate_created() {
 async fn namespaced_grant_is_associated_with_exactly_those_namespaces() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &["payments", "web"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(
         h.associations().await,
         only(EDIT, namespaces(&["payments", "web"]))
@@ -267,7 +311,7 @@ async fn preexisting_entry_and_other_policies_are_left_alone() {
     let before = h.entry().await.unwrap();
 
     let edit = spec(EDIT, &["a"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(
         h.associations().await,
         BTreeMap::from([
@@ -291,7 +335,7 @@ async fn preexisting_entry_and_other_policies_are_left_alone() {
 async fn tollgate_entry_stays_while_someone_else_uses_it() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &[]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(h.entry().await.unwrap()["tags"]["managed-by"], "tollgate");
 
     h.associate_behind_tollgate(VIEW, &[]).await;
@@ -309,13 +353,13 @@ async fn overlapping_namespaced_grants_are_unioned_and_shrink_as_they_end() {
     let a = spec(EDIT, &["a"]);
     let b = spec(EDIT, &["b"]);
 
-    h.converge_ok(&[("req-a", &a)]).await;
+    h.converge_ok(&[("R-0000A", &a)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["a"])));
 
-    h.converge_ok(&[("req-a", &a), ("req-b", &b)]).await;
+    h.converge_ok(&[("R-0000A", &a), ("R-0000B", &b)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "b"])));
 
-    h.converge_ok(&[("req-b", &b)]).await;
+    h.converge_ok(&[("R-0000B", &b)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["b"])));
 
     h.converge_ok(&[]).await;
@@ -329,12 +373,28 @@ async fn overlapping_cluster_grants_keep_the_policy_until_the_last_ends() {
     let first = spec(VIEW, &[]);
     let second = spec(VIEW, &[]);
 
-    h.converge_ok(&[("req-1", &first), ("req-2", &second)])
+    h.converge_ok(&[("R-00001", &first), ("R-00002", &second)])
         .await;
     assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
 
-    h.converge_ok(&[("req-2", &second)]).await;
+    let entry = h.entry().await.expect("entry");
+    assert_eq!(entry["tags"]["tollgate-grant"], "R-00001");
+
+    h.converge_ok(&[("R-00002", &second)]).await;
     assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+    // The grant that created the entry has ended: the entry now names one
+    // that still uses it, so it stays provably Tollgate's even once the
+    // first grant's row is pruned.
+    // Read through ListTagsForResource: MiniStack's DescribeAccessEntry
+    // keeps showing the tags the entry was created with.
+    let entry = h.entry().await.expect("entry kept");
+    let arn = entry["accessEntryArn"].as_str().unwrap();
+    let (status, tags) =
+        h.ms.eks_json("GET", &format!("/tags/{}", encode_arn(arn)), None)
+            .await;
+    assert_eq!(status, 200, "{tags}");
+    assert_eq!(tags["tags"]["tollgate-grant"], "R-00002", "{tags}");
+    assert_eq!(tags["tags"]["managed-by"], "tollgate");
 
     h.converge_ok(&[]).await;
     assert!(h.associations().await.is_empty());
@@ -348,7 +408,7 @@ async fn preexisting_namespaced_association_is_widened_then_restored() {
     h.associate_behind_tollgate(EDIT, &["x"]).await;
 
     let edit = spec(EDIT, &["a"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "x"])));
 
     h.converge_ok(&[]).await;
@@ -363,7 +423,7 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
     h.associate_behind_tollgate(EDIT, &[]).await;
 
     let edit = spec(EDIT, &["a"]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
 
     h.converge_ok(&[]).await;
@@ -375,7 +435,7 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
 async fn missing_cluster_is_an_error_for_grant_and_revoke_alike() {
     let h = Harness::without_cluster("no-such-cluster").await;
     let edit = spec(EDIT, &[]);
-    for grants in [vec![("req-1", &edit)], vec![]] {
+    for grants in [vec![("R-00001", &edit)], vec![]] {
         let err = h
             .converge(&grants)
             .await
@@ -406,7 +466,7 @@ async fn missing_cluster_is_an_error_for_grant_and_revoke_alike() {
 async fn tollgate_entry_stays_while_someone_maps_groups_onto_it() {
     let h = Harness::new().await;
     let edit = spec(EDIT, &[]);
-    h.converge_ok(&[("req-1", &edit)]).await;
+    h.converge_ok(&[("R-00001", &edit)]).await;
     let (status, body) =
         h.ms.eks_json(
             "POST",
@@ -442,4 +502,152 @@ async fn owned_lists_only_what_carries_tollgate_tags() {
     assert_eq!(owned.len(), 1, "{owned:?}");
     assert_eq!(owned[0].principal, ALICE);
     assert_eq!(owned[0].grant_id.as_deref(), Some("R-AAAAA"));
+}
+
+/// Creates an entry by hand with whatever `extra` says (type, tags, groups).
+async fn put_entry(h: &Harness, principal: &str, extra: Value) {
+    let mut body = json!({"principalArn": principal, "type": "STANDARD"});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    let (status, json) =
+        h.ms.eks_json("POST", "/clusters/dev/access-entries", Some(body))
+            .await;
+    assert_eq!(status, 200, "{json}");
+}
+
+async fn exists(h: &Harness, principal: &str) -> bool {
+    let path = format!("/clusters/dev/access-entries/{}", encode_arn(principal));
+    h.ms.eks_json("GET", &path, None).await.0 == 200
+}
+
+#[tokio::test]
+async fn only_plain_entries_the_store_created_are_ever_deleted() {
+    let h = Harness::new().await;
+    let marks = |grant: &str| json!({"managed-by": "tollgate", "tollgate-grant": grant, "tollgate-instance": "tollgate"});
+    let node = "arn:aws:iam::000000000000:role/eks-node";
+    let masters = "arn:aws:iam::000000000000:role/masters";
+    let admins = "arn:aws:iam::000000000000:role/admins";
+    let ghost = "arn:aws:iam::000000000000:role/ghost";
+    // Even with the store knowing the grant each tag names (the strongest
+    // forgery: a real grant id of that principal), an entry of another
+    // type, with groups, or with an association Tollgate did not make is
+    // never deleted.
+    for (principal, grant) in [(node, "R-00001"), (masters, "R-00002"), (admins, "R-00003")] {
+        let mut s = spec(VIEW, &[]);
+        s.principal = principal.to_string();
+        h.record(grant, &s).await;
+    }
+    put_entry(
+        &h,
+        node,
+        json!({"type": "EC2_LINUX", "tags": marks("R-00001")}),
+    )
+    .await;
+    put_entry(
+        &h,
+        masters,
+        json!({"kubernetesGroups": ["system:masters"], "tags": marks("R-00002")}),
+    )
+    .await;
+    put_entry(&h, admins, json!({"tags": marks("R-00003")})).await;
+    let path = format!(
+        "/clusters/dev/access-entries/{}/access-policies",
+        encode_arn(admins)
+    );
+    let admin_policy = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy";
+    let (status, body) =
+        h.ms.eks_json(
+            "POST",
+            &path,
+            Some(json!({"policyArn": admin_policy, "accessScope": {"type": "cluster"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // And a plain entry whose tag names a grant the store never issued.
+    put_entry(&h, ghost, json!({"tags": marks("R-GH0ST")})).await;
+
+    for principal in [node, masters, admins, ghost] {
+        for _ in 0..2 {
+            h.engine
+                .converge(&h.cluster, principal, &[], "none")
+                .await
+                .unwrap();
+        }
+        assert!(exists(&h, principal).await, "{principal} was deleted");
+    }
+    let (_, body) = h.ms.eks_json("GET", &path, None).await;
+    assert_eq!(
+        body["associatedAccessPolicies"][0]["policyArn"], admin_policy,
+        "an association Tollgate did not make is never disassociated"
+    );
+}
+
+#[tokio::test]
+async fn another_installations_entries_are_not_listed() {
+    let h = Harness::new().await;
+    let blue = "arn:aws:iam::000000000000:role/blue";
+    let legacy = "arn:aws:iam::000000000000:role/legacy";
+    put_entry(
+        &h,
+        blue,
+        json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-00001", "tollgate-instance": "blue"}}),
+    )
+    .await;
+    put_entry(
+        &h,
+        legacy,
+        json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-00002"}}),
+    )
+    .await;
+    let owned = h.engine.owned(&h.cluster).await.unwrap();
+    let principals: Vec<&str> = owned.iter().map(|o| o.principal.as_str()).collect();
+    assert_eq!(principals, vec![legacy], "{owned:?}");
+    assert_eq!(owned[0].instance, None);
+
+    // What this installation creates carries its name.
+    h.converge_ok(&[("R-00003", &spec(VIEW, &[]))]).await;
+    let entry = h.entry().await.expect("ours");
+    assert_eq!(entry["tags"]["tollgate-instance"], "tollgate");
+}
+
+#[tokio::test]
+async fn missing_looks_at_what_each_grant_needs() {
+    let h = Harness::new().await;
+    // Alice's entry existed before Tollgate.
+    put_entry(&h, ALICE, json!({})).await;
+    let view = spec(VIEW, &[]);
+    let edit_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &view), ("R-00002", &edit_a)])
+        .await;
+    let grants = [
+        InForce {
+            grant_id: "R-00001",
+            spec: &view,
+            expires_at: None,
+        },
+        InForce {
+            grant_id: "R-00002",
+            spec: &edit_a,
+            expires_at: None,
+        },
+    ];
+    let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
+    assert!(
+        missing.is_empty(),
+        "in place on a pre-existing entry: {missing:?}"
+    );
+
+    // The edit association removed by hand: only that grant is missing.
+    let path = format!("{}/access-policies/{}", h.entry_path(), encode_arn(EDIT));
+    let (status, body) = h.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
+    assert_eq!(missing, vec!["R-00002".to_string()]);
+
+    // The entry deleted by hand: both.
+    let (status, body) = h.ms.eks_json("DELETE", &h.entry_path(), None).await;
+    assert_eq!(status, 200, "{body}");
+    let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
+    assert_eq!(missing, vec!["R-00001".to_string(), "R-00002".to_string()]);
 }

@@ -20,6 +20,7 @@ const OUTSIDER: &str = "U0NOT";
 const ALICE: &str = "arn:aws:iam::000000000000:role/alice";
 const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
 const EDIT: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy";
+static PASS_RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const ONCALL: [&str; 7] = [
     "U0ON1", "U0ON2", "U0ON3", "U0ON4", "U0ON5", "U0ON6", "U0ON7",
 ];
@@ -121,7 +122,11 @@ impl World {
 
     /// Submits a request and returns its id, checking the receipt.
     async fn request(&self, text: &str) -> String {
-        let (status, json) = self.slash(REQUESTER, text).await;
+        self.request_as(REQUESTER, text).await
+    }
+
+    async fn request_as(&self, user: &str, text: &str) -> String {
+        let (status, json) = self.slash(user, text).await;
         assert_eq!(status, 200);
         assert_eq!(json["response_type"], "ephemeral", "{json}");
         let receipt = json["text"].as_str().unwrap_or_default().to_string();
@@ -184,6 +189,58 @@ impl World {
                 )
             })
             .collect()
+    }
+
+    /// Creates an access entry by hand (as an administrator would), with
+    /// whatever `extra` says (type, tags, Kubernetes groups).
+    async fn put_entry(&self, principal: &str, extra: Value) {
+        let mut body = serde_json::json!({"principalArn": principal, "type": "STANDARD"});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            body[k] = v;
+        }
+        let path = format!("/clusters/{CLUSTER}/access-entries");
+        let (status, json) = self.ms.eks_json("POST", &path, Some(body)).await;
+        assert_eq!(status, 200, "{json}");
+    }
+
+    /// Associates `policy` cluster-wide by hand.
+    async fn associate_by_hand(&self, principal: &str, policy: &str) {
+        let path = format!(
+            "/clusters/{CLUSTER}/access-entries/{}/access-policies",
+            encode_arn(principal)
+        );
+        let body = serde_json::json!({"policyArn": policy, "accessScope": {"type": "cluster"}});
+        let (status, json) = self.ms.eks_json("POST", &path, Some(body)).await;
+        assert_eq!(status, 200, "{json}");
+    }
+
+    /// Audit events named `event` about `principal`.
+    async fn events_for(&self, event: &str, principal: &str) -> usize {
+        self.audit()
+            .await
+            .iter()
+            .filter(|e| e["event"] == event && e["principal"] == principal)
+            .count()
+    }
+
+    /// Waits for at least `n` whole reconcile passes. Each pass reports a
+    /// new foreign object (here a marker entry tagged with a grant id the
+    /// store never issued) before it looks at grants, so once marker k+1 is
+    /// reported, the pass that reported marker k has finished.
+    async fn passes(&self, n: usize) {
+        let run = PASS_RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        for k in 0..=n {
+            let marker = format!("arn:aws:iam::000000000000:role/pass-marker-{run}-{k}");
+            self.put_entry(
+                &marker,
+                serde_json::json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-MARK0"}}),
+            )
+            .await;
+            wait_until("a reconcile pass", Duration::from_secs(15), || async {
+                self.events_for("foreign", &marker).await == 1
+            })
+            .await;
+        }
     }
 
     async fn entry_exists(&self, principal: &str) -> bool {
@@ -791,48 +848,216 @@ async fn kubernetes_strategies_grant_after_approval_and_clean_up_at_expiry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconciler_removes_tagged_orphans_and_leaves_other_entries() {
+async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
     let w = World::new().await;
+    let marks =
+        |grant: &str| serde_json::json!({"managed-by": "tollgate", "tollgate-grant": grant});
+    // Each carries Tollgate's tags, as anyone with eks:TagResource can
+    // make them: a node role's entry, the platform admins' entries (one
+    // with groups, one with an association), and an entry naming a grant
+    // id Tollgate never issued.
+    let node = "arn:aws:iam::000000000000:role/eks-node";
+    let masters = "arn:aws:iam::000000000000:role/platform-masters";
+    let admins = "arn:aws:iam::000000000000:role/platform-admins";
     let ghost = "arn:aws:iam::000000000000:role/ghost";
-    let bystander = "arn:aws:iam::000000000000:role/bystander";
-    let entries = format!("/clusters/{CLUSTER}/access-entries");
-    let (status, body) = w
-        .ms
-        .eks_json(
-            "POST",
-            &entries,
-            Some(serde_json::json!({"principalArn": ghost, "type": "STANDARD",
-                                    "tags": {"managed-by": "tollgate", "tollgate-grant": "R-GH0ST"}})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) =
-        w.ms.eks_json(
-            "POST",
-            &format!("{entries}/{}/access-policies", encode_arn(ghost)),
-            Some(serde_json::json!({"policyArn": VIEW, "accessScope": {"type": "cluster"}})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let (status, body) =
-        w.ms.eks_json(
-            "POST",
-            &entries,
-            Some(serde_json::json!({"principalArn": bystander, "type": "STANDARD"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-
-    wait_until(
-        "orphan removed by the reconciler",
-        Duration::from_secs(10),
-        || async { !w.entry_exists(ghost).await },
+    let blue = "arn:aws:iam::000000000000:role/blue-grant";
+    w.put_entry(
+        node,
+        serde_json::json!({"type": "EC2_LINUX", "tags": marks("R-N0DE1")}),
     )
     .await;
-    assert!(
-        w.entry_exists(bystander).await,
-        "an entry without Tollgate's tags is never touched"
+    w.put_entry(
+        masters,
+        serde_json::json!({"kubernetesGroups": ["system:masters"], "tags": marks("R-GR0UP")}),
+    )
+    .await;
+    w.put_entry(admins, serde_json::json!({"tags": marks("R-ADM1N")}))
+        .await;
+    let admin_policy = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy";
+    w.associate_by_hand(admins, admin_policy).await;
+    w.put_entry(ghost, serde_json::json!({"tags": marks("R-GH0ST")}))
+        .await;
+    // Another installation's live grant on the same cluster.
+    w.put_entry(
+        blue,
+        serde_json::json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-B1UE1", "tollgate-instance": "blue"}}),
+    )
+    .await;
+    w.associate_by_hand(blue, VIEW).await;
+
+    w.passes(3).await;
+    for principal in [node, masters, admins, ghost, blue] {
+        assert!(w.entry_exists(principal).await, "{principal} was deleted");
+    }
+    assert!(w.has_policy(admins, admin_policy).await);
+    assert!(w.has_policy(blue, VIEW).await);
+    for principal in [node, masters, admins, ghost] {
+        assert_eq!(
+            w.events_for("foreign", principal).await,
+            1,
+            "{principal} is reported once as foreign"
+        );
+    }
+    assert_eq!(
+        w.events_for("foreign", blue).await,
+        0,
+        "another installation's objects are not this one's business"
     );
+    let audit = w.audit().await;
+    assert!(
+        !audit.iter().any(|e| e["event"] == "reconciled"),
+        "nothing removed"
+    );
+    // Four forged entries plus the pass markers, all still there.
+    assert_eq!(w.metric("tollgate_foreign_objects", None).await, Some(8.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_judged_per_grant_once_and_never_for_access_in_place() {
+    let w = World::new().await;
+    // Alice's entry existed before Tollgate; her grant only associates.
+    w.put_entry(ALICE, serde_json::json!({})).await;
+    let kept = w.request("eks prod-cluster 1m view INC-1").await;
+    let ts = w.card(&kept).await;
+    w.click(APPROVER, "approve", &kept, &ts).await;
+    wait_until(
+        "granted on the existing entry",
+        Duration::from_secs(10),
+        || w.has_policy(ALICE, VIEW),
+    )
+    .await;
+
+    let outsider = "arn:aws:iam::000000000000:role/outsider";
+    let unassociated = w
+        .request_as(OUTSIDER, "eks prod-cluster 1m view INC-2")
+        .await;
+    let ts = w.card(&unassociated).await;
+    w.click(APPROVER, "approve", &unassociated, &ts).await;
+    let oncall = "arn:aws:iam::000000000000:role/u0on1";
+    let deleted = w
+        .request_as(ONCALL[0], "eks prod-cluster 1m view INC-3")
+        .await;
+    let ts = w.card(&deleted).await;
+    w.click(APPROVER, "approve", &deleted, &ts).await;
+    wait_until("both granted", Duration::from_secs(10), || async {
+        w.has_policy(outsider, VIEW).await && w.has_policy(oncall, VIEW).await
+    })
+    .await;
+
+    // By hand: one association taken off a Tollgate-made entry, one
+    // Tollgate-made entry deleted whole.
+    let path = format!(
+        "/clusters/{CLUSTER}/access-entries/{}/access-policies/{}",
+        encode_arn(outsider),
+        encode_arn(VIEW)
+    );
+    let (status, body) = w.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(w.entry_exists(outsider).await);
+    let path = format!("/clusters/{CLUSTER}/access-entries/{}", encode_arn(oncall));
+    let (status, body) = w.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+
+    w.passes(3).await;
+    let drift_of = |audit: &[Value], id: &str| {
+        audit
+            .iter()
+            .filter(|e| e["event"] == "drift" && e["request_id"] == id)
+            .count()
+    };
+    let audit = w.audit().await;
+    assert_eq!(drift_of(&audit, &kept), 0, "access in place is no drift");
+    assert_eq!(
+        drift_of(&audit, &unassociated),
+        1,
+        "association removed by hand"
+    );
+    assert_eq!(drift_of(&audit, &deleted), 1, "entry deleted by hand");
+    assert!(
+        !w.has_policy(outsider, VIEW).await && !w.entry_exists(oncall).await,
+        "vanished access is reported, not recreated"
+    );
+    assert!(w.entry_exists(ALICE).await && w.has_policy(ALICE, VIEW).await);
+}
+
+/// The server's config file, edited while it is stopped.
+fn edit_config(w: &World, edit: impl Fn(&str) -> String) {
+    let path = &w.tollgate.config_path;
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, edit(&text)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strategy_changed_mid_grant_still_revokes_the_stored_way() {
+    let mut w = World::new().await;
+    let id = w.request("eks prod-cluster 6s view INC-1").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+
+    w.tollgate.kill9();
+    edit_config(&w, |text| {
+        text.replacen(
+            "assume_role_arn = \"arn:aws:iam::000000000000:role/tollgate\"",
+            "assume_role_arn = \"arn:aws:iam::000000000000:role/tollgate\"\nstrategy = \"session-rbac\"\nendpoint = \"https://127.0.0.1:9\"",
+            1,
+        )
+        .replace(
+            "access_policy = \"AmazonEKSViewPolicy\"",
+            "access_policy = \"AmazonEKSViewPolicy\"\ncluster_role = \"view\"",
+        )
+        .replace(
+            "access_policy = \"AmazonEKSEditPolicy\"",
+            "access_policy = \"AmazonEKSEditPolicy\"\ncluster_role = \"edit\"",
+        )
+    });
+    w.tollgate.start_again().await;
+    wait_until(
+        "the access entry revoked at expiry though the cluster is now session-rbac",
+        Duration::from_secs(20),
+        || async { !w.entry_exists(ALICE).await },
+    )
+    .await;
+    wait_until("revoke recorded", Duration::from_secs(10), || async {
+        w.audit()
+            .await
+            .iter()
+            .any(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_changed_between_approval_and_grant_fails_the_grant() {
+    let mut w = World::new().await;
+    let id = w.request("eks prod-cluster 1m view INC-1").await;
+    let ts = w.card(&id).await;
+    w.tollgate.kill9();
+    // The card said "associate AmazonEKSViewPolicy"; the role now says edit.
+    edit_config(&w, |text| {
+        text.replacen(
+            "[clusters.roles.view]\naccess_policy = \"AmazonEKSViewPolicy\"",
+            "[clusters.roles.view]\naccess_policy = \"AmazonEKSClusterAdminPolicy\"",
+            1,
+        )
+    });
+    w.tollgate.start_again().await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("grant_failed", Duration::from_secs(10), || async {
+        w.audit().await.iter().any(|e| {
+            e["event"] == "grant_failed"
+                && e["request_id"] == id.as_str()
+                && e["details"]["error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("the role changed since approval"))
+        })
+    })
+    .await;
+    assert!(!w.entry_exists(ALICE).await, "nothing created");
+    assert_eq!(w.listed_state(&id).await, None, "the request ended");
 }
 
 fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {

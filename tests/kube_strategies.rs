@@ -15,8 +15,10 @@ use tollgate::access::kube::KubeClients;
 use tollgate::access::session_rbac::SessionRbacStrategy;
 use tollgate::access::{AccessEngine, AccessError, InForce};
 use tollgate::clock::Clock;
+use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
-use tollgate::domain::request::AccessSpec;
+use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
+use tollgate::store::{SledStore, Store};
 
 const USER: &str = "tollgate:alice@example.com";
 const SSO_ROLE: &str = "arn:aws:iam::123456789012:role/aws-reserved/sso.amazonaws.com/eu-west-1/AWSReservedSSO_Dev_abc";
@@ -37,7 +39,33 @@ struct Rig {
     cluster: ClusterPolicy,
     rbac: SessionRbacStrategy,
     aws_auth: AwsAuthStrategy,
+    store: Arc<SledStore>,
     _dir: tempfile::TempDir,
+}
+
+/// A row for grant `id` with what granting it creates recorded, as the
+/// grant step writes it before any create call.
+fn recorded_row(id: &str, spec: &AccessSpec, strategy: Strategy) -> Request {
+    let mut row = Request::pending(
+        Asked {
+            id: RequestId::parse(id).expect("a request id"),
+            requester: Requester {
+                user_id: "U0ALICE".into(),
+                email: "alice@example.com".into(),
+                tz: None,
+                tz_offset_secs: 0,
+            },
+            access: spec.clone(),
+            reason: String::new(),
+            duration: Duration::from_secs(3600),
+            approval_timeout: Duration::from_secs(600),
+            required_approvals: 1,
+            response_url: None,
+        },
+        OffsetDateTime::now_utc(),
+    );
+    row.intents = intents_for(strategy, id, spec);
+    row
 }
 
 async fn rig(strategy: Strategy) -> Rig {
@@ -75,8 +103,10 @@ async fn rig(strategy: Strategy) -> Rig {
         break_glass: None,
         reconcile_interval: Duration::from_secs(300),
     };
+    let store = Arc::new(SledStore::open(&dir.path().join("store")).expect("sled store"));
     Rig {
-        rbac: SessionRbacStrategy::new(clients.clone()),
+        rbac: SessionRbacStrategy::new(clients.clone(), store.clone()),
+        store,
         aws_auth: AwsAuthStrategy::new(clients),
         kube,
         clock,
@@ -95,6 +125,7 @@ fn rbac_spec(role: &str, ns: &[&str]) -> AccessSpec {
         cluster_role: Some(role.into()),
         groups: vec![],
         k8s_user: Some(USER.into()),
+        strategy: None,
     }
 }
 
@@ -108,6 +139,7 @@ fn auth_spec(principal: &str, groups: &[&str]) -> AccessSpec {
         cluster_role: None,
         groups: groups.iter().map(|s| s.to_string()).collect(),
         k8s_user: Some(USER.into()),
+        strategy: None,
     }
 }
 
@@ -137,6 +169,9 @@ impl Rig {
                 expires_at: Some(expires),
             })
             .collect();
+        for (id, spec) in grants {
+            self.record(id, spec, Strategy::SessionRbac).await;
+        }
         self.rbac
             .converge(&self.cluster, USER, &in_force, "none")
             .await
@@ -158,6 +193,17 @@ impl Rig {
         self.aws_auth
             .converge(&self.cluster, principal, &in_force, "none")
             .await
+    }
+
+    /// Records grant `id` in the store (once), as the grant step does.
+    async fn record(&self, id: &str, spec: &AccessSpec, strategy: Strategy) {
+        let rid = RequestId::parse(id).expect("a request id");
+        if self.store.get(&rid).await.unwrap().is_none() {
+            self.store
+                .create(&recorded_row(id, spec, strategy), Vec::new())
+                .await
+                .unwrap();
+        }
     }
 
     fn map_roles(&self) -> Vec<Value> {
@@ -444,4 +490,117 @@ async fn owned_lists_what_carries_tollgate_marks() {
     let owned = r.aws_auth.owned(&r.cluster).await.unwrap();
     assert_eq!(owned.len(), 1, "{owned:?}");
     assert_eq!(owned[0].principal, SSO_ROLE_STRIPPED);
+}
+
+#[tokio::test]
+async fn bindings_the_store_did_not_create_are_left_alone() {
+    let r = rig(Strategy::SessionRbac).await;
+    let binding = |name: &str, labels: Value| {
+        json!({"metadata": {"name": name, "labels": labels},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+               "subjects": [{"kind": "User", "name": USER}]})
+    };
+    // Labels anyone with RBAC write can set: a grant id Tollgate never
+    // issued, and another installation's live grant.
+    r.kube.seed_rolebinding(
+        "a",
+        binding(
+            "forged",
+            json!({"app.kubernetes.io/managed-by": "tollgate", "tollgate.dev/grant": "R-GH0ST", "tollgate.dev/instance": "tollgate"}),
+        ),
+    );
+    r.kube.seed_clusterrolebinding(binding(
+        "tollgate-r-b1ue0",
+        json!({"app.kubernetes.io/managed-by": "tollgate", "tollgate.dev/grant": "R-B1VE0", "tollgate.dev/instance": "blue"}),
+    ));
+    let spec = rbac_spec("edit", &["a"]);
+    r.rbac(&[("R-7F3K2", &spec)]).await.unwrap();
+    let made = r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
+        .expect("ours");
+    assert_eq!(
+        made["metadata"]["labels"]["tollgate.dev/instance"],
+        "tollgate"
+    );
+
+    let owned = r.rbac.owned(&r.cluster).await.unwrap();
+    let mut objects: Vec<&str> = owned.iter().map(|o| o.object.as_str()).collect();
+    objects.sort();
+    assert_eq!(
+        objects,
+        vec!["RoleBinding a/forged", "RoleBinding a/tollgate-r-7f3k2"],
+        "another installation's binding is not listed"
+    );
+
+    for _ in 0..2 {
+        r.rbac(&[]).await.unwrap();
+    }
+    assert!(r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
+        .is_none());
+    assert!(r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "forged")
+        .is_some());
+    assert!(r
+        .kube
+        .get_object(Kind::ClusterRoleBinding, "", "tollgate-r-b1ue0")
+        .is_some());
+}
+
+#[tokio::test]
+async fn missing_bindings_are_reported_per_grant() {
+    let r = rig(Strategy::SessionRbac).await;
+    let two = rbac_spec("edit", &["a", "b"]);
+    let wide = rbac_spec("view", &[]);
+    r.rbac(&[("R-AAAAA", &two), ("R-BBBBB", &wide)])
+        .await
+        .unwrap();
+    let expires = Some(*r.clock.0.lock().unwrap() + Duration::from_secs(3600));
+    let grants = [
+        InForce {
+            grant_id: "R-AAAAA",
+            spec: &two,
+            expires_at: expires,
+        },
+        InForce {
+            grant_id: "R-BBBBB",
+            spec: &wide,
+            expires_at: expires,
+        },
+    ];
+    assert!(r
+        .rbac
+        .missing(&r.cluster, USER, &grants)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(r
+        .kube
+        .delete_object(Kind::RoleBinding, "b", "tollgate-r-aaaaa"));
+    assert_eq!(
+        r.rbac.missing(&r.cluster, USER, &grants).await.unwrap(),
+        vec!["R-AAAAA".to_string()]
+    );
+}
+
+#[tokio::test]
+async fn a_refused_token_rebuilds_the_client_at_once() {
+    let r = rig(Strategy::SessionRbac).await;
+    r.rbac(&[]).await.unwrap();
+    assert_eq!(r.kube.tokens_seen().len(), 1);
+    // The API server refuses the token (rotated credentials, say): the
+    // next call must not keep using the client that holds it.
+    r.kube.fail_next("GET", 401);
+    let err = r.rbac(&[]).await.unwrap_err().to_string();
+    assert!(err.contains("401") || err.contains("Unauthorized"), "{err}");
+    r.advance(Duration::from_secs(1));
+    r.rbac(&[]).await.unwrap();
+    assert_eq!(
+        r.kube.tokens_seen().len(),
+        2,
+        "a fresh token right after the 401, not at the 10-minute rebuild"
+    );
 }

@@ -62,6 +62,7 @@ fn request(n: usize, state: State) -> Request {
                 cluster_role: None,
                 groups: vec![],
                 k8s_user: None,
+                strategy: None,
             },
             reason: format!("reason {n}"),
             duration: Duration::from_secs(3600),

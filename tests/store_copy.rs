@@ -115,6 +115,7 @@ fn request(n: usize) -> Request {
                 cluster_role: None,
                 groups: vec![],
                 k8s_user: None,
+                strategy: None,
             },
             reason: format!("ticket {n}"),
             duration: Duration::from_secs(3600),

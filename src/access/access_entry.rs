@@ -8,28 +8,64 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::aws::{describe_error, AwsClients};
-use super::{AccessEngine, AccessError, InForce, Owned};
-use crate::domain::grant::{desired_policies, plan_associations, Scope};
+use super::{store_knows, AccessEngine, AccessError, InForce, Owned};
+use crate::config::DEFAULT_INSTANCE;
+use crate::domain::grant::{desired_policies, plan_associations, scope_covers, Scope};
 use crate::domain::policy::ClusterPolicy;
+use crate::domain::request::Intent;
 use crate::store::Store;
 
 pub const TAG_MANAGED_BY: &str = "managed-by";
 pub const TAG_MANAGED_BY_VALUE: &str = "tollgate";
 pub const TAG_GRANT: &str = "tollgate-grant";
+pub const TAG_INSTANCE: &str = "tollgate-instance";
+/// The only entry type Tollgate creates; node, Fargate and Windows entries
+/// are never removed, whatever their tags say.
+pub const STANDARD: &str = "STANDARD";
 
 pub struct AccessEntryStrategy {
     clients: Arc<AwsClients>,
     store: Arc<dyn Store>,
+    instance: String,
 }
 
 struct Entry {
+    arn: Option<String>,
     tags: HashMap<String, String>,
     kubernetes_groups: Vec<String>,
+    kind: Option<String>,
+    username: Option<String>,
+}
+
+/// The user name EKS gives an entry created without one, which is how
+/// Tollgate creates them: any other name was set by someone else.
+pub fn default_username(principal: &str) -> Option<String> {
+    let (prefix, rest) = principal.split_once(":role/")?;
+    let account = prefix.rsplit(':').next()?;
+    let name = rest.rsplit('/').next()?;
+    Some(format!(
+        "arn:aws:sts::{account}:assumed-role/{name}/{{{{SessionName}}}}"
+    ))
 }
 
 impl Entry {
-    fn created_by_tollgate(&self) -> bool {
+    /// Carries Tollgate's marks for this installation (or, made before
+    /// installations were marked, for none). A mark is only a finding aid.
+    fn marked_for(&self, instance: &str) -> bool {
         self.tags.get(TAG_MANAGED_BY).map(String::as_str) == Some(TAG_MANAGED_BY_VALUE)
+            && self.tags.get(TAG_INSTANCE).is_none_or(|i| i == instance)
+    }
+
+    /// Nothing on the entry was set by anyone but Tollgate: a standard
+    /// entry with no Kubernetes groups and the user name EKS chose.
+    fn plain(&self, principal: &str) -> bool {
+        let username_ok = match self.username.as_deref() {
+            None | Some("") => true,
+            Some(u) => Some(u) == default_username(principal).as_deref() || u == principal,
+        };
+        self.kind.as_deref().is_none_or(|k| k == STANDARD)
+            && self.kubernetes_groups.is_empty()
+            && username_ok
     }
 }
 
@@ -72,7 +108,17 @@ fn from_aws_scope(scope: Option<&AccessScope>) -> Scope {
 
 impl AccessEntryStrategy {
     pub fn new(clients: Arc<AwsClients>, store: Arc<dyn Store>) -> Self {
-        AccessEntryStrategy { clients, store }
+        AccessEntryStrategy {
+            clients,
+            store,
+            instance: DEFAULT_INSTANCE.into(),
+        }
+    }
+
+    /// The installation name written on every entry (`[server] instance`).
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = instance.to_string();
+        self
     }
 
     async fn describe_entry(
@@ -88,17 +134,18 @@ impl AccessEntryStrategy {
             .send()
             .await
         {
-            Ok(out) => Ok(Some(Entry {
-                tags: out
-                    .access_entry()
-                    .and_then(|e| e.tags())
-                    .cloned()
-                    .unwrap_or_default(),
-                kubernetes_groups: out
-                    .access_entry()
-                    .map(|e| e.kubernetes_groups().to_vec())
-                    .unwrap_or_default(),
-            })),
+            Ok(out) => {
+                let entry = out.access_entry();
+                Ok(Some(Entry {
+                    arn: entry.and_then(|e| e.access_entry_arn()).map(str::to_string),
+                    tags: entry.and_then(|e| e.tags()).cloned().unwrap_or_default(),
+                    kubernetes_groups: entry
+                        .map(|e| e.kubernetes_groups().to_vec())
+                        .unwrap_or_default(),
+                    kind: entry.and_then(|e| e.r#type()).map(str::to_string),
+                    username: entry.and_then(|e| e.username()).map(str::to_string),
+                }))
+            }
             // EKS answers "not found" alike for a missing entry and a missing
             // cluster; only the first means "nothing granted". Taking a
             // renamed or wrong-region cluster for an empty one would record
@@ -130,6 +177,7 @@ impl AccessEntryStrategy {
             .principal_arn(principal)
             .tags(TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE)
             .tags(TAG_GRANT, creator)
+            .tags(TAG_INSTANCE, &self.instance)
             .send()
             .await
         {
@@ -147,6 +195,61 @@ impl AccessEntryStrategy {
             }
             Err(e) => Err(aws_error(cluster, "CreateAccessEntry", &e)),
         }
+    }
+
+    /// An entry Tollgate created names the grant that created it; once that
+    /// grant has ended and others still use the entry, the tag is moved to
+    /// one of them, so the entry stays provably Tollgate's even after the
+    /// first grant's row is pruned from the store.
+    async fn hand_over(
+        &self,
+        eks: &aws_sdk_eks::Client,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        entry: &mut Entry,
+        grants: &[InForce<'_>],
+        creator: &str,
+    ) -> Result<(), AccessError> {
+        let named = entry.tags.get(TAG_GRANT).cloned();
+        let still_in_force = named
+            .as_deref()
+            .is_some_and(|n| grants.iter().any(|g| g.grant_id == n));
+        if grants.is_empty()
+            || still_in_force
+            || !grants.iter().any(|g| g.grant_id == creator)
+            || !entry.marked_for(&self.instance)
+        {
+            return Ok(());
+        }
+        let Some(arn) = entry.arn.clone() else {
+            return Ok(());
+        };
+        let object = Intent::AccessEntry {
+            principal: principal.to_string(),
+        };
+        if !store_knows(
+            self.store.as_ref(),
+            &cluster.name,
+            named.as_deref(),
+            &object,
+        )
+        .await?
+        {
+            return Ok(());
+        }
+        eks.tag_resource()
+            .resource_arn(&arn)
+            .tags(TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE)
+            .tags(TAG_GRANT, creator)
+            .tags(TAG_INSTANCE, &self.instance)
+            .send()
+            .await
+            .map_err(|e| aws_error(cluster, "TagResource", &e))?;
+        entry.tags.insert(TAG_GRANT.into(), creator.into());
+        entry
+            .tags
+            .insert(TAG_INSTANCE.into(), self.instance.clone());
+        Ok(())
     }
 
     async fn associations(
@@ -185,36 +288,6 @@ impl AccessEntryStrategy {
 
 #[async_trait]
 impl AccessEngine for AccessEntryStrategy {
-    async fn remove_orphan(
-        &self,
-        cluster: &ClusterPolicy,
-        object: &Owned,
-    ) -> Result<(), AccessError> {
-        let eks = self.clients.eks(cluster).await;
-        let Some(entry) = self
-            .describe_entry(&eks, cluster, &object.principal)
-            .await?
-        else {
-            return Ok(());
-        };
-        // Re-checked here: only an entry that still carries Tollgate's tag,
-        // for the same unknown grant, goes.
-        if !entry.created_by_tollgate() || entry.tags.get(TAG_GRANT) != object.grant_id.as_ref() {
-            return Ok(());
-        }
-        match eks
-            .delete_access_entry()
-            .cluster_name(&cluster.name)
-            .principal_arn(&object.principal)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_code(&e, "ResourceNotFoundException") => Ok(()),
-            Err(e) => Err(aws_error(cluster, "DeleteAccessEntry", &e)),
-        }
-    }
-
     async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
         let eks = self.clients.eks(cluster).await;
         let mut principals = Vec::new();
@@ -238,15 +311,47 @@ impl AccessEngine for AccessEntryStrategy {
             let Some(entry) = self.describe_entry(&eks, cluster, &principal).await? else {
                 continue;
             };
-            if entry.created_by_tollgate() {
+            if entry.marked_for(&self.instance) {
                 out.push(Owned {
                     grant_id: entry.tags.get(TAG_GRANT).cloned(),
+                    instance: entry.tags.get(TAG_INSTANCE).cloned(),
+                    intent: Some(Intent::AccessEntry {
+                        principal: principal.clone(),
+                    }),
                     principal,
                     object: "access entry".into(),
                 });
             }
         }
         Ok(out)
+    }
+
+    async fn missing(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<Vec<String>, AccessError> {
+        if grants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let eks = self.clients.eks(cluster).await;
+        // Whoever made the entry: a grant on an entry that existed before
+        // Tollgate is in place when its association is.
+        let current = match self.describe_entry(&eks, cluster, principal).await? {
+            Some(_) => self.associations(&eks, cluster, principal).await?,
+            None => BTreeMap::new(),
+        };
+        Ok(grants
+            .iter()
+            .filter(|g| match &g.spec.policy_arn {
+                Some(policy) => !current
+                    .get(policy)
+                    .is_some_and(|scope| scope_covers(scope, &g.spec.namespaces)),
+                None => false,
+            })
+            .map(|g| g.grant_id.to_string())
+            .collect())
     }
 
     async fn converge(
@@ -266,17 +371,25 @@ impl AccessEngine for AccessEntryStrategy {
         } else {
             self.create_entry(&eks, cluster, principal, creator).await?
         };
-        let entry = if created {
+        let mut entry = if created {
             Some(Entry {
+                arn: None,
                 tags: HashMap::from([
                     (TAG_MANAGED_BY.to_string(), TAG_MANAGED_BY_VALUE.to_string()),
                     (TAG_GRANT.to_string(), creator.to_string()),
+                    (TAG_INSTANCE.to_string(), self.instance.clone()),
                 ]),
                 kubernetes_groups: Vec::new(),
+                kind: Some(STANDARD.into()),
+                username: None,
             })
         } else {
             self.describe_entry(&eks, cluster, principal).await?
         };
+        if let Some(e) = entry.as_mut().filter(|_| !created) {
+            self.hand_over(&eks, cluster, principal, e, grants, creator)
+                .await?;
+        }
         let current = match entry {
             Some(_) if !created => self.associations(&eks, cluster, principal).await?,
             _ => BTreeMap::new(),
@@ -322,13 +435,26 @@ impl AccessEngine for AccessEntryStrategy {
                 .forget_baselines(&cluster.name, principal, &plan.forget_baselines)
                 .await?;
         }
-        // An entry Tollgate created goes once nothing at all is associated
-        // with it and nobody has mapped Kubernetes groups onto it; an entry
-        // someone else made stays whatever happens.
-        let deletable = entry
-            .as_ref()
-            .is_some_and(|e| e.created_by_tollgate() && e.kubernetes_groups.is_empty());
-        if !plan.needs_entry && deletable {
+        // An entry goes only when Tollgate's store says this installation
+        // created it (the tag names a grant whose row recorded the entry),
+        // nothing at all is associated with it, and nothing on it was set
+        // by anyone else. Tags alone prove nothing: anyone allowed to tag
+        // can forge them.
+        let deletable = match &entry {
+            Some(e) if !plan.needs_entry && e.marked_for(&self.instance) && e.plain(principal) => {
+                store_knows(
+                    self.store.as_ref(),
+                    &cluster.name,
+                    e.tags.get(TAG_GRANT).map(String::as_str),
+                    &Intent::AccessEntry {
+                        principal: principal.to_string(),
+                    },
+                )
+                .await?
+            }
+            _ => false,
+        };
+        if deletable {
             let remaining = self.associations(&eks, cluster, principal).await?;
             if remaining.is_empty() {
                 match eks
@@ -365,4 +491,36 @@ pub async fn authentication_mode(
         .and_then(|c| c.access_config())
         .and_then(|a| a.authentication_mode())
         .map(|m| m.as_str().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eks_default_username_is_recognised() {
+        assert_eq!(
+            default_username("arn:aws:iam::111122223333:role/team/alice").as_deref(),
+            Some("arn:aws:sts::111122223333:assumed-role/alice/{{SessionName}}")
+        );
+        assert_eq!(default_username("arn:aws:iam::111122223333:user/bob"), None);
+        let entry = |username: Option<&str>, groups: &[&str], kind: &str| Entry {
+            arn: None,
+            tags: HashMap::new(),
+            kubernetes_groups: groups.iter().map(|g| g.to_string()).collect(),
+            kind: Some(kind.into()),
+            username: username.map(str::to_string),
+        };
+        let alice = "arn:aws:iam::111122223333:role/alice";
+        assert!(entry(None, &[], STANDARD).plain(alice));
+        assert!(entry(
+            Some("arn:aws:sts::111122223333:assumed-role/alice/{{SessionName}}"),
+            &[],
+            STANDARD
+        )
+        .plain(alice));
+        assert!(!entry(Some("admin"), &[], STANDARD).plain(alice));
+        assert!(!entry(None, &["system:masters"], STANDARD).plain(alice));
+        assert!(!entry(None, &[], "EC2_LINUX").plain(alice));
+    }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use super::kube::KubeClients;
 use super::{AccessEngine, AccessError, InForce, Owned};
 use crate::domain::policy::ClusterPolicy;
+use crate::domain::request::Intent;
 
 pub const NAMESPACE: &str = "kube-system";
 pub const NAME: &str = "aws-auth";
@@ -24,13 +25,7 @@ const MAX_ATTEMPTS: u32 = 8;
 /// EKS matches mapRoles entries against the role ARN without its path, so
 /// an SSO role's `/aws-reserved/sso.amazonaws.com/...` must be dropped.
 pub fn strip_role_path(arn: &str) -> String {
-    match arn.split_once(":role/") {
-        Some((prefix, rest)) => {
-            let name = rest.rsplit('/').next().unwrap_or(rest);
-            format!("{prefix}:role/{name}")
-        }
-        None => arn.to_string(),
-    }
+    crate::domain::grant::aws_auth_arn(arn)
 }
 
 /// Which list of aws-auth an ARN belongs in, and that list's ARN key.
@@ -189,17 +184,34 @@ fn error(cluster: &ClusterPolicy, operation: &'static str, message: String) -> A
 }
 
 pub async fn read(api: &Api<ConfigMap>, cluster: &ClusterPolicy) -> Result<ConfigMap, AccessError> {
-    match api.get(NAME).await {
-        Ok(cm) => Ok(cm),
-        Err(kube::Error::Api(s)) if s.code == 404 => Err(error(
+    api.get(NAME).await.map_err(|e| read_error(cluster, e))
+}
+
+fn read_error(cluster: &ClusterPolicy, e: kube::Error) -> AccessError {
+    match e {
+        kube::Error::Api(s) if s.code == 404 => error(
             cluster,
             "read aws-auth",
             format!(
                 "{NAMESPACE}/{NAME} does not exist on cluster {}; Tollgate never creates it",
                 cluster.name
             ),
-        )),
-        Err(e) => Err(error(cluster, "read aws-auth", e.to_string())),
+        ),
+        e => error(cluster, "read aws-auth", e.to_string()),
+    }
+}
+
+impl AwsAuthStrategy {
+    /// `read`, telling the client cache about a refused token.
+    async fn read(
+        &self,
+        api: &Api<ConfigMap>,
+        cluster: &ClusterPolicy,
+    ) -> Result<ConfigMap, AccessError> {
+        api.get(NAME).await.map_err(|e| {
+            self.kube.note_error(cluster, &e);
+            read_error(cluster, e)
+        })
     }
 }
 
@@ -215,6 +227,11 @@ pub fn owned_items(data: &BTreeMap<String, String>) -> Vec<Owned> {
             {
                 if is_grant_username(user) {
                     out.push(Owned {
+                        intent: Some(Intent::AwsAuthItem {
+                            arn: arn.to_ascii_lowercase(),
+                            username: user.to_string(),
+                        }),
+                        instance: None,
                         principal: arn,
                         grant_id: None,
                         object: format!("aws-auth {list} item for {user}"),
@@ -231,8 +248,33 @@ impl AccessEngine for AwsAuthStrategy {
     async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
         let client = self.kube.client(cluster).await?;
         let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
-        let cm = read(&api, cluster).await?;
+        let cm = self.read(&api, cluster).await?;
         Ok(owned_items(&cm.data.unwrap_or_default()))
+    }
+
+    async fn missing(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<Vec<String>, AccessError> {
+        if grants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.kube.client(cluster).await?;
+        let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
+        let data = self.read(&api, cluster).await?.data.unwrap_or_default();
+        let have = item_groups(&data, principal);
+        Ok(grants
+            .iter()
+            .filter(|g| {
+                let user = g.spec.k8s_user.as_deref().unwrap_or_default();
+                !have.iter().any(|(u, groups)| {
+                    u == user && g.spec.groups.iter().all(|want| groups.contains(want))
+                })
+            })
+            .map(|g| g.grant_id.to_string())
+            .collect())
     }
 
     async fn converge(
@@ -274,7 +316,7 @@ impl AccessEngine for AwsAuthStrategy {
         groups.sort();
         groups.dedup();
         for attempt in 0..MAX_ATTEMPTS {
-            let mut cm = read(&api, cluster).await?;
+            let mut cm = self.read(&api, cluster).await?;
             let data = cm.data.clone().unwrap_or_default();
             // With no grant in force the username comes from what Tollgate
             // wrote before: any item of this ARN whose user is Tollgate's.
@@ -300,7 +342,10 @@ impl AccessEngine for AwsAuthStrategy {
                     tracing::debug!(cluster = %cluster.name, attempt, "aws-auth changed underneath; retrying");
                     tokio::time::sleep(Duration::from_millis(base + jitter)).await;
                 }
-                Err(e) => return Err(error(cluster, "update aws-auth", e.to_string())),
+                Err(e) => {
+                    self.kube.note_error(cluster, &e);
+                    return Err(error(cluster, "update aws-auth", e.to_string()));
+                }
             }
         }
         Err(error(
@@ -309,6 +354,37 @@ impl AccessEngine for AwsAuthStrategy {
             format!("gave up after {MAX_ATTEMPTS} conflicting writes"),
         ))
     }
+}
+
+/// The (username, groups) of every item mapping `principal`'s ARN.
+fn item_groups(data: &BTreeMap<String, String>, principal: &str) -> Vec<(String, Vec<String>)> {
+    let arn = strip_role_path(principal);
+    let Ok((list, key)) = list_for(&arn) else {
+        return Vec::new();
+    };
+    let Some(text) = data.get(list) else {
+        return Vec::new();
+    };
+    let items: Vec<Value> = serde_yaml::from_str(text).unwrap_or_default();
+    let arn_key = arn.to_ascii_lowercase();
+    items
+        .iter()
+        .filter(|i| item_arn(i, key).as_deref() == Some(arn_key.as_str()))
+        .map(|i| {
+            let user = item_field(i, "username").unwrap_or_default().to_string();
+            let groups = i
+                .get("groups")
+                .and_then(Value::as_sequence)
+                .map(|g| {
+                    g.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (user, groups)
+        })
+        .collect()
 }
 
 fn existing_tollgate_user(data: &BTreeMap<String, String>, principal: &str) -> Option<String> {

@@ -30,6 +30,11 @@ pub struct KubeClients {
     aws: Arc<AwsClients>,
     clock: Arc<dyn Clock>,
     cache: Mutex<HashMap<String, Cached>>,
+    /// Clusters whose API server answered 401: their cached client is
+    /// rebuilt (with a fresh token) on the next call instead of failing
+    /// until the periodic rebuild. A plain lock, so error paths can mark a
+    /// cluster without awaiting.
+    evicted: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn connect_error(cluster: &ClusterPolicy, message: impl Into<String>) -> AccessError {
@@ -65,13 +70,31 @@ impl KubeClients {
             aws,
             clock,
             cache: Mutex::new(HashMap::new()),
+            evicted: Default::default(),
+        }
+    }
+
+    /// Called with every error a cluster's API server returns: a 401 means
+    /// the token was refused (rotated credentials, a clock jump), so the
+    /// client holding it is dropped.
+    pub fn note_error(&self, cluster: &ClusterPolicy, e: &kube::Error) {
+        if matches!(e, kube::Error::Api(status) if status.code == 401) {
+            tracing::warn!(cluster = %cluster.name, "API server refused Tollgate's token; rebuilding the client");
+            if let Ok(mut evicted) = self.evicted.lock() {
+                evicted.insert(cluster.name.clone());
+            }
         }
     }
 
     pub async fn client(&self, cluster: &ClusterPolicy) -> Result<kube::Client, AccessError> {
         let now = self.clock.now();
         let mut cache = self.cache.lock().await;
-        if let Some(c) = cache.get(&cluster.name) {
+        let evicted = self
+            .evicted
+            .lock()
+            .map(|mut e| e.remove(&cluster.name))
+            .unwrap_or(false);
+        if let Some(c) = cache.get(&cluster.name).filter(|_| !evicted) {
             if now - c.built_at < REFRESH_AFTER {
                 return Ok(c.client.clone());
             }

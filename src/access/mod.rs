@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 use crate::domain::policy::{ClusterPolicy, Strategy};
-use crate::domain::request::AccessSpec;
+use crate::domain::request::{AccessSpec, Intent};
 
 pub mod access_entry;
 pub mod aws;
@@ -49,6 +49,13 @@ pub struct Owned {
     pub grant_id: Option<String>,
     /// What it is, for logs and audit (`access entry`, `RoleBinding a/x`, …).
     pub object: String,
+    /// The installation it is marked with; `None` for objects made before
+    /// installations were marked. Objects of another installation are
+    /// never listed.
+    pub instance: Option<String>,
+    /// What its creator would have recorded before making it: compared
+    /// with the store's rows to tell Tollgate's objects from forgeries.
+    pub intent: Option<Intent>,
 }
 
 #[async_trait]
@@ -57,16 +64,16 @@ pub trait AccessEngine: Send + Sync + 'static {
     /// reconciler to compare with the grants in force.
     async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError>;
 
-    /// Removes an owned object whose grant the store has never heard of,
-    /// after `converge` has taken away what it knew to be Tollgate's. Only
-    /// the access-entry strategy has anything left to do then: an entry it
-    /// tagged, with associations it has no record of.
-    async fn remove_orphan(
+    /// The grants among `grants` whose access is not in place: what each
+    /// one needs (its association with a covering scope, its bindings, its
+    /// aws-auth item) is looked at, whoever made the object that holds it.
+    async fn missing(
         &self,
         _cluster: &ClusterPolicy,
-        _object: &Owned,
-    ) -> Result<(), AccessError> {
-        Ok(())
+        _principal: &str,
+        _grants: &[InForce<'_>],
+    ) -> Result<Vec<String>, AccessError> {
+        Ok(Vec::new())
     }
 
     /// Makes the cluster give `principal` exactly what `grants` need, plus
@@ -111,7 +118,23 @@ impl AccessEngine for DryRun {
     }
 }
 
-/// Dispatches to the strategy each cluster is configured with.
+/// Whether `store` says grant `grant_id` created `object` on `cluster`.
+pub async fn store_knows(
+    store: &dyn crate::store::Store,
+    cluster: &str,
+    grant_id: Option<&str>,
+    object: &Intent,
+) -> Result<bool, AccessError> {
+    let Some(id) = grant_id.and_then(crate::domain::request::RequestId::parse) else {
+        return Ok(false);
+    };
+    Ok(store.get(&id).await?.is_some_and(|row| {
+        row.access.cluster == cluster && crate::domain::grant::row_records(&row, object)
+    }))
+}
+
+/// Dispatches to the strategy each `ClusterPolicy` it is given names: the
+/// caller passes the cluster with the strategy a grant was made with.
 pub struct Engine {
     access_entry: access_entry::AccessEntryStrategy,
     session_rbac: session_rbac::SessionRbacStrategy,
@@ -123,10 +146,13 @@ impl Engine {
         clients: Arc<AwsClients>,
         kube: Arc<kube::KubeClients>,
         store: Arc<dyn crate::store::Store>,
+        instance: &str,
     ) -> Self {
         Engine {
-            access_entry: access_entry::AccessEntryStrategy::new(clients, store),
-            session_rbac: session_rbac::SessionRbacStrategy::new(kube.clone()),
+            access_entry: access_entry::AccessEntryStrategy::new(clients, store.clone())
+                .with_instance(instance),
+            session_rbac: session_rbac::SessionRbacStrategy::new(kube.clone(), store)
+                .with_instance(instance),
             aws_auth: aws_auth::AwsAuthStrategy::new(kube),
         }
     }
@@ -160,11 +186,14 @@ impl AccessEngine for Engine {
         self.strategy(cluster).owned(cluster).await
     }
 
-    async fn remove_orphan(
+    async fn missing(
         &self,
         cluster: &ClusterPolicy,
-        object: &Owned,
-    ) -> Result<(), AccessError> {
-        self.strategy(cluster).remove_orphan(cluster, object).await
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<Vec<String>, AccessError> {
+        self.strategy(cluster)
+            .missing(cluster, principal, grants)
+            .await
     }
 }

@@ -11,11 +11,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::kube::KubeClients;
-use super::{AccessEngine, AccessError, InForce, Owned};
+use super::{store_knows, AccessEngine, AccessError, InForce, Owned};
+use crate::config::DEFAULT_INSTANCE;
 use crate::domain::policy::ClusterPolicy;
+use crate::domain::request::Intent;
+use crate::store::Store;
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_GRANT: &str = "tollgate.dev/grant";
+pub const LABEL_INSTANCE: &str = "tollgate.dev/instance";
 pub const ANNOTATION_EXPIRES: &str = "tollgate.dev/expires-at";
 pub const MANAGED_BY: &str = "tollgate";
 
@@ -26,9 +30,7 @@ pub struct BindingKey {
     pub name: String,
 }
 
-pub fn binding_name(grant_id: &str) -> String {
-    format!("tollgate-{}", grant_id.to_ascii_lowercase())
-}
+pub use crate::domain::grant::binding_name;
 
 struct Desired {
     grant_id: String,
@@ -38,9 +40,30 @@ struct Desired {
 
 pub struct SessionRbacStrategy {
     kube: Arc<KubeClients>,
+    store: Arc<dyn Store>,
+    instance: String,
 }
 
-fn kube_error(cluster: &ClusterPolicy, operation: &'static str, e: kube::Error) -> AccessError {
+/// A binding as it is found: where, which grant it names, what it says.
+struct Found {
+    grant: Option<String>,
+    instance: Option<String>,
+    expires_at: Option<String>,
+}
+
+impl Found {
+    fn marked_for(&self, instance: &str) -> bool {
+        self.instance.as_deref().is_none_or(|i| i == instance)
+    }
+}
+
+fn kube_error(
+    kube: &KubeClients,
+    cluster: &ClusterPolicy,
+    operation: &'static str,
+    e: kube::Error,
+) -> AccessError {
+    kube.note_error(cluster, &e);
     AccessError::Aws {
         cluster: cluster.name.clone(),
         operation,
@@ -55,7 +78,7 @@ fn status_code(e: &kube::Error) -> Option<u16> {
     }
 }
 
-fn meta(key: &BindingKey, d: &Desired) -> ObjectMeta {
+fn meta(key: &BindingKey, d: &Desired, instance: &str) -> ObjectMeta {
     let mut annotations = BTreeMap::new();
     if let Some(exp) = &d.expires_at {
         annotations.insert(ANNOTATION_EXPIRES.to_string(), exp.clone());
@@ -66,6 +89,7 @@ fn meta(key: &BindingKey, d: &Desired) -> ObjectMeta {
         labels: Some(BTreeMap::from([
             (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
             (LABEL_GRANT.to_string(), d.grant_id.clone()),
+            (LABEL_INSTANCE.to_string(), instance.to_string()),
         ])),
         annotations: Some(annotations),
         ..Default::default()
@@ -113,40 +137,63 @@ fn annotate_expiry(meta: &mut ObjectMeta, d: &Desired) {
 }
 
 fn grant_label(meta: &ObjectMeta) -> Option<&str> {
+    label(meta, LABEL_GRANT)
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels
         .as_ref()
-        .and_then(|l| l.get(LABEL_GRANT))
+        .and_then(|l| l.get(key))
         .map(String::as_str)
 }
 
+fn found(meta: &ObjectMeta) -> Found {
+    Found {
+        grant: grant_label(meta).map(str::to_string),
+        instance: label(meta, LABEL_INSTANCE).map(str::to_string),
+        expires_at: expiry_of(meta),
+    }
+}
+
 impl SessionRbacStrategy {
-    pub fn new(kube: Arc<KubeClients>) -> Self {
-        SessionRbacStrategy { kube }
+    pub fn new(kube: Arc<KubeClients>, store: Arc<dyn Store>) -> Self {
+        SessionRbacStrategy {
+            kube,
+            store,
+            instance: DEFAULT_INSTANCE.into(),
+        }
     }
 
-    /// Tollgate's bindings for `user` that exist now, with the expiry each
-    /// carries.
+    /// The installation name written on every binding (`[server] instance`).
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = instance.to_string();
+        self
+    }
+
+    /// Bindings for `user` marked as this installation's that exist now,
+    /// with what each carries.
     async fn owned(
         &self,
         client: &kube::Client,
         cluster: &ClusterPolicy,
         user: &str,
-    ) -> Result<BTreeMap<BindingKey, Option<String>>, AccessError> {
+    ) -> Result<BTreeMap<BindingKey, Found>, AccessError> {
         let selector = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
         let mut out = BTreeMap::new();
         let rbs: Api<RoleBinding> = Api::all(client.clone());
         for rb in rbs
             .list(&selector)
             .await
-            .map_err(|e| kube_error(cluster, "list RoleBindings", e))?
+            .map_err(|e| kube_error(&self.kube, cluster, "list RoleBindings", e))?
         {
-            if for_user(rb.subjects.as_ref(), user) {
+            let f = found(&rb.metadata);
+            if for_user(rb.subjects.as_ref(), user) && f.marked_for(&self.instance) {
                 out.insert(
                     BindingKey {
                         namespace: rb.metadata.namespace.clone(),
                         name: rb.metadata.name.clone().unwrap_or_default(),
                     },
-                    expiry_of(&rb.metadata),
+                    f,
                 );
             }
         }
@@ -154,15 +201,16 @@ impl SessionRbacStrategy {
         for crb in crbs
             .list(&selector)
             .await
-            .map_err(|e| kube_error(cluster, "list ClusterRoleBindings", e))?
+            .map_err(|e| kube_error(&self.kube, cluster, "list ClusterRoleBindings", e))?
         {
-            if for_user(crb.subjects.as_ref(), user) {
+            let f = found(&crb.metadata);
+            if for_user(crb.subjects.as_ref(), user) && f.marked_for(&self.instance) {
                 out.insert(
                     BindingKey {
                         namespace: None,
                         name: crb.metadata.name.clone().unwrap_or_default(),
                     },
-                    expiry_of(&crb.metadata),
+                    f,
                 );
             }
         }
@@ -181,7 +229,7 @@ impl SessionRbacStrategy {
             Some(ns) => {
                 let api: Api<RoleBinding> = Api::namespaced(client.clone(), ns);
                 let rb = RoleBinding {
-                    metadata: meta(key, d),
+                    metadata: meta(key, d, &self.instance),
                     role_ref: role_ref(&d.cluster_role),
                     subjects: Some(subject(user)),
                 };
@@ -191,29 +239,35 @@ impl SessionRbacStrategy {
                         let existing = api
                             .get(&key.name)
                             .await
-                            .map_err(|e| kube_error(cluster, "get RoleBinding", e))?;
+                            .map_err(|e| kube_error(&self.kube, cluster, "get RoleBinding", e))?;
                         Err(grant_label(&existing.metadata).map(str::to_string))
                     }
-                    Err(e) => return Err(kube_error(cluster, "create RoleBinding", e)),
+                    Err(e) => return Err(kube_error(&self.kube, cluster, "create RoleBinding", e)),
                 }
             }
             None => {
                 let api: Api<ClusterRoleBinding> = Api::all(client.clone());
                 let crb = ClusterRoleBinding {
-                    metadata: meta(key, d),
+                    metadata: meta(key, d, &self.instance),
                     role_ref: role_ref(&d.cluster_role),
                     subjects: Some(subject(user)),
                 };
                 match api.create(&PostParams::default(), &crb).await {
                     Ok(_) => Ok(()),
                     Err(e) if status_code(&e) == Some(409) => {
-                        let existing = api
-                            .get(&key.name)
-                            .await
-                            .map_err(|e| kube_error(cluster, "get ClusterRoleBinding", e))?;
+                        let existing = api.get(&key.name).await.map_err(|e| {
+                            kube_error(&self.kube, cluster, "get ClusterRoleBinding", e)
+                        })?;
                         Err(grant_label(&existing.metadata).map(str::to_string))
                     }
-                    Err(e) => return Err(kube_error(cluster, "create ClusterRoleBinding", e)),
+                    Err(e) => {
+                        return Err(kube_error(
+                            &self.kube,
+                            cluster,
+                            "create ClusterRoleBinding",
+                            e,
+                        ))
+                    }
                 }
             }
         };
@@ -252,7 +306,7 @@ impl SessionRbacStrategy {
                     let mut rb = api
                         .get(&key.name)
                         .await
-                        .map_err(|e| kube_error(cluster, "get RoleBinding", e))?;
+                        .map_err(|e| kube_error(&self.kube, cluster, "get RoleBinding", e))?;
                     annotate_expiry(&mut rb.metadata, d);
                     api.replace(&key.name, &PostParams::default(), &rb)
                         .await
@@ -260,10 +314,9 @@ impl SessionRbacStrategy {
                 }
                 None => {
                     let api: Api<ClusterRoleBinding> = Api::all(client.clone());
-                    let mut crb = api
-                        .get(&key.name)
-                        .await
-                        .map_err(|e| kube_error(cluster, "get ClusterRoleBinding", e))?;
+                    let mut crb = api.get(&key.name).await.map_err(|e| {
+                        kube_error(&self.kube, cluster, "get ClusterRoleBinding", e)
+                    })?;
                     annotate_expiry(&mut crb.metadata, d);
                     api.replace(&key.name, &PostParams::default(), &crb)
                         .await
@@ -273,7 +326,7 @@ impl SessionRbacStrategy {
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if status_code(&e) == Some(409) => continue,
-                Err(e) => return Err(kube_error(cluster, "update binding expiry", e)),
+                Err(e) => return Err(kube_error(&self.kube, cluster, "update binding expiry", e)),
             }
         }
         Err(AccessError::Aws {
@@ -302,7 +355,7 @@ impl SessionRbacStrategy {
         match result {
             Ok(()) => Ok(()),
             Err(e) if status_code(&e) == Some(404) => Ok(()),
-            Err(e) => Err(kube_error(cluster, "delete binding", e)),
+            Err(e) => Err(kube_error(&self.kube, cluster, "delete binding", e)),
         }
     }
 }
@@ -325,12 +378,21 @@ impl AccessEngine for SessionRbacStrategy {
         for rb in rbs
             .list(&selector)
             .await
-            .map_err(|e| kube_error(cluster, "list RoleBindings", e))?
+            .map_err(|e| kube_error(&self.kube, cluster, "list RoleBindings", e))?
         {
+            let f = found(&rb.metadata);
+            if !f.marked_for(&self.instance) {
+                continue;
+            }
             for principal in users(rb.subjects.as_ref()) {
                 out.push(Owned {
                     principal,
-                    grant_id: grant_label(&rb.metadata).map(str::to_string),
+                    grant_id: f.grant.clone(),
+                    instance: f.instance.clone(),
+                    intent: Some(Intent::Binding {
+                        namespace: rb.metadata.namespace.clone(),
+                        name: rb.metadata.name.clone().unwrap_or_default(),
+                    }),
                     object: format!(
                         "RoleBinding {}/{}",
                         rb.metadata.namespace.as_deref().unwrap_or_default(),
@@ -343,12 +405,21 @@ impl AccessEngine for SessionRbacStrategy {
         for crb in crbs
             .list(&selector)
             .await
-            .map_err(|e| kube_error(cluster, "list ClusterRoleBindings", e))?
+            .map_err(|e| kube_error(&self.kube, cluster, "list ClusterRoleBindings", e))?
         {
+            let f = found(&crb.metadata);
+            if !f.marked_for(&self.instance) {
+                continue;
+            }
             for principal in users(crb.subjects.as_ref()) {
                 out.push(Owned {
                     principal,
-                    grant_id: grant_label(&crb.metadata).map(str::to_string),
+                    grant_id: f.grant.clone(),
+                    instance: f.instance.clone(),
+                    intent: Some(Intent::Binding {
+                        namespace: None,
+                        name: crb.metadata.name.clone().unwrap_or_default(),
+                    }),
                     object: format!(
                         "ClusterRoleBinding {}",
                         crb.metadata.name.as_deref().unwrap_or_default()
@@ -400,15 +471,68 @@ impl AccessEngine for SessionRbacStrategy {
             match existing.get(key) {
                 None => self.create(&client, cluster, user, key, d).await?,
                 // An extension moved the expiry: the binding says so too.
-                Some(shown) if *shown != d.expires_at => {
+                Some(shown) if shown.expires_at != d.expires_at => {
                     self.set_expiry(&client, cluster, key, d).await?
                 }
                 Some(_) => {}
             }
         }
-        for key in existing.keys().filter(|k| !desired.contains_key(*k)) {
-            self.delete(&client, cluster, key).await?;
+        for (key, f) in existing.iter().filter(|(k, _)| !desired.contains_key(*k)) {
+            // Only a binding the store says a grant created goes; one that
+            // merely carries the labels is someone else's.
+            let object = Intent::Binding {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+            };
+            if store_knows(
+                self.store.as_ref(),
+                &cluster.name,
+                f.grant.as_deref(),
+                &object,
+            )
+            .await?
+            {
+                self.delete(&client, cluster, key).await?;
+            } else {
+                tracing::warn!(cluster = %cluster.name, binding = %key.name, grant = ?f.grant, "binding carries Tollgate's labels but its store did not create it; left alone");
+            }
         }
         Ok(())
+    }
+
+    async fn missing(
+        &self,
+        cluster: &ClusterPolicy,
+        user: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<Vec<String>, AccessError> {
+        if grants.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.kube.client(cluster).await?;
+        let existing = self.owned(&client, cluster, user).await?;
+        Ok(grants
+            .iter()
+            .filter(|g| {
+                let name = binding_name(g.grant_id);
+                let keys: Vec<BindingKey> = if g.spec.namespaces.is_empty() {
+                    vec![BindingKey {
+                        namespace: None,
+                        name,
+                    }]
+                } else {
+                    g.spec
+                        .namespaces
+                        .iter()
+                        .map(|ns| BindingKey {
+                            namespace: Some(ns.clone()),
+                            name: name.clone(),
+                        })
+                        .collect()
+                };
+                g.spec.cluster_role.is_some() && keys.iter().any(|k| !existing.contains_key(k))
+            })
+            .map(|g| g.grant_id.to_string())
+            .collect())
     }
 }

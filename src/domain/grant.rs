@@ -6,7 +6,8 @@
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::request::AccessSpec;
+use super::policy::{ClusterPolicy, Strategy};
+use super::request::{AccessSpec, Intent, Request};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Scope {
@@ -126,6 +127,153 @@ pub fn plan_associations(
     plan
 }
 
+/// The name of a grant's RoleBindings / ClusterRoleBinding (spec 8.3).
+pub fn binding_name(grant_id: &str) -> String {
+    format!("tollgate-{}", grant_id.to_ascii_lowercase())
+}
+
+/// The aws-auth username of a grant: what its item is matched by.
+pub fn aws_auth_arn(principal: &str) -> String {
+    match principal.split_once(":role/") {
+        Some((prefix, rest)) => {
+            let name = rest.rsplit('/').next().unwrap_or(rest);
+            format!("{prefix}:role/{name}")
+        }
+        None => principal.to_string(),
+    }
+}
+
+/// Everything converging `spec` with `strategy` may create: recorded on the
+/// grant's row before the first create call, so that "created by
+/// Tollgate" is something its store says, not something a tag claims.
+pub fn intents_for(strategy: Strategy, grant_id: &str, spec: &AccessSpec) -> Vec<Intent> {
+    let mut out = Vec::new();
+    match strategy {
+        Strategy::AccessEntry => {
+            out.push(Intent::AccessEntry {
+                principal: spec.principal.clone(),
+            });
+            if let Some(policy) = &spec.policy_arn {
+                out.push(Intent::Association {
+                    principal: spec.principal.clone(),
+                    policy: policy.clone(),
+                });
+            }
+        }
+        Strategy::SessionRbac => {
+            let name = binding_name(grant_id);
+            if spec.namespaces.is_empty() {
+                out.push(Intent::Binding {
+                    namespace: None,
+                    name,
+                });
+            } else {
+                for ns in &spec.namespaces {
+                    out.push(Intent::Binding {
+                        namespace: Some(ns.clone()),
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        Strategy::AwsAuth => {
+            if let Some(user) = &spec.k8s_user {
+                out.push(Intent::AwsAuthItem {
+                    arn: aws_auth_arn(&spec.principal).to_ascii_lowercase(),
+                    username: user.clone(),
+                });
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Why a grant approved as `spec` may not be made under the current
+/// configuration of `cluster`, if it may not: the role it names must still
+/// give exactly what was approved (strategy, access policy, ClusterRole,
+/// groups). An approver approved a precise change; a config edit since
+/// then must not turn it into another one.
+pub fn role_changed(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String> {
+    let Some(role) = cluster.roles.get(&spec.role) else {
+        return Some(format!(
+            "the role changed since approval: {} no longer has a role `{}`",
+            cluster.name, spec.role
+        ));
+    };
+    let stored = spec.strategy_or(cluster.strategy);
+    let differs = if stored != cluster.strategy {
+        Some(format!(
+            "strategy {} is now {}",
+            stored.name(),
+            cluster.strategy.name()
+        ))
+    } else {
+        match stored {
+            Strategy::AccessEntry if spec.policy_arn != role.access_policy => Some(format!(
+                "access policy {} is now {}",
+                spec.policy_arn.as_deref().unwrap_or("none"),
+                role.access_policy.as_deref().unwrap_or("none")
+            )),
+            Strategy::SessionRbac if spec.cluster_role != role.cluster_role => Some(format!(
+                "ClusterRole {} is now {}",
+                spec.cluster_role.as_deref().unwrap_or("none"),
+                role.cluster_role.as_deref().unwrap_or("none")
+            )),
+            Strategy::AwsAuth if spec.groups != role.groups => Some(format!(
+                "groups [{}] are now [{}]",
+                spec.groups.join(", "),
+                role.groups.join(", ")
+            )),
+            _ => None,
+        }
+    };
+    differs.map(|what| {
+        format!(
+            "the role changed since approval: role `{}` on {}: {what}; nothing was granted, request it again",
+            spec.role, cluster.name
+        )
+    })
+}
+
+/// Whether `row` says it created `object`: the one test of "created by
+/// Tollgate" (spec 9.2). A row from before intents were recorded (none
+/// stored) adopts an object that matches what it would have created: its
+/// own principal's entry and associations, bindings named after it, its
+/// principal's aws-auth item under its username.
+pub fn row_records(row: &Request, object: &Intent) -> bool {
+    if row.intents.contains(object) {
+        return true;
+    }
+    if !row.intents.is_empty() {
+        return false;
+    }
+    let spec = &row.access;
+    match object {
+        Intent::AccessEntry { principal } => *principal == spec.principal,
+        Intent::Association { principal, policy } => {
+            *principal == spec.principal && spec.policy_arn.as_deref() == Some(policy.as_str())
+        }
+        Intent::Binding { name, .. } => *name == binding_name(row.id.as_str()),
+        Intent::AwsAuthItem { arn, username } => {
+            aws_auth_arn(&spec.principal).eq_ignore_ascii_case(arn)
+                && spec.k8s_user.as_deref() == Some(username.as_str())
+        }
+    }
+}
+
+/// Whether an association with `scope` gives what a grant for
+/// `namespaces` needs (empty = cluster-wide).
+pub fn scope_covers(scope: &Scope, namespaces: &[String]) -> bool {
+    match scope {
+        Scope::Cluster => true,
+        Scope::Namespaces(have) => {
+            !namespaces.is_empty() && namespaces.iter().all(|n| have.contains(n))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +291,7 @@ mod tests {
             cluster_role: None,
             groups: vec![],
             k8s_user: None,
+            strategy: None,
         }
     }
 
@@ -217,5 +366,168 @@ mod tests {
         assert!(plan.associate.iter().all(|(p, _)| p != VIEW));
         let plan = plan_associations(&current, &BTreeMap::new(), &Baselines::new());
         assert_eq!(plan, AssociationPlan::default());
+    }
+
+    fn granted(id: &str, spec: AccessSpec, intents: Vec<Intent>) -> Request {
+        let mut row = Request::pending(
+            crate::domain::request::Asked {
+                id: crate::domain::request::RequestId::parse(id).unwrap(),
+                requester: crate::domain::request::Requester {
+                    user_id: "U1".into(),
+                    email: "alice@example.com".into(),
+                    tz: None,
+                    tz_offset_secs: 0,
+                },
+                access: spec,
+                reason: String::new(),
+                duration: std::time::Duration::from_secs(60),
+                approval_timeout: std::time::Duration::from_secs(60),
+                required_approvals: 1,
+                response_url: None,
+            },
+            time::OffsetDateTime::UNIX_EPOCH,
+        );
+        row.intents = intents;
+        row
+    }
+
+    #[test]
+    fn intents_name_what_each_strategy_creates() {
+        let mut s = spec(EDIT, &["b", "a"]);
+        s.principal = "arn:aws:iam::1:role/x/alice".into();
+        s.k8s_user = Some("tollgate:alice@example.com".into());
+        assert_eq!(
+            intents_for(Strategy::AccessEntry, "R-AAAAA", &s),
+            vec![
+                Intent::AccessEntry {
+                    principal: s.principal.clone()
+                },
+                Intent::Association {
+                    principal: s.principal.clone(),
+                    policy: EDIT.into()
+                },
+            ]
+        );
+        assert_eq!(
+            intents_for(Strategy::SessionRbac, "R-AAAAA", &s),
+            vec![
+                Intent::Binding {
+                    namespace: Some("a".into()),
+                    name: "tollgate-r-aaaaa".into()
+                },
+                Intent::Binding {
+                    namespace: Some("b".into()),
+                    name: "tollgate-r-aaaaa".into()
+                },
+            ]
+        );
+        assert_eq!(
+            intents_for(Strategy::AwsAuth, "R-AAAAA", &s),
+            vec![Intent::AwsAuthItem {
+                arn: "arn:aws:iam::1:role/alice".into(),
+                username: "tollgate:alice@example.com".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_row_records_only_what_it_said_it_would_create() {
+        let s = spec(VIEW, &[]);
+        let alice = Intent::AccessEntry {
+            principal: "p".into(),
+        };
+        let admin = Intent::AccessEntry {
+            principal: "arn:aws:iam::1:role/admin".into(),
+        };
+        let row = granted(
+            "R-AAAAA",
+            s.clone(),
+            intents_for(Strategy::AccessEntry, "R-AAAAA", &s),
+        );
+        assert!(row_records(&row, &alice));
+        assert!(
+            !row_records(&row, &admin),
+            "a real grant id on someone else's entry"
+        );
+        // A row from before intents were recorded adopts only what it would
+        // have created: its own principal's entry and policy.
+        let legacy = granted("R-AAAAA", s.clone(), Vec::new());
+        assert!(row_records(&legacy, &alice));
+        assert!(!row_records(&legacy, &admin));
+        assert!(row_records(
+            &legacy,
+            &Intent::Association {
+                principal: "p".into(),
+                policy: VIEW.into()
+            }
+        ));
+        assert!(!row_records(
+            &legacy,
+            &Intent::Association {
+                principal: "p".into(),
+                policy: EDIT.into()
+            }
+        ));
+        assert!(row_records(
+            &legacy,
+            &Intent::Binding {
+                namespace: None,
+                name: "tollgate-r-aaaaa".into()
+            }
+        ));
+        assert!(!row_records(
+            &legacy,
+            &Intent::Binding {
+                namespace: None,
+                name: "tollgate-r-bbbbb".into()
+            }
+        ));
+    }
+
+    #[test]
+    fn a_role_changed_since_approval_is_named() {
+        let cluster = crate::domain::policy::tests::cluster();
+        let mut s = spec("arn:aws:eks::aws:cluster-access-policy/view", &[]);
+        s.cluster = "prod".into();
+        s.role = "view".into();
+        s.strategy = Some(Strategy::AccessEntry);
+        assert_eq!(role_changed(&cluster, &s), None);
+        // A row written before the strategy was stored reads as what its
+        // fields say.
+        s.strategy = None;
+        assert_eq!(role_changed(&cluster, &s), None);
+
+        let mut admin = s.clone();
+        admin.policy_arn =
+            Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy".into());
+        let why = role_changed(&cluster, &admin).unwrap();
+        assert!(why.starts_with("the role changed since approval"), "{why}");
+        assert!(why.contains("AmazonEKSClusterAdminPolicy"), "{why}");
+
+        let mut gone = s.clone();
+        gone.role = "debug".into();
+        assert!(role_changed(&cluster, &gone)
+            .unwrap()
+            .contains("no longer has a role"));
+
+        let mut rbac = cluster.clone();
+        rbac.strategy = Strategy::SessionRbac;
+        let mut stored = s.clone();
+        stored.strategy = Some(Strategy::AccessEntry);
+        assert!(role_changed(&rbac, &stored)
+            .unwrap()
+            .contains("strategy access-entry is now session-rbac"));
+    }
+
+    #[test]
+    fn scopes_cover_what_a_grant_needs() {
+        assert!(scope_covers(&Scope::Cluster, &[]));
+        assert!(scope_covers(&Scope::Cluster, &["a".into()]));
+        assert!(scope_covers(&ns(&["a", "b"]), &["a".into()]));
+        assert!(!scope_covers(&ns(&["a"]), &["a".into(), "b".into()]));
+        assert!(
+            !scope_covers(&ns(&["a"]), &[]),
+            "namespaces never cover cluster-wide"
+        );
     }
 }

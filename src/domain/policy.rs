@@ -8,7 +8,8 @@ use super::command::RequestArgs;
 use super::duration::{format_duration, parse_in_range, DurationRange};
 use super::text::{clip, escape_slack};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     AccessEntry,
     SessionRbac,

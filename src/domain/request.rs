@@ -1,6 +1,7 @@
 //! Requests, their ids and the one function that says which state changes are
 //! legal (spec section 2).
 
+use super::policy::Strategy;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -237,6 +238,55 @@ pub struct AccessSpec {
     /// The Kubernetes user name the grant is for (`tollgate:<email>`).
     #[serde(default)]
     pub k8s_user: Option<String>,
+    /// The cluster's strategy when the request was made. Revoke uses it
+    /// whatever the configuration says later; rows written before it was
+    /// stored have none and are read by `strategy_or`.
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+}
+
+impl AccessSpec {
+    /// The strategy this grant was (or will be) made with. A row without a
+    /// stored strategy is told apart by the fields only one strategy fills;
+    /// `current` (the cluster's configured one) decides the rest.
+    pub fn strategy_or(&self, current: Strategy) -> Strategy {
+        if let Some(s) = self.strategy {
+            return s;
+        }
+        if self.policy_arn.is_some() {
+            Strategy::AccessEntry
+        } else if self.cluster_role.is_some() {
+            Strategy::SessionRbac
+        } else if !self.groups.is_empty() {
+            Strategy::AwsAuth
+        } else {
+            current
+        }
+    }
+}
+
+/// Something a grant is about to create, recorded on its row before the
+/// create call: what lets the reconciler tell Tollgate's objects from
+/// objects that merely carry its marks.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Intent {
+    AccessEntry {
+        principal: String,
+    },
+    Association {
+        principal: String,
+        policy: String,
+    },
+    Binding {
+        #[serde(default)]
+        namespace: Option<String>,
+        name: String,
+    },
+    AwsAuthItem {
+        arn: String,
+        username: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +348,10 @@ pub struct Request {
     /// replica that dies holding it is replaced once it lapses.
     #[serde(default)]
     pub claim: Option<Claim>,
+    /// What this grant's converges may create, written before the first
+    /// create call. Empty on rows from before intents were recorded.
+    #[serde(default)]
+    pub intents: Vec<Intent>,
 }
 
 /// What a new request asks for, before any decision.
@@ -416,6 +470,7 @@ impl Request {
             remind_at: None,
             card_copies: Vec::new(),
             claim: None,
+            intents: Vec::new(),
         }
     }
 

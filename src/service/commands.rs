@@ -266,6 +266,7 @@ impl Service {
                         Vec::new()
                     },
                     k8s_user: Some(k8s_user),
+                    strategy: Some(cluster.strategy),
                 },
                 reason: resolved.reason.clone(),
                 duration: resolved.duration,

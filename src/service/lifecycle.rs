@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::{Change, Notice, Service};
 use crate::access::InForce;
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
+use crate::domain::grant::{intents_for, role_changed};
 use crate::domain::request::{
     reminder_time, Claim, Event, Request, RequestId, RevokeIntent, RevokeReason, State,
 };
@@ -233,14 +234,27 @@ impl Service {
         others: &[Request],
         include: Option<OffsetDateTime>,
     ) -> Result<(), String> {
-        let cluster = self.config.cluster(&req.access.cluster).ok_or_else(|| {
+        let configured = self.config.cluster(&req.access.cluster).ok_or_else(|| {
             format!(
                 "cluster {} is no longer in the configuration",
                 req.access.cluster
             )
         })?;
+        // The strategy the grant was made with, whatever the configuration
+        // says now: a cluster switched to another strategy mid-grant still
+        // has this grant's objects removed the way they were made.
+        let strategy = req.access.strategy_or(configured.strategy);
+        let cluster = if strategy == configured.strategy {
+            std::borrow::Cow::Borrowed(configured)
+        } else {
+            let mut c = configured.clone();
+            c.strategy = strategy;
+            std::borrow::Cow::Owned(c)
+        };
+        let cluster = cluster.as_ref();
         let mut grants: Vec<InForce<'_>> = others
             .iter()
+            .filter(|g| g.access.strategy_or(configured.strategy) == strategy)
             .map(|g| InForce {
                 grant_id: g.id.as_str(),
                 spec: &g.access,
@@ -377,6 +391,31 @@ impl Service {
         }
         let started = std::time::Instant::now();
 
+        if !req.grant_abandoned() {
+            // An approver approved a precise change; a role edited since
+            // then fails the grant rather than granting something else.
+            if let Some(changed) = self
+                .config
+                .cluster(&req.access.cluster)
+                .and_then(|c| role_changed(c, &req.access))
+            {
+                tracing::error!(request_id = %id, error = %changed, "grant refused");
+                // Only a row that recorded intents can have left anything.
+                let cleanup = if req.intents.is_empty() {
+                    None
+                } else {
+                    self.converge_for(&req, None, now).await.err()
+                };
+                let _ = self.record_grant_failure(&req, changed, cleanup).await;
+                return;
+            }
+            // What the converge may create is in the store before any
+            // create call: that record, not a tag, makes it Tollgate's.
+            if !self.record_intents(&req).await {
+                return;
+            }
+        }
+
         // A grant that failed, or was revoked before it was made, is only
         // ever converged away; it becomes terminal once that succeeds, so
         // nothing it may have left behind goes unrecorded.
@@ -480,6 +519,41 @@ impl Service {
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(request_id = %id, error = %e, "grant step made but not recorded; it will be driven again")
+            }
+        }
+    }
+
+    /// Writes on the row, in one CAS write, what granting it may create;
+    /// false when the row could not be written (the step runs again).
+    async fn record_intents(&self, req: &Request) -> bool {
+        let Some(cluster) = self.config.cluster(&req.access.cluster) else {
+            // The converge reports the missing cluster.
+            return true;
+        };
+        let strategy = req.access.strategy_or(cluster.strategy);
+        let wanted = intents_for(strategy, req.id.as_str(), &req.access);
+        if wanted.iter().all(|i| req.intents.contains(i)) {
+            return true;
+        }
+        let written = self
+            .modify(&req.id, |current| {
+                if current.state != State::Approved || !self.holds_claim(current) {
+                    return Change::Keep(false);
+                }
+                let mut next = current.clone();
+                for i in &wanted {
+                    if !next.intents.contains(i) {
+                        next.intents.push(i.clone());
+                    }
+                }
+                Change::Write(Box::new(next), Vec::new(), true)
+            })
+            .await;
+        match written {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(request_id = %req.id, error = %e, "cannot record what the grant will create; it will be driven again");
+                false
             }
         }
     }

@@ -46,6 +46,10 @@ pub struct Service {
     replica: String,
     /// Standing-access discovery: its reader and when it last ran.
     standing: standing::StandingState,
+    /// Per cluster, the marked objects the last reconcile pass found that
+    /// the store did not create: each is audited when first seen.
+    foreign:
+        std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -127,6 +131,7 @@ impl Service {
             work: tokio::sync::Semaphore::new(WORK_PERMITS as usize),
             replica: replica_name(),
             standing: Default::default(),
+            foreign: Default::default(),
         })
     }
 

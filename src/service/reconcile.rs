@@ -1,7 +1,9 @@
-//! The reconciler: compares what carries Tollgate's marks in each cluster
-//! with the grants in force, removes what no grant needs (orphans left by a
-//! crash between a cloud call and the store write, or by hand), and reports
-//! grants whose access vanished outside Tollgate instead of recreating it.
+//! The reconciler: compares what carries this installation's marks in
+//! each cluster with the grants in force, removes what the store says
+//! Tollgate created and no grant needs (orphans left by a crash between a
+//! cloud call and the store write), reports marked objects the store did
+//! not create (`foreign`) and leaves them alone, and reports grants whose
+//! access vanished outside Tollgate (`drift`) instead of recreating it.
 
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,16 +11,18 @@ use std::sync::Arc;
 
 use super::{Change, Service};
 use crate::access::aws_auth::strip_role_path;
-use crate::access::{InForce, Owned};
+use crate::access::{store_knows, InForce, Owned};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::policy::{ClusterPolicy, Strategy};
-use crate::domain::request::{Request, RequestId, State};
+use crate::domain::request::{Request, State};
 
 /// What one reconcile pass of a cluster found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
     pub removed: Vec<String>,
     pub drifted: Vec<String>,
+    /// Marked objects the store did not create, left alone.
+    pub foreign: Vec<String>,
 }
 
 /// How a strategy names a principal in what it owns.
@@ -43,28 +47,122 @@ fn needed(strategy: Strategy, object: &Owned, grants: &[&Request]) -> bool {
     }
 }
 
-/// Whether a grant's access can be seen among the owned objects.
-fn present(strategy: Strategy, grant: &Request, owned: &[&Owned]) -> bool {
-    match strategy {
-        Strategy::SessionRbac => owned
-            .iter()
-            .any(|o| o.grant_id.as_deref() == Some(grant.id.as_str())),
-        Strategy::AccessEntry | Strategy::AwsAuth => !owned.is_empty(),
-    }
+/// How a foreign object is remembered between passes.
+fn foreign_key(o: &Owned) -> String {
+    format!(
+        "{}|{}|{}",
+        o.object,
+        o.principal,
+        o.grant_id.as_deref().unwrap_or_default()
+    )
 }
 
 impl Service {
+    /// Whether the store says this installation created `object`: its grant
+    /// id names a row of this cluster that recorded it (or, for a row from
+    /// before intents were recorded, that it matches). aws-auth items name
+    /// no grant; they are Tollgate's by their `tollgate:<email>` username
+    /// (spec 8.3).
+    async fn store_created(&self, cluster: &ClusterPolicy, object: &Owned) -> Result<bool, String> {
+        let Some(intent) = &object.intent else {
+            return Ok(false);
+        };
+        if object.grant_id.is_none() && cluster.strategy == Strategy::AwsAuth {
+            return Ok(true);
+        }
+        store_knows(
+            self.store.as_ref(),
+            &cluster.name,
+            object.grant_id.as_deref(),
+            intent,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    /// Splits a listing into what the store created and what it did not.
+    async fn sort_owned(
+        &self,
+        cluster: &ClusterPolicy,
+        owned: Vec<Owned>,
+    ) -> Result<(Vec<Owned>, Vec<Owned>), String> {
+        let mut known = Vec::new();
+        let mut foreign = Vec::new();
+        for o in owned {
+            if self.store_created(cluster, &o).await? {
+                known.push(o);
+            } else {
+                foreign.push(o);
+            }
+        }
+        Ok((known, foreign))
+    }
+
+    /// Audits each foreign object the first time a pass finds it, and sets
+    /// the gauge to what the latest passes found across clusters.
+    async fn report_foreign(&self, cluster: &ClusterPolicy, foreign: &[Owned]) {
+        let now = self.clock.now();
+        let keys: BTreeSet<String> = foreign.iter().map(foreign_key).collect();
+        let (new, total) = {
+            let Ok(mut seen) = self.foreign.lock() else {
+                return;
+            };
+            let before = seen.insert(cluster.name.clone(), keys).unwrap_or_default();
+            let new: Vec<&Owned> = foreign
+                .iter()
+                .filter(|o| !before.contains(&foreign_key(o)))
+                .collect();
+            let total: usize = seen.values().map(BTreeSet::len).sum();
+            (new, total)
+        };
+        self.metrics.foreign_objects.set(total as i64);
+        if new.is_empty() {
+            return;
+        }
+        let events: Vec<AuditEvent> = new
+            .iter()
+            .map(|o| {
+                tracing::warn!(cluster = %cluster.name, principal = %o.principal, object = %o.object, grant = ?o.grant_id, "object carries Tollgate's marks but its store did not create it; left alone");
+                AuditEvent {
+                    ts: now,
+                    event: "foreign".into(),
+                    request_id: o.grant_id.clone().unwrap_or_default(),
+                    actor: ACTOR_TOLLGATE.into(),
+                    cluster: cluster.name.clone(),
+                    principal: o.principal.clone(),
+                    details: json!({
+                        "object": o.object,
+                        "grant": o.grant_id,
+                        "instance": o.instance,
+                        "detail": "marked as Tollgate's, not created by this installation's store; left alone",
+                    }),
+                }
+            })
+            .collect();
+        if let Err(e) = self.store.append_audit(events).await {
+            tracing::error!(error = %e, "foreign audit event not written");
+        }
+    }
+
     pub async fn reconcile_cluster(
         self: &Arc<Self>,
         cluster: &ClusterPolicy,
     ) -> Result<ReconcileReport, String> {
         let strategy = cluster.strategy;
-        let owned = self
+        let listed = self
             .access
             .owned(cluster)
             .await
             .map_err(|e| e.to_string())?;
+        let (owned, foreign) = self.sort_owned(cluster, listed).await?;
+        self.report_foreign(cluster, &foreign).await;
         let now = self.clock.now();
+        // Grants made with another strategy (the cluster's changed since)
+        // are not judged by this one's objects; their revoke uses the
+        // strategy they were made with.
+        let ours = |r: &Request| {
+            r.access.cluster == cluster.name && r.access.strategy_or(strategy) == strategy
+        };
         let requests: Vec<Request> = self
             .store
             .live()
@@ -84,7 +182,7 @@ impl Service {
         let mut request_principal: BTreeMap<String, String> = BTreeMap::new();
         for r in requests
             .iter()
-            .filter(|r| super::lifecycle::in_force(r, now))
+            .filter(|r| ours(r) && super::lifecycle::in_force(r, now))
         {
             let key = principal_key(strategy, &r.access.principal);
             request_principal.insert(key.clone(), r.access.principal.clone());
@@ -98,7 +196,13 @@ impl Service {
             .map(|r| principal_key(strategy, &r.access.principal))
             .collect();
 
-        let mut report = ReconcileReport::default();
+        let mut report = ReconcileReport {
+            foreign: foreign
+                .iter()
+                .map(|o| format!("{} ({})", o.object, o.principal))
+                .collect(),
+            ..Default::default()
+        };
         for key in principals.difference(&busy) {
             let principal = request_principal
                 .get(key)
@@ -124,77 +228,89 @@ impl Service {
             }
             let grants: Vec<&Request> = fresh
                 .iter()
-                .filter(|r| super::lifecycle::in_force(r, now))
+                .filter(|r| ours(r) && super::lifecycle::in_force(r, now))
                 .collect();
-            let mut mine: Vec<&Owned> = owned_by.get(key).cloned().unwrap_or_default();
-            // The listing was taken before this principal's lock; a grant or
-            // revoke may have finished since. Before acting on (or reporting)
-            // a difference, look again.
-            let relisted;
-            let differs = mine.iter().any(|o| !needed(strategy, o, &grants))
-                || grants.iter().any(|g| !present(strategy, g, &mine));
-            if differs {
-                relisted = self
-                    .access
-                    .owned(cluster)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                mine = relisted
-                    .iter()
-                    .filter(|o| principal_key(strategy, &o.principal) == *key)
-                    .collect();
-            }
-            let orphans: Vec<&Owned> = mine
+            let in_force: Vec<InForce<'_>> = grants
                 .iter()
-                .copied()
-                .filter(|o| !needed(strategy, o, &grants))
-                .collect();
-            let drifted: Vec<&Request> = grants
-                .iter()
-                .copied()
-                .filter(|g| !present(strategy, g, &mine))
-                .collect();
-            for g in &drifted {
-                self.report_drift(g).await;
-                report.drifted.push(g.id.to_string());
-            }
-            if orphans.is_empty() {
-                continue;
-            }
-            // Converge to the grants still present: orphans go, and access
-            // that vanished is not recreated behind anyone's back.
-            let keep: Vec<InForce<'_>> = grants
-                .iter()
-                .filter(|g| !drifted.iter().any(|d| d.id == g.id))
                 .map(|g| InForce {
                     grant_id: g.id.as_str(),
                     spec: &g.access,
                     expires_at: g.expires_at,
                 })
                 .collect();
+            // Drift is judged on what each grant needs, read now under the
+            // lock, whoever made the object that holds it.
+            let missing = self
+                .access
+                .missing(cluster, &principal, &in_force)
+                .await
+                .map_err(|e| e.to_string())?;
+            let drifted: Vec<&Request> = grants
+                .iter()
+                .copied()
+                .filter(|g| missing.iter().any(|m| m == g.id.as_str()))
+                .collect();
+            for g in &drifted {
+                self.report_drift(g).await;
+                report.drifted.push(g.id.to_string());
+            }
+            let mut mine: Vec<&Owned> = owned_by.get(key).cloned().unwrap_or_default();
+            // The listing was taken before this principal's lock; a grant or
+            // revoke may have finished since. Before acting on a
+            // difference, look again.
+            let relisted;
+            if mine.iter().any(|o| !needed(strategy, o, &grants)) {
+                let all = self
+                    .access
+                    .owned(cluster)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut again = Vec::new();
+                for o in all {
+                    if principal_key(strategy, &o.principal) == *key
+                        && self.store_created(cluster, &o).await?
+                    {
+                        again.push(o);
+                    }
+                }
+                relisted = again;
+                mine = relisted.iter().collect();
+            }
+            let orphans: Vec<&Owned> = mine
+                .iter()
+                .copied()
+                .filter(|o| !needed(strategy, o, &grants))
+                .collect();
+            if orphans.is_empty() {
+                continue;
+            }
+            // Converge to the grants still present: orphans go, and access
+            // that vanished is not recreated behind anyone's back.
+            let keep: Vec<InForce<'_>> = in_force
+                .iter()
+                .filter(|g| !missing.iter().any(|m| m == g.grant_id))
+                .cloned()
+                .collect();
             let creator = keep.first().map(|g| g.grant_id).unwrap_or("reconciler");
             self.access
                 .converge(cluster, &principal, &keep, creator)
                 .await
                 .map_err(|e| e.to_string())?;
+            // The strategy leaves an object that holds something Tollgate
+            // did not set (Kubernetes groups, another association); only
+            // what is really gone is reported as removed.
+            let after = self
+                .access
+                .owned(cluster)
+                .await
+                .map_err(|e| e.to_string())?;
             for o in orphans {
-                let unknown = match &o.grant_id {
-                    Some(g) => match RequestId::parse(g) {
-                        Some(id) => self
-                            .store
-                            .get(&id)
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .is_none(),
-                        None => true,
-                    },
-                    None => false,
-                };
-                if unknown {
-                    self.access
-                        .remove_orphan(cluster, o)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                if after
+                    .iter()
+                    .any(|a| a.object == o.object && a.principal == o.principal)
+                {
+                    tracing::info!(cluster = %cluster.name, principal = %o.principal, object = %o.object, "no grant needs it, but it holds what Tollgate did not set; left in place");
+                    continue;
                 }
                 tracing::warn!(cluster = %cluster.name, principal = %o.principal, object = %o.object, grant = ?o.grant_id, "removed access no grant needs");
                 let event = AuditEvent {

@@ -75,7 +75,45 @@ impl AccessEngine for FakeAccess {
             .lock()
             .unwrap()
             .push(grants.iter().map(|g| g.grant_id.to_string()).collect());
+        if grants.is_empty() {
+            self.owned
+                .lock()
+                .unwrap()
+                .retain(|o| o.principal != principal);
+        }
         Ok(())
+    }
+
+    /// A grant's access is in place while its principal has an object.
+    async fn missing(
+        &self,
+        _: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<Vec<String>, AccessError> {
+        let present = self
+            .owned
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|o| o.principal == principal);
+        Ok(if present {
+            Vec::new()
+        } else {
+            grants.iter().map(|g| g.grant_id.to_string()).collect()
+        })
+    }
+}
+
+fn entry(principal: &str, grant: &str) -> crate::access::Owned {
+    crate::access::Owned {
+        principal: principal.into(),
+        grant_id: Some(grant.into()),
+        object: "access entry".into(),
+        instance: Some("tollgate".into()),
+        intent: Some(crate::domain::request::Intent::AccessEntry {
+            principal: principal.into(),
+        }),
     }
 }
 
@@ -396,11 +434,7 @@ async fn reconciler_looks_again_before_calling_a_just_revoked_entry_an_orphan() 
     assert_eq!(r.state(&id).await.state, State::Revoked);
     // The cluster was listed while the revoke was still under way; by the
     // time the reconciler holds Alice's lock, the entry is gone.
-    *r.access.owned.lock().unwrap() = vec![crate::access::Owned {
-        principal: alice,
-        grant_id: Some(id.to_string()),
-        object: "access entry".into(),
-    }];
+    *r.access.owned.lock().unwrap() = vec![entry(&alice, id.as_str())];
     *r.access.relist.lock().unwrap() = Some(Vec::new());
     let cluster = r.service.config.clusters[0].clone();
     let report = r.service.reconcile_cluster(&cluster).await.unwrap();
@@ -409,40 +443,68 @@ async fn reconciler_looks_again_before_calling_a_just_revoked_entry_an_orphan() 
 }
 
 #[tokio::test]
-async fn reconciler_removes_orphans_and_reports_drift_once() {
+async fn reconciler_removes_what_its_store_created_and_leaves_forged_marks() {
     let r = rig();
-    let id = r.approved("eks prod 30m view", "U0APP").await;
-    let alice = r.state(&id).await.access.principal;
-    let owned = |principal: &str, grant: &str| crate::access::Owned {
-        principal: principal.into(),
-        grant_id: Some(grant.into()),
-        object: "access entry".into(),
-    };
-    // Alice's grant is in place; a ghost principal has an entry no grant needs.
-    *r.access.owned.lock().unwrap() = vec![
-        owned(&alice, id.as_str()),
-        owned("arn:aws:iam::111122223333:role/ghost", "R-GH0ST"),
-    ];
-    r.access.converged_principals.lock().unwrap().clear();
     let cluster = r.service.config.clusters[0].clone();
+    let old = r.approved("eks prod 10m view", "U0APP").await;
+    let alice = r.state(&old).await.access.principal;
+    assert!(
+        r.state(&old)
+            .await
+            .intents
+            .contains(&crate::domain::request::Intent::AccessEntry {
+                principal: alice.clone()
+            }),
+        "the entry was recorded before it was created"
+    );
+    r.clock.advance(Duration::from_secs(10 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&old).await.state, State::Revoked);
+    // Alice's entry is left from a crash; an admin's entry carries
+    // Tollgate's marks with a grant id the store never issued.
+    let admin = "arn:aws:iam::111122223333:role/platform-admin";
+    *r.access.owned.lock().unwrap() = vec![entry(&alice, old.as_str()), entry(admin, "R-GH0ST")];
+    r.access.converged_principals.lock().unwrap().clear();
     let report = r.service.reconcile_cluster(&cluster).await.unwrap();
-    assert_eq!(report.drifted, Vec::<String>::new());
     assert_eq!(report.removed.len(), 1, "{report:?}");
+    assert_eq!(report.foreign.len(), 1, "{report:?}");
     assert_eq!(
         r.access.converged_principals.lock().unwrap().clone(),
-        vec!["arn:aws:iam::111122223333:role/ghost".to_string()],
-        "only the orphan's principal is touched"
+        vec![alice.clone()],
+        "the forged entry's principal is never touched"
     );
+    for _ in 0..2 {
+        let report = r.service.reconcile_cluster(&cluster).await.unwrap();
+        assert!(report.removed.is_empty(), "{report:?}");
+    }
     assert_eq!(
-        r.access.converged.lock().unwrap().last().unwrap(),
-        &Vec::<String>::new()
+        r.access.converged_principals.lock().unwrap().clone(),
+        vec![alice.clone()]
     );
-    assert!(r.audit_names().await.contains(&"reconciled".to_string()));
+    let names = r.audit_names().await;
+    assert_eq!(names.iter().filter(|n| *n == "reconciled").count(), 1);
+    assert_eq!(
+        names.iter().filter(|n| *n == "foreign").count(),
+        1,
+        "{names:?}"
+    );
+    assert_eq!(r.service.metrics().foreign_objects.get(), 1);
+}
+
+#[tokio::test]
+async fn reconciler_reports_drift_once_and_never_for_access_in_place() {
+    let r = rig();
+    let cluster = r.service.config.clusters[0].clone();
+    let id = r.approved("eks prod 30m view", "U0APP").await;
+    let alice = r.state(&id).await.access.principal;
+    *r.access.owned.lock().unwrap() = vec![entry(&alice, id.as_str())];
+    let report = r.service.reconcile_cluster(&cluster).await.unwrap();
+    assert_eq!(report, super::reconcile::ReconcileReport::default());
 
     // Alice's access vanishes outside Tollgate: reported once, not recreated.
     *r.access.owned.lock().unwrap() = vec![];
     r.access.converged_principals.lock().unwrap().clear();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let report = r.service.reconcile_cluster(&cluster).await.unwrap();
         assert!(report.removed.is_empty());
     }

@@ -105,6 +105,7 @@ mod tests {
                     cluster_role: None,
                     groups: vec![],
                     k8s_user: None,
+                    strategy: None,
                 },
                 reason: "r".into(),
                 duration: Duration::from_secs(60),

@@ -590,6 +590,7 @@ mod tests {
                     cluster_role: None,
                     groups: vec![],
                     k8s_user: None,
+                    strategy: None,
                 },
                 reason: String::new(),
                 duration: Duration::from_secs(60),

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use support::ministack::{encode_arn, MiniStack};
 use tollgate::access::access_entry::AccessEntryStrategy;
-use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce};
+use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce, Look};
 use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
 use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
@@ -498,10 +498,35 @@ async fn owned_lists_only_what_carries_tollgate_tags() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let owned = h.engine.owned(&h.cluster).await.unwrap();
+    let owned = h.engine.owned(&h.cluster, Look::Everything).await.unwrap();
     assert_eq!(owned.len(), 1, "{owned:?}");
     assert_eq!(owned[0].principal, ALICE);
     assert_eq!(owned[0].grant_id.as_deref(), Some("R-AAAAA"));
+}
+
+#[tokio::test]
+async fn a_narrow_listing_reads_only_the_principals_asked_for() {
+    let h = Harness::new().await;
+    h.converge_ok(&[("R-AAAAA", &spec(EDIT, &["a"]))]).await;
+    let other = "arn:aws:iam::000000000000:role/other";
+    put_entry(
+        &h,
+        other,
+        json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-BBBBB"}}),
+    )
+    .await;
+    let everything = h.engine.owned(&h.cluster, Look::Everything).await.unwrap();
+    let mut all: Vec<&str> = everything.iter().map(|o| o.principal.as_str()).collect();
+    all.sort();
+    assert_eq!(all, vec![ALICE, other]);
+    let alice_only = std::collections::BTreeSet::from([ALICE.to_string()]);
+    let narrow = h
+        .engine
+        .owned(&h.cluster, Look::Principals(&alice_only))
+        .await
+        .unwrap();
+    let principals: Vec<&str> = narrow.iter().map(|o| o.principal.as_str()).collect();
+    assert_eq!(principals, vec![ALICE]);
 }
 
 /// Creates an entry by hand with whatever `extra` says (type, tags, groups).
@@ -600,7 +625,7 @@ async fn another_installations_entries_are_not_listed() {
         json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-00002"}}),
     )
     .await;
-    let owned = h.engine.owned(&h.cluster).await.unwrap();
+    let owned = h.engine.owned(&h.cluster, Look::Everything).await.unwrap();
     let principals: Vec<&str> = owned.iter().map(|o| o.principal.as_str()).collect();
     assert_eq!(principals, vec![legacy], "{owned:?}");
     assert_eq!(owned[0].instance, None);

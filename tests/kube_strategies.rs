@@ -13,7 +13,7 @@ use tollgate::access::aws::AwsClients;
 use tollgate::access::aws_auth::AwsAuthStrategy;
 use tollgate::access::kube::KubeClients;
 use tollgate::access::session_rbac::SessionRbacStrategy;
-use tollgate::access::{AccessEngine, AccessError, InForce};
+use tollgate::access::{AccessEngine, AccessError, InForce, Look};
 use tollgate::clock::Clock;
 use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
@@ -469,7 +469,7 @@ async fn owned_lists_what_carries_tollgate_marks() {
     r.rbac(&[("R-AAAAA", &rbac_spec("edit", &["a", "b"]))])
         .await
         .unwrap();
-    let mut owned = r.rbac.owned(&r.cluster).await.unwrap();
+    let mut owned = r.rbac.owned(&r.cluster, Look::Everything).await.unwrap();
     owned.sort_by(|x, y| x.object.cmp(&y.object));
     let objects: Vec<&str> = owned.iter().map(|o| o.object.as_str()).collect();
     assert_eq!(
@@ -487,7 +487,11 @@ async fn owned_lists_what_carries_tollgate_marks() {
     r.auth(SSO_ROLE, &[("R-BBBBB", &auth_spec(SSO_ROLE, &["g"]))])
         .await
         .unwrap();
-    let owned = r.aws_auth.owned(&r.cluster).await.unwrap();
+    let owned = r
+        .aws_auth
+        .owned(&r.cluster, Look::Everything)
+        .await
+        .unwrap();
     assert_eq!(owned.len(), 1, "{owned:?}");
     assert_eq!(owned[0].principal, SSO_ROLE_STRIPPED);
 }
@@ -524,7 +528,7 @@ async fn bindings_the_store_did_not_create_are_left_alone() {
         "tollgate"
     );
 
-    let owned = r.rbac.owned(&r.cluster).await.unwrap();
+    let owned = r.rbac.owned(&r.cluster, Look::Everything).await.unwrap();
     let mut objects: Vec<&str> = owned.iter().map(|o| o.object.as_str()).collect();
     objects.sort();
     assert_eq!(

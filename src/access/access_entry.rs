@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::aws::{describe_error, AwsClients};
-use super::{store_knows, AccessEngine, AccessError, InForce, Owned};
+use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::grant::{desired_policies, plan_associations, scope_covers, Scope};
 use crate::domain::policy::ClusterPolicy;
@@ -288,7 +288,14 @@ impl AccessEntryStrategy {
 
 #[async_trait]
 impl AccessEngine for AccessEntryStrategy {
-    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+    /// One ListAccessEntries (with its pages), then one DescribeAccessEntry
+    /// per entry `look` includes: a pass over the principals the store knows
+    /// costs that many reads, however many entries the cluster has.
+    async fn owned(
+        &self,
+        cluster: &ClusterPolicy,
+        look: Look<'_>,
+    ) -> Result<Vec<Owned>, AccessError> {
         let eks = self.clients.eks(cluster).await;
         let mut principals = Vec::new();
         let mut token = None;
@@ -307,7 +314,7 @@ impl AccessEngine for AccessEntryStrategy {
             }
         }
         let mut out = Vec::new();
-        for principal in principals {
+        for principal in principals.into_iter().filter(|p| look.includes(p)) {
             let Some(entry) = self.describe_entry(&eks, cluster, &principal).await? else {
                 continue;
             };

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::kube::KubeClients;
-use super::{AccessEngine, AccessError, InForce, Owned};
+use super::{AccessEngine, AccessError, InForce, Look, Owned};
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::Intent;
 
@@ -245,7 +245,13 @@ pub fn owned_items(data: &BTreeMap<String, String>) -> Vec<Owned> {
 
 #[async_trait]
 impl AccessEngine for AwsAuthStrategy {
-    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+    /// One list call returns every marked object, so `look` narrows
+    /// nothing here.
+    async fn owned(
+        &self,
+        cluster: &ClusterPolicy,
+        _look: Look<'_>,
+    ) -> Result<Vec<Owned>, AccessError> {
         let client = self.kube.client(cluster).await?;
         let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
         let cm = self.read(&api, cluster).await?;

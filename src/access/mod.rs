@@ -58,11 +58,36 @@ pub struct Owned {
     pub intent: Option<Intent>,
 }
 
+/// How much of a cluster a listing reads.
+#[derive(Clone, Copy, Debug)]
+pub enum Look<'a> {
+    /// Every object's marks: how `foreign` objects are found. The
+    /// reconciler does this on its first pass and then at most hourly.
+    Everything,
+    /// Only what these principals hold: the objects the store knows of.
+    /// A strategy whose listing is one call anyway may return more.
+    Principals(&'a std::collections::BTreeSet<String>),
+}
+
+impl Look<'_> {
+    pub fn includes(&self, principal: &str) -> bool {
+        match self {
+            Look::Everything => true,
+            Look::Principals(set) => set.contains(principal),
+        }
+    }
+}
+
 #[async_trait]
 pub trait AccessEngine: Send + Sync + 'static {
-    /// Everything in the cluster that carries Tollgate's marks, for the
-    /// reconciler to compare with the grants in force.
-    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError>;
+    /// What in the cluster carries Tollgate's marks, for the reconciler to
+    /// compare with the grants in force: everything, or only what some
+    /// principals hold, so a pass costs what Tollgate owns.
+    async fn owned(
+        &self,
+        cluster: &ClusterPolicy,
+        look: Look<'_>,
+    ) -> Result<Vec<Owned>, AccessError>;
 
     /// The grants among `grants` whose access is not in place: what each
     /// one needs (its association with a covering scope, its bindings, its
@@ -94,7 +119,11 @@ pub struct DryRun;
 
 #[async_trait]
 impl AccessEngine for DryRun {
-    async fn owned(&self, _cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+    async fn owned(
+        &self,
+        _cluster: &ClusterPolicy,
+        _look: Look<'_>,
+    ) -> Result<Vec<Owned>, AccessError> {
         Ok(Vec::new())
     }
 
@@ -182,8 +211,12 @@ impl AccessEngine for Engine {
             .await
     }
 
-    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
-        self.strategy(cluster).owned(cluster).await
+    async fn owned(
+        &self,
+        cluster: &ClusterPolicy,
+        look: Look<'_>,
+    ) -> Result<Vec<Owned>, AccessError> {
+        self.strategy(cluster).owned(cluster, look).await
     }
 
     async fn missing(

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::kube::KubeClients;
-use super::{store_knows, AccessEngine, AccessError, InForce, Owned};
+use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::Intent;
@@ -362,7 +362,13 @@ impl SessionRbacStrategy {
 
 #[async_trait]
 impl AccessEngine for SessionRbacStrategy {
-    async fn owned(&self, cluster: &ClusterPolicy) -> Result<Vec<Owned>, AccessError> {
+    /// One list call returns every marked object, so `look` narrows
+    /// nothing here.
+    async fn owned(
+        &self,
+        cluster: &ClusterPolicy,
+        _look: Look<'_>,
+    ) -> Result<Vec<Owned>, AccessError> {
         let client = self.kube.client(cluster).await?;
         let selector = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
         let users = |subjects: Option<&Vec<Subject>>| -> Vec<String> {

@@ -50,6 +50,8 @@ pub struct Service {
     /// the store did not create: each is audited when first seen.
     foreign:
         std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
+    /// Per cluster, when the reconciler last read every object's marks.
+    full_scans: std::sync::Mutex<std::collections::BTreeMap<String, time::OffsetDateTime>>,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -132,6 +134,7 @@ impl Service {
             replica: replica_name(),
             standing: Default::default(),
             foreign: Default::default(),
+            full_scans: Default::default(),
         })
     }
 

@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use super::{Change, Service};
 use crate::access::aws_auth::strip_role_path;
-use crate::access::{store_knows, InForce, Owned};
+use crate::access::{store_knows, InForce, Look, Owned};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::policy::{ClusterPolicy, Strategy};
 use crate::domain::request::{Request, State};
+use time::OffsetDateTime;
 
 /// What one reconcile pass of a cluster found and did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -24,6 +25,10 @@ pub struct ReconcileReport {
     /// Marked objects the store did not create, left alone.
     pub foreign: Vec<String>,
 }
+
+/// How often a reconcile pass reads every object's marks rather than only
+/// what the store knows of (spec 11).
+pub const FULL_SCAN_EVERY: time::Duration = time::Duration::hours(1);
 
 /// How a strategy names a principal in what it owns.
 fn principal_key(strategy: Strategy, principal: &str) -> String {
@@ -78,6 +83,22 @@ impl Service {
         )
         .await
         .map_err(|e| e.to_string())
+    }
+
+    /// Whether this pass over `cluster` reads every object's marks: the
+    /// first after start, then once `FULL_SCAN_EVERY` has passed.
+    fn full_scan_due(&self, cluster: &str, now: OffsetDateTime) -> bool {
+        let Ok(done) = self.full_scans.lock() else {
+            return true;
+        };
+        done.get(cluster)
+            .is_none_or(|last| now - *last >= FULL_SCAN_EVERY || now < *last)
+    }
+
+    fn full_scan_done(&self, cluster: &str, now: OffsetDateTime) {
+        if let Ok(mut done) = self.full_scans.lock() {
+            done.insert(cluster.to_string(), now);
+        }
     }
 
     /// Splits a listing into what the store created and what it did not.
@@ -149,20 +170,7 @@ impl Service {
         cluster: &ClusterPolicy,
     ) -> Result<ReconcileReport, String> {
         let strategy = cluster.strategy;
-        let listed = self
-            .access
-            .owned(cluster)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (owned, foreign) = self.sort_owned(cluster, listed).await?;
-        self.report_foreign(cluster, &foreign).await;
         let now = self.clock.now();
-        // Grants made with another strategy (the cluster's changed since)
-        // are not judged by this one's objects; their revoke uses the
-        // strategy they were made with.
-        let ours = |r: &Request| {
-            r.access.cluster == cluster.name && r.access.strategy_or(strategy) == strategy
-        };
         let requests: Vec<Request> = self
             .store
             .live()
@@ -171,6 +179,37 @@ impl Service {
             .into_iter()
             .filter(|r| r.access.cluster == cluster.name)
             .collect();
+        // An ordinary pass reads only what the principals with live requests
+        // hold: a crash's orphan belongs to a row that is still live (the
+        // row is written after the cloud call). Every object's marks, for
+        // `foreign` ones and anything a failed cleanup left, are read on
+        // the first pass and then at most every `FULL_SCAN_EVERY`.
+        let known: BTreeSet<String> = requests
+            .iter()
+            .map(|r| r.access.principal.clone())
+            .collect();
+        let full = self.full_scan_due(&cluster.name, now);
+        let look = if full {
+            Look::Everything
+        } else {
+            Look::Principals(&known)
+        };
+        let listed = self
+            .access
+            .owned(cluster, look)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (owned, foreign) = self.sort_owned(cluster, listed).await?;
+        if full {
+            self.report_foreign(cluster, &foreign).await;
+            self.full_scan_done(&cluster.name, now);
+        }
+        // Grants made with another strategy (the cluster's changed since)
+        // are not judged by this one's objects; their revoke uses the
+        // strategy they were made with.
+        let ours = |r: &Request| {
+            r.access.cluster == cluster.name && r.access.strategy_or(strategy) == strategy
+        };
         let mut owned_by: BTreeMap<String, Vec<&Owned>> = BTreeMap::new();
         for o in &owned {
             owned_by
@@ -259,10 +298,11 @@ impl Service {
             // revoke may have finished since. Before acting on a
             // difference, look again.
             let relisted;
+            let just_this = BTreeSet::from([principal.clone()]);
             if mine.iter().any(|o| !needed(strategy, o, &grants)) {
                 let all = self
                     .access
-                    .owned(cluster)
+                    .owned(cluster, Look::Principals(&just_this))
                     .await
                     .map_err(|e| e.to_string())?;
                 let mut again = Vec::new();
@@ -301,7 +341,7 @@ impl Service {
             // what is really gone is reported as removed.
             let after = self
                 .access
-                .owned(cluster)
+                .owned(cluster, Look::Principals(&just_this))
                 .await
                 .map_err(|e| e.to_string())?;
             for o in orphans {

@@ -40,12 +40,30 @@ struct FakeAccess {
     /// What the listings after the next one show: access that changed
     /// between a listing and the step that acts on it.
     relist: Mutex<Option<Vec<crate::access::Owned>>>,
+    /// What each listing was asked to read: `None` for everything, else
+    /// the principals.
+    looks: Mutex<Vec<Option<Vec<String>>>>,
 }
 
 #[async_trait]
 impl AccessEngine for FakeAccess {
-    async fn owned(&self, _: &ClusterPolicy) -> Result<Vec<crate::access::Owned>, AccessError> {
-        let listed = self.owned.lock().unwrap().clone();
+    async fn owned(
+        &self,
+        _: &ClusterPolicy,
+        look: crate::access::Look<'_>,
+    ) -> Result<Vec<crate::access::Owned>, AccessError> {
+        self.looks.lock().unwrap().push(match look {
+            crate::access::Look::Everything => None,
+            crate::access::Look::Principals(set) => Some(set.iter().cloned().collect()),
+        });
+        let listed: Vec<crate::access::Owned> = self
+            .owned
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| look.includes(&o.principal))
+            .cloned()
+            .collect();
         if let Some(next) = self.relist.lock().unwrap().take() {
             *self.owned.lock().unwrap() = next;
         }
@@ -489,6 +507,40 @@ async fn reconciler_removes_what_its_store_created_and_leaves_forged_marks() {
         "{names:?}"
     );
     assert_eq!(r.service.metrics().foreign_objects.get(), 1);
+}
+
+#[tokio::test]
+async fn reconciler_reads_every_mark_only_on_the_first_pass_and_then_hourly() {
+    let r = rig();
+    let cluster = r.service.config.clusters[0].clone();
+    let id = r.approved("eks prod 4h view", "U0APP").await;
+    let alice = r.state(&id).await.access.principal;
+    let admin = "arn:aws:iam::111122223333:role/platform-admin";
+    *r.access.owned.lock().unwrap() = vec![entry(&alice, id.as_str()), entry(admin, "R-GH0ST")];
+    let looks = |r: &Rig| std::mem::take(&mut *r.access.looks.lock().unwrap());
+
+    let first = r.service.reconcile_cluster(&cluster).await.unwrap();
+    assert_eq!(first.foreign.len(), 1, "{first:?}");
+    assert_eq!(looks(&r), vec![None], "the first pass reads every mark");
+    for _ in 0..3 {
+        r.clock.advance(Duration::from_secs(5 * 60));
+        let report = r.service.reconcile_cluster(&cluster).await.unwrap();
+        assert_eq!(report, super::reconcile::ReconcileReport::default());
+    }
+    assert_eq!(
+        looks(&r),
+        vec![Some(vec![alice.clone()]); 3],
+        "ordinary passes read only what the store knows of"
+    );
+    r.clock.advance(Duration::from_secs(45 * 60));
+    r.service.reconcile_cluster(&cluster).await.unwrap();
+    assert_eq!(looks(&r), vec![None], "an hour on, every mark again");
+    let names = r.audit_names().await;
+    assert_eq!(
+        names.iter().filter(|n| *n == "foreign").count(),
+        1,
+        "the forged entry is reported once: {names:?}"
+    );
 }
 
 #[tokio::test]

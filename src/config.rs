@@ -729,6 +729,11 @@ fn locate(text: &str, section: Section<'_>, key: &str) -> (usize, String) {
             if t.starts_with(key) && t[key.len()..].trim_start().starts_with('=') {
                 return (n + 1, shown);
             }
+            // A quoted key, like an email in `[identity.principals]`.
+            let quoted = format!("\"{key}\"");
+            if t.starts_with(&quoted) && t[quoted.len()..].trim_start().starts_with('=') {
+                return (n + 1, shown);
+            }
         }
     }
     (header_line.max(1), shown)
@@ -837,6 +842,67 @@ max_duration = "2h"
             err.contains(&line_of(&text, "account_id = ")) && err.contains("account_id"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn identity_and_limit_keys_are_checked() {
+        // A template reading the email without the domains it may come from.
+        let text = MINIMAL.replace("allowed_email_domains = [\"example.com\"]\n", "");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "principal_template"))
+                && err.contains("identity.allowed_email_domains"),
+            "{err}"
+        );
+        // A template without the email needs no domains.
+        let text = text.replace("{email_local}", "shared-oncall");
+        assert!(Config::parse(&text, "t.toml").is_ok());
+
+        for bad in [
+            "arn:aws:iam::{account_id}:role/*",
+            "arn:aws:iam::{account_id}:group/{email_local}",
+            "arn:aws:sts::{account_id}:assumed-role/x/{email_local}",
+        ] {
+            let text = MINIMAL.replace("arn:aws:iam::{account_id}:role/{email_local}", bad);
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains("identity.principal_template"), "{bad}: {err}");
+        }
+
+        let text = MINIMAL.replace(
+            "[[clusters]]",
+            "[identity.principals]\n\"Bob@Example.com\" = \"arn:aws:iam::111122223333:role/b{{x}}\"\n\n[[clusters]]",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains(&line_of(&text, "Bob@")) && err.contains("well-formed"), "{err}");
+
+        let cfg = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(cfg.identity.allowed_email_domains, vec!["example.com"]);
+        assert!(!cfg.identity.allow_guests);
+        assert_eq!(cfg.max_pending_per_user, 5);
+        let view = &cfg.cluster("prod-cluster").unwrap().roles["view"];
+        assert_eq!(view.limits.max_total_duration, Duration::from_secs(12 * 3600));
+
+        let text = MINIMAL.replace(
+            "max_duration = \"2h\"",
+            "max_duration = \"2h\"\nmax_total_duration = \"3h\"",
+        );
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let edit = &cfg.cluster("prod-cluster").unwrap().roles["edit"];
+        assert_eq!(edit.limits.max_total_duration, Duration::from_secs(3 * 3600));
+
+        let text = MINIMAL.replace(
+            "max_duration = \"2h\"",
+            "max_duration = \"2h\"\nmax_total_duration = \"1h\"",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("roles.edit.max_total_duration"), "{err}");
+
+        let text = format!("[defaults]\nmax_pending_per_user = 0\n{MINIMAL}");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("max_pending_per_user"), "{err}");
+        // Per user, so not a cluster key.
+        let text = MINIMAL.replace("max_duration = \"4h\"", "max_duration = \"4h\"\nmax_pending_per_user = 2");
+        assert!(Config::parse(&text, "t.toml").is_err());
     }
 
     #[test]

@@ -873,14 +873,20 @@ max_duration = "2h"
             "[identity.principals]\n\"Bob@Example.com\" = \"arn:aws:iam::111122223333:role/b{{x}}\"\n\n[[clusters]]",
         );
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
-        assert!(err.contains(&line_of(&text, "Bob@")) && err.contains("well-formed"), "{err}");
+        assert!(
+            err.contains(&line_of(&text, "Bob@")) && err.contains("well-formed"),
+            "{err}"
+        );
 
         let cfg = Config::parse(MINIMAL, "t.toml").unwrap();
         assert_eq!(cfg.identity.allowed_email_domains, vec!["example.com"]);
         assert!(!cfg.identity.allow_guests);
         assert_eq!(cfg.max_pending_per_user, 5);
         let view = &cfg.cluster("prod-cluster").unwrap().roles["view"];
-        assert_eq!(view.limits.max_total_duration, Duration::from_secs(12 * 3600));
+        assert_eq!(
+            view.limits.max_total_duration,
+            Duration::from_secs(12 * 3600)
+        );
 
         let text = MINIMAL.replace(
             "max_duration = \"2h\"",
@@ -888,7 +894,10 @@ max_duration = "2h"
         );
         let cfg = Config::parse(&text, "t.toml").unwrap();
         let edit = &cfg.cluster("prod-cluster").unwrap().roles["edit"];
-        assert_eq!(edit.limits.max_total_duration, Duration::from_secs(3 * 3600));
+        assert_eq!(
+            edit.limits.max_total_duration,
+            Duration::from_secs(3 * 3600)
+        );
 
         let text = MINIMAL.replace(
             "max_duration = \"2h\"",
@@ -899,9 +908,15 @@ max_duration = "2h"
 
         let text = format!("[defaults]\nmax_pending_per_user = 0\n{MINIMAL}");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("max_pending_per_user"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("max_pending_per_user"),
+            "{err}"
+        );
         // Per user, so not a cluster key.
-        let text = MINIMAL.replace("max_duration = \"4h\"", "max_duration = \"4h\"\nmax_pending_per_user = 2");
+        let text = MINIMAL.replace(
+            "max_duration = \"4h\"",
+            "max_duration = \"4h\"\nmax_pending_per_user = 2",
+        );
         assert!(Config::parse(&text, "t.toml").is_err());
     }
 

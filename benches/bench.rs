@@ -56,6 +56,8 @@ min_duration = "1s"
 max_duration = "8h"
 default_duration = "1h"
 approval_timeout = "1h"
+# Every user leaves each acknowledged request pending.
+max_pending_per_user = 100000
 
 [[clusters]]
 name = "bench-cluster"

@@ -336,7 +336,7 @@ async fn a_deactivated_requester_cannot_be_approved_and_loses_active_access() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extensions_stop_at_max_total_duration_approved_or_auto_approved() {
-    let w = World::new().await;
+    let mut w = World::new().await;
     // Extensions past max_total_duration (90s from activation) are refused
     // with the time left, approved or auto-approved alike.
     let capped = w.request("eks prod-cluster 1m capped INC-5").await;
@@ -369,6 +369,23 @@ async fn extensions_stop_at_max_total_duration_approved_or_auto_approved() {
     .await;
     let answer = last.lock().unwrap().clone();
     assert!(answer.contains("by 10s at most"), "{answer}");
+
+    // Guests never extend, and `requesters` is asked again: being allowed
+    // once is no standing right to more time.
+    w.slack.edit_user(REQUESTER, |u| u.is_guest = true);
+    let answer = w.slash(REQUESTER, &format!("extend {capped} 5s")).await;
+    assert!(answer.contains("guest"), "{answer}");
+    w.slack.edit_user(REQUESTER, |u| u.is_guest = false);
+    let path = w.tollgate.config_path.clone();
+    let text = std::fs::read_to_string(&path).unwrap().replacen(
+        "max_total_duration = \"90s\"\n",
+        "max_total_duration = \"90s\"\nrequesters = [\"U0APP\"]\n",
+        1,
+    );
+    std::fs::write(&path, text).unwrap();
+    w.tollgate.restart().await;
+    let answer = w.slash(REQUESTER, &format!("extend {capped} 5s")).await;
+    assert!(answer.contains("may no longer request"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

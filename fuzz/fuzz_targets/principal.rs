@@ -34,9 +34,16 @@ fuzz_target!(|input: (u8, &str)| {
     match strategy {
         Strategy::SessionRbac => assert_eq!(p.principal, p.k8s_user),
         _ => {
-            assert!(check_arn(&p.principal).is_ok(), "{email:?} -> {}", p.principal);
+            assert!(
+                check_arn(&p.principal).is_ok(),
+                "{email:?} -> {}",
+                p.principal
+            );
             let local = normalized.split('@').next().unwrap_or_default();
-            assert!(p.principal.ends_with(&format!("/{local}")) || p.principal.ends_with(&format!("/{normalized}")));
+            assert!(
+                p.principal.ends_with(&format!("/{local}"))
+                    || p.principal.ends_with(&format!("/{normalized}"))
+            );
         }
     }
 });

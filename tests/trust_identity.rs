@@ -422,6 +422,14 @@ async fn the_sixth_pending_request_is_refused_naming_the_five() {
         assert!(answer.contains(id.as_str()), "{id} not named: {answer}");
     }
     assert_eq!(before, requested(w.audit().await), "nothing recorded");
+    // Break-glass puts nothing in front of approvers: it still works.
+    let answer = w
+        .slash(
+            REQUESTER,
+            "eks prod-cluster 30s admin --break-glass SEV2 INC-1",
+        )
+        .await;
+    assert!(answer.starts_with("Break-glass R-"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -223,16 +223,31 @@ impl Service {
         let email = user.email.clone().unwrap_or_default();
         // Resolved now, stored, shown on the card, and resolved again at
         // grant time (spec 9.1).
-        let Principal {
-            principal,
-            k8s_user,
-        } = resolve_principal(
+        let resolved_principal = resolve_principal(
             &self.config.identity,
             &cluster.account_id,
             cluster.strategy,
             &email,
-        )?;
-        self.pending_room(&user.id).await?;
+        );
+        let Principal {
+            principal,
+            k8s_user,
+        } = match resolved_principal {
+            Ok(p) => p,
+            Err(why) => {
+                if mode == Mode::BreakGlass {
+                    self.audit_break_glass_refused(&user.id, cluster, "no principal")
+                        .await;
+                }
+                return Err(why);
+            }
+        };
+        // Only what waits on approvers counts: break-glass and auto-approved
+        // requests put nothing in front of them, and break-glass must work
+        // in an incident whatever else is waiting.
+        if mode == Mode::Approval {
+            self.pending_room(&user.id).await?;
+        }
 
         let now = self.clock.now();
         let mut req = Request::pending(

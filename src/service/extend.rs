@@ -134,9 +134,6 @@ impl Service {
                 );
             }
         }
-        if let Err(why) = self.pending_room(user).await {
-            return why;
-        }
         let mode = if !role.auto_approve.is_empty()
             && listed(
                 &role.auto_approve,
@@ -147,6 +144,11 @@ impl Service {
         } else {
             Mode::Approval
         };
+        if mode == Mode::Approval {
+            if let Err(why) = self.pending_room(user).await {
+                return why;
+            }
+        }
         let mut ext = Request::extension_of(
             &grant,
             RequestId::generate(&mut rand::thread_rng()),

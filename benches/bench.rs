@@ -49,12 +49,15 @@ path = "{data}"
 
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+allowed_email_domains = ["example.com"]
 
 [defaults]
 min_duration = "1s"
 max_duration = "8h"
 default_duration = "1h"
 approval_timeout = "1h"
+# Every user leaves each acknowledged request pending.
+max_pending_per_user = 100000
 
 [[clusters]]
 name = "bench-cluster"

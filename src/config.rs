@@ -58,6 +58,8 @@ macro_rules! with_limit_keys {
             reminder_before: Option<Duration>,
             #[serde(default, deserialize_with = "de_duration")]
             reconcile_interval: Option<Duration>,
+            #[serde(default, deserialize_with = "de_duration")]
+            max_total_duration: Option<Duration>,
             required_approvals: Option<u32>,
             allow_self_approval: Option<bool>,
             require_reason: Option<bool>,
@@ -73,6 +75,7 @@ macro_rules! with_limit_keys {
                     approval_timeout: self.approval_timeout,
                     reminder_before: self.reminder_before,
                     reconcile_interval: self.reconcile_interval,
+                    max_total_duration: self.max_total_duration,
                     required_approvals: self.required_approvals,
                     allow_self_approval: self.allow_self_approval,
                     require_reason: self.require_reason,
@@ -90,6 +93,7 @@ struct LimitOverrides {
     approval_timeout: Option<Duration>,
     reminder_before: Option<Duration>,
     reconcile_interval: Option<Duration>,
+    max_total_duration: Option<Duration>,
     required_approvals: Option<u32>,
     allow_self_approval: Option<bool>,
     require_reason: Option<bool>,
@@ -104,6 +108,7 @@ impl LimitOverrides {
             approval_timeout: self.approval_timeout.unwrap_or(base.approval_timeout),
             reminder_before: self.reminder_before.unwrap_or(base.reminder_before),
             reconcile_interval: self.reconcile_interval.unwrap_or(base.reconcile_interval),
+            max_total_duration: self.max_total_duration.unwrap_or(base.max_total_duration),
             required_approvals: self.required_approvals.unwrap_or(base.required_approvals),
             allow_self_approval: self.allow_self_approval.unwrap_or(base.allow_self_approval),
             require_reason: self.require_reason.unwrap_or(base.require_reason),
@@ -118,6 +123,7 @@ const BUILTIN_LIMITS: Limits = Limits {
     approval_timeout: Duration::from_secs(30 * 60),
     reminder_before: Duration::from_secs(10 * 60),
     reconcile_interval: Duration::from_secs(5 * 60),
+    max_total_duration: Duration::from_secs(12 * 3600),
     required_approvals: 1,
     allow_self_approval: false,
     require_reason: false,
@@ -244,12 +250,19 @@ struct IdentitySection {
     principal_template: Option<String>,
     #[serde(default)]
     principals: BTreeMap<String, String>,
+    allowed_email_domains: Option<Vec<String>>,
+    #[serde(default)]
+    allow_guests: bool,
 }
 
 with_limit_keys! {
     #[derive(Debug, Deserialize, Default)]
     #[serde(deny_unknown_fields)]
-    struct DefaultsSection {}
+    struct DefaultsSection {
+        /// Per user, across every cluster: it bounds what one person can
+        /// put in front of approvers, so it is not a per-role setting.
+        max_pending_per_user: Option<u32>,
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -320,6 +333,8 @@ pub struct Config {
     pub store: StoreSection,
     pub slack: SlackSection,
     pub identity: IdentityPolicy,
+    /// `[defaults] max_pending_per_user`.
+    pub max_pending_per_user: u32,
     pub clusters: Vec<ClusterPolicy>,
     /// `serve --dry-run`: the whole flow runs, access is never changed.
     pub dry_run: bool,
@@ -402,24 +417,15 @@ impl Resolver<'_> {
                 "a weekly digest is posted to `security_channel`; set it in [slack]".into(),
             ));
         }
-        if let Some(template) = &file.identity.principal_template {
-            if !template.starts_with("arn:") {
-                return Err(self.invalid(
-                    Section::Table("identity"),
-                    "principal_template",
-                    "must be an IAM ARN template, e.g. \"arn:aws:iam::{account_id}:role/{email_local}\"".into(),
-                ));
-            }
+        let identity = self.resolve_identity(&file.identity)?;
+        let max_pending_per_user = file.defaults.max_pending_per_user.unwrap_or(5);
+        if max_pending_per_user == 0 {
+            return Err(self.invalid(
+                Section::Table("defaults"),
+                "max_pending_per_user",
+                "must be at least 1".into(),
+            ));
         }
-        let identity = IdentityPolicy {
-            principal_template: file.identity.principal_template.clone(),
-            principals: file
-                .identity
-                .principals
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect(),
-        };
         let mut clusters: Vec<ClusterPolicy> = Vec::new();
         for (index, c) in file.clusters.iter().enumerate() {
             let cluster = self.resolve_cluster(index, c, &defaults)?;
@@ -438,8 +444,79 @@ impl Resolver<'_> {
             store: file.store,
             slack: file.slack,
             identity,
+            max_pending_per_user,
             clusters,
             dry_run: false,
+        })
+    }
+
+    /// `[identity]` (spec 9.1): a template that reads the email needs the
+    /// domains it may come from, and every ARN it can produce, like every
+    /// ARN of the table, must have the strict IAM shape.
+    fn resolve_identity(&self, id: &IdentitySection) -> Result<IdentityPolicy, ConfigError> {
+        use crate::domain::identity::{check_arn, uses_email};
+        let here = Section::Table("identity");
+        let domains: Vec<String> = id
+            .allowed_email_domains
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|d| d.trim().to_ascii_lowercase())
+            .collect();
+        for d in &domains {
+            let ok = !d.is_empty()
+                && d.contains('.')
+                && d.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            if !ok {
+                return Err(self.invalid(
+                    here,
+                    "allowed_email_domains",
+                    format!("`{d}` is not a domain name like \"example.com\""),
+                ));
+            }
+        }
+        if let Some(template) = &id.principal_template {
+            if uses_email(template) && domains.is_empty() {
+                // The line is the template's: that is what needs the key.
+                let (line, _) = locate(self.text, here, "principal_template");
+                return Err(ConfigError::Invalid {
+                    path: self.path.to_string(),
+                    line,
+                    key: "identity.allowed_email_domains".into(),
+                    message: "required when `principal_template` uses {email} or {email_local}: list the email domains whose users may get a principal, e.g. allowed_email_domains = [\"example.com\"]".into(),
+                });
+            }
+            let sample = template
+                .replace("{account_id}", "111122223333")
+                .replace("{email_local}", "alice")
+                .replace("{email}", "alice@example.com");
+            if let Err(why) = check_arn(&sample) {
+                return Err(self.invalid(
+                    here,
+                    "principal_template",
+                    format!("must give an IAM role or user ARN, e.g. \"arn:aws:iam::{{account_id}}:role/{{email_local}}\" ({why} for alice@example.com)"),
+                ));
+            }
+        }
+        for (email, arn) in &id.principals {
+            if let Err(why) = check_arn(arn) {
+                return Err(self.invalid(
+                    Section::Table("identity.principals"),
+                    email,
+                    format!("`{arn}` is not a well-formed IAM role or user ARN: {why}"),
+                ));
+            }
+        }
+        Ok(IdentityPolicy {
+            principal_template: id.principal_template.clone(),
+            principals: id
+                .principals
+                .iter()
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.clone()))
+                .collect(),
+            allowed_email_domains: domains,
+            allow_guests: id.allow_guests,
         })
     }
 
@@ -629,6 +706,17 @@ impl Resolver<'_> {
         if l.required_approvals == 0 {
             return Err(self.invalid(at, "required_approvals", "must be at least 1".into()));
         }
+        if l.max_total_duration < l.max_duration {
+            return Err(self.invalid(
+                at,
+                "max_total_duration",
+                format!(
+                    "{} is below max_duration {}: a grant with its extensions would be capped below one request",
+                    humantime::format_duration(l.max_total_duration),
+                    humantime::format_duration(l.max_duration)
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -698,6 +786,11 @@ fn locate(text: &str, section: Section<'_>, key: &str) -> (usize, String) {
             if t.starts_with(key) && t[key.len()..].trim_start().starts_with('=') {
                 return (n + 1, shown);
             }
+            // A quoted key, like an email in `[identity.principals]`.
+            let quoted = format!("\"{key}\"");
+            if t.starts_with(&quoted) && t[quoted.len()..].trim_start().starts_with('=') {
+                return (n + 1, shown);
+            }
         }
     }
     (header_line.max(1), shown)
@@ -710,6 +803,7 @@ mod tests {
     const MINIMAL: &str = r#"
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+allowed_email_domains = ["example.com"]
 
 [[clusters]]
 name = "prod-cluster"
@@ -853,6 +947,82 @@ max_duration = "2h"
             err.contains(&line_of(&text, "account_id = ")) && err.contains("account_id"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn identity_and_limit_keys_are_checked() {
+        // A template reading the email without the domains it may come from.
+        let text = MINIMAL.replace("allowed_email_domains = [\"example.com\"]\n", "");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "principal_template"))
+                && err.contains("identity.allowed_email_domains"),
+            "{err}"
+        );
+        // A template without the email needs no domains.
+        let text = text.replace("{email_local}", "shared-oncall");
+        assert!(Config::parse(&text, "t.toml").is_ok());
+
+        for bad in [
+            "arn:aws:iam::{account_id}:role/*",
+            "arn:aws:iam::{account_id}:group/{email_local}",
+            "arn:aws:sts::{account_id}:assumed-role/x/{email_local}",
+        ] {
+            let text = MINIMAL.replace("arn:aws:iam::{account_id}:role/{email_local}", bad);
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains("identity.principal_template"), "{bad}: {err}");
+        }
+
+        let text = MINIMAL.replace(
+            "[[clusters]]",
+            "[identity.principals]\n\"Bob@Example.com\" = \"arn:aws:iam::111122223333:role/b{{x}}\"\n\n[[clusters]]",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "Bob@")) && err.contains("well-formed"),
+            "{err}"
+        );
+
+        let cfg = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(cfg.identity.allowed_email_domains, vec!["example.com"]);
+        assert!(!cfg.identity.allow_guests);
+        assert_eq!(cfg.max_pending_per_user, 5);
+        let view = &cfg.cluster("prod-cluster").unwrap().roles["view"];
+        assert_eq!(
+            view.limits.max_total_duration,
+            Duration::from_secs(12 * 3600)
+        );
+
+        let text = MINIMAL.replace(
+            "max_duration = \"2h\"",
+            "max_duration = \"2h\"\nmax_total_duration = \"3h\"",
+        );
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let edit = &cfg.cluster("prod-cluster").unwrap().roles["edit"];
+        assert_eq!(
+            edit.limits.max_total_duration,
+            Duration::from_secs(3 * 3600)
+        );
+
+        let text = MINIMAL.replace(
+            "max_duration = \"2h\"",
+            "max_duration = \"2h\"\nmax_total_duration = \"1h\"",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("roles.edit.max_total_duration"), "{err}");
+
+        let text = format!("[defaults]\nmax_pending_per_user = 0\n{MINIMAL}");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains("max_pending_per_user"),
+            "{err}"
+        );
+        // Per user, so not a cluster key.
+        let text = MINIMAL.replace(
+            "max_duration = \"4h\"",
+            "max_duration = \"4h\"\nmax_pending_per_user = 2",
+        );
+        assert!(Config::parse(&text, "t.toml").is_err());
     }
 
     #[test]

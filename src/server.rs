@@ -76,7 +76,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Overdue revokes and half-finished grants are driven before the port
     // opens, so a restart never serves with stale access in place.
-    let recovered = service.run_due().await?;
+    // `recover` also posts the cards of requests whose post died with the
+    // previous process.
+    let recovered = service.recover().await?;
     tracing::info!(due = recovered, "start-up recovery done");
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -40,6 +40,7 @@ async fn check(path: &std::path::Path, env: Vec<(String, String)>) -> Output {
 const CHECK_CONFIG: &str = r#"
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+allowed_email_domains = ["example.com"]
 
 [[clusters]]
 name = "api-cluster"

@@ -34,6 +34,7 @@ path = "{data}"
 
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+allowed_email_domains = ["example.com"]
 
 [defaults]
 min_duration = "1s"
@@ -1402,6 +1403,7 @@ async fn policy_refusals_and_approval_timeout() {
             email: format!("{}@example.com", id.to_lowercase()),
             deleted,
             is_bot,
+            is_guest: false,
             tz: "UTC".into(),
             tz_offset: 0,
         });

@@ -32,6 +32,7 @@ STORE
 
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+allowed_email_domains = ["example.com"]
 
 [[clusters]]
 name = "prod"

@@ -338,6 +338,7 @@ async fn slack_morphism_client_understands_the_standin() {
         email: "alice@example.com".into(),
         deleted: false,
         is_bot: false,
+        is_guest: false,
         tz: "America/New_York".into(),
         tz_offset: -18000,
     });

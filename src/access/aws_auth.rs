@@ -22,11 +22,8 @@ pub const NAME: &str = "aws-auth";
 /// Read-modify-write attempts before giving up on a busy ConfigMap.
 const MAX_ATTEMPTS: u32 = 8;
 
-/// EKS matches mapRoles entries against the role ARN without its path, so
-/// an SSO role's `/aws-reserved/sso.amazonaws.com/...` must be dropped.
-pub fn strip_role_path(arn: &str) -> String {
-    crate::domain::grant::aws_auth_arn(arn)
-}
+/// The one rule for role paths lives with principal resolution.
+pub use crate::domain::identity::strip_role_path;
 
 /// Which list of aws-auth an ARN belongs in, and that list's ARN key.
 fn list_for(arn: &str) -> Result<(&'static str, &'static str), String> {

@@ -132,15 +132,10 @@ pub fn binding_name(grant_id: &str) -> String {
     format!("tollgate-{}", grant_id.to_ascii_lowercase())
 }
 
-/// The aws-auth username of a grant: what its item is matched by.
+/// The ARN an aws-auth item maps for a principal (role path dropped, by
+/// the one rule in `identity`).
 pub fn aws_auth_arn(principal: &str) -> String {
-    match principal.split_once(":role/") {
-        Some((prefix, rest)) => {
-            let name = rest.rsplit('/').next().unwrap_or(rest);
-            format!("{prefix}:role/{name}")
-        }
-        None => principal.to_string(),
-    }
+    super::identity::strip_role_path(principal)
 }
 
 /// Everything converging `spec` with `strategy` may create: recorded on the

@@ -6,6 +6,7 @@ pub mod command;
 pub mod duration;
 pub mod form;
 pub mod grant;
+pub mod identity;
 pub mod policy;
 pub mod request;
 pub mod standing;

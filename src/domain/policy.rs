@@ -34,6 +34,8 @@ pub struct Limits {
     pub approval_timeout: Duration,
     pub reminder_before: Duration,
     pub reconcile_interval: Duration,
+    /// A grant with all its extensions never lasts longer (spec 9.3).
+    pub max_total_duration: Duration,
     pub required_approvals: u32,
     pub allow_self_approval: bool,
     pub require_reason: bool,
@@ -85,36 +87,7 @@ pub struct ClusterPolicy {
     pub reconcile_interval: Duration,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct IdentityPolicy {
-    pub principal_template: Option<String>,
-    /// Keys lowercased: email addresses compare case-insensitively.
-    pub principals: BTreeMap<String, String>,
-}
-
-impl IdentityPolicy {
-    /// The IAM principal for a Slack email on a cluster; never a guess.
-    pub fn principal_for(&self, cluster: &ClusterPolicy, email: &str) -> Result<String, String> {
-        let email = email.trim();
-        if email.is_empty() {
-            return Err("Tollgate could not read your email address from Slack (scope `users:read.email`), so it cannot tell which IAM principal is yours. Ask an admin to check the app's scopes.".into());
-        }
-        if let Some(arn) = self.principals.get(&email.to_ascii_lowercase()) {
-            return Ok(arn.clone());
-        }
-        let Some(template) = &self.principal_template else {
-            return Err(format!(
-                "No IAM principal is configured for {}. Ask a Tollgate admin to add you to `[identity.principals]`.",
-                escape_slack(email)
-            ));
-        };
-        let local = email.split('@').next().unwrap_or(email);
-        Ok(template
-            .replace("{account_id}", &cluster.account_id)
-            .replace("{email_local}", local)
-            .replace("{email}", email))
-    }
-}
+pub use super::identity::IdentityPolicy;
 
 /// A request after it has been checked against its cluster's policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,7 +158,12 @@ pub fn resolve_request(
     }
     let duration = parse_in_range(&args.duration, &policy.limits.range())
         .map_err(|e| format!("{e} (role `{role}` on {})", cluster.name))?;
-    let reason = reason_words.join(" ");
+    // A break-glass reason is the request's reason (spec 8.7): the one
+    // command that must work in an incident is never refused for lacking one.
+    let reason = match &args.break_glass {
+        Some(why) => why.clone(),
+        None => reason_words.join(" "),
+    };
     if policy.limits.require_reason && reason.trim().is_empty() {
         return Err(format!(
             "Requests for `{role}` on {} need a reason, e.g. a ticket: `/access eks {} {} {role} INC-1234`.",
@@ -199,6 +177,34 @@ pub fn resolve_request(
         duration,
         namespaces,
         reason,
+    })
+}
+
+/// Spec 9.3: a grant, with all its extensions, lasts at most `max_total`
+/// from the moment it became Active. `so_far` is that moment to the current
+/// expiry; the refusal says how much is left.
+pub fn check_total_duration(
+    so_far: Duration,
+    by: Duration,
+    max_total: Duration,
+) -> Result<(), String> {
+    if so_far.saturating_add(by) <= max_total {
+        return Ok(());
+    }
+    let left = max_total.saturating_sub(so_far);
+    // Whole seconds: sub-second rests are noise in a message.
+    let left = Duration::from_secs(left.as_secs());
+    Err(if left.is_zero() {
+        format!(
+            "A grant with its extensions may last at most {} and this one has no time left to add; request access again instead.",
+            format_duration(max_total)
+        )
+    } else {
+        format!(
+            "A grant with its extensions may last at most {}; this one can be extended by {} at most.",
+            format_duration(max_total),
+            format_duration(left)
+        )
     })
 }
 
@@ -266,6 +272,7 @@ pub(crate) mod tests {
             approval_timeout: Duration::from_secs(1800),
             reminder_before: Duration::from_secs(600),
             reconcile_interval: Duration::from_secs(300),
+            max_total_duration: Duration::from_secs(12 * 3600),
             required_approvals: 1,
             allow_self_approval: false,
             require_reason: false,
@@ -375,6 +382,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn break_glass_reason_is_the_reason() {
+        let mut c = cluster();
+        c.roles.get_mut("view").unwrap().limits.require_reason = true;
+        let Command::Request(args) = parse("eks prod 30m view --break-glass SEV1 INC-999").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(resolve_request(&c, &args).unwrap().reason, "SEV1 INC-999");
+    }
+
+    /// Spec 9.3: the time a grant may still be extended by.
+    #[test]
+    fn extensions_stop_at_the_total_cap() {
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert!(check_total_duration(h(10), h(2), h(12)).is_ok());
+        let err = check_total_duration(h(11), h(2), h(12)).unwrap_err();
+        assert!(err.contains("12h") && err.contains("1h"), "{err}");
+        let err = check_total_duration(h(12), Duration::from_secs(60), h(12)).unwrap_err();
+        assert!(err.contains("no time left"), "{err}");
+    }
+
+    #[test]
     fn approvers_groups_and_self_approval() {
         let c = cluster();
         let view = &c.roles["view"];
@@ -412,27 +441,5 @@ pub(crate) mod tests {
         r.requesters = vec!["S0DEV".into()];
         assert!(!may_request(&r, "U1", &HashSet::new()));
         assert!(may_request(&r, "U1", &HashSet::from(["U1".to_string()])));
-    }
-
-    #[test]
-    fn principals_table_wins_over_template_and_no_mapping_is_an_error() {
-        let c = cluster();
-        let mut id = IdentityPolicy::default();
-        assert!(id
-            .principal_for(&c, "alice@example.com")
-            .unwrap_err()
-            .contains("No IAM principal"));
-        id.principal_template = Some("arn:aws:iam::{account_id}:role/{email_local}".into());
-        assert_eq!(
-            id.principal_for(&c, "alice@example.com").unwrap(),
-            "arn:aws:iam::111122223333:role/alice"
-        );
-        id.principals
-            .insert("alice@example.com".into(), "arn:aws:iam::1:role/a".into());
-        assert_eq!(
-            id.principal_for(&c, "Alice@Example.com").unwrap(),
-            "arn:aws:iam::1:role/a"
-        );
-        assert!(id.principal_for(&c, "").is_err());
     }
 }

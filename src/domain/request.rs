@@ -172,6 +172,8 @@ pub enum RevokeReason {
     Expiry,
     Early,
     Admin,
+    /// The requester's Slack account was deactivated (or made a guest).
+    Offboarded,
 }
 
 impl RevokeReason {
@@ -180,6 +182,7 @@ impl RevokeReason {
             RevokeReason::Expiry => "expiry",
             RevokeReason::Early => "early",
             RevokeReason::Admin => "admin",
+            RevokeReason::Offboarded => "offboarded",
         }
     }
 }

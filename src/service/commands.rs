@@ -12,6 +12,7 @@ use crate::domain::audit::AuditEvent;
 use crate::domain::audit::ACTOR_TOLLGATE;
 use crate::domain::command::{parse, Command, RequestArgs, USAGE};
 use crate::domain::duration::format_duration;
+use crate::domain::identity::{resolve as resolve_principal, Principal};
 use crate::domain::policy::{
     listed, may_request, mention_list, resolve_request, ClusterPolicy, Strategy,
 };
@@ -220,21 +221,33 @@ impl Service {
             _ => Mode::Approval,
         };
         let email = user.email.clone().unwrap_or_default();
-        if email.trim().is_empty() {
-            return Err("Tollgate could not read your email address from Slack (scope `users:read.email`), so it cannot tell who you are in the cluster. Ask an admin to check the app's scopes.".into());
-        }
-        let k8s_user = format!("tollgate:{email}");
-        // session-rbac users all assume one shared role and are told apart
-        // by session name; the others need an IAM principal of their own.
-        let principal = match cluster.strategy {
-            Strategy::SessionRbac => k8s_user.clone(),
-            Strategy::AccessEntry => self.config.identity.principal_for(cluster, &email)?,
-            // aws-auth matches roles without their path; recording it that
-            // way keeps one principal one key for locks and overlaps.
-            Strategy::AwsAuth => crate::access::aws_auth::strip_role_path(
-                &self.config.identity.principal_for(cluster, &email)?,
-            ),
+        // Resolved now, stored, shown on the card, and resolved again at
+        // grant time (spec 9.1).
+        let resolved_principal = resolve_principal(
+            &self.config.identity,
+            &cluster.account_id,
+            cluster.strategy,
+            &email,
+        );
+        let Principal {
+            principal,
+            k8s_user,
+        } = match resolved_principal {
+            Ok(p) => p,
+            Err(why) => {
+                if mode == Mode::BreakGlass {
+                    self.audit_break_glass_refused(&user.id, cluster, "no principal")
+                        .await;
+                }
+                return Err(why);
+            }
         };
+        // Only what waits on approvers counts: break-glass and auto-approved
+        // requests put nothing in front of them, and break-glass must work
+        // in an incident whatever else is waiting.
+        if mode == Mode::Approval {
+            self.pending_room(&user.id).await?;
+        }
 
         let now = self.clock.now();
         let mut req = Request::pending(
@@ -369,7 +382,33 @@ impl Service {
         if user.deleted || user.is_bot {
             return Err("Deactivated accounts and bots cannot request access.".into());
         }
+        if user.is_guest && !self.config.identity.allow_guests {
+            return Err("Slack guest accounts cannot request access here; nothing was requested. Ask an admin if you need it.".into());
+        }
         Ok(user)
+    }
+
+    /// `max_pending_per_user` (spec 9.3): the requests waiting on approvers,
+    /// extensions included, counted across every cluster.
+    pub(super) async fn pending_room(&self, user: &str) -> Result<(), String> {
+        let live = self.store.live().await.map_err(|e| {
+            tracing::error!(error = %e, "store read failed");
+            "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".to_string()
+        })?;
+        let pending: Vec<String> = live
+            .iter()
+            .filter(|r| r.requester.user_id == user && r.state == State::Pending)
+            .map(|r| format!("{} (`{}` on {})", r.id, r.access.role, r.access.cluster))
+            .collect();
+        let max = self.config.max_pending_per_user as usize;
+        if pending.len() >= max {
+            return Err(format!(
+                "You already have {} pending requests, the most Tollgate accepts from one person ({max}): {}. Wait for a decision or cancel one with `/access revoke <id>`; nothing was requested.",
+                pending.len(),
+                pending.join(", ")
+            ));
+        }
+        Ok(())
     }
 
     /// Records a new request; ids are short for people's sake, so a

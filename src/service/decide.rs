@@ -69,10 +69,24 @@ impl Service {
             Ok(u) if u.deleted || u.is_bot => {
                 return reply("Deactivated accounts and bots cannot decide requests.".into()).await
             }
+            // Guests never approve, whatever `allow_guests` says (spec 9.1).
+            Ok(u) if u.is_guest => {
+                return reply(
+                    "Slack guest accounts cannot decide requests; your click was not counted."
+                        .into(),
+                )
+                .await
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "users.info failed for a decision");
                 return reply("Tollgate could not look up your Slack profile; your click was not counted. Try again.".into()).await;
+            }
+        }
+        // An offboarded requester's request cannot be approved (spec 9.1).
+        if d.approve {
+            if let Err(why) = self.requester_still_here(&req).await {
+                return reply(why).await;
             }
         }
         let members = self.group_members(&role.approvers).await;

@@ -12,7 +12,7 @@ use super::lifecycle::in_force;
 use super::{Change, Notice, Service};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::duration::{format_duration, parse_in_range};
-use crate::domain::policy::listed;
+use crate::domain::policy::{check_total_duration, listed, may_request, mention_list};
 use crate::domain::request::{reminder_time, Event, Request, RequestId, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::blocks;
@@ -105,8 +105,34 @@ impl Service {
                 )
             }
         };
-        if let Err(why) = self.requesting_user(user).await {
-            return why;
+        // Spec 9.3: never past max_total_duration from activation, whoever
+        // (or nothing) approves it.
+        if let (Some(active), Some(expires)) = (grant.activated_at, grant.expires_at) {
+            let so_far = Duration::try_from(expires - active).unwrap_or_default();
+            if let Err(why) = check_total_duration(so_far, by, role.limits.max_total_duration) {
+                return format!("{why} Nothing was requested for {id}.");
+            }
+        }
+        let requester = match self.requesting_user(user).await {
+            Ok(u) => u,
+            Err(why) => return why,
+        };
+        // Guests never extend, even where they may request (spec 9.1).
+        if requester.is_guest {
+            return "Slack guest accounts cannot extend access; nothing was requested.".into();
+        }
+        // Who may request is asked again: being allowed once is not a
+        // standing right to more time.
+        if !role.requesters.is_empty() {
+            let members = self.group_members(&role.requesters).await;
+            if !may_request(role, user, &members) {
+                return format!(
+                    "You may no longer request `{}` on {}, so {id} cannot be extended. Who may: {}.",
+                    role.name,
+                    grant.access.cluster,
+                    mention_list(&role.requesters)
+                );
+            }
         }
         let mode = if !role.auto_approve.is_empty()
             && listed(
@@ -118,6 +144,11 @@ impl Service {
         } else {
             Mode::Approval
         };
+        if mode == Mode::Approval {
+            if let Err(why) = self.pending_room(user).await {
+                return why;
+            }
+        }
         let mut ext = Request::extension_of(
             &grant,
             RequestId::generate(&mut rand::thread_rng()),
@@ -205,11 +236,13 @@ impl Service {
             return;
         };
         let now = self.clock.now();
-        let reminder_before = self
+        let role_limits = self
             .config
             .cluster(&ext.access.cluster)
             .and_then(|c| c.roles.get(&ext.access.role))
-            .map(|r| r.limits.reminder_before);
+            .map(|r| r.limits.clone());
+        let reminder_before = role_limits.as_ref().map(|l| l.reminder_before);
+        let max_total = role_limits.map(|l| l.max_total_duration);
         let applied = self
             .modify(&grant_id, |grant| {
                 if grant.extended_by.contains(&ext.id) {
@@ -226,6 +259,14 @@ impl Service {
                         grant.id
                     )));
                 };
+                // Checked when asked for; checked again here because the
+                // config may have lowered the cap since.
+                if let (Some(active), Some(max_total)) = (grant.activated_at, max_total) {
+                    let so_far = Duration::try_from(expires_at - active).unwrap_or_default();
+                    if let Err(why) = check_total_duration(so_far, ext.duration, max_total) {
+                        return Change::Keep(Applied::Ended(why));
+                    }
+                }
                 let mut next = grant.clone();
                 let new_expiry = expires_at + ext.duration;
                 next.expires_at = Some(new_expiry);

@@ -428,6 +428,14 @@ impl Service {
             .cluster(&req.access.cluster)
             .and_then(|c| c.roles.get(&req.access.role))
             .map(|r| r.limits.reminder_before);
+        // Spec 9.1: the principal shown to approvers is still the
+        // requester's, or nothing is made.
+        if !abandoned {
+            if let Err(message) = self.recheck_identity(&req).await {
+                let _ = self.record_grant_failure(&req, message, None).await;
+                return;
+            }
+        }
         let (granted, failure) = if abandoned {
             (false, self.converge_for(&req, None, now).await.err())
         } else {

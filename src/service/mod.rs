@@ -19,6 +19,7 @@ mod admin;
 mod commands;
 mod decide;
 mod extend;
+mod identity;
 mod lifecycle;
 mod modal;
 mod principal;

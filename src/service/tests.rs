@@ -149,6 +149,7 @@ impl SlackApi for FakeSlack {
             email: Some(format!("{}@example.com", id.to_lowercase())),
             deleted: false,
             is_bot: false,
+            is_guest: false,
             tz: None,
             tz_offset_secs: 0,
         })
@@ -208,7 +209,10 @@ fn rig() -> Rig {
         identity: crate::domain::policy::IdentityPolicy {
             principal_template: Some("arn:aws:iam::{account_id}:role/{email_local}".into()),
             principals: Default::default(),
+            allowed_email_domains: vec!["example.com".into()],
+            allow_guests: false,
         },
+        max_pending_per_user: 5,
         clusters: vec![cluster()],
         dry_run: false,
     };

@@ -283,6 +283,9 @@ pub fn revoked_dm(req: &Request, now: OffsetDateTime) -> Message {
     let why = match req.revoke.as_ref().map(|r| r.reason) {
         Some(crate::domain::request::RevokeReason::Early) => "revoked early",
         Some(crate::domain::request::RevokeReason::Admin) => "revoked by an admin",
+        Some(crate::domain::request::RevokeReason::Offboarded) => {
+            "been revoked because your Slack account was deactivated or made a guest"
+        }
         _ => "expired",
     };
     Message::plain(format!(

@@ -109,6 +109,8 @@ impl SlackApi for SlackWebApi {
             email: u.profile.and_then(|p| p.email).map(|e| e.to_string()),
             deleted: u.deleted.unwrap_or(false),
             is_bot: u.flags.is_bot.unwrap_or(false),
+            is_guest: u.flags.is_restricted.unwrap_or(false)
+                || u.flags.is_ultra_restricted.unwrap_or(false),
             tz: u.tz,
             tz_offset_secs: u.tz_offset.unwrap_or(0),
         })

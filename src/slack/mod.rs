@@ -18,6 +18,9 @@ pub struct SlackUser {
     pub email: Option<String>,
     pub deleted: bool,
     pub is_bot: bool,
+    /// A multi- or single-channel guest (`is_restricted` /
+    /// `is_ultra_restricted`).
+    pub is_guest: bool,
     pub tz: Option<String>,
     pub tz_offset_secs: i32,
 }

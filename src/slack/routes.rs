@@ -194,8 +194,9 @@ struct InteractionForm {
     payload: String,
 }
 
+/// The fields of an interaction that routing reads.
 #[derive(Deserialize)]
-struct Interaction {
+pub struct Interaction {
     #[serde(rename = "type")]
     kind: String,
     user: InteractionUser,
@@ -217,18 +218,22 @@ struct Action {
     value: Option<String>,
 }
 
+/// An interaction body (form field `payload` holding JSON): the raw JSON,
+/// which the modal reads, and the routed fields; `None` when malformed.
+pub fn decode_interaction(body: &[u8]) -> Option<(Value, Interaction)> {
+    let raw = serde_urlencoded::from_bytes::<InteractionForm>(body)
+        .ok()
+        .and_then(|f| serde_json::from_str::<Value>(&f.payload).ok())?;
+    let parsed = serde_json::from_value::<Interaction>(raw.clone()).ok()?;
+    Some((raw, parsed))
+}
+
 async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let bytes = match authenticated_body(&app, &headers, body).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let raw = serde_urlencoded::from_bytes::<InteractionForm>(&bytes)
-        .ok()
-        .and_then(|f| serde_json::from_str::<Value>(&f.payload).ok());
-    let parsed = raw
-        .clone()
-        .and_then(|v| serde_json::from_value::<Interaction>(v).ok());
-    let (Some(raw), Some(interaction)) = (raw, parsed) else {
+    let Some((raw, interaction)) = decode_interaction(&bytes) else {
         return (StatusCode::BAD_REQUEST, "malformed interaction payload").into_response();
     };
     match interaction.kind.as_str() {

@@ -52,6 +52,8 @@ pub struct UserSpec {
     pub email: String,
     pub deleted: bool,
     pub is_bot: bool,
+    /// Answered as `is_restricted` (a multi-channel guest).
+    pub is_guest: bool,
     pub tz: String,
     pub tz_offset: i64,
 }
@@ -228,6 +230,7 @@ impl SlackStandIn {
             email: email.to_string(),
             deleted: false,
             is_bot: false,
+            is_guest: false,
             tz: tz.to_string(),
             tz_offset,
         });
@@ -235,6 +238,13 @@ impl SlackStandIn {
 
     pub fn add_user_full(&self, user: UserSpec) {
         self.shared.lock().users.insert(user.id.clone(), user);
+    }
+
+    /// Changes a known user's profile (deactivation, new email, guest).
+    pub fn edit_user(&self, id: &str, edit: impl FnOnce(&mut UserSpec)) {
+        if let Some(user) = self.shared.lock().users.get_mut(id) {
+            edit(user);
+        }
     }
 
     pub fn add_usergroup(&self, id: &str, members: &[&str]) {
@@ -634,6 +644,8 @@ fn user_info(state: &State, params: &Value) -> Answer {
         "real_name": name,
         "deleted": user.deleted,
         "is_bot": user.is_bot,
+        "is_restricted": user.is_guest,
+        "is_ultra_restricted": false,
         "is_admin": false,
         "is_owner": false,
         "is_app_user": false,

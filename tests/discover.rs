@@ -35,6 +35,7 @@ path = "{data}"
 
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+allowed_email_domains = ["example.com"]
 
 [defaults]
 min_duration = "1s"

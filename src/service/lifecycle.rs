@@ -46,6 +46,15 @@ fn drive_timeout() -> Duration {
     Duration::from_secs(60).min(claim_ttl() * 2 / 3)
 }
 
+/// A converge (reading the grants in force, then the cloud calls) that has
+/// not finished by then is cut off and counts as a failed attempt of its
+/// step: recorded, retried with backoff, counted and alerted on like any
+/// other failure, never dropped. Well inside the step's own limit, which
+/// leaves room to record the outcome (and, for a grant, one cleanup).
+pub(super) fn converge_limit() -> Duration {
+    drive_timeout() * 2 / 5
+}
+
 /// How long a replica's claim on a row lasts: the failover time when a
 /// replica dies mid-step. `TOLLGATE_CLAIM_TTL` (humantime) overrides it for
 /// drills and tests.
@@ -289,11 +298,22 @@ impl Service {
         include: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<(), String> {
-        let others = self
-            .others_in_force(req, now)
+        let limit = self.converge_limit();
+        let converge = async {
+            let others = self
+                .others_in_force(req, now)
+                .await
+                .map_err(|e| format!("cannot read the grants in force: {e}"))?;
+            self.converge_with(req, &others, include).await
+        };
+        tokio::time::timeout(limit, converge)
             .await
-            .map_err(|e| format!("cannot read the grants in force: {e}"))?;
-        self.converge_with(req, &others, include).await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "cut off after {:.1} s without an answer from the cluster",
+                    limit.as_secs_f64()
+                ))
+            })
     }
 
     /// On a shared store, takes this row for this replica before any cloud

@@ -51,6 +51,10 @@ pub struct Service {
     /// the store did not create: each is audited when first seen.
     foreign:
         std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
+    /// How long one converge may take before it counts as a failed
+    /// attempt (milliseconds; `lifecycle::converge_limit` unless a test or
+    /// drill sets it).
+    converge_limit_ms: std::sync::atomic::AtomicU64,
     /// Per cluster, when the reconciler last read every object's marks.
     full_scans: std::sync::Mutex<std::collections::BTreeMap<String, time::OffsetDateTime>>,
 }
@@ -136,7 +140,26 @@ impl Service {
             standing: Default::default(),
             foreign: Default::default(),
             full_scans: Default::default(),
+            converge_limit_ms: std::sync::atomic::AtomicU64::new(
+                lifecycle::converge_limit().as_millis() as u64,
+            ),
         })
+    }
+
+    /// Shortens (or lengthens) the converge time limit, for tests that
+    /// need a cluster that hangs to be cut off in milliseconds.
+    pub fn set_converge_limit(&self, limit: std::time::Duration) {
+        self.converge_limit_ms.store(
+            limit.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub(crate) fn converge_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.converge_limit_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     pub fn replica(&self) -> &str {

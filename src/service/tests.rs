@@ -43,6 +43,9 @@ struct FakeAccess {
     /// What each listing was asked to read: `None` for everything, else
     /// the principals.
     looks: Mutex<Vec<Option<Vec<String>>>>,
+    /// Converges that never answer (a cluster that accepts the connection
+    /// and hangs), counted down like `failures`.
+    hangs: Mutex<u32>,
 }
 
 #[async_trait]
@@ -81,6 +84,15 @@ impl AccessEngine for FakeAccess {
             .lock()
             .unwrap()
             .push(principal.to_string());
+        let hang = {
+            let mut hangs = self.hangs.lock().unwrap();
+            let hang = *hangs > 0;
+            *hangs = hangs.saturating_sub(1);
+            hang
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
         let mut failures = self.failures.lock().unwrap();
         if *failures > 0 {
             *failures -= 1;
@@ -364,6 +376,38 @@ async fn failing_revoke_backs_off_escalates_alerts_then_completes() {
     let names = r.audit_names().await;
     assert_eq!(names.iter().filter(|n| *n == "revoke_failed").count(), 1);
     assert_eq!(names.last().map(String::as_str), Some("revoked"));
+}
+
+/// A revoke whose cluster never answers is cut off by its time limit, and
+/// that counts like any failure: attempts, backoff, RevokeFailed and the
+/// alert at the threshold.
+#[tokio::test]
+async fn a_revoke_cut_off_by_its_time_limit_is_a_failed_attempt() {
+    let r = rig();
+    r.service.set_converge_limit(Duration::from_millis(100));
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    *r.access.hangs.lock().unwrap() = 5;
+    r.clock.advance(Duration::from_secs(5 * 60));
+    for attempt in 1..=5u32 {
+        r.service.run_due().await.unwrap();
+        let row = r.state(&id).await;
+        assert_eq!(row.attempts, attempt, "the cut-off step was counted");
+        assert!(row.retry_at.is_some(), "and backs off");
+        r.clock.advance(Duration::from_secs(300));
+    }
+    assert_eq!(r.state(&id).await.state, State::RevokeFailed);
+    assert_eq!(r.service.metrics().revoke_failures.get(), 5);
+    r.wait_for("alert", |r| {
+        r.slack
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(c, t)| c == "C0SECURITY" && t.contains(id.as_str()) && t.contains("cut off"))
+    })
+    .await;
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::access::kube::KubeClients;
+use crate::access::permissions;
 use crate::access::{access_entry, aws, aws_auth, AccessEngine, AwsClients, DryRun, Engine};
 use crate::admin::{self, AdminRequest, AdminResponse};
 use crate::clock::SystemClock;
@@ -241,17 +242,42 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// One line per check; false if any failed.
-async fn check_kube_rbac(
+/// Asks the cluster, one SelfSubjectAccessReview per permission the
+/// strategy uses, whether Tollgate holds it: a missing verb shows here
+/// rather than as a 403 on the first grant, extension or revoke.
+async fn check_kube_permissions(
     kube: &KubeClients,
     cluster: &crate::domain::policy::ClusterPolicy,
-) -> Result<(), String> {
+) -> Result<Vec<(permissions::Permission, Result<bool, String>)>, String> {
     let client = kube.client(cluster).await.map_err(|e| e.to_string())?;
-    let api: kube::Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = kube::Api::all(client);
-    api.list(&kube::api::ListParams::default().limit(1))
+    let api: kube::Api<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview> =
+        kube::Api::all(client);
+    let mut out = Vec::new();
+    for p in permissions::required(cluster) {
+        let answer = api
+            .create(&kube::api::PostParams::default(), &permissions::review(&p))
+            .await
+            .map(|r| r.status.is_some_and(|s| s.allowed))
+            .map_err(|e| format!("SelfSubjectAccessReview: {e}"));
+        out.push((p, answer));
+    }
+    Ok(out)
+}
+
+/// The reads the access-entry strategy makes, none of which changes
+/// anything: the access entries of the cluster.
+async fn check_access_entry_reads(
+    clients: &AwsClients,
+    cluster: &crate::domain::policy::ClusterPolicy,
+) -> Result<usize, String> {
+    let eks = clients.eks(cluster).await;
+    eks.list_access_entries()
+        .cluster_name(&cluster.name)
+        .max_results(100)
+        .send()
         .await
-        .map(|_| ())
-        .map_err(|e| format!("listing ClusterRoleBindings: {e}"))
+        .map(|out| out.access_entries().len())
+        .map_err(|e| format!("eks ListAccessEntries: {}", aws::describe_error(&e)))
 }
 
 async fn check_aws_auth(
@@ -329,13 +355,16 @@ pub async fn check(config: Config) -> bool {
                     "cluster {}: authentication mode CONFIG_MAP cannot use the access-entry strategy; switch the cluster to API_AND_CONFIG_MAP or use strategy = \"aws-auth\"",
                     c.name
                 )),
-                Ok(mode) => line(true, format!("cluster {} reachable (authentication mode {})", c.name, mode.as_deref().unwrap_or("unknown"))),
+                Ok(mode) => {
+                    line(true, format!("cluster {} reachable (authentication mode {})", c.name, mode.as_deref().unwrap_or("unknown")));
+                    match check_access_entry_reads(&clients, c).await {
+                        Ok(n) => line(true, format!("cluster {}: eks ListAccessEntries ({n} entries)", c.name)),
+                        Err(e) => line(false, format!("cluster {}: {e}", c.name)),
+                    }
+                }
                 Err(e) => line(false, format!("cluster {}: {e}", c.name)),
             },
-            Strategy::SessionRbac => match check_kube_rbac(&kube, c).await {
-                Ok(()) => line(true, format!("cluster {} reachable (Kubernetes API, RoleBindings listable)", c.name)),
-                Err(e) => line(false, format!("cluster {}: {e}", c.name)),
-            },
+            Strategy::SessionRbac => {}
             Strategy::AwsAuth => match check_aws_auth(&kube, c).await {
                 Ok(foreign) if foreign.is_empty() => line(true, format!("cluster {} reachable ({}/{} readable)", c.name, aws_auth::NAMESPACE, aws_auth::NAME)),
                 Ok(foreign) => {
@@ -348,6 +377,28 @@ pub async fn check(config: Config) -> bool {
                 }
                 Err(e) => line(false, format!("cluster {}: {e}", c.name)),
             },
+        }
+        if c.strategy == Strategy::AccessEntry {
+            continue;
+        }
+        match check_kube_permissions(&kube, c).await {
+            Ok(answers) => {
+                for (p, answer) in answers {
+                    match answer {
+                        Ok(true) => line(true, format!("cluster {}: may {p}", c.name)),
+                        Ok(false) => line(
+                            false,
+                            format!(
+                                "cluster {}: may not {p} (apply manifests/rbac-{}.yaml)",
+                                c.name,
+                                c.strategy.name()
+                            ),
+                        ),
+                        Err(e) => line(false, format!("cluster {}: {p}: {e}", c.name)),
+                    }
+                }
+            }
+            Err(e) => line(false, format!("cluster {}: {e}", c.name)),
         }
     }
     ok

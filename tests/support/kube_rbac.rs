@@ -171,7 +171,7 @@ fn rule_matches(rule: &Rule, attrs: &Attributes) -> bool {
         && has(&rule.api_groups, &attrs.group)
         && has(&rule.resources, &attrs.resource)
         && (rule.resource_names.is_empty()
-            || (!attrs.name.is_empty() && rule.resource_names.iter().any(|n| *n == attrs.name)))
+            || (!attrs.name.is_empty() && rule.resource_names.contains(&attrs.name)))
 }
 
 /// kube-apiserver's 403 for a request RBAC refused.

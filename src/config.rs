@@ -146,6 +146,9 @@ pub struct ServerSection {
     #[serde(default = "default_listen")]
     pub listen: String,
     pub public_url: Option<String>,
+    /// `/metrics` on its own listener, never behind the Slack ingress;
+    /// unset: no metrics endpoint at all.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -153,6 +156,7 @@ impl Default for ServerSection {
         ServerSection {
             listen: default_listen(),
             public_url: None,
+            metrics_listen: None,
         }
     }
 }
@@ -197,6 +201,8 @@ fn default_store_path() -> PathBuf {
 #[serde(deny_unknown_fields)]
 pub struct SlackSection {
     pub api_url: Option<String>,
+    /// Commands and interactions for another Slack app are refused.
+    pub app_id: Option<String>,
     pub security_channel: Option<String>,
 }
 
@@ -342,6 +348,36 @@ impl Resolver<'_> {
                     Section::Table("slack"),
                     "api_url",
                     "must be an http(s) URL".into(),
+                ));
+            }
+        }
+        if let Some(id) = &file.slack.app_id {
+            if !(id.starts_with('A')
+                && id.len() > 1
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
+            {
+                return Err(self.invalid(
+                    Section::Table("slack"),
+                    "app_id",
+                    "must be a Slack app id like \"A0123ABCDEF\" (Basic Information page of the app)".into(),
+                ));
+            }
+        }
+        if let Some(addr) = &file.server.metrics_listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.invalid(
+                    Section::Table("server"),
+                    "metrics_listen",
+                    "must be an address and port, e.g. \"0.0.0.0:9090\"".into(),
+                ));
+            }
+            if *addr == file.server.listen {
+                return Err(self.invalid(
+                    Section::Table("server"),
+                    "metrics_listen",
+                    "must differ from `listen`: metrics never share the Slack listener".into(),
                 ));
             }
         }

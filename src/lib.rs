@@ -12,6 +12,7 @@ pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod http;
 pub mod locks;
 pub mod metrics;
 pub mod scheduler;

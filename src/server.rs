@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::scheduler;
 use crate::service::Service;
 use crate::slack::client::SlackWebApi;
-use crate::slack::routes::{router, AppState};
+use crate::slack::routes::{metrics_router, router, AppState};
 use crate::slack::verify::Verifier;
 use crate::slack::SlackApi;
 use crate::store::Store;
@@ -56,6 +56,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?
             .with_metrics(metrics.clone()),
     );
+    // Requests from other workspaces are refused, so the bot's own must be
+    // known before the port opens.
+    let team_id = bot_workspace(slack.as_ref()).await?;
     let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
@@ -93,23 +96,43 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let app = router(AppState {
+    let state = AppState {
         service: service.clone(),
         verifier: Verifier::new(&signing_secret),
         ready: ready.clone(),
+        team_id,
+        app_id: config.slack.app_id.clone(),
+    };
+    let bind = |addr: String, key: &'static str| async move {
+        tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (server.{key}): {e}"))
+    };
+    let listener = bind(config.server.listen.clone(), "listen").await?;
+    let metrics_listener = match &config.server.metrics_listen {
+        Some(addr) => Some(bind(addr.clone(), "metrics_listen").await?),
+        None => None,
+    };
+    let (down_tx, down_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|down| *down).await;
+    };
+    let metrics_task = metrics_listener.map(|l| {
+        tracing::info!(metrics_listen = ?l.local_addr().ok(), "serving metrics");
+        let app = metrics_router(state.clone());
+        tokio::spawn(crate::http::serve(l, app, stopped(down_rx.clone())))
     });
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {} (server.listen): {e}",
-                config.server.listen
-            )
-        })?;
     tracing::info!(listen = %listener.local_addr()?, "serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let app = router(state);
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = down_tx.send(true);
+    });
+    crate::http::serve(listener, app, stopped(down_rx)).await?;
+    signal.abort();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     ready.store(false, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     if !service.drain(SHUTDOWN_GRACE).await {
@@ -123,6 +146,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     store.flush().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long start-up keeps asking `auth.test` for the bot's workspace
+/// before giving up (Slack briefly unreachable should not crash-loop).
+const WORKSPACE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn bot_workspace(slack: &dyn SlackApi) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + WORKSPACE_PATIENCE;
+    loop {
+        match slack.auth_test().await {
+            Ok(bot) if !bot.team_id.is_empty() => {
+                tracing::info!(team_id = %bot.team_id, bot_user = %bot.user_id, "serving this Slack workspace only");
+                return Ok(bot.team_id);
+            }
+            Ok(_) => {
+                anyhow::bail!("slack auth.test named no workspace (team_id) for the bot token")
+            }
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "slack auth.test failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => anyhow::bail!("slack auth.test (the bot token's workspace): {e}"),
+        }
+    }
 }
 
 /// Slack for commands run without a bot token: messages are skipped, and
@@ -173,7 +220,7 @@ impl SlackApi for NoSlack {
     ) -> Result<(), crate::slack::SlackError> {
         Err(no_slack("response_url"))
     }
-    async fn auth_test(&self) -> Result<String, crate::slack::SlackError> {
+    async fn auth_test(&self) -> Result<crate::slack::BotIdentity, crate::slack::SlackError> {
         Err(no_slack("auth.test"))
     }
     async fn is_member(&self, _: &str) -> Result<bool, crate::slack::SlackError> {
@@ -312,7 +359,13 @@ pub async fn check(config: Config) -> bool {
         (Ok(token), Ok(_)) => match SlackWebApi::new(&slack_api_url(&config), &token) {
             Ok(slack) => {
                 match slack.auth_test().await {
-                    Ok(bot) => line(true, format!("slack auth.test (bot user {bot})")),
+                    Ok(bot) => line(
+                        true,
+                        format!(
+                            "slack auth.test (bot user {} in workspace {})",
+                            bot.user_id, bot.team_id
+                        ),
+                    ),
                     Err(e) => line(false, format!("slack auth.test: {e}")),
                 }
                 for c in &config.clusters {

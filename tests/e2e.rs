@@ -31,6 +31,9 @@ listen = "{listen}"
 [store]
 path = "{data}"
 
+[slack]
+app_id = "A0TOLLGATE"
+
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
 
@@ -254,7 +257,7 @@ impl World {
 
     /// `/metrics`, read by a Prometheus text-format parser.
     async fn metrics(&self) -> prometheus_parse::Scrape {
-        let url = format!("{}/metrics", self.tollgate.base);
+        let url = format!("{}/metrics", self.tollgate.metrics_base);
         let text = self
             .http
             .get(&url)
@@ -660,6 +663,137 @@ async fn bad_input_gets_a_clear_answer_and_the_server_stays_healthy() {
         !w.entry_exists(ALICE).await,
         "no bad input granted anything"
     );
+}
+
+/// Section 9.4 at the HTTP edge: requests for another workspace or app,
+/// replayed signatures and non-text bodies are refused and counted; a
+/// client trickling its headers is cut off while others are served; the
+/// metrics are only on their own listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_refuses_other_workspaces_replays_and_slow_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new().await;
+    let url = format!("{}/slack/commands", w.tollgate.base);
+    let interactions = format!("{}/slack/interactions", w.tollgate.base);
+    let help = || slash_body(REQUESTER, "help", &w.slack.response_url("edge"));
+
+    // Correctly signed, for another workspace or another app.
+    let other_team = help().replace("team_id=T0TEST", "team_id=T0OTHER");
+    assert!(other_team.contains("team_id=T0OTHER"));
+    let r = post_signed(&w.http, &url, SIGNING_SECRET, other_team).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("another Slack workspace"));
+    let other_app = help().replace("api_app_id=A0TOLLGATE", "api_app_id=A0OTHER");
+    assert_eq!(
+        post_signed(&w.http, &url, SIGNING_SECRET, other_app)
+            .await
+            .status(),
+        401
+    );
+    let mut click = support::sign::action_payload(
+        APPROVER,
+        "approve",
+        "R-AAAAA",
+        CHANNEL,
+        "1.2",
+        &w.slack.response_url("edge"),
+    );
+    click["team"]["id"] = "T0OTHER".into();
+    let r = post_signed(&w.http, &interactions, SIGNING_SECRET, payload_body(&click)).await;
+    assert_eq!(r.status(), 401);
+    // The same command for this workspace is served.
+    let r = post_signed(&w.http, &url, SIGNING_SECRET, help()).await;
+    assert_eq!(r.status(), 200);
+
+    // The same signed request twice: the second is a replay.
+    let body = help();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let send = || {
+        w.http
+            .post(&url)
+            .header("X-Slack-Request-Timestamp", &ts)
+            .header("X-Slack-Signature", signature(SIGNING_SECRET, &ts, &body))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 401);
+    assert!(again.text().await.unwrap().contains("already received"));
+
+    // Signed correctly, but not text.
+    let raw: &[u8] = b"text=\xff\xfe&team_id=T0TEST";
+    let mut mac =
+        <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(SIGNING_SECRET.as_bytes()).unwrap();
+    hmac::Mac::update(&mut mac, format!("v0:{ts}:").as_bytes());
+    hmac::Mac::update(&mut mac, raw);
+    let sig = format!("v0={}", hex::encode(hmac::Mac::finalize(mac).into_bytes()));
+    let r = w
+        .http
+        .post(&url)
+        .header("X-Slack-Request-Timestamp", &ts)
+        .header("X-Slack-Signature", sig)
+        .body(raw.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Half a request head, then nothing: closed within 12 s, while other
+    // requests are served meanwhile.
+    let addr = w.tollgate.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /slack/commands HTTP/1.1\r\nHost: tollgate\r\nX-Slack-")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        // EOF (or a reset) once the server gives up; an answer would be
+        // bytes, which the assertion below refuses.
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return Vec::new(),
+                Ok(n) => return buf[..n].to_vec(),
+            }
+        }
+    });
+    for _ in 0..5 {
+        assert!(w.healthy().await, "served while a client stalls");
+        let r = post_signed(&w.http, &url, SIGNING_SECRET, help()).await;
+        assert_eq!(r.status(), 200);
+    }
+    let leftover = tokio::time::timeout(Duration::from_secs(12), reader)
+        .await
+        .expect("the stalled connection was not closed within 12 s")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        leftover.is_empty() || String::from_utf8_lossy(&leftover).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&leftover)
+    );
+    assert!(took >= Duration::from_secs(9), "closed after {took:?}");
+
+    // Metrics: only on their own listener.
+    let on_slack = w
+        .http
+        .get(format!("{}/metrics", w.tollgate.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_slack.status(), 404);
+    for (reason, n) in [("wrong_team", 3.0), ("replay", 1.0), ("bad_body", 1.0)] {
+        let counted = w
+            .metric("tollgate_http_rejected_total", Some(("reason", reason)))
+            .await;
+        assert_eq!(counted, Some(n), "{reason}");
+    }
 }
 
 const KUBE_CLUSTERS: &str = r#"

@@ -122,8 +122,11 @@ impl SlackApi for FakeSlack {
     async fn respond(&self, _: &str, _: &Message) -> Result<(), SlackError> {
         Ok(())
     }
-    async fn auth_test(&self) -> Result<String, SlackError> {
-        Ok("U0BOT".into())
+    async fn auth_test(&self) -> Result<crate::slack::BotIdentity, SlackError> {
+        Ok(crate::slack::BotIdentity {
+            user_id: "U0BOT".into(),
+            team_id: "T0TEST".into(),
+        })
     }
     async fn is_member(&self, _: &str) -> Result<bool, SlackError> {
         Ok(true)
@@ -147,6 +150,7 @@ fn rig() -> Rig {
         slack: crate::config::SlackSection {
             api_url: None,
             security_channel: Some("C0SECURITY".into()),
+            ..Default::default()
         },
         identity: crate::domain::policy::IdentityPolicy {
             principal_template: Some("arn:aws:iam::{account_id}:role/{email_local}".into()),

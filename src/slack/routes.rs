@@ -207,7 +207,7 @@ fn check_origin(
     app: &AppState,
     team_id: Option<&str>,
     api_app_id: Option<&str>,
-) -> Result<(), Response> {
+) -> Result<(), Box<Response>> {
     let team_ok = team_id == Some(app.team_id.as_str());
     let app_ok = app
         .app_id
@@ -216,12 +216,12 @@ fn check_origin(
     if team_ok && app_ok {
         Ok(())
     } else {
-        Err(reject(
+        Err(Box::new(reject(
             app,
             "wrong_team",
             StatusCode::UNAUTHORIZED,
             "request is for another Slack workspace or app",
-        ))
+        )))
     }
 }
 
@@ -242,7 +242,7 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
         origin.as_ref().and_then(|o| o.team_id.as_deref()),
         origin.as_ref().and_then(|o| o.api_app_id.as_deref()),
     ) {
-        return resp;
+        return *resp;
     }
     let cmd: SlashCommand = match serde_urlencoded::from_bytes(&bytes) {
         Ok(c) => c,
@@ -332,7 +332,7 @@ async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Bod
         .as_str()
         .or_else(|| raw["user"]["team_id"].as_str());
     if let Err(resp) = check_origin(&app, team, raw["api_app_id"].as_str()) {
-        return resp;
+        return *resp;
     }
     match interaction.kind.as_str() {
         "view_submission" => return view_submission(&app, &raw).await,

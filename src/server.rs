@@ -262,7 +262,7 @@ pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Res
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
     let engine = Arc::new(Engine::new(clients, kube, store.clone()));
     let service = Service::new(config, store.clone(), engine, slack, clock, metrics);
-    let response = admin::handle(&service, request).await;
+    let response = admin::handle(&service, request, &admin::current_user()).await;
     store.flush().await?;
     Ok(response)
 }

@@ -967,12 +967,24 @@ async fn reconciler_removes_tagged_orphans_and_leaves_other_entries() {
     );
 }
 
+/// The operating-system user running these tests, as `id -un` names it.
+fn real_os_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .arg("--config")
         .arg(config)
-        .env("USER", "oncall-ops")
+        // What the client claims is not who it is: the server reads the
+        // peer's credentials.
+        .env("USER", "mallory")
+        .env("LOGNAME", "mallory")
         .output()
         .unwrap();
     (
@@ -1032,9 +1044,37 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
     assert_eq!(revoked["actor"], "tollgate");
     assert_eq!(revoked["details"]["reason"], "admin");
     assert_eq!(revoked["details"]["via"], "cli");
-    assert_eq!(revoked["details"]["os_user"], "oncall-ops");
+    assert_eq!(revoked["details"]["os_user"], real_os_user());
+    assert_ne!(revoked["details"]["os_user"], "mallory");
     assert_eq!(revoked["details"]["note"], "leaver");
     assert!(!out.contains(SIGNING_SECRET) && !out.contains(BOT_TOKEN));
+
+    // The socket is owner-only from the start (its directory is), and a
+    // request line over 64 KiB is refused.
+    let data = w.tollgate.config_path.parent().unwrap().join("data");
+    let socket = data.join("admin").join("admin.sock");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data.join("admin")), 0o700);
+        assert_eq!(mode(&socket), 0o600);
+    }
+    let long = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        let line = format!(
+            "{{\"op\":\"list_grants\",\"pad\":\"{}\"}}\n",
+            "x".repeat(70 * 1024)
+        );
+        // The server may stop reading at the limit; the answer still comes.
+        let _ = s.write_all(line.as_bytes());
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(long.contains("over 64 KiB refused"), "{long}");
 
     // With the server gone the same commands read the store directly.
     w.tollgate.kill9();
@@ -1162,10 +1202,7 @@ async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_outage_at_expiry_alerts_then_revokes_with_an_all_clear() {
-    let config = CONFIG.replace(
-        "[identity]",
-        "[slack]\nsecurity_channel = \"C0SECURITY\"\n\n[identity]",
-    );
+    let config = CONFIG.replace("[slack]\n", "[slack]\nsecurity_channel = \"C0SECURITY\"\n");
     let mut w = World::with_config(config).await;
     w.slack.add_channel("C0SECURITY", true);
     w.tollgate.set_env("TOLLGATE_RETRY_BASE", Some("100ms"));
@@ -1515,10 +1552,8 @@ access_policy = "AmazonEKSEditPolicy"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_approve_and_break_glass() {
-    let config = format!("{CONFIG}{BREAK_GLASS_CLUSTER}").replace(
-        "[identity]",
-        "[slack]\nsecurity_channel = \"C0SECURITY\"\n\n[identity]",
-    );
+    let config = format!("{CONFIG}{BREAK_GLASS_CLUSTER}")
+        .replace("[slack]\n", "[slack]\nsecurity_channel = \"C0SECURITY\"\n");
     let w = World::with_config(config).await;
     w.ms.create_cluster("bg").await;
     let entry = |principal: &str| format!("/clusters/bg/access-entries/{}", encode_arn(principal));
@@ -1645,6 +1680,7 @@ async fn submit_modal(w: &World, user: &str, view: &Value, fields: &[(&str, &str
     let payload = serde_json::json!({
         "type": "view_submission",
         "team": {"id": "T0TEST"},
+        "api_app_id": "A0TOLLGATE",
         "user": {"id": user},
         "trigger_id": "1.2.submit",
         "view": {

@@ -1154,6 +1154,10 @@ async fn dry_run_plays_the_whole_flow_without_changing_access() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "arms TOLLGATE_FAILPOINT: run with --features failpoints"
+)]
 async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown() {
     let mut w = World::new().await;
     // Grant: the process dies after AssociateAccessPolicy, before recording.

@@ -55,14 +55,17 @@ pub fn local_time(t: OffsetDateTime, offset_secs: i32, tz: Option<&str>) -> Stri
 /// Exactly what approval changes, so an approver approves a precise change.
 pub fn change_description(req: &Request) -> String {
     let a = &req.access;
-    let user = a.k8s_user.as_deref().unwrap_or(&a.principal);
+    // Principals and user names come from Slack emails: escaped, so an
+    // address can neither ping nor forge a link.
+    let user = escape_slack(a.k8s_user.as_deref().unwrap_or(&a.principal));
+    let principal = escape_slack(&a.principal);
     if let Some(arn) = &a.policy_arn {
         let scope = Scope::from_namespaces(a.namespaces.iter().cloned());
         let policy = arn.rsplit('/').next().unwrap_or(arn);
         format!(
             "associate {policy}, {}, to {} on {}",
             scope.describe(),
-            a.principal,
+            principal,
             a.cluster
         )
     } else if let Some(role) = &a.cluster_role {
@@ -78,7 +81,7 @@ pub fn change_description(req: &Request) -> String {
     } else {
         format!(
             "map {} to user {user} with groups {} in aws-auth on {}",
-            a.principal,
+            principal,
             a.groups.join(", "),
             a.cluster
         )
@@ -204,7 +207,7 @@ pub fn card(req: &Request, now: OffsetDateTime) -> Message {
     Message {
         text: format!(
             "{} requests {} on {} ({}): {}",
-            req.requester.email,
+            escape_slack(&req.requester.email),
             req.access.role,
             req.access.cluster,
             req.id,

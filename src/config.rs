@@ -818,7 +818,10 @@ max_duration = "2h"
 
     #[test]
     fn deployment_configmap_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/configmap.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/manifests/overlays/sled/configmap.yaml"
+        );
         let text = std::fs::read_to_string(path).unwrap();
         let cm: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
         let toml = cm["data"]["tollgate.toml"].as_str().unwrap();

@@ -817,6 +817,33 @@ max_duration = "2h"
     }
 
     #[test]
+    fn metrics_listen_and_app_id_are_checked() {
+        let with = |extra: &str| format!("{extra}\n{MINIMAL}");
+        let cfg = Config::parse(
+            &with(
+                "[server]\nmetrics_listen = \"127.0.0.1:9090\"\n[slack]\napp_id = \"A0TOLLGATE\"",
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(cfg.server.metrics_listen.as_deref(), Some("127.0.0.1:9090"));
+        assert_eq!(cfg.slack.app_id.as_deref(), Some("A0TOLLGATE"));
+        for (extra, key) in [
+            ("[server]\nmetrics_listen = \"nine\"", "metrics_listen"),
+            (
+                "[server]\nlisten = \"0.0.0.0:8080\"\nmetrics_listen = \"0.0.0.0:8080\"",
+                "metrics_listen",
+            ),
+            ("[slack]\napp_id = \"T0NOTANAPP\"", "app_id"),
+        ] {
+            let err = Config::parse(&with(extra), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
     fn deployment_configmap_is_valid() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),

@@ -200,7 +200,11 @@ mod tests {
             v.verify_at(&h, b"x", at(1_000_301), t0 + Duration::from_secs(601)),
             Err(Rejection::Stale)
         );
-        assert!(v.seen.lock().unwrap().set.is_empty());
+        // The next accepted request forgets it.
+        let later = signed(1_000_301, b"y");
+        v.verify_at(&later, b"y", at(1_000_301), t0 + Duration::from_secs(601))
+            .unwrap();
+        assert_eq!(v.seen.lock().unwrap().set.len(), 1);
     }
 
     #[test]

@@ -478,13 +478,20 @@ mod tests {
         let msg = card(&req, now);
         let (md, plain) = texts(&msg.blocks);
         for text in &md {
-            assert!(!text.contains("urgent") && !text.contains("m*a_l"), "{text}");
+            assert!(
+                !text.contains("urgent") && !text.contains("m*a_l"),
+                "{text}"
+            );
         }
         // Shown as typed, in plain text.
         assert!(plain.iter().any(|t| t.contains(reason)), "{plain:?}");
         assert!(plain.iter().any(|t| t.contains(email)), "{plain:?}");
         // The notification text (mrkdwn) escapes what could ping or link.
-        assert!(!msg.text.contains('<') && !msg.text.contains('>'), "{}", msg.text);
+        assert!(
+            !msg.text.contains('<') && !msg.text.contains('>'),
+            "{}",
+            msg.text
+        );
     }
 
     #[test]

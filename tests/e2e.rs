@@ -304,10 +304,7 @@ async fn approve_grants_then_revokes_at_expiry() {
     let card = w.slack.message(CHANNEL, &ts).expect("card stored");
     let text = card.to_string();
     assert!(text.contains("associate AmazonEKSViewPolicy, cluster-wide, to arn:aws:iam::000000000000:role/alice on prod-cluster for 4s from approval"), "{text}");
-    assert!(
-        text.contains("&lt;!channel&gt;") && !text.contains("<!channel>"),
-        "reason must be escaped: {text}"
-    );
+    assert_cannot_ping(&card, "<!channel>");
     assert!(
         text.contains("\"action_id\":\"approve\"") && text.contains("\"action_id\":\"deny\""),
         "{text}"
@@ -965,6 +962,35 @@ async fn reconciler_removes_tagged_orphans_and_leaves_other_entries() {
         w.entry_exists(bystander).await,
         "an entry without Tollgate's tags is never touched"
     );
+}
+
+/// `mention` (typed by a user) is on the card only where Slack shows text
+/// as is: inside `plain_text` objects, never in mrkdwn or the notification
+/// text, so it cannot ping or format anything.
+fn assert_cannot_ping(card: &Value, mention: &str) {
+    fn walk(v: &Value, mention: &str, plain_hits: &mut usize) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(t)) = o.get("text") {
+                    if t.contains(mention) {
+                        assert_eq!(
+                            o.get("type").and_then(Value::as_str),
+                            Some("plain_text"),
+                            "{mention} in formatted text: {t}"
+                        );
+                        *plain_hits += 1;
+                    }
+                }
+                o.values().for_each(|v| walk(v, mention, plain_hits));
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, mention, plain_hits)),
+            _ => {}
+        }
+    }
+    let mut plain_hits = 0;
+    walk(&card["blocks"], mention, &mut plain_hits);
+    assert!(plain_hits > 0, "the reason is shown: {card}");
+    assert!(!card["text"].as_str().unwrap_or_default().contains(mention));
 }
 
 /// The operating-system user running these tests, as `id -un` names it.
@@ -1793,15 +1819,13 @@ async fn modal_round_trip_with_field_errors_then_a_card() {
         .unwrap();
     let id = &receipt[receipt.find("R-").unwrap()..][..7];
     let ts = w.card(id).await;
-    let card = w.slack.message(CHANNEL, &ts).unwrap().to_string();
+    let stored = w.slack.message(CHANNEL, &ts).unwrap();
+    let card = stored.to_string();
     assert!(
         card.contains("AmazonEKSEditPolicy, namespaces payments"),
         "{card}"
     );
-    assert!(
-        card.contains("&lt;!channel&gt;") && !card.contains("<!channel>"),
-        "{card}"
-    );
+    assert_cannot_ping(&stored, "<!channel>");
 }
 
 const REMIND_CLUSTER: &str = r#"
@@ -1892,12 +1916,10 @@ async fn reminder_offers_extend_and_an_approved_extension_moves_the_expiry() {
     assert_ne!(ext, id, "an extension has its own id");
     assert!(receipt.contains(&format!("of {id} by 20s")), "{receipt}");
     let ext_ts = w.card(&ext).await;
-    let card = w.slack.message(CHANNEL, &ext_ts).unwrap().to_string();
+    let stored = w.slack.message(CHANNEL, &ext_ts).unwrap();
+    let card = stored.to_string();
     assert!(card.contains(&format!("extend {id}")), "{card}");
-    assert!(
-        card.contains("&lt;!here&gt;") && !card.contains("<!here>"),
-        "{card}"
-    );
+    assert_cannot_ping(&stored, "<!here>");
     w.click(APPROVER, "approve", &ext, &ext_ts).await;
     wait_until("extension applied", Duration::from_secs(5), || async {
         w.dms_to(REQUESTER, &format!("Extension {ext} approved")) == 1

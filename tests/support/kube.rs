@@ -28,7 +28,15 @@
 //!   `k in (a,b)`, `k notin (a,b)`, comma-separated AND) and `fieldSelector`
 //!   on `metadata.name` / `metadata.namespace`; list items carry no
 //!   `kind`/`apiVersion`, as in real list answers;
-//! - `?dryRun=All` validates without storing.
+//! - `?dryRun=All` validates without storing;
+//! - RBAC (`start`; `start_unrestricted` turns it off for the stand-in's
+//!   own self-tests): every authenticated caller is Tollgate's identity and
+//!   gets exactly the rules the shipped `manifests/rbac-*.yaml` bind to
+//!   `tollgate:controller` (see `kube_rbac.rs`); anything else is a 403
+//!   `Forbidden` Status worded as kube-apiserver words it, and writing a
+//!   binding to a ClusterRole also needs `bind` on it (the escalation
+//!   check); `POST .../selfsubjectaccessreviews` answers from the same
+//!   rules.
 //!
 //! Not served: watches, PATCH, pagination (`limit` is ignored; every list is
 //! complete), and namespaces as objects (any namespace exists).

@@ -9,6 +9,7 @@ RUN cargo build --release --locked --bin tollgate
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/tollgate /usr/local/bin/tollgate
 USER 65532:65532
-EXPOSE 8080
+# 8080: Slack and probes (`listen`); 9090: metrics (`metrics_listen`).
+EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/tollgate"]
 CMD ["serve", "--config", "/etc/tollgate/tollgate.toml"]

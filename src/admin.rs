@@ -1,13 +1,17 @@
 //! The local admin socket: how `tollgate grants …` and `tollgate audit
 //! export` reach a running server, whose sled store no other process may
-//! open. A Unix socket in the store directory, readable and writable by its
-//! owner only: file permissions are the authentication.
+//! open. A Unix socket in a directory of its own inside the store
+//! directory; the directory is created owner-only (0700) before the socket
+//! is bound in it, so there is no moment at which anyone else can connect:
+//! file permissions are the authentication. Who ran a command is read from
+//! the connection's peer credentials (SO_PEERCRED), never from what the
+//! client says.
 
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
@@ -17,18 +21,71 @@ use crate::domain::standing::GrantRecord;
 use crate::service::Service;
 use crate::store::prune::PrunePlan;
 
+/// A request line longer than this is refused unread.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 pub fn socket_path(store_dir: &Path) -> PathBuf {
-    store_dir.join("admin.sock")
+    store_dir.join("admin").join("admin.sock")
+}
+
+/// The name of the user with id `uid` (the passwd database, NSS
+/// included), or `uid <n>` when it has none.
+pub fn user_name(uid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwuid_r writes only into `pwd` and `buf` (whose length is
+    // passed) and sets `found` to `&pwd` or null; `pw_name` points into
+    // `buf`, which outlives its use below.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: a non-null pw_name is a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    name.to_string_lossy().into_owned()
+}
+
+/// The operating-system user this process runs as (its effective uid), for
+/// admin commands run directly on the store.
+pub fn current_user() -> String {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    user_name(unsafe { libc::geteuid() })
+}
+
+/// Creates `dir` owner-only, or makes an existing one owner-only, and
+/// refuses one owned by someone else.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory owned by this user",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
     ListGrants,
+    /// Who asks is not part of the request: the server reads it from the
+    /// connection (an `os_user` field an older client sends is ignored).
     Revoke {
         id: String,
         reason: Option<String>,
-        os_user: String,
     },
     AuditExport {
         #[serde(with = "time::serde::rfc3339::option")]
@@ -62,18 +119,15 @@ pub enum AdminResponse {
     Error { message: String },
 }
 
-pub async fn handle(service: &Arc<Service>, request: AdminRequest) -> AdminResponse {
+/// Runs `request` for the operating-system user `os_user`.
+pub async fn handle(service: &Arc<Service>, request: AdminRequest, os_user: &str) -> AdminResponse {
     let result = match request {
         AdminRequest::ListGrants => service
             .live_requests()
             .await
             .map(|grants| AdminResponse::Grants { grants }),
-        AdminRequest::Revoke {
-            id,
-            reason,
-            os_user,
-        } => service
-            .admin_revoke(&id, reason.as_deref(), &os_user)
+        AdminRequest::Revoke { id, reason } => service
+            .admin_revoke(&id, reason.as_deref(), os_user)
             .await
             .map(|message| AdminResponse::Done { message }),
         AdminRequest::AuditExport { since } => service
@@ -102,9 +156,13 @@ pub async fn serve(
     path: PathBuf,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        private_dir(dir)?;
+    }
     // A socket left by a killed server would refuse the bind.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    // The directory already keeps others out; the socket says so too.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     loop {
         tokio::select! {
@@ -125,14 +183,28 @@ pub async fn serve(
 }
 
 async fn connection(service: Arc<Service>, stream: UnixStream) -> std::io::Result<()> {
+    let os_user = user_name(stream.peer_cred()?.uid());
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let response = match serde_json::from_str::<AdminRequest>(&line) {
-        Ok(request) => handle(&service, request).await,
-        Err(e) => AdminResponse::Error {
-            message: format!("bad admin request: {e}"),
-        },
+    let mut line = Vec::new();
+    // One byte over the limit tells a long line from one exactly at it.
+    BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1))
+        .read_until(b'\n', &mut line)
+        .await?;
+    let response = if line.len() > MAX_REQUEST_BYTES {
+        tracing::warn!(os_user = %os_user, "admin request over 64 KiB refused");
+        AdminResponse::Error {
+            message: format!(
+                "admin request over {} KiB refused",
+                MAX_REQUEST_BYTES / 1024
+            ),
+        }
+    } else {
+        match serde_json::from_slice::<AdminRequest>(&line) {
+            Ok(request) => handle(&service, request, &os_user).await,
+            Err(e) => AdminResponse::Error {
+                message: format!("bad admin request: {e}"),
+            },
+        }
     };
     let mut text = serde_json::to_string(&response).map_err(std::io::Error::other)?;
     text.push('\n');

@@ -156,6 +156,9 @@ pub struct ServerSection {
     /// (`tollgate-instance` tag, `tollgate.dev/instance` label).
     #[serde(default = "default_instance")]
     pub instance: String,
+    /// `/metrics` on its own listener, never behind the Slack ingress;
+    /// unset: no metrics endpoint at all.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -164,6 +167,7 @@ impl Default for ServerSection {
             listen: default_listen(),
             public_url: None,
             instance: default_instance(),
+            metrics_listen: None,
         }
     }
 }
@@ -228,6 +232,8 @@ fn default_store_path() -> PathBuf {
 #[serde(deny_unknown_fields)]
 pub struct SlackSection {
     pub api_url: Option<String>,
+    /// Commands and interactions for another Slack app are refused.
+    pub app_id: Option<String>,
     pub security_channel: Option<String>,
     /// Standing-access summary to `security_channel` (spec section 12).
     #[serde(default)]
@@ -416,6 +422,36 @@ impl Resolver<'_> {
                 "standing_access_digest",
                 "a weekly digest is posted to `security_channel`; set it in [slack]".into(),
             ));
+        }
+        if let Some(id) = &file.slack.app_id {
+            if !(id.starts_with('A')
+                && id.len() > 1
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()))
+            {
+                return Err(self.invalid(
+                    Section::Table("slack"),
+                    "app_id",
+                    "must be a Slack app id like \"A0123ABCDEF\" (Basic Information page of the app)".into(),
+                ));
+            }
+        }
+        if let Some(addr) = &file.server.metrics_listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.invalid(
+                    Section::Table("server"),
+                    "metrics_listen",
+                    "must be an address and port, e.g. \"0.0.0.0:9090\"".into(),
+                ));
+            }
+            if *addr == file.server.listen {
+                return Err(self.invalid(
+                    Section::Table("server"),
+                    "metrics_listen",
+                    "must differ from `listen`: metrics never share the Slack listener".into(),
+                ));
+            }
         }
         let identity = self.resolve_identity(&file.identity)?;
         let max_pending_per_user = file.defaults.max_pending_per_user.unwrap_or(5);
@@ -1056,8 +1092,38 @@ max_duration = "2h"
     }
 
     #[test]
+    fn metrics_listen_and_app_id_are_checked() {
+        let with = |extra: &str| format!("{extra}\n{MINIMAL}");
+        let cfg = Config::parse(
+            &with(
+                "[server]\nmetrics_listen = \"127.0.0.1:9090\"\n[slack]\napp_id = \"A0TOLLGATE\"",
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(cfg.server.metrics_listen.as_deref(), Some("127.0.0.1:9090"));
+        assert_eq!(cfg.slack.app_id.as_deref(), Some("A0TOLLGATE"));
+        for (extra, key) in [
+            ("[server]\nmetrics_listen = \"nine\"", "metrics_listen"),
+            (
+                "[server]\nlisten = \"0.0.0.0:8080\"\nmetrics_listen = \"0.0.0.0:8080\"",
+                "metrics_listen",
+            ),
+            ("[slack]\napp_id = \"T0NOTANAPP\"", "app_id"),
+        ] {
+            let err = Config::parse(&with(extra), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
     fn deployment_configmap_is_valid() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/configmap.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/manifests/overlays/sled/configmap.yaml"
+        );
         let text = std::fs::read_to_string(path).unwrap();
         let cm: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
         let toml = cm["data"]["tollgate.toml"].as_str().unwrap();

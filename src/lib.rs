@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod discover;
 pub mod domain;
+pub mod http;
 pub mod locks;
 pub mod metrics;
 pub mod scheduler;

@@ -219,21 +219,7 @@ async fn main() -> ExitCode {
         } => admin(&config, AdminRequest::ListGrants, json).await,
         Cmd::Grants {
             action: GrantsCmd::Revoke { config, id, reason },
-        } => {
-            let os_user = std::env::var("USER")
-                .or_else(|_| std::env::var("LOGNAME"))
-                .unwrap_or_else(|_| "unknown".into());
-            admin(
-                &config,
-                AdminRequest::Revoke {
-                    id,
-                    reason,
-                    os_user,
-                },
-                false,
-            )
-            .await
-        }
+        } => admin(&config, AdminRequest::Revoke { id, reason }, false).await,
         Cmd::Audit {
             action: AuditCmd::Export { config, since },
         } => {

@@ -24,6 +24,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StandingLabel {
     pub cluster: String,
     pub level: String,
@@ -44,6 +49,9 @@ pub struct Metrics {
     pub http_rejected: Family<ReasonLabel, Counter>,
     pub scheduler_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub standing_access: Family<StandingLabel, Gauge>,
+    /// Reconcile passes finished, per cluster: a stalled reconciler shows
+    /// as a flat line.
+    pub reconcile_passes: Family<ClusterLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -133,6 +141,12 @@ impl Metrics {
             "Ways into each cluster that do not go through Tollgate, by level (tollgate discover)",
             standing_access.clone(),
         );
+        let reconcile_passes = Family::<ClusterLabel, Counter>::default();
+        registry.register(
+            "reconcile_passes",
+            "Reconcile passes finished, per cluster",
+            reconcile_passes.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -148,6 +162,7 @@ impl Metrics {
             http_rejected,
             scheduler_lag_seconds,
             standing_access,
+            reconcile_passes,
         }
     }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::access::kube::KubeClients;
+use crate::access::permissions;
 use crate::access::standing::ClusterReader;
 use crate::access::{access_entry, aws, aws_auth, AccessEngine, AwsClients, DryRun, Engine};
 use crate::admin::{self, AdminRequest, AdminResponse};
@@ -15,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::scheduler;
 use crate::service::Service;
 use crate::slack::client::SlackWebApi;
-use crate::slack::routes::{router, AppState};
+use crate::slack::routes::{metrics_router, router, AppState};
 use crate::slack::verify::Verifier;
 use crate::slack::SlackApi;
 use crate::store::Store;
@@ -56,6 +57,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?
             .with_metrics(metrics.clone()),
     );
+    // Requests from other workspaces are refused, so the bot's own must be
+    // known before the port opens.
+    let team_id = bot_workspace(slack.as_ref()).await?;
     let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
@@ -102,23 +106,43 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             }
         })
     };
-    let app = router(AppState {
+    let state = AppState {
         service: service.clone(),
         verifier: Verifier::new(&signing_secret),
         ready: ready.clone(),
+        team_id,
+        app_id: config.slack.app_id.clone(),
+    };
+    let bind = |addr: String, key: &'static str| async move {
+        tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (server.{key}): {e}"))
+    };
+    let listener = bind(config.server.listen.clone(), "listen").await?;
+    let metrics_listener = match &config.server.metrics_listen {
+        Some(addr) => Some(bind(addr.clone(), "metrics_listen").await?),
+        None => None,
+    };
+    let (down_tx, down_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|down| *down).await;
+    };
+    let metrics_task = metrics_listener.map(|l| {
+        tracing::info!(metrics_listen = ?l.local_addr().ok(), "serving metrics");
+        let app = metrics_router(state.clone());
+        tokio::spawn(crate::http::serve(l, app, stopped(down_rx.clone())))
     });
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {} (server.listen): {e}",
-                config.server.listen
-            )
-        })?;
     tracing::info!(listen = %listener.local_addr()?, "serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let app = router(state);
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = down_tx.send(true);
+    });
+    crate::http::serve(listener, app, stopped(down_rx)).await?;
+    signal.abort();
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     ready.store(false, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     if !service.drain(SHUTDOWN_GRACE).await {
@@ -132,6 +156,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     store.flush().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How long start-up keeps asking `auth.test` for the bot's workspace
+/// before giving up (Slack briefly unreachable should not crash-loop).
+const WORKSPACE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn bot_workspace(slack: &dyn SlackApi) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + WORKSPACE_PATIENCE;
+    loop {
+        match slack.auth_test().await {
+            Ok(bot) if !bot.team_id.is_empty() => {
+                tracing::info!(team_id = %bot.team_id, bot_user = %bot.user_id, "serving this Slack workspace only");
+                return Ok(bot.team_id);
+            }
+            Ok(_) => {
+                anyhow::bail!("slack auth.test named no workspace (team_id) for the bot token")
+            }
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "slack auth.test failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => anyhow::bail!("slack auth.test (the bot token's workspace): {e}"),
+        }
+    }
 }
 
 /// Slack for commands run without a bot token: messages are skipped, and
@@ -182,7 +230,7 @@ impl SlackApi for NoSlack {
     ) -> Result<(), crate::slack::SlackError> {
         Err(no_slack("response_url"))
     }
-    async fn auth_test(&self) -> Result<String, crate::slack::SlackError> {
+    async fn auth_test(&self) -> Result<crate::slack::BotIdentity, crate::slack::SlackError> {
         Err(no_slack("auth.test"))
     }
     async fn is_member(&self, _: &str) -> Result<bool, crate::slack::SlackError> {
@@ -229,7 +277,7 @@ pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Res
         &config.server.instance,
     ));
     let service = Service::new(config, store.clone(), engine, slack, clock, metrics);
-    let response = admin::handle(&service, request).await;
+    let response = admin::handle(&service, request, &admin::current_user()).await;
     store.flush().await?;
     Ok(response)
 }
@@ -256,17 +304,42 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// One line per check; false if any failed.
-async fn check_kube_rbac(
+/// Asks the cluster, one SelfSubjectAccessReview per permission the
+/// strategy uses, whether Tollgate holds it: a missing verb shows here
+/// rather than as a 403 on the first grant, extension or revoke.
+async fn check_kube_permissions(
     kube: &KubeClients,
     cluster: &crate::domain::policy::ClusterPolicy,
-) -> Result<(), String> {
+) -> Result<Vec<(permissions::Permission, Result<bool, String>)>, String> {
     let client = kube.client(cluster).await.map_err(|e| e.to_string())?;
-    let api: kube::Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> = kube::Api::all(client);
-    api.list(&kube::api::ListParams::default().limit(1))
+    let api: kube::Api<k8s_openapi::api::authorization::v1::SelfSubjectAccessReview> =
+        kube::Api::all(client);
+    let mut out = Vec::new();
+    for p in permissions::required(cluster) {
+        let answer = api
+            .create(&kube::api::PostParams::default(), &permissions::review(&p))
+            .await
+            .map(|r| r.status.is_some_and(|s| s.allowed))
+            .map_err(|e| format!("SelfSubjectAccessReview: {e}"));
+        out.push((p, answer));
+    }
+    Ok(out)
+}
+
+/// The reads the access-entry strategy makes, none of which changes
+/// anything: the access entries of the cluster.
+async fn check_access_entry_reads(
+    clients: &AwsClients,
+    cluster: &crate::domain::policy::ClusterPolicy,
+) -> Result<usize, String> {
+    let eks = clients.eks(cluster).await;
+    eks.list_access_entries()
+        .cluster_name(&cluster.name)
+        .max_results(100)
+        .send()
         .await
-        .map(|_| ())
-        .map_err(|e| format!("listing ClusterRoleBindings: {e}"))
+        .map(|out| out.access_entries().len())
+        .map_err(|e| format!("eks ListAccessEntries: {}", aws::describe_error(&e)))
 }
 
 async fn check_aws_auth(
@@ -301,7 +374,13 @@ pub async fn check(config: Config) -> bool {
         (Ok(token), Ok(_)) => match SlackWebApi::new(&slack_api_url(&config), &token) {
             Ok(slack) => {
                 match slack.auth_test().await {
-                    Ok(bot) => line(true, format!("slack auth.test (bot user {bot})")),
+                    Ok(bot) => line(
+                        true,
+                        format!(
+                            "slack auth.test (bot user {} in workspace {})",
+                            bot.user_id, bot.team_id
+                        ),
+                    ),
                     Err(e) => line(false, format!("slack auth.test: {e}")),
                 }
                 for c in &config.clusters {
@@ -344,13 +423,16 @@ pub async fn check(config: Config) -> bool {
                     "cluster {}: authentication mode CONFIG_MAP cannot use the access-entry strategy; switch the cluster to API_AND_CONFIG_MAP or use strategy = \"aws-auth\"",
                     c.name
                 )),
-                Ok(mode) => line(true, format!("cluster {} reachable (authentication mode {})", c.name, mode.as_deref().unwrap_or("unknown"))),
+                Ok(mode) => {
+                    line(true, format!("cluster {} reachable (authentication mode {})", c.name, mode.as_deref().unwrap_or("unknown")));
+                    match check_access_entry_reads(&clients, c).await {
+                        Ok(n) => line(true, format!("cluster {}: eks ListAccessEntries ({n} entries)", c.name)),
+                        Err(e) => line(false, format!("cluster {}: {e}", c.name)),
+                    }
+                }
                 Err(e) => line(false, format!("cluster {}: {e}", c.name)),
             },
-            Strategy::SessionRbac => match check_kube_rbac(&kube, c).await {
-                Ok(()) => line(true, format!("cluster {} reachable (Kubernetes API, RoleBindings listable)", c.name)),
-                Err(e) => line(false, format!("cluster {}: {e}", c.name)),
-            },
+            Strategy::SessionRbac => {}
             Strategy::AwsAuth => match check_aws_auth(&kube, c).await {
                 Ok(foreign) if foreign.is_empty() => line(true, format!("cluster {} reachable ({}/{} readable)", c.name, aws_auth::NAMESPACE, aws_auth::NAME)),
                 Ok(foreign) => {
@@ -363,6 +445,28 @@ pub async fn check(config: Config) -> bool {
                 }
                 Err(e) => line(false, format!("cluster {}: {e}", c.name)),
             },
+        }
+        if c.strategy == Strategy::AccessEntry {
+            continue;
+        }
+        match check_kube_permissions(&kube, c).await {
+            Ok(answers) => {
+                for (p, answer) in answers {
+                    match answer {
+                        Ok(true) => line(true, format!("cluster {}: may {p}", c.name)),
+                        Ok(false) => line(
+                            false,
+                            format!(
+                                "cluster {}: may not {p} (apply manifests/rbac-{}.yaml)",
+                                c.name,
+                                c.strategy.name()
+                            ),
+                        ),
+                        Err(e) => line(false, format!("cluster {}: {p}: {e}", c.name)),
+                    }
+                }
+            }
+            Err(e) => line(false, format!("cluster {}: {e}", c.name)),
         }
     }
     ok

@@ -5,6 +5,7 @@ mod support;
 
 use serde_json::json;
 use std::process::{Command, Output};
+use support::kube_rbac::Rbac;
 use support::ministack::MiniStack;
 use support::slack::SlackStandIn;
 use support::tollgate::{BOT_TOKEN, SIGNING_SECRET};
@@ -209,13 +210,26 @@ groups = ["tollgate-debug"]
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("ok   cluster rbac-cluster reachable"),
-        "{stdout}"
-    );
-    assert!(
         stdout.contains("ok   cluster auth-cluster reachable"),
         "{stdout}"
     );
+    // One SelfSubjectAccessReview line per permission the strategy uses,
+    // answered from the shipped RBAC manifests.
+    let may = |cluster: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("ok   cluster {cluster}: may ")))
+            .count()
+    };
+    assert_eq!(may("rbac-cluster"), 11, "{stdout}");
+    assert_eq!(may("auth-cluster"), 2, "{stdout}");
+    for line in [
+        "ok   cluster rbac-cluster: may update rolebindings.rbac.authorization.k8s.io in all namespaces",
+        "ok   cluster rbac-cluster: may bind clusterroles.rbac.authorization.k8s.io \"edit\"",
+        "ok   cluster auth-cluster: may update configmaps \"aws-auth\" in namespace kube-system",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line}\n{stdout}");
+    }
     let warn = stdout
         .lines()
         .find(|l| l.starts_with("warn"))
@@ -223,6 +237,26 @@ groups = ["tollgate-debug"]
     assert!(
         warn.contains("auth-cluster") && warn.contains("app.kubernetes.io/managed-by=Helm"),
         "{warn}"
+    );
+
+    // A cluster whose RBAC lacks a verb Tollgate uses fails that line and
+    // the whole check.
+    let mut narrowed = Rbac::shipped();
+    for rule in &mut narrowed.cluster {
+        rule.verbs.retain(|v| v != "update");
+    }
+    kube.set_rbac(Some(narrowed));
+    let out = check(&path, peer_env(&ms, &slack)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let refused: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(
+        refused,
+        [
+            "FAIL cluster rbac-cluster: may not update rolebindings.rbac.authorization.k8s.io in all namespaces (apply manifests/rbac-session-rbac.yaml)",
+            "FAIL cluster rbac-cluster: may not update clusterrolebindings.rbac.authorization.k8s.io (apply manifests/rbac-session-rbac.yaml)",
+        ],
+        "{stdout}"
     );
 
     // An unreachable Kubernetes API fails its line and the whole check.

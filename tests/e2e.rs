@@ -20,7 +20,6 @@ const OUTSIDER: &str = "U0NOT";
 const ALICE: &str = "arn:aws:iam::000000000000:role/alice";
 const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
 const EDIT: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSEditPolicy";
-static PASS_RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const ONCALL: [&str; 7] = [
     "U0ON1", "U0ON2", "U0ON3", "U0ON4", "U0ON5", "U0ON6", "U0ON7",
 ];
@@ -31,6 +30,9 @@ listen = "{listen}"
 
 [store]
 path = "{data}"
+
+[slack]
+app_id = "A0TOLLGATE"
 
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
@@ -224,24 +226,23 @@ impl World {
             .count()
     }
 
-    /// Waits for at least `n` whole reconcile passes. Each pass reports a
-    /// new foreign object (here a marker entry tagged with a grant id the
-    /// store never issued) before it looks at grants, so once marker k+1 is
-    /// reported, the pass that reported marker k has finished.
+    /// Waits for at least `n` whole reconcile passes of the cluster: the
+    /// pass under way when this is called may have read the cluster before
+    /// the caller's change, so `n + 1` more must finish.
     async fn passes(&self, n: usize) {
-        let run = PASS_RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        for k in 0..=n {
-            let marker = format!("arn:aws:iam::000000000000:role/pass-marker-{run}-{k}");
-            self.put_entry(
-                &marker,
-                serde_json::json!({"tags": {"managed-by": "tollgate", "tollgate-grant": "R-MARK0"}}),
-            )
-            .await;
-            wait_until("a reconcile pass", Duration::from_secs(15), || async {
-                self.events_for("foreign", &marker).await == 1
-            })
-            .await;
-        }
+        let label = Some(("cluster", CLUSTER));
+        let start = self
+            .metric("tollgate_reconcile_passes_total", label)
+            .await
+            .unwrap_or(0.0);
+        let deadline = Duration::from_secs(15 * (n as u64 + 1));
+        wait_until("reconcile passes", deadline, || async {
+            self.metric("tollgate_reconcile_passes_total", label)
+                .await
+                .unwrap_or(0.0)
+                >= start + (n + 1) as f64
+        })
+        .await;
     }
 
     async fn entry_exists(&self, principal: &str) -> bool {
@@ -312,7 +313,7 @@ impl World {
 
     /// `/metrics`, read by a Prometheus text-format parser.
     async fn metrics(&self) -> prometheus_parse::Scrape {
-        let url = format!("{}/metrics", self.tollgate.base);
+        let url = format!("{}/metrics", self.tollgate.metrics_base);
         let text = self
             .http
             .get(&url)
@@ -359,10 +360,7 @@ async fn approve_grants_then_revokes_at_expiry() {
     let card = w.slack.message(CHANNEL, &ts).expect("card stored");
     let text = card.to_string();
     assert!(text.contains("associate AmazonEKSViewPolicy, cluster-wide, to arn:aws:iam::000000000000:role/alice on prod-cluster for 4s from approval"), "{text}");
-    assert!(
-        text.contains("&lt;!channel&gt;") && !text.contains("<!channel>"),
-        "reason must be escaped: {text}"
-    );
+    assert_cannot_ping(&card, "<!channel>");
     assert!(
         text.contains("\"action_id\":\"approve\"") && text.contains("\"action_id\":\"deny\""),
         "{text}"
@@ -720,6 +718,135 @@ async fn bad_input_gets_a_clear_answer_and_the_server_stays_healthy() {
     );
 }
 
+/// Section 9.4 at the HTTP edge: requests for another workspace or app,
+/// replayed signatures and non-text bodies are refused and counted; a
+/// client trickling its headers is cut off while others are served; the
+/// metrics are only on their own listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_refuses_other_workspaces_replays_and_slow_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new().await;
+    let url = format!("{}/slack/commands", w.tollgate.base);
+    let interactions = format!("{}/slack/interactions", w.tollgate.base);
+    let help = || slash_body(REQUESTER, "help", &w.slack.response_url("edge"));
+
+    // Correctly signed, for another workspace or another app.
+    let other_team = help().replace("team_id=T0TEST", "team_id=T0OTHER");
+    assert!(other_team.contains("team_id=T0OTHER"));
+    let r = post_signed(&w.http, &url, SIGNING_SECRET, other_team).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("another Slack workspace"));
+    let other_app = help().replace("api_app_id=A0TOLLGATE", "api_app_id=A0OTHER");
+    assert_eq!(
+        post_signed(&w.http, &url, SIGNING_SECRET, other_app)
+            .await
+            .status(),
+        401
+    );
+    let mut click = support::sign::action_payload(
+        APPROVER,
+        "approve",
+        "R-AAAAA",
+        CHANNEL,
+        "1.2",
+        &w.slack.response_url("edge"),
+    );
+    click["team"]["id"] = "T0OTHER".into();
+    let r = post_signed(&w.http, &interactions, SIGNING_SECRET, payload_body(&click)).await;
+    assert_eq!(r.status(), 401);
+    // The same command for this workspace is served.
+    let r = post_signed(&w.http, &url, SIGNING_SECRET, help()).await;
+    assert_eq!(r.status(), 200);
+
+    // The same signed request twice: the second is a replay.
+    let body = help();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let send = || {
+        w.http
+            .post(&url)
+            .header("X-Slack-Request-Timestamp", &ts)
+            .header("X-Slack-Signature", signature(SIGNING_SECRET, &ts, &body))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(send().await.unwrap().status(), 200);
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 401);
+    assert!(again.text().await.unwrap().contains("already received"));
+
+    // Signed correctly, but not text.
+    let raw: &[u8] = b"text=\xff\xfe&team_id=T0TEST";
+    let mut mac =
+        <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(SIGNING_SECRET.as_bytes()).unwrap();
+    hmac::Mac::update(&mut mac, format!("v0:{ts}:").as_bytes());
+    hmac::Mac::update(&mut mac, raw);
+    let sig = format!("v0={}", hex::encode(hmac::Mac::finalize(mac).into_bytes()));
+    let r = w
+        .http
+        .post(&url)
+        .header("X-Slack-Request-Timestamp", &ts)
+        .header("X-Slack-Signature", sig)
+        .body(raw.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Half a request head, then nothing: closed within 12 s, while other
+    // requests are served meanwhile.
+    let addr = w.tollgate.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"POST /slack/commands HTTP/1.1\r\nHost: tollgate\r\nX-Slack-")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 1024];
+        // EOF (or a reset) once the server gives up; an answer would be
+        // bytes, which the assertion below refuses.
+        match slow.read(&mut buf).await {
+            Ok(0) | Err(_) => Vec::new(),
+            Ok(n) => buf[..n].to_vec(),
+        }
+    });
+    for _ in 0..5 {
+        assert!(w.healthy().await, "served while a client stalls");
+        let r = post_signed(&w.http, &url, SIGNING_SECRET, help()).await;
+        assert_eq!(r.status(), 200);
+    }
+    let leftover = tokio::time::timeout(Duration::from_secs(12), reader)
+        .await
+        .expect("the stalled connection was not closed within 12 s")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        leftover.is_empty() || String::from_utf8_lossy(&leftover).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&leftover)
+    );
+    assert!(took >= Duration::from_secs(9), "closed after {took:?}");
+
+    // Metrics: only on their own listener.
+    let on_slack = w
+        .http
+        .get(format!("{}/metrics", w.tollgate.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_slack.status(), 404);
+    for (reason, n) in [("wrong_team", 3.0), ("replay", 1.0), ("bad_body", 1.0)] {
+        let counted = w
+            .metric("tollgate_http_rejected_total", Some(("reason", reason)))
+            .await;
+        assert_eq!(counted, Some(n), "{reason}");
+    }
+}
+
 const KUBE_CLUSTERS: &str = r#"
 [[clusters]]
 name = "rbac-cluster"
@@ -850,7 +977,7 @@ async fn kubernetes_strategies_grant_after_approval_and_clean_up_at_expiry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
-    let w = World::new().await;
+    let mut w = World::new().await;
     let marks =
         |grant: &str| serde_json::json!({"managed-by": "tollgate", "tollgate-grant": grant});
     // Each carries Tollgate's tags, as anyone with eks:TagResource can
@@ -886,6 +1013,10 @@ async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
     .await;
     w.associate_by_hand(blue, VIEW).await;
 
+    // Every object's marks are read on the first pass after start (and then
+    // hourly): a restart has the next pass see the forgeries.
+    w.tollgate.kill9();
+    w.tollgate.start_again().await;
     w.passes(3).await;
     for principal in [node, masters, admins, ghost, blue] {
         assert!(w.entry_exists(principal).await, "{principal} was deleted");
@@ -909,8 +1040,7 @@ async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
         !audit.iter().any(|e| e["event"] == "reconciled"),
         "nothing removed"
     );
-    // Four forged entries plus the pass markers, all still there.
-    assert_eq!(w.metric("tollgate_foreign_objects", None).await, Some(8.0));
+    assert_eq!(w.metric("tollgate_foreign_objects", None).await, Some(4.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1061,12 +1191,53 @@ async fn a_role_changed_between_approval_and_grant_fails_the_grant() {
     assert_eq!(w.listed_state(&id).await, None, "the request ended");
 }
 
+/// `mention` (typed by a user) is on the card only where Slack shows text
+/// as is: inside `plain_text` objects, never in mrkdwn or the notification
+/// text, so it cannot ping or format anything.
+fn assert_cannot_ping(card: &Value, mention: &str) {
+    fn walk(v: &Value, mention: &str, plain_hits: &mut usize) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(t)) = o.get("text") {
+                    if t.contains(mention) {
+                        assert_eq!(
+                            o.get("type").and_then(Value::as_str),
+                            Some("plain_text"),
+                            "{mention} in formatted text: {t}"
+                        );
+                        *plain_hits += 1;
+                    }
+                }
+                o.values().for_each(|v| walk(v, mention, plain_hits));
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, mention, plain_hits)),
+            _ => {}
+        }
+    }
+    let mut plain_hits = 0;
+    walk(&card["blocks"], mention, &mut plain_hits);
+    assert!(plain_hits > 0, "the reason is shown: {card}");
+    assert!(!card["text"].as_str().unwrap_or_default().contains(mention));
+}
+
+/// The operating-system user running these tests, as `id -un` names it.
+fn real_os_user() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .arg("--config")
         .arg(config)
-        .env("USER", "oncall-ops")
+        // What the client claims is not who it is: the server reads the
+        // peer's credentials.
+        .env("USER", "mallory")
+        .env("LOGNAME", "mallory")
         .output()
         .unwrap();
     (
@@ -1126,9 +1297,37 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
     assert_eq!(revoked["actor"], "tollgate");
     assert_eq!(revoked["details"]["reason"], "admin");
     assert_eq!(revoked["details"]["via"], "cli");
-    assert_eq!(revoked["details"]["os_user"], "oncall-ops");
+    assert_eq!(revoked["details"]["os_user"], real_os_user());
+    assert_ne!(revoked["details"]["os_user"], "mallory");
     assert_eq!(revoked["details"]["note"], "leaver");
     assert!(!out.contains(SIGNING_SECRET) && !out.contains(BOT_TOKEN));
+
+    // The socket is owner-only from the start (its directory is), and a
+    // request line over 64 KiB is refused.
+    let data = w.tollgate.config_path.parent().unwrap().join("data");
+    let socket = data.join("admin").join("admin.sock");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data.join("admin")), 0o700);
+        assert_eq!(mode(&socket), 0o600);
+    }
+    let long = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        let line = format!(
+            "{{\"op\":\"list_grants\",\"pad\":\"{}\"}}\n",
+            "x".repeat(70 * 1024)
+        );
+        // The server may stop reading at the limit; the answer still comes.
+        let _ = s.write_all(line.as_bytes());
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(long.contains("over 64 KiB refused"), "{long}");
 
     // With the server gone the same commands read the store directly.
     w.tollgate.kill9();
@@ -1208,6 +1407,10 @@ async fn dry_run_plays_the_whole_flow_without_changing_access() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "arms TOLLGATE_FAILPOINT: run with --features failpoints"
+)]
 async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown() {
     let mut w = World::new().await;
     // Grant: the process dies after AssociateAccessPolicy, before recording.
@@ -1256,10 +1459,7 @@ async fn crash_between_the_cloud_call_and_the_store_write_leaves_nothing_unknown
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_outage_at_expiry_alerts_then_revokes_with_an_all_clear() {
-    let config = CONFIG.replace(
-        "[identity]",
-        "[slack]\nsecurity_channel = \"C0SECURITY\"\n\n[identity]",
-    );
+    let config = CONFIG.replace("[slack]\n", "[slack]\nsecurity_channel = \"C0SECURITY\"\n");
     let mut w = World::with_config(config).await;
     w.slack.add_channel("C0SECURITY", true);
     w.tollgate.set_env("TOLLGATE_RETRY_BASE", Some("100ms"));
@@ -1610,10 +1810,8 @@ access_policy = "AmazonEKSEditPolicy"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_approve_and_break_glass() {
-    let config = format!("{CONFIG}{BREAK_GLASS_CLUSTER}").replace(
-        "[identity]",
-        "[slack]\nsecurity_channel = \"C0SECURITY\"\n\n[identity]",
-    );
+    let config = format!("{CONFIG}{BREAK_GLASS_CLUSTER}")
+        .replace("[slack]\n", "[slack]\nsecurity_channel = \"C0SECURITY\"\n");
     let w = World::with_config(config).await;
     w.ms.create_cluster("bg").await;
     let entry = |principal: &str| format!("/clusters/bg/access-entries/{}", encode_arn(principal));
@@ -1740,6 +1938,7 @@ async fn submit_modal(w: &World, user: &str, view: &Value, fields: &[(&str, &str
     let payload = serde_json::json!({
         "type": "view_submission",
         "team": {"id": "T0TEST"},
+        "api_app_id": "A0TOLLGATE",
         "user": {"id": user},
         "trigger_id": "1.2.submit",
         "view": {
@@ -1848,15 +2047,13 @@ async fn modal_round_trip_with_field_errors_then_a_card() {
         .unwrap();
     let id = &receipt[receipt.find("R-").unwrap()..][..7];
     let ts = w.card(id).await;
-    let card = w.slack.message(CHANNEL, &ts).unwrap().to_string();
+    let stored = w.slack.message(CHANNEL, &ts).unwrap();
+    let card = stored.to_string();
     assert!(
         card.contains("AmazonEKSEditPolicy, namespaces payments"),
         "{card}"
     );
-    assert!(
-        card.contains("&lt;!channel&gt;") && !card.contains("<!channel>"),
-        "{card}"
-    );
+    assert_cannot_ping(&stored, "<!channel>");
 }
 
 const REMIND_CLUSTER: &str = r#"
@@ -1947,12 +2144,10 @@ async fn reminder_offers_extend_and_an_approved_extension_moves_the_expiry() {
     assert_ne!(ext, id, "an extension has its own id");
     assert!(receipt.contains(&format!("of {id} by 20s")), "{receipt}");
     let ext_ts = w.card(&ext).await;
-    let card = w.slack.message(CHANNEL, &ext_ts).unwrap().to_string();
+    let stored = w.slack.message(CHANNEL, &ext_ts).unwrap();
+    let card = stored.to_string();
     assert!(card.contains(&format!("extend {id}")), "{card}");
-    assert!(
-        card.contains("&lt;!here&gt;") && !card.contains("<!here>"),
-        "{card}"
-    );
+    assert_cannot_ping(&stored, "<!here>");
     w.click(APPROVER, "approve", &ext, &ext_ts).await;
     wait_until("extension applied", Duration::from_secs(5), || async {
         w.dms_to(REQUESTER, &format!("Extension {ext} approved")) == 1

@@ -110,7 +110,7 @@ fn names(list: &kube::core::ObjectList<RoleBinding>) -> Vec<String> {
 
 #[tokio::test]
 async fn rolebindings_are_created_read_listed_by_label_and_deleted() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let client = client(&standin, &token_now());
     let team: Api<RoleBinding> = Api::namespaced(client.clone(), "team-a");
     standin.seed_rolebinding(
@@ -237,7 +237,7 @@ async fn rolebindings_are_created_read_listed_by_label_and_deleted() {
 
 #[tokio::test]
 async fn creating_an_existing_name_is_409_already_exists() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let api: Api<RoleBinding> = Api::namespaced(client(&standin, &token_now()), "team-a");
     api.create(&PostParams::default(), &binding("tollgate-g1", "g1"))
         .await
@@ -261,7 +261,7 @@ async fn creating_an_existing_name_is_409_already_exists() {
 
 #[tokio::test]
 async fn missing_objects_are_404_not_found() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let client = client(&standin, &token_now());
     let rbs: Api<RoleBinding> = Api::namespaced(client.clone(), "team-a");
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
@@ -316,7 +316,7 @@ async fn missing_objects_are_404_not_found() {
 
 #[tokio::test]
 async fn a_put_with_a_stale_resource_version_is_409_conflict() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     standin.seed_configmap("kube-system", aws_auth());
     let cms: Api<ConfigMap> = Api::namespaced(client(&standin, &token_now()), "kube-system");
 
@@ -401,7 +401,7 @@ async fn add_map_role(cms: &Api<ConfigMap>, line: &str) -> usize {
 
 #[tokio::test]
 async fn injected_conflicts_clear_once_the_client_rereads() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let seeded = standin.seed_configmap("kube-system", aws_auth());
     let cms: Api<ConfigMap> = Api::namespaced(client(&standin, &token_now()), "kube-system");
 
@@ -434,7 +434,7 @@ async fn injected_conflicts_clear_once_the_client_rereads() {
 
 #[tokio::test]
 async fn a_concurrent_write_is_kept_by_a_client_that_rereads() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     standin.seed_configmap("kube-system", aws_auth());
     let cms: Api<ConfigMap> = Api::namespaced(client(&standin, &token_now()), "kube-system");
 
@@ -459,7 +459,7 @@ async fn a_concurrent_write_is_kept_by_a_client_that_rereads() {
 
 #[tokio::test]
 async fn bad_or_missing_tokens_are_401() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let path = "/api/v1/namespaces/kube-system/configmaps";
 
     for token in [
@@ -503,7 +503,7 @@ async fn bad_or_missing_tokens_are_401() {
 
 #[tokio::test]
 async fn tokens_older_than_15_minutes_are_401() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let signed = SystemTime::now();
     let token = fake_eks_token(REGION, signed);
     let api: Api<ConfigMap> = Api::namespaced(client(&standin, &token), "default");
@@ -532,7 +532,7 @@ async fn tokens_older_than_15_minutes_are_401() {
 #[tokio::test]
 async fn tollgates_own_signed_token_is_accepted() {
     use aws_credential_types::Credentials;
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let creds = Credentials::new(
         "AKIDEXAMPLE",
         "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
@@ -631,7 +631,7 @@ fn token_shape_checks() {
 
 #[tokio::test]
 async fn cluster_role_bindings_and_validation() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let api: Api<ClusterRoleBinding> = Api::all(client(&standin, &token_now()));
     let crb: ClusterRoleBinding = serde_json::from_value(json!({
         "metadata": {"name": "tollgate-g1", "labels": {"app.kubernetes.io/managed-by": "tollgate"}},
@@ -705,7 +705,7 @@ fn reqwest_client(standin: &KubeStandIn) -> reqwest::Client {
 
 #[tokio::test]
 async fn http1_with_reqwest_and_http2_via_alpn() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     standin.seed_configmap("kube-system", aws_auth());
     let url = format!(
         "{}/api/v1/namespaces/kube-system/configmaps/aws-auth",
@@ -762,7 +762,7 @@ async fn http1_with_reqwest_and_http2_via_alpn() {
 
 #[tokio::test]
 async fn the_ca_file_and_the_support_client_work_and_drop_stops_serving() {
-    let standin = KubeStandIn::start().await;
+    let standin = KubeStandIn::start_unrestricted().await;
     let dir = tempfile::tempdir().unwrap();
     let path = standin.write_ca(dir.path());
     let pem = std::fs::read_to_string(&path).unwrap();

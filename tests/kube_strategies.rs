@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::kube::{Kind, KubeStandIn};
+use support::kube_rbac::{Rbac, Rule};
 use time::OffsetDateTime;
 
 use tollgate::access::aws::AwsClients;
@@ -607,4 +608,151 @@ async fn a_refused_token_rebuilds_the_client_at_once() {
         2,
         "a fresh token right after the 401, not at the 10-minute rebuild"
     );
+}
+
+/// Everything session-rbac does on a cluster: namespaced and cluster-wide
+/// grants (list, create, bind), an extension (update), a name clash with a
+/// foreign binding of each kind (get), and revocation (delete).
+async fn session_rbac_lifecycle(r: &Rig) -> Result<(), String> {
+    let ns_spec = rbac_spec("edit", &["a"]);
+    let wide = rbac_spec("view", &[]);
+    let both = [("R-AAAAA", &ns_spec), ("R-BBBBB", &wide)];
+    r.rbac(&both).await.map_err(|e| e.to_string())?;
+    let later = *r.clock.0.lock().unwrap() + Duration::from_secs(3 * 3600);
+    r.rbac_until(&both, later)
+        .await
+        .map_err(|e| e.to_string())?;
+    r.kube.seed_rolebinding(
+        "a",
+        json!({"metadata": {"name": "tollgate-r-ccccc"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+               "subjects": [{"kind": "User", "name": "mallory"}]}),
+    );
+    r.kube.seed_clusterrolebinding(
+        json!({"metadata": {"name": "tollgate-r-ddddd"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+               "subjects": [{"kind": "User", "name": "mallory"}]}),
+    );
+    for (id, spec) in [("R-CCCCC", &ns_spec), ("R-DDDDD", &wide)] {
+        match r.rbac(&[(id, spec)]).await {
+            Err(e) if e.to_string().contains("was not created by Tollgate") => {}
+            other => return Err(format!("name clash for {id}: {other:?}")),
+        }
+    }
+    r.rbac(&[]).await.map_err(|e| e.to_string())?;
+    let left: Vec<Value> = [Kind::RoleBinding, Kind::ClusterRoleBinding]
+        .into_iter()
+        .flat_map(|k| r.kube.list_objects(k))
+        .filter(|o| o["metadata"]["labels"]["tollgate.dev/grant"].is_string())
+        .collect();
+    match left.is_empty() {
+        true => Ok(()),
+        false => Err(format!("bindings left after revocation: {left:?}")),
+    }
+}
+
+/// Everything aws-auth does: add an item (get, update) and remove it.
+async fn aws_auth_lifecycle(r: &Rig) -> Result<(), String> {
+    r.seed_aws_auth();
+    let spec = auth_spec(SSO_ROLE, &["tollgate-debug"]);
+    r.auth(SSO_ROLE, &[("R-AAAAA", &spec)])
+        .await
+        .map_err(|e| e.to_string())?;
+    r.auth(SSO_ROLE, &[]).await.map_err(|e| e.to_string())?;
+    match r.map_roles() == vec![node_item()] {
+        true => Ok(()),
+        false => Err(format!("aws-auth after removal: {:?}", r.map_roles())),
+    }
+}
+
+async fn both_lifecycles(rbac: Option<Rbac>) -> (Result<(), String>, Result<(), String>, usize) {
+    let s = rig(Strategy::SessionRbac).await;
+    s.kube.set_rbac(rbac.clone());
+    let a = rig(Strategy::AwsAuth).await;
+    a.kube.set_rbac(rbac);
+    let forbidden = |r: &Rig| r.kube.forbidden().len();
+    let session = session_rbac_lifecycle(&s).await;
+    let auth = aws_auth_lifecycle(&a).await;
+    (session, auth, forbidden(&s) + forbidden(&a))
+}
+
+#[tokio::test]
+async fn the_shipped_rbac_allows_exactly_what_the_strategies_do() {
+    let (session, auth, forbidden) = both_lifecycles(Some(Rbac::shipped())).await;
+    session.expect("session-rbac with the shipped ClusterRole");
+    auth.expect("aws-auth with the shipped Role");
+    assert_eq!(forbidden, 0);
+
+    // Every verb, resource and resource name the manifests grant is needed:
+    // without it, one of the strategies fails with a 403, as a real cluster
+    // would answer.
+    let shipped = Rbac::shipped();
+    let mut variants: Vec<(String, Rbac)> = Vec::new();
+    let rule_sets = shipped.cluster.len() + shipped.namespaced.len();
+    assert!(rule_sets >= 2, "a ClusterRole and a Role are shipped");
+    let mut push_without = |label: String, edit: &dyn Fn(&mut Rule) -> bool| {
+        for i in 0..shipped.cluster.len() {
+            let mut rbac = shipped.clone();
+            if edit(&mut rbac.cluster[i]) {
+                variants.push((format!("{label} (ClusterRole rule {i})"), rbac));
+            }
+        }
+        for (j, (ns, rules)) in shipped.namespaced.iter().enumerate() {
+            for i in 0..rules.len() {
+                let mut rbac = shipped.clone();
+                if edit(&mut rbac.namespaced[j].1[i]) {
+                    variants.push((format!("{label} (Role rule {i} in {ns})"), rbac));
+                }
+            }
+        }
+    };
+    let mut words: Vec<String> = shipped
+        .cluster
+        .iter()
+        .chain(shipped.namespaced.iter().flat_map(|(_, r)| r))
+        .flat_map(|r| {
+            r.verbs
+                .iter()
+                .chain(&r.resources)
+                .chain(&r.resource_names)
+                .cloned()
+        })
+        .collect();
+    words.sort();
+    words.dedup();
+    for word in words {
+        push_without(format!("without {word:?}"), &|rule| {
+            let count = |r: &Rule| r.verbs.len() + r.resources.len() + r.resource_names.len();
+            let (before, had_names) = (count(rule), !rule.resource_names.is_empty());
+            rule.verbs.retain(|v| *v != word);
+            rule.resources.retain(|v| *v != word);
+            rule.resource_names.retain(|v| *v != word);
+            // No resourceNames would widen the rule to every name: a rule
+            // whose last name is gone grants nothing instead.
+            if had_names && rule.resource_names.is_empty() {
+                rule.verbs.clear();
+            }
+            before != count(rule)
+        });
+    }
+    assert!(variants.len() >= 10, "{} variants", variants.len());
+    for (label, rbac) in variants {
+        let (session, auth, forbidden) = both_lifecycles(Some(rbac)).await;
+        assert!(
+            session.is_err() || auth.is_err(),
+            "{label}: both strategies still work, so the manifests grant more than Tollgate uses"
+        );
+        assert!(forbidden > 0, "{label}: failed without a 403");
+    }
+}
+
+#[tokio::test]
+async fn binding_a_cluster_role_the_manifest_does_not_name_is_forbidden() {
+    let r = rig(Strategy::SessionRbac).await;
+    let err = r
+        .rbac(&[("R-7F3K2", &rbac_spec("cluster-admin", &[]))])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("403") || err.contains("Forbidden"), "{err}");
+    assert!(err.contains("cluster-admin"), "{err}");
+    assert!(r.kube.list_objects(Kind::ClusterRoleBinding).is_empty());
 }

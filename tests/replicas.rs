@@ -207,6 +207,10 @@ fn lateness(p: &Pair, id: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "arms TOLLGATE_FAILPOINT: run with --features failpoints"
+)]
 async fn clicks_on_both_replicas_grant_once_and_a_dead_replica_is_replaced() {
     // A dies the moment it has claimed a revoke, before any cloud call.
     let mut p = Pair::start(&[("TOLLGATE_FAILPOINT", "after-revoke-claim")]).await;
@@ -279,6 +283,10 @@ async fn clicks_on_both_replicas_grant_once_and_a_dead_replica_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "arms TOLLGATE_FAILPOINT: run with --features failpoints"
+)]
 async fn a_replica_frozen_past_its_claims_does_not_act_on_stale_state() {
     // A freezes itself the moment it has claimed a revoke.
     let p = Pair::start(&[("TOLLGATE_FAILPOINT", "stop:after-revoke-claim")]).await;

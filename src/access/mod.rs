@@ -12,6 +12,7 @@ pub mod aws;
 pub mod aws_auth;
 pub mod eks_token;
 pub mod kube;
+pub mod permissions;
 pub mod session_rbac;
 pub mod standing;
 

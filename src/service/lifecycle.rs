@@ -79,7 +79,13 @@ fn retry_backoff(attempts: u32) -> Duration {
 
 /// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the
 /// process aborts right there, between a cloud call and the store write
-/// that records it, exactly as a kill -9 would.
+/// that records it, exactly as a kill -9 would. Only in builds with the
+/// `failpoints` feature (the test suite's); a release build ignores the
+/// variable, so nobody who can set a pod's environment can make it abort.
+#[cfg(not(feature = "failpoints"))]
+fn failpoint(_name: &str) {}
+
+#[cfg(feature = "failpoints")]
 fn failpoint(name: &str) {
     let Ok(armed) = std::env::var("TOLLGATE_FAILPOINT") else {
         return;
@@ -783,6 +789,19 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the `failpoints` feature (a release build) an armed
+    /// failpoint does nothing: this test would abort the test process
+    /// otherwise. `cargo test --lib` (no features) runs it.
+    #[cfg(not(feature = "failpoints"))]
+    #[test]
+    fn release_builds_ignore_failpoints() {
+        // SAFETY (edition 2021: not unsafe): the variable is only read by
+        // failpoint(), and this is the only test that sets it.
+        std::env::set_var("TOLLGATE_FAILPOINT", "release-check");
+        failpoint("release-check");
+        std::env::remove_var("TOLLGATE_FAILPOINT");
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

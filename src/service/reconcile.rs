@@ -371,6 +371,12 @@ impl Service {
                     .push(format!("{} ({})", o.object, o.principal));
             }
         }
+        self.metrics
+            .reconcile_passes
+            .get_or_create(&crate::metrics::ClusterLabel {
+                cluster: cluster.name.clone(),
+            })
+            .inc();
         Ok(report)
     }
 

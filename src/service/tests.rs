@@ -191,8 +191,11 @@ impl SlackApi for FakeSlack {
     async fn respond(&self, _: &str, _: &Message) -> Result<(), SlackError> {
         Ok(())
     }
-    async fn auth_test(&self) -> Result<String, SlackError> {
-        Ok("U0BOT".into())
+    async fn auth_test(&self) -> Result<crate::slack::BotIdentity, SlackError> {
+        Ok(crate::slack::BotIdentity {
+            user_id: "U0BOT".into(),
+            team_id: "T0TEST".into(),
+        })
     }
     async fn is_member(&self, _: &str) -> Result<bool, SlackError> {
         Ok(true)

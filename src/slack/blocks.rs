@@ -52,17 +52,29 @@ pub fn local_time(t: OffsetDateTime, offset_secs: i32, tz: Option<&str>) -> Stri
     )
 }
 
-/// Exactly what approval changes, so an approver approves a precise change.
+/// Exactly what approval changes, so an approver approves a precise change;
+/// for mrkdwn text (principals and user names come from Slack emails, so
+/// they are escaped: an address can neither ping nor forge a link).
 pub fn change_description(req: &Request) -> String {
+    describe_change(req, escape_slack)
+}
+
+/// `change_description` for a `plain_text` object, which shows text as is.
+fn change_description_plain(req: &Request) -> String {
+    describe_change(req, str::to_string)
+}
+
+fn describe_change(req: &Request, esc: fn(&str) -> String) -> String {
     let a = &req.access;
-    let user = a.k8s_user.as_deref().unwrap_or(&a.principal);
+    let user = esc(a.k8s_user.as_deref().unwrap_or(&a.principal));
+    let principal = esc(&a.principal);
     if let Some(arn) = &a.policy_arn {
         let scope = Scope::from_namespaces(a.namespaces.iter().cloned());
         let policy = arn.rsplit('/').next().unwrap_or(arn);
         format!(
             "associate {policy}, {}, to {} on {}",
             scope.describe(),
-            a.principal,
+            principal,
             a.cluster
         )
     } else if let Some(role) = &a.cluster_role {
@@ -78,7 +90,7 @@ pub fn change_description(req: &Request) -> String {
     } else {
         format!(
             "map {} to user {user} with groups {} in aws-auth on {}",
-            a.principal,
+            principal,
             a.groups.join(", "),
             a.cluster
         )
@@ -92,35 +104,43 @@ fn when(req: &Request, now: OffsetDateTime) -> String {
     }
 }
 
-fn card_header(req: &Request, now: OffsetDateTime) -> String {
-    let reason = if req.reason.trim().is_empty() {
-        "_no reason given_".to_string()
-    } else {
-        escape_slack(&req.reason)
-    };
+/// The card's first line: only the mention and names from the config
+/// (role, cluster) and ids Tollgate made, in mrkdwn.
+fn card_header(req: &Request) -> String {
     if let Some(grant) = &req.extends {
         return format!(
-            "*<@{}> asks to extend {grant} (`{}` on {}) by {}* ({})\nApproval will keep access to {} in place {} longer; nothing is revoked and granted again.\n*Reason:* {}",
+            "*<@{}> asks to extend {grant} (`{}` on {}) by {}* ({})",
             req.requester.user_id,
             req.access.role,
             req.access.cluster,
             format_duration(req.duration),
             req.id,
-            change_description(req),
-            format_duration(req.duration),
-            reason
         );
     }
     format!(
-        "*<@{}> requests `{}` on {}* ({})\nApproval will {} {}.\n*Reason:* {}",
-        req.requester.user_id,
-        req.access.role,
-        req.access.cluster,
-        req.id,
-        change_description(req),
-        when(req, now),
-        reason
+        "*<@{}> requests `{}` on {}* ({})",
+        req.requester.user_id, req.access.role, req.access.cluster, req.id,
     )
+}
+
+/// What approval does and why, with everything a user can influence
+/// (reason, emails, ARNs, namespaces) in a `plain_text` object: Slack shows
+/// it as typed, so it can neither format the card nor ping anyone.
+fn card_details(req: &Request, now: OffsetDateTime) -> Value {
+    let reason = if req.reason.trim().is_empty() {
+        "(no reason given)".to_string()
+    } else {
+        req.reason.clone()
+    };
+    let change = change_description_plain(req);
+    let text = match &req.extends {
+        Some(_) => format!(
+            "Approval will keep access to {change} in place {} longer; nothing is revoked and granted again.\nReason: {reason}",
+            format_duration(req.duration),
+        ),
+        None => format!("Approval will {change} {}.\nReason: {reason}", when(req, now)),
+    };
+    json!({"type": "section", "text": {"type": "plain_text", "text": text, "emoji": false}})
 }
 
 fn votes(req: &Request) -> String {
@@ -139,7 +159,7 @@ fn votes(req: &Request) -> String {
 
 /// The approval card: buttons while Pending, the outcome once decided.
 pub fn card(req: &Request, now: OffsetDateTime) -> Message {
-    let mut blocks = vec![section(&card_header(req, now))];
+    let mut blocks = vec![section(&card_header(req)), card_details(req, now)];
     let status = match req.state {
         State::Pending => {
             let mut s = format!(
@@ -204,7 +224,7 @@ pub fn card(req: &Request, now: OffsetDateTime) -> Message {
     Message {
         text: format!(
             "{} requests {} on {} ({}): {}",
-            req.requester.email,
+            escape_slack(&req.requester.email),
             req.access.role,
             req.access.cluster,
             req.id,
@@ -321,16 +341,31 @@ pub fn revoke_recovered_alert(req: &Request, now: OffsetDateTime) -> Message {
     ))
 }
 
+/// The security channel's notice. The reason is shown in `plain_text`
+/// (as typed, unable to format or ping); the notification text, which
+/// Slack reads as mrkdwn, has it escaped.
 pub fn break_glass_alert(req: &Request) -> Message {
-    Message::plain(format!(
-        ":rotating_light: *BREAK-GLASS* by <@{}> on *{}*: `{}` for {} ({}). Reason: {}. Review it in the approval channel.",
+    let header = format!(
+        ":rotating_light: *BREAK-GLASS* by <@{}> on *{}*: `{}` for {} ({}). Review it in the approval channel.",
         req.requester.user_id,
         req.access.cluster,
         req.access.role,
         format_duration(req.duration),
         req.id,
-        escape_slack(&req.reason)
-    ))
+    );
+    Message {
+        text: format!(
+            "BREAK-GLASS by <@{}> on {} ({}). Reason: {}",
+            req.requester.user_id,
+            req.access.cluster,
+            req.id,
+            escape_slack(&req.reason)
+        ),
+        blocks: vec![
+            section(&header),
+            json!({"type": "section", "text": {"type": "plain_text", "text": format!("Reason: {}", req.reason), "emoji": false}}),
+        ],
+    }
 }
 
 /// `reminder_before` ahead of expiry, with a button asking for the same
@@ -401,6 +436,88 @@ pub fn expired_dm(req: &Request) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::request::{AccessSpec, Asked, RequestId, Requester};
+
+    /// Every mrkdwn text in `blocks`, and every plain_text.
+    fn texts(blocks: &[Value]) -> (Vec<String>, Vec<String>) {
+        fn walk(v: &Value, md: &mut Vec<String>, plain: &mut Vec<String>) {
+            match v {
+                Value::Object(o) => {
+                    if let Some(Value::String(t)) = o.get("text") {
+                        match o.get("type").and_then(Value::as_str) {
+                            Some("mrkdwn") => md.push(t.clone()),
+                            Some("plain_text") => plain.push(t.clone()),
+                            _ => {}
+                        }
+                    }
+                    o.values().for_each(|v| walk(v, md, plain));
+                }
+                Value::Array(a) => a.iter().for_each(|v| walk(v, md, plain)),
+                _ => {}
+            }
+        }
+        let (mut md, mut plain) = (Vec::new(), Vec::new());
+        blocks.iter().for_each(|b| walk(b, &mut md, &mut plain));
+        (md, plain)
+    }
+
+    #[test]
+    fn user_text_on_the_card_cannot_format_or_ping() {
+        let now = time::macros::datetime!(2026-11-23 16:40 UTC);
+        let reason = "*urgent* <!channel> _see_ <https://evil.example|docs> `x`";
+        let email = "m*a_l~l`o<r>y@example.com";
+        let req = Request::pending(
+            Asked {
+                id: RequestId::parse("R-7F3K2").unwrap(),
+                requester: Requester {
+                    user_id: "U1".into(),
+                    email: email.into(),
+                    tz: None,
+                    tz_offset_secs: 0,
+                },
+                access: AccessSpec {
+                    cluster: "prod".into(),
+                    role: "view".into(),
+                    principal: format!("arn:aws:iam::1:role/{email}"),
+                    policy_arn: None,
+                    namespaces: vec!["payments".into()],
+                    cluster_role: Some("edit".into()),
+                    groups: vec![],
+                    k8s_user: Some(format!("tollgate:{email}")),
+                    strategy: None,
+                },
+                reason: reason.into(),
+                duration: std::time::Duration::from_secs(3600),
+                approval_timeout: std::time::Duration::from_secs(600),
+                required_approvals: 1,
+                response_url: None,
+            },
+            now,
+        );
+        let msg = card(&req, now);
+        let (md, plain) = texts(&msg.blocks);
+        for text in &md {
+            assert!(
+                !text.contains("urgent") && !text.contains("m*a_l"),
+                "{text}"
+            );
+        }
+        // Shown as typed, in plain text.
+        assert!(plain.iter().any(|t| t.contains(reason)), "{plain:?}");
+        assert!(plain.iter().any(|t| t.contains(email)), "{plain:?}");
+        // The notification text (mrkdwn) escapes what could ping or link.
+        assert!(
+            !msg.text.contains('<') && !msg.text.contains('>'),
+            "{}",
+            msg.text
+        );
+
+        let alert = break_glass_alert(&req);
+        let (md, plain) = texts(&alert.blocks);
+        assert!(md.iter().all(|t| !t.contains("urgent")), "{md:?}");
+        assert!(plain.iter().any(|t| t.contains(reason)), "{plain:?}");
+        assert!(alert.text.contains("&lt;!channel&gt;") && !alert.text.contains("<!channel>"));
+    }
 
     #[test]
     fn local_time_uses_offset() {

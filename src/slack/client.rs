@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use hyper_util::client::legacy::connect::HttpConnector;
-use slack_morphism::errors::SlackClientError;
+use slack_morphism::errors::{SlackClientError, SlackClientSystemError};
 use slack_morphism::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +19,24 @@ pub struct SlackWebApi {
     client: Arc<SlackClient<Connector>>,
     token: SlackApiToken,
     metrics: Option<Arc<Metrics>>,
+}
+
+/// Every Web API call (rate-limit waits included) ends within this: a
+/// Slack that accepts the connection and never answers must not hold a
+/// grant, a revoke or the scheduler.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(60);
+
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, SlackClientError>>,
+) -> Result<T, SlackClientError> {
+    tokio::time::timeout(CALL_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SlackClientError::SystemError(
+                SlackClientSystemError::new()
+                    .with_message(format!("no answer within {} s", CALL_DEADLINE.as_secs())),
+            ))
+        })
 }
 
 /// Retries after a 429 wait for Slack's `Retry-After`; past this many the
@@ -41,7 +59,7 @@ impl SlackWebApi {
         let rate = SlackApiRateControlConfig::new()
             .with_tiers_limits(HashMap::new())
             .with_max_retries(MAX_RATE_LIMIT_RETRIES)
-            .with_max_delay_timeout(Duration::from_secs(120));
+            .with_max_delay_timeout(Duration::from_secs(45));
         let connector = SlackClientHyperConnector::with_connector(https)
             .with_slack_api_url(&url)
             .with_rate_control(rate);
@@ -97,12 +115,13 @@ fn content(msg: &Message) -> Result<SlackMessageContent, SlackError> {
 impl SlackApi for SlackWebApi {
     async fn user(&self, id: &str) -> Result<SlackUser, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = session
-            .users_info(&SlackApiUsersInfoRequest::new(SlackUserId::new(
+        let res = within(
+            session.users_info(&SlackApiUsersInfoRequest::new(SlackUserId::new(
                 id.to_string(),
-            )))
-            .await
-            .map_err(|e| self.fail("users.info", e))?;
+            ))),
+        )
+        .await
+        .map_err(|e| self.fail("users.info", e))?;
         let u = res.user;
         Ok(SlackUser {
             id: u.id.to_string(),
@@ -118,56 +137,59 @@ impl SlackApi for SlackWebApi {
 
     async fn group_members(&self, group: &str) -> Result<Vec<String>, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = session
-            .usergroups_users_list(&SlackApiUserGroupsUsersListRequest::new(
+        let res = within(
+            session.usergroups_users_list(&SlackApiUserGroupsUsersListRequest::new(
                 SlackUserGroupId::new(group.to_string()),
-            ))
-            .await
-            .map_err(|e| self.fail("usergroups.users.list", e))?;
+            )),
+        )
+        .await
+        .map_err(|e| self.fail("usergroups.users.list", e))?;
         Ok(res.users.into_iter().map(|u| u.to_string()).collect())
     }
 
     async fn post(&self, channel: &str, msg: &Message) -> Result<String, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = session
-            .chat_post_message(&SlackApiChatPostMessageRequest::new(
+        let res = within(
+            session.chat_post_message(&SlackApiChatPostMessageRequest::new(
                 SlackChannelId::new(channel.to_string()),
                 content(msg)?,
-            ))
-            .await
-            .map_err(|e| self.fail("chat.postMessage", e))?;
+            )),
+        )
+        .await
+        .map_err(|e| self.fail("chat.postMessage", e))?;
         Ok(res.ts.to_string())
     }
 
     async fn update(&self, channel: &str, ts: &str, msg: &Message) -> Result<(), SlackError> {
         let session = self.client.open_session(&self.token);
-        session
-            .chat_update(&SlackApiChatUpdateRequest::new(
-                SlackChannelId::new(channel.to_string()),
-                content(msg)?,
-                SlackTs::new(ts.to_string()),
-            ))
-            .await
-            .map_err(|e| self.fail("chat.update", e))?;
+        within(session.chat_update(&SlackApiChatUpdateRequest::new(
+            SlackChannelId::new(channel.to_string()),
+            content(msg)?,
+            SlackTs::new(ts.to_string()),
+        )))
+        .await
+        .map_err(|e| self.fail("chat.update", e))?;
         Ok(())
     }
 
     async fn dm(&self, user: &str, msg: &Message) -> Result<CardRef, SlackError> {
         let session = self.client.open_session(&self.token);
-        let opened = session
-            .conversations_open(
+        let opened = within(
+            session.conversations_open(
                 &SlackApiConversationsOpenRequest::new()
                     .with_users(vec![SlackUserId::new(user.to_string())]),
-            )
-            .await
-            .map_err(|e| self.fail("conversations.open", e))?;
-        let posted = session
-            .chat_post_message(&SlackApiChatPostMessageRequest::new(
+            ),
+        )
+        .await
+        .map_err(|e| self.fail("conversations.open", e))?;
+        let posted = within(
+            session.chat_post_message(&SlackApiChatPostMessageRequest::new(
                 opened.channel.id.clone(),
                 content(msg)?,
-            ))
-            .await
-            .map_err(|e| self.fail("chat.postMessage", e))?;
+            )),
+        )
+        .await
+        .map_err(|e| self.fail("chat.postMessage", e))?;
         Ok(CardRef {
             channel: opened.channel.id.to_string(),
             ts: posted.ts.to_string(),
@@ -182,13 +204,12 @@ impl SlackApi for SlackWebApi {
         let view: SlackView = serde_json::from_value(view.clone())
             .map_err(|e| SlackError::Invalid(format!("invalid view: {e}")))?;
         let session = self.client.open_session(&self.token);
-        session
-            .views_open(&SlackApiViewsOpenRequest::new(
-                SlackTriggerId::new(trigger_id.to_string()),
-                view,
-            ))
-            .await
-            .map_err(|e| self.fail("views.open", e))?;
+        within(session.views_open(&SlackApiViewsOpenRequest::new(
+            SlackTriggerId::new(trigger_id.to_string()),
+            view,
+        )))
+        .await
+        .map_err(|e| self.fail("views.open", e))?;
         Ok(())
     }
 
@@ -198,30 +219,35 @@ impl SlackApi for SlackWebApi {
             .map_err(|e| SlackError::Invalid(format!("invalid response_url: {e}")))?;
         let req =
             SlackApiPostWebhookMessageRequest::new(content(msg)?).with_replace_original(false);
-        self.client
-            .respond_to_event(&SlackResponseUrl::new(url), &req)
-            .await
-            .map_err(|e| self.fail("response_url", e))?;
+        within(
+            self.client
+                .respond_to_event(&SlackResponseUrl::new(url), &req),
+        )
+        .await
+        .map_err(|e| self.fail("response_url", e))?;
         Ok(())
     }
 
-    async fn auth_test(&self) -> Result<String, SlackError> {
+    async fn auth_test(&self) -> Result<super::BotIdentity, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = session
-            .auth_test()
+        let res = within(session.auth_test())
             .await
             .map_err(|e| self.fail("auth.test", e))?;
-        Ok(res.user_id.to_string())
+        Ok(super::BotIdentity {
+            user_id: res.user_id.to_string(),
+            team_id: res.team_id.to_string(),
+        })
     }
 
     async fn is_member(&self, channel: &str) -> Result<bool, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = session
-            .conversations_info(&SlackApiConversationsInfoRequest::new(SlackChannelId::new(
-                channel.to_string(),
-            )))
-            .await
-            .map_err(|e| self.fail("conversations.info", e))?;
+        let res = within(
+            session.conversations_info(&SlackApiConversationsInfoRequest::new(
+                SlackChannelId::new(channel.to_string()),
+            )),
+        )
+        .await
+        .map_err(|e| self.fail("conversations.info", e))?;
         Ok(res.channel.flags.is_member.unwrap_or(false))
     }
 }

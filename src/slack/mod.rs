@@ -83,6 +83,15 @@ impl SlackError {
     }
 }
 
+/// What `auth.test` says about the bot token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BotIdentity {
+    pub user_id: String,
+    /// The workspace the token belongs to: the only one whose requests
+    /// Tollgate accepts.
+    pub team_id: String,
+}
+
 #[async_trait]
 pub trait SlackApi: Send + Sync + 'static {
     async fn user(&self, id: &str) -> Result<SlackUser, SlackError>;
@@ -98,8 +107,8 @@ pub trait SlackApi: Send + Sync + 'static {
         -> Result<(), SlackError>;
     /// Posts an ephemeral follow-up through an interaction's `response_url`.
     async fn respond(&self, response_url: &str, msg: &Message) -> Result<(), SlackError>;
-    /// `auth.test`: the bot's user id.
-    async fn auth_test(&self) -> Result<String, SlackError>;
+    /// `auth.test`: who the bot token belongs to.
+    async fn auth_test(&self) -> Result<BotIdentity, SlackError>;
     /// `conversations.info`: whether the bot is a member of the channel.
     async fn is_member(&self, channel: &str) -> Result<bool, SlackError>;
 }

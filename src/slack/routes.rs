@@ -1,6 +1,8 @@
-//! The HTTP endpoints Slack calls, and the probes. Order per request: size
-//! limit while reading, signature, then parsing; nothing is parsed before
-//! the signature is good.
+//! The HTTP endpoints Slack calls, and the probes; `/metrics` has its own
+//! router for its own listener. Order per request: size limit and deadline
+//! while reading, signature, timestamp, replay, UTF-8, then parsing (nothing
+//! is parsed before the signature is good), then the workspace and app the
+//! request is for.
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -33,15 +35,29 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub verifier: Verifier,
     pub ready: Arc<AtomicBool>,
+    /// The bot token's workspace (`auth.test` at start-up): requests from
+    /// any other are refused.
+    pub team_id: String,
+    /// `[slack] app_id`: when set, requests for another app are refused.
+    pub app_id: Option<String>,
 }
 
+/// What Slack's listener serves; `/metrics` is not among it, so exposing
+/// this port to Slack never exposes the metrics.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/slack/commands", post(commands))
         .route("/slack/interactions", post(interactions))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// The metrics listener (`[server] metrics_listen`).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
 
@@ -98,8 +114,17 @@ fn ephemeral(text: String) -> Response {
 /// away, up to this much, so ordinary clients get the 413.
 const DRAIN_BYTES: usize = 1024 * 1024;
 
-/// Keeps at most 64 KiB of the body; anything longer is a 413.
+/// Keeps at most 64 KiB of the body; anything longer is a 413, and a body
+/// that has not arrived within its deadline is a 408 that closes the
+/// connection (the header deadline is the server loop's, `crate::http`).
 async fn read_limited(body: Body) -> Result<Bytes, StatusCode> {
+    let body_deadline = crate::http::REQUEST_TIMEOUT - crate::http::HEADER_TIMEOUT;
+    tokio::time::timeout(body_deadline, read_body(body))
+        .await
+        .unwrap_or(Err(StatusCode::REQUEST_TIMEOUT))
+}
+
+async fn read_body(body: Body) -> Result<Bytes, StatusCode> {
     let mut body = body;
     let mut kept = Vec::new();
     let mut seen = 0usize;
@@ -123,25 +148,87 @@ async fn read_limited(body: Body) -> Result<Bytes, StatusCode> {
     }
 }
 
-/// Reads at most 64 KiB and checks the signature; the error is the response.
+fn reject(
+    app: &AppState,
+    reason: &'static str,
+    status: StatusCode,
+    text: &'static str,
+) -> Response {
+    tracing::warn!(reason, "request rejected");
+    app.service.metrics().rejected(reason);
+    let mut response = (status, text).into_response();
+    if status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of a trickled body is not worth waiting for.
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
+/// Reads at most 64 KiB and checks the signature, its timestamp, that it
+/// was not seen before and that the body is text; the error is the
+/// response.
 async fn authenticated_body(
     app: &AppState,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, Response> {
-    let bytes = read_limited(body).await.map_err(|status| {
-        tracing::warn!(reason = "too_large", "request rejected");
-        app.service.metrics().rejected("too_large");
-        (status, "request body over 64 KiB").into_response()
+    let bytes = read_limited(body).await.map_err(|status| match status {
+        StatusCode::REQUEST_TIMEOUT => reject(app, "timeout", status, "request body too slow"),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            reject(app, "too_large", status, "request body over 64 KiB")
+        }
+        _ => reject(app, "bad_body", status, "unreadable request body"),
     })?;
     app.verifier
         .verify(headers, &bytes)
         .map_err(|r: Rejection| {
-            tracing::warn!(reason = r.label(), "request rejected");
-            app.service.metrics().rejected(r.label());
-            (StatusCode::UNAUTHORIZED, "invalid Slack signature").into_response()
+            let (status, text) = match r {
+                Rejection::BadBody => (StatusCode::BAD_REQUEST, "request body is not UTF-8 text"),
+                Rejection::Replay => (StatusCode::UNAUTHORIZED, "request already received"),
+                Rejection::ReplayCacheFull => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many requests to remember; try again",
+                ),
+                _ => (StatusCode::UNAUTHORIZED, "invalid Slack signature"),
+            };
+            reject(app, r.label(), status, text)
         })?;
     Ok(bytes)
+}
+
+/// The workspace and app a signed request says it is for. A signing
+/// secret is per app, but an app can be installed in several workspaces
+/// (and an org-wide install signs for all of them): only the bot token's
+/// workspace, and only the configured app, are served.
+fn check_origin(
+    app: &AppState,
+    team_id: Option<&str>,
+    api_app_id: Option<&str>,
+) -> Result<(), Box<Response>> {
+    let team_ok = team_id == Some(app.team_id.as_str());
+    let app_ok = app
+        .app_id
+        .as_deref()
+        .is_none_or(|want| api_app_id == Some(want));
+    if team_ok && app_ok {
+        Ok(())
+    } else {
+        Err(Box::new(reject(
+            app,
+            "wrong_team",
+            StatusCode::UNAUTHORIZED,
+            "request is for another Slack workspace or app",
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+struct CommandOrigin {
+    team_id: Option<String>,
+    api_app_id: Option<String>,
 }
 
 async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
@@ -149,6 +236,14 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    let origin = serde_urlencoded::from_bytes::<CommandOrigin>(&bytes).ok();
+    if let Err(resp) = check_origin(
+        &app,
+        origin.as_ref().and_then(|o| o.team_id.as_deref()),
+        origin.as_ref().and_then(|o| o.api_app_id.as_deref()),
+    ) {
+        return *resp;
+    }
     let cmd: SlashCommand = match serde_urlencoded::from_bytes(&bytes) {
         Ok(c) => c,
         Err(_) => {
@@ -236,6 +331,14 @@ async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Bod
     let Some((raw, interaction)) = decode_interaction(&bytes) else {
         return (StatusCode::BAD_REQUEST, "malformed interaction payload").into_response();
     };
+    // `team.id` is the workspace the click or submission came from
+    // (`user.team_id` for payloads that carry no `team`).
+    let team = raw["team"]["id"]
+        .as_str()
+        .or_else(|| raw["user"]["team_id"].as_str());
+    if let Err(resp) = check_origin(&app, team, raw["api_app_id"].as_str()) {
+        return *resp;
+    }
     match interaction.kind.as_str() {
         "view_submission" => return view_submission(&app, &raw).await,
         "block_actions" => {}

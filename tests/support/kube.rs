@@ -28,7 +28,15 @@
 //!   `k in (a,b)`, `k notin (a,b)`, comma-separated AND) and `fieldSelector`
 //!   on `metadata.name` / `metadata.namespace`; list items carry no
 //!   `kind`/`apiVersion`, as in real list answers;
-//! - `?dryRun=All` validates without storing.
+//! - `?dryRun=All` validates without storing;
+//! - RBAC (`start`; `start_unrestricted` turns it off for the stand-in's
+//!   own self-tests): every authenticated caller is Tollgate's identity and
+//!   gets exactly the rules the shipped `manifests/rbac-*.yaml` bind to
+//!   `tollgate:controller` (see `kube_rbac.rs`); anything else is a 403
+//!   `Forbidden` Status worded as kube-apiserver words it, and writing a
+//!   binding to a ClusterRole also needs `bind` on it (the escalation
+//!   check); `POST .../selfsubjectaccessreviews` answers from the same
+//!   rules.
 //!
 //! Not served: watches, PATCH, pagination (`limit` is ignored; every list is
 //! complete), and namespaces as objects (any namespace exists).
@@ -54,6 +62,8 @@ use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
+
+use super::kube_rbac::{forbidden_body, Attributes, Rbac};
 
 pub const TOKEN_PREFIX: &str = "k8s-aws-v1.";
 /// How long after its `X-Amz-Date` EKS accepts a token.
@@ -218,6 +228,9 @@ struct State {
     /// HTTP method (or `*`) → status codes to answer upcoming requests with.
     failures: HashMap<String, VecDeque<u16>>,
     generated_names: u64,
+    /// What Tollgate's identity may do; `None` lets every authenticated
+    /// caller do anything (the stand-in's own self-tests).
+    rbac: Option<Rbac>,
 }
 
 struct Shared {
@@ -321,8 +334,34 @@ fn tls_acceptor(pki: &Pki) -> TlsAcceptor {
 }
 
 impl KubeStandIn {
-    /// Serves HTTPS on a free loopback port until dropped.
+    /// Serves HTTPS on a free loopback port until dropped, authorizing
+    /// every request with the rights the shipped manifests give Tollgate.
     pub async fn start() -> KubeStandIn {
+        KubeStandIn::start_with(Some(Rbac::shipped())).await
+    }
+
+    /// Serves without RBAC: every authenticated request is allowed.
+    pub async fn start_unrestricted() -> KubeStandIn {
+        KubeStandIn::start_with(None).await
+    }
+
+    /// Replaces the rights Tollgate's identity has (`None`: unrestricted).
+    pub fn set_rbac(&self, rbac: Option<Rbac>) {
+        self.shared.lock().rbac = rbac;
+    }
+
+    /// Requests refused with 403 by RBAC, as (verb, resource, name).
+    pub fn forbidden(&self) -> Vec<KubeCall> {
+        self.shared
+            .lock()
+            .calls
+            .iter()
+            .filter(|c| c.status == 403)
+            .cloned()
+            .collect()
+    }
+
+    async fn start_with(rbac: Option<Rbac>) -> KubeStandIn {
         let pki = generate_pki();
         let acceptor = tls_acceptor(&pki);
         let shared = Arc::new(Shared {
@@ -338,6 +377,7 @@ impl KubeStandIn {
                 concurrent_writes: HashMap::new(),
                 failures: HashMap::new(),
                 generated_names: 0,
+                rbac,
             }),
         });
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -911,6 +951,7 @@ fn bearer_token(headers: &HeaderMap) -> Option<String> {
 
 enum Target {
     Version,
+    AccessReview,
     Collection {
         kind: Kind,
         ns: Option<String>,
@@ -926,6 +967,9 @@ fn route(path: &str) -> Option<Target> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (core, rest) = match segments.as_slice() {
         ["version"] => return Some(Target::Version),
+        ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] => {
+            return Some(Target::AccessReview)
+        }
         ["api", "v1", rest @ ..] => (true, rest),
         ["apis", RBAC_GROUP, "v1", rest @ ..] => (false, rest),
         _ => return None,
@@ -1021,7 +1065,11 @@ impl State {
                 Some(json!({})),
             );
         };
+        if let Some(reply) = self.authorize(&target, method, &query, body) {
+            return reply;
+        }
         match (target, method.clone()) {
+            (Target::AccessReview, Method::POST) => self.access_review(body),
             (Target::Version, Method::GET) => Reply::ok(
                 StatusCode::OK,
                 json!({
@@ -1069,6 +1117,115 @@ impl State {
                 Some(json!({})),
             ),
         }
+    }
+
+    /// RBAC, as kube-apiserver applies it after authentication: the verb on
+    /// the resource, then, for a binding being written, `bind` on the role
+    /// it refers to (the escalation check; the stand-in does not know the
+    /// roles' contents, so holding `bind` is the only way through).
+    fn authorize(
+        &self,
+        target: &Target,
+        method: &Method,
+        query: &HashMap<String, String>,
+        body: &[u8],
+    ) -> Option<Reply> {
+        let rbac = self.rbac.as_ref()?;
+        let (kind, ns, name, verb) = match (target, method) {
+            (Target::Version | Target::AccessReview, _) => return None,
+            (Target::Collection { kind, ns }, m) => {
+                let verb = match *m {
+                    Method::GET if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+                        "watch"
+                    }
+                    Method::GET => "list",
+                    Method::POST => "create",
+                    Method::DELETE => "deletecollection",
+                    _ => return None,
+                };
+                (*kind, ns.clone().unwrap_or_default(), String::new(), verb)
+            }
+            (Target::Item { kind, ns, name }, m) => {
+                let verb = match *m {
+                    Method::GET => "get",
+                    Method::PUT => "update",
+                    Method::DELETE => "delete",
+                    Method::PATCH => "patch",
+                    _ => return None,
+                };
+                (*kind, ns.clone(), name.clone(), verb)
+            }
+        };
+        let attrs = Attributes {
+            verb: verb.into(),
+            group: kind.group().into(),
+            resource: kind.plural().into(),
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        if !rbac.allows(&attrs) {
+            return Some(Reply::ok(StatusCode::FORBIDDEN, forbidden_body(&attrs)));
+        }
+        let writes_binding = matches!(kind, Kind::RoleBinding | Kind::ClusterRoleBinding)
+            && matches!(verb, "create" | "update");
+        let sent = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
+        let role_ref = Some(sent["roleRef"].clone()).filter(|r| r.is_object());
+        if let (true, Some(role_ref)) = (writes_binding, role_ref) {
+            let resource = match role_ref["kind"].as_str() {
+                Some("Role") => "roles",
+                _ => "clusterroles",
+            };
+            let role = role_ref["name"].as_str().unwrap_or_default();
+            let bind = Attributes {
+                verb: "bind".into(),
+                group: RBAC_GROUP.into(),
+                resource: resource.into(),
+                namespace: ns,
+                name: role.into(),
+            };
+            if !rbac.allows(&bind) {
+                let mut body = forbidden_body(&attrs);
+                body["message"] = json!(format!(
+                    "{} \"{}\" is forbidden: user \"{}\" (groups=[\"{}\" \"system:authenticated\"]) is attempting to grant RBAC permissions not currently held: no bind permission on {resource} \"{role}\"",
+                    kind.qualified_resource(),
+                    meta_str(&sent, "name"),
+                    super::kube_rbac::TOLLGATE_USER,
+                    super::kube_rbac::TOLLGATE_GROUP,
+                ));
+                return Some(Reply::ok(StatusCode::FORBIDDEN, body));
+            }
+        }
+        None
+    }
+
+    /// SelfSubjectAccessReview: whether Tollgate's identity may do what
+    /// `spec.resourceAttributes` describes, from the same rules.
+    fn access_review(&self, body: &[u8]) -> Reply {
+        let Ok(mut review) = serde_json::from_slice::<Value>(body) else {
+            return bad_request("the body of a SelfSubjectAccessReview must be JSON".into());
+        };
+        let ra = &review["spec"]["resourceAttributes"];
+        if !ra.is_object() {
+            return invalid_review("spec.resourceAttributes: Required value");
+        }
+        let field = |f: &str| ra[f].as_str().unwrap_or_default().to_string();
+        let attrs = Attributes {
+            verb: field("verb"),
+            group: field("group"),
+            resource: field("resource"),
+            namespace: field("namespace"),
+            name: field("name"),
+        };
+        let allowed = self.rbac.as_ref().is_none_or(|rbac| rbac.allows(&attrs));
+        review["status"] = if allowed {
+            json!({"allowed": true, "reason": "RBAC: allowed by the shipped rules"})
+        } else {
+            json!({"allowed": false})
+        };
+        review["apiVersion"] = json!("authorization.k8s.io/v1");
+        review["kind"] = json!("SelfSubjectAccessReview");
+        review["metadata"] = json!({"creationTimestamp": null});
+        Reply::ok(StatusCode::CREATED, review)
     }
 
     fn list(&self, kind: Kind, ns: Option<&str>, query: &HashMap<String, String>) -> Reply {
@@ -1998,6 +2155,15 @@ fn invalid(kind: Kind, name: &str, errors: Vec<(String, String)>) -> Reply {
         "Invalid",
         format!("{} \"{name}\" is invalid: {summary}", kind.qualified_kind()),
         Some(details),
+    )
+}
+
+fn invalid_review(message: &str) -> Reply {
+    failure(
+        422,
+        "Invalid",
+        format!("SelfSubjectAccessReview.authorization.k8s.io \"\" is invalid: {message}"),
+        None,
     )
 }
 

@@ -221,7 +221,7 @@ fn repo_root() -> PathBuf {
 
 /// Runs `scripts/test-tools` once per test process; the script itself is
 /// idempotent and serialises concurrent installs across processes.
-fn ensure_tools() {
+pub fn ensure_tools() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     INSTALLED.get_or_init(|| {
         let script = repo_root().join("scripts/test-tools");

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod kube;
+pub mod kube_rbac;
 pub mod ministack;
 pub mod sign;
 pub mod slack;

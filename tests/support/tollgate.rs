@@ -13,6 +13,9 @@ pub const SIGNING_SECRET: &str = "e2e-signing-secret-0123456789abcdef";
 
 pub struct Tollgate {
     pub base: String,
+    /// `http://127.0.0.1:PORT` of the metrics listener (`metrics_listen`),
+    /// which the harness adds to every config that leaves it out.
+    pub metrics_base: String,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -75,8 +78,19 @@ impl Tollgate {
     ) -> Tollgate {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let config = if config.contains("metrics_listen") {
+            config.to_string()
+        } else {
+            config.replacen(
+                "listen = \"{listen}\"",
+                "listen = \"{listen}\"\nmetrics_listen = \"{metrics_listen}\"",
+                1,
+            )
+        };
         let config_text = config
             .replace("{listen}", &listen)
+            .replace("{metrics_listen}", &metrics)
             .replace("{data}", &dir.join("data").display().to_string());
         let config_path = dir.join("tollgate.toml");
         std::fs::write(&config_path, config_text).unwrap_or_else(|e| panic!("writing config: {e}"));
@@ -93,6 +107,7 @@ impl Tollgate {
         );
         let mut t = Tollgate {
             base: format!("http://{listen}"),
+            metrics_base: format!("http://{metrics}"),
             config_path,
             log_path: dir.join("tollgate.log"),
             child: None,

@@ -11,14 +11,14 @@ fn manifest(rel: &str) -> (String, String) {
 
 #[test]
 fn dynamodb_variant_runs_two_replicas_on_the_table_the_policy_allows() {
-    let (path, text) = manifest("dynamodb/configmap.yaml");
+    let (path, text) = manifest("overlays/dynamodb/configmap.yaml");
     let cm: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let toml = cm["data"]["tollgate.toml"].as_str().unwrap();
     let cfg = Config::parse(toml, &path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.store.backend, Backend::Dynamodb);
     let table = cfg.store.table.clone().unwrap();
 
-    let (_, text) = manifest("dynamodb/deployment.yaml");
+    let (_, text) = manifest("overlays/dynamodb/deployment.yaml");
     let deploy: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     assert_eq!(deploy["spec"]["replicas"].as_u64(), Some(2));
     assert_eq!(
@@ -39,7 +39,7 @@ fn dynamodb_variant_runs_two_replicas_on_the_table_the_policy_allows() {
         "the admin socket directory is writable"
     );
 
-    let (_, text) = manifest("dynamodb/pdb.yaml");
+    let (_, text) = manifest("overlays/dynamodb/pdb.yaml");
     let pdb: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     assert_eq!(pdb["kind"].as_str(), Some("PodDisruptionBudget"));
     assert_eq!(pdb["spec"]["minAvailable"].as_u64(), Some(1));

@@ -1,0 +1,266 @@
+//! `manifests/iam-policy.json` grants exactly what the code calls, with the
+//! conditions that keep Tollgate to its own access entries and to the
+//! access policies its configuration names.
+//!
+//! The AWS calls are found in `src/` by name: every operation of the
+//! aws-sdk-eks, aws-sdk-sts and aws-sdk-dynamodb versions in Cargo.lock
+//! (read from the crates' sources in the Cargo registry) that the code
+//! invokes as `.operation(`.
+
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use tollgate::config::Config;
+
+/// Calls an operator makes, not the server: `tollgate store init`.
+const OPERATOR_ONLY: [&str; 1] = ["dynamodb:CreateTable"];
+/// Calls IAM does not authorise.
+const NEEDS_NO_PERMISSION: [&str; 1] = ["sts:GetCallerIdentity"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn policy() -> Value {
+    let text = std::fs::read_to_string(root().join("manifests/iam-policy.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn as_list(v: &Value) -> Vec<String> {
+    match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().map(|s| s.as_str().unwrap().to_string()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn statement<'a>(policy: &'a Value, sid: &str) -> &'a Value {
+    policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == sid)
+        .unwrap_or_else(|| panic!("no statement {sid}"))
+}
+
+fn pascal(snake: &str) -> String {
+    snake
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The operations (snake_case) of an SDK crate at the version Cargo.lock
+/// pins, from its `src/operation/` directory.
+fn operations(krate: &str) -> BTreeSet<String> {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).unwrap();
+    let version = lock
+        .split("[[package]]")
+        .find(|p| p.contains(&format!("name = \"{krate}\"\n")))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+        .map(|v| v.trim_end_matches('"').to_string())
+        .unwrap_or_else(|| panic!("{krate} not in Cargo.lock"));
+    let cargo_home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let registry = cargo_home.join("registry/src");
+    let dir = std::fs::read_dir(&registry)
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .join(format!("{krate}-{version}/src/operation"))
+        })
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| panic!("{krate} {version} sources not under {}", registry.display()));
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.unwrap().path();
+            path.is_dir()
+                .then(|| path.file_name().unwrap().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+fn rust_sources(dir: &Path, out: &mut Vec<(PathBuf, String)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            out.push((path, text));
+        }
+    }
+}
+
+/// IAM actions the code needs, each with where it is called.
+fn actions_called() -> BTreeMap<String, String> {
+    let services = [
+        ("eks", operations("aws-sdk-eks")),
+        ("sts", operations("aws-sdk-sts")),
+        ("dynamodb", operations("aws-sdk-dynamodb")),
+    ];
+    let mut sources = Vec::new();
+    rust_sources(&root().join("src"), &mut sources);
+    let mut called = BTreeMap::new();
+    for (path, text) in &sources {
+        let at = path.strip_prefix(root()).unwrap().display().to_string();
+        // Unit tests call nothing on AWS.
+        let code = text.split("#[cfg(test)]").next().unwrap();
+        for (i, _) in code.match_indices('.') {
+            let rest = &code[i + 1..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if name.is_empty() || !rest[name.len()..].starts_with('(') {
+                continue;
+            }
+            for (service, ops) in &services {
+                if ops.contains(&name) {
+                    called.insert(format!("{service}:{}", pascal(&name)), at.clone());
+                }
+            }
+        }
+        // Credentials for a cluster's `assume_role_arn`.
+        if code.contains("AssumeRoleProvider") {
+            called.insert("sts:AssumeRole".into(), at.clone());
+        }
+        // Tags on CreateAccessEntry are authorised as TagResource too.
+        if code.contains(".create_access_entry()") && code.contains(".tags(") {
+            called.insert("eks:TagResource".into(), at.clone());
+        }
+    }
+    // IAM has no TransactWriteItems action: each item of a transaction is
+    // authorised as the single-item action it is.
+    if called.remove("dynamodb:TransactWriteItems").is_some() {
+        for (path, text) in &sources {
+            for (kind, action) in [
+                ("put", "PutItem"),
+                ("update", "UpdateItem"),
+                ("delete", "DeleteItem"),
+                ("condition_check", "ConditionCheckItem"),
+            ] {
+                if text.contains(&format!("TransactWriteItem::builder().{kind}(")) {
+                    let at = path.strip_prefix(root()).unwrap().display().to_string();
+                    called.insert(format!("dynamodb:{action}"), at);
+                }
+            }
+        }
+    }
+    for skip in OPERATOR_ONLY.iter().chain(&NEEDS_NO_PERMISSION) {
+        called.remove(*skip);
+    }
+    called
+}
+
+#[test]
+fn every_call_has_a_statement_and_every_statement_a_call() {
+    let policy = policy();
+    let called = actions_called();
+    assert!(called.contains_key("eks:CreateAccessEntry"), "{called:?}");
+    assert!(called.contains_key("dynamodb:Query"), "{called:?}");
+    let mut granted = BTreeSet::new();
+    for s in policy["Statement"].as_array().unwrap() {
+        assert_eq!(s["Effect"], "Allow");
+        for action in as_list(&s["Action"]) {
+            assert!(!action.contains('*'), "wildcard action {action}");
+            assert!(
+                called.contains_key(&action),
+                "{action} ({}) is granted but the code never calls it",
+                s["Sid"]
+            );
+            granted.insert(action);
+        }
+        for resource in as_list(&s["Resource"]) {
+            assert_ne!(resource, "*", "{}: every resource is named", s["Sid"]);
+        }
+    }
+    for (action, at) in &called {
+        assert!(
+            granted.contains(action),
+            "{at} calls {action}, which manifests/iam-policy.json does not grant"
+        );
+    }
+}
+
+#[test]
+fn conditions_keep_tollgate_to_its_own_entries_and_configured_policies() {
+    let policy = policy();
+
+    let create = statement(&policy, "CreateOwnStandardEntries");
+    assert_eq!(as_list(&create["Action"]), ["eks:CreateAccessEntry"]);
+    let eq = &create["Condition"]["StringEquals"];
+    assert_eq!(eq["eks:accessEntryType"], "STANDARD");
+    assert_eq!(eq["aws:RequestTag/managed-by"], "tollgate");
+    assert_eq!(eq["aws:RequestTag/tollgate-instance"], "tollgate");
+
+    let tag = statement(&policy, "TagEntriesItCreates");
+    assert_eq!(
+        tag["Condition"]["StringEquals"]["aws:RequestTag/managed-by"],
+        "tollgate"
+    );
+
+    let delete = statement(&policy, "DeleteOnlyOwnEntries");
+    assert_eq!(as_list(&delete["Action"]), ["eks:DeleteAccessEntry"]);
+    let eq = &delete["Condition"]["StringEquals"];
+    assert_eq!(eq["aws:ResourceTag/managed-by"], "tollgate");
+    assert_eq!(eq["aws:ResourceTag/tollgate-instance"], "tollgate");
+
+    // Associating is limited to the access policies the shipped config's
+    // roles name: never ClusterAdmin unless a role names it.
+    let assoc = statement(&policy, "OnlyConfiguredAccessPolicies");
+    let mut allowed = as_list(&assoc["Condition"]["ArnEquals"]["eks:policyArn"]);
+    allowed.sort();
+    let cm_path = root().join("manifests/overlays/sled/configmap.yaml");
+    let cm: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&cm_path).unwrap()).unwrap();
+    let cfg = Config::parse(cm["data"]["tollgate.toml"].as_str().unwrap(), "configmap").unwrap();
+    let mut configured: Vec<String> = cfg
+        .clusters
+        .iter()
+        .flat_map(|c| c.roles.values())
+        .filter_map(|r| r.access_policy.clone())
+        .collect();
+    configured.sort();
+    configured.dedup();
+    assert_eq!(allowed, configured);
+    assert!(!allowed.iter().any(|a| a.contains("ClusterAdmin")));
+
+    // No other statement may associate, delete or create without them.
+    for s in policy["Statement"].as_array().unwrap() {
+        let actions = as_list(&s["Action"]);
+        for guarded in [
+            "eks:AssociateAccessPolicy",
+            "eks:DeleteAccessEntry",
+            "eks:CreateAccessEntry",
+        ] {
+            if actions.iter().any(|a| a == guarded) {
+                assert!(
+                    s["Condition"].is_object(),
+                    "{guarded} without conditions in {}",
+                    s["Sid"]
+                );
+            }
+        }
+    }
+
+    // AssumeRole only into named roles of named accounts.
+    let assume = statement(&policy, "AssumeListedClusterRoles");
+    for arn in as_list(&assume["Resource"]) {
+        let account = arn.split(':').nth(4).unwrap();
+        assert!(
+            account.len() == 12 && account.chars().all(|c| c.is_ascii_digit()),
+            "{arn}"
+        );
+        assert!(!arn.contains('*'), "{arn}");
+    }
+}

@@ -523,6 +523,20 @@ impl Resolver<'_> {
                     message: "required when `principal_template` uses {email} or {email_local}: list the email domains whose users may get a principal, e.g. allowed_email_domains = [\"example.com\"]".into(),
                 });
             }
+            // alice@a.example and alice@b.example would share one principal.
+            if template.contains("{email_local}")
+                && !template.contains("{email}")
+                && domains.len() > 1
+            {
+                return Err(self.invalid(
+                    here,
+                    "principal_template",
+                    format!(
+                        "uses {{email_local}} with {} allowed email domains, so people with the same name in different domains would get the same principal: allow one domain, or use {{email}} or [identity.principals]",
+                        domains.len()
+                    ),
+                ));
+            }
             let sample = template
                 .replace("{account_id}", "111122223333")
                 .replace("{email_local}", "alice")
@@ -998,6 +1012,17 @@ max_duration = "2h"
         // A template without the email needs no domains.
         let text = text.replace("{email_local}", "shared-oncall");
         assert!(Config::parse(&text, "t.toml").is_ok());
+
+        // {email_local} from two domains: two people, one principal.
+        let two = MINIMAL.replace(
+            "allowed_email_domains = [\"example.com\"]",
+            "allowed_email_domains = [\"example.com\", \"contractor.example\"]",
+        );
+        let err = Config::parse(&two, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("identity.principal_template") && err.contains("same principal"),
+            "{err}"
+        );
 
         for bad in [
             "arn:aws:iam::{account_id}:role/*",

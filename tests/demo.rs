@@ -432,7 +432,7 @@ async fn demo() {
     );
     show(&stdout);
     let metrics = http
-        .get(format!("{}/metrics", tollgate.base))
+        .get(format!("{}/metrics", tollgate.metrics_base))
         .send()
         .await
         .unwrap()

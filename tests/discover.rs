@@ -267,7 +267,7 @@ async fn discover_lists_standing_entries_not_tollgates_and_the_gauge_agrees() {
     );
 
     // The gauge, refreshed by the reconcile loop at start, says the same.
-    let metrics_url = format!("{}/metrics", tollgate.base);
+    let metrics_url = format!("{}/metrics", tollgate.metrics_base);
     let fetch = || async {
         http.get(&metrics_url)
             .send()

@@ -984,6 +984,7 @@ async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
     // make them: a node role's entry, the platform admins' entries (one
     // with groups, one with an association), and an entry naming a grant
     // id Tollgate never issued.
+    w.tollgate.kill9();
     let node = "arn:aws:iam::000000000000:role/eks-node";
     let masters = "arn:aws:iam::000000000000:role/platform-masters";
     let admins = "arn:aws:iam::000000000000:role/platform-admins";
@@ -1014,8 +1015,8 @@ async fn reconciler_leaves_marked_entries_its_store_did_not_create() {
     w.associate_by_hand(blue, VIEW).await;
 
     // Every object's marks are read on the first pass after start (and then
-    // hourly): a restart has the next pass see the forgeries.
-    w.tollgate.kill9();
+    // hourly): the forgeries are made while Tollgate is down, so the first
+    // pass of the next start finds them.
     w.tollgate.start_again().await;
     w.passes(3).await;
     for principal in [node, masters, admins, ghost, blue] {

@@ -244,6 +244,12 @@ pub fn row_records(row: &Request, object: &Intent) -> bool {
     if !row.intents.is_empty() {
         return false;
     }
+    // Adoption is for rows from before intents were recorded, and only for
+    // those that reached Active: a pending, denied or cancelled request
+    // never created anything, so a forged tag naming it adopts nothing.
+    if row.activated_at.is_none() {
+        return false;
+    }
     let spec = &row.access;
     match object {
         Intent::AccessEntry { principal } => *principal == spec.principal,
@@ -383,6 +389,7 @@ mod tests {
             time::OffsetDateTime::UNIX_EPOCH,
         );
         row.intents = intents;
+        row.activated_at = Some(time::OffsetDateTime::UNIX_EPOCH);
         row
     }
 
@@ -448,6 +455,12 @@ mod tests {
         // have created: its own principal's entry and policy.
         let legacy = granted("R-AAAAA", s.clone(), Vec::new());
         assert!(row_records(&legacy, &alice));
+        let mut never_active = legacy.clone();
+        never_active.activated_at = None;
+        assert!(
+            !row_records(&never_active, &alice),
+            "a request that never became Active created nothing to adopt"
+        );
         assert!(!row_records(&legacy, &admin));
         assert!(row_records(
             &legacy,

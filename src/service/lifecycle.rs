@@ -458,7 +458,15 @@ impl Service {
         // requester's, or nothing is made.
         if !abandoned {
             if let Err(message) = self.recheck_identity(&req).await {
-                let _ = self.record_grant_failure(&req, message, None).await;
+                // A retry after a crash may find access the first try made
+                // (its intents are recorded): it goes with the refusal,
+                // so the failure never leaves anything granted.
+                let cleanup = if req.intents.is_empty() {
+                    None
+                } else {
+                    self.converge_for(&req, None, now).await.err()
+                };
+                let _ = self.record_grant_failure(&req, message, cleanup).await;
                 return;
             }
         }

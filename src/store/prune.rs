@@ -66,7 +66,18 @@ pub async fn apply(
             None => {}
         }
     }
-    let positions: Vec<_> = plan.audit.iter().map(|e| e.position).collect();
+    // Only events the store itself says belong to those requests, and only
+    // those the plan (what the operator received) named: a plan cannot
+    // remove another request's events, nor one that was never exported.
+    let named: BTreeSet<_> = plan.audit.iter().map(|e| e.position).collect();
+    let belongs: BTreeSet<&str> = ids.iter().map(RequestId::as_str).collect();
+    let positions: Vec<_> = store
+        .audit_entries()
+        .await?
+        .into_iter()
+        .filter(|e| named.contains(&e.position) && belongs.contains(e.event.request_id.as_str()))
+        .map(|e| e.position)
+        .collect();
     store.remove_ended(&ids, &positions).await?;
     Ok((ids.len(), positions.len()))
 }

@@ -124,10 +124,25 @@ fn actions_called() -> BTreeMap<String, String> {
             if name.is_empty() || !rest[name.len()..].starts_with('(') {
                 continue;
             }
-            for (service, ops) in &services {
-                if ops.contains(&name) {
-                    called.insert(format!("{service}:{}", pascal(&name)), at.clone());
-                }
+            let matching: Vec<&str> = services
+                .iter()
+                .filter(|(_, ops)| ops.contains(&name))
+                .map(|(service, _)| *service)
+                .collect();
+            // An operation several SDKs share (TagResource) belongs to the
+            // SDK the file uses, when it names exactly one of them.
+            let used: Vec<&str> = matching
+                .iter()
+                .copied()
+                .filter(|service| code.contains(&format!("aws_sdk_{service}")))
+                .collect();
+            let owners = if matching.len() > 1 && used.len() == 1 {
+                used
+            } else {
+                matching
+            };
+            for service in owners {
+                called.insert(format!("{service}:{}", pascal(&name)), at.clone());
             }
         }
         // Credentials for a cluster's `assume_role_arn`.

@@ -198,7 +198,10 @@ pub fn role_changed(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String
         ));
     };
     let stored = spec.strategy_or(cluster.strategy);
-    let differs = if stored != cluster.strategy {
+    let differs = if role.namespaced && spec.namespaces.is_empty() {
+        // Approved cluster-wide; the role now allows only namespaces.
+        Some("it is now namespaced, and this grant is cluster-wide".to_string())
+    } else if stored != cluster.strategy {
         Some(format!(
             "strategy {} is now {}",
             stored.name(),
@@ -517,6 +520,17 @@ mod tests {
         assert!(role_changed(&cluster, &gone)
             .unwrap()
             .contains("no longer has a role"));
+
+        let mut narrowed = cluster.clone();
+        if let Some(view) = narrowed.roles.get_mut("view") {
+            view.namespaced = true;
+        }
+        assert!(role_changed(&narrowed, &s)
+            .unwrap()
+            .contains("now namespaced"));
+        let mut scoped = s.clone();
+        scoped.namespaces = vec!["payments".into()];
+        assert_eq!(role_changed(&narrowed, &scoped), None);
 
         let mut rbac = cluster.clone();
         rbac.strategy = Strategy::SessionRbac;

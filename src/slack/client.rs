@@ -5,7 +5,6 @@ use async_trait::async_trait;
 use hyper_util::client::legacy::connect::HttpConnector;
 use slack_morphism::errors::{SlackClientError, SlackClientSystemError};
 use slack_morphism::prelude::*;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,9 +38,36 @@ async fn within<T>(
         })
 }
 
-/// Retries after a 429 wait for Slack's `Retry-After`; past this many the
-/// error surfaces and the caller's own retry policy takes over.
+/// After a 429 this many times the error surfaces and the caller's own
+/// retry policy takes over.
 const MAX_RATE_LIMIT_RETRIES: usize = 8;
+/// A 429 without `Retry-After` waits this long.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// One Web API call, made again after each 429 once Slack's `Retry-After`
+/// has passed, all within `CALL_DEADLINE`. Slack limits messages per
+/// channel; waiting only when it says so lets cards in different channels
+/// and DMs to different people go out side by side (the library's own
+/// rate control would hold every `chat.postMessage` of the workspace to
+/// one a second).
+macro_rules! call {
+    ($request:expr $(,)?) => {
+        within(async {
+            let mut limited = 0;
+            loop {
+                match $request.await {
+                    Err(SlackClientError::RateLimitError(e))
+                        if limited < MAX_RATE_LIMIT_RETRIES =>
+                    {
+                        limited += 1;
+                        tokio::time::sleep(e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER)).await;
+                    }
+                    other => break other,
+                }
+            }
+        })
+    };
+}
 
 impl SlackWebApi {
     pub fn new(api_url: &str, bot_token: &str) -> Result<Self, String> {
@@ -54,15 +80,9 @@ impl SlackWebApi {
         if !url.ends_with('/') {
             url.push('/');
         }
-        // Slack's published tier limits are enforced by Slack itself (as 429s,
-        // which are retried); throttling locally as well only adds latency.
-        let rate = SlackApiRateControlConfig::new()
-            .with_tiers_limits(HashMap::new())
-            .with_max_retries(MAX_RATE_LIMIT_RETRIES)
-            .with_max_delay_timeout(Duration::from_secs(45));
-        let connector = SlackClientHyperConnector::with_connector(https)
-            .with_slack_api_url(&url)
-            .with_rate_control(rate);
+        // No local rate control: Slack enforces its limits with 429s, which
+        // `call!` waits out; throttling here as well only adds latency.
+        let connector = SlackClientHyperConnector::with_connector(https).with_slack_api_url(&url);
         Ok(SlackWebApi {
             client: Arc::new(SlackClient::new(connector)),
             token: SlackApiToken::new(SlackApiTokenValue::new(bot_token.to_string())),
@@ -115,7 +135,7 @@ fn content(msg: &Message) -> Result<SlackMessageContent, SlackError> {
 impl SlackApi for SlackWebApi {
     async fn user(&self, id: &str) -> Result<SlackUser, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = within(
+        let res = call!(
             session.users_info(&SlackApiUsersInfoRequest::new(SlackUserId::new(
                 id.to_string(),
             ))),
@@ -137,7 +157,7 @@ impl SlackApi for SlackWebApi {
 
     async fn group_members(&self, group: &str) -> Result<Vec<String>, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = within(
+        let res = call!(
             session.usergroups_users_list(&SlackApiUserGroupsUsersListRequest::new(
                 SlackUserGroupId::new(group.to_string()),
             )),
@@ -149,10 +169,11 @@ impl SlackApi for SlackWebApi {
 
     async fn post(&self, channel: &str, msg: &Message) -> Result<String, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = within(
+        let body = content(msg)?;
+        let res = call!(
             session.chat_post_message(&SlackApiChatPostMessageRequest::new(
                 SlackChannelId::new(channel.to_string()),
-                content(msg)?,
+                body.clone(),
             )),
         )
         .await
@@ -162,9 +183,10 @@ impl SlackApi for SlackWebApi {
 
     async fn update(&self, channel: &str, ts: &str, msg: &Message) -> Result<(), SlackError> {
         let session = self.client.open_session(&self.token);
-        within(session.chat_update(&SlackApiChatUpdateRequest::new(
+        let body = content(msg)?;
+        call!(session.chat_update(&SlackApiChatUpdateRequest::new(
             SlackChannelId::new(channel.to_string()),
-            content(msg)?,
+            body.clone(),
             SlackTs::new(ts.to_string()),
         )))
         .await
@@ -174,18 +196,17 @@ impl SlackApi for SlackWebApi {
 
     async fn dm(&self, user: &str, msg: &Message) -> Result<CardRef, SlackError> {
         let session = self.client.open_session(&self.token);
-        let opened = within(
-            session.conversations_open(
-                &SlackApiConversationsOpenRequest::new()
-                    .with_users(vec![SlackUserId::new(user.to_string())]),
-            ),
-        )
+        let opened = call!(session.conversations_open(
+            &SlackApiConversationsOpenRequest::new()
+                .with_users(vec![SlackUserId::new(user.to_string())]),
+        ),)
         .await
         .map_err(|e| self.fail("conversations.open", e))?;
-        let posted = within(
+        let body = content(msg)?;
+        let posted = call!(
             session.chat_post_message(&SlackApiChatPostMessageRequest::new(
                 opened.channel.id.clone(),
-                content(msg)?,
+                body.clone(),
             )),
         )
         .await
@@ -204,9 +225,9 @@ impl SlackApi for SlackWebApi {
         let view: SlackView = serde_json::from_value(view.clone())
             .map_err(|e| SlackError::Invalid(format!("invalid view: {e}")))?;
         let session = self.client.open_session(&self.token);
-        within(session.views_open(&SlackApiViewsOpenRequest::new(
+        call!(session.views_open(&SlackApiViewsOpenRequest::new(
             SlackTriggerId::new(trigger_id.to_string()),
-            view,
+            view.clone(),
         )))
         .await
         .map_err(|e| self.fail("views.open", e))?;
@@ -219,10 +240,9 @@ impl SlackApi for SlackWebApi {
             .map_err(|e| SlackError::Invalid(format!("invalid response_url: {e}")))?;
         let req =
             SlackApiPostWebhookMessageRequest::new(content(msg)?).with_replace_original(false);
-        within(
-            self.client
-                .respond_to_event(&SlackResponseUrl::new(url), &req),
-        )
+        call!(self
+            .client
+            .respond_to_event(&SlackResponseUrl::new(url.clone()), &req),)
         .await
         .map_err(|e| self.fail("response_url", e))?;
         Ok(())
@@ -230,7 +250,7 @@ impl SlackApi for SlackWebApi {
 
     async fn auth_test(&self) -> Result<super::BotIdentity, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = within(session.auth_test())
+        let res = call!(session.auth_test())
             .await
             .map_err(|e| self.fail("auth.test", e))?;
         Ok(super::BotIdentity {
@@ -241,7 +261,7 @@ impl SlackApi for SlackWebApi {
 
     async fn is_member(&self, channel: &str) -> Result<bool, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = within(
+        let res = call!(
             session.conversations_info(&SlackApiConversationsInfoRequest::new(
                 SlackChannelId::new(channel.to_string()),
             )),

@@ -217,6 +217,11 @@ fn conditions_keep_tollgate_to_its_own_entries_and_configured_policies() {
     assert_eq!(eq["eks:accessEntryType"], "STANDARD");
     assert_eq!(eq["aws:RequestTag/managed-by"], "tollgate");
     assert_eq!(eq["aws:RequestTag/tollgate-instance"], "tollgate");
+    // No Kubernetes groups and no username: an entry Tollgate creates can
+    // carry no access beyond the policies it associates.
+    let null = &create["Condition"]["Null"];
+    assert_eq!(null["eks:kubernetesGroups"], "true");
+    assert_eq!(null["eks:username"], "true");
 
     let tag = statement(&policy, "TagEntriesItCreates");
     assert_eq!(

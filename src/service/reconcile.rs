@@ -73,7 +73,16 @@ impl Service {
             return Ok(false);
         };
         if object.grant_id.is_none() && cluster.strategy == Strategy::AwsAuth {
-            return Ok(true);
+            // An item names no grant: it is Tollgate's when a live request
+            // of this cluster records it (a crash between the ConfigMap
+            // write and the row's leaves that row live). A `tollgate:` item
+            // no live row accounts for — hand-made, or another
+            // installation's — is reported and left alone.
+            let live = self.store.live().await.map_err(|e| e.to_string())?;
+            return Ok(live
+                .iter()
+                .filter(|r| r.access.cluster == cluster.name)
+                .any(|r| crate::domain::grant::row_records(r, intent)));
         }
         store_knows(
             self.store.as_ref(),

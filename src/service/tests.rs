@@ -211,8 +211,13 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_with(|_| {})
+}
+
+/// A rig whose config `edit` has changed first.
+fn rig_with(edit: impl FnOnce(&mut Config)) -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         path: "test.toml".into(),
         server: crate::config::ServerSection::default(),
         store: crate::config::StoreSection::default(),
@@ -231,6 +236,7 @@ fn rig() -> Rig {
         clusters: vec![cluster()],
         dry_run: false,
     };
+    edit(&mut config);
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let access = Arc::new(FakeAccess::default());
     let slack = Arc::new(FakeSlack::default());
@@ -591,6 +597,49 @@ async fn reconciler_reads_every_mark_only_on_the_first_pass_and_then_hourly() {
         names.iter().filter(|n| *n == "foreign").count(),
         1,
         "the forged entry is reported once: {names:?}"
+    );
+}
+
+/// aws-auth items name no grant; a `tollgate:` item that no live request of
+/// the store records (hand-made, or another installation's) is reported
+/// and never converged away.
+#[tokio::test]
+async fn aws_auth_items_no_live_request_records_are_left_alone() {
+    let r = rig_with(|c| c.clusters[0].strategy = crate::domain::policy::Strategy::AwsAuth);
+    let cluster = r.service.config.clusters[0].clone();
+    let id = r.approved("eks prod 30m view", "U0APP").await;
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Active);
+    let item = |arn: &str, user: &str| crate::access::Owned {
+        principal: arn.into(),
+        grant_id: None,
+        object: format!("aws-auth item {arn}"),
+        instance: None,
+        intent: Some(crate::domain::request::Intent::AwsAuthItem {
+            arn: arn.to_ascii_lowercase(),
+            username: user.into(),
+        }),
+    };
+    let alice = crate::domain::grant::aws_auth_arn(&row.access.principal);
+    let admin = "arn:aws:iam::111122223333:role/platform-admin";
+    *r.access.owned.lock().unwrap() = vec![
+        item(&alice, row.access.k8s_user.as_deref().unwrap()),
+        item(admin, "tollgate:mallory@example.com"),
+    ];
+    r.access.converged_principals.lock().unwrap().clear();
+    for _ in 0..2 {
+        let report = r.service.reconcile_cluster(&cluster).await.unwrap();
+        assert!(report.removed.is_empty(), "{report:?}");
+    }
+    assert!(
+        r.access.converged_principals.lock().unwrap().is_empty(),
+        "neither item is converged: alice's is needed, the other is not Tollgate's"
+    );
+    let names = r.audit_names().await;
+    assert_eq!(
+        names.iter().filter(|n| *n == "foreign").count(),
+        1,
+        "{names:?}"
     );
 }
 

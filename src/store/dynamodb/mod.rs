@@ -15,9 +15,9 @@ mod table;
 
 pub use table::{init, verify, InitOutcome};
 
-use error::{refusal, Refusal};
+use error::Refusal;
 use items::*;
-use ops::{Guard, MAX_TRANSACT_ITEMS};
+use ops::Guard;
 
 use super::{epoch_ms, AuditEntry, Store, StoreError};
 use crate::domain::audit::AuditEvent;
@@ -94,24 +94,13 @@ impl Store for DynamoStore {
 
     async fn append_audit(&self, audit: Vec<AuditEvent>) -> Result<(), StoreError> {
         let items = self.audit_puts(audit, OffsetDateTime::now_utc()).await?;
-        for chunk in items.chunks(MAX_TRANSACT_ITEMS) {
-            if let Err(e) = self
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(chunk.to_vec()))
-                .send()
-                .await
-            {
-                return Err(match refusal(&self.table, e) {
-                    Refusal::Other(e) => e,
-                    _ => StoreError::Unavailable(format!(
-                        "DynamoDB TransactWriteItems on table {}: audit write refused, try again",
-                        self.table
-                    )),
-                });
-            }
-        }
-        Ok(())
+        self.transact_chunks(items).await.map_err(|r| match r {
+            Refusal::Other(e) => e,
+            _ => StoreError::Unavailable(format!(
+                "DynamoDB TransactWriteItems on table {}: audit write refused, try again",
+                self.table
+            )),
+        })
     }
 
     async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
@@ -391,28 +380,16 @@ impl Store for DynamoStore {
         for position in audit {
             items.push(self.delete(key(AUDIT, audit_sk(*position)))?);
         }
-        for chunk in items.chunks(MAX_TRANSACT_ITEMS) {
-            if let Err(e) = self
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(chunk.to_vec()))
-                .send()
-                .await
-            {
-                return Err(match refusal(&self.table, e) {
-                    Refusal::Other(e) => e,
-                    Refusal::Condition => StoreError::Backend(
-                        "a request selected for pruning is not ended; nothing of it was removed"
-                            .into(),
-                    ),
-                    Refusal::Contended => StoreError::Unavailable(format!(
-                        "DynamoDB TransactWriteItems on table {}: prune refused, run it again",
-                        self.table
-                    )),
-                });
-            }
-        }
-        Ok(())
+        self.transact_chunks(items).await.map_err(|r| match r {
+            Refusal::Other(e) => e,
+            Refusal::Condition => StoreError::Backend(
+                "a request selected for pruning is not ended; nothing of it was removed".into(),
+            ),
+            Refusal::Contended => StoreError::Unavailable(format!(
+                "DynamoDB TransactWriteItems on table {}: prune refused, run it again",
+                self.table
+            )),
+        })
     }
 
     /// One Query of the `LIVE` partition: its items carry the rows, so the

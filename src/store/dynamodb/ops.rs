@@ -216,6 +216,27 @@ impl DynamoStore {
         }
     }
 
+    /// Writes `items` in transactions of at most `MAX_TRANSACT_ITEMS`, for
+    /// writes that are not one state change (audit appends, prune); the
+    /// first refused transaction stops it and says why.
+    pub(super) async fn transact_chunks(
+        &self,
+        items: Vec<TransactWriteItem>,
+    ) -> Result<(), Refusal> {
+        for chunk in items.chunks(MAX_TRANSACT_ITEMS) {
+            if let Err(e) = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(chunk.to_vec()))
+                .send()
+                .await
+            {
+                return Err(refusal(&self.table, e));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn condition_failed(&self, guard: Guard<'_>) -> StoreError {
         match guard {
             Guard::Create(id) => StoreError::Exists(id.to_string()),

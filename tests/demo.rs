@@ -108,15 +108,22 @@ fn step(n: u32, what: &str) {
     println!("\n {n:>2}. {what}");
 }
 
-/// The text of a message's first section block, or its plain text.
+/// The text of a message's section blocks, or its plain text.
 fn message_text(message: &Value) -> String {
-    message["blocks"]
+    // Every section's text, in order: user-influenced text sits in its own
+    // plain_text section beside the formatted one.
+    let sections: Vec<&str> = message["blocks"]
         .as_array()
-        .and_then(|blocks| blocks.iter().find(|b| b["type"] == "section"))
-        .and_then(|b| b["text"]["text"].as_str())
-        .or_else(|| message["text"].as_str())
-        .unwrap_or_default()
-        .to_string()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["type"] == "section")
+        .filter_map(|b| b["text"]["text"].as_str())
+        .collect();
+    if sections.is_empty() {
+        message["text"].as_str().unwrap_or_default().to_string()
+    } else {
+        sections.join("\n")
+    }
 }
 
 /// The text of a message's first context block (the card's status line).

@@ -58,8 +58,34 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .with_metrics(metrics.clone()),
     );
     // Requests from other workspaces are refused, so the bot's own must be
-    // known before the port opens.
-    let team_id = bot_workspace(slack.as_ref()).await?;
+    // known: asked before the port opens, and if Slack cannot be reached
+    // yet, asked again in the background while every Slack request is
+    // refused and /readyz says not ready. A token Slack rejects stops
+    // start-up with the reason.
+    let team_id = Arc::new(std::sync::OnceLock::new());
+    match bot_workspace(slack.as_ref(), WORKSPACE_PATIENCE).await? {
+        Some(team) => {
+            let _ = team_id.set(team);
+        }
+        None => {
+            let (slack, team_id) = (slack.clone(), team_id.clone());
+            tokio::spawn(async move {
+                loop {
+                    match bot_workspace(slack.as_ref(), WORKSPACE_RETRY_EVERY).await {
+                        Ok(Some(team)) => {
+                            let _ = team_id.set(team);
+                            return;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "Slack refused the bot token; no Slack request will be served");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
     let clock = Arc::new(SystemClock);
     let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
@@ -159,21 +185,33 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// How long start-up keeps asking `auth.test` for the bot's workspace
-/// before giving up (Slack briefly unreachable should not crash-loop).
-const WORKSPACE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+/// before the port opens anyway (not ready, refusing Slack requests) and
+/// the asking goes on in the background.
+const WORKSPACE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long each background round of asking lasts.
+const WORKSPACE_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
-async fn bot_workspace(slack: &dyn SlackApi) -> anyhow::Result<String> {
-    let deadline = tokio::time::Instant::now() + WORKSPACE_PATIENCE;
+/// The bot token's workspace; `None` when Slack could not be reached within
+/// `patience`. A definite refusal (a revoked or wrong token) is an error.
+async fn bot_workspace(
+    slack: &dyn SlackApi,
+    patience: std::time::Duration,
+) -> anyhow::Result<Option<String>> {
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
         match slack.auth_test().await {
             Ok(bot) if !bot.team_id.is_empty() => {
                 tracing::info!(team_id = %bot.team_id, bot_user = %bot.user_id, "serving this Slack workspace only");
-                return Ok(bot.team_id);
+                return Ok(Some(bot.team_id));
             }
             Ok(_) => {
                 anyhow::bail!("slack auth.test named no workspace (team_id) for the bot token")
             }
-            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+            Err(e) if e.is_transient() => {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(error = %e, "Slack unreachable; serving no Slack request until auth.test answers");
+                    return Ok(None);
+                }
                 tracing::warn!(error = %e, "slack auth.test failed; retrying");
                 tokio::time::sleep(std::time::Duration::from_secs(2)).await;
             }

@@ -2342,3 +2342,52 @@ async fn slack_down_for_30s_while_a_grant_expires_revokes_on_time_and_tells_late
         .unwrap();
     assert!(delivered.at.duration_since(outage) >= Duration::from_secs(30));
 }
+
+/// Slack unreachable when Tollgate starts: the probes answer (not ready),
+/// and every Slack request is refused until `auth.test` names the
+/// workspace, since a request's workspace cannot be checked before that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_unreachable_at_start_serves_no_slack_request_until_the_workspace_is_known() {
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    ms.create_cluster(CLUSTER).await;
+    // A port nobody listens on: Slack refuses every connection.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let slack_url = format!("http://127.0.0.1:{closed}/api/");
+    let tollgate = Tollgate::start(dir.path(), CONFIG, &slack_url, &ms).await;
+    let http = reqwest::Client::new();
+
+    let ready = http
+        .get(format!("{}/readyz", tollgate.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("waiting for Slack"));
+
+    let body = slash_body(
+        REQUESTER,
+        "eks prod-cluster 10m view x",
+        "http://127.0.0.1:9/r",
+    );
+    let url = format!("{}/slack/commands", tollgate.base);
+    let refused = post_signed(&http, &url, SIGNING_SECRET, body).await;
+    assert_eq!(refused.status(), 503);
+    let metrics = http
+        .get(format!("{}/metrics", tollgate.metrics_base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_http_rejected_total{reason=\"workspace_unknown\"} 1"),
+        "{metrics}"
+    );
+}

@@ -35,9 +35,10 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub verifier: Verifier,
     pub ready: Arc<AtomicBool>,
-    /// The bot token's workspace (`auth.test` at start-up): requests from
-    /// any other are refused.
-    pub team_id: String,
+    /// The bot token's workspace (`auth.test`): requests from any other
+    /// are refused, and every request while it is not yet known (Slack
+    /// unreachable at start-up).
+    pub team_id: Arc<std::sync::OnceLock<String>>,
     /// `[slack] app_id`: when set, requests for another app are refused.
     pub app_id: Option<String>,
 }
@@ -67,6 +68,13 @@ pub fn metrics_router(state: AppState) -> Router {
 async fn readyz(State(app): State<AppState>) -> Response {
     if !app.ready.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response();
+    }
+    if app.team_id.get().is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for Slack auth.test to name the workspace",
+        )
+            .into_response();
     }
     match tokio::time::timeout(STORE_PING_TIMEOUT, app.service.store().ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
@@ -208,7 +216,15 @@ fn check_origin(
     team_id: Option<&str>,
     api_app_id: Option<&str>,
 ) -> Result<(), Box<Response>> {
-    let team_ok = team_id == Some(app.team_id.as_str());
+    let Some(ours) = app.team_id.get() else {
+        return Err(Box::new(reject(
+            app,
+            "workspace_unknown",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Tollgate has not yet confirmed its Slack workspace; try again shortly",
+        )));
+    };
+    let team_ok = team_id == Some(ours.as_str());
     let app_ok = app
         .app_id
         .as_deref()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::kube::KubeStandIn;
 use support::ministack::{encode_arn, MiniStack};
-use support::sign::{action_body, post_signed, slash_body};
+use support::sign::{action_body, post_signed, request_id, slash_body};
 use support::slack::SlackStandIn;
 use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
 
@@ -177,17 +177,8 @@ async fn discover_lists_standing_entries_not_tollgates_and_the_gauge_agrees() {
     )
     .await;
     let receipt: Value = resp.json().await.unwrap();
-    let text = receipt["text"].as_str().unwrap_or_default();
-    let at = text.find("R-").unwrap_or_else(|| panic!("{receipt}"));
-    let id = text[at..at + 7].to_string();
-    let card = slack
-        .wait_for_call(
-            "chat.postMessage",
-            |c| c.params["channel"] == CHANNEL && c.params.to_string().contains(&id),
-            Duration::from_secs(10),
-        )
-        .await;
-    let ts = card.response["ts"].as_str().unwrap_or_default().to_string();
+    let id = request_id(receipt["text"].as_str().unwrap_or_default());
+    let ts = slack.card_ts(CHANNEL, &id, Duration::from_secs(10)).await;
     let click = action_body(
         APPROVER,
         "approve",

@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use support::kube::{Kind, KubeStandIn};
 use support::ministack::{encode_arn, MiniStack};
-use support::sign::{action_body, payload_body, post_signed, signature, slash_body};
+use support::sign::{action_body, payload_body, post_signed, request_id, signature, slash_body};
 use support::slack::SlackStandIn;
 use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
 
@@ -132,25 +132,14 @@ impl World {
         let (status, json) = self.slash(user, text).await;
         assert_eq!(status, 200);
         assert_eq!(json["response_type"], "ephemeral", "{json}");
-        let receipt = json["text"].as_str().unwrap_or_default().to_string();
-        let at = receipt
-            .find("R-")
-            .unwrap_or_else(|| panic!("no request id in receipt: {receipt}"));
-        receipt[at..at + 7].to_string()
+        request_id(json["text"].as_str().unwrap_or_default())
     }
 
     /// The approval card for `id`: its ts, once posted.
     async fn card(&self, id: &str) -> String {
-        let id = id.to_string();
-        let call = self
-            .slack
-            .wait_for_call(
-                "chat.postMessage",
-                move |c| c.params["channel"] == CHANNEL && c.params.to_string().contains(&id),
-                Duration::from_secs(10),
-            )
-            .await;
-        call.response["ts"].as_str().unwrap_or_default().to_string()
+        self.slack
+            .card_ts(CHANNEL, id, Duration::from_secs(10))
+            .await
     }
 
     async fn click(&self, user: &str, action: &str, id: &str, ts: &str) -> u16 {
@@ -2046,7 +2035,7 @@ async fn modal_round_trip_with_field_errors_then_a_card() {
         .into_iter()
         .find(|t| t.contains("for approval"))
         .unwrap();
-    let id = &receipt[receipt.find("R-").unwrap()..][..7];
+    let id = &request_id(&receipt);
     let ts = w.card(id).await;
     let stored = w.slack.message(CHANNEL, &ts).unwrap();
     let card = stored.to_string();
@@ -2141,7 +2130,7 @@ async fn reminder_offers_extend_and_an_approved_extension_moves_the_expiry() {
     })
     .await;
     let receipt = w.responses_to("extend").join(" ");
-    let ext = receipt[receipt.find("R-").unwrap()..][..7].to_string();
+    let ext = request_id(&receipt);
     assert_ne!(ext, id, "an extension has its own id");
     assert!(receipt.contains(&format!("of {id} by 20s")), "{receipt}");
     let ext_ts = w.card(&ext).await;

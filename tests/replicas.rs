@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::ministack::{encode_arn, MiniStack};
-use support::sign::{action_body, post_signed, slash_body};
+use support::sign::{action_body, post_signed, request_id, slash_body};
 use support::slack::SlackStandIn;
 use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
 
@@ -98,24 +98,13 @@ impl Pair {
             .json()
             .await
             .unwrap();
-        let receipt = json["text"].as_str().unwrap().to_string();
-        let at = receipt.find("R-").unwrap_or_else(|| panic!("{receipt}"));
-        receipt[at..at + 7].to_string()
+        request_id(json["text"].as_str().unwrap())
     }
 
     async fn card(&self, id: &str) -> String {
-        let id = id.to_string();
         self.slack
-            .wait_for_call(
-                "chat.postMessage",
-                move |c| c.params["channel"] == CHANNEL && c.params.to_string().contains(&id),
-                Duration::from_secs(10),
-            )
+            .card_ts(CHANNEL, id, Duration::from_secs(10))
             .await
-            .response["ts"]
-            .as_str()
-            .unwrap()
-            .to_string()
     }
 
     async fn click(&self, via: &Tollgate, user: &str, id: &str, ts: &str) -> u16 {

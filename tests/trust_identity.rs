@@ -8,7 +8,7 @@ mod support;
 use serde_json::Value;
 use std::time::Duration;
 use support::ministack::{encode_arn, MiniStack};
-use support::sign::{action_body, post_signed, slash_body};
+use support::sign::{action_body, post_signed, request_id, slash_body};
 use support::slack::{SlackStandIn, UserSpec};
 use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
 
@@ -118,24 +118,13 @@ impl World {
     }
 
     async fn request(&self, text: &str) -> String {
-        let receipt = self.slash(REQUESTER, text).await;
-        let at = receipt
-            .find("R-")
-            .unwrap_or_else(|| panic!("no request id in receipt: {receipt}"));
-        receipt[at..at + 7].to_string()
+        request_id(&self.slash(REQUESTER, text).await)
     }
 
     async fn card(&self, id: &str) -> String {
-        let id = id.to_string();
-        let call = self
-            .slack
-            .wait_for_call(
-                "chat.postMessage",
-                move |c| c.params["channel"] == CHANNEL && c.params.to_string().contains(&id),
-                Duration::from_secs(15),
-            )
-            .await;
-        call.response["ts"].as_str().unwrap_or_default().to_string()
+        self.slack
+            .card_ts(CHANNEL, id, Duration::from_secs(15))
+            .await
     }
 
     async fn click(&self, user: &str, id: &str, ts: &str, response: &str) {

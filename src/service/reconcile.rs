@@ -66,9 +66,14 @@ impl Service {
     /// Whether the store says this installation created `object`: its grant
     /// id names a row of this cluster that recorded it (or, for a row from
     /// before intents were recorded, that it matches). aws-auth items name
-    /// no grant; they are Tollgate's by their `tollgate:<email>` username
-    /// (spec 8.3).
-    async fn store_created(&self, cluster: &ClusterPolicy, object: &Owned) -> Result<bool, String> {
+    /// no grant; they are judged against `live`, the cluster's live rows
+    /// the caller has already read.
+    async fn store_created(
+        &self,
+        cluster: &ClusterPolicy,
+        object: &Owned,
+        live: &[Request],
+    ) -> Result<bool, String> {
         let Some(intent) = &object.intent else {
             return Ok(false);
         };
@@ -78,7 +83,6 @@ impl Service {
             // write and the row's leaves that row live). A `tollgate:` item
             // no live row accounts for — hand-made, or another
             // installation's — is reported and left alone.
-            let live = self.store.live().await.map_err(|e| e.to_string())?;
             return Ok(live
                 .iter()
                 .filter(|r| r.access.cluster == cluster.name)
@@ -115,11 +119,12 @@ impl Service {
         &self,
         cluster: &ClusterPolicy,
         owned: Vec<Owned>,
+        live: &[Request],
     ) -> Result<(Vec<Owned>, Vec<Owned>), String> {
         let mut known = Vec::new();
         let mut foreign = Vec::new();
         for o in owned {
-            if self.store_created(cluster, &o).await? {
+            if self.store_created(cluster, &o, live).await? {
                 known.push(o);
             } else {
                 foreign.push(o);
@@ -208,7 +213,7 @@ impl Service {
             .owned(cluster, look)
             .await
             .map_err(|e| e.to_string())?;
-        let (owned, foreign) = self.sort_owned(cluster, listed).await?;
+        let (owned, foreign) = self.sort_owned(cluster, listed, &requests).await?;
         if full {
             self.report_foreign(cluster, &foreign).await;
             self.full_scan_done(&cluster.name, now);
@@ -317,7 +322,7 @@ impl Service {
                 let mut again = Vec::new();
                 for o in all {
                     if principal_key(strategy, &o.principal) == *key
-                        && self.store_created(cluster, &o).await?
+                        && self.store_created(cluster, &o, &fresh).await?
                     {
                         again.push(o);
                     }

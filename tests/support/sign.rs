@@ -46,6 +46,14 @@ pub async fn post_signed(
         .unwrap_or_else(|e| panic!("POST {url}: {e}"))
 }
 
+/// The request id (`R-XXXXX`) a receipt names.
+pub fn request_id(receipt: &str) -> String {
+    let at = receipt
+        .find("R-")
+        .unwrap_or_else(|| panic!("no request id in receipt: {receipt}"));
+    receipt[at..at + 7].to_string()
+}
+
 /// Form body of a `/access` slash command typed by `user_id`.
 pub fn slash_body(user_id: &str, text: &str, response_url: &str) -> String {
     let user_name = user_name(user_id);

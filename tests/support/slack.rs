@@ -213,6 +213,22 @@ impl SlackStandIn {
         }
     }
 
+    /// The ts of the approval card for request `id` in `channel`, once
+    /// posted (calls made before the wait began count).
+    pub async fn card_ts(&self, channel: &str, id: &str, timeout: Duration) -> String {
+        let (channel, id) = (channel.to_string(), id.to_string());
+        self.wait_for_call(
+            "chat.postMessage",
+            move |c| c.params["channel"] == channel.as_str() && c.params.to_string().contains(&id),
+            timeout,
+        )
+        .await
+        .response["ts"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// Current content of a posted message as Slack would render it, after
     /// any `chat.update`. `channel` is the id Slack answered with, so a post
     /// to user `U1` is stored under `DU1`.

@@ -407,9 +407,21 @@ async fn approve_grants_then_revokes_at_expiry() {
         "revoked too early: {revoked_after:?}"
     );
     wait_until("expiry DM", Duration::from_secs(5), || async {
-        w.dms_to(REQUESTER, "has expired") == 1
+        w.dms_to(REQUESTER, "has expired: access removed, verified at") == 1
     })
     .await;
+    wait_until("card says verified", Duration::from_secs(5), || async {
+        let card = w
+            .slack
+            .message(CHANNEL, &ts)
+            .unwrap_or_default()
+            .to_string();
+        card.contains("access removed, verified at")
+    })
+    .await;
+    let revoked = revoked_event(&w, &id).await.expect("revoked recorded");
+    assert_eq!(revoked["details"]["reason"], "expiry");
+    assert_verified(&revoked);
     assert_eq!(
         w.metric("tollgate_requests_total", Some(("state", "pending")))
             .await,
@@ -1291,6 +1303,7 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
     assert_eq!(revoked["details"]["os_user"], real_os_user());
     assert_ne!(revoked["details"]["os_user"], "mallory");
     assert_eq!(revoked["details"]["note"], "leaver");
+    assert_verified(revoked);
     assert!(!out.contains(SIGNING_SECRET) && !out.contains(BOT_TOKEN));
 
     // The socket is owner-only from the start (its directory is), and a
@@ -1393,6 +1406,11 @@ async fn dry_run_plays_the_whole_flow_without_changing_access() {
             .find(|e| e["event"] == name)
             .unwrap_or_else(|| panic!("no {name} event: {events:?}"));
         assert_eq!(e["details"]["dry_run"], true, "{e}");
+        if name == "revoked" {
+            // Nothing was removed, so nothing was read back.
+            assert_eq!(e["details"]["verified"], false, "{e}");
+            assert!(e["details"]["verified_at"].is_null(), "{e}");
+        }
     }
     assert!(w.tollgate.log().contains("dry run: would converge"));
 }
@@ -1567,6 +1585,7 @@ async fn requester_revokes_early_from_slack_and_outsiders_cannot() {
         .unwrap_or_else(|| panic!("no revoked event for {id}"));
     assert_eq!(revoked["details"]["reason"], "early");
     assert_eq!(revoked["details"]["by"], REQUESTER);
+    assert_verified(&revoked);
 }
 
 const STRICT_CLUSTER: &str = r#"
@@ -2313,6 +2332,7 @@ async fn slack_down_for_30s_while_a_grant_expires_revokes_on_time_and_tells_late
         revoked["details"]["lateness_seconds"].as_f64().unwrap() < 2.0,
         "{revoked}"
     );
+    assert_verified(&revoked);
     assert!(
         w.slack.calls().iter().any(|c| c.status == 500),
         "Slack was really down"

@@ -316,6 +316,7 @@ async fn a_deactivated_requester_cannot_be_approved_and_loses_active_access() {
         .collect();
     assert_eq!(revoked.len(), 1, "{events:?}");
     assert_eq!(revoked[0]["details"]["reason"], "offboarded");
+    assert_eq!(revoked[0]["details"]["verified"], true, "{events:?}");
     assert!(
         !events.iter().any(|e| e["request_id"] == pending.as_str()
             && (e["event"] == "approval" || e["event"] == "approved")),

@@ -2524,6 +2524,7 @@ async fn a_lying_eks_api_fails_the_revoke_until_the_read_back_sees_it_gone() {
         || async {
             w.dms_to(REQUESTER, "access removed, verified at") == 1
                 && security_posts(&w, &id, "All clear") == 1
+                && security_posts(&w, &id, "access removed, verified at") == 1
         },
     )
     .await;

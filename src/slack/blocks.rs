@@ -353,13 +353,13 @@ pub fn revoke_failing_alert(req: &Request, error: &str) -> Message {
 
 pub fn revoke_recovered_alert(req: &Request, now: OffsetDateTime) -> Message {
     Message::plain(format!(
-        ":white_check_mark: All clear: {} (`{}` on {} for `{}`) is revoked after {} attempts, at {}.",
+        ":white_check_mark: All clear: {} (`{}` on {} for `{}`) is revoked after {} attempts: {}.",
         req.id,
         req.access.role,
         req.access.cluster,
         req.access.principal,
         req.attempts + 1,
-        utc_time(now, now)
+        removal(req, now)
     ))
 }
 

@@ -473,9 +473,12 @@ impl Service {
         let mut verified = None;
         let (granted, failure) = if abandoned {
             let removed = match self.converge_for(&req, None, now).await {
-                // Read back like any revoke: what a crashed first try made
-                // must be seen gone before the row ends.
-                Ok(()) => self.read_back(&req, now).await,
+                // Revoked before it was granted: read back like any revoke
+                // (a crashed first try may have made something), since the
+                // row ends as `revoked`. A failed grant's cleanup is not a
+                // revoke and is not read back.
+                Ok(()) if req.failure.is_none() => self.read_back(&req, now).await,
+                Ok(()) => Ok(super::readback::Verified::NotChecked),
                 Err(message) => Err(message),
             };
             verified = removed.as_ref().ok().copied();

@@ -455,6 +455,55 @@ async fn a_revoke_the_read_back_contradicts_is_retried_alerted_then_verified() {
     assert_eq!(revoked.details["attempts"], 6);
 }
 
+/// A request revoked after approval but before its grant was made ends as
+/// `revoked` too, so its cleanup is read back like any revoke.
+#[tokio::test]
+async fn a_revoke_before_the_grant_is_read_back_as_well() {
+    let r = rig();
+    let receipt = r
+        .service
+        .handle_command(SlashCommand {
+            trigger_id: None,
+            user_id: "U0REQ".into(),
+            text: "eks prod 5m view".into(),
+            response_url: None,
+        })
+        .await;
+    let at = receipt.find("R-").unwrap_or_else(|| panic!("{receipt}"));
+    let id = RequestId::parse(&receipt[at..at + 7]).unwrap();
+    // Approved, then revoked early before any grant step ran.
+    let pending = r.state(&id).await;
+    let mut next = pending.clone();
+    next.state = State::Approved;
+    next.approved_at = Some(r.clock.now());
+    next.revoke = Some(crate::domain::request::RevokeIntent {
+        reason: crate::domain::request::RevokeReason::Early,
+        by: "U0REQ".into(),
+        note: None,
+        at: r.clock.now(),
+    });
+    r.service
+        .store
+        .update(&pending, next, Vec::new())
+        .await
+        .unwrap();
+    *r.access.lies.lock().unwrap() = 1;
+
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Approved, "not recorded while it shows");
+    assert_eq!(row.attempts, 1);
+    r.clock.advance(Duration::from_secs(60));
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Revoked);
+    assert!(row.verified_at.is_some());
+    let events = r.service.store.audit_since(None).await.unwrap();
+    let revoked = events.iter().find(|e| e.event == "revoked").unwrap();
+    assert_eq!(revoked.details["before_grant"], true);
+    assert_eq!(revoked.details["verified"], true);
+}
+
 /// A revoke whose cluster never answers is cut off by its time limit, and
 /// that counts like any failure: attempts, backoff, RevokeFailed and the
 /// alert at the threshold.

@@ -1263,7 +1263,20 @@ async fn fig5_and_6(c: &Counts, rows: &mut Vec<Row>) {
         gone.push(w.await.unwrap_or_else(|e| panic!("watcher: {e}")));
     }
 
-    let audit = w.audit().await;
+    // Access goes first; each revoke is recorded after its read-back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let audit = loop {
+        let audit = w.audit().await;
+        let recorded = revoke_ids.iter().all(|id| {
+            audit
+                .iter()
+                .any(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
+        });
+        if recorded || Instant::now() >= deadline {
+            break audit;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let granted: HashMap<String, &Value> = audit
         .iter()
         .filter(|e| e["event"] == "granted")

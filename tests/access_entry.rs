@@ -18,6 +18,7 @@ use tollgate::access::access_entry::AccessEntryStrategy;
 use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce, Look};
 use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
+use tollgate::domain::readback::ReadBack;
 use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
 use tollgate::store::{SledStore, Store};
 
@@ -133,6 +134,28 @@ impl Harness {
         if let Err(e) = self.converge(grants).await {
             panic!("converge failed: {e}\nMiniStack log:\n{}", self.ms.log());
         }
+    }
+
+    /// The read-back after revoking grant `id` (`revoked`), with `rest`
+    /// still in force.
+    async fn verify(
+        &self,
+        id: &str,
+        revoked: &AccessSpec,
+        rest: &[(&str, &AccessSpec)],
+    ) -> ReadBack {
+        let in_force: Vec<InForce> = rest
+            .iter()
+            .map(|(id, spec)| InForce {
+                grant_id: id,
+                spec,
+                expires_at: None,
+            })
+            .collect();
+        self.engine
+            .verify_removed(&self.cluster, ALICE, id, revoked, &in_force)
+            .await
+            .unwrap_or_else(|e| panic!("read-back failed: {e}"))
     }
 
     fn entry_path(&self) -> String {
@@ -675,4 +698,56 @@ async fn missing_looks_at_what_each_grant_needs() {
     assert_eq!(status, 200, "{body}");
     let missing = h.engine.missing(&h.cluster, ALICE, &grants).await.unwrap();
     assert_eq!(missing, vec!["R-00001".to_string(), "R-00002".to_string()]);
+}
+
+/// The read-back after a revoke (spec 10.2) judges only what the revoked
+/// grant alone gave: namespaces another grant in force or the baseline
+/// (what existed before Tollgate) still justify are not its access; a
+/// namespace of its own put back is.
+#[tokio::test]
+async fn read_back_judges_only_what_the_revoked_grant_alone_gave() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let a = spec(EDIT, &["a", "x"]);
+    let b = spec(EDIT, &["b"]);
+    h.converge_ok(&[("R-0000A", &a), ("R-0000B", &b)]).await;
+    assert_eq!(
+        h.associations().await,
+        only(EDIT, namespaces(&["a", "b", "x"]))
+    );
+    let (a, b) = (&a, &b);
+    h.converge_ok(&[("R-0000B", b)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["b", "x"])));
+    assert_eq!(
+        h.verify("R-0000A", a, &[("R-0000B", b)]).await,
+        ReadBack::Removed,
+        "b is the other grant's, x the baseline's"
+    );
+
+    // What a DisassociateAccessPolicy that answered success but did
+    // nothing leaves: the revoked grant's namespace still there.
+    h.associate_behind_tollgate(EDIT, &["a", "b", "x"]).await;
+    match h.verify("R-0000A", a, &[("R-0000B", b)]).await {
+        ReadBack::StillThere(found) => assert_eq!(
+            found,
+            vec![format!("{EDIT} still associated for namespaces a")]
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The baseline is still known, so the next converge puts it right.
+    h.converge_ok(&[("R-0000B", b)]).await;
+    assert_eq!(
+        h.verify("R-0000A", a, &[("R-0000B", b)]).await,
+        ReadBack::Removed
+    );
+
+    // The last grant ends: the baseline is restored, seen by the
+    // read-back, and only then forgotten.
+    h.converge_ok(&[]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
+    assert!(!h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert_eq!(h.verify("R-0000B", b, &[]).await, ReadBack::Removed);
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert!(h.entry().await.is_some(), "the entry was never Tollgate's");
 }

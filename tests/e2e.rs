@@ -7,6 +7,7 @@ mod support;
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use support::kube::{Kind, KubeStandIn};
+use support::lying_eks::{LyingEks, Removal};
 use support::ministack::{encode_arn, MiniStack};
 use support::sign::{action_body, payload_body, post_signed, request_id, signature, slash_body};
 use support::slack::SlackStandIn;
@@ -406,9 +407,21 @@ async fn approve_grants_then_revokes_at_expiry() {
         "revoked too early: {revoked_after:?}"
     );
     wait_until("expiry DM", Duration::from_secs(5), || async {
-        w.dms_to(REQUESTER, "has expired") == 1
+        w.dms_to(REQUESTER, "has expired: access removed, verified at") == 1
     })
     .await;
+    wait_until("card says verified", Duration::from_secs(5), || async {
+        let card = w
+            .slack
+            .message(CHANNEL, &ts)
+            .unwrap_or_default()
+            .to_string();
+        card.contains("access removed, verified at")
+    })
+    .await;
+    let revoked = revoked_event(&w, &id).await.expect("revoked recorded");
+    assert_eq!(revoked["details"]["reason"], "expiry");
+    assert_verified(&revoked);
     assert_eq!(
         w.metric("tollgate_requests_total", Some(("state", "pending")))
             .await,
@@ -1290,6 +1303,7 @@ async fn admin_cli_lists_revokes_and_exports_while_the_server_runs() {
     assert_eq!(revoked["details"]["os_user"], real_os_user());
     assert_ne!(revoked["details"]["os_user"], "mallory");
     assert_eq!(revoked["details"]["note"], "leaver");
+    assert_verified(revoked);
     assert!(!out.contains(SIGNING_SECRET) && !out.contains(BOT_TOKEN));
 
     // The socket is owner-only from the start (its directory is), and a
@@ -1392,6 +1406,11 @@ async fn dry_run_plays_the_whole_flow_without_changing_access() {
             .find(|e| e["event"] == name)
             .unwrap_or_else(|| panic!("no {name} event: {events:?}"));
         assert_eq!(e["details"]["dry_run"], true, "{e}");
+        if name == "revoked" {
+            // Nothing was removed, so nothing was read back.
+            assert_eq!(e["details"]["verified"], false, "{e}");
+            assert!(e["details"]["verified_at"].is_null(), "{e}");
+        }
     }
     assert!(w.tollgate.log().contains("dry run: would converge"));
 }
@@ -1566,6 +1585,7 @@ async fn requester_revokes_early_from_slack_and_outsiders_cannot() {
         .unwrap_or_else(|| panic!("no revoked event for {id}"));
     assert_eq!(revoked["details"]["reason"], "early");
     assert_eq!(revoked["details"]["by"], REQUESTER);
+    assert_verified(&revoked);
 }
 
 const STRICT_CLUSTER: &str = r#"
@@ -2312,6 +2332,7 @@ async fn slack_down_for_30s_while_a_grant_expires_revokes_on_time_and_tells_late
         revoked["details"]["lateness_seconds"].as_f64().unwrap() < 2.0,
         "{revoked}"
     );
+    assert_verified(&revoked);
     assert!(
         w.slack.calls().iter().any(|c| c.status == 500),
         "Slack was really down"
@@ -2379,4 +2400,233 @@ async fn slack_unreachable_at_start_serves_no_slack_request_until_the_workspace_
         metrics.contains("tollgate_http_rejected_total{reason=\"workspace_unknown\"} 1"),
         "{metrics}"
     );
+}
+
+/// Every `chat.postMessage` to the security channel that names `id` and
+/// says `needle`.
+fn security_posts(w: &World, id: &str, needle: &str) -> usize {
+    w.slack
+        .calls_to("chat.postMessage")
+        .iter()
+        .filter(|c| {
+            let text = c.params.to_string();
+            c.params["channel"] == "C0SECURITY" && text.contains(id) && text.contains(needle)
+        })
+        .count()
+}
+
+/// The `revoked` audit event of `id`, if recorded.
+async fn revoked_event(w: &World, id: &str) -> Option<Value> {
+    w.audit()
+        .await
+        .into_iter()
+        .find(|e| e["event"] == "revoked" && e["request_id"] == id)
+}
+
+/// `details.verified` is true and `verified_at` an RFC 3339 instant.
+fn assert_verified(revoked: &Value) {
+    assert_eq!(revoked["details"]["verified"], true, "{revoked}");
+    let at = revoked["details"]["verified_at"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{revoked}"
+    );
+}
+
+/// Spec 10.2 against a lying EKS (a proxy answering DisassociateAccessPolicy
+/// and DeleteAccessEntry with success without making them): the revoke is
+/// never recorded as verified while the read-back still shows the access;
+/// it is retried, alerted on after the threshold, and counted; once EKS is
+/// honest again the next attempt is verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_eks_api_fails_the_revoke_until_the_read_back_sees_it_gone() {
+    let config = CONFIG.replace("[slack]\n", "[slack]\nsecurity_channel = \"C0SECURITY\"\n");
+    let mut w = World::with_config(config).await;
+    w.slack.add_channel("C0SECURITY", true);
+    let liar = LyingEks::start(&w.ms.endpoint).await;
+    w.tollgate.set_env("TOLLGATE_RETRY_BASE", Some("100ms"));
+    w.tollgate.set_env("AWS_ENDPOINT_URL", Some(&liar.endpoint));
+    w.tollgate.restart().await;
+
+    liar.lie_about(true, true);
+    let id = w.request("eks prod-cluster 2s view INC-LIAR").await;
+    let ts = w.card(&id).await;
+    w.click(APPROVER, "approve", &id, &ts).await;
+    wait_until("granted", Duration::from_secs(10), || {
+        w.has_policy(ALICE, VIEW)
+    })
+    .await;
+
+    wait_until("revoke-failure alert", Duration::from_secs(60), || async {
+        security_posts(&w, &id, "still shows the access") > 0
+    })
+    .await;
+    assert!(liar.swallowed(Removal::DisassociateAccessPolicy) >= 5);
+    assert!(
+        w.has_policy(ALICE, VIEW).await,
+        "the liar kept the association"
+    );
+    let failures = w
+        .metric("tollgate_revoke_failures_total", None)
+        .await
+        .unwrap_or(0.0);
+    assert!(failures >= 5.0, "{failures}");
+    let audit = w.audit().await;
+    assert!(
+        !audit
+            .iter()
+            .any(|e| e["event"] == "revoked" && e["request_id"] == id.as_str()),
+        "never recorded revoked while the access shows"
+    );
+    let failed = audit
+        .iter()
+        .find(|e| e["event"] == "revoke_failed" && e["request_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no revoke_failed for {id}"));
+    let error = failed["details"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("still shows the access") && error.contains("AmazonEKSViewPolicy"),
+        "{failed}"
+    );
+    assert_eq!(w.listed_state(&id).await.as_deref(), Some("revoke_failed"));
+
+    // The association really goes; the entry's deletion is still a lie,
+    // and the read-back catches that too.
+    liar.lie_about(false, true);
+    wait_until("association gone", Duration::from_secs(60), || async {
+        !w.has_policy(ALICE, VIEW).await
+    })
+    .await;
+    wait_until("entry read back", Duration::from_secs(60), || async {
+        w.tollgate.log().contains("access entry still exists")
+    })
+    .await;
+    assert!(liar.swallowed(Removal::DeleteAccessEntry) >= 1);
+    assert!(w.entry_exists(ALICE).await);
+    assert!(revoked_event(&w, &id).await.is_none());
+
+    liar.lie_about(false, false);
+    wait_until("revoked", Duration::from_secs(60), || async {
+        revoked_event(&w, &id).await.is_some()
+    })
+    .await;
+    let revoked = revoked_event(&w, &id).await.unwrap();
+    assert_verified(&revoked);
+    assert!(
+        revoked["details"]["attempts"].as_u64().unwrap_or(0) > 5,
+        "{revoked}"
+    );
+    assert!(!w.entry_exists(ALICE).await);
+    wait_until(
+        "verified DM and all-clear",
+        Duration::from_secs(10),
+        || async {
+            w.dms_to(REQUESTER, "access removed, verified at") == 1
+                && security_posts(&w, &id, "All clear") == 1
+                && security_posts(&w, &id, "access removed, verified at") == 1
+        },
+    )
+    .await;
+}
+
+/// The same for both Kubernetes strategies, against a Kubernetes API that
+/// answers binding DELETEs and the aws-auth update with success and keeps
+/// the old objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_kubernetes_api_fails_the_revoke_until_the_read_back_sees_it_gone() {
+    support::install_crypto_provider();
+    let kube = KubeStandIn::start().await;
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = kube.write_ca(ca_dir.path());
+    kube.seed_configmap(
+        "kube-system",
+        serde_json::json!({"metadata": {"name": "aws-auth", "namespace": "kube-system"},
+               "data": {"mapRoles": "- rolearn: arn:aws:iam::000000000000:role/eks-node\n  username: system:node:{{EC2PrivateDNSName}}\n  groups:\n    - system:nodes\n"}}),
+    );
+    let config = format!(
+        "{}{}",
+        CONFIG.replace("[slack]\n", "[slack]\nsecurity_channel = \"C0SECURITY\"\n"),
+        KUBE_CLUSTERS
+            .replace("{kube}", &kube.endpoint())
+            .replace("{ca}", &ca.display().to_string())
+    );
+    let mut w = World::with_config(config).await;
+    w.slack.add_channel("C0SECURITY", true);
+    w.tollgate.set_env("TOLLGATE_RETRY_BASE", Some("100ms"));
+    w.tollgate.restart().await;
+
+    let rbac = w.request("eks rbac-cluster 5s debug --ns a INC-9").await;
+    let rbac_ts = w.card(&rbac).await;
+    let auth = w.request("eks auth-cluster 5s debug INC-10").await;
+    let auth_ts = w.card(&auth).await;
+    w.click(APPROVER, "approve", &rbac, &rbac_ts).await;
+    w.click(APPROVER, "approve", &auth, &auth_ts).await;
+    let name = format!("tollgate-{}", rbac.to_lowercase());
+    let mapped = |o: Option<&Value>| {
+        o.and_then(|cm| {
+            cm["data"]["mapRoles"]
+                .as_str()
+                .map(|t| t.contains("tollgate:alice@example.com"))
+        })
+        .unwrap_or(false)
+    };
+    kube.wait_for_object(
+        Kind::RoleBinding,
+        "a",
+        &name,
+        |o| o.is_some(),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap_or_else(|| panic!("RoleBinding:\n{}", w.tollgate.log()));
+    kube.wait_for_object(
+        Kind::ConfigMap,
+        "kube-system",
+        "aws-auth",
+        mapped,
+        Duration::from_secs(10),
+    )
+    .await;
+    kube.set_lying(true);
+
+    for id in [&rbac, &auth] {
+        wait_until("revoke-failure alert", Duration::from_secs(60), || async {
+            security_posts(&w, id, "still shows the access") > 0
+        })
+        .await;
+        assert!(revoked_event(&w, id).await.is_none(), "{id}");
+    }
+    assert!(kube.get_object(Kind::RoleBinding, "a", &name).is_some());
+    assert!(mapped(
+        kube.get_object(Kind::ConfigMap, "kube-system", "aws-auth")
+            .as_ref()
+    ));
+    let failures = w
+        .metric("tollgate_revoke_failures_total", None)
+        .await
+        .unwrap_or(0.0);
+    assert!(failures >= 10.0, "{failures}");
+    for (id, what) in [
+        (&rbac, "RoleBinding a/tollgate-"),
+        (&auth, "aws-auth item still maps"),
+    ] {
+        assert_eq!(w.listed_state(id).await.as_deref(), Some("revoke_failed"));
+        assert!(security_posts(&w, id, what) > 0, "{id}: {what}");
+    }
+
+    kube.set_lying(false);
+    for id in [&rbac, &auth] {
+        wait_until("revoked", Duration::from_secs(60), || async {
+            revoked_event(&w, id).await.is_some()
+        })
+        .await;
+        assert_verified(&revoked_event(&w, id).await.unwrap());
+    }
+    assert!(kube.get_object(Kind::RoleBinding, "a", &name).is_none());
+    assert!(!mapped(
+        kube.get_object(Kind::ConfigMap, "kube-system", "aws-auth")
+            .as_ref()
+    ));
+    assert_eq!(kube.rejected_count(), 0, "{:?}", kube.rejections());
 }

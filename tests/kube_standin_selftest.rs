@@ -809,3 +809,51 @@ async fn the_ca_file_and_the_support_client_work_and_drop_stops_serving() {
     let err = api.list(&ListParams::default()).await.unwrap_err();
     assert!(!matches!(err, kube::Error::Api(_)), "{err:?}");
 }
+
+/// The lying mode the read-back tests use: the answers are a real API
+/// server's success answers, and nothing changes.
+#[tokio::test]
+async fn a_lying_stand_in_answers_success_and_keeps_the_objects() {
+    let standin = KubeStandIn::start_unrestricted().await;
+    let client = client(&standin, &token_now());
+    let team: Api<RoleBinding> = Api::namespaced(client.clone(), "team-a");
+    team.create(&PostParams::default(), &binding("tollgate-g1", "g1"))
+        .await
+        .unwrap();
+    standin.seed_configmap(
+        "kube-system",
+        json!({"metadata": {"name": "aws-auth", "namespace": "kube-system"},
+               "data": {"mapRoles": "- rolearn: arn:aws:iam::1:role/a\n"}}),
+    );
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+
+    standin.set_lying(true);
+    let deleted = team
+        .delete("tollgate-g1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let status = deleted.right().expect("a Status, as for a real delete");
+    assert_eq!(
+        status.status,
+        Some(kube::core::response::StatusSummary::Success)
+    );
+    assert!(team.get("tollgate-g1").await.is_ok(), "kept");
+    let mut cm = cms.get("aws-auth").await.unwrap();
+    cm.data = Some(BTreeMap::new());
+    let answered = cms
+        .replace("aws-auth", &PostParams::default(), &cm)
+        .await
+        .unwrap();
+    assert_eq!(answered.data, Some(BTreeMap::new()), "answered as written");
+    let kept = cms.get("aws-auth").await.unwrap();
+    assert!(kept.data.unwrap().contains_key("mapRoles"), "old data kept");
+
+    standin.set_lying(false);
+    team.delete("tollgate-g1", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        api_error(team.get("tollgate-g1").await.unwrap_err()).code,
+        404
+    );
+}

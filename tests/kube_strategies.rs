@@ -18,6 +18,7 @@ use tollgate::access::{AccessEngine, AccessError, InForce, Look};
 use tollgate::clock::Clock;
 use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
+use tollgate::domain::readback::ReadBack;
 use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
 use tollgate::store::{SledStore, Store};
 
@@ -196,6 +197,33 @@ impl Rig {
             .await
     }
 
+    /// The read-back after revoking grant `id` (`spec`), with `grants`
+    /// still in force.
+    async fn verify_rbac(
+        &self,
+        id: &str,
+        spec: &AccessSpec,
+        grants: &[(&str, &AccessSpec)],
+    ) -> Result<ReadBack, AccessError> {
+        let in_force = in_force(grants);
+        self.rbac
+            .verify_removed(&self.cluster, USER, id, spec, &in_force)
+            .await
+    }
+
+    async fn verify_auth(
+        &self,
+        principal: &str,
+        id: &str,
+        spec: &AccessSpec,
+        grants: &[(&str, &AccessSpec)],
+    ) -> Result<ReadBack, AccessError> {
+        let in_force = in_force(grants);
+        self.aws_auth
+            .verify_removed(&self.cluster, principal, id, spec, &in_force)
+            .await
+    }
+
     /// Records grant `id` in the store (once), as the grant step does.
     async fn record(&self, id: &str, spec: &AccessSpec, strategy: Strategy) {
         let rid = RequestId::parse(id).expect("a request id");
@@ -222,6 +250,17 @@ impl Rig {
             json!({"metadata": {"name": "aws-auth", "namespace": "kube-system"}, "data": {"mapRoles": NODE_ROLES}}),
         );
     }
+}
+
+fn in_force<'a>(grants: &[(&'a str, &'a AccessSpec)]) -> Vec<InForce<'a>> {
+    grants
+        .iter()
+        .map(|(id, spec)| InForce {
+            grant_id: id,
+            spec,
+            expires_at: None,
+        })
+        .collect()
 }
 
 fn node_item() -> Value {
@@ -638,6 +677,12 @@ async fn session_rbac_lifecycle(r: &Rig) -> Result<(), String> {
         }
     }
     r.rbac(&[]).await.map_err(|e| e.to_string())?;
+    for (id, spec) in both {
+        match r.verify_rbac(id, spec, &[]).await {
+            Ok(ReadBack::Removed) => {}
+            other => return Err(format!("read-back of {id}: {other:?}")),
+        }
+    }
     let left: Vec<Value> = [Kind::RoleBinding, Kind::ClusterRoleBinding]
         .into_iter()
         .flat_map(|k| r.kube.list_objects(k))
@@ -657,6 +702,10 @@ async fn aws_auth_lifecycle(r: &Rig) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     r.auth(SSO_ROLE, &[]).await.map_err(|e| e.to_string())?;
+    match r.verify_auth(SSO_ROLE, "R-AAAAA", &spec, &[]).await {
+        Ok(ReadBack::Removed) => {}
+        other => return Err(format!("read-back: {other:?}")),
+    }
     match r.map_roles() == vec![node_item()] {
         true => Ok(()),
         false => Err(format!("aws-auth after removal: {:?}", r.map_roles())),
@@ -755,4 +804,80 @@ async fn binding_a_cluster_role_the_manifest_does_not_name_is_forbidden() {
     assert!(err.contains("403") || err.contains("Forbidden"), "{err}");
     assert!(err.contains("cluster-admin"), "{err}");
     assert!(r.kube.list_objects(Kind::ClusterRoleBinding).is_empty());
+}
+
+/// The read-back after a revoke (spec 10.2): another grant's binding for
+/// the same user is not the revoked grant's access, and a DELETE answered
+/// with success that left the binding is caught.
+#[tokio::test]
+async fn session_rbac_read_back_sees_only_the_revoked_grants_bindings() {
+    let r = rig(Strategy::SessionRbac).await;
+    let first = rbac_spec("edit", &["a"]);
+    let second = rbac_spec("view", &["a"]);
+    r.rbac(&[("R-AAAAA", &first), ("R-BBBBB", &second)])
+        .await
+        .unwrap();
+    r.rbac(&[("R-BBBBB", &second)]).await.unwrap();
+    assert_eq!(
+        r.verify_rbac("R-AAAAA", &first, &[("R-BBBBB", &second)])
+            .await
+            .unwrap(),
+        ReadBack::Removed,
+        "the other grant's binding in a is its own"
+    );
+
+    r.kube.set_lying(true);
+    r.rbac(&[]).await.expect("the lie is a success");
+    match r.verify_rbac("R-BBBBB", &second, &[]).await.unwrap() {
+        ReadBack::StillThere(found) => {
+            assert_eq!(found, vec!["RoleBinding a/tollgate-r-bbbbb still exists"])
+        }
+        other => panic!("{other:?}"),
+    }
+    r.kube.set_lying(false);
+    r.rbac(&[]).await.unwrap();
+    assert_eq!(
+        r.verify_rbac("R-BBBBB", &second, &[]).await.unwrap(),
+        ReadBack::Removed
+    );
+}
+
+/// The same for aws-auth: groups another grant still needs are not left
+/// over, and an update answered with success that kept the old data is.
+#[tokio::test]
+async fn aws_auth_read_back_judges_groups_against_the_grants_in_force() {
+    let r = rig(Strategy::AwsAuth).await;
+    r.seed_aws_auth();
+    let wide = auth_spec(SSO_ROLE, &["tollgate-debug", "tollgate-view"]);
+    let narrow = auth_spec(SSO_ROLE, &["tollgate-view"]);
+    r.auth(SSO_ROLE, &[("R-AAAAA", &wide), ("R-BBBBB", &narrow)])
+        .await
+        .unwrap();
+    r.auth(SSO_ROLE, &[("R-BBBBB", &narrow)]).await.unwrap();
+    assert_eq!(
+        r.verify_auth(SSO_ROLE, "R-AAAAA", &wide, &[("R-BBBBB", &narrow)])
+            .await
+            .unwrap(),
+        ReadBack::Removed,
+        "tollgate-view is still the other grant's"
+    );
+
+    r.kube.set_lying(true);
+    r.auth(SSO_ROLE, &[]).await.expect("the lie is a success");
+    assert_eq!(r.map_roles().len(), 2, "the liar kept the item");
+    assert!(matches!(
+        r.verify_auth(SSO_ROLE, "R-BBBBB", &narrow, &[])
+            .await
+            .unwrap(),
+        ReadBack::StillThere(_)
+    ));
+    r.kube.set_lying(false);
+    r.auth(SSO_ROLE, &[]).await.unwrap();
+    assert_eq!(
+        r.verify_auth(SSO_ROLE, "R-BBBBB", &narrow, &[])
+            .await
+            .unwrap(),
+        ReadBack::Removed
+    );
+    assert_eq!(r.map_roles(), vec![node_item()]);
 }

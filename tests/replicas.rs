@@ -192,6 +192,7 @@ fn lateness(p: &Pair, id: &str) -> f64 {
         .into_iter()
         .find(|e| e["event"] == "revoked" && e["request_id"] == id)
         .unwrap();
+    assert_eq!(revoked["details"]["verified"], true, "{revoked}");
     revoked["details"]["lateness_seconds"].as_f64().unwrap()
 }
 

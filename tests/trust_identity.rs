@@ -309,6 +309,18 @@ async fn a_deactivated_requester_cannot_be_approved_and_loses_active_access() {
         || async { !w.entry_exists(ALICE).await },
     )
     .await;
+    // The access goes first; the write recording it follows the read-back.
+    wait_until(
+        "offboarded revoke recorded",
+        Duration::from_secs(10),
+        || async {
+            w.audit()
+                .await
+                .iter()
+                .any(|e| e["event"] == "revoked" && e["request_id"] == active.as_str())
+        },
+    )
+    .await;
     let events = w.audit().await;
     let revoked: Vec<&Value> = events
         .iter()
@@ -316,6 +328,7 @@ async fn a_deactivated_requester_cannot_be_approved_and_loses_active_access() {
         .collect();
     assert_eq!(revoked.len(), 1, "{events:?}");
     assert_eq!(revoked[0]["details"]["reason"], "offboarded");
+    assert_eq!(revoked[0]["details"]["verified"], true, "{events:?}");
     assert!(
         !events.iter().any(|e| e["request_id"] == pending.as_str()
             && (e["event"] == "approval" || e["event"] == "approved")),

@@ -12,7 +12,8 @@ use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::grant::{desired_policies, plan_associations, scope_covers, Scope};
 use crate::domain::policy::ClusterPolicy;
-use crate::domain::request::Intent;
+use crate::domain::readback::{self, ReadBack};
+use crate::domain::request::{AccessSpec, Intent};
 use crate::store::Store;
 
 pub const TAG_MANAGED_BY: &str = "managed-by";
@@ -359,6 +360,69 @@ impl AccessEngine for AccessEntryStrategy {
             })
             .map(|g| g.grant_id.to_string())
             .collect())
+    }
+
+    /// DescribeAccessEntry, then ListAssociatedAccessPolicies: the revoked
+    /// association must be gone down to what the grants in force and the
+    /// recorded baseline still justify, and an entry Tollgate created that
+    /// nothing needs must be gone too. Baselines seen restored here are
+    /// forgotten; until then they stay, so a retry still knows them.
+    async fn verify_removed(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        _revoked_id: &str,
+        revoked: &AccessSpec,
+        grants: &[InForce<'_>],
+    ) -> Result<ReadBack, AccessError> {
+        let eks = self.clients.eks(cluster).await;
+        let entry = self.describe_entry(&eks, cluster, principal).await?;
+        let current = match &entry {
+            Some(_) => self.associations(&eks, cluster, principal).await?,
+            None => BTreeMap::new(),
+        };
+        let desired = desired_policies(grants.iter().map(|g| g.spec));
+        let baselines = self.store.baselines(&cluster.name, principal).await?;
+        let mut findings = Vec::new();
+        if let Some(policy) = &revoked.policy_arn {
+            let justified = readback::justified_scope(policy, &desired, &baselines);
+            findings.extend(readback::association_left(
+                policy,
+                &revoked.namespaces,
+                current.get(policy),
+                justified.as_ref(),
+            ));
+        }
+        if let Some(e) = &entry {
+            // What converge deletes, by the same rules: an entry the store
+            // says Tollgate created, untouched by anyone else, holding no
+            // association and owed none.
+            let owed = plan_associations(&current, &desired, &baselines).needs_entry;
+            let should_be_gone = current.is_empty()
+                && !owed
+                && e.marked_for(&self.instance)
+                && e.plain(principal)
+                && store_knows(
+                    self.store.as_ref(),
+                    &cluster.name,
+                    e.tags.get(TAG_GRANT).map(String::as_str),
+                    &Intent::AccessEntry {
+                        principal: principal.to_string(),
+                    },
+                )
+                .await?;
+            findings.extend(readback::entry_left(true, should_be_gone));
+        }
+        let seen = ReadBack::from_findings(findings);
+        if seen == ReadBack::Removed {
+            let restored = readback::restored_baselines(&current, &desired, &baselines);
+            if !restored.is_empty() {
+                self.store
+                    .forget_baselines(&cluster.name, principal, &restored)
+                    .await?;
+            }
+        }
+        Ok(seen)
     }
 
     async fn converge(

@@ -15,7 +15,8 @@ use std::time::Duration;
 use super::kube::KubeClients;
 use super::{AccessEngine, AccessError, InForce, Look, Owned};
 use crate::domain::policy::ClusterPolicy;
-use crate::domain::request::Intent;
+use crate::domain::readback::{self, ReadBack};
+use crate::domain::request::{AccessSpec, Intent};
 
 pub const NAMESPACE: &str = "kube-system";
 pub const NAME: &str = "aws-auth";
@@ -278,6 +279,43 @@ impl AccessEngine for AwsAuthStrategy {
             })
             .map(|g| g.grant_id.to_string())
             .collect())
+    }
+
+    /// Reads `kube-system/aws-auth` again: Tollgate's item for the revoked
+    /// grant's user must be gone, or (while other grants of the principal
+    /// are in force) map none of the revoked grant's groups that they do
+    /// not need. Items Tollgate did not add are not looked at.
+    async fn verify_removed(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        _revoked_id: &str,
+        revoked: &AccessSpec,
+        grants: &[InForce<'_>],
+    ) -> Result<ReadBack, AccessError> {
+        let Some(user) = revoked.k8s_user.as_deref() else {
+            // Such a grant never wrote an item (converge refuses it).
+            return Ok(ReadBack::Removed);
+        };
+        let client = self.kube.client(cluster).await?;
+        let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
+        let data = self.read(&api, cluster).await?.data.unwrap_or_default();
+        let items = item_groups(&data, principal);
+        let item = items
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, g)| g.as_slice());
+        let justified: Option<Vec<String>> = (!grants.is_empty()).then(|| {
+            grants
+                .iter()
+                .flat_map(|g| g.spec.groups.iter().cloned())
+                .collect()
+        });
+        Ok(ReadBack::from_findings(
+            readback::aws_auth_left(&revoked.groups, item, justified.as_deref())
+                .into_iter()
+                .collect(),
+        ))
     }
 
     async fn converge(

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 
 use crate::domain::policy::{ClusterPolicy, Strategy};
+use crate::domain::readback::ReadBack;
 use crate::domain::request::{AccessSpec, Intent};
 
 pub mod access_entry;
@@ -102,6 +103,22 @@ pub trait AccessEngine: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Reads the cluster back after a converge that took grant
+    /// `revoked_id` (`revoked`) out of `grants` (spec 10.2): whether any of
+    /// its access is still there beyond what `grants` and the access that
+    /// existed before Tollgate justify. An API that answered a delete with
+    /// success but kept the object shows up here, and the revoke counts as
+    /// failed. No default: a strategy that cannot say is a strategy whose
+    /// revokes are never verified.
+    async fn verify_removed(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        revoked_id: &str,
+        revoked: &AccessSpec,
+        grants: &[InForce<'_>],
+    ) -> Result<ReadBack, AccessError>;
+
     /// Makes the cluster give `principal` exactly what `grants` need, plus
     /// whatever it had before Tollgate. `creator` names the grant credited
     /// with any object this call has to create.
@@ -126,6 +143,19 @@ impl AccessEngine for DryRun {
         _look: Look<'_>,
     ) -> Result<Vec<Owned>, AccessError> {
         Ok(Vec::new())
+    }
+
+    /// Nothing was changed, so nothing is read back: the revoke is
+    /// recorded with `verified: false`.
+    async fn verify_removed(
+        &self,
+        _cluster: &ClusterPolicy,
+        _principal: &str,
+        _revoked_id: &str,
+        _revoked: &AccessSpec,
+        _grants: &[InForce<'_>],
+    ) -> Result<ReadBack, AccessError> {
+        Ok(ReadBack::NotChecked)
     }
 
     async fn converge(
@@ -228,6 +258,19 @@ impl AccessEngine for Engine {
     ) -> Result<Vec<String>, AccessError> {
         self.strategy(cluster)
             .missing(cluster, principal, grants)
+            .await
+    }
+
+    async fn verify_removed(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        revoked_id: &str,
+        revoked: &AccessSpec,
+        grants: &[InForce<'_>],
+    ) -> Result<ReadBack, AccessError> {
+        self.strategy(cluster)
+            .verify_removed(cluster, principal, revoked_id, revoked, grants)
             .await
     }
 }

@@ -59,7 +59,8 @@ pub fn required(cluster: &ClusterPolicy) -> Vec<Permission> {
     match cluster.strategy {
         Strategy::AccessEntry => Vec::new(),
         Strategy::SessionRbac => {
-            // Bindings: create, read back on a name clash, list by label
+            // Bindings: create, read back on a name clash and after a
+            // revoke (verified revocation), list by label
             // in every namespace, replace to move the expiry, delete.
             let mut out: Vec<Permission> = ["rolebindings", "clusterrolebindings"]
                 .into_iter()

@@ -14,7 +14,8 @@ use super::kube::KubeClients;
 use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::policy::ClusterPolicy;
-use crate::domain::request::Intent;
+use crate::domain::readback::{self, ReadBack};
+use crate::domain::request::{AccessSpec, Intent};
 use crate::store::Store;
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -504,6 +505,67 @@ impl AccessEngine for SessionRbacStrategy {
             }
         }
         Ok(())
+    }
+
+    /// A GET of each binding the revoked grant was given (named after it,
+    /// so no other grant shares one): any that still exists and binds the
+    /// user, for this installation, is its access still in place.
+    async fn verify_removed(
+        &self,
+        cluster: &ClusterPolicy,
+        user: &str,
+        revoked_id: &str,
+        revoked: &AccessSpec,
+        grants: &[InForce<'_>],
+    ) -> Result<ReadBack, AccessError> {
+        if grants.iter().any(|g| g.grant_id == revoked_id) {
+            // Still in force: nothing of it is meant to be gone.
+            return Ok(ReadBack::Removed);
+        }
+        let client = self.kube.client(cluster).await?;
+        let name = binding_name(revoked_id);
+        let mut still_bound = Vec::new();
+        let namespaces: Vec<Option<&String>> = if revoked.namespaces.is_empty() {
+            vec![None]
+        } else {
+            revoked.namespaces.iter().map(Some).collect()
+        };
+        for ns in namespaces {
+            let (meta, subjects, what) = match ns {
+                Some(ns) => {
+                    let found = Api::<RoleBinding>::namespaced(client.clone(), ns)
+                        .get_opt(&name)
+                        .await
+                        .map_err(|e| kube_error(&self.kube, cluster, "get RoleBinding", e))?;
+                    match found {
+                        Some(rb) => (rb.metadata, rb.subjects, format!("RoleBinding {ns}/{name}")),
+                        None => continue,
+                    }
+                }
+                None => {
+                    let found = Api::<ClusterRoleBinding>::all(client.clone())
+                        .get_opt(&name)
+                        .await
+                        .map_err(|e| {
+                            kube_error(&self.kube, cluster, "get ClusterRoleBinding", e)
+                        })?;
+                    match found {
+                        Some(crb) => (
+                            crb.metadata,
+                            crb.subjects,
+                            format!("ClusterRoleBinding {name}"),
+                        ),
+                        None => continue,
+                    }
+                }
+            };
+            if for_user(subjects.as_ref(), user) && found(&meta).marked_for(&self.instance) {
+                still_bound.push(what);
+            }
+        }
+        Ok(ReadBack::from_findings(readback::bindings_left(
+            &still_bound,
+        )))
     }
 
     async fn missing(

@@ -77,7 +77,7 @@ pub struct AssociationPlan {
     pub new_baselines: Baselines,
     pub associate: Vec<(String, Scope)>,
     pub disassociate: Vec<String>,
-    /// Policies no grant needs any more, restored above; forget them after.
+    /// Policies no grant needs any more, seen already restored; forget them.
     pub forget_baselines: Vec<String>,
     /// At least one association must exist, so the access entry must too.
     pub needs_entry: bool,
@@ -107,20 +107,25 @@ pub fn plan_associations(
             (Some(d), None) => Some(d.clone()),
             (None, b) => b,
         };
+        let in_place = current.get(policy) == target.as_ref();
         match target {
             Some(scope) => {
                 plan.needs_entry = true;
-                if current.get(policy) != Some(&scope) {
+                if !in_place {
                     plan.associate.push((policy.clone(), scope));
                 }
             }
             None => {
-                if current.contains_key(policy) {
+                if !in_place {
                     plan.disassociate.push(policy.clone());
                 }
             }
         }
-        if !desired.contains_key(policy) && baselines.contains_key(policy) {
+        // A baseline is forgotten only once a read shows it restored: a
+        // restore call that answered success without taking effect (seen
+        // by the read-back after a revoke) is then made again, because
+        // what to put back is still known.
+        if in_place && !desired.contains_key(policy) && baselines.contains_key(policy) {
             plan.forget_baselines.push(policy.clone());
         }
     }
@@ -341,8 +346,14 @@ mod tests {
         let baselines = Baselines::from([(EDIT.to_string(), None)]);
         let plan = plan_associations(&current, &BTreeMap::new(), &baselines);
         assert_eq!(plan.disassociate, vec![EDIT.to_string()]);
-        assert_eq!(plan.forget_baselines, vec![EDIT.to_string()]);
+        assert!(
+            plan.forget_baselines.is_empty(),
+            "forgotten only once seen restored"
+        );
         assert!(!plan.needs_entry);
+        let plan = plan_associations(&BTreeMap::new(), &BTreeMap::new(), &baselines);
+        assert!(plan.disassociate.is_empty());
+        assert_eq!(plan.forget_baselines, vec![EDIT.to_string()]);
     }
 
     #[test]
@@ -358,6 +369,10 @@ mod tests {
         let plan = plan_associations(&current, &BTreeMap::new(), &baselines);
         assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["x"]))]);
         assert!(plan.disassociate.is_empty());
+        assert!(plan.forget_baselines.is_empty());
+        let restored = BTreeMap::from([(EDIT.to_string(), ns(&["x"]))]);
+        let plan = plan_associations(&restored, &BTreeMap::new(), &baselines);
+        assert!(plan.associate.is_empty());
         assert_eq!(plan.forget_baselines, vec![EDIT.to_string()]);
     }
 

@@ -8,6 +8,7 @@ pub mod form;
 pub mod grant;
 pub mod identity;
 pub mod policy;
+pub mod readback;
 pub mod request;
 pub mod standing;
 pub mod text;

@@ -355,6 +355,11 @@ pub struct Request {
     /// create call. Empty on rows from before intents were recorded.
     #[serde(default)]
     pub intents: Vec<Intent>,
+    /// When a read-back of the cluster after the revoke saw the access
+    /// gone (spec 10.2); absent when it was not read back (dry run, or a
+    /// row revoked before this was recorded).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub verified_at: Option<OffsetDateTime>,
 }
 
 /// What a new request asks for, before any decision.
@@ -474,6 +479,7 @@ impl Request {
             card_copies: Vec::new(),
             claim: None,
             intents: Vec::new(),
+            verified_at: None,
         }
     }
 

@@ -470,8 +470,19 @@ impl Service {
                 return;
             }
         }
+        let mut verified = None;
         let (granted, failure) = if abandoned {
-            (false, self.converge_for(&req, None, now).await.err())
+            let removed = match self.converge_for(&req, None, now).await {
+                // Revoked before it was granted: read back like any revoke
+                // (a crashed first try may have made something), since the
+                // row ends as `revoked`. A failed grant's cleanup is not a
+                // revoke and is not read back.
+                Ok(()) if req.failure.is_none() => self.read_back(&req, now).await,
+                Ok(()) => Ok(super::readback::Verified::NotChecked),
+                Err(message) => Err(message),
+            };
+            verified = removed.as_ref().ok().copied();
+            (false, removed.err())
         } else {
             match self.converge_for(&req, Some(planned_expiry), now).await {
                 Ok(()) => {
@@ -539,6 +550,10 @@ impl Service {
                 }
                 let mut details = super::admin::revoke_details(next.revoke.as_ref());
                 details["before_grant"] = json!(true);
+                if let Some(verified) = verified {
+                    next.verified_at = verified.at();
+                    verified.annotate(&mut details);
+                }
                 let audit = AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, details);
                 Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
             })
@@ -676,7 +691,12 @@ impl Service {
         if !self.may_act(&_guard, &req, "after-revoke-claim") {
             return;
         }
-        let result = self.converge_for(&req, None, now).await;
+        // Spec 10.2: the revoke counts once the cluster, read back, no
+        // longer shows the access; until then it is a failed attempt.
+        let result = match self.converge_for(&req, None, now).await {
+            Ok(()) => self.read_back(&req, now).await,
+            Err(message) => Err(message),
+        };
         if result.is_ok() {
             failpoint("after-revoke-converge");
         }
@@ -691,8 +711,9 @@ impl Service {
                 let mut next = current.clone();
                 next.claim = None;
                 match &result {
-                    Ok(()) => {
+                    Ok(verified) => {
                         let _ = next.apply(Event::Revoked);
+                        next.verified_at = verified.at();
                         if next.revoke.is_none() {
                             next.revoke = Some(RevokeIntent {
                                 reason: RevokeReason::Expiry,
@@ -712,6 +733,7 @@ impl Service {
                                     super::admin::revoke_details(next.revoke.as_ref());
                                 details["lateness_seconds"] = json!(lateness);
                                 details["attempts"] = json!(next.attempts + 1);
+                                verified.annotate(&mut details);
                                 details
                             });
                         let recovered = current.state == State::RevokeFailed;

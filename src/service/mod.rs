@@ -23,6 +23,7 @@ mod identity;
 mod lifecycle;
 mod modal;
 mod principal;
+mod readback;
 mod reconcile;
 pub mod standing;
 

@@ -46,6 +46,9 @@ struct FakeAccess {
     /// Converges that never answer (a cluster that accepts the connection
     /// and hangs), counted down like `failures`.
     hangs: Mutex<u32>,
+    /// Read-backs after a revoke that still show the access (an API that
+    /// answered the delete but kept the object), counted down.
+    lies: Mutex<u32>,
 }
 
 #[async_trait]
@@ -112,6 +115,27 @@ impl AccessEngine for FakeAccess {
                 .retain(|o| o.principal != principal);
         }
         Ok(())
+    }
+
+    async fn verify_removed(
+        &self,
+        _: &ClusterPolicy,
+        _: &str,
+        revoked_id: &str,
+        _: &crate::domain::request::AccessSpec,
+        _: &[InForce<'_>],
+    ) -> Result<crate::domain::readback::ReadBack, AccessError> {
+        let mut lies = self.lies.lock().unwrap();
+        if *lies > 0 {
+            *lies -= 1;
+            return Ok(crate::domain::readback::ReadBack::StillThere(vec![
+                format!(
+                    "binding tollgate-{} still exists",
+                    revoked_id.to_lowercase()
+                ),
+            ]));
+        }
+        Ok(crate::domain::readback::ReadBack::Removed)
     }
 
     /// A grant's access is in place while its principal has an object.
@@ -385,6 +409,99 @@ async fn failing_revoke_backs_off_escalates_alerts_then_completes() {
     let names = r.audit_names().await;
     assert_eq!(names.iter().filter(|n| *n == "revoke_failed").count(), 1);
     assert_eq!(names.last().map(String::as_str), Some("revoked"));
+}
+
+/// A read-back that still shows the access fails the attempt like a failed
+/// converge; the revoke is recorded (verified) only once the access is
+/// seen gone.
+#[tokio::test]
+async fn a_revoke_the_read_back_contradicts_is_retried_alerted_then_verified() {
+    let r = rig();
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    *r.access.lies.lock().unwrap() = 5;
+    r.clock.advance(Duration::from_secs(5 * 60));
+    for attempt in 1..=5u32 {
+        r.service.run_due().await.unwrap();
+        let row = r.state(&id).await;
+        assert_eq!(row.attempts, attempt);
+        assert_eq!(row.verified_at, None);
+        r.clock.advance(Duration::from_secs(300));
+    }
+    assert_eq!(r.state(&id).await.state, State::RevokeFailed);
+    assert_eq!(r.service.metrics().revoke_failures.get(), 5);
+    r.wait_for("alert", |r| {
+        r.slack
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(c, t)| c == "C0SECURITY" && t.contains("still shows the access"))
+    })
+    .await;
+    let names = r.audit_names().await;
+    assert!(!names.contains(&"revoked".to_string()), "{names:?}");
+
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Revoked);
+    let verified_at = row.verified_at.expect("verified");
+    let events = r.service.store.audit_since(None).await.unwrap();
+    let revoked = events.iter().find(|e| e.event == "revoked").unwrap();
+    assert_eq!(revoked.details["verified"], true);
+    assert_eq!(
+        revoked.details["verified_at"],
+        super::lifecycle::rfc3339(Some(verified_at)).unwrap()
+    );
+    assert_eq!(revoked.details["attempts"], 6);
+}
+
+/// A request revoked after approval but before its grant was made ends as
+/// `revoked` too, so its cleanup is read back like any revoke.
+#[tokio::test]
+async fn a_revoke_before_the_grant_is_read_back_as_well() {
+    let r = rig();
+    let receipt = r
+        .service
+        .handle_command(SlashCommand {
+            trigger_id: None,
+            user_id: "U0REQ".into(),
+            text: "eks prod 5m view".into(),
+            response_url: None,
+        })
+        .await;
+    let at = receipt.find("R-").unwrap_or_else(|| panic!("{receipt}"));
+    let id = RequestId::parse(&receipt[at..at + 7]).unwrap();
+    // Approved, then revoked early before any grant step ran.
+    let pending = r.state(&id).await;
+    let mut next = pending.clone();
+    next.state = State::Approved;
+    next.approved_at = Some(r.clock.now());
+    next.revoke = Some(crate::domain::request::RevokeIntent {
+        reason: crate::domain::request::RevokeReason::Early,
+        by: "U0REQ".into(),
+        note: None,
+        at: r.clock.now(),
+    });
+    r.service
+        .store
+        .update(&pending, next, Vec::new())
+        .await
+        .unwrap();
+    *r.access.lies.lock().unwrap() = 1;
+
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Approved, "not recorded while it shows");
+    assert_eq!(row.attempts, 1);
+    r.clock.advance(Duration::from_secs(60));
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Revoked);
+    assert!(row.verified_at.is_some());
+    let events = r.service.store.audit_since(None).await.unwrap();
+    let revoked = events.iter().find(|e| e.event == "revoked").unwrap();
+    assert_eq!(revoked.details["before_grant"], true);
+    assert_eq!(revoked.details["verified"], true);
 }
 
 /// A revoke whose cluster never answers is cut off by its time limit, and

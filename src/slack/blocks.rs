@@ -35,6 +35,27 @@ pub fn utc_time(t: OffsetDateTime, now: OffsetDateTime) -> String {
     }
 }
 
+/// `16:40:02 UTC` (with the date when it is not today): the instant a
+/// read-back saw access gone, to the second.
+pub fn utc_time_secs(t: OffsetDateTime, now: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    let hms = format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second());
+    if t.date() == now.to_offset(UtcOffset::UTC).date() {
+        format!("{hms} UTC")
+    } else {
+        format!("{hms} UTC on {}", t.date())
+    }
+}
+
+/// What a revoked request's messages say about the removal: verified by a
+/// read-back of the cluster (spec 10.2), or not read back (dry run).
+fn removal(req: &Request, now: OffsetDateTime) -> String {
+    match req.verified_at {
+        Some(t) => format!("access removed, verified at {}", utc_time_secs(t, now)),
+        None => "removal not verified by a read-back of the cluster".to_string(),
+    }
+}
+
 /// The requester's wall-clock time, from Slack's profile offset.
 pub fn local_time(t: OffsetDateTime, offset_secs: i32, tz: Option<&str>) -> String {
     let offset = UtcOffset::from_whole_seconds(offset_secs).unwrap_or(UtcOffset::UTC);
@@ -193,9 +214,10 @@ pub fn card(req: &Request, now: OffsetDateTime) -> Message {
             req.failure.as_deref().map(escape_slack).unwrap_or_default()
         ),
         State::Revoked => format!(
-            "Approved by {}. Access ended at {}.",
+            "Approved by {}. Access ended at {}; {}.",
             votes(req),
-            req.ended_at.map(|t| utc_time(t, now)).unwrap_or_default()
+            req.ended_at.map(|t| utc_time(t, now)).unwrap_or_default(),
+            removal(req, now)
         ),
         State::RevokeFailed => "Revoking is failing; Tollgate keeps retrying.".to_string(),
         State::Applied => format!(
@@ -309,11 +331,11 @@ pub fn revoked_dm(req: &Request, now: OffsetDateTime) -> Message {
         _ => "expired",
     };
     Message::plain(format!(
-        "Your access {} (`{}` on {}) has {why} and was removed at {}.",
+        "Your access {} (`{}` on {}) has {why}: {}.",
         req.id,
         req.access.role,
         req.access.cluster,
-        utc_time(now, now)
+        removal(req, now)
     ))
 }
 
@@ -331,13 +353,13 @@ pub fn revoke_failing_alert(req: &Request, error: &str) -> Message {
 
 pub fn revoke_recovered_alert(req: &Request, now: OffsetDateTime) -> Message {
     Message::plain(format!(
-        ":white_check_mark: All clear: {} (`{}` on {} for `{}`) is revoked after {} attempts, at {}.",
+        ":white_check_mark: All clear: {} (`{}` on {} for `{}`) is revoked after {} attempts: {}.",
         req.id,
         req.access.role,
         req.access.cluster,
         req.access.principal,
         req.attempts + 1,
-        utc_time(now, now)
+        removal(req, now)
     ))
 }
 
@@ -529,6 +551,60 @@ mod tests {
         assert_eq!(
             local_time(t, -5 * 3600 - 1800, None),
             "2026-11-23 11:10 (UTC-05:30)"
+        );
+    }
+
+    #[test]
+    fn revoked_messages_say_when_the_removal_was_verified() {
+        let now = time::macros::datetime!(2026-11-23 16:45 UTC);
+        let mut req = Request::pending(
+            Asked {
+                id: RequestId::parse("R-7F3K2").unwrap(),
+                requester: Requester {
+                    user_id: "U1".into(),
+                    email: "alice@example.com".into(),
+                    tz: None,
+                    tz_offset_secs: 0,
+                },
+                access: AccessSpec {
+                    cluster: "prod".into(),
+                    role: "view".into(),
+                    principal: "arn:aws:iam::1:role/alice".into(),
+                    policy_arn: None,
+                    namespaces: vec![],
+                    cluster_role: Some("view".into()),
+                    groups: vec![],
+                    k8s_user: Some("tollgate:alice@example.com".into()),
+                    strategy: None,
+                },
+                reason: "r".into(),
+                duration: std::time::Duration::from_secs(3600),
+                approval_timeout: std::time::Duration::from_secs(600),
+                required_approvals: 1,
+                response_url: None,
+            },
+            now,
+        );
+        req.state = State::Revoked;
+        req.ended_at = Some(time::macros::datetime!(2026-11-23 16:40:02 UTC));
+        req.verified_at = Some(time::macros::datetime!(2026-11-23 16:40:02 UTC));
+        let dm = revoked_dm(&req, now).text;
+        assert!(
+            dm.ends_with("has expired: access removed, verified at 16:40:02 UTC."),
+            "{dm}"
+        );
+        let card = serde_json::to_string(&card(&req, now).blocks).unwrap();
+        assert!(
+            card.contains("access removed, verified at 16:40:02 UTC."),
+            "{card}"
+        );
+        req.verified_at = None;
+        let dm = revoked_dm(&req, now).text;
+        assert!(dm.contains("not verified"), "{dm}");
+        assert!(!dm.contains("verified at"), "{dm}");
+        assert_eq!(
+            utc_time_secs(time::macros::datetime!(2026-11-22 09:05:07 UTC), now),
+            "09:05:07 UTC on 2026-11-22"
         );
     }
 

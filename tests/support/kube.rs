@@ -29,6 +29,8 @@
 //!   on `metadata.name` / `metadata.namespace`; list items carry no
 //!   `kind`/`apiVersion`, as in real list answers;
 //! - `?dryRun=All` validates without storing;
+//! - `set_lying(true)` makes it a lying API for read-back tests: binding
+//!   DELETEs and ConfigMap PUTs are answered as done and change nothing;
 //! - RBAC (`start`; `start_unrestricted` turns it off for the stand-in's
 //!   own self-tests): every authenticated caller is Tollgate's identity and
 //!   gets exactly the rules the shipped `manifests/rbac-*.yaml` bind to
@@ -231,6 +233,9 @@ struct State {
     /// What Tollgate's identity may do; `None` lets every authenticated
     /// caller do anything (the stand-in's own self-tests).
     rbac: Option<Rbac>,
+    /// A lying API (`set_lying`): deletes of bindings and updates of
+    /// ConfigMaps are answered as done but change nothing.
+    lying: bool,
 }
 
 struct Shared {
@@ -378,6 +383,7 @@ impl KubeStandIn {
                 failures: HashMap::new(),
                 generated_names: 0,
                 rbac,
+                lying: false,
             }),
         });
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -647,6 +653,15 @@ impl KubeStandIn {
             .entry(key(kind, ns, name))
             .or_default()
             .push_back(Box::new(f));
+    }
+
+    /// Turns the lying API on or off: while on, a DELETE of a RoleBinding
+    /// or ClusterRoleBinding answers 200 with the Success `Status` a real
+    /// API server sends, and a PUT of a ConfigMap answers 200 with the
+    /// object as sent (its resourceVersion bumped), but the stored objects
+    /// stay exactly as they were. What only a read-back can catch.
+    pub fn set_lying(&self, on: bool) {
+        self.shared.lock().lying = on;
     }
 
     /// The next authenticated request with HTTP `method` (`"*"` for any)
@@ -1404,6 +1419,11 @@ impl State {
         if obj == existing || dry_run {
             return Reply::ok(StatusCode::OK, obj);
         }
+        if self.lying && kind == Kind::ConfigMap {
+            // Answered as stored; nothing is.
+            obj["metadata"]["resourceVersion"] = json!((existing_rv + 1).to_string());
+            return Reply::ok(StatusCode::OK, obj);
+        }
         let rv = self.next_revision();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.objects.insert(key, obj.clone());
@@ -1445,7 +1465,8 @@ impl State {
                 );
             }
         }
-        if !dry_run {
+        let lie = self.lying && matches!(kind, Kind::RoleBinding | Kind::ClusterRoleBinding);
+        if !dry_run && !lie {
             self.objects.remove(&key);
             self.next_revision();
         }

@@ -7,6 +7,7 @@
 
 pub mod kube;
 pub mod kube_rbac;
+pub mod lying_eks;
 pub mod ministack;
 pub mod sign;
 pub mod slack;

@@ -1,0 +1,185 @@
+//! A lying EKS API for read-back tests: a loopback HTTP proxy between
+//! Tollgate and MiniStack that forwards every request unchanged, except
+//! that while told to lie it answers DisassociateAccessPolicy and/or
+//! DeleteAccessEntry itself, with the success EKS sends (HTTP 200, empty
+//! body), without forwarding them. The association or entry stays in
+//! MiniStack: only reading the cluster back can tell.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use axum::Router;
+use tokio::sync::oneshot;
+
+/// The two EKS calls that remove access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// `DELETE /clusters/{name}/access-entries/{principal}/access-policies/{policy}`
+    DisassociateAccessPolicy,
+    /// `DELETE /clusters/{name}/access-entries/{principal}`
+    DeleteAccessEntry,
+}
+
+impl Removal {
+    /// Which removal a request is, by EKS's REST paths.
+    fn of(method: &Method, path: &str) -> Option<Removal> {
+        if method != Method::DELETE {
+            return None;
+        }
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["clusters", _, "access-entries", _, "access-policies", _] => {
+                Some(Removal::DisassociateAccessPolicy)
+            }
+            ["clusters", _, "access-entries", _] => Some(Removal::DeleteAccessEntry),
+            _ => None,
+        }
+    }
+}
+
+struct Shared {
+    upstream: String,
+    client: reqwest::Client,
+    lie_disassociate: AtomicBool,
+    lie_delete_entry: AtomicBool,
+    disassociations_swallowed: AtomicUsize,
+    deletions_swallowed: AtomicUsize,
+}
+
+pub struct LyingEks {
+    /// `http://127.0.0.1:PORT`: give it to Tollgate as `AWS_ENDPOINT_URL`.
+    pub endpoint: String,
+    shared: Arc<Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for LyingEks {
+    fn drop(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl LyingEks {
+    /// Starts the proxy in front of `upstream` (MiniStack's endpoint),
+    /// honest until told otherwise.
+    pub async fn start(upstream: &str) -> LyingEks {
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client: reqwest::Client::new(),
+            lie_disassociate: AtomicBool::new(false),
+            lie_delete_entry: AtomicBool::new(false),
+            disassociations_swallowed: AtomicUsize::new(0),
+            deletions_swallowed: AtomicUsize::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("binding the lying EKS proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let app = Router::new().fallback(forward).with_state(shared.clone());
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        LyingEks {
+            endpoint: format!("http://{addr}"),
+            shared,
+            shutdown: Some(shutdown),
+        }
+    }
+
+    /// Which removals are answered without being made.
+    pub fn lie_about(&self, disassociate: bool, delete_entry: bool) {
+        self.shared
+            .lie_disassociate
+            .store(disassociate, Ordering::SeqCst);
+        self.shared
+            .lie_delete_entry
+            .store(delete_entry, Ordering::SeqCst);
+    }
+
+    /// How many calls of `kind` were answered with a lie so far.
+    pub fn swallowed(&self, kind: Removal) -> usize {
+        match kind {
+            Removal::DisassociateAccessPolicy => &self.shared.disassociations_swallowed,
+            Removal::DeleteAccessEntry => &self.shared.deletions_swallowed,
+        }
+        .load(Ordering::SeqCst)
+    }
+}
+
+async fn forward(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let lie = match Removal::of(&method, uri.path()) {
+        Some(Removal::DisassociateAccessPolicy)
+            if shared.lie_disassociate.load(Ordering::SeqCst) =>
+        {
+            shared
+                .disassociations_swallowed
+                .fetch_add(1, Ordering::SeqCst);
+            true
+        }
+        Some(Removal::DeleteAccessEntry) if shared.lie_delete_entry.load(Ordering::SeqCst) => {
+            shared.deletions_swallowed.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+        _ => false,
+    };
+    if lie {
+        // What EKS answers both calls with: 200 and an empty body.
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .header("x-amzn-requestid", "00000000-0000-0000-0000-0000000000aa")
+            .body(Body::empty())
+            .unwrap();
+    }
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut request = shared
+        .client
+        .request(method, format!("{}{path}", shared.upstream))
+        .body(body);
+    for (name, value) in &headers {
+        if !matches!(
+            name.as_str(),
+            "host" | "content-length" | "connection" | "transfer-encoding"
+        ) {
+            request = request.header(name, value);
+        }
+    }
+    let answer = match request.send().await {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Response::builder()
+                .status(StatusCode::BAD_GATEWAY)
+                .body(Body::from(format!("proxy: {e}")))
+                .unwrap()
+        }
+    };
+    let mut response = Response::builder().status(answer.status().as_u16());
+    for (name, value) in answer.headers() {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "connection" | "transfer-encoding"
+        ) {
+            response = response.header(name, value);
+        }
+    }
+    let bytes = answer.bytes().await.unwrap_or_default();
+    response.body(Body::from(bytes)).unwrap()
+}

@@ -8,8 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::aws::{describe_error, AwsClients};
+use super::backstop::{AwsSchedules, Backstops, Schedules};
 use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
+use crate::domain::backstop;
 use crate::domain::grant::{desired_policies, plan_associations, scope_covers, Scope};
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::Intent;
@@ -27,6 +29,7 @@ pub struct AccessEntryStrategy {
     clients: Arc<AwsClients>,
     store: Arc<dyn Store>,
     instance: String,
+    backstops: Backstops,
 }
 
 struct Entry {
@@ -108,16 +111,26 @@ fn from_aws_scope(scope: Option<&AccessScope>) -> Scope {
 
 impl AccessEntryStrategy {
     pub fn new(clients: Arc<AwsClients>, store: Arc<dyn Store>) -> Self {
+        let schedules = Arc::new(AwsSchedules::new(clients.clone()));
         AccessEntryStrategy {
             clients,
             store,
             instance: DEFAULT_INSTANCE.into(),
+            backstops: Backstops::new(schedules, DEFAULT_INSTANCE),
         }
     }
 
     /// The installation name written on every entry (`[server] instance`).
     pub fn with_instance(mut self, instance: &str) -> Self {
         self.instance = instance.to_string();
+        self.backstops = Backstops::new(self.backstops.schedules().clone(), instance);
+        self
+    }
+
+    /// Where backstop schedules are written (EventBridge Scheduler unless
+    /// a test says otherwise).
+    pub fn with_schedules(mut self, schedules: Arc<dyn Schedules>) -> Self {
+        self.backstops = Backstops::new(schedules, &self.instance);
         self
     }
 
@@ -410,6 +423,47 @@ impl AccessEngine for AccessEntryStrategy {
                 .record_baselines(&cluster.name, principal, &plan.new_baselines)
                 .await?;
         }
+        // The backstop's schedules are written before the associations they
+        // undo: a crash in between leaves a schedule whose call finds
+        // nothing to undo (harmless), never an association with no
+        // schedule, which is what the backstop exists to prevent.
+        let backstop = match &cluster.backstop {
+            Some(b) => {
+                let entry_ours = match &entry {
+                    Some(_) if created => true,
+                    Some(e) if e.marked_for(&self.instance) && e.plain(principal) => {
+                        store_knows(
+                            self.store.as_ref(),
+                            &cluster.name,
+                            e.tags.get(TAG_GRANT).map(String::as_str),
+                            &Intent::AccessEntry {
+                                principal: principal.to_string(),
+                            },
+                        )
+                        .await?
+                    }
+                    _ => false,
+                };
+                let mut all_baselines = baselines.clone();
+                all_baselines.extend(plan.new_baselines.clone());
+                let backstop_plan = backstop::plan(
+                    b,
+                    &backstop::Subject {
+                        instance: &self.instance,
+                        cluster: &cluster.name,
+                        principal,
+                    },
+                    &expiries_by_policy(grants),
+                    &current,
+                    &all_baselines,
+                    entry_ours,
+                );
+                tracing::debug!(cluster = %cluster.name, ?backstop_plan, "backstop plan");
+                self.backstops.put(cluster, b, &backstop_plan).await?;
+                Some((b, backstop_plan))
+            }
+            None => None,
+        };
         if plan.needs_entry && entry.is_none() {
             self.create_entry(&eks, cluster, principal, creator).await?;
         }
@@ -436,6 +490,11 @@ impl AccessEngine for AccessEntryStrategy {
                 Err(e) if is_code(&e, "ResourceNotFoundException") => {}
                 Err(e) => return Err(aws_error(cluster, "DisassociateAccessPolicy", &e)),
             }
+        }
+        // Before the baselines are forgotten: they are what names the
+        // schedules to delete, so a crash here leaves them to the next pass.
+        if let Some((b, backstop_plan)) = &backstop {
+            self.backstops.remove(cluster, b, backstop_plan).await?;
         }
         if !plan.forget_baselines.is_empty() {
             self.store
@@ -479,6 +538,17 @@ impl AccessEngine for AccessEntryStrategy {
         }
         Ok(())
     }
+}
+
+/// Per access policy, the expiries of the grants that need it.
+fn expiries_by_policy(grants: &[InForce<'_>]) -> BTreeMap<String, Vec<time::OffsetDateTime>> {
+    let mut out: BTreeMap<String, Vec<time::OffsetDateTime>> = BTreeMap::new();
+    for g in grants {
+        if let (Some(policy), Some(expires_at)) = (&g.spec.policy_arn, g.expires_at) {
+            out.entry(policy.clone()).or_default().push(expires_at);
+        }
+    }
+    out
 }
 
 /// The cluster's authentication mode, for `tollgate check`.

@@ -10,6 +10,7 @@ use crate::domain::request::{AccessSpec, Intent};
 pub mod access_entry;
 pub mod aws;
 pub mod aws_auth;
+pub mod backstop;
 pub mod eks_token;
 pub mod kube;
 pub mod permissions;

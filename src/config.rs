@@ -974,6 +974,80 @@ max_duration = "2h"
     }
 
     #[test]
+    fn backstop_table_defaults_and_errors_name_the_line() {
+        let with = |table: &str| format!("{MINIMAL}\n[clusters.backstop]\n{table}");
+        let text =
+            with("scheduler_role_arn = \"arn:aws:iam::111122223333:role/tollgate-backstop\"\n");
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let b = cfg.clusters[0].backstop.clone().unwrap();
+        assert_eq!(
+            b.role_arn,
+            "arn:aws:iam::111122223333:role/tollgate-backstop"
+        );
+        assert_eq!(b.grace, Duration::from_secs(900));
+        assert_eq!(b.group, "tollgate");
+        assert!(Config::parse(MINIMAL, "t.toml").unwrap().clusters[0]
+            .backstop
+            .is_none());
+
+        let text = with(
+            "scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\ngrace = \"2s\"\ngroup = \"jit.backstop\"\n",
+        );
+        let b = Config::parse(&text, "t.toml").unwrap().clusters[0]
+            .backstop
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (b.grace, b.group.as_str()),
+            (Duration::from_secs(2), "jit.backstop")
+        );
+
+        for bad in [
+            "arn:aws:iam::111122223333:role/*",
+            "arn:aws:iam::111122223333:user/bob",
+            "arn:aws:iam::444455556666:role/tollgate-backstop",
+            "tollgate-backstop",
+        ] {
+            let text = with(&format!("scheduler_role_arn = \"{bad}\"\n"));
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(&line_of(&text, bad)) && err.contains("scheduler_role_arn"),
+                "{bad}: {err}"
+            );
+        }
+        let text = with(
+            "scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\ngroup = \"no spaces\"\n",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains(&line_of(&text, "no spaces")), "{err}");
+        let text =
+            with("scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\nwhen = \"1m\"\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("when"), "{err}");
+
+        // Only access-entry clusters have an AWS-side backstop.
+        let text = with("scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\n")
+            .replace(
+                "default_role = \"view\"",
+                "default_role = \"view\"\nstrategy = \"aws-auth\"",
+            )
+            .replace("namespaced = true\n", "")
+            .replace(
+                "access_policy = \"AmazonEKSViewPolicy\"",
+                "groups = [\"viewers\"]",
+            )
+            .replace(
+                "access_policy = \"AmazonEKSEditPolicy\"",
+                "groups = [\"editors\"]",
+            );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "[clusters.backstop]")) && err.contains("access-entry"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn weekly_digest_needs_a_security_channel_and_a_known_value() {
         let weekly = format!("[slack]\nstanding_access_digest = \"weekly\"\n{MINIMAL}");
         let err = Config::parse(&weekly, "t.toml").unwrap_err().to_string();

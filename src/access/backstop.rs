@@ -319,3 +319,125 @@ fn same(e: &Existing, w: &Wanted<'_>) -> bool {
         && e.role_arn == w.role_arn
         && e.input.as_deref().and_then(json) == json(&w.planned.input)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::backstop::{plan, schedule_name, Subject};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use time::macros::datetime;
+
+    const ALICE: &str = "arn:aws:iam::111122223333:role/alice";
+    const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
+
+    /// Schedules in memory, with every write recorded.
+    #[derive(Default)]
+    struct Fake {
+        held: Mutex<BTreeMap<String, Existing>>,
+        writes: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Schedules for Fake {
+        async fn get(
+            &self,
+            _: &ClusterPolicy,
+            _: &str,
+            name: &str,
+        ) -> Result<Option<Existing>, AccessError> {
+            Ok(self.held.lock().unwrap().get(name).cloned())
+        }
+        async fn create(&self, c: &ClusterPolicy, w: &Wanted<'_>) -> Result<bool, AccessError> {
+            if self.held.lock().unwrap().contains_key(&w.planned.name) {
+                return Ok(false);
+            }
+            self.update(c, w).await.map(|()| true)
+        }
+        async fn update(&self, _: &ClusterPolicy, w: &Wanted<'_>) -> Result<(), AccessError> {
+            self.writes
+                .lock()
+                .unwrap()
+                .push(format!("put {}", w.planned.name));
+            self.held.lock().unwrap().insert(
+                w.planned.name.clone(),
+                Existing {
+                    description: Some(w.description.to_string()),
+                    expression: Some(w.planned.expression()),
+                    target_arn: w.planned.target_arn.clone(),
+                    role_arn: w.role_arn.to_string(),
+                    input: Some(w.planned.input.clone()),
+                },
+            );
+            Ok(())
+        }
+        async fn delete(&self, _: &ClusterPolicy, _: &str, name: &str) -> Result<(), AccessError> {
+            self.writes.lock().unwrap().push(format!("delete {name}"));
+            self.held.lock().unwrap().remove(name);
+            Ok(())
+        }
+        async fn group_exists(&self, _: &ClusterPolicy, _: &str) -> Result<bool, AccessError> {
+            Ok(true)
+        }
+    }
+
+    fn backstop() -> Backstop {
+        Backstop {
+            role_arn: "arn:aws:iam::111122223333:role/tollgate-backstop".into(),
+            grace: Duration::from_secs(60),
+            group: "tollgate".into(),
+        }
+    }
+
+    fn plan_at(expiry: time::OffsetDateTime, instance: &str) -> BackstopPlan {
+        plan(
+            &backstop(),
+            &Subject {
+                instance,
+                cluster: "prod",
+                principal: ALICE,
+            },
+            &BTreeMap::from([(VIEW.to_string(), vec![expiry])]),
+            &BTreeMap::new(),
+            &BTreeMap::from([(VIEW.to_string(), None)]),
+            true,
+        )
+    }
+
+    #[tokio::test]
+    async fn writes_only_changes_and_never_another_installations_schedule() {
+        let fake = Arc::new(Fake::default());
+        let backstops = Backstops::new(fake.clone(), "tollgate");
+        let cluster = crate::domain::policy::tests::cluster();
+        let first = plan_at(datetime!(2026-11-26 07:00:00 UTC), "tollgate");
+        backstops.put(&cluster, &backstop(), &first).await.unwrap();
+        backstops.put(&cluster, &backstop(), &first).await.unwrap();
+        assert_eq!(fake.writes.lock().unwrap().len(), 1, "unchanged: not rewritten");
+        let moved = plan_at(datetime!(2026-11-26 08:00:00 UTC), "tollgate");
+        backstops.put(&cluster, &backstop(), &moved).await.unwrap();
+        let name = schedule_name("tollgate", "prod", ALICE, VIEW);
+        assert_eq!(
+            fake.held.lock().unwrap()[&name].expression.as_deref(),
+            Some("at(2026-11-26T08:01:00)")
+        );
+
+        // Another installation's schedule under the name this one would
+        // use: neither moved nor deleted.
+        let theirs = Backstops::new(fake.clone(), "other");
+        let mut clash = plan_at(datetime!(2026-11-26 09:00:00 UTC), "other");
+        clash.keep[0].name = name.clone();
+        fake.writes.lock().unwrap().clear();
+        theirs.put(&cluster, &backstop(), &clash).await.unwrap();
+        let gone = BackstopPlan {
+            keep: Vec::new(),
+            remove: vec![name.clone()],
+        };
+        theirs.remove(&cluster, &backstop(), &gone).await.unwrap();
+        assert!(fake.writes.lock().unwrap().is_empty());
+        // Its own: deleted, and deleting again is fine.
+        backstops.remove(&cluster, &backstop(), &gone).await.unwrap();
+        backstops.remove(&cluster, &backstop(), &gone).await.unwrap();
+        assert!(fake.held.lock().unwrap().is_empty());
+    }
+}

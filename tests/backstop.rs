@@ -540,3 +540,72 @@ async fn killed_for_good_the_schedules_alone_end_the_access_and_only_it() {
     );
     assert_eq!(w.cluster_state().await, without_alice);
 }
+
+impl World {
+    /// `tollgate check` with the server's environment; (success, stdout).
+    fn check(&self, config: &std::path::Path) -> (bool, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("check")
+            .arg("--config")
+            .arg(config)
+            .envs(self.ms.aws_env())
+            .env("SLACK_BOT_TOKEN", BOT_TOKEN)
+            .env("SLACK_SIGNING_SECRET", SIGNING_SECRET)
+            .env("SLACK_API_URL", self.slack.api_url())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_group_the_role_and_clusters_without_a_backstop() {
+    let w = World::new().await;
+    let (ok, out) = w.check(&w.tollgate.config_path);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ok   cluster prod-cluster: backstop schedule group tollgate exists"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "ok   cluster prod-cluster: backstop role {ROLE} can be passed"
+        )),
+        "{out}"
+    );
+    assert!(
+        w.player.schedules().await.is_empty(),
+        "the probe is deleted"
+    );
+
+    // A cluster of a Kubernetes strategy is said to have no backstop.
+    let config = std::fs::read_to_string(&w.tollgate.config_path).unwrap();
+    let with_legacy = format!(
+        "{config}\n[[clusters]]\nname = \"legacy\"\nregion = \"us-east-1\"\naccount_id = \"000000000000\"\nstrategy = \"aws-auth\"\napproval_channel = \"C0APPROVALS\"\n[clusters.roles.view]\ngroups = [\"viewers\"]\n"
+    );
+    let path = w.tollgate.config_path.with_file_name("legacy.toml");
+    std::fs::write(&path, with_legacy).unwrap();
+    let (_, out) = w.check(&path);
+    assert!(
+        out.contains("note cluster legacy: no AWS-side backstop for the aws-auth strategy"),
+        "{out}"
+    );
+
+    // The group gone: check fails and says how to make it.
+    w.player
+        .scheduler
+        .delete_schedule_group()
+        .name(GROUP)
+        .send()
+        .await
+        .unwrap();
+    let (ok, out) = w.check(&w.tollgate.config_path);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL cluster prod-cluster: backstop schedule group tollgate does not exist"),
+        "{out}"
+    );
+}

@@ -61,6 +61,15 @@ pub trait Schedules: Send + Sync + 'static {
     /// Whether the schedule group exists, for `tollgate check`.
     async fn group_exists(&self, cluster: &ClusterPolicy, group: &str)
         -> Result<bool, AccessError>;
+    /// Creates a disabled schedule that passes `role_arn`, then deletes it:
+    /// CreateSchedule is where iam:PassRole on the role is enforced.
+    async fn probe_role(
+        &self,
+        cluster: &ClusterPolicy,
+        group: &str,
+        role_arn: &str,
+        name: &str,
+    ) -> Result<(), AccessError>;
 }
 
 fn aws_error<E: std::error::Error>(
@@ -218,6 +227,102 @@ impl Schedules for AwsSchedules {
             Err(e) => Err(aws_error(cluster, "GetScheduleGroup", &e)),
         }
     }
+
+    async fn probe_role(
+        &self,
+        cluster: &ClusterPolicy,
+        group: &str,
+        role_arn: &str,
+        name: &str,
+    ) -> Result<(), AccessError> {
+        let client = self.clients.scheduler(cluster).await;
+        // Disabled and a year out: it never runs, even if the delete below
+        // fails; its input names a principal that cannot exist.
+        let at = crate::domain::backstop::at_expression(
+            time::OffsetDateTime::now_utc() + time::Duration::days(365),
+        );
+        let input = serde_json::json!({
+            "clusterName": cluster.name,
+            "principalArn": format!("arn:aws:iam::{}:role/tollgate-check-probe", cluster.account_id),
+        });
+        let target = Target::builder()
+            .arn(crate::domain::backstop::Undo::DeleteEntry.target_arn())
+            .role_arn(role_arn)
+            .input(input.to_string())
+            .build()
+            .map_err(|e| aws_error(cluster, "CreateSchedule", &e))?;
+        client
+            .create_schedule()
+            .group_name(group)
+            .name(name)
+            .description("tollgate check probe")
+            .schedule_expression(at)
+            .schedule_expression_timezone("UTC")
+            .flexible_time_window(off(cluster)?)
+            .action_after_completion(ActionAfterCompletion::Delete)
+            .state(ScheduleState::Disabled)
+            .target(target)
+            .send()
+            .await
+            .map_err(|e| aws_error(cluster, "CreateSchedule", &e))?;
+        self.delete(cluster, group, name).await
+    }
+}
+
+/// `tollgate check` for one backstop cluster: the group, then the role.
+/// Lines of (passed, what was checked).
+pub async fn check(
+    schedules: &dyn Schedules,
+    cluster: &ClusterPolicy,
+    backstop: &Backstop,
+    instance: &str,
+) -> Vec<(bool, String)> {
+    let mut out = Vec::new();
+    let group = &backstop.group;
+    match schedules.group_exists(cluster, group).await {
+        Ok(true) => out.push((
+            true,
+            format!(
+                "cluster {}: backstop schedule group {group} exists",
+                cluster.name
+            ),
+        )),
+        Ok(false) => {
+            out.push((
+                false,
+                format!(
+                    "cluster {}: backstop schedule group {group} does not exist in {} (create it: aws scheduler create-schedule-group --name {group})",
+                    cluster.name, cluster.region
+                ),
+            ));
+            return out;
+        }
+        Err(e) => {
+            out.push((false, format!("cluster {}: backstop: {e}", cluster.name)));
+            return out;
+        }
+    }
+    let name = crate::domain::backstop::schedule_name(instance, &cluster.name, "check", "probe");
+    match schedules
+        .probe_role(cluster, group, &backstop.role_arn, &name)
+        .await
+    {
+        Ok(()) => out.push((
+            true,
+            format!(
+                "cluster {}: backstop role {} can be passed to EventBridge Scheduler (a disabled probe schedule was created with it and deleted; what the role may do in EKS is only exercised when a schedule fires)",
+                cluster.name, backstop.role_arn
+            ),
+        )),
+        Err(e) => out.push((
+            false,
+            format!(
+                "cluster {}: backstop role {} could not be used for a schedule: {e}",
+                cluster.name, backstop.role_arn
+            ),
+        )),
+    }
+    out
 }
 
 /// Writes a backstop plan for one principal.
@@ -380,6 +485,15 @@ mod tests {
         async fn group_exists(&self, _: &ClusterPolicy, _: &str) -> Result<bool, AccessError> {
             Ok(true)
         }
+        async fn probe_role(
+            &self,
+            _: &ClusterPolicy,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<(), AccessError> {
+            Ok(())
+        }
     }
 
     fn backstop() -> Backstop {
@@ -413,7 +527,11 @@ mod tests {
         let first = plan_at(datetime!(2026-11-26 07:00:00 UTC), "tollgate");
         backstops.put(&cluster, &backstop(), &first).await.unwrap();
         backstops.put(&cluster, &backstop(), &first).await.unwrap();
-        assert_eq!(fake.writes.lock().unwrap().len(), 1, "unchanged: not rewritten");
+        assert_eq!(
+            fake.writes.lock().unwrap().len(),
+            1,
+            "unchanged: not rewritten"
+        );
         let moved = plan_at(datetime!(2026-11-26 08:00:00 UTC), "tollgate");
         backstops.put(&cluster, &backstop(), &moved).await.unwrap();
         let name = schedule_name("tollgate", "prod", ALICE, VIEW);
@@ -436,8 +554,14 @@ mod tests {
         theirs.remove(&cluster, &backstop(), &gone).await.unwrap();
         assert!(fake.writes.lock().unwrap().is_empty());
         // Its own: deleted, and deleting again is fine.
-        backstops.remove(&cluster, &backstop(), &gone).await.unwrap();
-        backstops.remove(&cluster, &backstop(), &gone).await.unwrap();
+        backstops
+            .remove(&cluster, &backstop(), &gone)
+            .await
+            .unwrap();
+        backstops
+            .remove(&cluster, &backstop(), &gone)
+            .await
+            .unwrap();
         assert!(fake.held.lock().unwrap().is_empty());
     }
 }

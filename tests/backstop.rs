@@ -324,6 +324,27 @@ async fn schedules_follow_grant_extension_overlap_revoke_and_baselines() {
     );
     assert_eq!(w.player.schedules().await.len(), 1);
 
+    // A schedule lost outside Tollgate (deleted by hand) is put back by
+    // the reconciler, unchanged.
+    w.player
+        .scheduler
+        .delete_schedule()
+        .group_name(GROUP)
+        .name(&s.name)
+        .send()
+        .await
+        .unwrap();
+    wait_until(
+        "the reconciler restored the schedule",
+        Duration::from_secs(10),
+        || async {
+            w.schedule(ALICE, VIEW).await.is_some_and(|again| {
+                again.at == s.at && again.target_arn == s.target_arn && again.input == s.input
+            })
+        },
+    )
+    .await;
+
     // An overlapping grant of the same policy ending later: still one
     // schedule, now at the later expiry.
     let second = w

@@ -265,6 +265,51 @@ impl AccessEntryStrategy {
         Ok(())
     }
 
+    /// The backstop a converge leaves for `principal`: see
+    /// `domain::backstop::plan`. `entry` is the principal's entry and
+    /// whether this converge just created it.
+    #[allow(clippy::too_many_arguments)] // one call site each: converge and the repair
+    async fn backstop_plan(
+        &self,
+        cluster: &ClusterPolicy,
+        b: &backstop::Backstop,
+        principal: &str,
+        grants: &[InForce<'_>],
+        entry: Option<(&Entry, bool)>,
+        current: &BTreeMap<String, Scope>,
+        baselines: &crate::domain::grant::Baselines,
+    ) -> Result<backstop::BackstopPlan, AccessError> {
+        let entry_ours = match entry {
+            Some((_, true)) => true,
+            Some((e, false)) if e.marked_for(&self.instance) && e.plain(principal) => {
+                store_knows(
+                    self.store.as_ref(),
+                    &cluster.name,
+                    e.tags.get(TAG_GRANT).map(String::as_str),
+                    &Intent::AccessEntry {
+                        principal: principal.to_string(),
+                    },
+                )
+                .await?
+            }
+            _ => false,
+        };
+        let plan = backstop::plan(
+            b,
+            &backstop::Subject {
+                instance: &self.instance,
+                cluster: &cluster.name,
+                principal,
+            },
+            &expiries_by_policy(grants),
+            current,
+            baselines,
+            entry_ours,
+        );
+        tracing::debug!(cluster = %cluster.name, ?plan, "backstop plan");
+        Ok(plan)
+    }
+
     async fn associations(
         &self,
         eks: &aws_sdk_eks::Client,
@@ -374,6 +419,51 @@ impl AccessEngine for AccessEntryStrategy {
             .collect())
     }
 
+    /// Only schedules are written, and only for grants whose association
+    /// a converge already made (a baseline is recorded for it): nothing
+    /// here changes access.
+    async fn backstop(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<(), AccessError> {
+        let Some(b) = &cluster.backstop else {
+            return Ok(());
+        };
+        if grants.is_empty() {
+            return Ok(());
+        }
+        let eks = self.clients.eks(cluster).await;
+        let Some(entry) = self.describe_entry(&eks, cluster, principal).await? else {
+            return Ok(());
+        };
+        let current = self.associations(&eks, cluster, principal).await?;
+        let baselines = self.store.baselines(&cluster.name, principal).await?;
+        let touched: Vec<InForce<'_>> = grants
+            .iter()
+            .filter(|g| {
+                g.spec
+                    .policy_arn
+                    .as_ref()
+                    .is_some_and(|p| baselines.contains_key(p))
+            })
+            .cloned()
+            .collect();
+        let plan = self
+            .backstop_plan(
+                cluster,
+                b,
+                principal,
+                &touched,
+                Some((&entry, false)),
+                &current,
+                &baselines,
+            )
+            .await?;
+        self.backstops.put(cluster, b, &plan).await
+    }
+
     async fn converge(
         &self,
         cluster: &ClusterPolicy,
@@ -429,36 +519,19 @@ impl AccessEngine for AccessEntryStrategy {
         // schedule, which is what the backstop exists to prevent.
         let backstop = match &cluster.backstop {
             Some(b) => {
-                let entry_ours = match &entry {
-                    Some(_) if created => true,
-                    Some(e) if e.marked_for(&self.instance) && e.plain(principal) => {
-                        store_knows(
-                            self.store.as_ref(),
-                            &cluster.name,
-                            e.tags.get(TAG_GRANT).map(String::as_str),
-                            &Intent::AccessEntry {
-                                principal: principal.to_string(),
-                            },
-                        )
-                        .await?
-                    }
-                    _ => false,
-                };
                 let mut all_baselines = baselines.clone();
                 all_baselines.extend(plan.new_baselines.clone());
-                let backstop_plan = backstop::plan(
-                    b,
-                    &backstop::Subject {
-                        instance: &self.instance,
-                        cluster: &cluster.name,
+                let backstop_plan = self
+                    .backstop_plan(
+                        cluster,
+                        b,
                         principal,
-                    },
-                    &expiries_by_policy(grants),
-                    &current,
-                    &all_baselines,
-                    entry_ours,
-                );
-                tracing::debug!(cluster = %cluster.name, ?backstop_plan, "backstop plan");
+                        grants,
+                        entry.as_ref().map(|e| (e, created)),
+                        &current,
+                        &all_baselines,
+                    )
+                    .await?;
                 self.backstops.put(cluster, b, &backstop_plan).await?;
                 Some((b, backstop_plan))
             }

@@ -103,6 +103,19 @@ pub trait AccessEngine: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Brings the backstop schedules of `principal` up to date with
+    /// `grants` without changing any access: the reconciler's repair for a
+    /// schedule a converge could not move (spec 10.1). Strategies without
+    /// an AWS-side backstop have nothing to do.
+    async fn backstop(
+        &self,
+        _cluster: &ClusterPolicy,
+        _principal: &str,
+        _grants: &[InForce<'_>],
+    ) -> Result<(), AccessError> {
+        Ok(())
+    }
+
     /// Makes the cluster give `principal` exactly what `grants` need, plus
     /// whatever it had before Tollgate. `creator` names the grant credited
     /// with any object this call has to create.
@@ -229,6 +242,17 @@ impl AccessEngine for Engine {
     ) -> Result<Vec<String>, AccessError> {
         self.strategy(cluster)
             .missing(cluster, principal, grants)
+            .await
+    }
+
+    async fn backstop(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<(), AccessError> {
+        self.strategy(cluster)
+            .backstop(cluster, principal, grants)
             .await
     }
 }

@@ -6,6 +6,7 @@
 mod support;
 
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::backstop_player::{Player, Schedule};
 use support::ministack::{encode_arn, MiniStack};
@@ -13,7 +14,11 @@ use support::sign::{action_body, post_signed, slash_body};
 use support::slack::SlackStandIn;
 use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
 use time::OffsetDateTime;
+use tollgate::access::access_entry::AccessEntryStrategy;
+use tollgate::access::backstop::{Schedules, Wanted};
+use tollgate::access::AccessError;
 use tollgate::domain::backstop::schedule_name;
+use tollgate::domain::policy::ClusterPolicy;
 
 const CLUSTER: &str = "prod-cluster";
 const CHANNEL: &str = "C0APPROVALS";
@@ -629,4 +634,232 @@ async fn check_reports_the_group_the_role_and_clusters_without_a_backstop() {
         out.contains("FAIL cluster prod-cluster: backstop schedule group tollgate does not exist"),
         "{out}"
     );
+}
+
+/// Scheduler that can be taken out of reach, in front of MiniStack's.
+struct Flaky {
+    inner: tollgate::access::backstop::AwsSchedules,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self, c: &ClusterPolicy) -> Result<(), AccessError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AccessError::Aws {
+                cluster: c.name.clone(),
+                operation: "GetSchedule",
+                message: "connection refused".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Schedules for Flaky {
+    async fn get(
+        &self,
+        c: &ClusterPolicy,
+        g: &str,
+        n: &str,
+    ) -> Result<Option<tollgate::access::backstop::Existing>, AccessError> {
+        self.check(c)?;
+        self.inner.get(c, g, n).await
+    }
+    async fn create(&self, c: &ClusterPolicy, w: &Wanted<'_>) -> Result<bool, AccessError> {
+        self.check(c)?;
+        self.inner.create(c, w).await
+    }
+    async fn update(&self, c: &ClusterPolicy, w: &Wanted<'_>) -> Result<(), AccessError> {
+        self.check(c)?;
+        self.inner.update(c, w).await
+    }
+    async fn delete(&self, c: &ClusterPolicy, g: &str, n: &str) -> Result<(), AccessError> {
+        self.check(c)?;
+        self.inner.delete(c, g, n).await
+    }
+    async fn group_exists(&self, c: &ClusterPolicy, g: &str) -> Result<bool, AccessError> {
+        self.check(c)?;
+        self.inner.group_exists(c, g).await
+    }
+    async fn probe_role(
+        &self,
+        c: &ClusterPolicy,
+        g: &str,
+        r: &str,
+        n: &str,
+    ) -> Result<(), AccessError> {
+        self.check(c)?;
+        self.inner.probe_role(c, g, r, n).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduler_out_of_reach_blocks_a_grant_never_a_revoke() {
+    use tollgate::access::{AccessEngine, AwsClients, InForce};
+    use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
+    use tollgate::store::{SledStore, Store};
+
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    ms.create_cluster(CLUSTER).await;
+    let player = Player::new(&ms, GROUP).await;
+    player.create_group().await;
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&ms.endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
+        .load()
+        .await;
+    let clients = Arc::new(AwsClients::new(sdk));
+    let flaky = Arc::new(Flaky {
+        inner: tollgate::access::backstop::AwsSchedules::new(clients.clone()),
+        down: std::sync::atomic::AtomicBool::new(true),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let engine = AccessEntryStrategy::new(clients, store.clone()).with_schedules(flaky.clone());
+    let mut cluster = tollgate::config::Config::parse(
+        &CONFIG
+            .replace("{listen}", "127.0.0.1:1")
+            .replace("{data}", &dir.path().display().to_string()),
+        "t.toml",
+    )
+    .unwrap()
+    .clusters
+    .remove(0);
+    cluster.backstop.as_mut().unwrap().grace = GRACE;
+
+    let spec = AccessSpec {
+        cluster: CLUSTER.into(),
+        role: "view".into(),
+        principal: ALICE.into(),
+        policy_arn: Some(VIEW.into()),
+        namespaces: Vec::new(),
+        cluster_role: None,
+        groups: Vec::new(),
+        k8s_user: None,
+        strategy: None,
+    };
+    let edit = AccessSpec {
+        policy_arn: Some(EDIT.into()),
+        namespaces: vec!["payments".into()],
+        ..spec.clone()
+    };
+    for (id, spec) in [("R-00001", &spec), ("R-00002", &edit)] {
+        let mut row = Request::pending(
+            Asked {
+                id: RequestId::parse(id).unwrap(),
+                requester: Requester {
+                    user_id: REQUESTER.into(),
+                    email: "alice@example.com".into(),
+                    tz: None,
+                    tz_offset_secs: 0,
+                },
+                access: spec.clone(),
+                reason: String::new(),
+                duration: Duration::from_secs(3600),
+                approval_timeout: Duration::from_secs(600),
+                required_approvals: 1,
+                response_url: None,
+            },
+            OffsetDateTime::now_utc(),
+        );
+        row.intents = tollgate::domain::grant::intents_for(
+            tollgate::domain::policy::Strategy::AccessEntry,
+            id,
+            spec,
+        );
+        store.create(&row, Vec::new()).await.unwrap();
+    }
+    let expires_at = Some(OffsetDateTime::now_utc() + time::Duration::hours(1));
+    let view_grant = InForce {
+        grant_id: "R-00001",
+        spec: &spec,
+        expires_at,
+    };
+    let edit_grant = InForce {
+        grant_id: "R-00002",
+        spec: &edit,
+        expires_at,
+    };
+    let grant = [view_grant.clone(), edit_grant.clone()];
+    let associations = || async {
+        let path = format!(
+            "/clusters/{CLUSTER}/access-entries/{}/access-policies",
+            encode_arn(ALICE)
+        );
+        let (status, json) = ms.eks_json("GET", &path, None).await;
+        match status {
+            404 => 0,
+            _ => json["associatedAccessPolicies"]
+                .as_array()
+                .map_or(0, Vec::len),
+        }
+    };
+    let set = |down: bool| flaky.down.store(down, std::sync::atomic::Ordering::SeqCst);
+
+    // No schedule, no association: the grant fails closed.
+    assert!(engine
+        .converge(&cluster, ALICE, &grant, "R-00001")
+        .await
+        .is_err());
+    assert_eq!(associations().await, 0, "an association with no backstop");
+
+    set(false);
+    engine
+        .converge(&cluster, ALICE, &grant, "R-00001")
+        .await
+        .unwrap();
+    assert_eq!(associations().await, 2);
+    assert_eq!(player.schedules().await.len(), 2);
+
+    // Revoking one grant with Scheduler down: its access goes, the other
+    // grant's stays, and the step reports it is not done (the schedules
+    // are not right yet) so it is tried again.
+    set(true);
+    assert!(engine
+        .converge(&cluster, ALICE, &[edit_grant.clone()], "R-00002")
+        .await
+        .is_err());
+    assert_eq!(associations().await, 1, "a revoke waited on Scheduler");
+    set(false);
+    engine
+        .converge(&cluster, ALICE, &[edit_grant.clone()], "R-00002")
+        .await
+        .unwrap();
+    assert_eq!(associations().await, 1);
+    let left = player.schedules().await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].input["principalArn"], ALICE);
+
+    // The last revoke, likewise.
+    set(true);
+    assert!(engine
+        .converge(&cluster, ALICE, &[], "R-00001")
+        .await
+        .is_err());
+    assert_eq!(associations().await, 0, "a revoke waited on Scheduler");
+    set(false);
+    engine
+        .converge(&cluster, ALICE, &[], "R-00001")
+        .await
+        .unwrap();
+    assert!(player.schedules().await.is_empty());
+    assert!(!alice_has_entry(&ms).await, "Tollgate's entry is deleted");
+}
+
+/// Whether ALICE still has an access entry.
+async fn alice_has_entry(ms: &MiniStack) -> bool {
+    let path = format!("/clusters/{CLUSTER}/access-entries/{}", encode_arn(ALICE));
+    ms.eks_json("GET", &path, None).await.0 == 200
 }

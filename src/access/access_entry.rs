@@ -517,6 +517,7 @@ impl AccessEngine for AccessEntryStrategy {
         // undo: a crash in between leaves a schedule whose call finds
         // nothing to undo (harmless), never an association with no
         // schedule, which is what the backstop exists to prevent.
+        let mut schedules_failed = None;
         let backstop = match &cluster.backstop {
             Some(b) => {
                 let mut all_baselines = baselines.clone();
@@ -532,7 +533,7 @@ impl AccessEngine for AccessEntryStrategy {
                         &all_baselines,
                     )
                     .await?;
-                self.backstops.put(cluster, b, &backstop_plan).await?;
+                schedules_failed = self.backstops.put(cluster, b, &backstop_plan).await.err();
                 Some((b, backstop_plan))
             }
             None => None,
@@ -540,7 +541,15 @@ impl AccessEngine for AccessEntryStrategy {
         if plan.needs_entry && entry.is_none() {
             self.create_entry(&eks, cluster, principal, creator).await?;
         }
-        for (policy, scope) in &plan.associate {
+        // Scheduler out of reach: nothing is granted or widened without its
+        // schedule, but access is still narrowed and removed (a revoke never
+        // waits on Scheduler), and the step then reports the failure so it
+        // is retried until the schedules are right.
+        for (policy, scope) in plan
+            .associate
+            .iter()
+            .filter(|(p, s)| schedules_failed.is_none() || narrows(current.get(p), s))
+        {
             eks.associate_access_policy()
                 .cluster_name(&cluster.name)
                 .principal_arn(principal)
@@ -563,6 +572,9 @@ impl AccessEngine for AccessEntryStrategy {
                 Err(e) if is_code(&e, "ResourceNotFoundException") => {}
                 Err(e) => return Err(aws_error(cluster, "DisassociateAccessPolicy", &e)),
             }
+        }
+        if let Some(e) = schedules_failed {
+            return Err(e);
         }
         // Before the baselines are forgotten: they are what names the
         // schedules to delete, so a crash here leaves them to the next pass.
@@ -613,6 +625,17 @@ impl AccessEngine for AccessEntryStrategy {
     }
 }
 
+/// Whether associating `new` only takes access away from what `current`
+/// gives (or gives exactly that).
+fn narrows(current: Option<&Scope>, new: &Scope) -> bool {
+    match (current, new) {
+        (None, _) => false,
+        (Some(Scope::Cluster), _) => true,
+        (Some(Scope::Namespaces(_)), Scope::Cluster) => false,
+        (Some(Scope::Namespaces(had)), Scope::Namespaces(ns)) => ns.is_subset(had),
+    }
+}
+
 /// Per access policy, the expiries of the grants that need it.
 fn expiries_by_policy(grants: &[InForce<'_>]) -> BTreeMap<String, Vec<time::OffsetDateTime>> {
     let mut out: BTreeMap<String, Vec<time::OffsetDateTime>> = BTreeMap::new();
@@ -646,6 +669,16 @@ pub async fn authentication_mode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_narrowing_is_narrowing() {
+        let ns = |n: &[&str]| Scope::from_namespaces(n.iter().copied());
+        assert!(narrows(Some(&Scope::Cluster), &ns(&["a"])));
+        assert!(narrows(Some(&ns(&["a", "b"])), &ns(&["a"])));
+        assert!(!narrows(Some(&ns(&["a"])), &ns(&["a", "b"])));
+        assert!(!narrows(Some(&ns(&["a"])), &Scope::Cluster));
+        assert!(!narrows(None, &ns(&["a"])));
+    }
 
     #[test]
     fn eks_default_username_is_recognised() {

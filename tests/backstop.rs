@@ -828,13 +828,23 @@ async fn scheduler_out_of_reach_blocks_a_grant_never_a_revoke() {
     // are not right yet) so it is tried again.
     set(true);
     assert!(engine
-        .converge(&cluster, ALICE, &[edit_grant.clone()], "R-00002")
+        .converge(
+            &cluster,
+            ALICE,
+            std::slice::from_ref(&edit_grant),
+            "R-00002"
+        )
         .await
         .is_err());
     assert_eq!(associations().await, 1, "a revoke waited on Scheduler");
     set(false);
     engine
-        .converge(&cluster, ALICE, &[edit_grant.clone()], "R-00002")
+        .converge(
+            &cluster,
+            ALICE,
+            std::slice::from_ref(&edit_grant),
+            "R-00002",
+        )
         .await
         .unwrap();
     assert_eq!(associations().await, 1);

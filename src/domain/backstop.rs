@@ -265,9 +265,11 @@ pub fn plan(
             }
         })
         .collect();
+    // Only policies no grant needs: one whose grants carry no expiry (never
+    // the case for an Active grant) keeps whatever schedule it has.
     let remove = baselines
         .keys()
-        .filter(|p| !times.contains_key(p))
+        .filter(|p| !needs.contains_key(*p))
         .map(|p| schedule_name(instance, cluster, principal, p))
         .collect();
     BackstopPlan { keep, remove }
@@ -450,6 +452,20 @@ mod tests {
             true,
         );
         assert_eq!(p.keep.len(), 1);
+        assert_eq!(
+            p.remove,
+            vec![schedule_name("tollgate", "prod", ALICE, EDIT)]
+        );
+        // Needed, but no expiry known: not scheduled, and not unscheduled.
+        let p = plan(
+            &backstop(),
+            &ALICE_PROD,
+            &needs(&[(VIEW, &[])]),
+            &BTreeMap::new(),
+            &baselines,
+            true,
+        );
+        assert!(p.keep.is_empty());
         assert_eq!(
             p.remove,
             vec![schedule_name("tollgate", "prod", ALICE, EDIT)]

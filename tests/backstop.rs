@@ -24,6 +24,7 @@ const CLUSTER: &str = "prod-cluster";
 const CHANNEL: &str = "C0APPROVALS";
 const REQUESTER: &str = "U0REQ";
 const BOB_USER: &str = "U0BOB";
+const CAROL_USER: &str = "U0CAROL";
 const APPROVER: &str = "U0APP";
 const ALICE: &str = "arn:aws:iam::000000000000:role/alice";
 const BOB: &str = "arn:aws:iam::000000000000:role/bob";
@@ -95,6 +96,7 @@ impl World {
         let slack = SlackStandIn::start(BOT_TOKEN).await;
         slack.add_user(REQUESTER, "alice@example.com", "UTC", 0);
         slack.add_user(BOB_USER, "bob@example.com", "UTC", 0);
+        slack.add_user(CAROL_USER, "carol@example.com", "UTC", 0);
         slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
         slack.add_channel(CHANNEL, true);
         let dir = tempfile::tempdir().unwrap();
@@ -483,12 +485,21 @@ async fn killed_for_good_the_schedules_alone_end_the_access_and_only_it() {
             None,
         )
         .await;
+    // Carol's grant on the entry an administrator made for her.
+    let carol = w
+        .approved(
+            CAROL_USER,
+            "eks prod-cluster 4s edit --ns payments INC-6",
+            None,
+        )
+        .await;
     wait_until(
-        "both granted with their schedules",
+        "all three granted with their schedules",
         Duration::from_secs(10),
         || async {
-            w.player.schedules().await.len() == 2
+            w.player.schedules().await.len() == 3
                 && !w.associations(ALICE).await.is_empty()
+                && w.associations(CAROL).await.len() == 2
                 && w.associations(BOB)
                     .await
                     .iter()
@@ -496,7 +507,16 @@ async fn killed_for_good_the_schedules_alone_end_the_access_and_only_it() {
         },
     )
     .await;
-    let expiries = [w.expiry(&alice).unwrap(), w.expiry(&bob).unwrap()];
+    let expiries = [
+        w.expiry(&alice).unwrap(),
+        w.expiry(&bob).unwrap(),
+        w.expiry(&carol).unwrap(),
+    ];
+    // Each of the three ways to undo, through the real EKS call below.
+    let target = |s: Option<Schedule>| s.map(|s| s.target_arn).unwrap_or_default();
+    assert!(target(w.schedule(ALICE, VIEW).await).ends_with(":deleteAccessEntry"));
+    assert!(target(w.schedule(BOB, EDIT).await).ends_with(":associateAccessPolicy"));
+    assert!(target(w.schedule(CAROL, EDIT).await).ends_with(":disassociateAccessPolicy"));
 
     w.tollgate.kill9();
     let killed = Instant::now();
@@ -517,6 +537,7 @@ async fn killed_for_good_the_schedules_alone_end_the_access_and_only_it() {
                     .await
                     .iter()
                     .any(|(_, s)| s.to_string().contains("payments"))
+                && w.associations(CAROL).await.len() == 1
         },
     )
     .await;
@@ -529,7 +550,7 @@ async fn killed_for_good_the_schedules_alone_end_the_access_and_only_it() {
         GRACE.as_secs(),
     );
     let played = played.into_inner().unwrap();
-    assert_eq!(played.len(), 2, "{played:?}");
+    assert_eq!(played.len(), 3, "{played:?}");
     assert!(
         played.iter().all(|p| p.error.is_none()),
         "every call a schedule made succeeded: {played:?}"
@@ -542,24 +563,24 @@ async fn killed_for_good_the_schedules_alone_end_the_access_and_only_it() {
         w.player.schedules().await.is_empty(),
         "each deleted after running"
     );
-    // Only the granted access went: Carol, the account root and Bob's
-    // baseline are exactly as before.
+    // Only the granted access went: Carol's own entry and association,
+    // the account root and Bob's baseline are exactly as before.
     let after = w.cluster_state().await;
     let without_alice: Vec<_> = before.iter().filter(|(p, _)| p != ALICE).cloned().collect();
     assert_eq!(after, without_alice);
 
     // Tollgate back: nothing left to do but record the revokes.
     w.tollgate.restart().await;
-    wait_until("both recorded revoked", Duration::from_secs(15), || async {
+    wait_until("all recorded revoked", Duration::from_secs(15), || async {
         let audit = w.audit();
-        [&alice, &bob].iter().all(|id| {
+        [&alice, &bob, &carol].iter().all(|id| {
             audit
                 .iter()
                 .any(|e| e["event"] == "revoked" && e["request_id"] == id.as_str())
         })
     })
     .await;
-    assert!(w.expiry(&alice).is_none() && w.expiry(&bob).is_none());
+    assert!(w.expiry(&alice).is_none() && w.expiry(&bob).is_none() && w.expiry(&carol).is_none());
     assert!(
         w.player.schedules().await.is_empty(),
         "no schedule left behind"

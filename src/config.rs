@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::domain::backstop::{Backstop, DEFAULT_GRACE, DEFAULT_GROUP};
 use crate::domain::policy::{
     BreakGlass, ClusterPolicy, IdentityPolicy, Limits, RolePolicy, Strategy,
 };
@@ -301,6 +302,7 @@ with_limit_keys! {
         requesters: Vec<String>,
         default_role: Option<String>,
         break_glass: Option<BreakGlassSection>,
+        backstop: Option<BackstopSection>,
         #[serde(default)]
         roles: BTreeMap<String, RoleSection>,
     }
@@ -313,6 +315,16 @@ struct BreakGlassSection {
     allowed: Vec<String>,
     #[serde(default, deserialize_with = "de_duration")]
     max_duration: Option<Duration>,
+}
+
+/// `[clusters.backstop]` (spec 10.1).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackstopSection {
+    scheduler_role_arn: String,
+    #[serde(default, deserialize_with = "de_duration")]
+    grace: Option<Duration>,
+    group: Option<String>,
 }
 
 with_limit_keys! {
@@ -706,6 +718,10 @@ impl Resolver<'_> {
             allowed: b.allowed.clone(),
             max_duration: b.max_duration.unwrap_or(Duration::from_secs(3600)),
         });
+        let backstop = match &c.backstop {
+            Some(b) => Some(self.resolve_backstop(index, c, strategy, b)?),
+            None => None,
+        };
         Ok(ClusterPolicy {
             name: c.name.clone(),
             region: c.region.clone(),
@@ -720,6 +736,80 @@ impl Resolver<'_> {
             roles,
             break_glass,
             reconcile_interval: cluster_limits.reconcile_interval,
+            backstop,
+        })
+    }
+
+    fn resolve_backstop(
+        &self,
+        index: usize,
+        c: &ClusterSection,
+        strategy: Strategy,
+        b: &BackstopSection,
+    ) -> Result<Backstop, ConfigError> {
+        let here = Section::Backstop(index);
+        if strategy != Strategy::AccessEntry {
+            // The line of the table itself: that is what has to go.
+            let (line, _) = locate(self.text, here, "");
+            return Err(ConfigError::Invalid {
+                path: self.path.to_string(),
+                line,
+                key: format!("clusters[{index}].backstop"),
+                message: format!(
+                    "cluster `{}` uses the {} strategy: the backstop undoes EKS access-policy associations, so it exists only on access-entry clusters",
+                    c.name,
+                    strategy.name()
+                ),
+            });
+        }
+        let role = &b.scheduler_role_arn;
+        let role_ok = crate::domain::identity::check_arn(role)
+            .and_then(|()| {
+                if role.contains(":role/") {
+                    Ok(())
+                } else {
+                    Err("it names a user, and Scheduler can only assume a role".into())
+                }
+            })
+            .and_then(|()| {
+                // Scheduler passes only roles of the schedule's own account,
+                // and schedules live in the cluster's account.
+                if role.split(':').nth(4) == Some(c.account_id.as_str()) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "it is not in the cluster's account {}",
+                        c.account_id
+                    ))
+                }
+            });
+        if let Err(why) = role_ok {
+            return Err(self.invalid(
+                here,
+                "scheduler_role_arn",
+                format!("`{role}` is not a usable IAM role ARN for EventBridge Scheduler: {why}, e.g. \"arn:aws:iam::{}:role/tollgate-backstop\"", c.account_id),
+            ));
+        }
+        let grace = b.grace.unwrap_or(DEFAULT_GRACE);
+        let group = b.group.clone().unwrap_or_else(|| DEFAULT_GROUP.to_string());
+        let group_ok = !group.is_empty()
+            && group.len() <= 64
+            && group
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch));
+        if !group_ok {
+            return Err(self.invalid(
+                here,
+                "group",
+                format!(
+                    "`{group}` is not a schedule group name: 1-64 letters, digits, `-`, `_` or `.`"
+                ),
+            ));
+        }
+        Ok(Backstop {
+            role_arn: role.clone(),
+            grace,
+            group,
         })
     }
 
@@ -790,6 +880,7 @@ enum Section<'a> {
     Table(&'a str),
     Cluster(usize),
     Role(usize, &'a str),
+    Backstop(usize),
 }
 
 /// Finds the line of a key for errors found after deserialisation, when toml's
@@ -807,13 +898,17 @@ fn locate(text: &str, section: Section<'_>, key: &str) -> (usize, String) {
     let (wanted_header, shown) = match section {
         Section::Table(t) => (t.to_string(), format!("{t}.{key}")),
         Section::Cluster(i) => ("clusters".to_string(), format!("clusters[{i}].{key}")),
+        Section::Backstop(i) => (
+            "clusters.backstop".to_string(),
+            format!("clusters[{i}].backstop.{key}"),
+        ),
         Section::Role(i, r) => (
             format!("clusters.roles.{r}"),
             format!("clusters[{i}].roles.{r}.{key}"),
         ),
     };
     let cluster_index = match section {
-        Section::Cluster(i) | Section::Role(i, _) => Some(i),
+        Section::Cluster(i) | Section::Role(i, _) | Section::Backstop(i) => Some(i),
         Section::Table(_) => None,
     };
     let mut clusters_seen: Option<usize> = None;
@@ -876,6 +971,80 @@ max_duration = "2h"
     fn line_of(text: &str, needle: &str) -> String {
         let n = text.lines().position(|l| l.contains(needle)).unwrap() + 1;
         format!("line {n}")
+    }
+
+    #[test]
+    fn backstop_table_defaults_and_errors_name_the_line() {
+        let with = |table: &str| format!("{MINIMAL}\n[clusters.backstop]\n{table}");
+        let text =
+            with("scheduler_role_arn = \"arn:aws:iam::111122223333:role/tollgate-backstop\"\n");
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let b = cfg.clusters[0].backstop.clone().unwrap();
+        assert_eq!(
+            b.role_arn,
+            "arn:aws:iam::111122223333:role/tollgate-backstop"
+        );
+        assert_eq!(b.grace, Duration::from_secs(900));
+        assert_eq!(b.group, "tollgate");
+        assert!(Config::parse(MINIMAL, "t.toml").unwrap().clusters[0]
+            .backstop
+            .is_none());
+
+        let text = with(
+            "scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\ngrace = \"2s\"\ngroup = \"jit.backstop\"\n",
+        );
+        let b = Config::parse(&text, "t.toml").unwrap().clusters[0]
+            .backstop
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (b.grace, b.group.as_str()),
+            (Duration::from_secs(2), "jit.backstop")
+        );
+
+        for bad in [
+            "arn:aws:iam::111122223333:role/*",
+            "arn:aws:iam::111122223333:user/bob",
+            "arn:aws:iam::444455556666:role/tollgate-backstop",
+            "tollgate-backstop",
+        ] {
+            let text = with(&format!("scheduler_role_arn = \"{bad}\"\n"));
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(&line_of(&text, bad)) && err.contains("scheduler_role_arn"),
+                "{bad}: {err}"
+            );
+        }
+        let text = with(
+            "scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\ngroup = \"no spaces\"\n",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains(&line_of(&text, "no spaces")), "{err}");
+        let text =
+            with("scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\nwhen = \"1m\"\n");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("when"), "{err}");
+
+        // Only access-entry clusters have an AWS-side backstop.
+        let text = with("scheduler_role_arn = \"arn:aws:iam::111122223333:role/b\"\n")
+            .replace(
+                "default_role = \"view\"",
+                "default_role = \"view\"\nstrategy = \"aws-auth\"",
+            )
+            .replace("namespaced = true\n", "")
+            .replace(
+                "access_policy = \"AmazonEKSViewPolicy\"",
+                "groups = [\"viewers\"]",
+            )
+            .replace(
+                "access_policy = \"AmazonEKSEditPolicy\"",
+                "groups = [\"editors\"]",
+            );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "[clusters.backstop]")) && err.contains("access-entry"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -484,6 +484,25 @@ pub async fn check(config: Config) -> bool {
                 Err(e) => line(false, format!("cluster {}: {e}", c.name)),
             },
         }
+        match (&c.backstop, c.strategy) {
+            (Some(b), Strategy::AccessEntry) => {
+                let schedules = crate::access::backstop::AwsSchedules::new(clients.clone());
+                for (passed, what) in
+                    crate::access::backstop::check(&schedules, c, b, &config.server.instance).await
+                {
+                    line(passed, what);
+                }
+            }
+            (None, Strategy::AccessEntry) => println!(
+                "note cluster {}: no backstop configured: access ends only when Tollgate revokes it (add [clusters.backstop])",
+                c.name
+            ),
+            (_, strategy) => println!(
+                "note cluster {}: no AWS-side backstop for the {} strategy: access ends only when Tollgate revokes it",
+                c.name,
+                strategy.name()
+            ),
+        }
         if c.strategy == Strategy::AccessEntry {
             continue;
         }

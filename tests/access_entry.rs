@@ -249,6 +249,7 @@ fn cluster_policy(name: &str) -> ClusterPolicy {
         roles: BTreeMap::new(),
         break_glass: None,
         reconcile_interval: Duration::from_secs(300),
+        backstop: None,
     }
 }
 

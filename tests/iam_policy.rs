@@ -3,7 +3,7 @@
 //! access policies its configuration names.
 //!
 //! The AWS calls are found in `src/` by name: every operation of the
-//! aws-sdk-eks, aws-sdk-sts and aws-sdk-dynamodb versions in Cargo.lock
+//! aws-sdk-eks, aws-sdk-sts, aws-sdk-dynamodb and aws-sdk-scheduler versions in Cargo.lock
 //! (read from the crates' sources in the Cargo registry) that the code
 //! invokes as `.operation(`.
 
@@ -23,8 +23,20 @@ fn root() -> PathBuf {
 }
 
 fn policy() -> Value {
-    let text = std::fs::read_to_string(root().join("manifests/iam-policy.json")).unwrap();
+    manifest_json("iam-policy.json")
+}
+
+fn manifest_json(name: &str) -> Value {
+    let text = std::fs::read_to_string(root().join("manifests").join(name)).unwrap();
     serde_json::from_str(&text).unwrap()
+}
+
+/// The configuration the shipped manifests deploy.
+fn shipped_config() -> Config {
+    let cm_path = root().join("manifests/overlays/sled/configmap.yaml");
+    let cm: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&cm_path).unwrap()).unwrap();
+    Config::parse(cm["data"]["tollgate.toml"].as_str().unwrap(), "configmap").unwrap()
 }
 
 fn as_list(v: &Value) -> Vec<String> {
@@ -107,6 +119,7 @@ fn actions_called() -> BTreeMap<String, String> {
         ("eks", operations("aws-sdk-eks")),
         ("sts", operations("aws-sdk-sts")),
         ("dynamodb", operations("aws-sdk-dynamodb")),
+        ("scheduler", operations("aws-sdk-scheduler")),
     ];
     let mut sources = Vec::new();
     rust_sources(&root().join("src"), &mut sources);
@@ -148,6 +161,10 @@ fn actions_called() -> BTreeMap<String, String> {
         // Credentials for a cluster's `assume_role_arn`.
         if code.contains("AssumeRoleProvider") {
             called.insert("sts:AssumeRole".into(), at.clone());
+        }
+        // A schedule's target role is passed to Scheduler on create/update.
+        if code.contains("aws_sdk_scheduler") && code.contains(".role_arn(") {
+            called.insert("iam:PassRole".into(), at.clone());
         }
         // Tags on CreateAccessEntry are authorised as TagResource too.
         if code.contains(".create_access_entry()") && code.contains(".tags(") {
@@ -240,10 +257,7 @@ fn conditions_keep_tollgate_to_its_own_entries_and_configured_policies() {
     let assoc = statement(&policy, "OnlyConfiguredAccessPolicies");
     let mut allowed = as_list(&assoc["Condition"]["ArnEquals"]["eks:policyArn"]);
     allowed.sort();
-    let cm_path = root().join("manifests/overlays/sled/configmap.yaml");
-    let cm: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&cm_path).unwrap()).unwrap();
-    let cfg = Config::parse(cm["data"]["tollgate.toml"].as_str().unwrap(), "configmap").unwrap();
+    let cfg = shipped_config();
     let mut configured: Vec<String> = cfg
         .clusters
         .iter()
@@ -283,4 +297,134 @@ fn conditions_keep_tollgate_to_its_own_entries_and_configured_policies() {
         );
         assert!(!arn.contains('*'), "{arn}");
     }
+}
+
+#[test]
+fn the_backstop_role_can_undo_exactly_what_schedules_ask_and_no_more() {
+    use tollgate::domain::backstop::Undo;
+    use tollgate::domain::grant::Scope;
+
+    let cfg = shipped_config();
+    let backstops: Vec<_> = cfg
+        .clusters
+        .iter()
+        .filter_map(|c| c.backstop.as_ref().map(|b| (c, b)))
+        .collect();
+    assert!(!backstops.is_empty(), "the shipped config shows a backstop");
+    let mut policies: Vec<String> = cfg
+        .clusters
+        .iter()
+        .flat_map(|c| c.roles.values())
+        .filter_map(|r| r.access_policy.clone())
+        .collect();
+    policies.sort();
+    policies.dedup();
+
+    // The server: the four schedule calls on the group's schedules only,
+    // the group read for `check`, and PassRole on the backstop role only,
+    // only to Scheduler.
+    let server = policy();
+    let schedules = statement(&server, "BackstopSchedules");
+    let mut actions = as_list(&schedules["Action"]);
+    actions.sort();
+    assert_eq!(
+        actions,
+        [
+            "scheduler:CreateSchedule",
+            "scheduler:DeleteSchedule",
+            "scheduler:GetSchedule",
+            "scheduler:UpdateSchedule"
+        ]
+    );
+    let wanted: Vec<String> = backstops
+        .iter()
+        .map(|(c, b)| {
+            format!(
+                "arn:aws:scheduler:{}:{}:schedule/{}/*",
+                c.region, c.account_id, b.group
+            )
+        })
+        .collect();
+    assert_eq!(as_list(&schedules["Resource"]), wanted);
+    let group = statement(&server, "BackstopGroupCheck");
+    assert_eq!(as_list(&group["Action"]), ["scheduler:GetScheduleGroup"]);
+    let pass = statement(&server, "PassOnlyTheBackstopRole");
+    let roles: Vec<String> = backstops.iter().map(|(_, b)| b.role_arn.clone()).collect();
+    assert_eq!(as_list(&pass["Resource"]), roles);
+    assert_eq!(
+        pass["Condition"]["StringEquals"]["iam:PassedToService"],
+        "scheduler.amazonaws.com"
+    );
+    for s in server["Statement"].as_array().unwrap() {
+        if as_list(&s["Action"]).iter().any(|a| a == "iam:PassRole") {
+            assert_eq!(s["Sid"], "PassOnlyTheBackstopRole");
+        }
+    }
+
+    // The role Scheduler assumes: every call a schedule can make, on the
+    // configured clusters' entries only; deletes only of Tollgate-tagged
+    // entries; (dis)associations only of the configured policies.
+    let role = manifest_json("backstop-role-policy.json");
+    let mut granted = BTreeSet::new();
+    let entry_resources: Vec<String> = backstops
+        .iter()
+        .map(|(c, _)| {
+            format!(
+                "arn:aws:eks:{}:{}:access-entry/{}/*",
+                c.region, c.account_id, c.name
+            )
+        })
+        .collect();
+    for s in role["Statement"].as_array().unwrap() {
+        assert_eq!(s["Effect"], "Allow");
+        assert!(s["Condition"].is_object(), "{} has no condition", s["Sid"]);
+        assert_eq!(as_list(&s["Resource"]), entry_resources, "{}", s["Sid"]);
+        let actions = as_list(&s["Action"]);
+        if actions.iter().any(|a| a == "eks:DeleteAccessEntry") {
+            assert_eq!(actions, ["eks:DeleteAccessEntry"]);
+            let eq = &s["Condition"]["StringEquals"];
+            assert_eq!(eq["aws:ResourceTag/managed-by"], "tollgate");
+            assert_eq!(eq["aws:ResourceTag/tollgate-instance"], cfg.server.instance);
+        } else {
+            let mut allowed = as_list(&s["Condition"]["ArnEquals"]["eks:policyArn"]);
+            allowed.sort();
+            assert_eq!(allowed, policies, "{}", s["Sid"]);
+        }
+        granted.extend(actions);
+    }
+    let needed: BTreeSet<String> = [
+        Undo::DeleteEntry,
+        Undo::Disassociate,
+        Undo::Restore(Scope::Cluster),
+    ]
+    .iter()
+    .map(|u| {
+        let a = u.action();
+        format!("eks:{}{}", a[..1].to_ascii_uppercase(), &a[1..])
+    })
+    .collect();
+    assert_eq!(granted, needed);
+
+    // Only Scheduler of this account, for this group, may assume it.
+    let trust = manifest_json("backstop-role-trust.json");
+    let statements = trust["Statement"].as_array().unwrap();
+    assert_eq!(statements.len(), 1);
+    let t = &statements[0];
+    assert_eq!(
+        t["Principal"],
+        serde_json::json!({"Service": "scheduler.amazonaws.com"})
+    );
+    assert_eq!(t["Action"], "sts:AssumeRole");
+    let (c, b) = backstops[0];
+    assert_eq!(
+        t["Condition"]["StringEquals"]["aws:SourceAccount"],
+        c.account_id.as_str()
+    );
+    assert_eq!(
+        t["Condition"]["ArnEquals"]["aws:SourceArn"],
+        format!(
+            "arn:aws:scheduler:{}:{}:schedule-group/{}",
+            c.region, c.account_id, b.group
+        )
+    );
 }

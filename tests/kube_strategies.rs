@@ -104,6 +104,7 @@ async fn rig(strategy: Strategy) -> Rig {
         roles: Default::default(),
         break_glass: None,
         reconcile_interval: Duration::from_secs(300),
+        backstop: None,
     };
     let store = Arc::new(SledStore::open(&dir.path().join("store")).expect("sled store"));
     Rig {

@@ -8,8 +8,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::aws::{describe_error, AwsClients};
+use super::backstop::{AwsSchedules, Backstops, Schedules};
 use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
+use crate::domain::backstop;
 use crate::domain::grant::{desired_policies, plan_associations, scope_covers, Scope};
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
@@ -28,6 +30,7 @@ pub struct AccessEntryStrategy {
     clients: Arc<AwsClients>,
     store: Arc<dyn Store>,
     instance: String,
+    backstops: Backstops,
 }
 
 struct Entry {
@@ -109,16 +112,26 @@ fn from_aws_scope(scope: Option<&AccessScope>) -> Scope {
 
 impl AccessEntryStrategy {
     pub fn new(clients: Arc<AwsClients>, store: Arc<dyn Store>) -> Self {
+        let schedules = Arc::new(AwsSchedules::new(clients.clone()));
         AccessEntryStrategy {
             clients,
             store,
             instance: DEFAULT_INSTANCE.into(),
+            backstops: Backstops::new(schedules, DEFAULT_INSTANCE),
         }
     }
 
     /// The installation name written on every entry (`[server] instance`).
     pub fn with_instance(mut self, instance: &str) -> Self {
         self.instance = instance.to_string();
+        self.backstops = Backstops::new(self.backstops.schedules().clone(), instance);
+        self
+    }
+
+    /// Where backstop schedules are written (EventBridge Scheduler unless
+    /// a test says otherwise).
+    pub fn with_schedules(mut self, schedules: Arc<dyn Schedules>) -> Self {
+        self.backstops = Backstops::new(schedules, &self.instance);
         self
     }
 
@@ -251,6 +264,51 @@ impl AccessEntryStrategy {
             .tags
             .insert(TAG_INSTANCE.into(), self.instance.clone());
         Ok(())
+    }
+
+    /// The backstop a converge leaves for `principal`: see
+    /// `domain::backstop::plan`. `entry` is the principal's entry and
+    /// whether this converge just created it.
+    #[allow(clippy::too_many_arguments)] // one call site each: converge and the repair
+    async fn backstop_plan(
+        &self,
+        cluster: &ClusterPolicy,
+        b: &backstop::Backstop,
+        principal: &str,
+        grants: &[InForce<'_>],
+        entry: Option<(&Entry, bool)>,
+        current: &BTreeMap<String, Scope>,
+        baselines: &crate::domain::grant::Baselines,
+    ) -> Result<backstop::BackstopPlan, AccessError> {
+        let entry_ours = match entry {
+            Some((_, true)) => true,
+            Some((e, false)) if e.marked_for(&self.instance) && e.plain(principal) => {
+                store_knows(
+                    self.store.as_ref(),
+                    &cluster.name,
+                    e.tags.get(TAG_GRANT).map(String::as_str),
+                    &Intent::AccessEntry {
+                        principal: principal.to_string(),
+                    },
+                )
+                .await?
+            }
+            _ => false,
+        };
+        let plan = backstop::plan(
+            b,
+            &backstop::Subject {
+                instance: &self.instance,
+                cluster: &cluster.name,
+                principal,
+            },
+            &expiries_by_policy(grants),
+            current,
+            baselines,
+            entry_ours,
+        );
+        tracing::debug!(cluster = %cluster.name, ?plan, "backstop plan");
+        Ok(plan)
     }
 
     async fn associations(
@@ -425,6 +483,51 @@ impl AccessEngine for AccessEntryStrategy {
         Ok(seen)
     }
 
+    /// Only schedules are written, and only for grants whose association
+    /// a converge already made (a baseline is recorded for it): nothing
+    /// here changes access.
+    async fn backstop(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<(), AccessError> {
+        let Some(b) = &cluster.backstop else {
+            return Ok(());
+        };
+        if grants.is_empty() {
+            return Ok(());
+        }
+        let eks = self.clients.eks(cluster).await;
+        let Some(entry) = self.describe_entry(&eks, cluster, principal).await? else {
+            return Ok(());
+        };
+        let current = self.associations(&eks, cluster, principal).await?;
+        let baselines = self.store.baselines(&cluster.name, principal).await?;
+        let touched: Vec<InForce<'_>> = grants
+            .iter()
+            .filter(|g| {
+                g.spec
+                    .policy_arn
+                    .as_ref()
+                    .is_some_and(|p| baselines.contains_key(p))
+            })
+            .cloned()
+            .collect();
+        let plan = self
+            .backstop_plan(
+                cluster,
+                b,
+                principal,
+                &touched,
+                Some((&entry, false)),
+                &current,
+                &baselines,
+            )
+            .await?;
+        self.backstops.put(cluster, b, &plan).await
+    }
+
     async fn converge(
         &self,
         cluster: &ClusterPolicy,
@@ -474,10 +577,43 @@ impl AccessEngine for AccessEntryStrategy {
                 .record_baselines(&cluster.name, principal, &plan.new_baselines)
                 .await?;
         }
+        // The backstop's schedules are written before the associations they
+        // undo: a crash in between leaves a schedule whose call finds
+        // nothing to undo (harmless), never an association with no
+        // schedule, which is what the backstop exists to prevent.
+        let mut schedules_failed = None;
+        let backstop = match &cluster.backstop {
+            Some(b) => {
+                let mut all_baselines = baselines.clone();
+                all_baselines.extend(plan.new_baselines.clone());
+                let backstop_plan = self
+                    .backstop_plan(
+                        cluster,
+                        b,
+                        principal,
+                        grants,
+                        entry.as_ref().map(|e| (e, created)),
+                        &current,
+                        &all_baselines,
+                    )
+                    .await?;
+                schedules_failed = self.backstops.put(cluster, b, &backstop_plan).await.err();
+                Some((b, backstop_plan))
+            }
+            None => None,
+        };
         if plan.needs_entry && entry.is_none() {
             self.create_entry(&eks, cluster, principal, creator).await?;
         }
-        for (policy, scope) in &plan.associate {
+        // Scheduler out of reach: nothing is granted or widened without its
+        // schedule, but access is still narrowed and removed (a revoke never
+        // waits on Scheduler), and the step then reports the failure so it
+        // is retried until the schedules are right.
+        for (policy, scope) in plan
+            .associate
+            .iter()
+            .filter(|(p, s)| schedules_failed.is_none() || narrows(current.get(p), s))
+        {
             eks.associate_access_policy()
                 .cluster_name(&cluster.name)
                 .principal_arn(principal)
@@ -500,6 +636,14 @@ impl AccessEngine for AccessEntryStrategy {
                 Err(e) if is_code(&e, "ResourceNotFoundException") => {}
                 Err(e) => return Err(aws_error(cluster, "DisassociateAccessPolicy", &e)),
             }
+        }
+        if let Some(e) = schedules_failed {
+            return Err(e);
+        }
+        // Before the baselines are forgotten: they are what names the
+        // schedules to delete, so a crash here leaves them to the next pass.
+        if let Some((b, backstop_plan)) = &backstop {
+            self.backstops.remove(cluster, b, backstop_plan).await?;
         }
         if !plan.forget_baselines.is_empty() {
             self.store
@@ -545,6 +689,28 @@ impl AccessEngine for AccessEntryStrategy {
     }
 }
 
+/// Whether associating `new` only takes access away from what `current`
+/// gives (or gives exactly that).
+fn narrows(current: Option<&Scope>, new: &Scope) -> bool {
+    match (current, new) {
+        (None, _) => false,
+        (Some(Scope::Cluster), _) => true,
+        (Some(Scope::Namespaces(_)), Scope::Cluster) => false,
+        (Some(Scope::Namespaces(had)), Scope::Namespaces(ns)) => ns.is_subset(had),
+    }
+}
+
+/// Per access policy, the expiries of the grants that need it.
+fn expiries_by_policy(grants: &[InForce<'_>]) -> BTreeMap<String, Vec<time::OffsetDateTime>> {
+    let mut out: BTreeMap<String, Vec<time::OffsetDateTime>> = BTreeMap::new();
+    for g in grants {
+        if let (Some(policy), Some(expires_at)) = (&g.spec.policy_arn, g.expires_at) {
+            out.entry(policy.clone()).or_default().push(expires_at);
+        }
+    }
+    out
+}
+
 /// The cluster's authentication mode, for `tollgate check`.
 pub async fn authentication_mode(
     clients: &AwsClients,
@@ -567,6 +733,16 @@ pub async fn authentication_mode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_narrowing_is_narrowing() {
+        let ns = |n: &[&str]| Scope::from_namespaces(n.iter().copied());
+        assert!(narrows(Some(&Scope::Cluster), &ns(&["a"])));
+        assert!(narrows(Some(&ns(&["a", "b"])), &ns(&["a"])));
+        assert!(!narrows(Some(&ns(&["a"])), &ns(&["a", "b"])));
+        assert!(!narrows(Some(&ns(&["a"])), &Scope::Cluster));
+        assert!(!narrows(None, &ns(&["a"])));
+    }
 
     #[test]
     fn eks_default_username_is_recognised() {

@@ -15,6 +15,7 @@ use crate::domain::policy::ClusterPolicy;
 pub struct AwsClients {
     base: SdkConfig,
     eks: Mutex<HashMap<String, aws_sdk_eks::Client>>,
+    scheduler: Mutex<HashMap<String, aws_sdk_scheduler::Client>>,
 }
 
 /// The SDK's default HTTPS client would bring aws-lc-rs next to the ring
@@ -43,6 +44,7 @@ impl AwsClients {
         AwsClients {
             base,
             eks: Mutex::new(HashMap::new()),
+            scheduler: Mutex::new(HashMap::new()),
         }
     }
 
@@ -69,6 +71,18 @@ impl AwsClients {
             return client.clone();
         }
         let client = aws_sdk_eks::Client::new(&self.cluster_config(cluster).await);
+        cache.insert(cluster.name.clone(), client.clone());
+        client
+    }
+
+    /// EventBridge Scheduler in the cluster's account and region, where its
+    /// backstop schedules live (Scheduler passes only same-account roles).
+    pub async fn scheduler(&self, cluster: &ClusterPolicy) -> aws_sdk_scheduler::Client {
+        let mut cache = self.scheduler.lock().await;
+        if let Some(client) = cache.get(&cluster.name) {
+            return client.clone();
+        }
+        let client = aws_sdk_scheduler::Client::new(&self.cluster_config(cluster).await);
         cache.insert(cluster.name.clone(), client.clone());
         client
     }

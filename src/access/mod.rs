@@ -11,6 +11,7 @@ use crate::domain::request::{AccessSpec, Intent};
 pub mod access_entry;
 pub mod aws;
 pub mod aws_auth;
+pub mod backstop;
 pub mod eks_token;
 pub mod kube;
 pub mod permissions;
@@ -118,6 +119,19 @@ pub trait AccessEngine: Send + Sync + 'static {
         revoked: &AccessSpec,
         grants: &[InForce<'_>],
     ) -> Result<ReadBack, AccessError>;
+
+    /// Brings the backstop schedules of `principal` up to date with
+    /// `grants` without changing any access: the reconciler's repair for a
+    /// schedule a converge could not move (spec 10.1). Strategies without
+    /// an AWS-side backstop have nothing to do.
+    async fn backstop(
+        &self,
+        _cluster: &ClusterPolicy,
+        _principal: &str,
+        _grants: &[InForce<'_>],
+    ) -> Result<(), AccessError> {
+        Ok(())
+    }
 
     /// Makes the cluster give `principal` exactly what `grants` need, plus
     /// whatever it had before Tollgate. `creator` names the grant credited
@@ -271,6 +285,17 @@ impl AccessEngine for Engine {
     ) -> Result<ReadBack, AccessError> {
         self.strategy(cluster)
             .verify_removed(cluster, principal, revoked_id, revoked, grants)
+            .await
+    }
+
+    async fn backstop(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        grants: &[InForce<'_>],
+    ) -> Result<(), AccessError> {
+        self.strategy(cluster)
+            .backstop(cluster, principal, grants)
             .await
     }
 }

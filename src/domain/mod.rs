@@ -2,6 +2,7 @@
 //! argument so tests can move time without sleeping.
 
 pub mod audit;
+pub mod backstop;
 pub mod command;
 pub mod duration;
 pub mod form;

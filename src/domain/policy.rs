@@ -85,6 +85,9 @@ pub struct ClusterPolicy {
     pub roles: BTreeMap<String, RolePolicy>,
     pub break_glass: Option<BreakGlass>,
     pub reconcile_interval: Duration,
+    /// `[clusters.backstop]`: EventBridge Scheduler undoes each association
+    /// if Tollgate does not (access-entry clusters only).
+    pub backstop: Option<super::backstop::Backstop>,
 }
 
 pub use super::identity::IdentityPolicy;
@@ -311,6 +314,7 @@ pub(crate) mod tests {
             ]),
             break_glass: None,
             reconcile_interval: Duration::from_secs(300),
+            backstop: None,
         }
     }
 

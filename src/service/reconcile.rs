@@ -307,6 +307,11 @@ impl Service {
                 self.report_drift(g).await;
                 report.drifted.push(g.id.to_string());
             }
+            // A schedule a grant or extension could not move is put right
+            // here, long before it would fire (spec 10.1).
+            if let Err(e) = self.access.backstop(cluster, &principal, &in_force).await {
+                tracing::warn!(cluster = %cluster.name, %principal, error = %e, "backstop schedules not brought up to date");
+            }
             let mut mine: Vec<&Owned> = owned_by.get(key).cloned().unwrap_or_default();
             // The listing was taken before this principal's lock; a grant or
             // revoke may have finished since. Before acting on a

@@ -26,7 +26,12 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 
 /// Runs discovery and prints it; returns the exit status.
-pub async fn run(config: Config, only: Option<&str>, json: bool) -> u8 {
+pub async fn run(
+    config: Config,
+    tunables: &crate::tunables::Tunables,
+    only: Option<&str>,
+    json: bool,
+) -> u8 {
     let clusters = match only {
         Some(name) => match config.cluster(name) {
             Some(c) => vec![c.clone()],
@@ -51,7 +56,7 @@ pub async fn run(config: Config, only: Option<&str>, json: bool) -> u8 {
     };
     // Without the store nothing can be told apart from Tollgate's own
     // grants: better no list than one that counts them as standing.
-    let records = match crate::server::admin_command(config, request).await {
+    let records = match crate::server::admin_command(config, tunables, request).await {
         Ok(AdminResponse::Records { records }) => records,
         Ok(AdminResponse::Error { message }) => {
             eprintln!("error: the store cannot say which objects are Tollgate's: {message}");

@@ -22,3 +22,4 @@ pub mod service;
 pub mod slack;
 pub mod store;
 pub mod telemetry;
+pub mod tunables;

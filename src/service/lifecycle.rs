@@ -19,62 +19,15 @@ use crate::domain::request::{
 };
 use crate::store::StoreError;
 
-/// Failed steps retry with capped exponential backoff; a revoke still
-/// failing after this many attempts becomes `RevokeFailed` and is alerted
-/// on, and retries go on.
+/// Failed steps retry with capped exponential backoff (from
+/// `Tunables::retry_base`); a revoke still failing after this many attempts
+/// becomes `RevokeFailed` and is alerted on, and retries go on.
 const REVOKE_FAILED_AFTER: u32 = 5;
-const RETRY_BASE: Duration = Duration::from_secs(2);
-/// `TOLLGATE_RETRY_BASE` (a humantime duration) overrides the first retry
-/// delay; outage drills and tests shorten it.
-const RETRY_BASE_ENV: &str = "TOLLGATE_RETRY_BASE";
-
-fn retry_base() -> Duration {
-    static BASE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *BASE.get_or_init(|| {
-        std::env::var(RETRY_BASE_ENV)
-            .ok()
-            .and_then(|v| humantime::parse_duration(&v).ok())
-            .filter(|d| !d.is_zero())
-            .unwrap_or(RETRY_BASE)
-    })
-}
 const RETRY_CAP: Duration = Duration::from_secs(300);
-/// One stuck request must not hold up every other due one for long; a step
-/// cut off here is simply driven again (it is idempotent). Kept well inside
-/// the claim, so a step never outlives the claim it runs under.
-fn drive_timeout() -> Duration {
-    Duration::from_secs(60).min(claim_ttl() * 2 / 3)
-}
 
-/// A converge (reading the grants in force, then the cloud calls) that has
-/// not finished by then is cut off and counts as a failed attempt of its
-/// step: recorded, retried with backoff, counted and alerted on like any
-/// other failure, never dropped. Well inside the step's own limit, which
-/// leaves room to record the outcome (and, for a grant, one cleanup).
-pub(super) fn converge_limit() -> Duration {
-    drive_timeout() * 2 / 5
-}
-
-/// How long a replica's claim on a row lasts: the failover time when a
-/// replica dies mid-step. `TOLLGATE_CLAIM_TTL` (humantime) overrides it for
-/// drills and tests.
-const CLAIM_TTL: Duration = Duration::from_secs(30);
-const CLAIM_TTL_ENV: &str = "TOLLGATE_CLAIM_TTL";
-
-pub fn claim_ttl() -> Duration {
-    static TTL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *TTL.get_or_init(|| {
-        std::env::var(CLAIM_TTL_ENV)
-            .ok()
-            .and_then(|v| humantime::parse_duration(&v).ok())
-            .filter(|d| *d >= Duration::from_secs(1))
-            .unwrap_or(CLAIM_TTL)
-    })
-}
-
-fn retry_backoff(attempts: u32) -> Duration {
+fn retry_backoff(base: Duration, attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
-    (retry_base() * factor).min(RETRY_CAP)
+    (base * factor).min(RETRY_CAP)
 }
 
 /// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the
@@ -173,7 +126,7 @@ impl Service {
             work.spawn(async move {
                 let span = tracing::info_span!("request", request_id = %id);
                 if tokio::time::timeout(
-                    drive_timeout(),
+                    service.tunables.step_limit(),
                     service.drive_when(&id, when).instrument(span),
                 )
                 .await
@@ -190,7 +143,10 @@ impl Service {
     pub async fn drive(self: &Arc<Self>, id: &RequestId) {
         let span = tracing::info_span!("request", request_id = %id);
         let step = self.drive_when(id, When::Due).instrument(span);
-        if tokio::time::timeout(drive_timeout(), step).await.is_err() {
+        if tokio::time::timeout(self.tunables.step_limit(), step)
+            .await
+            .is_err()
+        {
             tracing::error!(request_id = %id, "step timed out; it will be driven again");
         }
     }
@@ -304,7 +260,7 @@ impl Service {
         include: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<(), String> {
-        let limit = self.converge_limit();
+        let limit = self.tunables.converge_limit;
         let converge = async {
             let others = self
                 .others_in_force(req, now)
@@ -339,7 +295,7 @@ impl Service {
                 let mut next = current.clone();
                 next.claim = Some(Claim {
                     owner: owner.clone(),
-                    until: now + claim_ttl(),
+                    until: now + self.tunables.claim_ttl,
                 });
                 Change::Write(Box::new(next.clone()), Vec::new(), Some(next))
             })
@@ -496,7 +452,7 @@ impl Service {
                 next.claim = None;
                 if let Some(message) = &failure {
                     next.attempts += 1;
-                    next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
+                    next.retry_at = Some(done_at + jittered(retry_backoff(self.tunables.retry_base, next.attempts)));
                     tracing::error!(request_id = %next.id, error = %message, attempts = next.attempts, "cleanup of an abandoned grant failed; retrying");
                     return Change::Write(Box::new(next), Vec::new(), None);
                 }
@@ -631,7 +587,7 @@ impl Service {
                         tracing::error!(request_id = %next.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
                         details["cleanup_pending"] = json!(cleanup_error);
                         next.attempts += 1;
-                        next.retry_at = Some(now + jittered(retry_backoff(next.attempts)));
+                        next.retry_at = Some(now + jittered(retry_backoff(self.tunables.retry_base, next.attempts)));
                         Some(Notice::CardOnly)
                     }
                 };
@@ -727,7 +683,10 @@ impl Service {
                     }
                     Err(message) => {
                         next.attempts += 1;
-                        next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
+                        next.retry_at = Some(
+                            done_at
+                                + jittered(retry_backoff(self.tunables.retry_base, next.attempts)),
+                        );
                         let mut audit = Vec::new();
                         let mut notice = None;
                         if next.attempts >= REVOKE_FAILED_AFTER && next.state == State::Active {
@@ -813,9 +772,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        assert_eq!(retry_backoff(1), Duration::from_secs(2));
-        assert_eq!(retry_backoff(2), Duration::from_secs(4));
-        assert_eq!(retry_backoff(5), Duration::from_secs(32));
-        assert_eq!(retry_backoff(30), RETRY_CAP);
+        let base = Duration::from_secs(2);
+        assert_eq!(retry_backoff(base, 1), Duration::from_secs(2));
+        assert_eq!(retry_backoff(base, 2), Duration::from_secs(4));
+        assert_eq!(retry_backoff(base, 5), Duration::from_secs(32));
+        assert_eq!(retry_backoff(base, 30), RETRY_CAP);
     }
 }

@@ -14,6 +14,7 @@ use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
 use crate::slack::{blocks, Message, SlackApi, SlackError};
 use crate::store::{Store, StoreError};
+use crate::tunables::Tunables;
 
 mod admin;
 mod commands;
@@ -51,10 +52,8 @@ pub struct Service {
     /// the store did not create: each is audited when first seen.
     foreign:
         std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
-    /// How long one converge may take before it counts as a failed
-    /// attempt (milliseconds; `lifecycle::converge_limit` unless a test or
-    /// drill sets it).
-    converge_limit_ms: std::sync::atomic::AtomicU64,
+    /// Step timing (retry base, claim term, converge limit), from `main`.
+    tunables: Tunables,
     /// Per cluster, when the reconciler last read every object's marks.
     full_scans: std::sync::Mutex<std::collections::BTreeMap<String, time::OffsetDateTime>>,
 }
@@ -125,6 +124,7 @@ impl Service {
         slack: Arc<dyn SlackApi>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        tunables: Tunables,
     ) -> Arc<Self> {
         Arc::new(Service {
             config,
@@ -140,26 +140,12 @@ impl Service {
             standing: Default::default(),
             foreign: Default::default(),
             full_scans: Default::default(),
-            converge_limit_ms: std::sync::atomic::AtomicU64::new(
-                lifecycle::converge_limit().as_millis() as u64,
-            ),
+            tunables,
         })
     }
 
-    /// Shortens (or lengthens) the converge time limit, for tests that
-    /// need a cluster that hangs to be cut off in milliseconds.
-    pub fn set_converge_limit(&self, limit: std::time::Duration) {
-        self.converge_limit_ms.store(
-            limit.as_millis() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    pub(crate) fn converge_limit(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(
-            self.converge_limit_ms
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )
+    pub fn tunables(&self) -> &Tunables {
+        &self.tunables
     }
 
     pub fn replica(&self) -> &str {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::OwnedMutexGuard;
 
-use super::lifecycle::claim_ttl;
 use super::Service;
 
 /// Between tries for a lease another replica holds.
@@ -21,6 +20,8 @@ pub(crate) struct PrincipalGuard {
 
 struct Lease {
     name: String,
+    /// The term it was taken for (`Tunables::claim_ttl`).
+    ttl: Duration,
     holder: String,
     until: OffsetDateTime,
     store: std::sync::Arc<dyn crate::store::Store>,
@@ -33,7 +34,7 @@ impl PrincipalGuard {
     pub(crate) fn fresh_enough(&self, now: OffsetDateTime) -> bool {
         self.lease
             .as_ref()
-            .is_none_or(|l| now + claim_ttl() / 3 < l.until)
+            .is_none_or(|l| now + l.ttl / 3 < l.until)
     }
 }
 
@@ -67,16 +68,18 @@ impl Service {
             });
         }
         let name = format!("principal/{cluster}/{principal}");
-        let deadline = std::time::Instant::now() + claim_ttl();
+        let ttl = self.tunables.claim_ttl;
+        let deadline = std::time::Instant::now() + ttl;
         loop {
             let now = self.clock.now();
-            let until = now + claim_ttl();
+            let until = now + ttl;
             match self.store.try_lease(&name, &self.replica, until, now).await {
                 Ok(true) => {
                     return Some(PrincipalGuard {
                         _local: local,
                         lease: Some(Lease {
                             name,
+                            ttl,
                             holder: self.replica.clone(),
                             until,
                             store: self.store.clone(),

@@ -216,6 +216,11 @@ fn rig() -> Rig {
 
 /// A rig whose config `edit` has changed first.
 fn rig_with(edit: impl FnOnce(&mut Config)) -> Rig {
+    rig_tuned(edit, Tunables::default())
+}
+
+/// A rig with its config edited and its own step timing.
+fn rig_tuned(edit: impl FnOnce(&mut Config), tunables: Tunables) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         path: "test.toml".into(),
@@ -248,6 +253,7 @@ fn rig_with(edit: impl FnOnce(&mut Config)) -> Rig {
         slack.clone(),
         clock.clone(),
         Arc::new(crate::metrics::Metrics::new()),
+        tunables,
     );
     Rig {
         service,
@@ -392,8 +398,11 @@ async fn failing_revoke_backs_off_escalates_alerts_then_completes() {
 /// alert at the threshold.
 #[tokio::test]
 async fn a_revoke_cut_off_by_its_time_limit_is_a_failed_attempt() {
-    let r = rig();
-    r.service.set_converge_limit(Duration::from_millis(100));
+    let tunables = Tunables {
+        converge_limit: Duration::from_millis(100),
+        ..Tunables::default()
+    };
+    let r = rig_tuned(|_| {}, tunables);
     let id = r.approved("eks prod 5m view", "U0APP").await;
     *r.access.hangs.lock().unwrap() = 5;
     r.clock.advance(Duration::from_secs(5 * 60));

@@ -138,6 +138,7 @@ fn rig(config: &str) -> Rig {
         posts.clone(),
         clock.clone(),
         Arc::new(crate::metrics::Metrics::new()),
+        crate::tunables::Tunables::default(),
     );
     let reader = Arc::new(FakeReader::default());
     service.set_standing_reader(reader.clone());

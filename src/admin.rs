@@ -147,7 +147,9 @@ pub async fn handle(service: &Arc<Service>, request: AdminRequest, os_user: &str
             .await
             .map(|records| AdminResponse::Records { records }),
     };
-    result.unwrap_or_else(|message| AdminResponse::Error { message })
+    result.unwrap_or_else(|e| AdminResponse::Error {
+        message: e.to_string(),
+    })
 }
 
 /// Serves one JSON request line → one JSON response line per connection.

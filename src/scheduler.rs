@@ -49,6 +49,7 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
         };
         service.metrics().scheduler_lag_seconds.set(lag);
         if let Err(e) = service.run_due().await {
+            service.metrics().failed("store", e.metric_label());
             tracing::error!(error = %e, "scheduler pass failed");
         }
         let now = service.clock().now();
@@ -64,6 +65,7 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             },
             Ok(None) => max_sleep,
             Err(e) => {
+                service.metrics().failed("store", e.metric_label());
                 tracing::error!(error = %e, "cannot read the due index");
                 Duration::from_secs(1)
             }
@@ -125,6 +127,7 @@ pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool
                     tracing::info!(cluster = %cluster.name, removed = ?report.removed, drifted = ?report.drifted, "reconciled")
                 }
                 Err(e) => {
+                    service.metrics().failed("reconcile", e.metric_label());
                     tracing::warn!(cluster = %cluster.name, error = %e, "reconcile failed; next interval retries")
                 }
             }

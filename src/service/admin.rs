@@ -5,6 +5,7 @@
 use serde_json::json;
 use std::sync::Arc;
 
+use super::error::{Refusal, ServiceError};
 use super::{Change, Notice, Service};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::request::{Event, Request, RequestId, RevokeIntent, RevokeReason, State};
@@ -43,27 +44,26 @@ pub enum Revoker {
 
 impl Service {
     /// What `store prune --before` would remove (see `store::prune`).
-    pub async fn prune_plan(&self, before: time::OffsetDateTime) -> Result<PrunePlan, String> {
-        prune::plan(self.store.as_ref(), before)
-            .await
-            .map_err(|e| e.to_string())
+    pub async fn prune_plan(
+        &self,
+        before: time::OffsetDateTime,
+    ) -> Result<PrunePlan, ServiceError> {
+        Ok(prune::plan(self.store.as_ref(), before).await?)
     }
 
     pub async fn prune_apply(
         &self,
         plan: &PrunePlan,
         before: time::OffsetDateTime,
-    ) -> Result<String, String> {
-        let (rows, events) = prune::apply(self.store.as_ref(), plan, before)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.store.flush().await.map_err(|e| e.to_string())?;
+    ) -> Result<String, ServiceError> {
+        let (rows, events) = prune::apply(self.store.as_ref(), plan, before).await?;
+        self.store.flush().await?;
         Ok(prune::summary(rows, events, before))
     }
 
     /// Requests that still hold or may still get access.
-    pub async fn live_requests(&self) -> Result<Vec<Request>, String> {
-        let mut out: Vec<Request> = self.store.live().await.map_err(|e| e.to_string())?;
+    pub async fn live_requests(&self) -> Result<Vec<Request>, ServiceError> {
+        let mut out: Vec<Request> = self.store.live().await?;
         out.sort_by_key(|r| r.created_at);
         Ok(out)
     }
@@ -74,7 +74,7 @@ impl Service {
         id_text: &str,
         reason: Option<&str>,
         os_user: &str,
-    ) -> Result<String, String> {
+    ) -> Result<String, ServiceError> {
         let who = Revoker::Cli {
             os_user: os_user.to_string(),
             note: reason.map(str::to_string),
@@ -89,13 +89,8 @@ impl Service {
         self: &Arc<Self>,
         id_text: &str,
         who: Revoker,
-    ) -> Result<String, String> {
-        let id = RequestId::parse(id_text).ok_or_else(|| {
-            format!(
-                "`{}` is not a request id (like R-7F3K2)",
-                crate::domain::text::clip(id_text, 20)
-            )
-        })?;
+    ) -> Result<String, ServiceError> {
+        let id = RequestId::parse(id_text).ok_or_else(|| Refusal::NotAnId(id_text.to_string()))?;
         let now = self.clock.now();
         let (actor, details, intent) = match &who {
             Revoker::Cli { os_user, note } => (
@@ -154,8 +149,10 @@ impl Service {
             })
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound(_) => format!("Tollgate has no request {id}."),
-                other => other.to_string(),
+                crate::store::StoreError::NotFound(_) => {
+                    ServiceError::from(Refusal::NoSuchRequest(id.to_string()))
+                }
+                other => ServiceError::from(other),
             })?;
         match outcome {
             Ok(State::Cancelled) => {
@@ -167,7 +164,7 @@ impl Service {
             Ok(_) => {
                 // Revoke now rather than wait for the scheduler's next pass.
                 self.drive(&id).await;
-                match self.store.get(&id).await.map_err(|e| e.to_string())? {
+                match self.store.get(&id).await? {
                     Some(r) if r.state == State::Revoked => {
                         Ok(format!("{id} is revoked; its access is gone."))
                     }
@@ -175,23 +172,21 @@ impl Service {
                         "{id} is marked for revocation but is still {} (Tollgate keeps retrying).",
                         r.state.label()
                     )),
-                    None => Err(format!("{id} disappeared from the store")),
+                    None => Err(Refusal::Vanished(id.to_string()).into()),
                 }
             }
-            Err(state) => Err(format!(
-                "{id} is already {}; nothing to revoke.",
-                state.label().replace('_', " ")
-            )),
+            Err(state) => Err(Refusal::AlreadyEnded {
+                id: id.to_string(),
+                state: state.label().replace('_', " "),
+            }
+            .into()),
         }
     }
 
     pub async fn audit_since(
         &self,
         since: Option<time::OffsetDateTime>,
-    ) -> Result<Vec<AuditEvent>, String> {
-        self.store
-            .audit_since(since)
-            .await
-            .map_err(|e| e.to_string())
+    ) -> Result<Vec<AuditEvent>, ServiceError> {
+        Ok(self.store.audit_since(since).await?)
     }
 }

@@ -86,7 +86,7 @@ impl Service {
         // An offboarded requester's request cannot be approved (spec 9.1).
         if d.approve {
             if let Err(why) = self.requester_still_here(&req).await {
-                return reply(why).await;
+                return reply(crate::slack::blocks::refusal_text(&why)).await;
             }
         }
         let members = self.group_members(&role.approvers).await;

@@ -115,7 +115,7 @@ impl Service {
         }
         let requester = match self.requesting_user(user).await {
             Ok(u) => u,
-            Err(why) => return why,
+            Err(why) => return blocks::refusal_text(&why),
         };
         // Guests never extend, even where they may request (spec 9.1).
         if requester.is_guest {
@@ -146,7 +146,7 @@ impl Service {
         };
         if mode == Mode::Approval {
             if let Err(why) = self.pending_room(user).await {
-                return why;
+                return blocks::refusal_text(&why);
             }
         }
         let mut ext = Request::extension_of(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
+use super::error::{GrantRefusal, ServiceError};
 use super::{Change, Notice, Service};
 use crate::access::InForce;
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
@@ -156,7 +157,7 @@ impl Service {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "store read failed");
+                self.store_failed(id, &e, "store read failed");
                 return;
             }
         };
@@ -204,13 +205,11 @@ impl Service {
         req: &Request,
         others: &[Request],
         include: Option<OffsetDateTime>,
-    ) -> Result<(), String> {
-        let configured = self.config.cluster(&req.access.cluster).ok_or_else(|| {
-            format!(
-                "cluster {} is no longer in the configuration",
-                req.access.cluster
-            )
-        })?;
+    ) -> Result<(), ServiceError> {
+        let configured = self
+            .config
+            .cluster(&req.access.cluster)
+            .ok_or_else(|| ServiceError::ClusterGone(req.access.cluster.clone()))?;
         // The strategy the grant was made with, whatever the configuration
         // says now: a cluster switched to another strategy mid-grant still
         // has this grant's objects removed the way they were made.
@@ -250,7 +249,7 @@ impl Service {
         self.access
             .converge(cluster, &req.access.principal, &grants, creator)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(ServiceError::from)
     }
 
     /// Converges with `req` in or out, reading the other grants first.
@@ -259,23 +258,18 @@ impl Service {
         req: &Request,
         include: Option<OffsetDateTime>,
         now: OffsetDateTime,
-    ) -> Result<(), String> {
+    ) -> Result<(), ServiceError> {
         let limit = self.tunables.converge_limit;
         let converge = async {
             let others = self
                 .others_in_force(req, now)
                 .await
-                .map_err(|e| format!("cannot read the grants in force: {e}"))?;
+                .map_err(ServiceError::InForceUnreadable)?;
             self.converge_with(req, &others, include).await
         };
         tokio::time::timeout(limit, converge)
             .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "cut off after {:.1} s without an answer from the cluster",
-                    limit.as_secs_f64()
-                ))
-            })
+            .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
     /// On a shared store, takes this row for this replica before any cloud
@@ -338,7 +332,7 @@ impl Service {
             Ok(Some(r)) if ok(&r) => Some(r),
             Ok(_) => None,
             Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "store read failed");
+                self.store_failed(id, &e, "store read failed");
                 None
             }
         }
@@ -388,7 +382,8 @@ impl Service {
                 } else {
                     self.converge_for(&req, None, now).await.err()
                 };
-                let _ = self.record_grant_failure(&req, changed, cleanup).await;
+                let refusal = GrantRefusal::RoleChanged(changed).into();
+                self.record_grant_failure(&req, refusal, cleanup).await;
                 return;
             }
             // What the converge may create is in the store before any
@@ -413,7 +408,7 @@ impl Service {
         // Spec 9.1: the principal shown to approvers is still the
         // requester's, or nothing is made.
         if !abandoned {
-            if let Err(message) = self.recheck_identity(&req).await {
+            if let Err(refusal) = self.recheck_identity(&req).await {
                 // A retry after a crash may find access the first try made
                 // (its intents are recorded): it goes with the refusal,
                 // so the failure never leaves anything granted.
@@ -422,7 +417,8 @@ impl Service {
                 } else {
                     self.converge_for(&req, None, now).await.err()
                 };
-                let _ = self.record_grant_failure(&req, message, cleanup).await;
+                self.record_grant_failure(&req, refusal.into(), cleanup)
+                    .await;
                 return;
             }
         }
@@ -434,14 +430,17 @@ impl Service {
                     failpoint("after-grant-converge");
                     (true, None)
                 }
-                Err(message) => {
-                    tracing::error!(request_id = %id, error = %message, "grant failed");
+                Err(error) => {
+                    tracing::error!(request_id = %id, error = %error, "grant failed");
                     let cleanup = self.converge_for(&req, None, now).await.err();
-                    let _ = self.record_grant_failure(&req, message, cleanup).await;
+                    self.record_grant_failure(&req, error, cleanup).await;
                     return;
                 }
             }
         };
+        if let Some(error) = &failure {
+            self.metrics.failed("grant", error.metric_label());
+        }
         let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {
@@ -515,9 +514,11 @@ impl Service {
                 self.announce(id, notice);
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "grant step made but not recorded; it will be driven again")
-            }
+            Err(e) => self.store_failed(
+                id,
+                &e,
+                "grant step made but not recorded; it will be driven again",
+            ),
         }
     }
 
@@ -550,7 +551,11 @@ impl Service {
         match written {
             Ok(done) => done,
             Err(e) => {
-                tracing::error!(request_id = %req.id, error = %e, "cannot record what the grant will create; it will be driven again");
+                self.store_failed(
+                    &req.id,
+                    &e,
+                    "cannot record what the grant will create; it will be driven again",
+                );
                 false
             }
         }
@@ -559,12 +564,16 @@ impl Service {
     /// A failed grant is audited at once. It becomes `Failed` only when
     /// whatever part of it was made is gone again; until then it stays
     /// Approved with the failure noted, and the cleanup is retried.
+    /// A store that cannot take the record leaves the row Approved and due:
+    /// the next pass fails (or succeeds) again and records it then.
     async fn record_grant_failure(
         self: &Arc<Self>,
         req: &Request,
-        message: String,
-        cleanup: Option<String>,
-    ) -> Result<(), StoreError> {
+        error: ServiceError,
+        cleanup: Option<ServiceError>,
+    ) {
+        self.metrics.failed("grant", error.metric_label());
+        let message = error.to_string();
         let now = self.clock.now();
         let notice = self
             .modify(&req.id, |current| {
@@ -585,7 +594,7 @@ impl Service {
                     }
                     Some(cleanup_error) => {
                         tracing::error!(request_id = %next.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
-                        details["cleanup_pending"] = json!(cleanup_error);
+                        details["cleanup_pending"] = json!(cleanup_error.to_string());
                         next.attempts += 1;
                         next.retry_at = Some(now + jittered(retry_backoff(self.tunables.retry_base, next.attempts)));
                         Some(Notice::CardOnly)
@@ -594,11 +603,16 @@ impl Service {
                 let audit = AuditEvent::for_request(&next, "grant_failed", ACTOR_TOLLGATE, now, details);
                 Change::Write(Box::new(next), vec![audit], notice)
             })
-            .await?;
-        if let Some(notice) = notice {
-            self.announce(&req.id, notice);
+            .await;
+        match notice {
+            Ok(Some(notice)) => self.announce(&req.id, notice),
+            Ok(None) => {}
+            Err(e) => self.store_failed(
+                &req.id,
+                &e,
+                "grant failure not recorded; it will be driven again",
+            ),
         }
-        Ok(())
     }
 
     async fn revoke(self: &Arc<Self>, snapshot: &Request, when: When) {
@@ -648,7 +662,10 @@ impl Service {
                 next.claim = None;
                 match &result {
                     Ok(()) => {
-                        let _ = next.apply(Event::Revoked);
+                        if let Err(illegal) = next.apply(Event::Revoked) {
+                            tracing::error!(request_id = %next.id, error = %illegal, "revoke not recorded");
+                            return Change::Keep(None);
+                        }
                         if next.revoke.is_none() {
                             next.revoke = Some(RevokeIntent {
                                 reason: RevokeReason::Expiry,
@@ -681,7 +698,8 @@ impl Service {
                             }),
                         )
                     }
-                    Err(message) => {
+                    Err(error) => {
+                        let message = error.to_string();
                         next.attempts += 1;
                         next.retry_at = Some(
                             done_at
@@ -690,7 +708,10 @@ impl Service {
                         let mut audit = Vec::new();
                         let mut notice = None;
                         if next.attempts >= REVOKE_FAILED_AFTER && next.state == State::Active {
-                            let _ = next.apply(Event::RevokeFailing);
+                            if let Err(illegal) = next.apply(Event::RevokeFailing) {
+                                tracing::error!(request_id = %next.id, error = %illegal, "revoke failure not recorded");
+                                return Change::Keep(None);
+                            }
                             audit.push(AuditEvent::for_request(
                                 &next,
                                 "revoke_failed",
@@ -698,9 +719,7 @@ impl Service {
                                 done_at,
                                 json!({"error": message, "attempts": next.attempts}),
                             ));
-                            notice = Some(Notice::RevokeFailing {
-                                error: message.clone(),
-                            });
+                            notice = Some(Notice::RevokeFailing { error: message });
                         }
                         Change::Write(Box::new(next), audit, notice)
                     }
@@ -708,9 +727,10 @@ impl Service {
             })
             .await;
         drop(_guard);
-        if let Err(message) = &result {
+        if let Err(error) = &result {
             self.metrics.revoke_failures.inc();
-            tracing::error!(request_id = %id, error = %message, "revoke failed; will retry");
+            self.metrics.failed("revoke", error.metric_label());
+            tracing::error!(request_id = %id, error = %error, "revoke failed; will retry");
         }
         match recorded {
             Ok(Some(notice)) => {
@@ -724,9 +744,7 @@ impl Service {
                 self.announce(id, notice);
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "revoke step not recorded; it will run again")
-            }
+            Err(e) => self.store_failed(id, &e, "revoke step not recorded; it will run again"),
         }
     }
 

@@ -19,6 +19,7 @@ use crate::tunables::Tunables;
 mod admin;
 mod commands;
 mod decide;
+mod error;
 mod extend;
 mod identity;
 mod lifecycle;
@@ -29,6 +30,7 @@ pub mod standing;
 
 pub use commands::SlashCommand;
 pub use decide::Decision;
+pub use error::{GrantRefusal, Refusal, ServiceError};
 pub use reconcile::ReconcileReport;
 
 pub struct Service {
@@ -220,12 +222,23 @@ impl Service {
                             return Ok(out);
                         }
                         Err(StoreError::Conflict(_)) => continue,
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            self.metrics.failed("store", e.metric_label());
+                            return Err(e);
+                        }
                     }
                 }
             }
         }
+        self.metrics.failed("store", "store_conflict");
         Err(StoreError::Conflict(id.to_string()))
+    }
+
+    /// A store read or write a step needed and did not get: logged and
+    /// counted; the row stays due, so the next pass tries again.
+    pub(crate) fn store_failed(&self, id: &RequestId, e: &StoreError, what: &'static str) {
+        self.metrics.failed("store", e.metric_label());
+        tracing::error!(request_id = %id, error = %e, "{what}");
     }
 
     /// Members of the user groups (`S…`) in a list of approvers or
@@ -258,7 +271,12 @@ impl Service {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(SLACK_RETRY_CAP);
                 }
-                other => return other,
+                Err(e) => {
+                    // Given up: counted once per message, not per try.
+                    self.metrics.failed("slack", e.metric_label());
+                    return Err(e);
+                }
+                ok => return ok,
             }
         }
     }

@@ -9,6 +9,7 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use super::error::ServiceError;
 use super::{Change, Service};
 use crate::access::aws_auth::strip_role_path;
 use crate::access::{store_knows, InForce, Look, Owned};
@@ -73,7 +74,7 @@ impl Service {
         cluster: &ClusterPolicy,
         object: &Owned,
         live: &[Request],
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ServiceError> {
         let Some(intent) = &object.intent else {
             return Ok(false);
         };
@@ -95,7 +96,7 @@ impl Service {
             intent,
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ServiceError::from)
     }
 
     /// Whether this pass over `cluster` reads every object's marks: the
@@ -120,7 +121,7 @@ impl Service {
         cluster: &ClusterPolicy,
         owned: Vec<Owned>,
         live: &[Request],
-    ) -> Result<(Vec<Owned>, Vec<Owned>), String> {
+    ) -> Result<(Vec<Owned>, Vec<Owned>), ServiceError> {
         let mut known = Vec::new();
         let mut foreign = Vec::new();
         for o in owned {
@@ -182,14 +183,13 @@ impl Service {
     pub async fn reconcile_cluster(
         self: &Arc<Self>,
         cluster: &ClusterPolicy,
-    ) -> Result<ReconcileReport, String> {
+    ) -> Result<ReconcileReport, ServiceError> {
         let strategy = cluster.strategy;
         let now = self.clock.now();
         let requests: Vec<Request> = self
             .store
             .live()
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .into_iter()
             .filter(|r| r.access.cluster == cluster.name)
             .collect();
@@ -208,11 +208,7 @@ impl Service {
         } else {
             Look::Principals(&known)
         };
-        let listed = self
-            .access
-            .owned(cluster, look)
-            .await
-            .map_err(|e| e.to_string())?;
+        let listed = self.access.owned(cluster, look).await?;
         let (owned, foreign) = self.sort_owned(cluster, listed, &requests).await?;
         if full {
             self.report_foreign(cluster, &foreign).await;
@@ -274,7 +270,7 @@ impl Service {
                             && principal_key(strategy, &r.access.principal) == *key
                     })
                     .collect(),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             };
             if fresh.iter().any(|r| r.state == State::Approved) {
                 continue;
@@ -293,11 +289,7 @@ impl Service {
                 .collect();
             // Drift is judged on what each grant needs, read now under the
             // lock, whoever made the object that holds it.
-            let missing = self
-                .access
-                .missing(cluster, &principal, &in_force)
-                .await
-                .map_err(|e| e.to_string())?;
+            let missing = self.access.missing(cluster, &principal, &in_force).await?;
             let drifted: Vec<&Request> = grants
                 .iter()
                 .copied()
@@ -317,8 +309,7 @@ impl Service {
                 let all = self
                     .access
                     .owned(cluster, Look::Principals(&just_this))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 let mut again = Vec::new();
                 for o in all {
                     if principal_key(strategy, &o.principal) == *key
@@ -348,16 +339,14 @@ impl Service {
             let creator = keep.first().map(|g| g.grant_id).unwrap_or("reconciler");
             self.access
                 .converge(cluster, &principal, &keep, creator)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             // The strategy leaves an object that holds something Tollgate
             // did not set (Kubernetes groups, another association); only
             // what is really gone is reported as removed.
             let after = self
                 .access
                 .owned(cluster, Look::Principals(&just_this))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             for o in orphans {
                 if after
                     .iter()

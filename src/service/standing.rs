@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use time::{Duration, OffsetDateTime};
 
+use super::error::ServiceError;
 use super::Service;
 use crate::access::standing::StandingReader;
 use crate::config::Digest;
@@ -85,7 +86,7 @@ impl Service {
     /// What the store knows of the requests `ids` name, and of every live
     /// request (aws-auth items carry a username, not a grant id). Reads
     /// one row per id plus the live index, never the history.
-    pub async fn standing_records(&self, ids: &[String]) -> Result<Vec<GrantRecord>, String> {
+    pub async fn standing_records(&self, ids: &[String]) -> Result<Vec<GrantRecord>, ServiceError> {
         let mut out: Vec<GrantRecord> = Vec::new();
         let mut add = |r: &crate::domain::request::Request| {
             if !out.iter().any(|o| o.id == r.id.as_str()) {
@@ -97,7 +98,7 @@ impl Service {
                 });
             }
         };
-        for r in self.store.live().await.map_err(|e| e.to_string())? {
+        for r in self.store.live().await? {
             add(&r);
         }
         for id in ids {
@@ -105,7 +106,7 @@ impl Service {
             let Some(id) = RequestId::parse(id) else {
                 continue;
             };
-            if let Some(r) = self.store.get(&id).await.map_err(|e| e.to_string())? {
+            if let Some(r) = self.store.get(&id).await? {
                 add(&r);
             }
         }
@@ -116,7 +117,7 @@ impl Service {
     pub async fn standing_access(
         &self,
         reader: &dyn StandingReader,
-    ) -> Result<Vec<ClusterStanding>, String> {
+    ) -> Result<Vec<ClusterStanding>, ServiceError> {
         let readings = read_clusters(reader, &self.config.clusters).await;
         let records = self.standing_records(&marked_ids(&readings)).await?;
         Ok(classify_all(readings, &records))

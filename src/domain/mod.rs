@@ -7,6 +7,7 @@ pub mod duration;
 pub mod form;
 pub mod grant;
 pub mod identity;
+pub mod lifecycle;
 pub mod policy;
 pub mod request;
 pub mod standing;

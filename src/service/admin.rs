@@ -8,28 +8,11 @@ use std::sync::Arc;
 use super::error::{Refusal, ServiceError};
 use super::{Change, Notice, Service};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
-use crate::domain::request::{Event, Request, RequestId, RevokeIntent, RevokeReason, State};
+use crate::domain::lifecycle::{self, Refused};
+use crate::domain::request::{Request, RequestId, RevokeIntent, RevokeReason, State};
 use crate::store::prune::{self, PrunePlan};
 
-/// `RevokeIntent::by` for a revoke forced from the command line.
-pub const CLI_PREFIX: &str = "cli:";
-
-/// The audit details of a revoke: its reason, and for an admin's, who.
-pub(super) fn revoke_details(intent: Option<&RevokeIntent>) -> serde_json::Value {
-    let reason = intent.map(|i| i.reason.label()).unwrap_or("expiry");
-    let mut details = json!({"reason": reason});
-    if let Some(user) = intent.and_then(|i| i.by.strip_prefix(CLI_PREFIX)) {
-        details["via"] = json!("cli");
-        details["os_user"] = json!(user);
-    }
-    if let Some(i) = intent.filter(|i| i.reason == RevokeReason::Early) {
-        details["by"] = json!(i.by);
-    }
-    if let Some(note) = intent.and_then(|i| i.note.as_deref()) {
-        details["note"] = json!(note);
-    }
-    details
-}
+pub use crate::domain::lifecycle::CLI_PREFIX;
 
 /// Who ends a request early.
 pub enum Revoker {
@@ -116,35 +99,20 @@ impl Service {
         };
         let outcome = self
             .modify(&id, |current| {
-                let mut next = current.clone();
-                match current.state {
-                    State::Pending => {
-                        if next.apply(Event::Cancel).is_err() {
-                            return Change::Keep(Err(current.state));
-                        }
-                        next.ended_at = Some(now);
-                        let audit = AuditEvent::for_request(
-                            &next,
-                            "cancelled",
-                            &actor,
-                            now,
-                            details.clone(),
-                        );
-                        Change::Write(Box::new(next), vec![audit], Ok(State::Cancelled))
+                let decided = if current.state == State::Pending {
+                    lifecycle::cancel(current, &actor, details.clone(), now)
+                } else {
+                    // Audited as `revoked` (with who and why) once the
+                    // access is actually gone.
+                    lifecycle::revoke_requested(current, intent.clone())
+                };
+                match decided {
+                    Ok(e) => {
+                        let state = e.row.state;
+                        Change::Write(Box::new(e.row), e.audit, Ok(state))
                     }
-                    State::Approved | State::Active | State::RevokeFailed
-                        if current.revoke.is_none() =>
-                    {
-                        // Audited as `revoked` (with who and why) once the
-                        // access is actually gone.
-                        next.revoke = Some(intent.clone());
-                        next.retry_at = None;
-                        Change::Write(Box::new(next), Vec::new(), Ok(current.state))
-                    }
-                    State::Approved | State::Active | State::RevokeFailed => {
-                        Change::Keep(Ok(current.state))
-                    }
-                    other => Change::Keep(Err(other)),
+                    Err(Refused::AlreadyRevoking) => Change::Keep(Ok(current.state)),
+                    Err(_) => Change::Keep(Err(current.state)),
                 }
             })
             .await

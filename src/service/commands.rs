@@ -14,6 +14,7 @@ use crate::domain::audit::ACTOR_TOLLGATE;
 use crate::domain::command::{parse, Command, RequestArgs, USAGE};
 use crate::domain::duration::format_duration;
 use crate::domain::identity::{resolve as resolve_principal, Principal};
+use crate::domain::lifecycle;
 use crate::domain::policy::{listed, may_request, resolve_request, ClusterPolicy, Strategy};
 use crate::domain::request::{AccessSpec, Asked, CardRef, Request, RequestId, Requester, State};
 use crate::domain::text::{clip, escape_slack};
@@ -57,10 +58,12 @@ impl Mode {
     /// Recorded as approved at once when no human decides, so the grant is
     /// driven exactly like an approved request.
     pub(super) fn preapprove(self, req: &mut Request, now: OffsetDateTime) {
-        if self != Mode::Approval {
-            req.state = State::Approved;
-            req.approved_at = Some(now);
-            req.decided_by = Some(self.label().to_string());
+        if self == Mode::Approval {
+            return;
+        }
+        // A new row is Pending, from which approval is always legal.
+        if let Ok(approved) = lifecycle::approve_without_click(req, self.label(), now) {
+            *req = approved;
         }
     }
 

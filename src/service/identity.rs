@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::error::{GrantRefusal, Refusal};
-use super::lifecycle::in_force;
 use super::Service;
 use crate::domain::identity::resolve as resolve_principal;
+use crate::domain::lifecycle::in_force;
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::{Request, RevokeIntent, RevokeReason, State};
 use crate::slack::{SlackError, SlackUser};
@@ -166,15 +166,16 @@ impl Service {
                 {
                     return super::Change::Keep(false);
                 }
-                let mut next = current.clone();
-                next.revoke = Some(RevokeIntent {
+                let intent = RevokeIntent {
                     reason: RevokeReason::Offboarded,
                     by: crate::domain::audit::ACTOR_TOLLGATE.to_string(),
                     note: Some(note.clone()),
                     at: now,
-                });
-                next.retry_at = None;
-                super::Change::Write(Box::new(next), Vec::new(), true)
+                };
+                match crate::domain::lifecycle::revoke_requested(current, intent) {
+                    Ok(e) => super::Change::Write(Box::new(e.row), e.audit, true),
+                    Err(_) => super::Change::Keep(false),
+                }
             })
             .await;
         match marked {

@@ -4,26 +4,22 @@
 //! write; a crash in between leaves a row that is still due, and the next
 //! pass drives it again (converging is idempotent).
 
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::error::{GrantRefusal, ServiceError};
-use super::{Change, Notice, Service};
+use super::{Change, Service};
 use crate::access::InForce;
-use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::grant::{intents_for, role_changed};
-use crate::domain::request::{
-    reminder_time, Claim, Event, Request, RequestId, RevokeIntent, RevokeReason, State,
-};
+use crate::domain::lifecycle::{self, in_force};
+use crate::domain::request::{Claim, Request, RequestId, State};
 use crate::store::StoreError;
 
-/// Failed steps retry with capped exponential backoff (from
-/// `Tunables::retry_base`); a revoke still failing after this many attempts
-/// becomes `RevokeFailed` and is alerted on, and retries go on.
-const REVOKE_FAILED_AFTER: u32 = 5;
+/// Failed steps retry with capped exponential backoff from
+/// `Tunables::retry_base` (`domain::lifecycle::REVOKE_FAILED_AFTER` says
+/// when a failing revoke is alerted on; retries go on).
 const RETRY_CAP: Duration = Duration::from_secs(300);
 
 fn retry_backoff(base: Duration, attempts: u32) -> Duration {
@@ -67,18 +63,6 @@ fn jittered(d: Duration) -> Duration {
     d + Duration::from_millis(extra)
 }
 
-/// A grant still owed access at `now`.
-pub(super) fn in_force(r: &Request, now: OffsetDateTime) -> bool {
-    r.state == State::Active && r.revoke.is_none() && r.expires_at.is_some_and(|e| e > now)
-}
-
-pub(super) fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
-    t.and_then(|t| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .ok()
-    })
-}
-
 /// Whether a step runs only when due (the scheduler) or regardless of its
 /// retry time (start-up recovery).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -88,6 +72,12 @@ enum When {
 }
 
 impl Service {
+    /// How long a step that has failed `attempts` times waits before the
+    /// next try.
+    fn retry_delay(&self, attempts: u32) -> Duration {
+        jittered(retry_backoff(self.tunables.retry_base, attempts))
+    }
+
     /// Runs everything due now.
     pub async fn run_due(self: &Arc<Self>) -> Result<usize, StoreError> {
         let ids = self.store.due(self.clock.now()).await?;
@@ -442,60 +432,25 @@ impl Service {
             self.metrics.failed("grant", error.metric_label());
         }
         let done_at = self.clock.now();
+        let made = lifecycle::GrantMade {
+            activated_at: now,
+            reminder_before,
+            grant_ms: started.elapsed().as_millis() as u64,
+        };
+        if let Some(error) = &failure {
+            tracing::error!(request_id = %id, error = %error, "cleanup of an abandoned grant failed; retrying");
+        }
         let recorded = self
             .modify(id, |current| {
                 if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
-                let mut next = current.clone();
-                next.claim = None;
-                if let Some(message) = &failure {
-                    next.attempts += 1;
-                    next.retry_at = Some(done_at + jittered(retry_backoff(self.tunables.retry_base, next.attempts)));
-                    tracing::error!(request_id = %next.id, error = %message, attempts = next.attempts, "cleanup of an abandoned grant failed; retrying");
-                    return Change::Write(Box::new(next), Vec::new(), None);
-                }
-                next.attempts = 0;
-                next.retry_at = None;
-                if granted {
-                    if next.apply(Event::Granted).is_err() {
-                        return Change::Keep(None);
-                    }
-                    // The clock starts when access is put in place, not at
-                    // approval.
-                    next.activated_at = Some(now);
-                    next.expires_at = Some(planned_expiry);
-                    next.remind_at = reminder_before.and_then(|before| {
-                        reminder_time(planned_expiry, next.duration, before)
-                    });
-                    let audit = AuditEvent::for_request(
-                        &next,
-                        "granted",
-                        ACTOR_TOLLGATE,
-                        done_at,
-                        json!({
-                            "expires_at": rfc3339(next.expires_at),
-                            "policy": next.access.policy_arn,
-                            "namespaces": next.access.namespaces,
-                            "grant_ms": started.elapsed().as_millis() as u64,
-                        }),
-                    );
-                    return Change::Write(Box::new(next), vec![audit], Some(Notice::Granted));
-                }
-                next.ended_at = Some(done_at);
-                if next.failure.is_some() {
-                    if next.apply(Event::GrantFailed).is_err() {
-                        return Change::Keep(None);
-                    }
-                    return Change::Write(Box::new(next), Vec::new(), Some(Notice::GrantFailed));
-                }
-                if next.apply(Event::Revoked).is_err() {
-                    return Change::Keep(None);
-                }
-                let mut details = super::admin::revoke_details(next.revoke.as_ref());
-                details["before_grant"] = json!(true);
-                let audit = AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, details);
-                Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
+                let effects = match &failure {
+                    Some(_) => lifecycle::cleanup_failed(current, done_at, |n| self.retry_delay(n)),
+                    None if granted => lifecycle::granted(current, &made, done_at),
+                    None => lifecycle::abandoned_cleared(current, done_at),
+                };
+                Change::event(id, effects)
             })
             .await;
         drop(_guard);
@@ -575,33 +530,20 @@ impl Service {
         self.metrics.failed("grant", error.metric_label());
         let message = error.to_string();
         let now = self.clock.now();
+        let cleanup = cleanup.map(|e| e.to_string());
+        if let Some(cleanup_error) = &cleanup {
+            tracing::error!(request_id = %req.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
+        }
         let notice = self
             .modify(&req.id, |current| {
                 if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
-                let mut next = current.clone();
-                next.claim = None;
-                next.failure = Some(message.clone());
-                let mut details = json!({"error": message});
-                let notice = match &cleanup {
-                    None => {
-                        if next.apply(Event::GrantFailed).is_err() {
-                            return Change::Keep(None);
-                        }
-                        next.ended_at = Some(now);
-                        Some(Notice::GrantFailed)
-                    }
-                    Some(cleanup_error) => {
-                        tracing::error!(request_id = %next.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
-                        details["cleanup_pending"] = json!(cleanup_error.to_string());
-                        next.attempts += 1;
-                        next.retry_at = Some(now + jittered(retry_backoff(self.tunables.retry_base, next.attempts)));
-                        Some(Notice::CardOnly)
-                    }
-                };
-                let audit = AuditEvent::for_request(&next, "grant_failed", ACTOR_TOLLGATE, now, details);
-                Change::Write(Box::new(next), vec![audit], notice)
+                let effects =
+                    lifecycle::grant_failed(current, &message, cleanup.as_deref(), now, |n| {
+                        self.retry_delay(n)
+                    });
+                Change::event(&req.id, effects)
             })
             .await;
         match notice {
@@ -658,72 +600,15 @@ impl Service {
                 {
                     return Change::Keep(None);
                 }
-                let mut next = current.clone();
-                next.claim = None;
-                match &result {
-                    Ok(()) => {
-                        if let Err(illegal) = next.apply(Event::Revoked) {
-                            tracing::error!(request_id = %next.id, error = %illegal, "revoke not recorded");
-                            return Change::Keep(None);
-                        }
-                        if next.revoke.is_none() {
-                            next.revoke = Some(RevokeIntent {
-                                reason: RevokeReason::Expiry,
-                                by: ACTOR_TOLLGATE.into(),
-                                note: None,
-                                at: next.expires_at.unwrap_or(done_at),
-                            });
-                        }
-                        next.ended_at = Some(done_at);
-                        next.retry_at = None;
-                        let lateness = next
-                            .expires_at
-                            .map(|e| (done_at - e).as_seconds_f64().max(0.0));
-                        let audit =
-                            AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, {
-                                let mut details =
-                                    super::admin::revoke_details(next.revoke.as_ref());
-                                details["lateness_seconds"] = json!(lateness);
-                                details["attempts"] = json!(next.attempts + 1);
-                                details
-                            });
-                        let recovered = current.state == State::RevokeFailed;
-                        Change::Write(
-                            Box::new(next),
-                            vec![audit],
-                            Some(if recovered {
-                                Notice::RevokeRecovered
-                            } else {
-                                Notice::Revoked
-                            }),
-                        )
-                    }
+                let effects = match &result {
+                    Ok(()) => lifecycle::revoked(current, done_at),
                     Err(error) => {
-                        let message = error.to_string();
-                        next.attempts += 1;
-                        next.retry_at = Some(
-                            done_at
-                                + jittered(retry_backoff(self.tunables.retry_base, next.attempts)),
-                        );
-                        let mut audit = Vec::new();
-                        let mut notice = None;
-                        if next.attempts >= REVOKE_FAILED_AFTER && next.state == State::Active {
-                            if let Err(illegal) = next.apply(Event::RevokeFailing) {
-                                tracing::error!(request_id = %next.id, error = %illegal, "revoke failure not recorded");
-                                return Change::Keep(None);
-                            }
-                            audit.push(AuditEvent::for_request(
-                                &next,
-                                "revoke_failed",
-                                ACTOR_TOLLGATE,
-                                done_at,
-                                json!({"error": message, "attempts": next.attempts}),
-                            ));
-                            notice = Some(Notice::RevokeFailing { error: message });
-                        }
-                        Change::Write(Box::new(next), audit, notice)
+                        lifecycle::revoke_failed(current, &error.to_string(), done_at, |n| {
+                            self.retry_delay(n)
+                        })
                     }
-                }
+                };
+                Change::event(id, effects)
             })
             .await;
         drop(_guard);
@@ -752,21 +637,13 @@ impl Service {
         let now = self.clock.now();
         let result = self
             .modify(id, |current| {
-                if current.state != State::Pending || current.approval_deadline > now {
-                    return Change::Keep(false);
-                }
-                let mut next = current.clone();
-                if next.apply(Event::ApprovalTimeout).is_err() {
-                    return Change::Keep(false);
-                }
-                next.ended_at = Some(now);
-                let audit =
-                    AuditEvent::for_request(&next, "expired", ACTOR_TOLLGATE, now, json!({}));
-                Change::Write(Box::new(next), vec![audit], true)
+                Change::event(id, lifecycle::expire(current, now))
             })
             .await;
-        if let Ok(true) = result {
-            self.announce(id, Notice::Expired);
+        match result {
+            Ok(Some(notice)) => self.announce(id, notice),
+            Ok(None) => {}
+            Err(e) => self.store_failed(id, &e, "expiry not recorded; it will run again"),
         }
     }
 }

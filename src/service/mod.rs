@@ -9,6 +9,7 @@ use crate::access::AccessEngine;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::audit::AuditEvent;
+use crate::domain::lifecycle::{Effects, Refused};
 use crate::domain::request::{CardRef, Request, RequestId};
 use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
@@ -68,27 +69,31 @@ const SLACK_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1
 const SLACK_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const SLACK_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// What the people involved are told after a state change.
-pub(crate) enum Notice {
-    CardOnly,
-    Granted,
-    GrantFailed,
-    Denied,
-    Expired,
-    Revoked,
-    RevokeFailing {
-        error: String,
-    },
-    /// A revoke that had been alerted on finally went through.
-    RevokeRecovered,
-    /// An approved extension moved its grant's expiry.
-    Extended,
-}
+pub(crate) use crate::domain::lifecycle::Notice;
 
 /// What a read-modify-write decides after looking at the current row.
 pub(crate) enum Change<T> {
     Write(Box<Request>, Vec<AuditEvent>, T),
     Keep(T),
+}
+
+impl Change<Option<Notice>> {
+    /// Writes what a lifecycle event decided (`domain::lifecycle`); an event
+    /// that no longer applies to the row (another pass, replica or click
+    /// got there first) writes nothing.
+    pub(crate) fn event(id: &RequestId, decided: Result<Effects, Refused>) -> Self {
+        match decided {
+            Ok(e) => Change::Write(Box::new(e.row), e.audit, e.notice),
+            Err(Refused::Illegal(illegal)) => {
+                tracing::warn!(request_id = %id, error = %illegal, "event does not apply to the row as it is; nothing written");
+                Change::Keep(None)
+            }
+            Err(refused) => {
+                tracing::debug!(request_id = %id, %refused, "event no longer applies");
+                Change::Keep(None)
+            }
+        }
+    }
 }
 
 /// Events that record a change of access say so when none was made.

@@ -14,6 +14,7 @@ use super::{Change, Service};
 use crate::access::aws_auth::strip_role_path;
 use crate::access::{store_knows, InForce, Look, Owned};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
+use crate::domain::lifecycle::in_force;
 use crate::domain::policy::{ClusterPolicy, Strategy};
 use crate::domain::request::{Request, State};
 use time::OffsetDateTime;
@@ -229,10 +230,7 @@ impl Service {
         }
         let mut principals: BTreeSet<String> = owned_by.keys().cloned().collect();
         let mut request_principal: BTreeMap<String, String> = BTreeMap::new();
-        for r in requests
-            .iter()
-            .filter(|r| ours(r) && super::lifecycle::in_force(r, now))
-        {
+        for r in requests.iter().filter(|r| ours(r) && in_force(r, now)) {
             let key = principal_key(strategy, &r.access.principal);
             request_principal.insert(key.clone(), r.access.principal.clone());
             principals.insert(key);
@@ -277,7 +275,7 @@ impl Service {
             }
             let grants: Vec<&Request> = fresh
                 .iter()
-                .filter(|r| ours(r) && super::lifecycle::in_force(r, now))
+                .filter(|r| ours(r) && in_force(r, now))
                 .collect();
             let in_force: Vec<InForce<'_>> = grants
                 .iter()

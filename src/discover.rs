@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::access::kube::KubeClients;
 use crate::access::standing::ClusterReader;
-use crate::access::{aws, AwsClients};
+use crate::access::AwsClients;
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::clock::SystemClock;
 use crate::config::Config;
@@ -47,7 +47,7 @@ pub async fn run(
         },
         None => config.clusters.clone(),
     };
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), Arc::new(SystemClock)));
     let reader = ClusterReader::new(clients, kube);
     let readings = read_clusters(&reader, &clusters).await;

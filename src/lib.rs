@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod aws_sdk;
 pub mod clock;
 pub mod config;
 pub mod discover;

@@ -220,7 +220,7 @@ async fn main() -> ExitCode {
         }
         Cmd::Grants {
             action: GrantsCmd::List { config, json },
-        } => admin(&config, AdminRequest::ListGrants, json).await,
+        } => admin(&config, AdminRequest::ListLive, json).await,
         Cmd::Grants {
             action: GrantsCmd::Revoke { config, id, reason },
         } => admin(&config, AdminRequest::Revoke { id, reason }, false).await,

@@ -79,7 +79,7 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
         }
     }
     let clock = Arc::new(SystemClock);
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
     let reader = Arc::new(ClusterReader::new(clients.clone(), kube.clone()));
     let engine: Arc<dyn AccessEngine> = if config.dry_run {
@@ -310,7 +310,7 @@ pub async fn admin_command(
         Err(_) => Arc::new(NoSlack),
     };
     let clock = Arc::new(SystemClock);
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
     let engine = Arc::new(Engine::new(
         clients,
@@ -446,7 +446,7 @@ pub async fn check(config: Config, tunables: &Tunables) -> bool {
         (Err(e), _) | (_, Err(e)) => line(false, format!("slack: {e}")),
     }
 
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     match clients.sts(None).await.get_caller_identity().send().await {
         Ok(id) => line(
             true,
@@ -459,7 +459,7 @@ pub async fn check(config: Config, tunables: &Tunables) -> bool {
     }
     if config.store.backend == Backend::Dynamodb {
         let table = config.store.table.as_deref().unwrap_or_default();
-        let client = aws_sdk_dynamodb::Client::new(&aws::load_base_config().await);
+        let client = aws_sdk_dynamodb::Client::new(&crate::aws_sdk::load_base_config().await);
         match crate::store::dynamodb::verify(&client, table).await {
             Ok(what) => line(true, format!("store: {what}")),
             Err(e) => line(false, format!("store: {e}")),

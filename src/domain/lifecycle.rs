@@ -205,6 +205,62 @@ pub fn approve_without_click(
     Ok(next)
 }
 
+/// How a request is decided.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Approval,
+    AutoApproved,
+    BreakGlass,
+}
+
+impl Mode {
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Approval => "approval",
+            Mode::AutoApproved => "auto-approve",
+            Mode::BreakGlass => "break-glass",
+        }
+    }
+
+    /// What records a decision made without a click, beside `requested`.
+    pub fn decision_audit(self, req: &Request, now: OffsetDateTime) -> Vec<AuditEvent> {
+        let (event, via) = match self {
+            Mode::Approval => return Vec::new(),
+            Mode::AutoApproved => ("auto_approved", "auto_approve"),
+            Mode::BreakGlass => ("break_glass", "break_glass"),
+        };
+        let details = match self {
+            Mode::BreakGlass => json!({"reason": req.reason}),
+            _ => json!({}),
+        };
+        vec![
+            AuditEvent::for_request(req, event, &req.requester.user_id, now, details),
+            AuditEvent::for_request(req, "approved", ACTOR_TOLLGATE, now, json!({"via": via})),
+        ]
+    }
+
+    /// Recorded as approved at once when no human decides, so the grant is
+    /// driven exactly like an approved request.
+    pub fn preapprove(self, req: &mut Request, now: OffsetDateTime) {
+        if self == Mode::Approval {
+            return;
+        }
+        // A new row is Pending, from which approval is always legal.
+        if let Ok(approved) = approve_without_click(req, self.label(), now) {
+            *req = approved;
+        }
+    }
+
+    /// How a receipt names the decision.
+    pub fn label_title(self) -> &'static str {
+        match self {
+            Mode::Approval => "Request",
+            Mode::AutoApproved => "Auto-approved",
+            Mode::BreakGlass => "Break-glass",
+        }
+    }
+}
+
 /// The requester or an admin withdrew a pending request.
 pub fn cancel(
     row: &Request,

@@ -6,24 +6,13 @@ use serde_json::json;
 use std::sync::Arc;
 
 use super::error::{Refusal, ServiceError};
-use super::{Change, Notice, Service};
+use super::{Change, Notice, Revoker, Service};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::lifecycle::{self, Refused};
 use crate::domain::request::{Request, RequestId, RevokeIntent, RevokeReason, State};
 use crate::store::prune::{self, PrunePlan};
 
 pub use crate::domain::lifecycle::CLI_PREFIX;
-
-/// Who ends a request early.
-pub enum Revoker {
-    Cli {
-        os_user: String,
-        note: Option<String>,
-    },
-    Slack {
-        user: String,
-    },
-}
 
 impl Service {
     /// What `store prune --before` would remove (see `store::prune`).

@@ -5,76 +5,19 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use time::OffsetDateTime;
 
 use super::error::Refusal;
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
-use crate::domain::audit::ACTOR_TOLLGATE;
 use crate::domain::command::{parse, Command, RequestArgs, USAGE};
 use crate::domain::duration::format_duration;
 use crate::domain::identity::{resolve as resolve_principal, Principal};
-use crate::domain::lifecycle;
+use crate::domain::lifecycle::Mode;
 use crate::domain::policy::{listed, may_request, resolve_request, ClusterPolicy, Strategy};
 use crate::domain::request::{AccessSpec, Asked, CardRef, Request, RequestId, Requester, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::{blocks, SlackUser};
 use crate::store::StoreError;
-
-/// How a request is decided.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Mode {
-    Approval,
-    AutoApproved,
-    BreakGlass,
-}
-
-impl Mode {
-    fn label(self) -> &'static str {
-        match self {
-            Mode::Approval => "approval",
-            Mode::AutoApproved => "auto-approve",
-            Mode::BreakGlass => "break-glass",
-        }
-    }
-
-    /// What records a decision made without a click, beside `requested`.
-    pub(super) fn decision_audit(self, req: &Request, now: OffsetDateTime) -> Vec<AuditEvent> {
-        let (event, via) = match self {
-            Mode::Approval => return Vec::new(),
-            Mode::AutoApproved => ("auto_approved", "auto_approve"),
-            Mode::BreakGlass => ("break_glass", "break_glass"),
-        };
-        let details = match self {
-            Mode::BreakGlass => json!({"reason": req.reason}),
-            _ => json!({}),
-        };
-        vec![
-            AuditEvent::for_request(req, event, &req.requester.user_id, now, details),
-            AuditEvent::for_request(req, "approved", ACTOR_TOLLGATE, now, json!({"via": via})),
-        ]
-    }
-
-    /// Recorded as approved at once when no human decides, so the grant is
-    /// driven exactly like an approved request.
-    pub(super) fn preapprove(self, req: &mut Request, now: OffsetDateTime) {
-        if self == Mode::Approval {
-            return;
-        }
-        // A new row is Pending, from which approval is always legal.
-        if let Ok(approved) = lifecycle::approve_without_click(req, self.label(), now) {
-            *req = approved;
-        }
-    }
-
-    fn label_title(self) -> &'static str {
-        match self {
-            Mode::Approval => "Request",
-            Mode::AutoApproved => "Auto-approved",
-            Mode::BreakGlass => "Break-glass",
-        }
-    }
-}
 
 /// The form fields of a slash command that Tollgate reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -467,7 +410,7 @@ impl Service {
                 );
             }
         }
-        let who = super::admin::Revoker::Slack {
+        let who = super::Revoker::Slack {
             user: user.to_string(),
         };
         self.revoke_request(id.as_str(), who)

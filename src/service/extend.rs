@@ -7,11 +7,10 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::commands::Mode;
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
 use crate::domain::duration::{format_duration, parse_in_range};
-use crate::domain::lifecycle::{self, in_force};
+use crate::domain::lifecycle::{self, in_force, Mode};
 use crate::domain::policy::{check_total_duration, listed, may_request, mention_list};
 use crate::domain::request::{Request, RequestId, State};
 use crate::domain::text::{clip, escape_slack};

@@ -10,11 +10,11 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::error::{GrantRefusal, ServiceError};
-use super::{Change, Service};
+use super::{failpoint, Change, Service};
 use crate::access::InForce;
 use crate::domain::grant::{intents_for, role_changed};
 use crate::domain::lifecycle::{self, in_force};
-use crate::domain::request::{Claim, Request, RequestId, State};
+use crate::domain::request::{Request, RequestId, State};
 use crate::store::StoreError;
 
 /// Failed steps retry with capped exponential backoff from
@@ -25,34 +25,6 @@ const RETRY_CAP: Duration = Duration::from_secs(300);
 fn retry_backoff(base: Duration, attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
     (base * factor).min(RETRY_CAP)
-}
-
-/// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the
-/// process aborts right there, between a cloud call and the store write
-/// that records it, exactly as a kill -9 would. Only in builds with the
-/// `failpoints` feature (the test suite's); a release build ignores the
-/// variable, so nobody who can set a pod's environment can make it abort.
-#[cfg(not(feature = "failpoints"))]
-fn failpoint(_name: &str) {}
-
-#[cfg(feature = "failpoints")]
-fn failpoint(name: &str) {
-    let Ok(armed) = std::env::var("TOLLGATE_FAILPOINT") else {
-        return;
-    };
-    if armed == name {
-        tracing::error!(failpoint = name, "failpoint armed: aborting");
-        std::process::abort();
-    }
-    // `stop:<name>` freezes the process there (SIGSTOP to itself) until it
-    // is sent SIGCONT: a long pause at the worst moment, on demand.
-    if armed.strip_prefix("stop:") == Some(name) {
-        tracing::error!(failpoint = name, "failpoint armed: stopping");
-        let _ = std::process::Command::new("kill")
-            .arg("-STOP")
-            .arg(std::process::id().to_string())
-            .status();
-    }
 }
 
 /// Up to a quarter more, so many grants failing together (one AWS outage)
@@ -262,59 +234,6 @@ impl Service {
             .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
-    /// On a shared store, takes this row for this replica before any cloud
-    /// call; `None` when another replica holds it. The row returned is what
-    /// the step works from.
-    async fn claim(&self, req: Request, now: OffsetDateTime) -> Option<Request> {
-        if !self.store.is_shared() {
-            return Some(req);
-        }
-        let owner = self.replica.clone();
-        let state = req.state;
-        let claimed = self
-            .modify(&req.id, |current| {
-                if current.state != state || !current.claimable_by(&owner, now) {
-                    return Change::Keep(None);
-                }
-                let mut next = current.clone();
-                next.claim = Some(Claim {
-                    owner: owner.clone(),
-                    until: now + self.tunables.claim_ttl,
-                });
-                Change::Write(Box::new(next.clone()), Vec::new(), Some(next))
-            })
-            .await;
-        match claimed {
-            Ok(row) => row,
-            Err(e) => {
-                tracing::warn!(request_id = %req.id, error = %e, "cannot claim; another pass will");
-                None
-            }
-        }
-    }
-
-    /// Last look before a cloud call: a replica that was paused (or slow)
-    /// past most of its lease leaves the row to whoever holds it now.
-    fn may_act(
-        &self,
-        guard: &super::principal::PrincipalGuard,
-        req: &Request,
-        point: &str,
-    ) -> bool {
-        failpoint(point);
-        if guard.fresh_enough(self.clock.now()) {
-            return true;
-        }
-        tracing::warn!(request_id = %req.id, "lease nearly lapsed before the cloud call; leaving the row to the next pass");
-        false
-    }
-
-    /// The step's result is written only by the replica that claimed it: a
-    /// replica paused past its claim finds the row taken and writes nothing.
-    fn holds_claim(&self, row: &Request) -> bool {
-        !self.store.is_shared() || row.claim.as_ref().is_some_and(|c| c.owner == self.replica)
-    }
-
     /// Re-reads `id` under its principal's lock; `None` if it no longer
     /// needs this step.
     async fn fresh(&self, id: &RequestId, ok: impl Fn(&Request) -> bool) -> Option<Request> {
@@ -333,7 +252,7 @@ impl Service {
             return;
         };
         let id = &snapshot.id;
-        let Some(_guard) = self
+        let Some(guard) = self
             .principal(&snapshot.access.cluster, &snapshot.access.principal)
             .await
         else {
@@ -352,7 +271,7 @@ impl Service {
         let Some(req) = self.claim(req, now).await else {
             return;
         };
-        if !self.may_act(&_guard, &req, "after-grant-claim") {
+        if !self.may_act(&guard, &req, "after-grant-claim") {
             return;
         }
         let started = std::time::Instant::now();
@@ -453,7 +372,7 @@ impl Service {
                 Change::event(id, effects)
             })
             .await;
-        drop(_guard);
+        drop(guard);
         match recorded {
             Ok(Some(notice)) => {
                 if granted {
@@ -562,7 +481,7 @@ impl Service {
             return;
         };
         let id = &snapshot.id;
-        let Some(_guard) = self
+        let Some(guard) = self
             .principal(&snapshot.access.cluster, &snapshot.access.principal)
             .await
         else {
@@ -585,7 +504,7 @@ impl Service {
         let Some(req) = self.claim(req, now).await else {
             return;
         };
-        if !self.may_act(&_guard, &req, "after-revoke-claim") {
+        if !self.may_act(&guard, &req, "after-revoke-claim") {
             return;
         }
         let result = self.converge_for(&req, None, now).await;
@@ -611,7 +530,7 @@ impl Service {
                 Change::event(id, effects)
             })
             .await;
-        drop(_guard);
+        drop(guard);
         if let Err(error) = &result {
             self.metrics.revoke_failures.inc();
             self.metrics.failed("revoke", error.metric_label());

@@ -18,6 +18,7 @@ use crate::store::{Store, StoreError};
 use crate::tunables::Tunables;
 
 mod admin;
+mod claims;
 mod commands;
 mod decide;
 mod error;
@@ -25,7 +26,6 @@ mod extend;
 mod identity;
 mod lifecycle;
 mod modal;
-mod principal;
 mod reconcile;
 pub mod standing;
 
@@ -71,6 +71,17 @@ const SLACK_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub(crate) use crate::domain::lifecycle::Notice;
 
+/// Who ends a request early.
+pub enum Revoker {
+    Cli {
+        os_user: String,
+        note: Option<String>,
+    },
+    Slack {
+        user: String,
+    },
+}
+
 /// What a read-modify-write decides after looking at the current row.
 pub(crate) enum Change<T> {
     Write(Box<Request>, Vec<AuditEvent>, T),
@@ -105,6 +116,34 @@ fn mark_dry_run(audit: &mut [AuditEvent]) {
         ) {
             e.details["dry_run"] = serde_json::Value::Bool(true);
         }
+    }
+}
+
+/// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the
+/// process aborts right there, between a cloud call and the store write
+/// that records it, exactly as a kill -9 would. Only in builds with the
+/// `failpoints` feature (the test suite's); a release build ignores the
+/// variable, so nobody who can set a pod's environment can make it abort.
+#[cfg(not(feature = "failpoints"))]
+pub(crate) fn failpoint(_name: &str) {}
+
+#[cfg(feature = "failpoints")]
+pub(crate) fn failpoint(name: &str) {
+    let Ok(armed) = std::env::var("TOLLGATE_FAILPOINT") else {
+        return;
+    };
+    if armed == name {
+        tracing::error!(failpoint = name, "failpoint armed: aborting");
+        std::process::abort();
+    }
+    // `stop:<name>` freezes the process there (SIGSTOP to itself) until it
+    // is sent SIGCONT: a long pause at the worst moment, on demand.
+    if armed.strip_prefix("stop:") == Some(name) {
+        tracing::error!(failpoint = name, "failpoint armed: stopping");
+        let _ = std::process::Command::new("kill")
+            .arg("-STOP")
+            .arg(std::process::id().to_string())
+            .status();
     }
 }
 
@@ -385,11 +424,11 @@ impl Service {
         for card in req.card.iter().chain(&req.card_copies) {
             let sent = self
                 .send("card update", || async {
-                    let now = match self.store.get(&req.id).await {
+                    let latest = match self.store.get(&req.id).await {
                         Ok(Some(row)) => row,
                         _ => req.clone(),
                     };
-                    let msg = blocks::card(&now, self.clock.now());
+                    let msg = blocks::card(&latest, self.clock.now());
                     self.slack.update(&card.channel, &card.ts, &msg).await
                 })
                 .await;

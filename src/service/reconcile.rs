@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use super::error::ServiceError;
 use super::{Change, Service};
-use crate::access::aws_auth::strip_role_path;
 use crate::access::{store_knows, InForce, Look, Owned};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
+use crate::domain::identity::role_arn_key;
 use crate::domain::lifecycle::in_force;
 use crate::domain::policy::{ClusterPolicy, Strategy};
 use crate::domain::request::{Request, State};
@@ -36,7 +36,7 @@ pub const FULL_SCAN_EVERY: time::Duration = time::Duration::hours(1);
 fn principal_key(strategy: Strategy, principal: &str) -> String {
     match strategy {
         // The authenticator ignores an ARN's path and case.
-        Strategy::AwsAuth => strip_role_path(principal).to_ascii_lowercase(),
+        Strategy::AwsAuth => role_arn_key(principal),
         Strategy::AccessEntry | Strategy::SessionRbac => principal.to_string(),
     }
 }

@@ -1,5 +1,10 @@
-//! The one task that owns time: it sleeps until the earliest due instant in
-//! the store (or until a write wakes it), then drives what is due.
+//! The task that drives what falls due: it sleeps until the earliest due
+//! instant in the store (or until a write makes a row due sooner), then
+//! drives every due row. It is not the only caller of a step: an approval
+//! reaching its quorum, an auto-approved or break-glass request, an early
+//! revoke (Slack or CLI) and the offboarding check drive their row at once
+//! rather than wait for it (`Service::drive`); the step itself re-reads the
+//! row, so a row driven twice is driven once.
 
 use std::sync::Arc;
 use std::time::Duration;

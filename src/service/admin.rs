@@ -33,6 +33,31 @@ impl Service {
         Ok(prune::summary(rows, events, before))
     }
 
+    /// The gauges that describe the store (`tollgate_grants_active`,
+    /// `tollgate_overdue_grants`), set from the live rows when scraped so
+    /// they can never drift from it. A store that cannot be read leaves the
+    /// last values (and counts as a failed store step).
+    pub async fn refresh_gauges(&self) {
+        let all = match self.store.live().await {
+            Ok(all) => all,
+            Err(e) => {
+                self.metrics.failed("store", e.metric_label());
+                return;
+            }
+        };
+        let now = self.clock.now();
+        let holding: Vec<&Request> = all
+            .iter()
+            .filter(|r| matches!(r.state, State::Active | State::RevokeFailed))
+            .collect();
+        let overdue = holding
+            .iter()
+            .filter(|r| r.expires_at.is_some_and(|e| e <= now))
+            .count();
+        self.metrics.grants_active.set(holding.len() as i64);
+        self.metrics.overdue_grants.set(overdue as i64);
+    }
+
     /// Requests that still hold or may still get access.
     pub async fn live_requests(&self) -> Result<Vec<Request>, ServiceError> {
         let mut out: Vec<Request> = self.store.live().await?;

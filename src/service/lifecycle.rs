@@ -1,8 +1,11 @@
-//! What happens to a request when its time comes: grant after approval,
-//! revoke at expiry, expire when nobody decided. Each step converges the
-//! principal's access under its lock, then records the result in one CAS
-//! write; a crash in between leaves a row that is still due, and the next
-//! pass drives it again (converging is idempotent).
+//! The steps that change access, and when they run: grant after approval,
+//! revoke at expiry or on request, expire when nobody decided. Each step
+//! converges the principal's access under its lock and claim
+//! (`service::claims`), then records what `domain::lifecycle` decides in
+//! one CAS write; a crash in between leaves a row that is still due, and
+//! the next pass drives it again (converging is idempotent). `run_due` is
+//! the scheduler's pass, `recover` the start-up one (before the port opens),
+//! `drive` the immediate one after a click or command.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -415,6 +415,15 @@ async fn a_revoke_cut_off_by_its_time_limit_is_a_failed_attempt() {
     }
     assert_eq!(r.state(&id).await.state, State::RevokeFailed);
     assert_eq!(r.service.metrics().revoke_failures.get(), 5);
+    let timeouts = crate::metrics::FailureLabel {
+        step: "revoke".into(),
+        error: "timeout".into(),
+    };
+    assert_eq!(
+        r.service.metrics().failures.get_or_create(&timeouts).get(),
+        5,
+        "counted by kind: a converge cut off"
+    );
     r.wait_for("alert", |r| {
         r.slack
             .posts
@@ -446,6 +455,19 @@ async fn failed_grant_stays_live_until_its_cleanup_succeeds() {
         .unwrap_or_default()
         .contains("AWS is down"));
     assert!(r.audit_names().await.contains(&"grant_failed".to_string()));
+    let unreachable = crate::metrics::FailureLabel {
+        step: "grant".into(),
+        error: "cluster_unreachable".into(),
+    };
+    assert_eq!(
+        r.service
+            .metrics()
+            .failures
+            .get_or_create(&unreachable)
+            .get(),
+        1,
+        "the failed grant is counted once, by kind"
+    );
 
     r.clock.advance(Duration::from_secs(10));
     r.service.run_due().await.unwrap();

@@ -10,7 +10,7 @@ use time::{Duration, OffsetDateTime};
 
 use super::error::ServiceError;
 use super::Service;
-use crate::access::standing::StandingReader;
+use crate::access::standing::{StandingReader, Unreadable};
 use crate::config::Digest;
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::RequestId;
@@ -45,7 +45,7 @@ struct Inner {
 pub async fn read_clusters(
     reader: &dyn StandingReader,
     clusters: &[ClusterPolicy],
-) -> Vec<(String, Result<ClusterReading, String>)> {
+) -> Vec<(String, Result<ClusterReading, Unreadable>)> {
     let reads = clusters.iter().map(|c| async move {
         let result = reader.read(c).await;
         (c.name.clone(), result)
@@ -55,7 +55,7 @@ pub async fn read_clusters(
 
 /// The grant ids Tollgate's marks name across `readings`: what the store is
 /// asked about.
-pub fn marked_ids(readings: &[(String, Result<ClusterReading, String>)]) -> Vec<String> {
+pub fn marked_ids(readings: &[(String, Result<ClusterReading, Unreadable>)]) -> Vec<String> {
     let ids: BTreeSet<String> = readings
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok())
@@ -65,13 +65,16 @@ pub fn marked_ids(readings: &[(String, Result<ClusterReading, String>)]) -> Vec<
 }
 
 pub fn classify_all(
-    readings: Vec<(String, Result<ClusterReading, String>)>,
+    readings: Vec<(String, Result<ClusterReading, Unreadable>)>,
     records: &[GrantRecord],
 ) -> Vec<ClusterStanding> {
     readings
         .into_iter()
         .map(|(cluster, reading)| ClusterStanding {
-            result: reading.map(|r| classify(&cluster, &r, records)),
+            // The domain keeps the reason as the operator reads it.
+            result: reading
+                .map(|r| classify(&cluster, &r, records))
+                .map_err(|Unreadable(why)| why),
             cluster,
         })
         .collect()

@@ -71,7 +71,10 @@ struct FakeReader {
 
 #[async_trait::async_trait]
 impl StandingReader for FakeReader {
-    async fn read(&self, _: &ClusterPolicy) -> Result<ClusterReading, String> {
+    async fn read(
+        &self,
+        _: &ClusterPolicy,
+    ) -> Result<ClusterReading, crate::access::standing::Unreadable> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         let entry = |principal: &str, policy: &str, mark: Option<&str>| RawEntry {
             principal: principal.into(),

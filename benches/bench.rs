@@ -28,9 +28,9 @@ use support::sign::{action_body, post_signed, slash_body};
 use support::slack::SlackStandIn;
 use support::tollgate::{BOT_TOKEN, SIGNING_SECRET};
 use tollgate::domain::audit::AuditEvent;
-use tollgate::domain::request::{
-    AccessSpec, Asked, Request, RequestId, Requester, RevokeIntent, RevokeReason, State, Vote,
-};
+use tollgate::domain::lifecycle;
+use tollgate::domain::readback::Verified;
+use tollgate::domain::request::{AccessSpec, Asked, Request, RequestId, Requester};
 use tollgate::store::{SledStore, Store};
 
 const CLUSTER: &str = "bench-cluster";
@@ -238,37 +238,29 @@ fn pending(n: usize, principal: &str, now: OffsetDateTime) -> Request {
     )
 }
 
+// Each step is the service's own (`domain::lifecycle`), so a stored row
+// looks exactly like one the server wrote.
 fn approved(r: &Request, now: OffsetDateTime) -> Request {
-    let mut next = r.clone();
-    next.state = State::Approved;
-    next.approvals.push(Vote {
-        user: APPROVER.into(),
-        at: now,
-    });
-    next.decided_by = Some(APPROVER.into());
-    next.approved_at = Some(now);
-    next
+    lifecycle::approve(r, APPROVER, now)
+        .unwrap_or_else(|e| panic!("approve: {e}"))
+        .row
 }
 
 fn active(r: &Request, now: OffsetDateTime, expires_at: OffsetDateTime) -> Request {
-    let mut next = r.clone();
-    next.state = State::Active;
-    next.activated_at = Some(now);
-    next.expires_at = Some(expires_at);
-    next
+    let made = lifecycle::GrantMade {
+        activated_at: expires_at - r.duration,
+        reminder_before: None,
+        grant_ms: 0,
+    };
+    lifecycle::granted(r, &made, now)
+        .unwrap_or_else(|e| panic!("grant: {e}"))
+        .row
 }
 
 fn revoked(r: &Request, now: OffsetDateTime) -> Request {
-    let mut next = r.clone();
-    next.state = State::Revoked;
-    next.ended_at = Some(now);
-    next.revoke = Some(RevokeIntent {
-        reason: RevokeReason::Expiry,
-        by: "tollgate".into(),
-        note: None,
-        at: now,
-    });
-    next
+    lifecycle::revoked(r, Verified::At(now), now)
+        .unwrap_or_else(|e| panic!("revoke: {e}"))
+        .row
 }
 
 fn event(r: &Request, name: &str, now: OffsetDateTime) -> Vec<AuditEvent> {

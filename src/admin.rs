@@ -80,13 +80,13 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
-    ListGrants,
+    /// Every request not yet ended: grants in force and those still pending
+    /// or approved (`tollgate grants list`). Older clients say `list_grants`.
+    #[serde(alias = "list_grants")]
+    ListLive,
     /// Who asks is not part of the request: the server reads it from the
     /// connection (an `os_user` field an older client sends is ignored).
-    Revoke {
-        id: String,
-        reason: Option<String>,
-    },
+    Revoke { id: String, reason: Option<String> },
     AuditExport {
         #[serde(with = "time::serde::rfc3339::option")]
         since: Option<time::OffsetDateTime>,
@@ -103,9 +103,7 @@ pub enum AdminRequest {
         plan: PrunePlan,
     },
     /// `tollgate discover`: the requests behind Tollgate's marks.
-    StandingRecords {
-        ids: Vec<String>,
-    },
+    StandingRecords { ids: Vec<String> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,7 +120,7 @@ pub enum AdminResponse {
 /// Runs `request` for the operating-system user `os_user`.
 pub async fn handle(service: &Arc<Service>, request: AdminRequest, os_user: &str) -> AdminResponse {
     let result = match request {
-        AdminRequest::ListGrants => service
+        AdminRequest::ListLive => service
             .live_requests()
             .await
             .map(|grants| AdminResponse::Grants { grants }),
@@ -147,7 +145,9 @@ pub async fn handle(service: &Arc<Service>, request: AdminRequest, os_user: &str
             .await
             .map(|records| AdminResponse::Records { records }),
     };
-    result.unwrap_or_else(|message| AdminResponse::Error { message })
+    result.unwrap_or_else(|e| AdminResponse::Error {
+        message: e.to_string(),
+    })
 }
 
 /// Serves one JSON request line → one JSON response line per connection.

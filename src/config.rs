@@ -58,8 +58,6 @@ macro_rules! with_limit_keys {
             #[serde(default, deserialize_with = "de_duration")]
             reminder_before: Option<Duration>,
             #[serde(default, deserialize_with = "de_duration")]
-            reconcile_interval: Option<Duration>,
-            #[serde(default, deserialize_with = "de_duration")]
             max_total_duration: Option<Duration>,
             required_approvals: Option<u32>,
             allow_self_approval: Option<bool>,
@@ -75,7 +73,10 @@ macro_rules! with_limit_keys {
                     default_duration: self.default_duration,
                     approval_timeout: self.approval_timeout,
                     reminder_before: self.reminder_before,
-                    reconcile_interval: self.reconcile_interval,
+                    // A cluster setting, not a role's (the reconciler
+                    // runs per cluster): only `[defaults]` and a cluster
+                    // have the key, and add it to these.
+                    reconcile_interval: None,
                     max_total_duration: self.max_total_duration,
                     required_approvals: self.required_approvals,
                     allow_self_approval: self.allow_self_approval,
@@ -269,6 +270,8 @@ with_limit_keys! {
         /// Per user, across every cluster: it bounds what one person can
         /// put in front of approvers, so it is not a per-role setting.
         max_pending_per_user: Option<u32>,
+        #[serde(default, deserialize_with = "de_duration")]
+        reconcile_interval: Option<Duration>,
     }
 }
 
@@ -305,6 +308,8 @@ with_limit_keys! {
         backstop: Option<BackstopSection>,
         #[serde(default)]
         roles: BTreeMap<String, RoleSection>,
+        #[serde(default, deserialize_with = "de_duration")]
+        reconcile_interval: Option<Duration>,
     }
 }
 
@@ -398,7 +403,11 @@ impl Resolver<'_> {
     }
 
     fn resolve(&self, file: FileConfig) -> Result<Config, ConfigError> {
-        let defaults = file.defaults.limit_overrides().apply(&BUILTIN_LIMITS);
+        let defaults = LimitOverrides {
+            reconcile_interval: file.defaults.reconcile_interval,
+            ..file.defaults.limit_overrides()
+        }
+        .apply(&BUILTIN_LIMITS);
         self.check_limits(&defaults, Section::Table("defaults"))?;
         if !valid_instance(&file.server.instance) {
             return Err(self.invalid(
@@ -633,7 +642,11 @@ impl Resolver<'_> {
             StrategyName::SessionRbac => Strategy::SessionRbac,
             StrategyName::AwsAuth => Strategy::AwsAuth,
         };
-        let cluster_limits = c.limit_overrides().apply(defaults);
+        let cluster_limits = LimitOverrides {
+            reconcile_interval: c.reconcile_interval,
+            ..c.limit_overrides()
+        }
+        .apply(defaults);
         self.check_limits(&cluster_limits, here)?;
         let mut roles = BTreeMap::new();
         for (role_name, r) in &c.roles {
@@ -1102,6 +1115,28 @@ max_duration = "2h"
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("namespacd"), "{err}");
         assert!(err.contains(&line_of(&text, "namespacd")), "{err}");
+    }
+
+    /// The reconciler runs per cluster, so a role's `reconcile_interval`
+    /// would be silently ignored: it is refused like any unknown key.
+    #[test]
+    fn reconcile_interval_is_a_cluster_key_not_a_role_key() {
+        let text = MINIMAL.replace(
+            "namespaced = true",
+            "namespaced = true\nreconcile_interval = \"1m\"",
+        );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("reconcile_interval"), "{err}");
+        assert!(err.contains(&line_of(&text, "reconcile_interval")), "{err}");
+        let cluster = MINIMAL.replace(
+            "default_role = \"view\"",
+            "default_role = \"view\"\nreconcile_interval = \"1m\"",
+        );
+        let cfg = Config::parse(&cluster, "t.toml").unwrap();
+        assert_eq!(cfg.clusters[0].reconcile_interval, Duration::from_secs(60));
+        let defaults = format!("[defaults]\nreconcile_interval = \"2m\"\n{MINIMAL}");
+        let cfg = Config::parse(&defaults, "t.toml").unwrap();
+        assert_eq!(cfg.clusters[0].reconcile_interval, Duration::from_secs(120));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::access::kube::KubeClients;
 use crate::access::standing::ClusterReader;
-use crate::access::{aws, AwsClients};
+use crate::access::AwsClients;
 use crate::admin::{AdminRequest, AdminResponse};
 use crate::clock::SystemClock;
 use crate::config::Config;
@@ -26,7 +26,12 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_PARTIAL: u8 = 3;
 
 /// Runs discovery and prints it; returns the exit status.
-pub async fn run(config: Config, only: Option<&str>, json: bool) -> u8 {
+pub async fn run(
+    config: Config,
+    tunables: &crate::tunables::Tunables,
+    only: Option<&str>,
+    json: bool,
+) -> u8 {
     let clusters = match only {
         Some(name) => match config.cluster(name) {
             Some(c) => vec![c.clone()],
@@ -42,7 +47,7 @@ pub async fn run(config: Config, only: Option<&str>, json: bool) -> u8 {
         },
         None => config.clusters.clone(),
     };
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), Arc::new(SystemClock)));
     let reader = ClusterReader::new(clients, kube);
     let readings = read_clusters(&reader, &clusters).await;
@@ -51,7 +56,7 @@ pub async fn run(config: Config, only: Option<&str>, json: bool) -> u8 {
     };
     // Without the store nothing can be told apart from Tollgate's own
     // grants: better no list than one that counts them as standing.
-    let records = match crate::server::admin_command(config, request).await {
+    let records = match crate::server::admin_command(config, tunables, request).await {
         Ok(AdminResponse::Records { records }) => records,
         Ok(AdminResponse::Error { message }) => {
             eprintln!("error: the store cannot say which objects are Tollgate's: {message}");

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod aws_sdk;
 pub mod clock;
 pub mod config;
 pub mod discover;
@@ -22,3 +23,4 @@ pub mod service;
 pub mod slack;
 pub mod store;
 pub mod telemetry;
+pub mod tunables;

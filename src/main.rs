@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use tollgate::admin::{AdminRequest, AdminResponse};
 use tollgate::config::Config;
+use tollgate::tunables::Tunables;
 
 /// Just-in-time, time-boxed access to Amazon EKS, approved in Slack.
 #[derive(Parser)]
@@ -121,7 +122,8 @@ async fn admin(config: &std::path::Path, request: AdminRequest, json: bool) -> E
         Ok(c) => c,
         Err(code) => return code,
     };
-    let response = match tollgate::server::admin_command(config, request).await {
+    let tunables = Tunables::from_env(&config);
+    let response = match tollgate::server::admin_command(config, &tunables, request).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -195,7 +197,8 @@ async fn main() -> ExitCode {
                 Err(code) => return code,
             };
             config.dry_run = dry_run;
-            match tollgate::server::serve(config).await {
+            let tunables = Tunables::from_env(&config);
+            match tollgate::server::serve(config, tunables).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -208,7 +211,8 @@ async fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            if tollgate::server::check(config).await {
+            let tunables = Tunables::from_env(&config);
+            if tollgate::server::check(config, &tunables).await {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -216,7 +220,7 @@ async fn main() -> ExitCode {
         }
         Cmd::Grants {
             action: GrantsCmd::List { config, json },
-        } => admin(&config, AdminRequest::ListGrants, json).await,
+        } => admin(&config, AdminRequest::ListLive, json).await,
         Cmd::Grants {
             action: GrantsCmd::Revoke { config, id, reason },
         } => admin(&config, AdminRequest::Revoke { id, reason }, false).await,
@@ -242,7 +246,12 @@ async fn main() -> ExitCode {
             cluster,
             json,
         } => match load(&config) {
-            Ok(c) => ExitCode::from(tollgate::discover::run(c, cluster.as_deref(), json).await),
+            Ok(c) => {
+                let tunables = Tunables::from_env(&c);
+                ExitCode::from(
+                    tollgate::discover::run(c, &tunables, cluster.as_deref(), json).await,
+                )
+            }
             Err(code) => code,
         },
         Cmd::Store {

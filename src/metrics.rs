@@ -28,6 +28,14 @@ pub struct ClusterLabel {
     pub cluster: String,
 }
 
+/// A failed step (`grant`, `revoke`, `reconcile`, `slack`, `store`) and the
+/// kind of failure (`ServiceError::metric_label`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabel {
+    pub step: String,
+    pub error: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StandingLabel {
     pub cluster: String,
@@ -42,6 +50,8 @@ pub struct Metrics {
     pub grant_seconds: Histogram,
     pub revoke_lateness_seconds: Histogram,
     pub revoke_failures: Counter,
+    /// Every failed step, by step and kind (spec 8.6).
+    pub failures: Family<FailureLabel, Counter>,
     pub reconcile_removed: Counter,
     pub drift: Counter,
     pub foreign_objects: Gauge,
@@ -99,6 +109,12 @@ impl Metrics {
             "Failed revoke attempts",
             revoke_failures.clone(),
         );
+        let failures = Family::<FailureLabel, Counter>::default();
+        registry.register(
+            "failures",
+            "Failed grant, revoke, reconcile, Slack and store steps, by step and kind of error",
+            failures.clone(),
+        );
         let reconcile_removed = Counter::default();
         registry.register(
             "reconcile_removed",
@@ -155,6 +171,7 @@ impl Metrics {
             grant_seconds,
             revoke_lateness_seconds,
             revoke_failures,
+            failures,
             reconcile_removed,
             drift,
             foreign_objects,
@@ -178,6 +195,15 @@ impl Metrics {
         self.slack_api_errors
             .get_or_create(&MethodLabel {
                 method: method.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn failed(&self, step: &str, error: &str) {
+        self.failures
+            .get_or_create(&FailureLabel {
+                step: step.to_string(),
+                error: error.to_string(),
             })
             .inc();
     }

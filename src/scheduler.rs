@@ -1,5 +1,10 @@
-//! The one task that owns time: it sleeps until the earliest due instant in
-//! the store (or until a write wakes it), then drives what is due.
+//! The task that drives what falls due: it sleeps until the earliest due
+//! instant in the store (or until a write makes a row due sooner), then
+//! drives every due row. It is not the only caller of a step: an approval
+//! reaching its quorum, an auto-approved or break-glass request, an early
+//! revoke (Slack or CLI) and the offboarding check drive their row at once
+//! rather than wait for it (`Service::drive`); the step itself re-reads the
+//! row, so a row driven twice is driven once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +54,7 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
         };
         service.metrics().scheduler_lag_seconds.set(lag);
         if let Err(e) = service.run_due().await {
+            service.metrics().failed("store", e.metric_label());
             tracing::error!(error = %e, "scheduler pass failed");
         }
         let now = service.clock().now();
@@ -64,6 +70,7 @@ pub async fn run(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             },
             Ok(None) => max_sleep,
             Err(e) => {
+                service.metrics().failed("store", e.metric_label());
                 tracing::error!(error = %e, "cannot read the due index");
                 Duration::from_secs(1)
             }
@@ -125,6 +132,7 @@ pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool
                     tracing::info!(cluster = %cluster.name, removed = ?report.removed, drifted = ?report.drifted, "reconciled")
                 }
                 Err(e) => {
+                    service.metrics().failed("reconcile", e.metric_label());
                     tracing::warn!(cluster = %cluster.name, error = %e, "reconcile failed; next interval retries")
                 }
             }

@@ -20,8 +20,8 @@ use crate::slack::routes::{metrics_router, router, AppState};
 use crate::slack::verify::Verifier;
 use crate::slack::SlackApi;
 use crate::store::Store;
+use crate::tunables::Tunables;
 
-pub const DEFAULT_SLACK_API_URL: &str = "https://slack.com/api";
 /// How long shutdown waits for grants and revokes under way.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -34,26 +34,18 @@ fn secret(name: &str) -> anyhow::Result<String> {
     }
 }
 
-fn slack_api_url(config: &Config) -> String {
-    std::env::var("SLACK_API_URL")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .or_else(|| config.slack.api_url.clone())
-        .unwrap_or_else(|| DEFAULT_SLACK_API_URL.to_string())
-}
-
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     crate::store::open(config).await
 }
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     let bot_token = secret("SLACK_BOT_TOKEN")?;
     let signing_secret = secret("SLACK_SIGNING_SECRET")?;
     let config = Arc::new(config);
     let store = open_store(&config).await?;
     let metrics = Arc::new(Metrics::new());
     let slack: Arc<dyn SlackApi> = Arc::new(
-        SlackWebApi::new(&slack_api_url(&config), &bot_token)
+        SlackWebApi::new(&tunables.slack_api_url, &bot_token)
             .map_err(anyhow::Error::msg)?
             .with_metrics(metrics.clone()),
     );
@@ -87,7 +79,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     let clock = Arc::new(SystemClock);
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
     let reader = Arc::new(ClusterReader::new(clients.clone(), kube.clone()));
     let engine: Arc<dyn AccessEngine> = if config.dry_run {
@@ -101,7 +93,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             &config.server.instance,
         ))
     };
-    let service = Service::new(config.clone(), store.clone(), engine, slack, clock, metrics);
+    let service = Service::new(
+        config.clone(),
+        store.clone(),
+        engine,
+        slack,
+        clock,
+        metrics,
+        tunables,
+    );
     service.set_standing_reader(reader);
 
     // Overdue revokes and half-finished grants are driven before the port
@@ -286,7 +286,11 @@ fn no_slack(method: &'static str) -> crate::slack::SlackError {
 
 /// Runs an admin request on the running server through its socket, or,
 /// when none runs, on the store directly.
-pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Result<AdminResponse> {
+pub async fn admin_command(
+    config: Config,
+    tunables: &Tunables,
+    request: AdminRequest,
+) -> anyhow::Result<AdminResponse> {
     let path = admin::socket_path(&config.store.path);
     if let Some(response) = admin::call(&path, &request).await? {
         return Ok(response);
@@ -301,12 +305,12 @@ pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Res
     let metrics = Arc::new(Metrics::new());
     let slack: Arc<dyn SlackApi> = match secret("SLACK_BOT_TOKEN") {
         Ok(token) => {
-            Arc::new(SlackWebApi::new(&slack_api_url(&config), &token).map_err(anyhow::Error::msg)?)
+            Arc::new(SlackWebApi::new(&tunables.slack_api_url, &token).map_err(anyhow::Error::msg)?)
         }
         Err(_) => Arc::new(NoSlack),
     };
     let clock = Arc::new(SystemClock);
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
     let engine = Arc::new(Engine::new(
         clients,
@@ -314,7 +318,15 @@ pub async fn admin_command(config: Config, request: AdminRequest) -> anyhow::Res
         store.clone(),
         &config.server.instance,
     ));
-    let service = Service::new(config, store.clone(), engine, slack, clock, metrics);
+    let service = Service::new(
+        config,
+        store.clone(),
+        engine,
+        slack,
+        clock,
+        metrics,
+        tunables.clone(),
+    );
     let response = admin::handle(&service, request, &admin::current_user()).await;
     store.flush().await?;
     Ok(response)
@@ -393,7 +405,7 @@ async fn check_aws_auth(
     Ok(aws_auth::foreign_managers(&cm))
 }
 
-pub async fn check(config: Config) -> bool {
+pub async fn check(config: Config, tunables: &Tunables) -> bool {
     let mut ok = true;
     let mut line = |passed: bool, what: String| {
         println!("{} {what}", if passed { "ok  " } else { "FAIL" });
@@ -409,7 +421,7 @@ pub async fn check(config: Config) -> bool {
     );
 
     match (secret("SLACK_BOT_TOKEN"), secret("SLACK_SIGNING_SECRET")) {
-        (Ok(token), Ok(_)) => match SlackWebApi::new(&slack_api_url(&config), &token) {
+        (Ok(token), Ok(_)) => match SlackWebApi::new(&tunables.slack_api_url, &token) {
             Ok(slack) => {
                 match slack.auth_test().await {
                     Ok(bot) => line(
@@ -434,7 +446,7 @@ pub async fn check(config: Config) -> bool {
         (Err(e), _) | (_, Err(e)) => line(false, format!("slack: {e}")),
     }
 
-    let clients = Arc::new(AwsClients::new(aws::load_base_config().await));
+    let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     match clients.sts(None).await.get_caller_identity().send().await {
         Ok(id) => line(
             true,
@@ -447,7 +459,7 @@ pub async fn check(config: Config) -> bool {
     }
     if config.store.backend == Backend::Dynamodb {
         let table = config.store.table.as_deref().unwrap_or_default();
-        let client = aws_sdk_dynamodb::Client::new(&aws::load_base_config().await);
+        let client = aws_sdk_dynamodb::Client::new(&crate::aws_sdk::load_base_config().await);
         match crate::store::dynamodb::verify(&client, table).await {
             Ok(what) => line(true, format!("store: {what}")),
             Err(e) => line(false, format!("store: {e}")),

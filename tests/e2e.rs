@@ -1511,6 +1511,27 @@ async fn aws_outage_at_expiry_alerts_then_revokes_with_an_all_clear() {
         .await
         .unwrap_or(0.0);
     assert!(failed >= 5.0, "{failed}");
+    // The same failures in the one family of failed steps, by kind: the
+    // EKS calls found nothing listening.
+    let scrape = w.metrics().await;
+    let revoke_failures: Vec<(String, f64)> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "tollgate_failures_total" && s.labels.get("step") == Some("revoke"))
+        .map(|s| {
+            let n = match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            };
+            (s.labels.get("error").unwrap_or_default().to_string(), n)
+        })
+        .collect();
+    let aws = revoke_failures
+        .iter()
+        .filter(|(kind, _)| kind == "aws")
+        .map(|(_, n)| n)
+        .sum::<f64>();
+    assert!(aws >= 5.0, "{revoke_failures:?}");
     assert_eq!(w.metric("tollgate_overdue_grants", None).await, Some(1.0));
 
     // AWS is back (fresh state: the access is gone with the old emulator).

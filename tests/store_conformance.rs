@@ -16,6 +16,8 @@ use aws_config::{BehaviorVersion, Region};
 use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
 use tollgate::domain::audit::AuditEvent;
 use tollgate::domain::grant::{Baselines, Scope};
+use tollgate::domain::lifecycle;
+use tollgate::domain::readback::Verified;
 use tollgate::domain::request::{
     transition, AccessSpec, Asked, Event, Request, RequestId, Requester, RevokeIntent,
     RevokeReason, State,
@@ -41,8 +43,11 @@ fn id(n: usize) -> RequestId {
     RequestId::parse(&body).unwrap()
 }
 
+/// Request `n`, brought to `state` at T0 through the service's own steps
+/// (`domain::lifecycle`), so it carries exactly the fields a stored row in
+/// that state has.
 fn request(n: usize, state: State) -> Request {
-    let mut req = Request::pending(
+    let pending = Request::pending(
         Asked {
             id: id(n),
             requester: Requester {
@@ -72,13 +77,40 @@ fn request(n: usize, state: State) -> Request {
         },
         T0,
     );
-    req.state = state;
-    shape_for(&mut req, T0);
-    req
+    let approved = || lifecycle::approve(&pending, "U0", T0).unwrap().row;
+    let active = || {
+        let made = lifecycle::GrantMade {
+            activated_at: T0,
+            reminder_before: None,
+            grant_ms: 0,
+        };
+        lifecycle::granted(&approved(), &made, T0).unwrap().row
+    };
+    let no_delay = |_| Duration::ZERO;
+    let row = match state {
+        State::Pending => Ok(pending.clone()),
+        State::Approved => Ok(approved()),
+        State::Active => Ok(active()),
+        State::Revoked => lifecycle::revoked(&active(), Verified::At(T0), T0).map(|e| e.row),
+        State::Denied => lifecycle::deny(&pending, "U0", T0).map(|e| e.row),
+        State::Cancelled => lifecycle::cancel(&pending, "U0", json!({}), T0).map(|e| e.row),
+        State::Expired => lifecycle::expire(&pending, pending.approval_deadline).map(|e| e.row),
+        State::Failed => {
+            lifecycle::grant_failed(&approved(), "failed", None, T0, no_delay).map(|e| e.row)
+        }
+        State::RevokeFailed => (0..lifecycle::REVOKE_FAILED_AFTER).try_fold(active(), |row, _| {
+            lifecycle::revoke_failed(&row, "failing", T0, no_delay).map(|e| e.row)
+        }),
+        State::Applied => lifecycle::extension_applied(&approved(), None, T0).map(|e| e.row),
+    };
+    let row = row.unwrap_or_else(|e| panic!("{state:?}: {e}"));
+    assert_eq!(row.state, state);
+    row
 }
 
-/// Fills the fields a request in its state carries, so its due time is the
-/// one the state implies.
+/// `drive` applies any event the state table allows, not only the ones the
+/// service sends, so it fills the fields the new state carries itself:
+/// its due time is then the one the state implies.
 fn shape_for(req: &mut Request, now: OffsetDateTime) {
     match req.state {
         State::Approved => req.approved_at = Some(now),
@@ -234,15 +266,13 @@ async fn every_transition_through_update(store: Arc<dyn Store>) {
 async fn stale_version_conflicts_and_missing_row_is_not_found(store: Arc<dyn Store>) {
     let r = request(1, State::Pending);
     store.create(&r, vec![]).await.unwrap();
-    let mut approved = r.clone();
-    approved.state = State::Approved;
+    let approved = lifecycle::approve(&r, "U0", T0).unwrap().row;
     let v1 = store
         .update(&r, approved.clone(), vec![event(&r, "approved", T0)])
         .await
         .unwrap();
     assert_eq!(v1.version, 1);
-    let mut denied = r.clone();
-    denied.state = State::Denied;
+    let denied = lifecycle::deny(&r, "U0", T0).unwrap().row;
     let stale = store
         .update(&r, denied, vec![event(&r, "denied", T0)])
         .await;
@@ -277,9 +307,7 @@ async fn cas_race_has_one_winner(store: Arc<dyn Store>) {
         .map(|i| {
             let (store, prev) = (store.clone(), r.clone());
             tokio::spawn(async move {
-                let mut next = prev.clone();
-                next.state = State::Approved;
-                next.decided_by = Some(format!("U{i}"));
+                let next = lifecycle::approve(&prev, &format!("U{i}"), T0).unwrap().row;
                 let audit = vec![event(&prev, &format!("approved-by-{i}"), T0)];
                 store.update(&prev, next, audit).await
             })
@@ -335,10 +363,13 @@ async fn due_items_in_time_order(store: Arc<dyn Store>) {
 
     // Moving a row moves its entry: #5 becomes active until T0+2000s.
     let prev = store.get(&id(5)).await.unwrap().unwrap();
-    let mut active = prev.clone();
-    active.state = State::Active;
-    active.activated_at = Some(T0);
-    active.expires_at = Some(T0 + secs(2000));
+    let made = lifecycle::GrantMade {
+        activated_at: T0 + secs(2000) - prev.duration,
+        reminder_before: None,
+        grant_ms: 0,
+    };
+    let approved = lifecycle::approve(&prev, "U0", T0).unwrap().row;
+    let active = lifecycle::granted(&approved, &made, T0).unwrap().row;
     let active = store.update(&prev, active, vec![]).await.unwrap();
     assert_eq!(store.next_due().await.unwrap(), Some(T0 + secs(60)));
     assert_eq!(
@@ -346,17 +377,18 @@ async fn due_items_in_time_order(store: Arc<dyn Store>) {
         vec![id(2), id(4), id(1), id(3), id(5)]
     );
     // An early revoke pulls it forward; a revoke ends it.
-    let mut early = active.clone();
-    early.revoke = Some(RevokeIntent {
+    let intent = RevokeIntent {
         reason: RevokeReason::Early,
         by: "U1".into(),
         note: None,
         at: T0 + secs(1),
-    });
+    };
+    let early = lifecycle::revoke_requested(&active, intent).unwrap().row;
     let early = store.update(&active, early, vec![]).await.unwrap();
     assert_eq!(store.next_due().await.unwrap(), Some(T0 + secs(1)));
-    let mut revoked = early.clone();
-    revoked.state = State::Revoked;
+    let revoked = lifecycle::revoked(&early, Verified::At(T0 + secs(1)), T0 + secs(1))
+        .unwrap()
+        .row;
     store.update(&early, revoked, vec![]).await.unwrap();
     assert_eq!(store.next_due().await.unwrap(), Some(T0 + secs(60)));
     assert!(!store.due(T0 + secs(9999)).await.unwrap().contains(&id(5)));
@@ -377,8 +409,7 @@ async fn audit_order_is_write_order(store: Arc<dyn Store>) {
         .append_audit(vec![event(&r, "d", T0 + secs(5))])
         .await
         .unwrap();
-    let mut approved = r.clone();
-    approved.state = State::Approved;
+    let approved = lifecycle::approve(&r, "U0", T0).unwrap().row;
     store
         .update(
             &r,
@@ -611,9 +642,9 @@ async fn live_reads_ignore_history(store: Arc<dyn Store>) {
     let read = store.live_for("prod", alice).await.unwrap();
     let copy = read.iter().find(|r| r.id == active.id).unwrap();
     assert_eq!(copy, &extended);
-    let mut revoked = extended.clone();
-    revoked.state = State::Revoked;
-    revoked.ended_at = Some(T0 + secs(60));
+    let revoked = lifecycle::revoked(&extended, Verified::At(T0 + secs(60)), T0 + secs(60))
+        .unwrap()
+        .row;
     store.update(&extended, revoked, vec![]).await.unwrap();
     assert_eq!(
         ids(store.live_for("prod", alice).await.unwrap()),
@@ -919,8 +950,7 @@ const CONDITION: &str = r#"{"__type":"com.amazonaws.dynamodb.v20120810#Transacti
 async fn dynamodb_transaction_conflicts_are_retried_then_reported_as_conflict() {
     support::install_crypto_provider();
     let r = request(1, State::Pending);
-    let mut next = r.clone();
-    next.state = State::Approved;
+    let next = lifecycle::approve(&r, "U0", T0).unwrap().row;
 
     // Two in-flight collisions, then the write goes through.
     let fake = scripted(vec![

@@ -2,12 +2,9 @@
 //! (env, profile, IRSA; `AWS_ENDPOINT_URL` honoured), and per cluster its
 //! region and, when set, an assumed role.
 
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_config::{Region, SdkConfig};
 use aws_credential_types::provider::SharedCredentialsProvider;
-use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use std::collections::HashMap;
-use std::time::Duration;
 use tokio::sync::Mutex;
 
 use crate::domain::policy::ClusterPolicy;
@@ -18,26 +15,9 @@ pub struct AwsClients {
     scheduler: Mutex<HashMap<String, aws_sdk_scheduler::Client>>,
 }
 
-/// The SDK's default HTTPS client would bring aws-lc-rs next to the ring
-/// provider the rest of the binary uses; both at once make rustls refuse to
-/// pick one at run time.
-pub async fn load_base_config() -> SdkConfig {
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-        .build_https();
-    // Without operation timeouts a hung connection would hold a revoke (and
-    // every revoke queued behind it) indefinitely.
-    let timeouts = TimeoutConfig::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .operation_attempt_timeout(Duration::from_secs(10))
-        .operation_timeout(Duration::from_secs(30))
-        .build();
-    aws_config::defaults(BehaviorVersion::latest())
-        .http_client(http)
-        .timeout_config(timeouts)
-        .load()
-        .await
-}
+/// Kept here for callers of the access adapters; the loader is shared with
+/// the DynamoDB store.
+pub use crate::aws_sdk::load_base_config;
 
 impl AwsClients {
     pub fn new(base: SdkConfig) -> Self {

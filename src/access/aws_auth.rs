@@ -62,14 +62,7 @@ fn item_arn_as_written(item: &Value, key: &str) -> Option<String> {
     })
 }
 
-/// A username Tollgate gives a requester: `tollgate:<email>`. Other
-/// `tollgate:` names (Tollgate's own mapping, a `{{SessionName}}` template)
-/// are not its grants.
-pub fn is_grant_username(username: &str) -> bool {
-    username
-        .strip_prefix("tollgate:")
-        .is_some_and(|rest| rest.contains('@') && !rest.contains("{{"))
-}
+pub use crate::domain::identity::is_grant_username;
 
 /// The new `data` of aws-auth, or `None` when it already says what it
 /// should. Pure, so the merge rules are tested without a cluster.

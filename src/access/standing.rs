@@ -21,10 +21,16 @@ use super::session_rbac::{LABEL_GRANT, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::domain::policy::{ClusterPolicy, Strategy};
 use crate::domain::standing::{Association, ClusterReading, RawBinding, RawEntry, RawMapping};
 
-/// Reads one cluster; the error says which call failed and why.
+/// A cluster discovery could not read: which call failed and why, as the
+/// operator is shown it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreadable(pub String);
+
+/// Reads one cluster.
 #[async_trait]
 pub trait StandingReader: Send + Sync + 'static {
-    async fn read(&self, cluster: &ClusterPolicy) -> Result<ClusterReading, String>;
+    async fn read(&self, cluster: &ClusterPolicy) -> Result<ClusterReading, Unreadable>;
 }
 
 /// Whether Tollgate talks to this cluster's Kubernetes API, so discovery
@@ -259,13 +265,15 @@ pub fn mappings(
 
 #[async_trait]
 impl StandingReader for ClusterReader {
-    async fn read(&self, cluster: &ClusterPolicy) -> Result<ClusterReading, String> {
+    async fn read(&self, cluster: &ClusterPolicy) -> Result<ClusterReading, Unreadable> {
         let mut reading = ClusterReading {
-            entries: self.entries(cluster).await?,
+            entries: self.entries(cluster).await.map_err(Unreadable)?,
             ..Default::default()
         };
         if reached_through_kubernetes(cluster) {
-            self.kubernetes(cluster, &mut reading).await?;
+            self.kubernetes(cluster, &mut reading)
+                .await
+                .map_err(Unreadable)?;
         }
         Ok(reading)
     }

@@ -107,6 +107,22 @@ pub fn strip_role_path(arn: &str) -> String {
     }
 }
 
+/// How the authenticator compares two role ARNs: without the path and
+/// ignoring case. The one key aws-auth items, the reconciler and discovery
+/// match principals by.
+pub fn role_arn_key(arn: &str) -> String {
+    strip_role_path(arn).to_ascii_lowercase()
+}
+
+/// A username Tollgate gives a requester: `tollgate:<email>`. Other
+/// `tollgate:` names (Tollgate's own mapping, a `{{SessionName}}` template)
+/// are not its grants.
+pub fn is_grant_username(username: &str) -> bool {
+    username
+        .strip_prefix("tollgate:")
+        .is_some_and(|rest| rest.contains('@') && !rest.contains("{{"))
+}
+
 const NO_EMAIL: &str = "Tollgate could not read your email address from Slack (scope `users:read.email`), so it cannot tell who you are in the cluster. Ask an admin to check the app's scopes.";
 
 /// The one principal a Slack email maps to on a cluster, or why none.

@@ -8,6 +8,7 @@ pub mod duration;
 pub mod form;
 pub mod grant;
 pub mod identity;
+pub mod lifecycle;
 pub mod policy;
 pub mod readback;
 pub mod request;

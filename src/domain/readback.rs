@@ -32,6 +32,35 @@ impl ReadBack {
     }
 }
 
+/// What the revoke step records about its read-back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verified {
+    /// Seen gone at this instant.
+    At(time::OffsetDateTime),
+    /// Not read back (`serve --dry-run`): recorded as `verified: false`.
+    NotChecked,
+}
+
+impl Verified {
+    /// The audit details a `revoked` event gains.
+    pub fn annotate(self, details: &mut serde_json::Value) {
+        match self {
+            Verified::At(t) => {
+                details["verified"] = serde_json::json!(true);
+                details["verified_at"] = serde_json::json!(super::lifecycle::rfc3339(Some(t)));
+            }
+            Verified::NotChecked => details["verified"] = serde_json::json!(false),
+        }
+    }
+
+    pub fn at(self) -> Option<time::OffsetDateTime> {
+        match self {
+            Verified::At(t) => Some(t),
+            Verified::NotChecked => None,
+        }
+    }
+}
+
 /// The scope of `policy` the cluster may still show after a revoke: what
 /// the remaining grants need, unioned with the recorded baseline.
 pub fn justified_scope(

@@ -301,7 +301,7 @@ pub struct Request {
     pub requester: Requester,
     pub access: AccessSpec,
     pub reason: String,
-    #[serde(with = "humantime_serde_secs")]
+    #[serde(with = "duration_secs")]
     pub duration: Duration,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -532,7 +532,7 @@ impl Request {
 
 /// Durations are stored as whole seconds: readable in a store dump and
 /// stable across serde versions.
-mod humantime_serde_secs {
+mod duration_secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 

@@ -184,7 +184,7 @@ pub enum Mark<'a> {
 fn same_principal(a: &str, b: &str) -> bool {
     let norm = |s: &str| {
         if s.starts_with("arn:") {
-            crate::access::aws_auth::strip_role_path(s).to_ascii_lowercase()
+            super::identity::role_arn_key(s)
         } else {
             s.to_string()
         }
@@ -344,7 +344,7 @@ pub fn classify(
             continue;
         }
         if let Some(user) = m.username.as_deref() {
-            if crate::access::aws_auth::is_grant_username(user)
+            if super::identity::is_grant_username(user)
                 && created_by_tollgate(records, cluster, &m.arn, Mark::Username(user))
             {
                 continue;

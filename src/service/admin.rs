@@ -5,65 +5,62 @@
 use serde_json::json;
 use std::sync::Arc;
 
-use super::{Change, Notice, Service};
+use super::error::{Refusal, ServiceError};
+use super::{Change, Notice, Revoker, Service};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
-use crate::domain::request::{Event, Request, RequestId, RevokeIntent, RevokeReason, State};
+use crate::domain::lifecycle::{self, Refused};
+use crate::domain::request::{Request, RequestId, RevokeIntent, RevokeReason, State};
 use crate::store::prune::{self, PrunePlan};
 
-/// `RevokeIntent::by` for a revoke forced from the command line.
-pub const CLI_PREFIX: &str = "cli:";
-
-/// The audit details of a revoke: its reason, and for an admin's, who.
-pub(super) fn revoke_details(intent: Option<&RevokeIntent>) -> serde_json::Value {
-    let reason = intent.map(|i| i.reason.label()).unwrap_or("expiry");
-    let mut details = json!({"reason": reason});
-    if let Some(user) = intent.and_then(|i| i.by.strip_prefix(CLI_PREFIX)) {
-        details["via"] = json!("cli");
-        details["os_user"] = json!(user);
-    }
-    if let Some(i) = intent.filter(|i| i.reason == RevokeReason::Early) {
-        details["by"] = json!(i.by);
-    }
-    if let Some(note) = intent.and_then(|i| i.note.as_deref()) {
-        details["note"] = json!(note);
-    }
-    details
-}
-
-/// Who ends a request early.
-pub enum Revoker {
-    Cli {
-        os_user: String,
-        note: Option<String>,
-    },
-    Slack {
-        user: String,
-    },
-}
+pub use crate::domain::lifecycle::CLI_PREFIX;
 
 impl Service {
     /// What `store prune --before` would remove (see `store::prune`).
-    pub async fn prune_plan(&self, before: time::OffsetDateTime) -> Result<PrunePlan, String> {
-        prune::plan(self.store.as_ref(), before)
-            .await
-            .map_err(|e| e.to_string())
+    pub async fn prune_plan(
+        &self,
+        before: time::OffsetDateTime,
+    ) -> Result<PrunePlan, ServiceError> {
+        Ok(prune::plan(self.store.as_ref(), before).await?)
     }
 
     pub async fn prune_apply(
         &self,
         plan: &PrunePlan,
         before: time::OffsetDateTime,
-    ) -> Result<String, String> {
-        let (rows, events) = prune::apply(self.store.as_ref(), plan, before)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.store.flush().await.map_err(|e| e.to_string())?;
+    ) -> Result<String, ServiceError> {
+        let (rows, events) = prune::apply(self.store.as_ref(), plan, before).await?;
+        self.store.flush().await?;
         Ok(prune::summary(rows, events, before))
     }
 
+    /// The gauges that describe the store (`tollgate_grants_active`,
+    /// `tollgate_overdue_grants`), set from the live rows when scraped so
+    /// they can never drift from it. A store that cannot be read leaves the
+    /// last values (and counts as a failed store step).
+    pub async fn refresh_gauges(&self) {
+        let all = match self.store.live().await {
+            Ok(all) => all,
+            Err(e) => {
+                self.metrics.failed("store", e.metric_label());
+                return;
+            }
+        };
+        let now = self.clock.now();
+        let holding: Vec<&Request> = all
+            .iter()
+            .filter(|r| matches!(r.state, State::Active | State::RevokeFailed))
+            .collect();
+        let overdue = holding
+            .iter()
+            .filter(|r| r.expires_at.is_some_and(|e| e <= now))
+            .count();
+        self.metrics.grants_active.set(holding.len() as i64);
+        self.metrics.overdue_grants.set(overdue as i64);
+    }
+
     /// Requests that still hold or may still get access.
-    pub async fn live_requests(&self) -> Result<Vec<Request>, String> {
-        let mut out: Vec<Request> = self.store.live().await.map_err(|e| e.to_string())?;
+    pub async fn live_requests(&self) -> Result<Vec<Request>, ServiceError> {
+        let mut out: Vec<Request> = self.store.live().await?;
         out.sort_by_key(|r| r.created_at);
         Ok(out)
     }
@@ -74,7 +71,7 @@ impl Service {
         id_text: &str,
         reason: Option<&str>,
         os_user: &str,
-    ) -> Result<String, String> {
+    ) -> Result<String, ServiceError> {
         let who = Revoker::Cli {
             os_user: os_user.to_string(),
             note: reason.map(str::to_string),
@@ -89,13 +86,8 @@ impl Service {
         self: &Arc<Self>,
         id_text: &str,
         who: Revoker,
-    ) -> Result<String, String> {
-        let id = RequestId::parse(id_text).ok_or_else(|| {
-            format!(
-                "`{}` is not a request id (like R-7F3K2)",
-                crate::domain::text::clip(id_text, 20)
-            )
-        })?;
+    ) -> Result<String, ServiceError> {
+        let id = RequestId::parse(id_text).ok_or_else(|| Refusal::NotAnId(id_text.to_string()))?;
         let now = self.clock.now();
         let (actor, details, intent) = match &who {
             Revoker::Cli { os_user, note } => (
@@ -121,41 +113,28 @@ impl Service {
         };
         let outcome = self
             .modify(&id, |current| {
-                let mut next = current.clone();
-                match current.state {
-                    State::Pending => {
-                        if next.apply(Event::Cancel).is_err() {
-                            return Change::Keep(Err(current.state));
-                        }
-                        next.ended_at = Some(now);
-                        let audit = AuditEvent::for_request(
-                            &next,
-                            "cancelled",
-                            &actor,
-                            now,
-                            details.clone(),
-                        );
-                        Change::Write(Box::new(next), vec![audit], Ok(State::Cancelled))
+                let decided = if current.state == State::Pending {
+                    lifecycle::cancel(current, &actor, details.clone(), now)
+                } else {
+                    // Audited as `revoked` (with who and why) once the
+                    // access is actually gone.
+                    lifecycle::revoke_requested(current, intent.clone())
+                };
+                match decided {
+                    Ok(e) => {
+                        let state = e.row.state;
+                        Change::Write(Box::new(e.row), e.audit, Ok(state))
                     }
-                    State::Approved | State::Active | State::RevokeFailed
-                        if current.revoke.is_none() =>
-                    {
-                        // Audited as `revoked` (with who and why) once the
-                        // access is actually gone.
-                        next.revoke = Some(intent.clone());
-                        next.retry_at = None;
-                        Change::Write(Box::new(next), Vec::new(), Ok(current.state))
-                    }
-                    State::Approved | State::Active | State::RevokeFailed => {
-                        Change::Keep(Ok(current.state))
-                    }
-                    other => Change::Keep(Err(other)),
+                    Err(Refused::AlreadyRevoking) => Change::Keep(Ok(current.state)),
+                    Err(_) => Change::Keep(Err(current.state)),
                 }
             })
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::NotFound(_) => format!("Tollgate has no request {id}."),
-                other => other.to_string(),
+                crate::store::StoreError::NotFound(_) => {
+                    ServiceError::from(Refusal::NoSuchRequest(id.to_string()))
+                }
+                other => ServiceError::from(other),
             })?;
         match outcome {
             Ok(State::Cancelled) => {
@@ -167,7 +146,7 @@ impl Service {
             Ok(_) => {
                 // Revoke now rather than wait for the scheduler's next pass.
                 self.drive(&id).await;
-                match self.store.get(&id).await.map_err(|e| e.to_string())? {
+                match self.store.get(&id).await? {
                     Some(r) if r.state == State::Revoked => {
                         Ok(format!("{id} is revoked; its access is gone."))
                     }
@@ -175,23 +154,21 @@ impl Service {
                         "{id} is marked for revocation but is still {} (Tollgate keeps retrying).",
                         r.state.label()
                     )),
-                    None => Err(format!("{id} disappeared from the store")),
+                    None => Err(Refusal::Vanished(id.to_string()).into()),
                 }
             }
-            Err(state) => Err(format!(
-                "{id} is already {}; nothing to revoke.",
-                state.label().replace('_', " ")
-            )),
+            Err(state) => Err(Refusal::AlreadyEnded {
+                id: id.to_string(),
+                state: state.label().replace('_', " "),
+            }
+            .into()),
         }
     }
 
     pub async fn audit_since(
         &self,
         since: Option<time::OffsetDateTime>,
-    ) -> Result<Vec<AuditEvent>, String> {
-        self.store
-            .audit_since(since)
-            .await
-            .map_err(|e| e.to_string())
+    ) -> Result<Vec<AuditEvent>, ServiceError> {
+        Ok(self.store.audit_since(since).await?)
     }
 }

@@ -5,74 +5,19 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use time::OffsetDateTime;
 
+use super::error::Refusal;
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
-use crate::domain::audit::ACTOR_TOLLGATE;
 use crate::domain::command::{parse, Command, RequestArgs, USAGE};
 use crate::domain::duration::format_duration;
 use crate::domain::identity::{resolve as resolve_principal, Principal};
-use crate::domain::policy::{
-    listed, may_request, mention_list, resolve_request, ClusterPolicy, Strategy,
-};
+use crate::domain::lifecycle::Mode;
+use crate::domain::policy::{listed, may_request, resolve_request, ClusterPolicy, Strategy};
 use crate::domain::request::{AccessSpec, Asked, CardRef, Request, RequestId, Requester, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::{blocks, SlackUser};
 use crate::store::StoreError;
-
-/// How a request is decided.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Mode {
-    Approval,
-    AutoApproved,
-    BreakGlass,
-}
-
-impl Mode {
-    fn label(self) -> &'static str {
-        match self {
-            Mode::Approval => "approval",
-            Mode::AutoApproved => "auto-approve",
-            Mode::BreakGlass => "break-glass",
-        }
-    }
-
-    /// What records a decision made without a click, beside `requested`.
-    pub(super) fn decision_audit(self, req: &Request, now: OffsetDateTime) -> Vec<AuditEvent> {
-        let (event, via) = match self {
-            Mode::Approval => return Vec::new(),
-            Mode::AutoApproved => ("auto_approved", "auto_approve"),
-            Mode::BreakGlass => ("break_glass", "break_glass"),
-        };
-        let details = match self {
-            Mode::BreakGlass => json!({"reason": req.reason}),
-            _ => json!({}),
-        };
-        vec![
-            AuditEvent::for_request(req, event, &req.requester.user_id, now, details),
-            AuditEvent::for_request(req, "approved", ACTOR_TOLLGATE, now, json!({"via": via})),
-        ]
-    }
-
-    /// Recorded as approved at once when no human decides, so the grant is
-    /// driven exactly like an approved request.
-    pub(super) fn preapprove(self, req: &mut Request, now: OffsetDateTime) {
-        if self != Mode::Approval {
-            req.state = State::Approved;
-            req.approved_at = Some(now);
-            req.decided_by = Some(self.label().to_string());
-        }
-    }
-
-    fn label_title(self) -> &'static str {
-        match self {
-            Mode::Approval => "Request",
-            Mode::AutoApproved => "Auto-approved",
-            Mode::BreakGlass => "Break-glass",
-        }
-    }
-}
 
 /// The form fields of a slash command that Tollgate reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -109,7 +54,8 @@ impl Service {
                     .await
             }
             Command::Request(args) => match self.submit(&cmd, args).await {
-                Ok(receipt) | Err(receipt) => receipt,
+                Ok(receipt) => receipt,
+                Err(refusal) => blocks::refusal_text(&refusal),
             },
         }
     }
@@ -118,24 +64,19 @@ impl Service {
         self: &Arc<Self>,
         cmd: &SlashCommand,
         args: RequestArgs,
-    ) -> Result<String, String> {
-        let cluster = self.config.cluster(&args.cluster).ok_or_else(|| {
-            let known: Vec<String> = self
-                .config
-                .clusters
-                .iter()
-                .map(|c| format!("`{}`", c.name))
-                .collect();
-            format!(
-                "There is no cluster `{}`. Clusters you can ask for: {}.",
-                escape_slack(&clip(&args.cluster, 60)),
-                if known.is_empty() {
-                    "none are configured".to_string()
-                } else {
-                    known.join(", ")
-                }
-            )
-        })?;
+    ) -> Result<String, Refusal> {
+        let cluster =
+            self.config
+                .cluster(&args.cluster)
+                .ok_or_else(|| Refusal::UnknownCluster {
+                    asked: args.cluster.clone(),
+                    known: self
+                        .config
+                        .clusters
+                        .iter()
+                        .map(|c| c.name.clone())
+                        .collect(),
+                })?;
         // Break-glass is capped by its own max_duration, not the role's,
         // and its reason is the rest of the line.
         let break_glass_view;
@@ -148,10 +89,9 @@ impl Service {
                     "not allowed on this cluster",
                 )
                 .await;
-                return Err(format!(
-                    "{} does not allow break-glass; ask for access the usual way.",
-                    cluster.name
-                ));
+                return Err(Refusal::NoBreakGlass {
+                    cluster: cluster.name.clone(),
+                });
             }
             (Some(_), Some(bg)) => {
                 let mut c = cluster.clone();
@@ -170,29 +110,29 @@ impl Service {
                     self.audit_break_glass_refused(&cmd.user_id, cluster, &why)
                         .await;
                 }
-                return Err(why);
+                return Err(Refusal::Policy(why));
             }
         };
         if let Some(reason) = &args.break_glass {
             resolved.reason = reason.clone();
         }
-        let role = cluster.roles.get(&resolved.role).ok_or_else(|| {
-            format!(
-                "The role `{}` is not configured on {}.",
-                resolved.role, cluster.name
-            )
-        })?;
+        let role = cluster
+            .roles
+            .get(&resolved.role)
+            .ok_or_else(|| Refusal::RoleNotConfigured {
+                role: resolved.role.clone(),
+                cluster: cluster.name.clone(),
+            })?;
 
         let user = self.requesting_user(&cmd.user_id).await?;
         if !role.requesters.is_empty() {
             let members = self.group_members(&role.requesters).await;
             if !may_request(role, &user.id, &members) {
-                return Err(format!(
-                    "You may not request `{}` on {}. Who may: {}.",
-                    role.name,
-                    cluster.name,
-                    mention_list(&role.requesters)
-                ));
+                return Err(Refusal::MayNotRequest {
+                    role: role.name.clone(),
+                    cluster: cluster.name.clone(),
+                    who: role.requesters.clone(),
+                });
             }
         }
         let mode = match &cluster.break_glass {
@@ -201,11 +141,10 @@ impl Service {
                 if !listed(&bg.allowed, &user.id, &members) {
                     self.audit_break_glass_refused(&user.id, cluster, "not in break_glass.allowed")
                         .await;
-                    return Err(format!(
-                        "You may not use break-glass on {}. Who may: {}. Nothing was granted; ask for access the usual way.",
-                        cluster.name,
-                        mention_list(&bg.allowed)
-                    ));
+                    return Err(Refusal::MayNotBreakGlass {
+                        cluster: cluster.name.clone(),
+                        who: bg.allowed.clone(),
+                    });
                 }
                 Mode::BreakGlass
             }
@@ -239,7 +178,7 @@ impl Service {
                     self.audit_break_glass_refused(&user.id, cluster, "no principal")
                         .await;
                 }
-                return Err(why);
+                return Err(Refusal::Policy(why));
             }
         };
         // Only what waits on approvers counts: break-glass and auto-approved
@@ -311,7 +250,7 @@ impl Service {
             .await;
         if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record request");
-            return Err("Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into());
+            return Err(Refusal::StoreUnavailable { what: "requested" });
         }
         self.wake.notify_one();
         self.metrics.entered(State::Pending.label());
@@ -368,32 +307,30 @@ impl Service {
 
     /// The Slack profile of someone asking for access, within the time a
     /// command has; deactivated accounts and bots are refused.
-    pub(super) async fn requesting_user(&self, id: &str) -> Result<SlackUser, String> {
+    pub(super) async fn requesting_user(&self, id: &str) -> Result<SlackUser, Refusal> {
         let user = match tokio::time::timeout(USER_LOOKUP_TIMEOUT, self.slack.user(id)).await {
             Ok(Ok(user)) => user,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "users.info failed");
-                return Err("Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into());
+                return Err(Refusal::ProfileUnavailable);
             }
-            Err(_) => {
-                return Err("Slack took too long to answer a profile lookup; nothing was requested. Please try again.".into())
-            }
+            Err(_) => return Err(Refusal::ProfileTimeout),
         };
         if user.deleted || user.is_bot {
-            return Err("Deactivated accounts and bots cannot request access.".into());
+            return Err(Refusal::DeactivatedOrBot);
         }
         if user.is_guest && !self.config.identity.allow_guests {
-            return Err("Slack guest accounts cannot request access here; nothing was requested. Ask an admin if you need it.".into());
+            return Err(Refusal::Guest);
         }
         Ok(user)
     }
 
     /// `max_pending_per_user` (spec 9.3): the requests waiting on approvers,
     /// extensions included, counted across every cluster.
-    pub(super) async fn pending_room(&self, user: &str) -> Result<(), String> {
+    pub(super) async fn pending_room(&self, user: &str) -> Result<(), Refusal> {
         let live = self.store.live().await.map_err(|e| {
             tracing::error!(error = %e, "store read failed");
-            "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".to_string()
+            Refusal::StoreUnavailable { what: "requested" }
         })?;
         let pending: Vec<String> = live
             .iter()
@@ -402,11 +339,7 @@ impl Service {
             .collect();
         let max = self.config.max_pending_per_user as usize;
         if pending.len() >= max {
-            return Err(format!(
-                "You already have {} pending requests, the most Tollgate accepts from one person ({max}): {}. Wait for a decision or cancel one with `/access revoke <id>`; nothing was requested.",
-                pending.len(),
-                pending.join(", ")
-            ));
+            return Err(Refusal::TooManyPending { pending, max });
         }
         Ok(())
     }
@@ -477,12 +410,12 @@ impl Service {
                 );
             }
         }
-        let who = super::admin::Revoker::Slack {
+        let who = super::Revoker::Slack {
             user: user.to_string(),
         };
         self.revoke_request(id.as_str(), who)
             .await
-            .unwrap_or_else(|e| e)
+            .unwrap_or_else(|e| e.to_string())
     }
 
     pub(super) async fn post_card(&self, id: &RequestId) {

@@ -1,14 +1,13 @@
 //! Approve / Deny clicks. Each click is one CAS write; a double click, a
 //! Slack retry or eight approvers at once still reach the quorum once.
 
-use serde_json::json;
 use std::sync::Arc;
 use tracing::Instrument;
 
 use super::{Change, Notice, Service};
-use crate::domain::audit::AuditEvent;
-use crate::domain::policy::{check_approver, listed, quorum_reached};
-use crate::domain::request::{Event, RequestId, State, Vote};
+use crate::domain::lifecycle::{self, Refused};
+use crate::domain::policy::{check_approver, listed};
+use crate::domain::request::{RequestId, State};
 
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -86,7 +85,7 @@ impl Service {
         // An offboarded requester's request cannot be approved (spec 9.1).
         if d.approve {
             if let Err(why) = self.requester_still_here(&req).await {
-                return reply(why).await;
+                return reply(crate::slack::blocks::refusal_text(&why)).await;
             }
         }
         let members = self.group_members(&role.approvers).await;
@@ -106,56 +105,25 @@ impl Service {
         let approve = d.approve;
         let outcome = self
             .modify(&id, |current| {
-                if current.state != State::Pending {
-                    return Change::Keep(Outcome::NotPending(current.state));
-                }
-                // Past its deadline a request is expired even if the
-                // scheduler has not got to it yet.
-                if now >= current.approval_deadline {
-                    return Change::Keep(Outcome::NotPending(State::Expired));
-                }
-                let mut next = current.clone();
-                if !approve {
-                    next.decided_by = Some(user.clone());
-                    next.ended_at = Some(now);
-                    if next.apply(Event::Deny).is_err() {
-                        return Change::Keep(Outcome::NotPending(current.state));
+                let decided = if approve {
+                    lifecycle::approve(current, &user, now)
+                } else {
+                    lifecycle::deny(current, &user, now)
+                };
+                match decided {
+                    Ok(e) => {
+                        let outcome = match e.row.state {
+                            State::Denied => Outcome::Denied,
+                            state => Outcome::Voted {
+                                quorum: state == State::Approved,
+                            },
+                        };
+                        Change::Write(Box::new(e.row), e.audit, outcome)
                     }
-                    let audit = AuditEvent::for_request(&next, "denied", &user, now, json!({}));
-                    return Change::Write(Box::new(next), vec![audit], Outcome::Denied);
+                    Err(Refused::AlreadyVoted) => Change::Keep(Outcome::AlreadyVoted),
+                    Err(Refused::NotPending(state)) => Change::Keep(Outcome::NotPending(state)),
+                    Err(_) => Change::Keep(Outcome::NotPending(current.state)),
                 }
-                if current.has_vote_from(&user) {
-                    return Change::Keep(Outcome::AlreadyVoted);
-                }
-                next.approvals.push(Vote {
-                    user: user.clone(),
-                    at: now,
-                });
-                let mut audit = vec![AuditEvent::for_request(
-                    &next,
-                    "approval",
-                    &user,
-                    now,
-                    json!({"approvals": next.approvals.len(), "required": next.required_approvals}),
-                )];
-                let quorum = quorum_reached(next.approvals.len(), next.required_approvals);
-                if quorum {
-                    if next.apply(Event::QuorumReached).is_err() {
-                        return Change::Keep(Outcome::NotPending(current.state));
-                    }
-                    next.approved_at = Some(now);
-                    next.decided_by = Some(user.clone());
-                    let approvers: Vec<&str> =
-                        next.approvals.iter().map(|v| v.user.as_str()).collect();
-                    audit.push(AuditEvent::for_request(
-                        &next,
-                        "approved",
-                        &user,
-                        now,
-                        json!({"approvers": approvers}),
-                    ));
-                }
-                Change::Write(Box::new(next), audit, Outcome::Voted { quorum })
             })
             .await;
         let outcome = match outcome {

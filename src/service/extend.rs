@@ -7,13 +7,12 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::commands::Mode;
-use super::lifecycle::in_force;
-use super::{Change, Notice, Service};
-use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
+use super::{Change, Service};
+use crate::domain::audit::AuditEvent;
 use crate::domain::duration::{format_duration, parse_in_range};
+use crate::domain::lifecycle::{self, in_force, Mode};
 use crate::domain::policy::{check_total_duration, listed, may_request, mention_list};
-use crate::domain::request::{reminder_time, Event, Request, RequestId, State};
+use crate::domain::request::{Request, RequestId, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::blocks;
 
@@ -115,7 +114,7 @@ impl Service {
         }
         let requester = match self.requesting_user(user).await {
             Ok(u) => u,
-            Err(why) => return why,
+            Err(why) => return blocks::refusal_text(&why),
         };
         // Guests never extend, even where they may request (spec 9.1).
         if requester.is_guest {
@@ -146,7 +145,7 @@ impl Service {
         };
         if mode == Mode::Approval {
             if let Err(why) = self.pending_room(user).await {
-                return why;
+                return blocks::refusal_text(&why);
             }
         }
         let mut ext = Request::extension_of(
@@ -267,28 +266,9 @@ impl Service {
                         return Change::Keep(Applied::Ended(why));
                     }
                 }
-                let mut next = grant.clone();
-                let new_expiry = expires_at + ext.duration;
-                next.expires_at = Some(new_expiry);
-                next.extended_by.push(ext.id.clone());
-                next.remind_at = reminder_before.and_then(|before| {
-                    let left = Duration::try_from(new_expiry - now).unwrap_or_default();
-                    reminder_time(new_expiry, left, before)
-                });
-                let audit = AuditEvent::for_request(
-                    &next,
-                    "extended",
-                    ext.decided_by.as_deref().unwrap_or(ACTOR_TOLLGATE),
-                    now,
-                    json!({
-                        "extension": ext.id.as_str(),
-                        "by": format_duration(ext.duration),
-                        "expires_at": super::lifecycle::rfc3339(Some(new_expiry)),
-                        "previous_expires_at": super::lifecycle::rfc3339(Some(expires_at)),
-                    }),
-                );
-                let moved = Applied::Moved(Box::new(next.clone()));
-                Change::Write(Box::new(next), vec![audit], moved)
+                let e = lifecycle::extend_grant(grant, ext, expires_at, reminder_before, now);
+                let moved = Applied::Moved(Box::new(e.row.clone()));
+                Change::Write(Box::new(e.row), e.audit, moved)
             })
             .await;
         let applied = match applied {
@@ -316,31 +296,13 @@ impl Service {
                 if current.state != State::Approved {
                     return Change::Keep(None);
                 }
-                let mut next = current.clone();
-                next.ended_at = Some(now);
-                match &applied {
+                let effects = match &applied {
                     Applied::Moved(grant) => {
-                        if next.apply(Event::ExtensionApplied).is_err() {
-                            return Change::Keep(None);
-                        }
-                        next.expires_at = grant.expires_at;
-                        Change::Write(Box::new(next), Vec::new(), Some(Notice::Extended))
+                        lifecycle::extension_applied(current, grant.expires_at, now)
                     }
-                    Applied::Ended(why) => {
-                        if next.apply(Event::GrantFailed).is_err() {
-                            return Change::Keep(None);
-                        }
-                        next.failure = Some(why.clone());
-                        let audit = AuditEvent::for_request(
-                            &next,
-                            "grant_failed",
-                            ACTOR_TOLLGATE,
-                            now,
-                            json!({"error": why}),
-                        );
-                        Change::Write(Box::new(next), vec![audit], Some(Notice::GrantFailed))
-                    }
-                }
+                    Applied::Ended(why) => lifecycle::extension_failed(current, why, now),
+                };
+                Change::event(&ext.id, effects)
             })
             .await;
         match recorded {
@@ -352,9 +314,11 @@ impl Service {
                 }
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::error!(request_id = %ext.id, error = %e, "extension applied but not recorded; it will be driven again")
-            }
+            Err(e) => self.store_failed(
+                &ext.id,
+                &e,
+                "extension applied but not recorded; it will be driven again",
+            ),
         }
     }
 

@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::lifecycle::in_force;
+use super::error::{GrantRefusal, Refusal};
 use super::Service;
 use crate::domain::identity::resolve as resolve_principal;
+use crate::domain::lifecycle::in_force;
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::{Request, RevokeIntent, RevokeReason, State};
 use crate::slack::{SlackError, SlackUser};
@@ -46,21 +47,21 @@ impl Service {
 
     /// Before an approval counts: the requester's account may still get
     /// access. Unsure (Slack not answering) means the click is not counted.
-    pub(super) async fn requester_still_here(&self, req: &Request) -> Result<(), String> {
+    pub(super) async fn requester_still_here(&self, req: &Request) -> Result<(), Refusal> {
         let why = match self.lookup(&req.requester.user_id).await {
             Ok(u) => offboarded(&u, self.config.identity.allow_guests),
             Err(e) if e.code() == Some(USER_NOT_FOUND) => Some("unknown to Slack"),
             Err(e) => {
                 tracing::warn!(error = %e, "users.info failed for a requester");
-                return Err("Tollgate could not look up the requester's Slack profile; your click was not counted. Try again.".into());
+                return Err(Refusal::RequesterUnconfirmed);
             }
         };
         match why {
             None => Ok(()),
-            Some(what) => Err(format!(
-                "{} cannot be approved: the requester's Slack account is now {what}. Your click was not counted.",
-                req.id
-            )),
+            Some(what) => Err(Refusal::RequesterOffboarded {
+                id: req.id.to_string(),
+                what,
+            }),
         }
     }
 
@@ -68,51 +69,38 @@ impl Service {
     /// the request was made from, and it still maps to the principal (and
     /// Kubernetes username) stored on the request and shown on the card.
     /// A difference fails the grant: nothing is created.
-    pub(super) async fn recheck_identity(&self, req: &Request) -> Result<(), String> {
+    pub(super) async fn recheck_identity(&self, req: &Request) -> Result<(), GrantRefusal> {
         let Some(cluster) = self.config.cluster(&req.access.cluster) else {
-            return Err(format!(
-                "the cluster {} is no longer configured; nothing was granted",
-                req.access.cluster
-            ));
+            return Err(GrantRefusal::ClusterGone(req.access.cluster.clone()));
         };
         let user = match self.lookup(&req.requester.user_id).await {
             Ok(u) => u,
-            Err(e) if e.code() == Some(USER_NOT_FOUND) => {
-                return Err("the requester's Slack account no longer exists; nothing was granted".into())
-            }
+            Err(e) if e.code() == Some(USER_NOT_FOUND) => return Err(GrantRefusal::AccountGone),
             // Access goes to a confirmed principal or nowhere.
-            Err(e) => {
-                return Err(format!(
-                    "Tollgate could not confirm the requester's identity with Slack ({e}); nothing was granted. Request again."
-                ))
-            }
+            Err(e) => return Err(GrantRefusal::Unconfirmed(e)),
         };
         if let Some(what) = offboarded(&user, self.config.identity.allow_guests) {
-            return Err(format!(
-                "the requester's Slack account is now {what}; nothing was granted"
-            ));
+            return Err(GrantRefusal::Offboarded(what));
         }
         let email = user.email.unwrap_or_default();
-        let now = resolve_principal(
+        let resolved = resolve_principal(
             &self.config.identity,
             &cluster.account_id,
             cluster.strategy,
             &email,
         )
-        .map_err(|why| {
-            format!("the requester no longer maps to a principal ({why}); nothing was granted")
-        })?;
-        if now.principal != req.access.principal
+        .map_err(GrantRefusal::NoPrincipal)?;
+        if resolved.principal != req.access.principal
             || req
                 .access
                 .k8s_user
                 .as_ref()
-                .is_some_and(|u| *u != now.k8s_user)
+                .is_some_and(|u| *u != resolved.k8s_user)
         {
-            return Err(format!(
-                "the requester's principal changed since the request (it was {}, it is now {}: their email or the identity mapping changed); nothing was granted. Request again so approvers see the new one.",
-                req.access.principal, now.principal
-            ));
+            return Err(GrantRefusal::PrincipalChanged {
+                was: req.access.principal.clone(),
+                now: resolved.principal,
+            });
         }
         Ok(())
     }
@@ -178,15 +166,16 @@ impl Service {
                 {
                     return super::Change::Keep(false);
                 }
-                let mut next = current.clone();
-                next.revoke = Some(RevokeIntent {
+                let intent = RevokeIntent {
                     reason: RevokeReason::Offboarded,
                     by: crate::domain::audit::ACTOR_TOLLGATE.to_string(),
                     note: Some(note.clone()),
                     at: now,
-                });
-                next.retry_at = None;
-                super::Change::Write(Box::new(next), Vec::new(), true)
+                };
+                match crate::domain::lifecycle::revoke_requested(current, intent) {
+                    Ok(e) => super::Change::Write(Box::new(e.row), e.audit, true),
+                    Err(_) => super::Change::Keep(false),
+                }
             })
             .await;
         match marked {

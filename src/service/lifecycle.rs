@@ -1,108 +1,34 @@
-//! What happens to a request when its time comes: grant after approval,
-//! revoke at expiry, expire when nobody decided. Each step converges the
-//! principal's access under its lock, then records the result in one CAS
-//! write; a crash in between leaves a row that is still due, and the next
-//! pass drives it again (converging is idempotent).
+//! The steps that change access, and when they run: grant after approval,
+//! revoke at expiry or on request, expire when nobody decided. Each step
+//! converges the principal's access under its lock and claim
+//! (`service::claims`), then records what `domain::lifecycle` decides in
+//! one CAS write; a crash in between leaves a row that is still due, and
+//! the next pass drives it again (converging is idempotent). `run_due` is
+//! the scheduler's pass, `recover` the start-up one (before the port opens),
+//! `drive` the immediate one after a click or command.
 
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use super::{Change, Notice, Service};
+use super::error::{GrantRefusal, ServiceError};
+use super::{failpoint, Change, Service};
 use crate::access::InForce;
-use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::grant::{intents_for, role_changed};
-use crate::domain::request::{
-    reminder_time, Claim, Event, Request, RequestId, RevokeIntent, RevokeReason, State,
-};
+use crate::domain::lifecycle::{self, in_force};
+use crate::domain::readback::Verified;
+use crate::domain::request::{Request, RequestId, State};
 use crate::store::StoreError;
 
-/// Failed steps retry with capped exponential backoff; a revoke still
-/// failing after this many attempts becomes `RevokeFailed` and is alerted
-/// on, and retries go on.
-const REVOKE_FAILED_AFTER: u32 = 5;
-const RETRY_BASE: Duration = Duration::from_secs(2);
-/// `TOLLGATE_RETRY_BASE` (a humantime duration) overrides the first retry
-/// delay; outage drills and tests shorten it.
-const RETRY_BASE_ENV: &str = "TOLLGATE_RETRY_BASE";
-
-fn retry_base() -> Duration {
-    static BASE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *BASE.get_or_init(|| {
-        std::env::var(RETRY_BASE_ENV)
-            .ok()
-            .and_then(|v| humantime::parse_duration(&v).ok())
-            .filter(|d| !d.is_zero())
-            .unwrap_or(RETRY_BASE)
-    })
-}
+/// Failed steps retry with capped exponential backoff from
+/// `Tunables::retry_base` (`domain::lifecycle::REVOKE_FAILED_AFTER` says
+/// when a failing revoke is alerted on; retries go on).
 const RETRY_CAP: Duration = Duration::from_secs(300);
-/// One stuck request must not hold up every other due one for long; a step
-/// cut off here is simply driven again (it is idempotent). Kept well inside
-/// the claim, so a step never outlives the claim it runs under.
-fn drive_timeout() -> Duration {
-    Duration::from_secs(60).min(claim_ttl() * 2 / 3)
-}
 
-/// A converge (reading the grants in force, then the cloud calls) that has
-/// not finished by then is cut off and counts as a failed attempt of its
-/// step: recorded, retried with backoff, counted and alerted on like any
-/// other failure, never dropped. Well inside the step's own limit, which
-/// leaves room to record the outcome (and, for a grant, one cleanup).
-pub(super) fn converge_limit() -> Duration {
-    drive_timeout() * 2 / 5
-}
-
-/// How long a replica's claim on a row lasts: the failover time when a
-/// replica dies mid-step. `TOLLGATE_CLAIM_TTL` (humantime) overrides it for
-/// drills and tests.
-const CLAIM_TTL: Duration = Duration::from_secs(30);
-const CLAIM_TTL_ENV: &str = "TOLLGATE_CLAIM_TTL";
-
-pub fn claim_ttl() -> Duration {
-    static TTL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *TTL.get_or_init(|| {
-        std::env::var(CLAIM_TTL_ENV)
-            .ok()
-            .and_then(|v| humantime::parse_duration(&v).ok())
-            .filter(|d| *d >= Duration::from_secs(1))
-            .unwrap_or(CLAIM_TTL)
-    })
-}
-
-fn retry_backoff(attempts: u32) -> Duration {
+fn retry_backoff(base: Duration, attempts: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
-    (retry_base() * factor).min(RETRY_CAP)
-}
-
-/// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the
-/// process aborts right there, between a cloud call and the store write
-/// that records it, exactly as a kill -9 would. Only in builds with the
-/// `failpoints` feature (the test suite's); a release build ignores the
-/// variable, so nobody who can set a pod's environment can make it abort.
-#[cfg(not(feature = "failpoints"))]
-fn failpoint(_name: &str) {}
-
-#[cfg(feature = "failpoints")]
-fn failpoint(name: &str) {
-    let Ok(armed) = std::env::var("TOLLGATE_FAILPOINT") else {
-        return;
-    };
-    if armed == name {
-        tracing::error!(failpoint = name, "failpoint armed: aborting");
-        std::process::abort();
-    }
-    // `stop:<name>` freezes the process there (SIGSTOP to itself) until it
-    // is sent SIGCONT: a long pause at the worst moment, on demand.
-    if armed.strip_prefix("stop:") == Some(name) {
-        tracing::error!(failpoint = name, "failpoint armed: stopping");
-        let _ = std::process::Command::new("kill")
-            .arg("-STOP")
-            .arg(std::process::id().to_string())
-            .status();
-    }
+    (base * factor).min(RETRY_CAP)
 }
 
 /// Up to a quarter more, so many grants failing together (one AWS outage)
@@ -111,18 +37,6 @@ fn jittered(d: Duration) -> Duration {
     use rand::Rng;
     let extra = rand::thread_rng().gen_range(0..=d.as_millis() as u64 / 4);
     d + Duration::from_millis(extra)
-}
-
-/// A grant still owed access at `now`.
-pub(super) fn in_force(r: &Request, now: OffsetDateTime) -> bool {
-    r.state == State::Active && r.revoke.is_none() && r.expires_at.is_some_and(|e| e > now)
-}
-
-pub(super) fn rfc3339(t: Option<OffsetDateTime>) -> Option<String> {
-    t.and_then(|t| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .ok()
-    })
 }
 
 /// Whether a step runs only when due (the scheduler) or regardless of its
@@ -134,6 +48,12 @@ enum When {
 }
 
 impl Service {
+    /// How long a step that has failed `attempts` times waits before the
+    /// next try.
+    fn retry_delay(&self, attempts: u32) -> Duration {
+        jittered(retry_backoff(self.tunables.retry_base, attempts))
+    }
+
     /// Runs everything due now.
     pub async fn run_due(self: &Arc<Self>) -> Result<usize, StoreError> {
         let ids = self.store.due(self.clock.now()).await?;
@@ -173,7 +93,7 @@ impl Service {
             work.spawn(async move {
                 let span = tracing::info_span!("request", request_id = %id);
                 if tokio::time::timeout(
-                    drive_timeout(),
+                    service.tunables.step_limit(),
                     service.drive_when(&id, when).instrument(span),
                 )
                 .await
@@ -190,7 +110,10 @@ impl Service {
     pub async fn drive(self: &Arc<Self>, id: &RequestId) {
         let span = tracing::info_span!("request", request_id = %id);
         let step = self.drive_when(id, When::Due).instrument(span);
-        if tokio::time::timeout(drive_timeout(), step).await.is_err() {
+        if tokio::time::timeout(self.tunables.step_limit(), step)
+            .await
+            .is_err()
+        {
             tracing::error!(request_id = %id, "step timed out; it will be driven again");
         }
     }
@@ -200,7 +123,7 @@ impl Service {
             Ok(Some(r)) => r,
             Ok(None) => return,
             Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "store read failed");
+                self.store_failed(id, &e, "store read failed");
                 return;
             }
         };
@@ -248,13 +171,11 @@ impl Service {
         req: &Request,
         others: &[Request],
         include: Option<OffsetDateTime>,
-    ) -> Result<(), String> {
-        let configured = self.config.cluster(&req.access.cluster).ok_or_else(|| {
-            format!(
-                "cluster {} is no longer in the configuration",
-                req.access.cluster
-            )
-        })?;
+    ) -> Result<(), ServiceError> {
+        let configured = self
+            .config
+            .cluster(&req.access.cluster)
+            .ok_or_else(|| ServiceError::ClusterGone(req.access.cluster.clone()))?;
         // The strategy the grant was made with, whatever the configuration
         // says now: a cluster switched to another strategy mid-grant still
         // has this grant's objects removed the way they were made.
@@ -294,7 +215,7 @@ impl Service {
         self.access
             .converge(cluster, &req.access.principal, &grants, creator)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(ServiceError::from)
     }
 
     /// Converges with `req` in or out, reading the other grants first.
@@ -303,76 +224,18 @@ impl Service {
         req: &Request,
         include: Option<OffsetDateTime>,
         now: OffsetDateTime,
-    ) -> Result<(), String> {
-        let limit = self.converge_limit();
+    ) -> Result<(), ServiceError> {
+        let limit = self.tunables.converge_limit;
         let converge = async {
             let others = self
                 .others_in_force(req, now)
                 .await
-                .map_err(|e| format!("cannot read the grants in force: {e}"))?;
+                .map_err(ServiceError::InForceUnreadable)?;
             self.converge_with(req, &others, include).await
         };
         tokio::time::timeout(limit, converge)
             .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "cut off after {:.1} s without an answer from the cluster",
-                    limit.as_secs_f64()
-                ))
-            })
-    }
-
-    /// On a shared store, takes this row for this replica before any cloud
-    /// call; `None` when another replica holds it. The row returned is what
-    /// the step works from.
-    async fn claim(&self, req: Request, now: OffsetDateTime) -> Option<Request> {
-        if !self.store.is_shared() {
-            return Some(req);
-        }
-        let owner = self.replica.clone();
-        let state = req.state;
-        let claimed = self
-            .modify(&req.id, |current| {
-                if current.state != state || !current.claimable_by(&owner, now) {
-                    return Change::Keep(None);
-                }
-                let mut next = current.clone();
-                next.claim = Some(Claim {
-                    owner: owner.clone(),
-                    until: now + claim_ttl(),
-                });
-                Change::Write(Box::new(next.clone()), Vec::new(), Some(next))
-            })
-            .await;
-        match claimed {
-            Ok(row) => row,
-            Err(e) => {
-                tracing::warn!(request_id = %req.id, error = %e, "cannot claim; another pass will");
-                None
-            }
-        }
-    }
-
-    /// Last look before a cloud call: a replica that was paused (or slow)
-    /// past most of its lease leaves the row to whoever holds it now.
-    fn may_act(
-        &self,
-        guard: &super::principal::PrincipalGuard,
-        req: &Request,
-        point: &str,
-    ) -> bool {
-        failpoint(point);
-        if guard.fresh_enough(self.clock.now()) {
-            return true;
-        }
-        tracing::warn!(request_id = %req.id, "lease nearly lapsed before the cloud call; leaving the row to the next pass");
-        false
-    }
-
-    /// The step's result is written only by the replica that claimed it: a
-    /// replica paused past its claim finds the row taken and writes nothing.
-    fn holds_claim(&self, row: &Request) -> bool {
-        !self.store.is_shared() || row.claim.as_ref().is_some_and(|c| c.owner == self.replica)
+            .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
     /// Re-reads `id` under its principal's lock; `None` if it no longer
@@ -382,7 +245,7 @@ impl Service {
             Ok(Some(r)) if ok(&r) => Some(r),
             Ok(_) => None,
             Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "store read failed");
+                self.store_failed(id, &e, "store read failed");
                 None
             }
         }
@@ -393,7 +256,7 @@ impl Service {
             return;
         };
         let id = &snapshot.id;
-        let Some(_guard) = self
+        let Some(guard) = self
             .principal(&snapshot.access.cluster, &snapshot.access.principal)
             .await
         else {
@@ -412,7 +275,7 @@ impl Service {
         let Some(req) = self.claim(req, now).await else {
             return;
         };
-        if !self.may_act(&_guard, &req, "after-grant-claim") {
+        if !self.may_act(&guard, &req, "after-grant-claim") {
             return;
         }
         let started = std::time::Instant::now();
@@ -432,7 +295,8 @@ impl Service {
                 } else {
                     self.converge_for(&req, None, now).await.err()
                 };
-                let _ = self.record_grant_failure(&req, changed, cleanup).await;
+                let refusal = GrantRefusal::RoleChanged(changed).into();
+                self.record_grant_failure(&req, refusal, cleanup).await;
                 return;
             }
             // What the converge may create is in the store before any
@@ -457,7 +321,7 @@ impl Service {
         // Spec 9.1: the principal shown to approvers is still the
         // requester's, or nothing is made.
         if !abandoned {
-            if let Err(message) = self.recheck_identity(&req).await {
+            if let Err(refusal) = self.recheck_identity(&req).await {
                 // A retry after a crash may find access the first try made
                 // (its intents are recorded): it goes with the refusal,
                 // so the failure never leaves anything granted.
@@ -466,7 +330,8 @@ impl Service {
                 } else {
                     self.converge_for(&req, None, now).await.err()
                 };
-                let _ = self.record_grant_failure(&req, message, cleanup).await;
+                self.record_grant_failure(&req, refusal.into(), cleanup)
+                    .await;
                 return;
             }
         }
@@ -478,7 +343,7 @@ impl Service {
                 // row ends as `revoked`. A failed grant's cleanup is not a
                 // revoke and is not read back.
                 Ok(()) if req.failure.is_none() => self.read_back(&req, now).await,
-                Ok(()) => Ok(super::readback::Verified::NotChecked),
+                Ok(()) => Ok(Verified::NotChecked),
                 Err(message) => Err(message),
             };
             verified = removed.as_ref().ok().copied();
@@ -489,76 +354,44 @@ impl Service {
                     failpoint("after-grant-converge");
                     (true, None)
                 }
-                Err(message) => {
-                    tracing::error!(request_id = %id, error = %message, "grant failed");
+                Err(error) => {
+                    tracing::error!(request_id = %id, error = %error, "grant failed");
                     let cleanup = self.converge_for(&req, None, now).await.err();
-                    let _ = self.record_grant_failure(&req, message, cleanup).await;
+                    self.record_grant_failure(&req, error, cleanup).await;
                     return;
                 }
             }
         };
+        if let Some(error) = &failure {
+            self.metrics.failed("grant", error.metric_label());
+        }
         let done_at = self.clock.now();
+        let made = lifecycle::GrantMade {
+            activated_at: now,
+            reminder_before,
+            grant_ms: started.elapsed().as_millis() as u64,
+        };
+        if let Some(error) = &failure {
+            tracing::error!(request_id = %id, error = %error, "cleanup of an abandoned grant failed; retrying");
+        }
         let recorded = self
             .modify(id, |current| {
                 if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
-                let mut next = current.clone();
-                next.claim = None;
-                if let Some(message) = &failure {
-                    next.attempts += 1;
-                    next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
-                    tracing::error!(request_id = %next.id, error = %message, attempts = next.attempts, "cleanup of an abandoned grant failed; retrying");
-                    return Change::Write(Box::new(next), Vec::new(), None);
-                }
-                next.attempts = 0;
-                next.retry_at = None;
-                if granted {
-                    if next.apply(Event::Granted).is_err() {
-                        return Change::Keep(None);
-                    }
-                    // The clock starts when access is put in place, not at
-                    // approval.
-                    next.activated_at = Some(now);
-                    next.expires_at = Some(planned_expiry);
-                    next.remind_at = reminder_before.and_then(|before| {
-                        reminder_time(planned_expiry, next.duration, before)
-                    });
-                    let audit = AuditEvent::for_request(
-                        &next,
-                        "granted",
-                        ACTOR_TOLLGATE,
+                let effects = match &failure {
+                    Some(_) => lifecycle::cleanup_failed(current, done_at, |n| self.retry_delay(n)),
+                    None if granted => lifecycle::granted(current, &made, done_at),
+                    None => lifecycle::abandoned_cleared(
+                        current,
+                        verified.unwrap_or(Verified::NotChecked),
                         done_at,
-                        json!({
-                            "expires_at": rfc3339(next.expires_at),
-                            "policy": next.access.policy_arn,
-                            "namespaces": next.access.namespaces,
-                            "grant_ms": started.elapsed().as_millis() as u64,
-                        }),
-                    );
-                    return Change::Write(Box::new(next), vec![audit], Some(Notice::Granted));
-                }
-                next.ended_at = Some(done_at);
-                if next.failure.is_some() {
-                    if next.apply(Event::GrantFailed).is_err() {
-                        return Change::Keep(None);
-                    }
-                    return Change::Write(Box::new(next), Vec::new(), Some(Notice::GrantFailed));
-                }
-                if next.apply(Event::Revoked).is_err() {
-                    return Change::Keep(None);
-                }
-                let mut details = super::admin::revoke_details(next.revoke.as_ref());
-                details["before_grant"] = json!(true);
-                if let Some(verified) = verified {
-                    next.verified_at = verified.at();
-                    verified.annotate(&mut details);
-                }
-                let audit = AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, details);
-                Change::Write(Box::new(next), vec![audit], Some(Notice::Revoked))
+                    ),
+                };
+                Change::event(id, effects)
             })
             .await;
-        drop(_guard);
+        drop(guard);
         match recorded {
             Ok(Some(notice)) => {
                 if granted {
@@ -574,9 +407,11 @@ impl Service {
                 self.announce(id, notice);
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "grant step made but not recorded; it will be driven again")
-            }
+            Err(e) => self.store_failed(
+                id,
+                &e,
+                "grant step made but not recorded; it will be driven again",
+            ),
         }
     }
 
@@ -609,7 +444,11 @@ impl Service {
         match written {
             Ok(done) => done,
             Err(e) => {
-                tracing::error!(request_id = %req.id, error = %e, "cannot record what the grant will create; it will be driven again");
+                self.store_failed(
+                    &req.id,
+                    &e,
+                    "cannot record what the grant will create; it will be driven again",
+                );
                 false
             }
         }
@@ -618,46 +457,42 @@ impl Service {
     /// A failed grant is audited at once. It becomes `Failed` only when
     /// whatever part of it was made is gone again; until then it stays
     /// Approved with the failure noted, and the cleanup is retried.
+    /// A store that cannot take the record leaves the row Approved and due:
+    /// the next pass fails (or succeeds) again and records it then.
     async fn record_grant_failure(
         self: &Arc<Self>,
         req: &Request,
-        message: String,
-        cleanup: Option<String>,
-    ) -> Result<(), StoreError> {
+        error: ServiceError,
+        cleanup: Option<ServiceError>,
+    ) {
+        self.metrics.failed("grant", error.metric_label());
+        let message = error.to_string();
         let now = self.clock.now();
+        let cleanup = cleanup.map(|e| e.to_string());
+        if let Some(cleanup_error) = &cleanup {
+            tracing::error!(request_id = %req.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
+        }
         let notice = self
             .modify(&req.id, |current| {
                 if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
-                let mut next = current.clone();
-                next.claim = None;
-                next.failure = Some(message.clone());
-                let mut details = json!({"error": message});
-                let notice = match &cleanup {
-                    None => {
-                        if next.apply(Event::GrantFailed).is_err() {
-                            return Change::Keep(None);
-                        }
-                        next.ended_at = Some(now);
-                        Some(Notice::GrantFailed)
-                    }
-                    Some(cleanup_error) => {
-                        tracing::error!(request_id = %next.id, error = %cleanup_error, "cleanup after failed grant failed; retrying");
-                        details["cleanup_pending"] = json!(cleanup_error);
-                        next.attempts += 1;
-                        next.retry_at = Some(now + jittered(retry_backoff(next.attempts)));
-                        Some(Notice::CardOnly)
-                    }
-                };
-                let audit = AuditEvent::for_request(&next, "grant_failed", ACTOR_TOLLGATE, now, details);
-                Change::Write(Box::new(next), vec![audit], notice)
+                let effects =
+                    lifecycle::grant_failed(current, &message, cleanup.as_deref(), now, |n| {
+                        self.retry_delay(n)
+                    });
+                Change::event(&req.id, effects)
             })
-            .await?;
-        if let Some(notice) = notice {
-            self.announce(&req.id, notice);
+            .await;
+        match notice {
+            Ok(Some(notice)) => self.announce(&req.id, notice),
+            Ok(None) => {}
+            Err(e) => self.store_failed(
+                &req.id,
+                &e,
+                "grant failure not recorded; it will be driven again",
+            ),
         }
-        Ok(())
     }
 
     async fn revoke(self: &Arc<Self>, snapshot: &Request, when: When) {
@@ -665,7 +500,7 @@ impl Service {
             return;
         };
         let id = &snapshot.id;
-        let Some(_guard) = self
+        let Some(guard) = self
             .principal(&snapshot.access.cluster, &snapshot.access.principal)
             .await
         else {
@@ -688,7 +523,7 @@ impl Service {
         let Some(req) = self.claim(req, now).await else {
             return;
         };
-        if !self.may_act(&_guard, &req, "after-revoke-claim") {
+        if !self.may_act(&guard, &req, "after-revoke-claim") {
             return;
         }
         // Spec 10.2: the revoke counts once the cluster, read back, no
@@ -708,72 +543,22 @@ impl Service {
                 {
                     return Change::Keep(None);
                 }
-                let mut next = current.clone();
-                next.claim = None;
-                match &result {
-                    Ok(verified) => {
-                        let _ = next.apply(Event::Revoked);
-                        next.verified_at = verified.at();
-                        if next.revoke.is_none() {
-                            next.revoke = Some(RevokeIntent {
-                                reason: RevokeReason::Expiry,
-                                by: ACTOR_TOLLGATE.into(),
-                                note: None,
-                                at: next.expires_at.unwrap_or(done_at),
-                            });
-                        }
-                        next.ended_at = Some(done_at);
-                        next.retry_at = None;
-                        let lateness = next
-                            .expires_at
-                            .map(|e| (done_at - e).as_seconds_f64().max(0.0));
-                        let audit =
-                            AuditEvent::for_request(&next, "revoked", ACTOR_TOLLGATE, done_at, {
-                                let mut details =
-                                    super::admin::revoke_details(next.revoke.as_ref());
-                                details["lateness_seconds"] = json!(lateness);
-                                details["attempts"] = json!(next.attempts + 1);
-                                verified.annotate(&mut details);
-                                details
-                            });
-                        let recovered = current.state == State::RevokeFailed;
-                        Change::Write(
-                            Box::new(next),
-                            vec![audit],
-                            Some(if recovered {
-                                Notice::RevokeRecovered
-                            } else {
-                                Notice::Revoked
-                            }),
-                        )
+                let effects = match &result {
+                    Ok(verified) => lifecycle::revoked(current, *verified, done_at),
+                    Err(error) => {
+                        lifecycle::revoke_failed(current, &error.to_string(), done_at, |n| {
+                            self.retry_delay(n)
+                        })
                     }
-                    Err(message) => {
-                        next.attempts += 1;
-                        next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
-                        let mut audit = Vec::new();
-                        let mut notice = None;
-                        if next.attempts >= REVOKE_FAILED_AFTER && next.state == State::Active {
-                            let _ = next.apply(Event::RevokeFailing);
-                            audit.push(AuditEvent::for_request(
-                                &next,
-                                "revoke_failed",
-                                ACTOR_TOLLGATE,
-                                done_at,
-                                json!({"error": message, "attempts": next.attempts}),
-                            ));
-                            notice = Some(Notice::RevokeFailing {
-                                error: message.clone(),
-                            });
-                        }
-                        Change::Write(Box::new(next), audit, notice)
-                    }
-                }
+                };
+                Change::event(id, effects)
             })
             .await;
-        drop(_guard);
-        if let Err(message) = &result {
+        drop(guard);
+        if let Err(error) = &result {
             self.metrics.revoke_failures.inc();
-            tracing::error!(request_id = %id, error = %message, "revoke failed; will retry");
+            self.metrics.failed("revoke", error.metric_label());
+            tracing::error!(request_id = %id, error = %error, "revoke failed; will retry");
         }
         match recorded {
             Ok(Some(notice)) => {
@@ -787,9 +572,7 @@ impl Service {
                 self.announce(id, notice);
             }
             Ok(None) => {}
-            Err(e) => {
-                tracing::error!(request_id = %id, error = %e, "revoke step not recorded; it will run again")
-            }
+            Err(e) => self.store_failed(id, &e, "revoke step not recorded; it will run again"),
         }
     }
 
@@ -797,21 +580,13 @@ impl Service {
         let now = self.clock.now();
         let result = self
             .modify(id, |current| {
-                if current.state != State::Pending || current.approval_deadline > now {
-                    return Change::Keep(false);
-                }
-                let mut next = current.clone();
-                if next.apply(Event::ApprovalTimeout).is_err() {
-                    return Change::Keep(false);
-                }
-                next.ended_at = Some(now);
-                let audit =
-                    AuditEvent::for_request(&next, "expired", ACTOR_TOLLGATE, now, json!({}));
-                Change::Write(Box::new(next), vec![audit], true)
+                Change::event(id, lifecycle::expire(current, now))
             })
             .await;
-        if let Ok(true) = result {
-            self.announce(id, Notice::Expired);
+        match result {
+            Ok(Some(notice)) => self.announce(id, notice),
+            Ok(None) => {}
+            Err(e) => self.store_failed(id, &e, "expiry not recorded; it will run again"),
         }
     }
 }
@@ -835,9 +610,10 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        assert_eq!(retry_backoff(1), Duration::from_secs(2));
-        assert_eq!(retry_backoff(2), Duration::from_secs(4));
-        assert_eq!(retry_backoff(5), Duration::from_secs(32));
-        assert_eq!(retry_backoff(30), RETRY_CAP);
+        let base = Duration::from_secs(2);
+        assert_eq!(retry_backoff(base, 1), Duration::from_secs(2));
+        assert_eq!(retry_backoff(base, 2), Duration::from_secs(4));
+        assert_eq!(retry_backoff(base, 5), Duration::from_secs(32));
+        assert_eq!(retry_backoff(base, 30), RETRY_CAP);
     }
 }

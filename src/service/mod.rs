@@ -9,26 +9,30 @@ use crate::access::AccessEngine;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::domain::audit::AuditEvent;
+use crate::domain::lifecycle::{Effects, Refused};
 use crate::domain::request::{CardRef, Request, RequestId};
 use crate::locks::KeyedLocks;
 use crate::metrics::Metrics;
 use crate::slack::{blocks, Message, SlackApi, SlackError};
 use crate::store::{Store, StoreError};
+use crate::tunables::Tunables;
 
 mod admin;
+mod claims;
 mod commands;
 mod decide;
+mod error;
 mod extend;
 mod identity;
 mod lifecycle;
 mod modal;
-mod principal;
 mod readback;
 mod reconcile;
 pub mod standing;
 
 pub use commands::SlashCommand;
 pub use decide::Decision;
+pub use error::{GrantRefusal, Refusal, ServiceError};
 pub use reconcile::ReconcileReport;
 
 pub struct Service {
@@ -52,10 +56,8 @@ pub struct Service {
     /// the store did not create: each is audited when first seen.
     foreign:
         std::sync::Mutex<std::collections::BTreeMap<String, std::collections::BTreeSet<String>>>,
-    /// How long one converge may take before it counts as a failed
-    /// attempt (milliseconds; `lifecycle::converge_limit` unless a test or
-    /// drill sets it).
-    converge_limit_ms: std::sync::atomic::AtomicU64,
+    /// Step timing (retry base, claim term, converge limit), from `main`.
+    tunables: Tunables,
     /// Per cluster, when the reconciler last read every object's marks.
     full_scans: std::sync::Mutex<std::collections::BTreeMap<String, time::OffsetDateTime>>,
 }
@@ -68,27 +70,42 @@ const SLACK_RETRY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1
 const SLACK_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const SLACK_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// What the people involved are told after a state change.
-pub(crate) enum Notice {
-    CardOnly,
-    Granted,
-    GrantFailed,
-    Denied,
-    Expired,
-    Revoked,
-    RevokeFailing {
-        error: String,
+pub(crate) use crate::domain::lifecycle::Notice;
+
+/// Who ends a request early.
+pub enum Revoker {
+    Cli {
+        os_user: String,
+        note: Option<String>,
     },
-    /// A revoke that had been alerted on finally went through.
-    RevokeRecovered,
-    /// An approved extension moved its grant's expiry.
-    Extended,
+    Slack {
+        user: String,
+    },
 }
 
 /// What a read-modify-write decides after looking at the current row.
 pub(crate) enum Change<T> {
     Write(Box<Request>, Vec<AuditEvent>, T),
     Keep(T),
+}
+
+impl Change<Option<Notice>> {
+    /// Writes what a lifecycle event decided (`domain::lifecycle`); an event
+    /// that no longer applies to the row (another pass, replica or click
+    /// got there first) writes nothing.
+    pub(crate) fn event(id: &RequestId, decided: Result<Effects, Refused>) -> Self {
+        match decided {
+            Ok(e) => Change::Write(Box::new(e.row), e.audit, e.notice),
+            Err(Refused::Illegal(illegal)) => {
+                tracing::warn!(request_id = %id, error = %illegal, "event does not apply to the row as it is; nothing written");
+                Change::Keep(None)
+            }
+            Err(refused) => {
+                tracing::debug!(request_id = %id, %refused, "event no longer applies");
+                Change::Keep(None)
+            }
+        }
+    }
 }
 
 /// Events that record a change of access say so when none was made.
@@ -100,6 +117,34 @@ fn mark_dry_run(audit: &mut [AuditEvent]) {
         ) {
             e.details["dry_run"] = serde_json::Value::Bool(true);
         }
+    }
+}
+
+/// Crash tests arm one of these with `TOLLGATE_FAILPOINT=<name>`: the
+/// process aborts right there, between a cloud call and the store write
+/// that records it, exactly as a kill -9 would. Only in builds with the
+/// `failpoints` feature (the test suite's); a release build ignores the
+/// variable, so nobody who can set a pod's environment can make it abort.
+#[cfg(not(feature = "failpoints"))]
+pub(crate) fn failpoint(_name: &str) {}
+
+#[cfg(feature = "failpoints")]
+pub(crate) fn failpoint(name: &str) {
+    let Ok(armed) = std::env::var("TOLLGATE_FAILPOINT") else {
+        return;
+    };
+    if armed == name {
+        tracing::error!(failpoint = name, "failpoint armed: aborting");
+        std::process::abort();
+    }
+    // `stop:<name>` freezes the process there (SIGSTOP to itself) until it
+    // is sent SIGCONT: a long pause at the worst moment, on demand.
+    if armed.strip_prefix("stop:") == Some(name) {
+        tracing::error!(failpoint = name, "failpoint armed: stopping");
+        let _ = std::process::Command::new("kill")
+            .arg("-STOP")
+            .arg(std::process::id().to_string())
+            .status();
     }
 }
 
@@ -126,6 +171,7 @@ impl Service {
         slack: Arc<dyn SlackApi>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
+        tunables: Tunables,
     ) -> Arc<Self> {
         Arc::new(Service {
             config,
@@ -141,26 +187,12 @@ impl Service {
             standing: Default::default(),
             foreign: Default::default(),
             full_scans: Default::default(),
-            converge_limit_ms: std::sync::atomic::AtomicU64::new(
-                lifecycle::converge_limit().as_millis() as u64,
-            ),
+            tunables,
         })
     }
 
-    /// Shortens (or lengthens) the converge time limit, for tests that
-    /// need a cluster that hangs to be cut off in milliseconds.
-    pub fn set_converge_limit(&self, limit: std::time::Duration) {
-        self.converge_limit_ms.store(
-            limit.as_millis() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    pub(crate) fn converge_limit(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(
-            self.converge_limit_ms
-                .load(std::sync::atomic::Ordering::Relaxed),
-        )
+    pub fn tunables(&self) -> &Tunables {
+        &self.tunables
     }
 
     pub fn replica(&self) -> &str {
@@ -235,12 +267,23 @@ impl Service {
                             return Ok(out);
                         }
                         Err(StoreError::Conflict(_)) => continue,
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            self.metrics.failed("store", e.metric_label());
+                            return Err(e);
+                        }
                     }
                 }
             }
         }
+        self.metrics.failed("store", "store_conflict");
         Err(StoreError::Conflict(id.to_string()))
+    }
+
+    /// A store read or write a step needed and did not get: logged and
+    /// counted; the row stays due, so the next pass tries again.
+    pub(crate) fn store_failed(&self, id: &RequestId, e: &StoreError, what: &'static str) {
+        self.metrics.failed("store", e.metric_label());
+        tracing::error!(request_id = %id, error = %e, "{what}");
     }
 
     /// Members of the user groups (`S…`) in a list of approvers or
@@ -273,7 +316,12 @@ impl Service {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(SLACK_RETRY_CAP);
                 }
-                other => return other,
+                Err(e) => {
+                    // Given up: counted once per message, not per try.
+                    self.metrics.failed("slack", e.metric_label());
+                    return Err(e);
+                }
+                ok => return ok,
             }
         }
     }
@@ -377,11 +425,11 @@ impl Service {
         for card in req.card.iter().chain(&req.card_copies) {
             let sent = self
                 .send("card update", || async {
-                    let now = match self.store.get(&req.id).await {
+                    let latest = match self.store.get(&req.id).await {
                         Ok(Some(row)) => row,
                         _ => req.clone(),
                     };
-                    let msg = blocks::card(&now, self.clock.now());
+                    let msg = blocks::card(&latest, self.clock.now());
                     self.slack.update(&card.channel, &card.ts, &msg).await
                 })
                 .await;

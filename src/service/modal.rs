@@ -97,7 +97,7 @@ impl Service {
         let receipt = self
             .submit(&cmd, args)
             .await
-            .map_err(|why| vec![(Field::Role, why)])?;
+            .map_err(|why| vec![(Field::Role, crate::slack::blocks::refusal_text(&why))])?;
         let service = Arc::clone(self);
         let user = user_id.to_string();
         tokio::spawn(async move {

@@ -5,40 +5,12 @@
 
 use time::OffsetDateTime;
 
-use super::lifecycle::in_force;
+use super::error::ServiceError;
 use super::Service;
 use crate::access::InForce;
-use crate::domain::readback::ReadBack;
+use crate::domain::lifecycle::in_force;
+use crate::domain::readback::{ReadBack, Verified};
 use crate::domain::request::Request;
-
-/// What the revoke step records about its read-back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Verified {
-    /// Seen gone at this instant.
-    At(OffsetDateTime),
-    /// Not read back (`serve --dry-run`): recorded as `verified: false`.
-    NotChecked,
-}
-
-impl Verified {
-    /// The audit details a `revoked` event gains.
-    pub(crate) fn annotate(self, details: &mut serde_json::Value) {
-        match self {
-            Verified::At(t) => {
-                details["verified"] = serde_json::json!(true);
-                details["verified_at"] = serde_json::json!(super::lifecycle::rfc3339(Some(t)));
-            }
-            Verified::NotChecked => details["verified"] = serde_json::json!(false),
-        }
-    }
-
-    pub(crate) fn at(self) -> Option<OffsetDateTime> {
-        match self {
-            Verified::At(t) => Some(t),
-            Verified::NotChecked => None,
-        }
-    }
-}
 
 impl Service {
     /// Reads `req`'s cluster back after its revoke converged; an error
@@ -48,25 +20,22 @@ impl Service {
         &self,
         req: &Request,
         now: OffsetDateTime,
-    ) -> Result<Verified, String> {
-        let limit = self.converge_limit();
+    ) -> Result<Verified, ServiceError> {
+        let limit = self.tunables.converge_limit;
         tokio::time::timeout(limit, self.read_back_once(req, now))
             .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "read-back cut off after {:.1} s without an answer from the cluster",
-                    limit.as_secs_f64()
-                ))
-            })
+            .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
-    async fn read_back_once(&self, req: &Request, now: OffsetDateTime) -> Result<Verified, String> {
-        let configured = self.config.cluster(&req.access.cluster).ok_or_else(|| {
-            format!(
-                "cluster {} is no longer in the configuration",
-                req.access.cluster
-            )
-        })?;
+    async fn read_back_once(
+        &self,
+        req: &Request,
+        now: OffsetDateTime,
+    ) -> Result<Verified, ServiceError> {
+        let configured = self
+            .config
+            .cluster(&req.access.cluster)
+            .ok_or_else(|| ServiceError::ClusterGone(req.access.cluster.clone()))?;
         // The strategy the grant was made with, as the converge used.
         let strategy = req.access.strategy_or(configured.strategy);
         let mut cluster = configured.clone();
@@ -75,7 +44,7 @@ impl Service {
             .store
             .live_for(&req.access.cluster, &req.access.principal)
             .await
-            .map_err(|e| format!("cannot read the grants in force: {e}"))?
+            .map_err(ServiceError::InForceUnreadable)?
             .into_iter()
             .filter(|r| r.id != req.id && in_force(r, now))
             .filter(|r| r.access.strategy_or(configured.strategy) == strategy)
@@ -97,15 +66,11 @@ impl Service {
                 &req.access,
                 &grants,
             )
-            .await
-            .map_err(|e| format!("read-back after the revoke failed: {e}"))?;
+            .await?;
         match seen {
             ReadBack::Removed => Ok(Verified::At(self.clock.now())),
             ReadBack::NotChecked => Ok(Verified::NotChecked),
-            ReadBack::StillThere(findings) => Err(format!(
-                "read-back after the revoke still shows the access: {}",
-                findings.join("; ")
-            )),
+            ReadBack::StillThere(findings) => Err(ServiceError::StillThere(findings.join("; "))),
         }
     }
 }

@@ -9,10 +9,12 @@ use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use super::error::ServiceError;
 use super::{Change, Service};
-use crate::access::aws_auth::strip_role_path;
 use crate::access::{store_knows, InForce, Look, Owned};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
+use crate::domain::identity::role_arn_key;
+use crate::domain::lifecycle::in_force;
 use crate::domain::policy::{ClusterPolicy, Strategy};
 use crate::domain::request::{Request, State};
 use time::OffsetDateTime;
@@ -34,7 +36,7 @@ pub const FULL_SCAN_EVERY: time::Duration = time::Duration::hours(1);
 fn principal_key(strategy: Strategy, principal: &str) -> String {
     match strategy {
         // The authenticator ignores an ARN's path and case.
-        Strategy::AwsAuth => strip_role_path(principal).to_ascii_lowercase(),
+        Strategy::AwsAuth => role_arn_key(principal),
         Strategy::AccessEntry | Strategy::SessionRbac => principal.to_string(),
     }
 }
@@ -73,7 +75,7 @@ impl Service {
         cluster: &ClusterPolicy,
         object: &Owned,
         live: &[Request],
-    ) -> Result<bool, String> {
+    ) -> Result<bool, ServiceError> {
         let Some(intent) = &object.intent else {
             return Ok(false);
         };
@@ -95,7 +97,7 @@ impl Service {
             intent,
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ServiceError::from)
     }
 
     /// Whether this pass over `cluster` reads every object's marks: the
@@ -120,7 +122,7 @@ impl Service {
         cluster: &ClusterPolicy,
         owned: Vec<Owned>,
         live: &[Request],
-    ) -> Result<(Vec<Owned>, Vec<Owned>), String> {
+    ) -> Result<(Vec<Owned>, Vec<Owned>), ServiceError> {
         let mut known = Vec::new();
         let mut foreign = Vec::new();
         for o in owned {
@@ -182,14 +184,13 @@ impl Service {
     pub async fn reconcile_cluster(
         self: &Arc<Self>,
         cluster: &ClusterPolicy,
-    ) -> Result<ReconcileReport, String> {
+    ) -> Result<ReconcileReport, ServiceError> {
         let strategy = cluster.strategy;
         let now = self.clock.now();
         let requests: Vec<Request> = self
             .store
             .live()
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .into_iter()
             .filter(|r| r.access.cluster == cluster.name)
             .collect();
@@ -208,11 +209,7 @@ impl Service {
         } else {
             Look::Principals(&known)
         };
-        let listed = self
-            .access
-            .owned(cluster, look)
-            .await
-            .map_err(|e| e.to_string())?;
+        let listed = self.access.owned(cluster, look).await?;
         let (owned, foreign) = self.sort_owned(cluster, listed, &requests).await?;
         if full {
             self.report_foreign(cluster, &foreign).await;
@@ -233,10 +230,7 @@ impl Service {
         }
         let mut principals: BTreeSet<String> = owned_by.keys().cloned().collect();
         let mut request_principal: BTreeMap<String, String> = BTreeMap::new();
-        for r in requests
-            .iter()
-            .filter(|r| ours(r) && super::lifecycle::in_force(r, now))
-        {
+        for r in requests.iter().filter(|r| ours(r) && in_force(r, now)) {
             let key = principal_key(strategy, &r.access.principal);
             request_principal.insert(key.clone(), r.access.principal.clone());
             principals.insert(key);
@@ -274,14 +268,14 @@ impl Service {
                             && principal_key(strategy, &r.access.principal) == *key
                     })
                     .collect(),
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             };
             if fresh.iter().any(|r| r.state == State::Approved) {
                 continue;
             }
             let grants: Vec<&Request> = fresh
                 .iter()
-                .filter(|r| ours(r) && super::lifecycle::in_force(r, now))
+                .filter(|r| ours(r) && in_force(r, now))
                 .collect();
             let in_force: Vec<InForce<'_>> = grants
                 .iter()
@@ -293,11 +287,7 @@ impl Service {
                 .collect();
             // Drift is judged on what each grant needs, read now under the
             // lock, whoever made the object that holds it.
-            let missing = self
-                .access
-                .missing(cluster, &principal, &in_force)
-                .await
-                .map_err(|e| e.to_string())?;
+            let missing = self.access.missing(cluster, &principal, &in_force).await?;
             let drifted: Vec<&Request> = grants
                 .iter()
                 .copied()
@@ -322,8 +312,7 @@ impl Service {
                 let all = self
                     .access
                     .owned(cluster, Look::Principals(&just_this))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 let mut again = Vec::new();
                 for o in all {
                     if principal_key(strategy, &o.principal) == *key
@@ -353,16 +342,14 @@ impl Service {
             let creator = keep.first().map(|g| g.grant_id).unwrap_or("reconciler");
             self.access
                 .converge(cluster, &principal, &keep, creator)
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             // The strategy leaves an object that holds something Tollgate
             // did not set (Kubernetes groups, another association); only
             // what is really gone is reported as removed.
             let after = self
                 .access
                 .owned(cluster, Look::Principals(&just_this))
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             for o in orphans {
                 if after
                     .iter()

@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use time::{Duration, OffsetDateTime};
 
+use super::error::ServiceError;
 use super::Service;
-use crate::access::standing::StandingReader;
+use crate::access::standing::{StandingReader, Unreadable};
 use crate::config::Digest;
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::request::RequestId;
@@ -44,7 +45,7 @@ struct Inner {
 pub async fn read_clusters(
     reader: &dyn StandingReader,
     clusters: &[ClusterPolicy],
-) -> Vec<(String, Result<ClusterReading, String>)> {
+) -> Vec<(String, Result<ClusterReading, Unreadable>)> {
     let reads = clusters.iter().map(|c| async move {
         let result = reader.read(c).await;
         (c.name.clone(), result)
@@ -54,7 +55,7 @@ pub async fn read_clusters(
 
 /// The grant ids Tollgate's marks name across `readings`: what the store is
 /// asked about.
-pub fn marked_ids(readings: &[(String, Result<ClusterReading, String>)]) -> Vec<String> {
+pub fn marked_ids(readings: &[(String, Result<ClusterReading, Unreadable>)]) -> Vec<String> {
     let ids: BTreeSet<String> = readings
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok())
@@ -64,13 +65,16 @@ pub fn marked_ids(readings: &[(String, Result<ClusterReading, String>)]) -> Vec<
 }
 
 pub fn classify_all(
-    readings: Vec<(String, Result<ClusterReading, String>)>,
+    readings: Vec<(String, Result<ClusterReading, Unreadable>)>,
     records: &[GrantRecord],
 ) -> Vec<ClusterStanding> {
     readings
         .into_iter()
         .map(|(cluster, reading)| ClusterStanding {
-            result: reading.map(|r| classify(&cluster, &r, records)),
+            // The domain keeps the reason as the operator reads it.
+            result: reading
+                .map(|r| classify(&cluster, &r, records))
+                .map_err(|Unreadable(why)| why),
             cluster,
         })
         .collect()
@@ -85,7 +89,7 @@ impl Service {
     /// What the store knows of the requests `ids` name, and of every live
     /// request (aws-auth items carry a username, not a grant id). Reads
     /// one row per id plus the live index, never the history.
-    pub async fn standing_records(&self, ids: &[String]) -> Result<Vec<GrantRecord>, String> {
+    pub async fn standing_records(&self, ids: &[String]) -> Result<Vec<GrantRecord>, ServiceError> {
         let mut out: Vec<GrantRecord> = Vec::new();
         let mut add = |r: &crate::domain::request::Request| {
             if !out.iter().any(|o| o.id == r.id.as_str()) {
@@ -97,7 +101,7 @@ impl Service {
                 });
             }
         };
-        for r in self.store.live().await.map_err(|e| e.to_string())? {
+        for r in self.store.live().await? {
             add(&r);
         }
         for id in ids {
@@ -105,7 +109,7 @@ impl Service {
             let Some(id) = RequestId::parse(id) else {
                 continue;
             };
-            if let Some(r) = self.store.get(&id).await.map_err(|e| e.to_string())? {
+            if let Some(r) = self.store.get(&id).await? {
                 add(&r);
             }
         }
@@ -116,7 +120,7 @@ impl Service {
     pub async fn standing_access(
         &self,
         reader: &dyn StandingReader,
-    ) -> Result<Vec<ClusterStanding>, String> {
+    ) -> Result<Vec<ClusterStanding>, ServiceError> {
         let readings = read_clusters(reader, &self.config.clusters).await;
         let records = self.standing_records(&marked_ids(&readings)).await?;
         Ok(classify_all(readings, &records))

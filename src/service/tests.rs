@@ -240,6 +240,11 @@ fn rig() -> Rig {
 
 /// A rig whose config `edit` has changed first.
 fn rig_with(edit: impl FnOnce(&mut Config)) -> Rig {
+    rig_tuned(edit, Tunables::default())
+}
+
+/// A rig with its config edited and its own step timing.
+fn rig_tuned(edit: impl FnOnce(&mut Config), tunables: Tunables) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         path: "test.toml".into(),
@@ -272,6 +277,7 @@ fn rig_with(edit: impl FnOnce(&mut Config)) -> Rig {
         slack.clone(),
         clock.clone(),
         Arc::new(crate::metrics::Metrics::new()),
+        tunables,
     );
     Rig {
         service,
@@ -450,7 +456,7 @@ async fn a_revoke_the_read_back_contradicts_is_retried_alerted_then_verified() {
     assert_eq!(revoked.details["verified"], true);
     assert_eq!(
         revoked.details["verified_at"],
-        super::lifecycle::rfc3339(Some(verified_at)).unwrap()
+        crate::domain::lifecycle::rfc3339(Some(verified_at)).unwrap()
     );
     assert_eq!(revoked.details["attempts"], 6);
 }
@@ -509,8 +515,11 @@ async fn a_revoke_before_the_grant_is_read_back_as_well() {
 /// alert at the threshold.
 #[tokio::test]
 async fn a_revoke_cut_off_by_its_time_limit_is_a_failed_attempt() {
-    let r = rig();
-    r.service.set_converge_limit(Duration::from_millis(100));
+    let tunables = Tunables {
+        converge_limit: Duration::from_millis(100),
+        ..Tunables::default()
+    };
+    let r = rig_tuned(|_| {}, tunables);
     let id = r.approved("eks prod 5m view", "U0APP").await;
     *r.access.hangs.lock().unwrap() = 5;
     r.clock.advance(Duration::from_secs(5 * 60));
@@ -523,6 +532,15 @@ async fn a_revoke_cut_off_by_its_time_limit_is_a_failed_attempt() {
     }
     assert_eq!(r.state(&id).await.state, State::RevokeFailed);
     assert_eq!(r.service.metrics().revoke_failures.get(), 5);
+    let timeouts = crate::metrics::FailureLabel {
+        step: "revoke".into(),
+        error: "timeout".into(),
+    };
+    assert_eq!(
+        r.service.metrics().failures.get_or_create(&timeouts).get(),
+        5,
+        "counted by kind: a converge cut off"
+    );
     r.wait_for("alert", |r| {
         r.slack
             .posts
@@ -554,6 +572,19 @@ async fn failed_grant_stays_live_until_its_cleanup_succeeds() {
         .unwrap_or_default()
         .contains("AWS is down"));
     assert!(r.audit_names().await.contains(&"grant_failed".to_string()));
+    let unreachable = crate::metrics::FailureLabel {
+        step: "grant".into(),
+        error: "cluster_unreachable".into(),
+    };
+    assert_eq!(
+        r.service
+            .metrics()
+            .failures
+            .get_or_create(&unreachable)
+            .get(),
+        1,
+        "the failed grant is counted once, by kind"
+    );
 
     r.clock.advance(Duration::from_secs(10));
     r.service.run_due().await.unwrap();

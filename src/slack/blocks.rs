@@ -455,6 +455,68 @@ pub fn expired_dm(req: &Request) -> Message {
     ))
 }
 
+/// The words for a refused command or click (`service::Refusal`): built
+/// here, where every other Slack text is, from the refusal's facts.
+pub fn refusal_text(r: &crate::service::Refusal) -> String {
+    use crate::domain::policy::mention_list;
+    use crate::domain::text::clip;
+    use crate::service::Refusal;
+    match r {
+        Refusal::Policy(why) => why.clone(),
+        Refusal::UnknownCluster { asked, known } => format!(
+            "There is no cluster `{}`. Clusters you can ask for: {}.",
+            escape_slack(&clip(asked, 60)),
+            if known.is_empty() {
+                "none are configured".to_string()
+            } else {
+                known
+                    .iter()
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ),
+        Refusal::NoBreakGlass { cluster } => {
+            format!("{cluster} does not allow break-glass; ask for access the usual way.")
+        }
+        Refusal::RoleNotConfigured { role, cluster } => {
+            format!("The role `{role}` is not configured on {cluster}.")
+        }
+        Refusal::MayNotRequest { role, cluster, who } => format!(
+            "You may not request `{role}` on {cluster}. Who may: {}.",
+            mention_list(who)
+        ),
+        Refusal::MayNotBreakGlass { cluster, who } => format!(
+            "You may not use break-glass on {cluster}. Who may: {}. Nothing was granted; ask for access the usual way.",
+            mention_list(who)
+        ),
+        Refusal::ProfileUnavailable => "Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into(),
+        Refusal::ProfileTimeout => "Slack took too long to answer a profile lookup; nothing was requested. Please try again.".into(),
+        Refusal::DeactivatedOrBot => "Deactivated accounts and bots cannot request access.".into(),
+        Refusal::Guest => "Slack guest accounts cannot request access here; nothing was requested. Ask an admin if you need it.".into(),
+        Refusal::StoreUnavailable { what } => format!(
+            "Tollgate's store is temporarily unavailable; nothing was {what}. Please try again in a minute."
+        ),
+        Refusal::TooManyPending { pending, max } => format!(
+            "You already have {} pending requests, the most Tollgate accepts from one person ({max}): {}. Wait for a decision or cancel one with `/access revoke <id>`; nothing was requested.",
+            pending.len(),
+            pending.join(", ")
+        ),
+        Refusal::RequesterUnconfirmed => "Tollgate could not look up the requester's Slack profile; your click was not counted. Try again.".into(),
+        Refusal::RequesterOffboarded { id, what } => format!(
+            "{id} cannot be approved: the requester's Slack account is now {what}. Your click was not counted."
+        ),
+        Refusal::NotAnId(text) => {
+            format!("`{}` is not a request id (like R-7F3K2)", clip(text, 20))
+        }
+        Refusal::NoSuchRequest(id) => format!("Tollgate has no request {id}."),
+        Refusal::AlreadyEnded { id, state } => {
+            format!("{id} is already {state}; nothing to revoke.")
+        }
+        Refusal::Vanished(id) => format!("{id} disappeared from the store"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

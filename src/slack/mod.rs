@@ -58,6 +58,15 @@ pub enum SlackError {
 }
 
 impl SlackError {
+    /// The kind, for the `error` label of `tollgate_failures_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SlackError::Api { .. } => "slack_refused",
+            SlackError::Transport { .. } => "slack_unreachable",
+            SlackError::Invalid(_) => "slack_invalid",
+        }
+    }
+
     pub fn code(&self) -> Option<&str> {
         match self {
             SlackError::Api { code, .. } => Some(code),

@@ -20,7 +20,6 @@ use std::time::Duration;
 use super::blocks::{ACTION_APPROVE, ACTION_DENY, ACTION_EXTEND};
 use super::modal;
 use super::verify::{Rejection, Verifier};
-use crate::domain::request::State as RequestState;
 use crate::service::{Decision, Service, SlashCommand};
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -90,19 +89,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
 /// never drift from it.
 async fn metrics(State(app): State<AppState>) -> Response {
     let service = &app.service;
-    if let Ok(all) = service.store().live().await {
-        let now = service.clock().now();
-        let live: Vec<_> = all
-            .iter()
-            .filter(|r| matches!(r.state, RequestState::Active | RequestState::RevokeFailed))
-            .collect();
-        let overdue = live
-            .iter()
-            .filter(|r| r.expires_at.is_some_and(|e| e <= now))
-            .count();
-        service.metrics().grants_active.set(live.len() as i64);
-        service.metrics().overdue_grants.set(overdue as i64);
-    }
+    service.refresh_gauges().await;
     (
         [(
             axum::http::header::CONTENT_TYPE,

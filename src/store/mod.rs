@@ -42,6 +42,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The kind, for the `error` label of `tollgate_failures_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::Conflict(_) => "store_conflict",
+            StoreError::Exists(_) => "store_exists",
+            StoreError::NotFound(_) => "not_found",
+            StoreError::Backend(_) => "store_backend",
+            StoreError::Unavailable(_) => "store_unavailable",
+            StoreError::Corrupt { .. } => "store_corrupt",
+        }
+    }
+
     /// Whether the failure is the backend being out of reach rather than
     /// anything about the data: callers report "temporarily unavailable"
     /// and try again later.

@@ -71,7 +71,10 @@ struct FakeReader {
 
 #[async_trait::async_trait]
 impl StandingReader for FakeReader {
-    async fn read(&self, _: &ClusterPolicy) -> Result<ClusterReading, String> {
+    async fn read(
+        &self,
+        _: &ClusterPolicy,
+    ) -> Result<ClusterReading, crate::access::standing::Unreadable> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         let entry = |principal: &str, policy: &str, mark: Option<&str>| RawEntry {
             principal: principal.into(),
@@ -138,6 +141,7 @@ fn rig(config: &str) -> Rig {
         posts.clone(),
         clock.clone(),
         Arc::new(crate::metrics::Metrics::new()),
+        crate::tunables::Tunables::default(),
     );
     let reader = Arc::new(FakeReader::default());
     service.set_standing_reader(reader.clone());

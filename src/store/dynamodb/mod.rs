@@ -41,7 +41,7 @@ impl DynamoStore {
     /// A store on `table` with the AWS default chain (region, credentials,
     /// `AWS_ENDPOINT_URL`).
     pub async fn connect(table: &str) -> Self {
-        let config = crate::access::aws::load_base_config().await;
+        let config = crate::aws_sdk::load_base_config().await;
         DynamoStore::new(Client::new(&config), table)
     }
 

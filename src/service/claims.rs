@@ -1,5 +1,7 @@
-//! Converging a principal's access is exclusive: within a process by a
-//! lock, across replicas on a shared store by a lease in the store. Grant,
+//! Who may act on what. A step (grant, revoke) on a shared store first
+//! claims its row for this replica, and only the claim's holder records the
+//! result. Converging a principal's access is exclusive: within a process
+//! by a lock, across replicas on a shared store by a lease in the store. Grant,
 //! revoke, extension and reconcile all converge "everything this principal
 //! needs", so two of them at once on different replicas could undo each
 //! other's calls; the lease makes them take turns.
@@ -8,8 +10,8 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::OwnedMutexGuard;
 
-use super::lifecycle::claim_ttl;
-use super::Service;
+use super::{failpoint, Change, Service};
+use crate::domain::request::{Claim, Request};
 
 /// Between tries for a lease another replica holds.
 const LEASE_POLL: Duration = Duration::from_millis(150);
@@ -21,6 +23,8 @@ pub(crate) struct PrincipalGuard {
 
 struct Lease {
     name: String,
+    /// The term it was taken for (`Tunables::claim_ttl`).
+    ttl: Duration,
     holder: String,
     until: OffsetDateTime,
     store: std::sync::Arc<dyn crate::store::Store>,
@@ -33,7 +37,7 @@ impl PrincipalGuard {
     pub(crate) fn fresh_enough(&self, now: OffsetDateTime) -> bool {
         self.lease
             .as_ref()
-            .is_none_or(|l| now + claim_ttl() / 3 < l.until)
+            .is_none_or(|l| now + l.ttl / 3 < l.until)
     }
 }
 
@@ -67,16 +71,18 @@ impl Service {
             });
         }
         let name = format!("principal/{cluster}/{principal}");
-        let deadline = std::time::Instant::now() + claim_ttl();
+        let ttl = self.tunables.claim_ttl;
+        let deadline = std::time::Instant::now() + ttl;
         loop {
             let now = self.clock.now();
-            let until = now + claim_ttl();
+            let until = now + ttl;
             match self.store.try_lease(&name, &self.replica, until, now).await {
                 Ok(true) => {
                     return Some(PrincipalGuard {
                         _local: local,
                         lease: Some(Lease {
                             name,
+                            ttl,
                             holder: self.replica.clone(),
                             until,
                             store: self.store.clone(),
@@ -95,5 +101,55 @@ impl Service {
             }
             tokio::time::sleep(LEASE_POLL).await;
         }
+    }
+}
+
+impl Service {
+    /// On a shared store, takes this row for this replica before any cloud
+    /// call; `None` when another replica holds it. The row returned is what
+    /// the step works from.
+    pub(super) async fn claim(&self, req: Request, now: OffsetDateTime) -> Option<Request> {
+        if !self.store.is_shared() {
+            return Some(req);
+        }
+        let owner = self.replica.clone();
+        let state = req.state;
+        let claimed = self
+            .modify(&req.id, |current| {
+                if current.state != state || !current.claimable_by(&owner, now) {
+                    return Change::Keep(None);
+                }
+                let mut next = current.clone();
+                next.claim = Some(Claim {
+                    owner: owner.clone(),
+                    until: now + self.tunables.claim_ttl,
+                });
+                Change::Write(Box::new(next.clone()), Vec::new(), Some(next))
+            })
+            .await;
+        match claimed {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(request_id = %req.id, error = %e, "cannot claim; another pass will");
+                None
+            }
+        }
+    }
+
+    /// Last look before a cloud call: a replica that was paused (or slow)
+    /// past most of its lease leaves the row to whoever holds it now.
+    pub(super) fn may_act(&self, guard: &PrincipalGuard, req: &Request, point: &str) -> bool {
+        failpoint(point);
+        if guard.fresh_enough(self.clock.now()) {
+            return true;
+        }
+        tracing::warn!(request_id = %req.id, "lease nearly lapsed before the cloud call; leaving the row to the next pass");
+        false
+    }
+
+    /// The step's result is written only by the replica that claimed it: a
+    /// replica paused past its claim finds the row taken and writes nothing.
+    pub(super) fn holds_claim(&self, row: &Request) -> bool {
+        !self.store.is_shared() || row.claim.as_ref().is_some_and(|c| c.owner == self.replica)
     }
 }

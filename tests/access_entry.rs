@@ -453,6 +453,52 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
     h.converge_ok(&[]).await;
     assert!(h.entry().await.is_some(), "pre-existing entry deleted");
     assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
+    // The converge saw the baseline in place and forgot it; the read-back
+    // must still take the cluster-wide association for what it is.
+    assert_eq!(h.verify("R-00001", &edit, &[]).await, ReadBack::Removed);
+}
+
+/// Every way a baseline can be forgotten before (or by) the read-back: the
+/// revoke must still verify, never report the pre-Tollgate association as
+/// the revoked grant's access.
+#[tokio::test]
+async fn a_revoke_over_a_baseline_verifies_once_the_baseline_is_forgotten() {
+    // A namespaced baseline with a grant on the same namespace.
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_x = spec(EDIT, &["x"]);
+    h.converge_ok(&[("R-00001", &on_x)]).await;
+    h.converge_ok(&[]).await;
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert_eq!(h.verify("R-00001", &on_x, &[]).await, ReadBack::Removed);
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
+
+    // A cluster-wide grant over a namespaced baseline, its first read-back
+    // lost: the retry's converge finds the restore in place and forgets it.
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let wide = spec(EDIT, &[]);
+    h.converge_ok(&[("R-00002", &wide)]).await;
+    h.converge_ok(&[]).await;
+    h.converge_ok(&[]).await;
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert_eq!(h.verify("R-00002", &wide, &[]).await, ReadBack::Removed);
+
+    // A crash after the read-back forgot the restored baseline: the revoke
+    // step runs again, converge and read-back both.
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00003", &on_a)]).await;
+    h.converge_ok(&[]).await;
+    assert_eq!(h.verify("R-00003", &on_a, &[]).await, ReadBack::Removed);
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    h.converge_ok(&[]).await;
+    assert_eq!(h.verify("R-00003", &on_a, &[]).await, ReadBack::Removed);
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
 }
 
 #[tokio::test]

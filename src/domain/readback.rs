@@ -34,11 +34,24 @@ impl ReadBack {
 
 /// The scope of `policy` the cluster may still show after a revoke: what
 /// the remaining grants need, unioned with the recorded baseline.
+///
+/// A policy with no baseline on record that no grant needs is owed in
+/// full: Tollgate records a baseline (possibly "none") before it makes any
+/// association and forgets it only once a read shows the association back
+/// at that baseline. No record therefore means nothing of Tollgate's is
+/// left on it: either the converge (or an earlier read-back) just saw the
+/// pre-Tollgate association restored and forgot it, or Tollgate never
+/// associated it at all (a revoke before the grant was made). Whatever the
+/// cluster shows for it then predates or is not Tollgate's, and judging it
+/// would flag a restored baseline as a failed revoke forever.
 pub fn justified_scope(
     policy: &str,
     desired: &BTreeMap<String, Scope>,
     baselines: &Baselines,
 ) -> Option<Scope> {
+    if !baselines.contains_key(policy) && !desired.contains_key(policy) {
+        return Some(Scope::Cluster);
+    }
     let base = baselines.get(policy).cloned().flatten();
     match (desired.get(policy), base) {
         (Some(d), Some(b)) => Some(d.union(&b)),
@@ -240,7 +253,17 @@ mod tests {
             Some(ns(&["x"]))
         );
         let none = Baselines::from([(EDIT.to_string(), None)]);
-        assert_eq!(justified_scope(EDIT, &BTreeMap::new(), &none), None);
+        assert_eq!(
+            justified_scope(EDIT, &BTreeMap::new(), &none),
+            None,
+            "a recorded absent baseline owes nothing"
+        );
+        // No record at all: the baseline was seen restored and forgotten
+        // (or nothing was ever associated), so what is there is not ours.
+        assert_eq!(
+            justified_scope(EDIT, &BTreeMap::new(), &Baselines::new()),
+            Some(Scope::Cluster)
+        );
         assert_eq!(justified_scope(EDIT, &desired, &none), Some(ns(&["a"])));
     }
 

@@ -472,12 +472,19 @@ impl Service {
         }
         let mut verified = None;
         let (granted, failure) = if abandoned {
+            let began = std::time::Instant::now();
             let removed = match self.converge_for(&req, None, now).await {
                 // Revoked before it was granted: read back like any revoke
-                // (a crashed first try may have made something), since the
-                // row ends as `revoked`. A failed grant's cleanup is not a
-                // revoke and is not read back.
-                Ok(()) if req.failure.is_none() => self.read_back(&req, now).await,
+                // when a first try may have made something (its intents are
+                // recorded before any create call), since the row ends as
+                // `revoked`. With none recorded nothing was ever created:
+                // there is nothing of this grant's to find, and reading
+                // would only find someone else's access. A failed grant's
+                // cleanup is not a revoke and is not read back.
+                Ok(()) if req.failure.is_none() && req.intents.is_empty() => {
+                    Ok(super::readback::Verified::At(self.clock.now()))
+                }
+                Ok(()) if req.failure.is_none() => self.read_back(&req, now, began).await,
                 Ok(()) => Ok(super::readback::Verified::NotChecked),
                 Err(message) => Err(message),
             };
@@ -509,6 +516,23 @@ impl Service {
                     next.attempts += 1;
                     next.retry_at = Some(done_at + jittered(retry_backoff(next.attempts)));
                     tracing::error!(request_id = %next.id, error = %message, attempts = next.attempts, "cleanup of an abandoned grant failed; retrying");
+                    // A revoke before the grant that keeps failing is a
+                    // failing revoke: audited and alerted once at the same
+                    // threshold. The row stays Approved (nothing was
+                    // recorded as granted) and its step goes on retrying.
+                    if next.failure.is_none() && next.attempts == REVOKE_FAILED_AFTER {
+                        let audit = AuditEvent::for_request(
+                            &next,
+                            "revoke_failed",
+                            ACTOR_TOLLGATE,
+                            done_at,
+                            json!({"error": message, "attempts": next.attempts, "before_grant": true}),
+                        );
+                        let notice = Notice::RevokeFailing {
+                            error: message.clone(),
+                        };
+                        return Change::Write(Box::new(next), vec![audit], Some(notice));
+                    }
                     return Change::Write(Box::new(next), Vec::new(), None);
                 }
                 next.attempts = 0;
@@ -559,6 +583,9 @@ impl Service {
             })
             .await;
         drop(_guard);
+        if abandoned && req.failure.is_none() && failure.is_some() {
+            self.metrics.revoke_failures.inc();
+        }
         match recorded {
             Ok(Some(notice)) => {
                 if granted {
@@ -693,8 +720,9 @@ impl Service {
         }
         // Spec 10.2: the revoke counts once the cluster, read back, no
         // longer shows the access; until then it is a failed attempt.
+        let began = std::time::Instant::now();
         let result = match self.converge_for(&req, None, now).await {
-            Ok(()) => self.read_back(&req, now).await,
+            Ok(()) => self.read_back(&req, now, began).await,
             Err(message) => Err(message),
         };
         if result.is_ok() {

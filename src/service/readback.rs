@@ -43,18 +43,22 @@ impl Verified {
 impl Service {
     /// Reads `req`'s cluster back after its revoke converged; an error
     /// (the access is still there, or the cluster could not be read) is a
-    /// failed attempt of the revoke.
+    /// failed attempt of the revoke. The converge (started at `began`) and
+    /// the read-back share one converge limit, so the step keeps the room
+    /// it needs to record its outcome inside the drive timeout.
     pub(super) async fn read_back(
         &self,
         req: &Request,
         now: OffsetDateTime,
+        began: std::time::Instant,
     ) -> Result<Verified, String> {
         let limit = self.converge_limit();
-        tokio::time::timeout(limit, self.read_back_once(req, now))
+        let left = limit.saturating_sub(began.elapsed());
+        tokio::time::timeout(left, self.read_back_once(req, now))
             .await
             .unwrap_or_else(|_| {
                 Err(format!(
-                    "read-back cut off after {:.1} s without an answer from the cluster",
+                    "converge and read-back cut off after {:.1} s without an answer from the cluster",
                     limit.as_secs_f64()
                 ))
             })

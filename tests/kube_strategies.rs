@@ -843,6 +843,34 @@ async fn session_rbac_read_back_sees_only_the_revoked_grants_bindings() {
     );
 }
 
+/// A grantee with rights over bindings in their namespace relabels their
+/// own binding as another installation's, so Tollgate's lookup by marks no
+/// longer finds it: the read-back, which looks it up by the name the
+/// grant's row records, still sees it and the revoke is not verified.
+#[tokio::test]
+async fn session_rbac_read_back_is_not_fooled_by_a_relabelled_binding() {
+    let r = rig(Strategy::SessionRbac).await;
+    let edit = rbac_spec("edit", &["a"]);
+    r.rbac(&[("R-AAAAA", &edit)]).await.unwrap();
+    r.kube
+        .modify_object(Kind::RoleBinding, "a", "tollgate-r-aaaaa", |rb| {
+            rb["metadata"]["labels"]["tollgate.dev/instance"] = json!("other");
+        });
+    r.rbac(&[]).await.unwrap();
+    assert!(
+        r.kube
+            .get_object(Kind::RoleBinding, "a", "tollgate-r-aaaaa")
+            .is_some(),
+        "the relabelled binding is still there"
+    );
+    match r.verify_rbac("R-AAAAA", &edit, &[]).await.unwrap() {
+        ReadBack::StillThere(found) => {
+            assert_eq!(found, vec!["RoleBinding a/tollgate-r-aaaaa still exists"])
+        }
+        other => panic!("a binding the user still holds was verified gone: {other:?}"),
+    }
+}
+
 /// The same for aws-auth: groups another grant still needs are not left
 /// over, and an update answered with success that kept the old data is.
 #[tokio::test]

@@ -156,6 +156,35 @@ pub fn aws_auth_left(
     })
 }
 
+/// aws-auth: items of the revoked grant's ARN under other usernames
+/// (`items`: username and groups of each) that map any of its groups the
+/// grants still in force (`justified`) do not need.
+pub fn aws_auth_others_left(
+    revoked_groups: &[String],
+    revoked_user: &str,
+    items: &[(String, Vec<String>)],
+    justified: &[String],
+) -> Vec<String> {
+    items
+        .iter()
+        .filter(|(user, _)| user != revoked_user)
+        .filter_map(|(user, have)| {
+            let left: BTreeSet<&str> = revoked_groups
+                .iter()
+                .map(String::as_str)
+                .filter(|g| have.iter().any(|h| h == g) && !justified.iter().any(|j| j == g))
+                .collect();
+            (!left.is_empty()).then(|| {
+                let list: Vec<&str> = left.into_iter().collect();
+                format!(
+                    "aws-auth item for {user} still maps groups {}",
+                    list.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 /// Baselines a read-back has seen restored: policies no grant needs any
 /// more whose association is exactly what existed before Tollgate. Only
 /// these may be forgotten; one whose restore is not visible yet stays
@@ -291,6 +320,30 @@ mod tests {
         );
         let left = aws_auth_left(&revoked, Some(&names(&["debug", "view"])), Some(&still)).unwrap();
         assert!(left.ends_with("groups debug"), "{left}");
+    }
+
+    #[test]
+    fn other_items_of_the_arn_mapping_revoked_groups_are_left() {
+        let revoked = names(&["debug", "view"]);
+        let items = vec![
+            ("tollgate:alice".to_string(), names(&["debug"])),
+            ("admin".to_string(), names(&["view", "debug"])),
+            ("reader".to_string(), names(&["other"])),
+        ];
+        assert_eq!(
+            aws_auth_others_left(&revoked, "tollgate:alice", &items, &[]),
+            vec!["aws-auth item for admin still maps groups debug, view".to_string()]
+        );
+        assert_eq!(
+            aws_auth_others_left(
+                &revoked,
+                "tollgate:alice",
+                &items,
+                &names(&["debug", "view"])
+            ),
+            Vec::<String>::new(),
+            "groups a grant in force still needs"
+        );
     }
 
     #[test]

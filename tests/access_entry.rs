@@ -458,6 +458,38 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
     assert_eq!(h.verify("R-00001", &edit, &[]).await, ReadBack::Removed);
 }
 
+/// A failed grant's cleanup is never read back: its converge forgets the
+/// baselines it restored once a fresh read shows them in place, so none is
+/// left on record to put standing access back later; one whose restore did
+/// not take effect stays, and the next converge makes it again.
+#[tokio::test]
+async fn a_cleanup_forgets_the_baselines_it_restored() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &on_a)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "x"])));
+    h.converge_ok(&[]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
+    assert!(
+        h.store.baselines("dev", ALICE).await.unwrap().is_empty(),
+        "a baseline seen restored stayed on record"
+    );
+    // An admin then removes the standing association: a later grant's
+    // end must not put it back.
+    let path = format!("{}/access-policies/{}", h.entry_path(), encode_arn(EDIT));
+    let (status, body) = h.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "DisassociateAccessPolicy: {body}");
+    let view = spec(VIEW, &[]);
+    h.converge_ok(&[("R-00002", &view)]).await;
+    h.converge_ok(&[]).await;
+    assert!(
+        h.associations().await.get(EDIT).is_none(),
+        "standing access an admin removed was put back"
+    );
+}
+
 /// Every way a baseline can be forgotten before (or by) the read-back: the
 /// revoke must still verify, never report the pre-Tollgate association as
 /// the revoked grant's access.
@@ -789,11 +821,11 @@ async fn read_back_judges_only_what_the_revoked_grant_alone_gave() {
         ReadBack::Removed
     );
 
-    // The last grant ends: the baseline is restored, seen by the
-    // read-back, and only then forgotten.
+    // The last grant ends: the baseline is restored, seen in place by a
+    // fresh read, and only then forgotten.
     h.converge_ok(&[]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
-    assert!(!h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
     assert_eq!(h.verify("R-0000B", b, &[]).await, ReadBack::Removed);
     assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
     assert!(h.entry().await.is_some(), "the entry was never Tollgate's");

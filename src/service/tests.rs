@@ -51,6 +51,9 @@ struct FakeAccess {
     lies: Mutex<u32>,
     /// How long each converge and each read-back takes (a slow cluster).
     slow: Mutex<Option<Duration>>,
+    /// Each read-back: the revoked grant and the grants in force it was
+    /// judged against.
+    read_backs: Mutex<Vec<(String, Vec<String>)>>,
 }
 
 #[async_trait]
@@ -129,8 +132,12 @@ impl AccessEngine for FakeAccess {
         _: &str,
         revoked_id: &str,
         _: &crate::domain::request::AccessSpec,
-        _: &[InForce<'_>],
+        grants: &[InForce<'_>],
     ) -> Result<crate::domain::readback::ReadBack, AccessError> {
+        self.read_backs.lock().unwrap().push((
+            revoked_id.to_string(),
+            grants.iter().map(|g| g.grant_id.to_string()).collect(),
+        ));
         let slow = *self.slow.lock().unwrap();
         if let Some(d) = slow {
             tokio::time::sleep(d).await;
@@ -360,6 +367,11 @@ async fn overlapping_grants_revoke_only_the_one_ending() {
         r.access.converged.lock().unwrap().last().unwrap(),
         &vec![second.to_string()],
         "revoking the first converged to the second, not to nothing"
+    );
+    assert_eq!(
+        r.access.read_backs.lock().unwrap().last().unwrap(),
+        &(first.to_string(), vec![second.to_string()]),
+        "the read-back judges the first against the second still in force"
     );
 }
 

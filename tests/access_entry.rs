@@ -453,6 +453,84 @@ async fn preexisting_cluster_association_survives_a_namespaced_grant() {
     h.converge_ok(&[]).await;
     assert!(h.entry().await.is_some(), "pre-existing entry deleted");
     assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
+    // The converge saw the baseline in place and forgot it; the read-back
+    // must still take the cluster-wide association for what it is.
+    assert_eq!(h.verify("R-00001", &edit, &[]).await, ReadBack::Removed);
+}
+
+/// A failed grant's cleanup is never read back: its converge forgets the
+/// baselines it restored once a fresh read shows them in place, so none is
+/// left on record to put standing access back later; one whose restore did
+/// not take effect stays, and the next converge makes it again.
+#[tokio::test]
+async fn a_cleanup_forgets_the_baselines_it_restored() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &on_a)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "x"])));
+    h.converge_ok(&[]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
+    assert!(
+        h.store.baselines("dev", ALICE).await.unwrap().is_empty(),
+        "a baseline seen restored stayed on record"
+    );
+    // An admin then removes the standing association: a later grant's
+    // end must not put it back.
+    let path = format!("{}/access-policies/{}", h.entry_path(), encode_arn(EDIT));
+    let (status, body) = h.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "DisassociateAccessPolicy: {body}");
+    let view = spec(VIEW, &[]);
+    h.converge_ok(&[("R-00002", &view)]).await;
+    h.converge_ok(&[]).await;
+    assert!(
+        !h.associations().await.contains_key(EDIT),
+        "standing access an admin removed was put back"
+    );
+}
+
+/// Every way a baseline can be forgotten before (or by) the read-back: the
+/// revoke must still verify, never report the pre-Tollgate association as
+/// the revoked grant's access.
+#[tokio::test]
+async fn a_revoke_over_a_baseline_verifies_once_the_baseline_is_forgotten() {
+    // A namespaced baseline with a grant on the same namespace.
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_x = spec(EDIT, &["x"]);
+    h.converge_ok(&[("R-00001", &on_x)]).await;
+    h.converge_ok(&[]).await;
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert_eq!(h.verify("R-00001", &on_x, &[]).await, ReadBack::Removed);
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
+
+    // A cluster-wide grant over a namespaced baseline, its first read-back
+    // lost: the retry's converge finds the restore in place and forgets it.
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let wide = spec(EDIT, &[]);
+    h.converge_ok(&[("R-00002", &wide)]).await;
+    h.converge_ok(&[]).await;
+    h.converge_ok(&[]).await;
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert_eq!(h.verify("R-00002", &wide, &[]).await, ReadBack::Removed);
+
+    // A crash after the read-back forgot the restored baseline: the revoke
+    // step runs again, converge and read-back both.
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00003", &on_a)]).await;
+    h.converge_ok(&[]).await;
+    assert_eq!(h.verify("R-00003", &on_a, &[]).await, ReadBack::Removed);
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    h.converge_ok(&[]).await;
+    assert_eq!(h.verify("R-00003", &on_a, &[]).await, ReadBack::Removed);
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
 }
 
 #[tokio::test]
@@ -743,11 +821,11 @@ async fn read_back_judges_only_what_the_revoked_grant_alone_gave() {
         ReadBack::Removed
     );
 
-    // The last grant ends: the baseline is restored, seen by the
-    // read-back, and only then forgotten.
+    // The last grant ends: the baseline is restored, seen in place by a
+    // fresh read, and only then forgotten.
     h.converge_ok(&[]).await;
     assert_eq!(h.associations().await, only(EDIT, namespaces(&["x"])));
-    assert!(!h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
     assert_eq!(h.verify("R-0000B", b, &[]).await, ReadBack::Removed);
     assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
     assert!(h.entry().await.is_some(), "the entry was never Tollgate's");

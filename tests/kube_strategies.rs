@@ -843,6 +843,89 @@ async fn session_rbac_read_back_sees_only_the_revoked_grants_bindings() {
     );
 }
 
+/// A grantee with rights over bindings in their namespace relabels their
+/// own binding as another installation's, so Tollgate's lookup by marks no
+/// longer finds it: the read-back, which looks it up by the name the
+/// grant's row records, still sees it and the revoke is not verified.
+#[tokio::test]
+async fn session_rbac_read_back_is_not_fooled_by_a_relabelled_binding() {
+    let r = rig(Strategy::SessionRbac).await;
+    let edit = rbac_spec("edit", &["a"]);
+    r.rbac(&[("R-AAAAA", &edit)]).await.unwrap();
+    r.kube
+        .modify_object(Kind::RoleBinding, "a", "tollgate-r-aaaaa", |rb| {
+            rb["metadata"]["labels"]["tollgate.dev/instance"] = json!("other");
+        });
+    r.rbac(&[]).await.unwrap();
+    assert!(
+        r.kube
+            .get_object(Kind::RoleBinding, "a", "tollgate-r-aaaaa")
+            .is_some(),
+        "the relabelled binding is still there"
+    );
+    match r.verify_rbac("R-AAAAA", &edit, &[]).await.unwrap() {
+        ReadBack::StillThere(found) => {
+            assert_eq!(found, vec!["RoleBinding a/tollgate-r-aaaaa still exists"])
+        }
+        other => panic!("a binding the user still holds was verified gone: {other:?}"),
+    }
+}
+
+/// aws-auth checks fail closed: a list that cannot be parsed fails the
+/// revoke and its read-back instead of reading as "no item", and an item
+/// of the same ARN added under another username (what a grantee holding
+/// system:masters could write) that maps the revoked groups still counts.
+#[tokio::test]
+async fn aws_auth_read_back_fails_closed() {
+    let r = rig(Strategy::AwsAuth).await;
+    r.seed_aws_auth();
+    let debug = auth_spec(SSO_ROLE, &["tollgate-debug"]);
+    r.auth(SSO_ROLE, &[("R-AAAAA", &debug)]).await.unwrap();
+    let kept = r
+        .kube
+        .get_object(Kind::ConfigMap, "kube-system", "aws-auth")
+        .unwrap();
+    r.kube
+        .modify_object(Kind::ConfigMap, "kube-system", "aws-auth", |cm| {
+            cm["data"]["mapRoles"] = json!("- rolearn: [unclosed\n  username: x");
+        });
+    let err = r
+        .auth(SSO_ROLE, &[])
+        .await
+        .expect_err("a revoke over an unreadable aws-auth succeeded");
+    assert!(err.to_string().contains("cannot be parsed"), "{err}");
+    let err = r
+        .verify_auth(SSO_ROLE, "R-AAAAA", &debug, &[])
+        .await
+        .expect_err("an unreadable aws-auth was verified");
+    assert!(err.to_string().contains("cannot be parsed"), "{err}");
+
+    // The grantee's own item for the ARN under another username.
+    r.kube
+        .modify_object(Kind::ConfigMap, "kube-system", "aws-auth", |cm| {
+            let mut items: Vec<Value> =
+                serde_yaml::from_str(kept["data"]["mapRoles"].as_str().unwrap()).unwrap();
+            items.push(json!({
+                "rolearn": SSO_ROLE_STRIPPED,
+                "username": "backdoor",
+                "groups": ["tollgate-debug"],
+            }));
+            cm["data"]["mapRoles"] = json!(serde_yaml::to_string(&items).unwrap());
+        });
+    r.auth(SSO_ROLE, &[]).await.unwrap();
+    match r
+        .verify_auth(SSO_ROLE, "R-AAAAA", &debug, &[])
+        .await
+        .unwrap()
+    {
+        ReadBack::StillThere(found) => assert_eq!(
+            found,
+            vec!["aws-auth item for backdoor still maps groups tollgate-debug".to_string()]
+        ),
+        other => panic!("an item mapping the revoked group was verified gone: {other:?}"),
+    }
+}
+
 /// The same for aws-auth: groups another grant still needs are not left
 /// over, and an update answered with success that kept the old data is.
 #[tokio::test]

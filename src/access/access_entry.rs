@@ -650,6 +650,28 @@ impl AccessEngine for AccessEntryStrategy {
                 .forget_baselines(&cluster.name, principal, &plan.forget_baselines)
                 .await?;
         }
+        // A restore made just now is forgotten once a fresh read shows it
+        // in place: a baseline left on record after its restore (a failed
+        // grant's cleanup is never read back, an admin may change the
+        // association later) would otherwise put back, or take away, access
+        // that is no longer Tollgate's to touch. A restore that answered
+        // success without taking effect reads as not in place and stays
+        // recorded, so the next converge makes it again. Their schedules
+        // went just above: every baseline no grant needs loses its schedule.
+        let restoring: crate::domain::grant::Baselines = baselines
+            .iter()
+            .filter(|(p, _)| !desired.contains_key(*p) && !plan.forget_baselines.contains(*p))
+            .map(|(p, b)| (p.clone(), b.clone()))
+            .collect();
+        if !restoring.is_empty() && (!plan.associate.is_empty() || !plan.disassociate.is_empty()) {
+            let after = self.associations(&eks, cluster, principal).await?;
+            let restored = readback::restored_baselines(&after, &desired, &restoring);
+            if !restored.is_empty() {
+                self.store
+                    .forget_baselines(&cluster.name, principal, &restored)
+                    .await?;
+            }
+        }
         // An entry goes only when Tollgate's store says this installation
         // created it (the tag names a grant whose row recorded the entry),
         // nothing at all is associated with it, and nothing on it was set

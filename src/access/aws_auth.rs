@@ -261,7 +261,7 @@ impl AccessEngine for AwsAuthStrategy {
         let client = self.kube.client(cluster).await?;
         let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
         let data = self.read(&api, cluster).await?.data.unwrap_or_default();
-        let have = item_groups(&data, principal);
+        let have = item_groups(&data, principal).map_err(|m| error(cluster, "read aws-auth", m))?;
         Ok(grants
             .iter()
             .filter(|g| {
@@ -277,7 +277,11 @@ impl AccessEngine for AwsAuthStrategy {
     /// Reads `kube-system/aws-auth` again: Tollgate's item for the revoked
     /// grant's user must be gone, or (while other grants of the principal
     /// are in force) map none of the revoked grant's groups that they do
-    /// not need. Items Tollgate did not add are not looked at.
+    /// not need; and no other item of the same ARN may map those groups
+    /// either (converge refuses to grant over a foreign item of the ARN,
+    /// so one that appeared since was added during the grant, e.g. by the
+    /// grantee under another username). A list that cannot be parsed fails
+    /// the read-back.
     async fn verify_removed(
         &self,
         cluster: &ClusterPolicy,
@@ -293,7 +297,8 @@ impl AccessEngine for AwsAuthStrategy {
         let client = self.kube.client(cluster).await?;
         let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
         let data = self.read(&api, cluster).await?.data.unwrap_or_default();
-        let items = item_groups(&data, principal);
+        let items =
+            item_groups(&data, principal).map_err(|m| error(cluster, "read aws-auth", m))?;
         let item = items
             .iter()
             .find(|(u, _)| u == user)
@@ -304,11 +309,17 @@ impl AccessEngine for AwsAuthStrategy {
                 .flat_map(|g| g.spec.groups.iter().cloned())
                 .collect()
         });
-        Ok(ReadBack::from_findings(
+        let mut findings: Vec<String> =
             readback::aws_auth_left(&revoked.groups, item, justified.as_deref())
                 .into_iter()
-                .collect(),
-        ))
+                .collect();
+        findings.extend(readback::aws_auth_others_left(
+            &revoked.groups,
+            user,
+            &items,
+            justified.as_deref().unwrap_or_default(),
+        ));
+        Ok(ReadBack::from_findings(findings))
     }
 
     async fn converge(
@@ -356,7 +367,9 @@ impl AccessEngine for AwsAuthStrategy {
             // wrote before: any item of this ARN whose user is Tollgate's.
             let user = match &username {
                 Some(u) => u.clone(),
-                None => match existing_tollgate_user(&data, principal) {
+                None => match existing_tollgate_user(&data, principal)
+                    .map_err(|m| error(cluster, "update aws-auth", m))?
+                {
                     Some(u) => u,
                     None => return Ok(()),
                 },
@@ -391,17 +404,23 @@ impl AccessEngine for AwsAuthStrategy {
 }
 
 /// The (username, groups) of every item mapping `principal`'s ARN.
-fn item_groups(data: &BTreeMap<String, String>, principal: &str) -> Vec<(String, Vec<String>)> {
+/// A list that cannot be parsed is an error, never "no items": a check
+/// that read it as empty would pass a revoke whose item is still there.
+fn item_groups(
+    data: &BTreeMap<String, String>,
+    principal: &str,
+) -> Result<Vec<(String, Vec<String>)>, String> {
     let arn = strip_role_path(principal);
     let Ok((list, key)) = list_for(&arn) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let Some(text) = data.get(list) else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    let items: Vec<Value> = serde_yaml::from_str(text).unwrap_or_default();
+    let items: Vec<Value> =
+        serde_yaml::from_str(text).map_err(|e| format!("aws-auth {list} cannot be parsed: {e}"))?;
     let arn_key = arn.to_ascii_lowercase();
-    items
+    Ok(items
         .iter()
         .filter(|i| item_arn(i, key).as_deref() == Some(arn_key.as_str()))
         .map(|i| {
@@ -418,20 +437,20 @@ fn item_groups(data: &BTreeMap<String, String>, principal: &str) -> Vec<(String,
                 .unwrap_or_default();
             (user, groups)
         })
-        .collect()
+        .collect())
 }
 
-fn existing_tollgate_user(data: &BTreeMap<String, String>, principal: &str) -> Option<String> {
-    let arn = strip_role_path(principal);
-    let (list, key) = list_for(&arn).ok()?;
-    let items: Vec<Value> = serde_yaml::from_str(data.get(list)?).ok()?;
-    let arn_key = arn.to_ascii_lowercase();
-    items
-        .iter()
-        .filter(|i| item_arn(i, key).as_deref() == Some(arn_key.as_str()))
-        .filter_map(|i| item_field(i, "username"))
-        .find(|u| is_grant_username(u))
-        .map(str::to_string)
+/// The Tollgate user of an item mapping `principal`'s ARN, if any. A list
+/// that cannot be parsed is an error: a revoke that took it for "no item"
+/// would be recorded while the item stays.
+fn existing_tollgate_user(
+    data: &BTreeMap<String, String>,
+    principal: &str,
+) -> Result<Option<String>, String> {
+    Ok(item_groups(data, principal)?
+        .into_iter()
+        .map(|(user, _)| user)
+        .find(|u| is_grant_username(u)))
 }
 
 #[cfg(test)]

@@ -373,9 +373,14 @@ pub fn abandoned_cleared(
         .notice(Notice::Revoked))
 }
 
-/// Converging an abandoned grant's access away failed: tried again later.
+/// Converging an abandoned grant's access away failed (`error`): tried
+/// again later. A revoke before the grant (no grant failure noted) that
+/// keeps failing is a failing revoke: audited and alerted once at the same
+/// threshold as any revoke; the row stays Approved (nothing was recorded
+/// as granted) and its step goes on retrying.
 pub fn cleanup_failed(
     row: &Request,
+    error: &str,
     now: OffsetDateTime,
     delay: impl FnOnce(u32) -> Duration,
 ) -> Result<Effects, Refused> {
@@ -386,7 +391,17 @@ pub fn cleanup_failed(
         }
         .into());
     }
-    Ok(Effects::new(step_failed(row, now, delay)))
+    let effects = Effects::new(step_failed(row, now, delay));
+    if effects.row.failure.is_none() && effects.row.attempts == REVOKE_FAILED_AFTER {
+        let details =
+            json!({"error": error, "attempts": effects.row.attempts, "before_grant": true});
+        return Ok(effects
+            .audit("revoke_failed", ACTOR_TOLLGATE, now, details)
+            .notice(Notice::RevokeFailing {
+                error: error.to_string(),
+            }));
+    }
+    Ok(effects)
 }
 
 /// A grant failed (`error`). It is audited at once; it ends `Failed` only
@@ -741,7 +756,7 @@ mod tests {
         let failed = grant_failed(&approved(), "boom", Some("left"), T0, doubling)
             .unwrap()
             .row;
-        let again = cleanup_failed(&failed, T0 + MIN, doubling).unwrap();
+        let again = cleanup_failed(&failed, "eks down", T0 + MIN, doubling).unwrap();
         assert_eq!(again.row.attempts, 2);
         assert_eq!(again.row.retry_at, Some(T0 + MIN + Duration::from_secs(4)));
         assert!(again.audit.is_empty() && again.notice.is_none());
@@ -773,6 +788,32 @@ mod tests {
                    "verified": true, "verified_at": "2026-11-23T12:02:00Z"})
         );
         assert_eq!(e.notice, Some(Notice::Revoked));
+    }
+
+    #[test]
+    fn a_revoke_before_the_grant_that_keeps_failing_is_alerted_once() {
+        let mut row = approved();
+        for attempt in 1..=REVOKE_FAILED_AFTER + 1 {
+            let e = cleanup_failed(&row, "eks down", T0 + MIN, doubling).unwrap();
+            assert_eq!(e.row.state, State::Approved);
+            assert_eq!(e.row.attempts, attempt);
+            if attempt == REVOKE_FAILED_AFTER {
+                assert_eq!(names(&e), ["revoke_failed"]);
+                assert_eq!(
+                    e.audit[0].details,
+                    json!({"error": "eks down", "attempts": attempt, "before_grant": true})
+                );
+                assert_eq!(
+                    e.notice,
+                    Some(Notice::RevokeFailing {
+                        error: "eks down".into()
+                    })
+                );
+            } else {
+                assert!(e.audit.is_empty() && e.notice.is_none());
+            }
+            row = e.row;
+        }
     }
 
     #[test]

@@ -63,11 +63,24 @@ impl Verified {
 
 /// The scope of `policy` the cluster may still show after a revoke: what
 /// the remaining grants need, unioned with the recorded baseline.
+///
+/// A policy with no baseline on record that no grant needs is owed in
+/// full: Tollgate records a baseline (possibly "none") before it makes any
+/// association and forgets it only once a read shows the association back
+/// at that baseline. No record therefore means nothing of Tollgate's is
+/// left on it: either the converge (or an earlier read-back) just saw the
+/// pre-Tollgate association restored and forgot it, or Tollgate never
+/// associated it at all (a revoke before the grant was made). Whatever the
+/// cluster shows for it then predates or is not Tollgate's, and judging it
+/// would flag a restored baseline as a failed revoke forever.
 pub fn justified_scope(
     policy: &str,
     desired: &BTreeMap<String, Scope>,
     baselines: &Baselines,
 ) -> Option<Scope> {
+    if !baselines.contains_key(policy) && !desired.contains_key(policy) {
+        return Some(Scope::Cluster);
+    }
     let base = baselines.get(policy).cloned().flatten();
     match (desired.get(policy), base) {
         (Some(d), Some(b)) => Some(d.union(&b)),
@@ -172,6 +185,35 @@ pub fn aws_auth_left(
     })
 }
 
+/// aws-auth: items of the revoked grant's ARN under other usernames
+/// (`items`: username and groups of each) that map any of its groups the
+/// grants still in force (`justified`) do not need.
+pub fn aws_auth_others_left(
+    revoked_groups: &[String],
+    revoked_user: &str,
+    items: &[(String, Vec<String>)],
+    justified: &[String],
+) -> Vec<String> {
+    items
+        .iter()
+        .filter(|(user, _)| user != revoked_user)
+        .filter_map(|(user, have)| {
+            let left: BTreeSet<&str> = revoked_groups
+                .iter()
+                .map(String::as_str)
+                .filter(|g| have.iter().any(|h| h == g) && !justified.iter().any(|j| j == g))
+                .collect();
+            (!left.is_empty()).then(|| {
+                let list: Vec<&str> = left.into_iter().collect();
+                format!(
+                    "aws-auth item for {user} still maps groups {}",
+                    list.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 /// Baselines a read-back has seen restored: policies no grant needs any
 /// more whose association is exactly what existed before Tollgate. Only
 /// these may be forgotten; one whose restore is not visible yet stays
@@ -269,7 +311,17 @@ mod tests {
             Some(ns(&["x"]))
         );
         let none = Baselines::from([(EDIT.to_string(), None)]);
-        assert_eq!(justified_scope(EDIT, &BTreeMap::new(), &none), None);
+        assert_eq!(
+            justified_scope(EDIT, &BTreeMap::new(), &none),
+            None,
+            "a recorded absent baseline owes nothing"
+        );
+        // No record at all: the baseline was seen restored and forgotten
+        // (or nothing was ever associated), so what is there is not ours.
+        assert_eq!(
+            justified_scope(EDIT, &BTreeMap::new(), &Baselines::new()),
+            Some(Scope::Cluster)
+        );
         assert_eq!(justified_scope(EDIT, &desired, &none), Some(ns(&["a"])));
     }
 
@@ -297,6 +349,30 @@ mod tests {
         );
         let left = aws_auth_left(&revoked, Some(&names(&["debug", "view"])), Some(&still)).unwrap();
         assert!(left.ends_with("groups debug"), "{left}");
+    }
+
+    #[test]
+    fn other_items_of_the_arn_mapping_revoked_groups_are_left() {
+        let revoked = names(&["debug", "view"]);
+        let items = vec![
+            ("tollgate:alice".to_string(), names(&["debug"])),
+            ("admin".to_string(), names(&["view", "debug"])),
+            ("reader".to_string(), names(&["other"])),
+        ];
+        assert_eq!(
+            aws_auth_others_left(&revoked, "tollgate:alice", &items, &[]),
+            vec!["aws-auth item for admin still maps groups debug, view".to_string()]
+        );
+        assert_eq!(
+            aws_auth_others_left(
+                &revoked,
+                "tollgate:alice",
+                &items,
+                &names(&["debug", "view"])
+            ),
+            Vec::<String>::new(),
+            "groups a grant in force still needs"
+        );
     }
 
     #[test]

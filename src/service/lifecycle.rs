@@ -337,12 +337,19 @@ impl Service {
         }
         let mut verified = None;
         let (granted, failure) = if abandoned {
+            let began = std::time::Instant::now();
             let removed = match self.converge_for(&req, None, now).await {
                 // Revoked before it was granted: read back like any revoke
-                // (a crashed first try may have made something), since the
-                // row ends as `revoked`. A failed grant's cleanup is not a
-                // revoke and is not read back.
-                Ok(()) if req.failure.is_none() => self.read_back(&req, now).await,
+                // when a first try may have made something (its intents are
+                // recorded before any create call), since the row ends as
+                // `revoked`. With none recorded nothing was ever created:
+                // there is nothing of this grant's to find, and reading
+                // would only find someone else's access. A failed grant's
+                // cleanup is not a revoke and is not read back.
+                Ok(()) if req.failure.is_none() && req.intents.is_empty() => {
+                    Ok(Verified::At(self.clock.now()))
+                }
+                Ok(()) if req.failure.is_none() => self.read_back(&req, now, began).await,
                 Ok(()) => Ok(Verified::NotChecked),
                 Err(message) => Err(message),
             };
@@ -380,7 +387,11 @@ impl Service {
                     return Change::Keep(None);
                 }
                 let effects = match &failure {
-                    Some(_) => lifecycle::cleanup_failed(current, done_at, |n| self.retry_delay(n)),
+                    Some(error) => {
+                        lifecycle::cleanup_failed(current, &error.to_string(), done_at, |n| {
+                            self.retry_delay(n)
+                        })
+                    }
                     None if granted => lifecycle::granted(current, &made, done_at),
                     None => lifecycle::abandoned_cleared(
                         current,
@@ -392,6 +403,9 @@ impl Service {
             })
             .await;
         drop(guard);
+        if abandoned && req.failure.is_none() && failure.is_some() {
+            self.metrics.revoke_failures.inc();
+        }
         match recorded {
             Ok(Some(notice)) => {
                 if granted {
@@ -528,8 +542,9 @@ impl Service {
         }
         // Spec 10.2: the revoke counts once the cluster, read back, no
         // longer shows the access; until then it is a failed attempt.
+        let began = std::time::Instant::now();
         let result = match self.converge_for(&req, None, now).await {
-            Ok(()) => self.read_back(&req, now).await,
+            Ok(()) => self.read_back(&req, now, began).await,
             Err(message) => Err(message),
         };
         if result.is_ok() {

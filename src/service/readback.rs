@@ -15,14 +15,18 @@ use crate::domain::request::Request;
 impl Service {
     /// Reads `req`'s cluster back after its revoke converged; an error
     /// (the access is still there, or the cluster could not be read) is a
-    /// failed attempt of the revoke.
+    /// failed attempt of the revoke. The converge (started at `began`) and
+    /// the read-back share one converge limit, so the step keeps the room
+    /// it needs to record its outcome inside the drive timeout.
     pub(super) async fn read_back(
         &self,
         req: &Request,
         now: OffsetDateTime,
+        began: std::time::Instant,
     ) -> Result<Verified, ServiceError> {
         let limit = self.tunables.converge_limit;
-        tokio::time::timeout(limit, self.read_back_once(req, now))
+        let left = limit.saturating_sub(began.elapsed());
+        tokio::time::timeout(left, self.read_back_once(req, now))
             .await
             .unwrap_or(Err(ServiceError::CutOff(limit)))
     }

@@ -49,6 +49,11 @@ struct FakeAccess {
     /// Read-backs after a revoke that still show the access (an API that
     /// answered the delete but kept the object), counted down.
     lies: Mutex<u32>,
+    /// How long each converge and each read-back takes (a slow cluster).
+    slow: Mutex<Option<Duration>>,
+    /// Each read-back: the revoked grant and the grants in force it was
+    /// judged against.
+    read_backs: Mutex<Vec<(String, Vec<String>)>>,
 }
 
 #[async_trait]
@@ -96,6 +101,10 @@ impl AccessEngine for FakeAccess {
         if hang {
             std::future::pending::<()>().await;
         }
+        let slow = *self.slow.lock().unwrap();
+        if let Some(d) = slow {
+            tokio::time::sleep(d).await;
+        }
         let mut failures = self.failures.lock().unwrap();
         if *failures > 0 {
             *failures -= 1;
@@ -123,8 +132,16 @@ impl AccessEngine for FakeAccess {
         _: &str,
         revoked_id: &str,
         _: &crate::domain::request::AccessSpec,
-        _: &[InForce<'_>],
+        grants: &[InForce<'_>],
     ) -> Result<crate::domain::readback::ReadBack, AccessError> {
+        self.read_backs.lock().unwrap().push((
+            revoked_id.to_string(),
+            grants.iter().map(|g| g.grant_id.to_string()).collect(),
+        ));
+        let slow = *self.slow.lock().unwrap();
+        if let Some(d) = slow {
+            tokio::time::sleep(d).await;
+        }
         let mut lies = self.lies.lock().unwrap();
         if *lies > 0 {
             *lies -= 1;
@@ -357,6 +374,11 @@ async fn overlapping_grants_revoke_only_the_one_ending() {
         &vec![second.to_string()],
         "revoking the first converged to the second, not to nothing"
     );
+    assert_eq!(
+        r.access.read_backs.lock().unwrap().last().unwrap(),
+        &(first.to_string(), vec![second.to_string()]),
+        "the read-back judges the first against the second still in force"
+    );
 }
 
 #[tokio::test]
@@ -461,11 +483,9 @@ async fn a_revoke_the_read_back_contradicts_is_retried_alerted_then_verified() {
     assert_eq!(revoked.details["attempts"], 6);
 }
 
-/// A request revoked after approval but before its grant was made ends as
-/// `revoked` too, so its cleanup is read back like any revoke.
-#[tokio::test]
-async fn a_revoke_before_the_grant_is_read_back_as_well() {
-    let r = rig();
+/// A request approved by `U0APP`, then revoked early before any grant step
+/// ran; `intents` says whether a crashed first try may have made something.
+async fn revoked_before_grant(r: &Rig, intents: bool) -> RequestId {
     let receipt = r
         .service
         .handle_command(SlashCommand {
@@ -477,7 +497,6 @@ async fn a_revoke_before_the_grant_is_read_back_as_well() {
         .await;
     let at = receipt.find("R-").unwrap_or_else(|| panic!("{receipt}"));
     let id = RequestId::parse(&receipt[at..at + 7]).unwrap();
-    // Approved, then revoked early before any grant step ran.
     let pending = r.state(&id).await;
     let mut next = pending.clone();
     next.state = State::Approved;
@@ -488,11 +507,104 @@ async fn a_revoke_before_the_grant_is_read_back_as_well() {
         note: None,
         at: r.clock.now(),
     });
+    if intents {
+        next.intents = crate::domain::grant::intents_for(
+            crate::domain::policy::Strategy::AccessEntry,
+            id.as_str(),
+            &next.access,
+        );
+    }
     r.service
         .store
         .update(&pending, next, Vec::new())
         .await
         .unwrap();
+    id
+}
+
+/// Nothing was ever created for a request revoked before its grant (no
+/// intents recorded): there is nothing of it to read back, and access the
+/// principal holds anyway is not taken for a failed revoke.
+#[tokio::test]
+async fn a_revoke_before_anything_was_created_is_not_judged_on_others_access() {
+    let r = rig();
+    let id = revoked_before_grant(&r, false).await;
+    *r.access.lies.lock().unwrap() = 1;
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Revoked);
+    assert_eq!(row.attempts, 0);
+    assert_eq!(*r.access.lies.lock().unwrap(), 1, "nothing was read back");
+    let events = r.service.store.audit_since(None).await.unwrap();
+    let revoked = events.iter().find(|e| e.event == "revoked").unwrap();
+    assert_eq!(revoked.details["before_grant"], true);
+    assert_eq!(revoked.details["verified"], true);
+}
+
+/// A revoke before the grant whose read-back keeps showing the access is
+/// a failing revoke like any other: counted, audited and alerted at the
+/// threshold, and retried until it goes through.
+#[tokio::test]
+async fn a_failing_revoke_before_the_grant_is_escalated() {
+    let r = rig();
+    let id = revoked_before_grant(&r, true).await;
+    *r.access.lies.lock().unwrap() = 5;
+    for attempt in 1..=5u32 {
+        r.service.run_due().await.unwrap();
+        let row = r.state(&id).await;
+        assert_eq!(row.state, State::Approved, "not recorded while it shows");
+        assert_eq!(row.attempts, attempt);
+        r.clock.advance(Duration::from_secs(300));
+    }
+    assert_eq!(r.service.metrics().revoke_failures.get(), 5);
+    let names = r.audit_names().await;
+    assert_eq!(
+        names.iter().filter(|n| *n == "revoke_failed").count(),
+        1,
+        "{names:?}"
+    );
+    r.wait_for("alert", |r| {
+        r.slack
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(c, t)| c == "C0SECURITY" && t.contains(id.as_str()))
+    })
+    .await;
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+}
+
+/// The converge and the read-back of one revoke share one time limit: a
+/// cluster slow enough that the two together overrun it fails the attempt.
+#[tokio::test]
+async fn converge_and_read_back_share_one_time_limit() {
+    let tunables = Tunables {
+        converge_limit: Duration::from_millis(600),
+        ..Tunables::default()
+    };
+    let r = rig_tuned(|_| {}, tunables);
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    *r.access.slow.lock().unwrap() = Some(Duration::from_millis(400));
+    r.clock.advance(Duration::from_secs(5 * 60));
+    r.service.run_due().await.unwrap();
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Active, "recorded although overrun");
+    assert_eq!(row.attempts, 1);
+    *r.access.slow.lock().unwrap() = None;
+    r.clock.advance(Duration::from_secs(300));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+}
+
+/// A request revoked after approval but before its grant was made ends as
+/// `revoked` too; when a first try may have made something (intents
+/// recorded), its cleanup is read back like any revoke.
+#[tokio::test]
+async fn a_revoke_before_the_grant_is_read_back_as_well() {
+    let r = rig();
+    let id = revoked_before_grant(&r, true).await;
     *r.access.lies.lock().unwrap() = 1;
 
     r.service.run_due().await.unwrap();

@@ -327,7 +327,7 @@ async fn schedules_follow_grant_extension_overlap_revoke_and_baselines() {
     );
     assert_eq!(
         s.input,
-        json!({"clusterName": CLUSTER, "principalArn": ALICE})
+        json!({"ClusterName": CLUSTER, "PrincipalArn": ALICE})
     );
     assert_eq!(w.player.schedules().await.len(), 1);
 
@@ -440,10 +440,10 @@ async fn schedules_follow_grant_extension_overlap_revoke_and_baselines() {
     assert_eq!(
         s.input,
         json!({
-            "clusterName": CLUSTER,
-            "principalArn": BOB,
-            "policyArn": EDIT,
-            "accessScope": {"type": "namespace", "namespaces": ["team-a"]},
+            "ClusterName": CLUSTER,
+            "PrincipalArn": BOB,
+            "PolicyArn": EDIT,
+            "AccessScope": {"Type": "namespace", "Namespaces": ["team-a"]},
         })
     );
     w.slash(BOB_USER, &format!("revoke {bob}")).await;
@@ -871,7 +871,7 @@ async fn scheduler_out_of_reach_blocks_a_grant_never_a_revoke() {
     assert_eq!(associations().await, 1);
     let left = player.schedules().await;
     assert_eq!(left.len(), 1);
-    assert_eq!(left[0].input["principalArn"], ALICE);
+    assert_eq!(left[0].input["PrincipalArn"], ALICE);
 
     // The last revoke, likewise.
     set(true);

@@ -35,6 +35,12 @@ pub const MAX_NAME: usize = 64;
 /// two associations of one installation never share a name in practice.
 const HASH_HEX: usize = 16;
 pub const TARGET_PREFIX: &str = "arn:aws:scheduler:::aws-sdk:eks:";
+/// The target's `RetryPolicy`: Scheduler's maxima (24 hours, 185 retries
+/// with exponential backoff), written explicitly so the schedule says what
+/// it does. A failed call is then retried until a day after the schedule's
+/// time; after that it is dropped (no dead-letter queue is configured).
+pub const RETRY_MAX_AGE: i32 = 86_400;
+pub const RETRY_ATTEMPTS: i32 = 185;
 
 /// What a schedule's one EKS call does when it fires.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,32 +69,36 @@ impl Undo {
         format!("{TARGET_PREFIX}{}", self.action())
     }
 
-    /// The EKS request the target sends, exactly as the EKS API names its
-    /// members (path parameters included: the universal target fills the
-    /// whole request from this one document).
+    /// The EKS request the target sends. A universal target's `Input` is
+    /// the request parameters of the service API named by the AWS SDK's
+    /// member names, which are PascalCase (`ClusterName`, not the REST
+    /// wire name `clusterName`); path parameters are members like any
+    /// other, so this one document is the whole request. Enum values stay
+    /// as the API spells them (`cluster`, `namespace`).
     pub fn input(&self, cluster: &str, principal: &str, policy: &str) -> Value {
         match self {
-            Undo::DeleteEntry => json!({"clusterName": cluster, "principalArn": principal}),
+            Undo::DeleteEntry => json!({"ClusterName": cluster, "PrincipalArn": principal}),
             Undo::Disassociate => json!({
-                "clusterName": cluster,
-                "principalArn": principal,
-                "policyArn": policy,
+                "ClusterName": cluster,
+                "PrincipalArn": principal,
+                "PolicyArn": policy,
             }),
             Undo::Restore(scope) => json!({
-                "clusterName": cluster,
-                "principalArn": principal,
-                "policyArn": policy,
-                "accessScope": scope_json(scope),
+                "ClusterName": cluster,
+                "PrincipalArn": principal,
+                "PolicyArn": policy,
+                "AccessScope": scope_json(scope),
             }),
         }
     }
 }
 
-/// An EKS `AccessScope` as the API writes it.
+/// An EKS `AccessScope` as a universal target's `Input` writes it (SDK
+/// member names, API enum values).
 pub fn scope_json(scope: &Scope) -> Value {
     match scope {
-        Scope::Cluster => json!({"type": "cluster"}),
-        Scope::Namespaces(ns) => json!({"type": "namespace", "namespaces": ns}),
+        Scope::Cluster => json!({"Type": "cluster"}),
+        Scope::Namespaces(ns) => json!({"Type": "namespace", "Namespaces": ns}),
     }
 }
 
@@ -382,7 +392,7 @@ mod tests {
         assert_eq!(undo(&p, EDIT), Undo::DeleteEntry);
         let input: Value =
             serde_json::from_str(&p.keep.iter().find(|k| k.policy == EDIT).unwrap().input).unwrap();
-        assert_eq!(input, json!({"clusterName": "prod", "principalArn": ALICE}));
+        assert_eq!(input, json!({"ClusterName": "prod", "PrincipalArn": ALICE}));
         assert_eq!(
             p.keep.iter().find(|k| k.policy == EDIT).unwrap().target_arn,
             "arn:aws:scheduler:::aws-sdk:eks:deleteAccessEntry"
@@ -431,10 +441,10 @@ mod tests {
         assert_eq!(
             input,
             json!({
-                "clusterName": "prod",
-                "principalArn": ALICE,
-                "policyArn": EDIT,
-                "accessScope": {"type": "namespace", "namespaces": ["team-a"]},
+                "ClusterName": "prod",
+                "PrincipalArn": ALICE,
+                "PolicyArn": EDIT,
+                "AccessScope": {"Type": "namespace", "Namespaces": ["team-a"]},
             })
         );
     }

@@ -290,6 +290,44 @@ fn fires_at(expiry: OffsetDateTime) -> OffsetDateTime {
     }
 }
 
+/// Every Input the backstop writes is the EKS request in the casing
+/// Scheduler's universal targets take (the SDK's PascalCase member names);
+/// the REST wire casing the API reference shows is refused, as the real
+/// target call would fail with it.
+#[test]
+fn schedule_inputs_use_the_sdk_member_names_scheduler_takes() {
+    use support::backstop_player::check_input;
+    use tollgate::domain::backstop::Undo;
+    use tollgate::domain::grant::Scope;
+    for undo in [
+        Undo::DeleteEntry,
+        Undo::Disassociate,
+        Undo::Restore(Scope::Cluster),
+        Undo::Restore(Scope::from_namespaces(["team-a", "team-b"])),
+    ] {
+        let input = undo.input(CLUSTER, ALICE, EDIT);
+        check_input(undo.action(), &input).unwrap_or_else(|e| panic!("{}: {e}", undo.action()));
+    }
+    let wire = json!({"clusterName": CLUSTER, "principalArn": ALICE});
+    assert!(check_input("deleteAccessEntry", &wire).is_err());
+    let wire_scope = json!({
+        "ClusterName": CLUSTER,
+        "PrincipalArn": ALICE,
+        "PolicyArn": EDIT,
+        "AccessScope": {"type": "cluster"},
+    });
+    assert!(check_input("associateAccessPolicy", &wire_scope).is_err());
+    let extra = json!({"ClusterName": CLUSTER, "PrincipalArn": ALICE, "PolicyArn": EDIT});
+    assert!(check_input("deleteAccessEntry", &extra).is_err());
+    let bad_enum = json!({
+        "ClusterName": CLUSTER,
+        "PrincipalArn": ALICE,
+        "PolicyArn": EDIT,
+        "AccessScope": {"Type": "CLUSTER"},
+    });
+    assert!(check_input("associateAccessPolicy", &bad_enum).is_err());
+}
+
 /// The schedule is one Scheduler runs once, at its time, then deletes.
 fn assert_well_formed(s: &Schedule) {
     assert!(s.name.len() <= 64, "{}", s.name);
@@ -298,6 +336,8 @@ fn assert_well_formed(s: &Schedule) {
     assert!(s.flexible_window_off, "{s:?}");
     assert!(s.delete_after_completion, "{s:?}");
     assert_eq!(s.role_arn, ROLE);
+    assert_eq!(s.state.as_deref(), Some("ENABLED"));
+    assert_eq!(s.retry, Some((86_400, 185)), "explicit RetryPolicy");
     assert_eq!(
         s.description.as_deref(),
         Some("managed-by=tollgate tollgate-instance=tollgate")
@@ -351,6 +391,50 @@ async fn schedules_follow_grant_extension_overlap_revoke_and_baselines() {
         },
     )
     .await;
+
+    // A schedule disabled and moved to another time zone outside Tollgate
+    // would fire never, or hours off: the reconciler rewrites it.
+    w.player
+        .scheduler
+        .update_schedule()
+        .group_name(GROUP)
+        .name(&s.name)
+        .description(s.description.clone().unwrap())
+        .schedule_expression(&s.expression)
+        .schedule_expression_timezone("Pacific/Kiritimati")
+        .flexible_time_window(
+            aws_sdk_scheduler::types::FlexibleTimeWindow::builder()
+                .mode(aws_sdk_scheduler::types::FlexibleTimeWindowMode::Off)
+                .build()
+                .unwrap(),
+        )
+        .state(aws_sdk_scheduler::types::ScheduleState::Disabled)
+        .target(
+            aws_sdk_scheduler::types::Target::builder()
+                .arn(&s.target_arn)
+                .role_arn(&s.role_arn)
+                .input(s.input.to_string())
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let tampered = w.schedule(ALICE, VIEW).await.unwrap();
+    assert_eq!(tampered.state.as_deref(), Some("DISABLED"), "{tampered:?}");
+    wait_until(
+        "the reconciler re-enabled the schedule in UTC",
+        Duration::from_secs(10),
+        || async {
+            w.schedule(ALICE, VIEW).await.is_some_and(|again| {
+                again.state.as_deref() == Some("ENABLED")
+                    && again.timezone.as_deref() == Some("UTC")
+                    && again.at == s.at
+            })
+        },
+    )
+    .await;
+    assert_well_formed(&w.schedule(ALICE, VIEW).await.unwrap());
 
     // An overlapping grant of the same policy ending later: still one
     // schedule, now at the later expiry.

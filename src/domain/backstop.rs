@@ -195,6 +195,27 @@ fn ceil_second(t: OffsetDateTime) -> OffsetDateTime {
     }
 }
 
+/// The start-up warning for a cluster whose `grace` is shorter than its
+/// `reconcile_interval`. The reconciler's pass is what repairs a schedule
+/// deleted, disabled or changed outside Tollgate; with a shorter grace a
+/// schedule broken just after a converge can reach its time before the
+/// next pass puts it right, and a grant Tollgate ends late (say it is
+/// down for a minute) races its own backstop. Allowed (tests and short
+/// trials want a small grace), but said at start.
+pub fn grace_warning(
+    cluster: &str,
+    grace: Duration,
+    reconcile_interval: Duration,
+) -> Option<String> {
+    (grace < reconcile_interval).then(|| {
+        format!(
+            "cluster {cluster}: backstop grace {}s is shorter than reconcile_interval {}s: a schedule changed or deleted outside Tollgate may fire before the reconciler repairs it",
+            grace.as_secs(),
+            reconcile_interval.as_secs()
+        )
+    })
+}
+
 /// Whose access a backstop plan is for.
 #[derive(Clone, Copy, Debug)]
 pub struct Subject<'a> {
@@ -334,6 +355,22 @@ mod tests {
             odd.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
             "{odd}"
+        );
+    }
+
+    #[test]
+    fn a_grace_shorter_than_the_reconcile_interval_is_warned_about() {
+        let w = grace_warning("prod", Duration::from_secs(60), Duration::from_secs(300));
+        assert!(w
+            .as_deref()
+            .is_some_and(|w| w.contains("prod") && w.contains("60s") && w.contains("300s")));
+        assert_eq!(
+            grace_warning("prod", Duration::from_secs(900), Duration::from_secs(300)),
+            None
+        );
+        assert_eq!(
+            grace_warning("prod", Duration::from_secs(300), Duration::from_secs(300)),
+            None
         );
     }
 

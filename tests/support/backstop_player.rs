@@ -29,6 +29,10 @@ pub struct Schedule {
     pub flexible_window_off: bool,
     pub delete_after_completion: bool,
     pub description: Option<String>,
+    /// `ENABLED` / `DISABLED`: a disabled schedule never runs.
+    pub state: Option<String>,
+    /// The target's RetryPolicy: (maximum event age s, maximum attempts).
+    pub retry: Option<(i32, i32)>,
 }
 
 /// What playing one schedule did.
@@ -139,6 +143,13 @@ impl Player {
                     .action_after_completion()
                     .is_some_and(|a| a.as_str() == "DELETE"),
                 description: got.description().map(str::to_string),
+                state: got.state().map(|s| s.as_str().to_string()),
+                retry: target.retry_policy().map(|r| {
+                    (
+                        r.maximum_event_age_in_seconds().unwrap_or(-1),
+                        r.maximum_retry_attempts().unwrap_or(-1),
+                    )
+                }),
                 name,
             });
         }
@@ -158,7 +169,7 @@ impl Player {
                 "{}: at() is read in the schedule's time zone",
                 s.name
             );
-            if at > now {
+            if at > now || s.state.as_deref() == Some("DISABLED") {
                 continue;
             }
             let error = self.call(&s).await.err();

@@ -971,6 +971,54 @@ async fn scheduler_out_of_reach_blocks_a_grant_never_a_revoke() {
         .unwrap();
     assert!(player.schedules().await.is_empty());
     assert!(!alice_has_entry(&ms).await, "Tollgate's entry is deleted");
+
+    // Security: someone able to write the group plants a schedule under
+    // the name Tollgate would use for ALICE's view association (say one
+    // that never fires, or re-grants later). The grant fails as with
+    // Scheduler out of reach: nothing is associated without Tollgate's own
+    // backstop, and the planted schedule is neither overwritten nor used.
+    let name = schedule_name("tollgate", CLUSTER, ALICE, VIEW);
+    let far = OffsetDateTime::now_utc() + time::Duration::days(30);
+    player
+        .scheduler
+        .create_schedule()
+        .group_name(GROUP)
+        .name(&name)
+        .description("planted")
+        .schedule_expression(tollgate::domain::backstop::at_expression(far))
+        .schedule_expression_timezone("UTC")
+        .flexible_time_window(
+            aws_sdk_scheduler::types::FlexibleTimeWindow::builder()
+                .mode(aws_sdk_scheduler::types::FlexibleTimeWindowMode::Off)
+                .build()
+                .unwrap(),
+        )
+        .state(aws_sdk_scheduler::types::ScheduleState::Disabled)
+        .target(
+            aws_sdk_scheduler::types::Target::builder()
+                .arn("arn:aws:scheduler:::aws-sdk:eks:deleteAccessEntry")
+                .role_arn(ROLE)
+                .input(json!({"ClusterName": CLUSTER, "PrincipalArn": BOB}).to_string())
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let refused = engine
+        .converge(
+            &cluster,
+            ALICE,
+            std::slice::from_ref(&view_grant),
+            "R-00001",
+        )
+        .await;
+    assert!(refused.is_err(), "granted without a backstop: {refused:?}");
+    assert_eq!(associations().await, 0, "an association with no backstop");
+    let planted = player.schedules().await;
+    assert_eq!(planted.len(), 1);
+    assert_eq!(planted[0].description.as_deref(), Some("planted"));
+    assert_eq!(planted[0].input["PrincipalArn"], BOB, "not overwritten");
 }
 
 /// Whether ALICE still has an access entry.

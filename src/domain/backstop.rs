@@ -276,8 +276,13 @@ pub fn plan(
         .filter(|(p, _)| !matches!(baselines.get(**p), Some(Some(_))))
         .max_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)))
         .map(|(p, _)| (*p).clone());
+    // A cluster-scoped baseline is never widened (nothing is wider), so
+    // restoring it would change nothing: it gets no schedule, and the
+    // backstop role never needs to associate anything cluster-wide.
+    let cluster_baseline = |p: &String| matches!(baselines.get(p), Some(Some(Scope::Cluster)));
     let keep = times
         .iter()
+        .filter(|(policy, _)| !cluster_baseline(policy))
         .map(|(policy, at)| {
             let undo = match baselines.get(*policy) {
                 Some(Some(scope)) => Undo::Restore(scope.clone()),
@@ -300,7 +305,7 @@ pub fn plan(
     // the case for an Active grant) keeps whatever schedule it has.
     let remove = baselines
         .keys()
-        .filter(|p| !needs.contains_key(*p))
+        .filter(|p| !needs.contains_key(*p) || cluster_baseline(p))
         .map(|p| schedule_name(instance, cluster, principal, p))
         .collect();
     BackstopPlan { keep, remove }
@@ -483,6 +488,26 @@ mod tests {
                 "PolicyArn": EDIT,
                 "AccessScope": {"Type": "namespace", "Namespaces": ["team-a"]},
             })
+        );
+    }
+
+    #[test]
+    fn a_cluster_wide_baseline_needs_no_restore() {
+        let t = datetime!(2026-11-26 07:00:00 UTC);
+        let baselines = BTreeMap::from([(EDIT.to_string(), Some(Scope::Cluster))]);
+        let current = BTreeMap::from([(EDIT.to_string(), Scope::Cluster)]);
+        let p = plan(
+            &backstop(),
+            &ALICE_PROD,
+            &needs(&[(EDIT, &[t])]),
+            &current,
+            &baselines,
+            true,
+        );
+        assert!(p.keep.is_empty(), "{p:?}");
+        assert_eq!(
+            p.remove,
+            vec![schedule_name("tollgate", "prod", ALICE, EDIT)]
         );
     }
 

@@ -503,5 +503,8 @@ fn the_guard_denies_schedule_writes_and_passrole_to_all_but_tollgate() {
     }
     let pass = statement(&guard, "OnlyTollgatePassesTheBackstopRole");
     assert_eq!(as_list(&pass["Action"]), ["iam:PassRole"]);
-    assert_eq!(as_list(&pass["Resource"]), [b.role_arn.clone()]);
+    assert_eq!(
+        as_list(&pass["Resource"]),
+        std::slice::from_ref(&b.role_arn)
+    );
 }

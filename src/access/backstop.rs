@@ -754,31 +754,25 @@ mod tests {
         backstops.put(&cluster, &backstop(), &p).await.unwrap();
         let name = p.keep[0].name.clone();
         let right = fake.held.lock().unwrap()[&name].clone();
-        let tamperings: Vec<(&str, Box<dyn Fn(&mut Existing)>)> = vec![
-            ("disabled", Box::new(|e| e.state = Some("DISABLED".into()))),
-            (
-                "time zone",
-                Box::new(|e| e.timezone = Some("Pacific/Kiritimati".into())),
-            ),
-            (
-                "kept after completion",
-                Box::new(|e| e.after_completion = Some("NONE".into())),
-            ),
-            (
-                "flexible window",
-                Box::new(|e| e.window_mode = Some("FLEXIBLE".into())),
-            ),
-            ("no retries", Box::new(|e| e.retry = Some((60, 0)))),
-            ("retry unset", Box::new(|e| e.retry = None)),
-            (
-                "role",
-                Box::new(|e| e.role_arn = "arn:aws:iam::111122223333:role/other".into()),
-            ),
-            (
-                "target",
-                Box::new(|e| e.target_arn = Undo::Disassociate.target_arn()),
-            ),
-            ("input", Box::new(|e| e.input = Some("{}".into()))),
+        type Tamper = fn(&mut Existing);
+        let tamperings: Vec<(&str, Tamper)> = vec![
+            ("disabled", |e| e.state = Some("DISABLED".into())),
+            ("time zone", |e| {
+                e.timezone = Some("Pacific/Kiritimati".into())
+            }),
+            ("kept after completion", |e| {
+                e.after_completion = Some("NONE".into())
+            }),
+            ("flexible window", |e| {
+                e.window_mode = Some("FLEXIBLE".into())
+            }),
+            ("no retries", |e| e.retry = Some((60, 0))),
+            ("retry unset", |e| e.retry = None),
+            ("role", |e| {
+                e.role_arn = "arn:aws:iam::111122223333:role/other".into()
+            }),
+            ("target", |e| e.target_arn = Undo::Disassociate.target_arn()),
+            ("input", |e| e.input = Some("{}".into())),
         ];
         for (what, tamper) in tamperings {
             tamper(fake.held.lock().unwrap().get_mut(&name).unwrap());

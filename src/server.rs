@@ -82,6 +82,14 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     let clients = Arc::new(AwsClients::new(crate::aws_sdk::load_base_config().await));
     let kube = Arc::new(KubeClients::new(clients.clone(), clock.clone()));
     let reader = Arc::new(ClusterReader::new(clients.clone(), kube.clone()));
+    for c in &config.clusters {
+        let warning = c.backstop.as_ref().and_then(|b| {
+            crate::domain::backstop::grace_warning(&c.name, b.grace, c.reconcile_interval)
+        });
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+        }
+    }
     let engine: Arc<dyn AccessEngine> = if config.dry_run {
         tracing::warn!("dry run: AWS and Kubernetes writes are logged and audited, never made");
         Arc::new(DryRun)

@@ -290,6 +290,44 @@ fn fires_at(expiry: OffsetDateTime) -> OffsetDateTime {
     }
 }
 
+/// Every Input the backstop writes is the EKS request in the casing
+/// Scheduler's universal targets take (the SDK's PascalCase member names);
+/// the REST wire casing the API reference shows is refused, as the real
+/// target call would fail with it.
+#[test]
+fn schedule_inputs_use_the_sdk_member_names_scheduler_takes() {
+    use support::backstop_player::check_input;
+    use tollgate::domain::backstop::Undo;
+    use tollgate::domain::grant::Scope;
+    for undo in [
+        Undo::DeleteEntry,
+        Undo::Disassociate,
+        Undo::Restore(Scope::Cluster),
+        Undo::Restore(Scope::from_namespaces(["team-a", "team-b"])),
+    ] {
+        let input = undo.input(CLUSTER, ALICE, EDIT);
+        check_input(undo.action(), &input).unwrap_or_else(|e| panic!("{}: {e}", undo.action()));
+    }
+    let wire = json!({"clusterName": CLUSTER, "principalArn": ALICE});
+    assert!(check_input("deleteAccessEntry", &wire).is_err());
+    let wire_scope = json!({
+        "ClusterName": CLUSTER,
+        "PrincipalArn": ALICE,
+        "PolicyArn": EDIT,
+        "AccessScope": {"type": "cluster"},
+    });
+    assert!(check_input("associateAccessPolicy", &wire_scope).is_err());
+    let extra = json!({"ClusterName": CLUSTER, "PrincipalArn": ALICE, "PolicyArn": EDIT});
+    assert!(check_input("deleteAccessEntry", &extra).is_err());
+    let bad_enum = json!({
+        "ClusterName": CLUSTER,
+        "PrincipalArn": ALICE,
+        "PolicyArn": EDIT,
+        "AccessScope": {"Type": "CLUSTER"},
+    });
+    assert!(check_input("associateAccessPolicy", &bad_enum).is_err());
+}
+
 /// The schedule is one Scheduler runs once, at its time, then deletes.
 fn assert_well_formed(s: &Schedule) {
     assert!(s.name.len() <= 64, "{}", s.name);
@@ -298,6 +336,8 @@ fn assert_well_formed(s: &Schedule) {
     assert!(s.flexible_window_off, "{s:?}");
     assert!(s.delete_after_completion, "{s:?}");
     assert_eq!(s.role_arn, ROLE);
+    assert_eq!(s.state.as_deref(), Some("ENABLED"));
+    assert_eq!(s.retry, Some((86_400, 185)), "explicit RetryPolicy");
     assert_eq!(
         s.description.as_deref(),
         Some("managed-by=tollgate tollgate-instance=tollgate")
@@ -327,7 +367,7 @@ async fn schedules_follow_grant_extension_overlap_revoke_and_baselines() {
     );
     assert_eq!(
         s.input,
-        json!({"clusterName": CLUSTER, "principalArn": ALICE})
+        json!({"ClusterName": CLUSTER, "PrincipalArn": ALICE})
     );
     assert_eq!(w.player.schedules().await.len(), 1);
 
@@ -351,6 +391,50 @@ async fn schedules_follow_grant_extension_overlap_revoke_and_baselines() {
         },
     )
     .await;
+
+    // A schedule disabled and moved to another time zone outside Tollgate
+    // would fire never, or hours off: the reconciler rewrites it.
+    w.player
+        .scheduler
+        .update_schedule()
+        .group_name(GROUP)
+        .name(&s.name)
+        .description(s.description.clone().unwrap())
+        .schedule_expression(&s.expression)
+        .schedule_expression_timezone("Pacific/Kiritimati")
+        .flexible_time_window(
+            aws_sdk_scheduler::types::FlexibleTimeWindow::builder()
+                .mode(aws_sdk_scheduler::types::FlexibleTimeWindowMode::Off)
+                .build()
+                .unwrap(),
+        )
+        .state(aws_sdk_scheduler::types::ScheduleState::Disabled)
+        .target(
+            aws_sdk_scheduler::types::Target::builder()
+                .arn(&s.target_arn)
+                .role_arn(&s.role_arn)
+                .input(s.input.to_string())
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let tampered = w.schedule(ALICE, VIEW).await.unwrap();
+    assert_eq!(tampered.state.as_deref(), Some("DISABLED"), "{tampered:?}");
+    wait_until(
+        "the reconciler re-enabled the schedule in UTC",
+        Duration::from_secs(10),
+        || async {
+            w.schedule(ALICE, VIEW).await.is_some_and(|again| {
+                again.state.as_deref() == Some("ENABLED")
+                    && again.timezone.as_deref() == Some("UTC")
+                    && again.at == s.at
+            })
+        },
+    )
+    .await;
+    assert_well_formed(&w.schedule(ALICE, VIEW).await.unwrap());
 
     // An overlapping grant of the same policy ending later: still one
     // schedule, now at the later expiry.
@@ -440,10 +524,10 @@ async fn schedules_follow_grant_extension_overlap_revoke_and_baselines() {
     assert_eq!(
         s.input,
         json!({
-            "clusterName": CLUSTER,
-            "principalArn": BOB,
-            "policyArn": EDIT,
-            "accessScope": {"type": "namespace", "namespaces": ["team-a"]},
+            "ClusterName": CLUSTER,
+            "PrincipalArn": BOB,
+            "PolicyArn": EDIT,
+            "AccessScope": {"Type": "namespace", "Namespaces": ["team-a"]},
         })
     );
     w.slash(BOB_USER, &format!("revoke {bob}")).await;
@@ -871,7 +955,7 @@ async fn scheduler_out_of_reach_blocks_a_grant_never_a_revoke() {
     assert_eq!(associations().await, 1);
     let left = player.schedules().await;
     assert_eq!(left.len(), 1);
-    assert_eq!(left[0].input["principalArn"], ALICE);
+    assert_eq!(left[0].input["PrincipalArn"], ALICE);
 
     // The last revoke, likewise.
     set(true);
@@ -887,6 +971,54 @@ async fn scheduler_out_of_reach_blocks_a_grant_never_a_revoke() {
         .unwrap();
     assert!(player.schedules().await.is_empty());
     assert!(!alice_has_entry(&ms).await, "Tollgate's entry is deleted");
+
+    // Security: someone able to write the group plants a schedule under
+    // the name Tollgate would use for ALICE's view association (say one
+    // that never fires, or re-grants later). The grant fails as with
+    // Scheduler out of reach: nothing is associated without Tollgate's own
+    // backstop, and the planted schedule is neither overwritten nor used.
+    let name = schedule_name("tollgate", CLUSTER, ALICE, VIEW);
+    let far = OffsetDateTime::now_utc() + time::Duration::days(30);
+    player
+        .scheduler
+        .create_schedule()
+        .group_name(GROUP)
+        .name(&name)
+        .description("planted")
+        .schedule_expression(tollgate::domain::backstop::at_expression(far))
+        .schedule_expression_timezone("UTC")
+        .flexible_time_window(
+            aws_sdk_scheduler::types::FlexibleTimeWindow::builder()
+                .mode(aws_sdk_scheduler::types::FlexibleTimeWindowMode::Off)
+                .build()
+                .unwrap(),
+        )
+        .state(aws_sdk_scheduler::types::ScheduleState::Disabled)
+        .target(
+            aws_sdk_scheduler::types::Target::builder()
+                .arn("arn:aws:scheduler:::aws-sdk:eks:deleteAccessEntry")
+                .role_arn(ROLE)
+                .input(json!({"ClusterName": CLUSTER, "PrincipalArn": BOB}).to_string())
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let refused = engine
+        .converge(
+            &cluster,
+            ALICE,
+            std::slice::from_ref(&view_grant),
+            "R-00001",
+        )
+        .await;
+    assert!(refused.is_err(), "granted without a backstop: {refused:?}");
+    assert_eq!(associations().await, 0, "an association with no backstop");
+    let planted = player.schedules().await;
+    assert_eq!(planted.len(), 1);
+    assert_eq!(planted[0].description.as_deref(), Some("planted"));
+    assert_eq!(planted[0].input["PrincipalArn"], BOB, "not overwritten");
 }
 
 /// Whether ALICE still has an access entry.

@@ -386,9 +386,25 @@ fn the_backstop_role_can_undo_exactly_what_schedules_ask_and_no_more() {
             assert_eq!(eq["aws:ResourceTag/managed-by"], "tollgate");
             assert_eq!(eq["aws:ResourceTag/tollgate-instance"], cfg.server.instance);
         } else {
+            assert_eq!(
+                actions.len(),
+                1,
+                "one EKS action per statement: {}",
+                s["Sid"]
+            );
             let mut allowed = as_list(&s["Condition"]["ArnEquals"]["eks:policyArn"]);
             allowed.sort();
             assert_eq!(allowed, policies, "{}", s["Sid"]);
+            // The one action that can give access: never cluster-wide (a
+            // cluster-wide baseline needs no restore), so whoever misuses
+            // the role gets at most namespaced access.
+            if actions[0] == "eks:AssociateAccessPolicy" {
+                assert_eq!(
+                    s["Condition"]["StringEquals"]["eks:accessScope"], "namespace",
+                    "{}",
+                    s["Sid"]
+                );
+            }
         }
         granted.extend(actions);
     }
@@ -426,5 +442,69 @@ fn the_backstop_role_can_undo_exactly_what_schedules_ask_and_no_more() {
             "arn:aws:scheduler:{}:{}:schedule-group/{}",
             c.region, c.account_id, b.group
         )
+    );
+}
+
+/// The guard that keeps the backstop from being a way in: only Tollgate's
+/// role may write schedules in the group (or delete the group) and pass the
+/// backstop role; the shipped example denies everyone else.
+#[test]
+fn the_guard_denies_schedule_writes_and_passrole_to_all_but_tollgate() {
+    let cfg = shipped_config();
+    let (c, b) = cfg
+        .clusters
+        .iter()
+        .find_map(|c| c.backstop.as_ref().map(|b| (c, b)))
+        .expect("the shipped config shows a backstop");
+    // The role Tollgate's calls in the cluster's account come from: the
+    // cluster's assume_role_arn, or else the pod's own (IRSA) role.
+    let tollgate = c.assume_role_arn.clone().unwrap_or_else(|| {
+        let sa: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(root().join("manifests/base/serviceaccount.yaml")).unwrap(),
+        )
+        .unwrap();
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+            .as_str()
+            .expect("the service account names Tollgate's role")
+            .to_string()
+    });
+    let guard = manifest_json("backstop-guard-scp.json");
+    let statements = guard["Statement"].as_array().unwrap();
+    for s in statements {
+        assert_eq!(s["Effect"], "Deny", "{}", s["Sid"]);
+        assert_eq!(
+            s["Condition"]["ArnNotEquals"]["aws:PrincipalArn"], tollgate,
+            "{}: everyone but Tollgate",
+            s["Sid"]
+        );
+    }
+    let schedules = statement(&guard, "OnlyTollgateWritesBackstopSchedules");
+    let actions = as_list(&schedules["Action"]);
+    for a in [
+        "scheduler:CreateSchedule",
+        "scheduler:UpdateSchedule",
+        "scheduler:DeleteSchedule",
+        "scheduler:DeleteScheduleGroup",
+    ] {
+        assert!(actions.iter().any(|x| x == a), "{a} not denied");
+    }
+    let resources = as_list(&schedules["Resource"]);
+    for r in [
+        format!(
+            "arn:aws:scheduler:{}:{}:schedule/{}/*",
+            c.region, c.account_id, b.group
+        ),
+        format!(
+            "arn:aws:scheduler:{}:{}:schedule-group/{}",
+            c.region, c.account_id, b.group
+        ),
+    ] {
+        assert!(resources.contains(&r), "{r} not covered");
+    }
+    let pass = statement(&guard, "OnlyTollgatePassesTheBackstopRole");
+    assert_eq!(as_list(&pass["Action"]), ["iam:PassRole"]);
+    assert_eq!(
+        as_list(&pass["Resource"]),
+        std::slice::from_ref(&b.role_arn)
     );
 }

@@ -60,6 +60,18 @@ impl Entry {
             && self.tags.get(TAG_INSTANCE).is_none_or(|i| i == instance)
     }
 
+    /// What a backstop `DeleteAccessEntry` target needs before the store is
+    /// asked: the backstop role may delete only entries tagged with this
+    /// installation's name (its policy's `aws:ResourceTag` condition), so an
+    /// entry made before installations were marked, which `marked_for`
+    /// still accepts, would make that delete fail at AccessDenied and leave
+    /// the last association in place. Such an entry is disassociated.
+    fn backstop_may_delete(&self, instance: &str, principal: &str) -> bool {
+        self.marked_for(instance)
+            && self.tags.get(TAG_INSTANCE).map(String::as_str) == Some(instance)
+            && self.plain(principal)
+    }
+
     /// Nothing on the entry was set by anyone but Tollgate: a standard
     /// entry with no Kubernetes groups and the user name EKS chose.
     fn plain(&self, principal: &str) -> bool {
@@ -282,7 +294,7 @@ impl AccessEntryStrategy {
     ) -> Result<backstop::BackstopPlan, AccessError> {
         let entry_ours = match entry {
             Some((_, true)) => true,
-            Some((e, false)) if e.marked_for(&self.instance) && e.plain(principal) => {
+            Some((e, false)) if e.backstop_may_delete(&self.instance, principal) => {
                 store_knows(
                     self.store.as_ref(),
                     &cluster.name,
@@ -791,5 +803,31 @@ mod tests {
         assert!(!entry(Some("admin"), &[], STANDARD).plain(alice));
         assert!(!entry(None, &["system:masters"], STANDARD).plain(alice));
         assert!(!entry(None, &[], "EC2_LINUX").plain(alice));
+    }
+
+    #[test]
+    fn the_backstop_deletes_only_entries_tagged_with_this_installation() {
+        let alice = "arn:aws:iam::111122223333:role/alice";
+        let entry = |tags: &[(&str, &str)]| Entry {
+            arn: None,
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            kubernetes_groups: Vec::new(),
+            kind: Some(STANDARD.into()),
+            username: None,
+        };
+        let ours = entry(&[
+            (TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE),
+            (TAG_INSTANCE, "tollgate"),
+        ]);
+        assert!(ours.backstop_may_delete("tollgate", alice));
+        assert!(!ours.backstop_may_delete("other", alice));
+        // Made before installations were marked: Tollgate's own converge
+        // may still delete it, the backstop role may not.
+        let legacy = entry(&[(TAG_MANAGED_BY, TAG_MANAGED_BY_VALUE)]);
+        assert!(legacy.marked_for("tollgate"));
+        assert!(!legacy.backstop_may_delete("tollgate", alice));
     }
 }

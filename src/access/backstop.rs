@@ -8,24 +8,47 @@
 use async_trait::async_trait;
 use aws_sdk_scheduler::error::ProvideErrorMetadata;
 use aws_sdk_scheduler::types::{
-    ActionAfterCompletion, FlexibleTimeWindow, FlexibleTimeWindowMode, ScheduleState, Target,
+    ActionAfterCompletion, FlexibleTimeWindow, FlexibleTimeWindowMode, RetryPolicy, ScheduleState,
+    Target,
 };
 use std::sync::Arc;
 
 use super::aws::{describe_error, AwsClients};
 use super::AccessError;
-use crate::domain::backstop::{description, parse_at, Backstop, BackstopPlan, Planned};
+use crate::domain::backstop::{
+    description, parse_at, Backstop, BackstopPlan, Planned, Undo, RETRY_ATTEMPTS, RETRY_MAX_AGE,
+};
 use crate::domain::policy::ClusterPolicy;
 
 /// A schedule as Scheduler holds it: what Tollgate compares before writing.
+/// Every field Tollgate sets is here, so a schedule changed outside
+/// Tollgate in any of them (disabled, moved to another time zone, given a
+/// flexible window, kept after completion, retries cut) is rewritten.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Existing {
     pub description: Option<String>,
     pub expression: Option<String>,
+    /// `ScheduleExpressionTimezone`; absent means UTC.
+    pub timezone: Option<String>,
+    /// `ENABLED` / `DISABLED`.
+    pub state: Option<String>,
+    /// `ActionAfterCompletion`: `DELETE` / `NONE`.
+    pub after_completion: Option<String>,
+    /// `FlexibleTimeWindow.Mode`: `OFF` / `FLEXIBLE`.
+    pub window_mode: Option<String>,
     pub target_arn: String,
     pub role_arn: String,
     pub input: Option<String>,
+    /// The target's `RetryPolicy`: (maximum event age in seconds, maximum
+    /// retry attempts).
+    pub retry: Option<(i32, i32)>,
 }
+
+/// What Tollgate writes for every schedule besides time, target and input.
+pub const STATE: &str = "ENABLED";
+pub const TIMEZONE: &str = "UTC";
+pub const AFTER_COMPLETION: &str = "DELETE";
+pub const WINDOW_MODE: &str = "OFF";
 
 /// What one schedule should be.
 pub struct Wanted<'a> {
@@ -100,8 +123,19 @@ fn target(cluster: &ClusterPolicy, wanted: &Wanted<'_>) -> Result<Target, Access
         .arn(&wanted.planned.target_arn)
         .role_arn(wanted.role_arn)
         .input(&wanted.planned.input)
+        .retry_policy(retry())
         .build()
         .map_err(|e| aws_error(cluster, "CreateSchedule", &e))
+}
+
+/// Set explicitly rather than left to Scheduler's default: the call is
+/// retried (with Scheduler's exponential backoff) for as long as Scheduler
+/// allows, since a backstop that gives up early leaves access in place.
+fn retry() -> RetryPolicy {
+    RetryPolicy::builder()
+        .maximum_event_age_in_seconds(RETRY_MAX_AGE)
+        .maximum_retry_attempts(RETRY_ATTEMPTS)
+        .build()
 }
 
 fn off(cluster: &ClusterPolicy) -> Result<FlexibleTimeWindow, AccessError> {
@@ -130,6 +164,20 @@ impl Schedules for AwsSchedules {
             Ok(out) => Ok(Some(Existing {
                 description: out.description().map(str::to_string),
                 expression: out.schedule_expression().map(str::to_string),
+                timezone: out.schedule_expression_timezone().map(str::to_string),
+                state: out.state().map(|s| s.as_str().to_string()),
+                after_completion: out
+                    .action_after_completion()
+                    .map(|a| a.as_str().to_string()),
+                window_mode: out
+                    .flexible_time_window()
+                    .map(|w| w.mode().as_str().to_string()),
+                retry: out.target().and_then(|t| t.retry_policy()).map(|r| {
+                    (
+                        r.maximum_event_age_in_seconds().unwrap_or(-1),
+                        r.maximum_retry_attempts().unwrap_or(-1),
+                    )
+                }),
                 target_arn: out
                     .target()
                     .map(|t| t.arn().to_string())
@@ -241,12 +289,16 @@ impl Schedules for AwsSchedules {
         let at = crate::domain::backstop::at_expression(
             time::OffsetDateTime::now_utc() + time::Duration::days(365),
         );
-        let input = serde_json::json!({
-            "clusterName": cluster.name,
-            "principalArn": format!("arn:aws:iam::{}:role/tollgate-check-probe", cluster.account_id),
-        });
+        let input = Undo::DeleteEntry.input(
+            &cluster.name,
+            &format!(
+                "arn:aws:iam::{}:role/tollgate-check-probe",
+                cluster.account_id
+            ),
+            "",
+        );
         let target = Target::builder()
-            .arn(crate::domain::backstop::Undo::DeleteEntry.target_arn())
+            .arn(Undo::DeleteEntry.target_arn())
             .role_arn(role_arn)
             .input(input.to_string())
             .build()
@@ -345,6 +397,12 @@ impl Backstops {
 
     /// Creates or moves every schedule the plan keeps; an identical one is
     /// left alone, so a reconcile pass over unchanged grants writes nothing.
+    ///
+    /// A schedule under the planned name without this installation's mark
+    /// is an error, as Scheduler out of reach is: the caller then grants
+    /// and widens nothing, since the association would have no backstop
+    /// (and the foreign schedule, whatever it does, is not Tollgate's to
+    /// change).
     pub async fn put(
         &self,
         cluster: &ClusterPolicy,
@@ -365,14 +423,26 @@ impl Backstops {
                 .await?;
             match existing {
                 None => {
-                    // Created meanwhile (another replica's converge of an
-                    // earlier state): replace it with this one.
-                    if !self.schedules.create(cluster, &wanted).await? {
-                        self.schedules.update(cluster, &wanted).await?;
+                    if self.schedules.create(cluster, &wanted).await? {
+                        continue;
+                    }
+                    // Created meanwhile: replaced only when it carries this
+                    // installation's mark (another replica's converge of an
+                    // earlier state), never when it is someone else's.
+                    match self
+                        .schedules
+                        .get(cluster, &backstop.group, &planned.name)
+                        .await?
+                    {
+                        Some(e) if e.description.as_deref() != Some(mark.as_str()) => {
+                            return Err(self.foreign(cluster, &backstop.group, &planned.name));
+                        }
+                        Some(e) if same(&e, &wanted) => {}
+                        _ => self.schedules.update(cluster, &wanted).await?,
                     }
                 }
                 Some(e) if e.description.as_deref() != Some(mark.as_str()) => {
-                    self.foreign(cluster, &backstop.group, &planned.name);
+                    return Err(self.foreign(cluster, &backstop.group, &planned.name));
                 }
                 Some(e) if same(&e, &wanted) => {}
                 Some(_) => self.schedules.update(cluster, &wanted).await?,
@@ -392,8 +462,10 @@ impl Backstops {
         for name in &plan.remove {
             match self.schedules.get(cluster, &backstop.group, name).await? {
                 None => {}
+                // Not Tollgate's to delete; nothing of Tollgate's depends
+                // on it, so the removal goes on.
                 Some(e) if e.description.as_deref() != Some(mark.as_str()) => {
-                    self.foreign(cluster, &backstop.group, name);
+                    let _ = self.foreign(cluster, &backstop.group, name);
                 }
                 Some(_) => {
                     self.schedules
@@ -405,13 +477,20 @@ impl Backstops {
         Ok(())
     }
 
-    fn foreign(&self, cluster: &ClusterPolicy, group: &str, name: &str) {
+    fn foreign(&self, cluster: &ClusterPolicy, group: &str, name: &str) -> AccessError {
         tracing::warn!(
             cluster = %cluster.name,
             group,
             schedule = name,
             "a schedule with this name does not carry this installation's mark; left alone"
         );
+        AccessError::Aws {
+            cluster: cluster.name.clone(),
+            operation: "CreateSchedule",
+            message: format!(
+                "schedule {name} in group {group} exists without this installation's mark; it is left alone and nothing is granted without a backstop"
+            ),
+        }
     }
 }
 
@@ -420,6 +499,12 @@ impl Backstops {
 fn same(e: &Existing, w: &Wanted<'_>) -> bool {
     let json = |s: &str| serde_json::from_str::<serde_json::Value>(s).ok();
     e.expression.as_deref().and_then(parse_at) == Some(w.planned.at)
+        // at() is read in the schedule's time zone: only UTC is this time.
+        && e.timezone.as_deref().unwrap_or(TIMEZONE) == TIMEZONE
+        && e.state.as_deref() == Some(STATE)
+        && e.after_completion.as_deref() == Some(AFTER_COMPLETION)
+        && e.window_mode.as_deref() == Some(WINDOW_MODE)
+        && e.retry == Some((RETRY_MAX_AGE, RETRY_ATTEMPTS))
         && e.target_arn == w.planned.target_arn
         && e.role_arn == w.role_arn
         && e.input.as_deref().and_then(json) == json(&w.planned.input)
@@ -470,6 +555,11 @@ mod tests {
                 Existing {
                     description: Some(w.description.to_string()),
                     expression: Some(w.planned.expression()),
+                    timezone: Some(TIMEZONE.into()),
+                    state: Some(STATE.into()),
+                    after_completion: Some(AFTER_COMPLETION.into()),
+                    window_mode: Some(WINDOW_MODE.into()),
+                    retry: Some((RETRY_MAX_AGE, RETRY_ATTEMPTS)),
                     target_arn: w.planned.target_arn.clone(),
                     role_arn: w.role_arn.to_string(),
                     input: Some(w.planned.input.clone()),
@@ -546,7 +636,11 @@ mod tests {
         let mut clash = plan_at(datetime!(2026-11-26 09:00:00 UTC), "other");
         clash.keep[0].name = name.clone();
         fake.writes.lock().unwrap().clear();
-        theirs.put(&cluster, &backstop(), &clash).await.unwrap();
+        let refused = theirs.put(&cluster, &backstop(), &clash).await;
+        assert!(
+            refused.is_err(),
+            "a foreign schedule is a failed put: nothing may be granted without a backstop"
+        );
         let gone = BackstopPlan {
             keep: Vec::new(),
             remove: vec![name.clone()],
@@ -563,5 +657,129 @@ mod tests {
             .await
             .unwrap();
         assert!(fake.held.lock().unwrap().is_empty());
+    }
+
+    /// A schedule someone else created in the moment between Tollgate's
+    /// read and its create (CreateSchedule answers Conflict) is not
+    /// overwritten, and the put fails.
+    #[tokio::test]
+    async fn a_create_conflict_with_a_foreign_schedule_is_refused_not_overwritten() {
+        struct Racing {
+            inner: Fake,
+            raced: Mutex<bool>,
+        }
+        #[async_trait]
+        impl Schedules for Racing {
+            async fn get(
+                &self,
+                c: &ClusterPolicy,
+                g: &str,
+                n: &str,
+            ) -> Result<Option<Existing>, AccessError> {
+                // The first read sees nothing; the intruder's schedule
+                // appears right after it.
+                let first = !std::mem::replace(&mut *self.raced.lock().unwrap(), true);
+                if first {
+                    return Ok(None);
+                }
+                self.inner.get(c, g, n).await
+            }
+            async fn create(&self, c: &ClusterPolicy, w: &Wanted<'_>) -> Result<bool, AccessError> {
+                self.inner.create(c, w).await
+            }
+            async fn update(&self, c: &ClusterPolicy, w: &Wanted<'_>) -> Result<(), AccessError> {
+                self.inner.update(c, w).await
+            }
+            async fn delete(&self, c: &ClusterPolicy, g: &str, n: &str) -> Result<(), AccessError> {
+                self.inner.delete(c, g, n).await
+            }
+            async fn group_exists(&self, c: &ClusterPolicy, g: &str) -> Result<bool, AccessError> {
+                self.inner.group_exists(c, g).await
+            }
+            async fn probe_role(
+                &self,
+                c: &ClusterPolicy,
+                g: &str,
+                r: &str,
+                n: &str,
+            ) -> Result<(), AccessError> {
+                self.inner.probe_role(c, g, r, n).await
+            }
+        }
+        let racing = Arc::new(Racing {
+            inner: Fake::default(),
+            raced: Mutex::new(false),
+        });
+        let cluster = crate::domain::policy::tests::cluster();
+        let ours = plan_at(datetime!(2026-11-26 07:00:00 UTC), "tollgate");
+        let mut intruder = ours.keep[0].clone();
+        intruder.target_arn = Undo::Restore(crate::domain::grant::Scope::Cluster).target_arn();
+        let b = backstop();
+        racing
+            .inner
+            .update(
+                &cluster,
+                &Wanted {
+                    group: &b.group,
+                    role_arn: &b.role_arn,
+                    description: "someone else",
+                    planned: &intruder,
+                },
+            )
+            .await
+            .unwrap();
+        racing.inner.writes.lock().unwrap().clear();
+        let backstops = Backstops::new(racing.clone(), "tollgate");
+        assert!(backstops.put(&cluster, &b, &ours).await.is_err());
+        assert!(
+            racing.inner.writes.lock().unwrap().is_empty(),
+            "not overwritten"
+        );
+        let held = racing.inner.held.lock().unwrap();
+        assert_eq!(
+            held[&ours.keep[0].name].description.as_deref(),
+            Some("someone else")
+        );
+    }
+
+    /// Every field Tollgate sets is compared: a schedule disabled, moved to
+    /// another time zone, given a flexible window, kept after completion or
+    /// stripped of its retries is rewritten by the next converge.
+    #[tokio::test]
+    async fn a_schedule_changed_in_any_field_tollgate_sets_is_rewritten() {
+        let fake = Arc::new(Fake::default());
+        let backstops = Backstops::new(fake.clone(), "tollgate");
+        let cluster = crate::domain::policy::tests::cluster();
+        let p = plan_at(datetime!(2026-11-26 07:00:00 UTC), "tollgate");
+        backstops.put(&cluster, &backstop(), &p).await.unwrap();
+        let name = p.keep[0].name.clone();
+        let right = fake.held.lock().unwrap()[&name].clone();
+        type Tamper = fn(&mut Existing);
+        let tamperings: Vec<(&str, Tamper)> = vec![
+            ("disabled", |e| e.state = Some("DISABLED".into())),
+            ("time zone", |e| {
+                e.timezone = Some("Pacific/Kiritimati".into())
+            }),
+            ("kept after completion", |e| {
+                e.after_completion = Some("NONE".into())
+            }),
+            ("flexible window", |e| {
+                e.window_mode = Some("FLEXIBLE".into())
+            }),
+            ("no retries", |e| e.retry = Some((60, 0))),
+            ("retry unset", |e| e.retry = None),
+            ("role", |e| {
+                e.role_arn = "arn:aws:iam::111122223333:role/other".into()
+            }),
+            ("target", |e| e.target_arn = Undo::Disassociate.target_arn()),
+            ("input", |e| e.input = Some("{}".into())),
+        ];
+        for (what, tamper) in tamperings {
+            tamper(fake.held.lock().unwrap().get_mut(&name).unwrap());
+            fake.writes.lock().unwrap().clear();
+            backstops.put(&cluster, &backstop(), &p).await.unwrap();
+            assert_eq!(fake.writes.lock().unwrap().len(), 1, "{what}: rewritten");
+            assert_eq!(fake.held.lock().unwrap()[&name], right, "{what}");
+        }
     }
 }

@@ -35,6 +35,12 @@ pub const MAX_NAME: usize = 64;
 /// two associations of one installation never share a name in practice.
 const HASH_HEX: usize = 16;
 pub const TARGET_PREFIX: &str = "arn:aws:scheduler:::aws-sdk:eks:";
+/// The target's `RetryPolicy`: Scheduler's maxima (24 hours, 185 retries
+/// with exponential backoff), written explicitly so the schedule says what
+/// it does. A failed call is then retried until a day after the schedule's
+/// time; after that it is dropped (no dead-letter queue is configured).
+pub const RETRY_MAX_AGE: i32 = 86_400;
+pub const RETRY_ATTEMPTS: i32 = 185;
 
 /// What a schedule's one EKS call does when it fires.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,32 +69,36 @@ impl Undo {
         format!("{TARGET_PREFIX}{}", self.action())
     }
 
-    /// The EKS request the target sends, exactly as the EKS API names its
-    /// members (path parameters included: the universal target fills the
-    /// whole request from this one document).
+    /// The EKS request the target sends. A universal target's `Input` is
+    /// the request parameters of the service API named by the AWS SDK's
+    /// member names, which are PascalCase (`ClusterName`, not the REST
+    /// wire name `clusterName`); path parameters are members like any
+    /// other, so this one document is the whole request. Enum values stay
+    /// as the API spells them (`cluster`, `namespace`).
     pub fn input(&self, cluster: &str, principal: &str, policy: &str) -> Value {
         match self {
-            Undo::DeleteEntry => json!({"clusterName": cluster, "principalArn": principal}),
+            Undo::DeleteEntry => json!({"ClusterName": cluster, "PrincipalArn": principal}),
             Undo::Disassociate => json!({
-                "clusterName": cluster,
-                "principalArn": principal,
-                "policyArn": policy,
+                "ClusterName": cluster,
+                "PrincipalArn": principal,
+                "PolicyArn": policy,
             }),
             Undo::Restore(scope) => json!({
-                "clusterName": cluster,
-                "principalArn": principal,
-                "policyArn": policy,
-                "accessScope": scope_json(scope),
+                "ClusterName": cluster,
+                "PrincipalArn": principal,
+                "PolicyArn": policy,
+                "AccessScope": scope_json(scope),
             }),
         }
     }
 }
 
-/// An EKS `AccessScope` as the API writes it.
+/// An EKS `AccessScope` as a universal target's `Input` writes it (SDK
+/// member names, API enum values).
 pub fn scope_json(scope: &Scope) -> Value {
     match scope {
-        Scope::Cluster => json!({"type": "cluster"}),
-        Scope::Namespaces(ns) => json!({"type": "namespace", "namespaces": ns}),
+        Scope::Cluster => json!({"Type": "cluster"}),
+        Scope::Namespaces(ns) => json!({"Type": "namespace", "Namespaces": ns}),
     }
 }
 
@@ -185,6 +195,27 @@ fn ceil_second(t: OffsetDateTime) -> OffsetDateTime {
     }
 }
 
+/// The start-up warning for a cluster whose `grace` is shorter than its
+/// `reconcile_interval`. The reconciler's pass is what repairs a schedule
+/// deleted, disabled or changed outside Tollgate; with a shorter grace a
+/// schedule broken just after a converge can reach its time before the
+/// next pass puts it right, and a grant Tollgate ends late (say it is
+/// down for a minute) races its own backstop. Allowed (tests and short
+/// trials want a small grace), but said at start.
+pub fn grace_warning(
+    cluster: &str,
+    grace: Duration,
+    reconcile_interval: Duration,
+) -> Option<String> {
+    (grace < reconcile_interval).then(|| {
+        format!(
+            "cluster {cluster}: backstop grace {}s is shorter than reconcile_interval {}s: a schedule changed or deleted outside Tollgate may fire before the reconciler repairs it",
+            grace.as_secs(),
+            reconcile_interval.as_secs()
+        )
+    })
+}
+
 /// Whose access a backstop plan is for.
 #[derive(Clone, Copy, Debug)]
 pub struct Subject<'a> {
@@ -245,8 +276,13 @@ pub fn plan(
         .filter(|(p, _)| !matches!(baselines.get(**p), Some(Some(_))))
         .max_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(b.0)))
         .map(|(p, _)| (*p).clone());
+    // A cluster-scoped baseline is never widened (nothing is wider), so
+    // restoring it would change nothing: it gets no schedule, and the
+    // backstop role never needs to associate anything cluster-wide.
+    let cluster_baseline = |p: &String| matches!(baselines.get(p), Some(Some(Scope::Cluster)));
     let keep = times
         .iter()
+        .filter(|(policy, _)| !cluster_baseline(policy))
         .map(|(policy, at)| {
             let undo = match baselines.get(*policy) {
                 Some(Some(scope)) => Undo::Restore(scope.clone()),
@@ -269,7 +305,7 @@ pub fn plan(
     // the case for an Active grant) keeps whatever schedule it has.
     let remove = baselines
         .keys()
-        .filter(|p| !needs.contains_key(*p))
+        .filter(|p| !needs.contains_key(*p) || cluster_baseline(p))
         .map(|p| schedule_name(instance, cluster, principal, p))
         .collect();
     BackstopPlan { keep, remove }
@@ -328,6 +364,22 @@ mod tests {
     }
 
     #[test]
+    fn a_grace_shorter_than_the_reconcile_interval_is_warned_about() {
+        let w = grace_warning("prod", Duration::from_secs(60), Duration::from_secs(300));
+        assert!(w
+            .as_deref()
+            .is_some_and(|w| w.contains("prod") && w.contains("60s") && w.contains("300s")));
+        assert_eq!(
+            grace_warning("prod", Duration::from_secs(900), Duration::from_secs(300)),
+            None
+        );
+        assert_eq!(
+            grace_warning("prod", Duration::from_secs(300), Duration::from_secs(300)),
+            None
+        );
+    }
+
+    #[test]
     fn at_expression_is_utc_whole_seconds_and_round_trips() {
         let t = datetime!(2026-11-26 08:05:09 +01:00);
         assert_eq!(at_expression(t), "at(2026-11-26T07:05:09)");
@@ -382,7 +434,7 @@ mod tests {
         assert_eq!(undo(&p, EDIT), Undo::DeleteEntry);
         let input: Value =
             serde_json::from_str(&p.keep.iter().find(|k| k.policy == EDIT).unwrap().input).unwrap();
-        assert_eq!(input, json!({"clusterName": "prod", "principalArn": ALICE}));
+        assert_eq!(input, json!({"ClusterName": "prod", "PrincipalArn": ALICE}));
         assert_eq!(
             p.keep.iter().find(|k| k.policy == EDIT).unwrap().target_arn,
             "arn:aws:scheduler:::aws-sdk:eks:deleteAccessEntry"
@@ -431,11 +483,31 @@ mod tests {
         assert_eq!(
             input,
             json!({
-                "clusterName": "prod",
-                "principalArn": ALICE,
-                "policyArn": EDIT,
-                "accessScope": {"type": "namespace", "namespaces": ["team-a"]},
+                "ClusterName": "prod",
+                "PrincipalArn": ALICE,
+                "PolicyArn": EDIT,
+                "AccessScope": {"Type": "namespace", "Namespaces": ["team-a"]},
             })
+        );
+    }
+
+    #[test]
+    fn a_cluster_wide_baseline_needs_no_restore() {
+        let t = datetime!(2026-11-26 07:00:00 UTC);
+        let baselines = BTreeMap::from([(EDIT.to_string(), Some(Scope::Cluster))]);
+        let current = BTreeMap::from([(EDIT.to_string(), Scope::Cluster)]);
+        let p = plan(
+            &backstop(),
+            &ALICE_PROD,
+            &needs(&[(EDIT, &[t])]),
+            &current,
+            &baselines,
+            true,
+        );
+        assert!(p.keep.is_empty(), "{p:?}");
+        assert_eq!(
+            p.remove,
+            vec![schedule_name("tollgate", "prod", ALICE, EDIT)]
         );
     }
 

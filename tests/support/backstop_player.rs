@@ -29,6 +29,10 @@ pub struct Schedule {
     pub flexible_window_off: bool,
     pub delete_after_completion: bool,
     pub description: Option<String>,
+    /// `ENABLED` / `DISABLED`: a disabled schedule never runs.
+    pub state: Option<String>,
+    /// The target's RetryPolicy: (maximum event age s, maximum attempts).
+    pub retry: Option<(i32, i32)>,
 }
 
 /// What playing one schedule did.
@@ -139,6 +143,13 @@ impl Player {
                     .action_after_completion()
                     .is_some_and(|a| a.as_str() == "DELETE"),
                 description: got.description().map(str::to_string),
+                state: got.state().map(|s| s.as_str().to_string()),
+                retry: target.retry_policy().map(|r| {
+                    (
+                        r.maximum_event_age_in_seconds().unwrap_or(-1),
+                        r.maximum_retry_attempts().unwrap_or(-1),
+                    )
+                }),
                 name,
             });
         }
@@ -158,7 +169,7 @@ impl Player {
                 "{}: at() is read in the schedule's time zone",
                 s.name
             );
-            if at > now {
+            if at > now || s.state.as_deref() == Some("DISABLED") {
                 continue;
             }
             let error = self.call(&s).await.err();
@@ -181,73 +192,58 @@ impl Player {
     }
 
     /// The EKS call a universal target names, with its Input as the request.
-    /// Input must hold exactly the request's members: a field EKS does not
-    /// know would be refused by the real service.
+    /// Scheduler's universal targets take the AWS SDK's member names
+    /// (PascalCase: `ClusterName`, `AccessScope.Type`), with enum values as
+    /// the API spells them (`cluster`, `namespace`). Input must hold
+    /// exactly the request's members in that casing: a REST wire name
+    /// (`clusterName`) or any unknown member fails the target's call, as
+    /// the real service would refuse it, and the failure is reported like
+    /// an EKS error.
     pub async fn call(&self, s: &Schedule) -> Result<(), String> {
         let action = s
             .target_arn
             .strip_prefix("arn:aws:scheduler:::aws-sdk:eks:")
             .unwrap_or_else(|| panic!("{}: not an EKS universal target", s.target_arn));
-        let input = s.input.as_object().expect("Input is a JSON object");
-        let field = |k: &str| -> String {
-            input
-                .get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_else(|| panic!("{action}: Input lacks {k}: {}", s.input))
-                .to_string()
-        };
-        let keys: BTreeSet<&str> = input.keys().map(String::as_str).collect();
-        let expect = |allowed: &[&str]| {
-            assert_eq!(
-                keys,
-                allowed.iter().copied().collect::<BTreeSet<_>>(),
-                "{action}: Input members {}",
-                s.input
-            )
-        };
+        let input = check_input(action, &s.input)?;
+        let field = |k: &str| input[k].as_str().unwrap_or_default().to_string();
         let describe = |e: &dyn std::fmt::Debug| format!("{e:?}");
         match action {
-            "deleteAccessEntry" => {
-                expect(&["clusterName", "principalArn"]);
-                self.eks
-                    .delete_access_entry()
-                    .cluster_name(field("clusterName"))
-                    .principal_arn(field("principalArn"))
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| describe(&e))
-            }
-            "disassociateAccessPolicy" => {
-                expect(&["clusterName", "principalArn", "policyArn"]);
-                self.eks
-                    .disassociate_access_policy()
-                    .cluster_name(field("clusterName"))
-                    .principal_arn(field("principalArn"))
-                    .policy_arn(field("policyArn"))
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| describe(&e))
-            }
+            "deleteAccessEntry" => self
+                .eks
+                .delete_access_entry()
+                .cluster_name(field("ClusterName"))
+                .principal_arn(field("PrincipalArn"))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| describe(&e)),
+            "disassociateAccessPolicy" => self
+                .eks
+                .disassociate_access_policy()
+                .cluster_name(field("ClusterName"))
+                .principal_arn(field("PrincipalArn"))
+                .policy_arn(field("PolicyArn"))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| describe(&e)),
             "associateAccessPolicy" => {
-                expect(&["clusterName", "principalArn", "policyArn", "accessScope"]);
-                let scope = &input["accessScope"];
-                let kind = match scope["type"].as_str() {
+                let scope = &input["AccessScope"];
+                let kind = match scope["Type"].as_str() {
                     Some("cluster") => AccessScopeType::Cluster,
-                    Some("namespace") => AccessScopeType::Namespace,
-                    other => panic!("accessScope.type {other:?}"),
+                    _ => AccessScopeType::Namespace,
                 };
-                let namespaces = scope["namespaces"].as_array().map(|a| {
+                let namespaces = scope["Namespaces"].as_array().map(|a| {
                     a.iter()
-                        .map(|n| n.as_str().expect("a namespace name").to_string())
+                        .filter_map(Value::as_str)
+                        .map(str::to_string)
                         .collect::<Vec<_>>()
                 });
                 self.eks
                     .associate_access_policy()
-                    .cluster_name(field("clusterName"))
-                    .principal_arn(field("principalArn"))
-                    .policy_arn(field("policyArn"))
+                    .cluster_name(field("ClusterName"))
+                    .principal_arn(field("PrincipalArn"))
+                    .policy_arn(field("PolicyArn"))
                     .access_scope(
                         AccessScope::builder()
                             .r#type(kind)
@@ -262,4 +258,60 @@ impl Player {
             other => panic!("the backstop never targets eks:{other}"),
         }
     }
+}
+
+/// Checks a universal target's Input against the EKS request it names, as
+/// Scheduler's call would: exactly the required members, in the SDK's
+/// PascalCase, strings where strings go, and an `AccessScope` of `Type`
+/// `cluster` or `namespace` with optional `Namespaces`.
+pub fn check_input<'a>(
+    action: &str,
+    input: &'a Value,
+) -> Result<&'a serde_json::Map<String, Value>, String> {
+    let obj = input
+        .as_object()
+        .ok_or_else(|| format!("{action}: Input is not a JSON object: {input}"))?;
+    let members: &[&str] = match action {
+        "deleteAccessEntry" => &["ClusterName", "PrincipalArn"],
+        "disassociateAccessPolicy" => &["ClusterName", "PrincipalArn", "PolicyArn"],
+        "associateAccessPolicy" => &["ClusterName", "PrincipalArn", "PolicyArn", "AccessScope"],
+        other => return Err(format!("eks:{other} is not a backstop target")),
+    };
+    let keys: BTreeSet<&str> = obj.keys().map(String::as_str).collect();
+    let wanted: BTreeSet<&str> = members.iter().copied().collect();
+    if keys != wanted {
+        return Err(format!(
+            "ValidationException: {action}: Input members {keys:?}, the request takes {wanted:?}"
+        ));
+    }
+    for k in members.iter().filter(|k| **k != "AccessScope") {
+        if !obj[*k].is_string() {
+            return Err(format!(
+                "ValidationException: {action}: {k} is not a string"
+            ));
+        }
+    }
+    if let Some(scope) = obj.get("AccessScope") {
+        let scope = scope
+            .as_object()
+            .ok_or_else(|| format!("ValidationException: AccessScope {scope}"))?;
+        if let Some(k) = scope.keys().find(|k| *k != "Type" && *k != "Namespaces") {
+            return Err(format!(
+                "ValidationException: AccessScope has no member {k}"
+            ));
+        }
+        match scope.get("Type").and_then(Value::as_str) {
+            Some("cluster") | Some("namespace") => {}
+            other => return Err(format!("ValidationException: AccessScope.Type {other:?}")),
+        }
+        if let Some(ns) = scope.get("Namespaces") {
+            if !ns
+                .as_array()
+                .is_some_and(|a| a.iter().all(Value::is_string))
+            {
+                return Err(format!("ValidationException: AccessScope.Namespaces {ns}"));
+            }
+        }
+    }
+    Ok(obj)
 }

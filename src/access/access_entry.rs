@@ -16,7 +16,7 @@ use crate::domain::grant::{desired_policies, plan_associations, scope_covers, Sc
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
 use crate::domain::request::{AccessSpec, Intent};
-use crate::store::Store;
+use crate::store::{AccessRecords, Store};
 
 pub const TAG_MANAGED_BY: &str = "managed-by";
 pub const TAG_MANAGED_BY_VALUE: &str = "tollgate";
@@ -28,7 +28,7 @@ pub const STANDARD: &str = "STANDARD";
 
 pub struct AccessEntryStrategy {
     clients: Arc<AwsClients>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn AccessRecords>,
     instance: String,
     backstops: Backstops,
 }
@@ -124,6 +124,7 @@ fn from_aws_scope(scope: Option<&AccessScope>) -> Scope {
 
 impl AccessEntryStrategy {
     pub fn new(clients: Arc<AwsClients>, store: Arc<dyn Store>) -> Self {
+        let store: Arc<dyn AccessRecords> = Arc::new(store);
         let schedules = Arc::new(AwsSchedules::new(clients.clone()));
         AccessEntryStrategy {
             clients,

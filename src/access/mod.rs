@@ -194,7 +194,7 @@ impl AccessEngine for DryRun {
 
 /// Whether `store` says grant `grant_id` created `object` on `cluster`.
 pub async fn store_knows(
-    store: &dyn crate::store::Store,
+    store: &dyn crate::store::AccessRecords,
     cluster: &str,
     grant_id: Option<&str>,
     object: &Intent,

@@ -16,7 +16,7 @@ use crate::config::DEFAULT_INSTANCE;
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
 use crate::domain::request::{AccessSpec, Intent};
-use crate::store::Store;
+use crate::store::{AccessRecords, Store};
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_GRANT: &str = "tollgate.dev/grant";
@@ -41,7 +41,7 @@ struct Desired {
 
 pub struct SessionRbacStrategy {
     kube: Arc<KubeClients>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn AccessRecords>,
     instance: String,
 }
 
@@ -158,6 +158,7 @@ fn found(meta: &ObjectMeta) -> Found {
 
 impl SessionRbacStrategy {
     pub fn new(kube: Arc<KubeClients>, store: Arc<dyn Store>) -> Self {
+        let store: Arc<dyn AccessRecords> = Arc::new(store);
         SessionRbacStrategy {
             kube,
             store,

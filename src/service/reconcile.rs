@@ -91,7 +91,7 @@ impl Service {
                 .any(|r| crate::domain::grant::row_records(r, intent)));
         }
         store_knows(
-            self.store.as_ref(),
+            &self.store,
             &cluster.name,
             object.grant_id.as_deref(),
             intent,

@@ -4,6 +4,7 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use time::OffsetDateTime;
 
 use crate::domain::audit::AuditEvent;
@@ -86,6 +87,86 @@ pub(crate) fn epoch_ms(t: OffsetDateTime) -> u64 {
 
 pub(crate) fn from_epoch_ms(ms: u64) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok()
+}
+
+/// The slice of the store an access strategy needs: a request's row (to
+/// tell whether it recorded an object, spec 9.2) and the baselines of
+/// what a principal held before Tollgate. Strategies hold this, not the
+/// whole `Store`, so no adapter can move a request's lifecycle.
+#[async_trait]
+pub trait AccessRecords: Send + Sync {
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError>;
+    async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError>;
+    async fn record_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        baselines: &Baselines,
+    ) -> Result<(), StoreError>;
+    async fn forget_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        policies: &[String],
+    ) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> AccessRecords for S {
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
+        Store::get(self, id).await
+    }
+    async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError> {
+        Store::baselines(self, cluster, principal).await
+    }
+    async fn record_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        baselines: &Baselines,
+    ) -> Result<(), StoreError> {
+        Store::record_baselines(self, cluster, principal, baselines).await
+    }
+    async fn forget_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        policies: &[String],
+    ) -> Result<(), StoreError> {
+        Store::forget_baselines(self, cluster, principal, policies).await
+    }
+}
+
+/// `Arc<dyn Store>` as the narrow slice (a trait object cannot be
+/// unsized a second time, so it is wrapped).
+#[async_trait]
+impl AccessRecords for Arc<dyn Store> {
+    async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
+        self.as_ref().get(id).await
+    }
+    async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError> {
+        self.as_ref().baselines(cluster, principal).await
+    }
+    async fn record_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        baselines: &Baselines,
+    ) -> Result<(), StoreError> {
+        self.as_ref()
+            .record_baselines(cluster, principal, baselines)
+            .await
+    }
+    async fn forget_baselines(
+        &self,
+        cluster: &str,
+        principal: &str,
+        policies: &[String],
+    ) -> Result<(), StoreError> {
+        self.as_ref()
+            .forget_baselines(cluster, principal, policies)
+            .await
+    }
 }
 
 #[async_trait]

@@ -40,7 +40,6 @@ const APPROVER: &str = "U0APP";
 const STORM_USER: &str = "U0STORM";
 const VIEW_POLICY: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
 
-
 const CONFIG: &str = r#"
 [server]
 listen = "{listen}"
@@ -92,6 +91,8 @@ struct Counts {
     history: usize,
     /// Figure 7: grant + revoke cycles per condition.
     cycles: usize,
+    /// Figure 9: `/metrics` scrapes per condition.
+    scrapes: usize,
 }
 
 impl Counts {
@@ -102,7 +103,7 @@ impl Counts {
             ack_rounds: 5,
             store_single: 2_000,
             store_per_writer: 250,
-            scale_grants: 100_000,
+            scale_grants: 101_000,
             scale_active: 1_000,
             storm: 10_000,
             isolated: 20,
@@ -111,6 +112,7 @@ impl Counts {
             revoke_duration_secs: 20,
             history: 100_000,
             cycles: 100,
+            scrapes: 200,
         }
     }
 
@@ -130,6 +132,7 @@ impl Counts {
             revoke_duration_secs: 4,
             history: 300,
             cycles: 5,
+            scrapes: 10,
         }
     }
 }
@@ -899,6 +902,28 @@ async fn fig3_scale(c: &Counts, rows: &mut Vec<Row>) {
         c.scale_active,
         "the active grants are all listed"
     );
+    // 9. `/metrics` with the whole history in the store.
+    let with_history = scrapes(&server, c).await;
+    server.stop().await;
+    drop(server);
+
+    // 9. The same live requests with no history: the baseline.
+    let small = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    seed_child(&[
+        "scale".into(),
+        small.path().join("data").display().to_string(),
+        c.scale_active.to_string(),
+        c.scale_active.to_string(),
+    ])
+    .await;
+    let mut server = Server::spawn(
+        small.path(),
+        offline_aws_env(),
+        &slack.api_url(),
+        &["--dry-run"],
+    );
+    server.wait_ready(Duration::from_secs(60)).await;
+    let without = scrapes(&server, c).await;
     server.stop().await;
 
     let what = format!(
@@ -926,6 +951,59 @@ async fn fig3_scale(c: &Counts, rows: &mut Vec<Row>) {
         )
         .target("≤ 64 MiB", mib <= 64.0),
     );
+    let (p50, _, _) = pcts(&with_history);
+    let (base50, _, _) = pcts(&without);
+    let ratio = p50 as f64 / base50.max(1) as f64;
+    rows.push(
+        Row::new(
+            "9",
+            format!(
+                "`/metrics` scrape, {} sequential, {} active + {} ended requests, p50/p99/max",
+                c.scrapes,
+                c.scale_active,
+                c.scale_grants - c.scale_active
+            ),
+            fmt_pcts(&with_history),
+        )
+        .baseline(format!(
+            "{} active, 0 ended: {}",
+            c.scale_active,
+            fmt_pcts(&without)
+        ))
+        .ratio(ratio)
+        .target("ratio (p50) ≤ 1.2", ratio <= 1.2),
+    );
+}
+
+/// `c.scrapes` sequential GETs of the metrics listener's `/metrics`, after
+/// one unmeasured; each answer must count the active grants.
+async fn scrapes(server: &Server, c: &Counts) -> Histogram<u64> {
+    let client = reqwest::Client::new();
+    let want = format!("tollgate_grants_active {}", c.scale_active);
+    let mut h = histogram();
+    for i in 0..=c.scrapes {
+        let started = Instant::now();
+        let resp = client
+            .get(&server.metrics_url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("/metrics: {e}"));
+        assert!(
+            resp.status().is_success(),
+            "/metrics answered {}",
+            resp.status()
+        );
+        let text = resp.text().await.unwrap_or_default();
+        let took = started.elapsed();
+        assert!(
+            text.lines().any(|l| l.trim() == want),
+            "/metrics does not say {want:?}:\n{text}"
+        );
+        if i > 0 {
+            record(&mut h, took);
+        }
+    }
+    h
 }
 
 // ---------------------------------------------------------------------------
@@ -1754,8 +1832,8 @@ fn main() {
             eprintln!("bench: 2/10 store");
             rate = fig2_store(&counts, &mut rows).await;
         }
-        if runs("3") {
-            eprintln!("bench: 3/10 scale");
+        if runs("3") || runs("9") {
+            eprintln!("bench: 3, 9/10 scale, /metrics");
             fig3_scale(&counts, &mut rows).await;
         }
         if runs("4") {

@@ -97,6 +97,11 @@ struct Counts {
     cycles: usize,
     /// Figure 9: `/metrics` scrapes per condition.
     scrapes: usize,
+    /// Figure 8: access entries in the cluster, how many carry Tollgate's
+    /// marks, how many of those are live grants.
+    reconcile_entries: usize,
+    reconcile_marked: usize,
+    reconcile_active: usize,
     /// Figure 10: requests, and the approval channels they go to.
     cards: usize,
     card_channels: usize,
@@ -120,6 +125,9 @@ impl Counts {
             history: 100_000,
             cycles: 100,
             scrapes: 200,
+            reconcile_entries: 500,
+            reconcile_marked: 100,
+            reconcile_active: 20,
             cards: 200,
             card_channels: 10,
         }
@@ -142,6 +150,9 @@ impl Counts {
             history: 300,
             cycles: 5,
             scrapes: 10,
+            reconcile_entries: 30,
+            reconcile_marked: 10,
+            reconcile_active: 3,
             cards: 20,
             card_channels: 4,
         }
@@ -1781,6 +1792,125 @@ async fn fig7_history(c: &Counts, rows: &mut Vec<Row>) {
 }
 
 // ---------------------------------------------------------------------------
+// 8. A reconcile pass over a crowded cluster.
+
+/// `tollgate_reconcile_passes_total` for the bench cluster.
+async fn reconcile_passes(server: &Server, client: &reqwest::Client) -> u64 {
+    let Ok(resp) = client.get(&server.metrics_url).send().await else {
+        return 0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| {
+            l.starts_with("tollgate_reconcile_passes_total{")
+                && l.contains(&format!("cluster=\"{CLUSTER}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+/// Waits until the pass count moves past `after`; the new count.
+async fn next_pass(server: &Server, client: &reqwest::Client, after: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = reconcile_passes(server, client).await;
+        if now > after {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reconcile pass after {after} within 60 s:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn fig8_reconcile(c: &Counts, rows: &mut Vec<Row>) {
+    let users: Vec<String> = (0..c.reconcile_active)
+        .map(|i| format!("U0RC{i:03}"))
+        .collect();
+    let config = CONFIG.replace(
+        "approval_timeout = \"1h\"",
+        "approval_timeout = \"1h\"\nreconcile_interval = \"2s\"",
+    );
+    let w = E2e::start(&users, &config, Duration::ZERO).await;
+    // The Tollgate entries the store does not know (another installation's,
+    // or marks copied by hand) and everyone else's, made behind Tollgate's
+    // back. A new cluster already has one entry (the account root).
+    let foreign_marked = c.reconcile_marked - c.reconcile_active;
+    let others = c.reconcile_entries - c.reconcile_marked - 1;
+    for i in 0..foreign_marked + others {
+        let principal = format!("arn:aws:iam::000000000000:role/standing-{i}");
+        let mut body = json!({"principalArn": principal, "type": "STANDARD"});
+        if i < foreign_marked {
+            body["tags"] = json!({
+                "managed-by": "tollgate",
+                "tollgate-grant": format!("R-{}", id_for(900_000 + i).as_str()),
+                "tollgate-instance": "tollgate",
+            });
+        }
+        let path = format!("/clusters/{CLUSTER}/access-entries");
+        let (status, answer) = w.ms.eks_json("POST", &path, Some(body)).await;
+        assert_eq!(status, 200, "CreateAccessEntry: {answer}");
+    }
+    // The live grants: one entry each, made by Tollgate.
+    for user in &users {
+        let (id, ts) = w.request(user, "1h").await;
+        w.approve(&id, &ts).await;
+        w.wait_granted(&id).await;
+    }
+    let (status, listed) =
+        w.ms.eks_json("GET", &format!("/clusters/{CLUSTER}/access-entries"), None)
+            .await;
+    assert_eq!(status, 200);
+    let entries = listed["accessEntries"].as_array().map_or(0, Vec::len);
+    assert_eq!(entries, c.reconcile_entries, "the cluster's entries");
+
+    // A whole pass, not the first: from the end of one to the end of the
+    // next.
+    let client = reqwest::Client::new();
+    let k = reconcile_passes(&w.server, &client).await;
+    let k = next_pass(&w.server, &client, k).await;
+    let before = w.proxy.counts();
+    let k2 = next_pass(&w.server, &client, k).await;
+    let pass = w.proxy.counts().since(&before);
+    assert_eq!(k2, k + 1, "one pass measured");
+    let audit = w.audit().await;
+    assert!(
+        !audit.iter().any(|e| e["event"] == "reconciled"),
+        "the reconciler removed nothing"
+    );
+    drop(w);
+
+    let pages = pass
+        .calls
+        .get("eks:ListAccessEntries")
+        .copied()
+        .unwrap_or(0);
+    let calls = pass.of("eks:") + pass.of("sts:");
+    let bound = pages + c.reconcile_active as u64;
+    rows.push(
+        Row::new(
+            "8",
+            format!(
+                "AWS calls of one reconcile pass (not the first) over a cluster of {} access entries ({} marked as Tollgate's, {} of them live grants in the store): {}",
+                c.reconcile_entries,
+                c.reconcile_marked,
+                c.reconcile_active,
+                pass.describe("")
+            ),
+            calls.to_string(),
+        )
+        .baseline(format!("{pages} list pages + {} entries the store knows = {bound}", c.reconcile_active))
+        .ratio(calls as f64 / bound.max(1) as f64)
+        .target("≤ list pages + entries the store knows", calls <= bound),
+    );
+}
+
+// ---------------------------------------------------------------------------
 // 10. Cards of an incident: many requests over several approval channels.
 
 /// The bench configuration with `channels` clusters, `bench-0`…, each with
@@ -1991,13 +2121,17 @@ fn main() {
             eprintln!("bench: 5-6/10 MiniStack");
             fig5_and_6(&counts, &mut rows).await;
         }
-        if runs("10") {
-            eprintln!("bench: 10/10 cards over several channels");
-            fig10_cards(&counts, &mut rows).await;
-        }
         if runs("7") {
             eprintln!("bench: 7/10 grant + revoke with history");
             fig7_history(&counts, &mut rows).await;
+        }
+        if runs("8") {
+            eprintln!("bench: 8/10 reconcile pass");
+            fig8_reconcile(&counts, &mut rows).await;
+        }
+        if runs("10") {
+            eprintln!("bench: 10/10 cards over several channels");
+            fig10_cards(&counts, &mut rows).await;
         }
         rows
     });

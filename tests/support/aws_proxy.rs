@@ -162,7 +162,18 @@ async fn forward(
 ) -> Response {
     let op = operation(&method, &uri, &headers, &body);
     tokio::time::sleep(shared.delay).await;
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    // MiniStack answers ListAccessEntries with the first `maxResults` and no
+    // `nextToken`; EKS pages them, 100 at most a page. The proxy asks for
+    // all and hands them out a page at a time, as EKS would.
+    let page = (op == "eks:ListAccessEntries").then(|| EntriesPage::of(&uri));
+    let path = match &page {
+        Some(_) => format!("{}?maxResults=1000000", uri.path()),
+        None => uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string(),
+    };
     let mut request = shared
         .client
         .request(method, format!("{}{path}", shared.upstream))
@@ -181,7 +192,10 @@ async fn forward(
     };
     let status = answer.status();
     let answer_headers = answer.headers().clone();
-    let answer_body = answer.bytes().await.unwrap_or_default();
+    let mut answer_body = answer.bytes().await.unwrap_or_default();
+    if let Some(page) = page.filter(|_| status.is_success()) {
+        answer_body = page.cut(&answer_body);
+    }
     let read = if op.starts_with("dynamodb:") {
         items_read(&answer_body)
     } else {
@@ -202,6 +216,49 @@ async fn forward(
         }
     }
     response
+}
+
+/// Which page of ListAccessEntries a call asked for.
+struct EntriesPage {
+    offset: usize,
+    size: usize,
+}
+
+impl EntriesPage {
+    fn of(uri: &Uri) -> EntriesPage {
+        let param = |name: &str| {
+            uri.query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<usize>().ok())
+            })
+        };
+        EntriesPage {
+            // The token is the offset of the next page.
+            offset: param("nextToken").unwrap_or(0),
+            size: param("maxResults").unwrap_or(100).clamp(1, 100),
+        }
+    }
+
+    /// The page out of MiniStack's whole answer, with `nextToken` when more
+    /// entries follow.
+    fn cut(&self, body: &[u8]) -> Bytes {
+        let Ok(answer) = serde_json::from_slice::<Value>(body) else {
+            return Bytes::copy_from_slice(body);
+        };
+        let all = answer["accessEntries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let end = (self.offset + self.size).min(all.len());
+        let mut page = serde_json::json!({
+            "accessEntries": all.get(self.offset.min(end)..end).unwrap_or_default(),
+        });
+        if end < all.len() {
+            page["nextToken"] = Value::String(end.to_string());
+        }
+        Bytes::from(page.to_string())
+    }
 }
 
 /// `service:Operation` of one AWS call: DynamoDB names it in `X-Amz-Target`,

@@ -1673,6 +1673,42 @@ async fn seed_ended_dynamo(client: &aws_sdk_dynamodb::Client, table: &str, first
         .await;
 }
 
+/// What the emulator itself takes for reads that find nothing, with and
+/// without the history in its table: DynamoDB reads a key or a key range
+/// in the same time whatever else the table holds; an emulator need not.
+async fn emulator_probe(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    n: usize,
+) -> Histogram<u64> {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let mut h = histogram();
+    for i in 0..n {
+        let started = Instant::now();
+        let got = client
+            .get_item()
+            .table_name(table)
+            .key("pk", AttributeValue::S("REQUEST".into()))
+            .key("sk", AttributeValue::S(format!("absent-{i}")))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GetItem: {e:?}"));
+        assert!(got.item().is_none());
+        let found = client
+            .query()
+            .table_name(table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", AttributeValue::S("LIVE".into()))
+            .expression_attribute_values(":prefix", AttributeValue::S(format!("[\"absent-{i}\",")))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("Query: {e:?}"));
+        assert_eq!(found.count(), 0);
+        record(&mut h, started.elapsed());
+    }
+    h
+}
+
 async fn dynamo_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
     use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
     let http = aws_smithy_http_client::Builder::new()
@@ -1763,6 +1799,7 @@ async fn fig7_history(c: &Counts, rows: &mut Vec<Row>) {
         .unwrap_or_else(|e| panic!("store init: {e}"));
     let store = tollgate::store::DynamoStore::new(dynamo_client(&proxy.endpoint).await, table);
     let (empty, reads_empty) = cycles(&store, 0, c.cycles, Some(&proxy)).await;
+    let probe_empty = emulator_probe(&direct, table, c.cycles).await;
     let seeding = Instant::now();
     seed_ended_dynamo(&direct, table, history_from, c.history).await;
     eprintln!(
@@ -1771,6 +1808,7 @@ async fn fig7_history(c: &Counts, rows: &mut Vec<Row>) {
         seeding.elapsed().as_secs_f64()
     );
     let (full, reads_full) = cycles(&store, c.cycles, c.cycles, Some(&proxy)).await;
+    let probe_full = emulator_probe(&direct, table, c.cycles).await;
     assert!(
         store.live().await.unwrap_or_default().is_empty(),
         "every cycle ended"
@@ -1788,6 +1826,21 @@ async fn fig7_history(c: &Counts, rows: &mut Vec<Row>) {
         reads,
         c,
         rows,
+    );
+    let (p50_empty, _, _) = pcts(&probe_empty);
+    let (p50_full, _, _) = pcts(&probe_full);
+    let ratio = p50_full as f64 / p50_empty.max(1) as f64;
+    rows.push(
+        Row::new(
+            "7",
+            format!(
+                "MiniStack alone: one GetItem + one Query of an empty LIVE prefix (no item read), straight from the SDK, with {} ended rows in the table, p50/p99/max",
+                c.history
+            ),
+            fmt_pcts(&probe_full),
+        )
+        .baseline(format!("0 ended: {}", fmt_pcts(&probe_empty)))
+        .ratio(ratio),
     );
 }
 

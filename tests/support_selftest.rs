@@ -735,4 +735,30 @@ async fn aws_proxy_delays_names_and_counts_calls() {
     assert_eq!(counts.calls.get("dynamodb:Query"), Some(&1));
     assert_eq!(counts.items_read, 3, "{counts:?}");
     assert_eq!(proxy.counts().calls.get("eks:ListAccessEntries"), Some(&1));
+
+    // ListAccessEntries comes in pages of at most 100 with a nextToken, as
+    // from EKS (MiniStack alone answers the first 100 and stops).
+    for i in 0..120 {
+        let body = json!({"principalArn": format!("arn:aws:iam::000000000000:role/p{i}")});
+        let (status, answer) = stack
+            .eks_json("POST", "/clusters/dev/access-entries", Some(body))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let first = eks
+        .list_access_entries()
+        .cluster_name("dev")
+        .send()
+        .await
+        .expect("first page");
+    assert_eq!(first.access_entries().len(), 100);
+    let second = eks
+        .list_access_entries()
+        .cluster_name("dev")
+        .set_next_token(first.next_token().map(str::to_string))
+        .send()
+        .await
+        .expect("second page");
+    assert_eq!(second.access_entries().len(), 21, "120 and the root's");
+    assert_eq!(second.next_token(), None);
 }

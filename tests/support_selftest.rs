@@ -630,3 +630,135 @@ async fn aws_sdk_eks_works_against_ministack() {
         "{missing:?}"
     );
 }
+
+/// Slack's message limit is per channel: a burst, then about one a second,
+/// 429 with `Retry-After` beyond; another channel is not held back.
+#[tokio::test]
+async fn slack_standin_limits_messages_per_channel() {
+    let standin = SlackStandIn::start(BOT_TOKEN).await;
+    standin.add_channel("C1", true);
+    standin.add_channel("C2", true);
+    standin.limit_channels(1.0, 2);
+    let http = reqwest::Client::new();
+    let post = |channel: &'static str| {
+        let (http, standin) = (&http, &standin);
+        async move {
+            let (status, headers, _) = api(
+                http,
+                standin,
+                "chat.postMessage",
+                json!({"channel": channel, "text": "x"}),
+            )
+            .await;
+            (status, headers.get("retry-after").cloned())
+        }
+    };
+    assert_eq!(post("C1").await.0, 200);
+    assert_eq!(post("C1").await.0, 200, "a burst of two");
+    let (status, retry_after) = post("C1").await;
+    assert_eq!(status, 429, "beyond the burst");
+    assert_eq!(retry_after.as_ref().map(|v| v.to_str().unwrap()), Some("1"));
+    assert_eq!(post("C2").await.0, 200, "another channel has its own limit");
+    // Once Retry-After has passed, the channel takes a message again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if post("C1").await.0 == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "C1 never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The AWS proxy holds every call for its delay, names each operation as
+/// AWS does, and counts the DynamoDB items an answer read.
+#[tokio::test]
+async fn aws_proxy_delays_names_and_counts_calls() {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    use support::aws_proxy::AwsProxy;
+
+    let stack = MiniStack::start();
+    stack.create_cluster("dev").await;
+    let proxy = AwsProxy::start(&stack.endpoint, Duration::from_millis(50)).await;
+    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(Provider::Rustls(CryptoMode::Ring))
+                .build_https(),
+        )
+        .endpoint_url(&proxy.endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .load()
+        .await;
+    let eks = aws_sdk_eks::Client::new(&sdk);
+    let started = Instant::now();
+    let listed = eks
+        .list_access_entries()
+        .cluster_name("dev")
+        .send()
+        .await
+        .expect("ListAccessEntries through the proxy");
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "held for the delay"
+    );
+    assert_eq!(listed.access_entries().len(), 1, "the account root's entry");
+
+    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+    tollgate::store::dynamodb::init(&dynamo, "proxied")
+        .await
+        .expect("store init through the proxy");
+    let before = proxy.counts();
+    for sk in ["a", "b", "c"] {
+        dynamo
+            .put_item()
+            .table_name("proxied")
+            .item("pk", aws_sdk_dynamodb::types::AttributeValue::S("P".into()))
+            .item("sk", aws_sdk_dynamodb::types::AttributeValue::S(sk.into()))
+            .send()
+            .await
+            .expect("PutItem");
+    }
+    dynamo
+        .query()
+        .table_name("proxied")
+        .key_condition_expression("pk = :p")
+        .expression_attribute_values(":p", aws_sdk_dynamodb::types::AttributeValue::S("P".into()))
+        .send()
+        .await
+        .expect("Query");
+    let counts = proxy.counts().since(&before);
+    assert_eq!(counts.calls.get("dynamodb:PutItem"), Some(&3));
+    assert_eq!(counts.calls.get("dynamodb:Query"), Some(&1));
+    assert_eq!(counts.items_read, 3, "{counts:?}");
+    assert_eq!(proxy.counts().calls.get("eks:ListAccessEntries"), Some(&1));
+
+    // ListAccessEntries comes in pages of at most 100 with a nextToken, as
+    // from EKS (MiniStack alone answers the first 100 and stops).
+    for i in 0..120 {
+        let body = json!({"principalArn": format!("arn:aws:iam::000000000000:role/p{i}")});
+        let (status, answer) = stack
+            .eks_json("POST", "/clusters/dev/access-entries", Some(body))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let first = eks
+        .list_access_entries()
+        .cluster_name("dev")
+        .send()
+        .await
+        .expect("first page");
+    assert_eq!(first.access_entries().len(), 100);
+    let second = eks
+        .list_access_entries()
+        .cluster_name("dev")
+        .set_next_token(first.next_token().map(str::to_string))
+        .send()
+        .await
+        .expect("second page");
+    assert_eq!(second.access_entries().len(), 21, "120 and the root's");
+    assert_eq!(second.next_token(), None);
+}

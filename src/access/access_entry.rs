@@ -416,12 +416,11 @@ impl AccessEngine for AccessEntryStrategy {
         }
         let eks = self.clients.eks(cluster).await;
         // Whoever made the entry: a grant on an entry that existed before
-        // Tollgate is in place when its association is.
-        let current = match self.describe_entry(&eks, cluster, principal).await? {
-            Some(_) => self.associations(&eks, cluster, principal).await?,
-            None => BTreeMap::new(),
-        };
-        Ok(grants
+        // Tollgate is in place when its association is. One read when
+        // nothing drifted (every pass, for every principal with a grant in
+        // force); a missing entry reads as no associations.
+        let current = self.associations(&eks, cluster, principal).await?;
+        let missing: Vec<String> = grants
             .iter()
             .filter(|g| match &g.spec.policy_arn {
                 Some(policy) => !current
@@ -430,7 +429,15 @@ impl AccessEngine for AccessEntryStrategy {
                 None => false,
             })
             .map(|g| g.grant_id.to_string())
-            .collect())
+            .collect();
+        if !missing.is_empty() {
+            // EKS says "not found" alike for a missing entry and a missing
+            // cluster: a cluster renamed or in the wrong region is an
+            // error, not drift (the describe checks the cluster when the
+            // entry is not found).
+            self.describe_entry(&eks, cluster, principal).await?;
+        }
+        Ok(missing)
     }
 
     /// DescribeAccessEntry, then ListAssociatedAccessPolicies: the revoked

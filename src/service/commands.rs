@@ -185,7 +185,8 @@ impl Service {
         // requests put nothing in front of them, and break-glass must work
         // in an incident whatever else is waiting.
         if mode == Mode::Approval {
-            self.pending_room(&user.id).await?;
+            self.pending_room(&user.id, user.email.as_deref().unwrap_or_default())
+                .await?;
         }
 
         let now = self.clock.now();
@@ -327,16 +328,39 @@ impl Service {
 
     /// `max_pending_per_user` (spec 9.3): the requests waiting on approvers,
     /// extensions included, counted across every cluster.
-    pub(super) async fn pending_room(&self, user: &str) -> Result<(), Refusal> {
-        let live = self.store.live().await.map_err(|e| {
+    ///
+    /// Read per cluster through the live rows of the principal the user's
+    /// email maps to there (`live_for`), not by decoding every live request:
+    /// a command's cost follows the requester's own requests, however many
+    /// others are pending (spec 11). A request made under an earlier
+    /// mapping (the email or the principal template changed since) is not
+    /// counted; the limit guards approvers' attention, it grants nothing.
+    pub(super) async fn pending_room(&self, user: &str, email: &str) -> Result<(), Refusal> {
+        let unavailable = |e: StoreError| {
             tracing::error!(error = %e, "store read failed");
             Refusal::StoreUnavailable { what: "requested" }
-        })?;
-        let pending: Vec<String> = live
-            .iter()
-            .filter(|r| r.requester.user_id == user && r.state == State::Pending)
-            .map(|r| format!("{} (`{}` on {})", r.id, r.access.role, r.access.cluster))
-            .collect();
+        };
+        let mut pending: Vec<String> = Vec::new();
+        for cluster in &self.config.clusters {
+            let Ok(Principal { principal, .. }) = resolve_principal(
+                &self.config.identity,
+                &cluster.account_id,
+                cluster.strategy,
+                email,
+            ) else {
+                continue;
+            };
+            let live = self
+                .store
+                .live_for(&cluster.name, &principal)
+                .await
+                .map_err(unavailable)?;
+            pending.extend(
+                live.iter()
+                    .filter(|r| r.requester.user_id == user && r.state == State::Pending)
+                    .map(|r| format!("{} (`{}` on {})", r.id, r.access.role, r.access.cluster)),
+            );
+        }
         let max = self.config.max_pending_per_user as usize;
         if pending.len() >= max {
             return Err(Refusal::TooManyPending { pending, max });

@@ -144,7 +144,8 @@ impl Service {
             Mode::Approval
         };
         if mode == Mode::Approval {
-            if let Err(why) = self.pending_room(user).await {
+            let email = requester.email.as_deref().unwrap_or_default();
+            if let Err(why) = self.pending_room(user, email).await {
                 return blocks::refusal_text(&why);
             }
         }

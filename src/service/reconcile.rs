@@ -199,8 +199,24 @@ impl Service {
         // row is written after the cloud call). Every object's marks, for
         // `foreign` ones and anything a failed cleanup left, are read on
         // the first pass and then at most every `FULL_SCAN_EVERY`.
+        //
+        // An access entry serves every grant of its principal, so while one
+        // is in force the entry cannot be an orphan and reading its marks
+        // would be wasted: the drift check below reads the principal's
+        // associations anyway. Session bindings are per grant, and the
+        // other strategies list in one call whatever they are asked.
+        let serves_all = strategy == Strategy::AccessEntry;
+        let has_grant_in_force: BTreeSet<&str> = requests
+            .iter()
+            .filter(|r| {
+                r.access.strategy_or(strategy) == strategy
+                    && crate::domain::lifecycle::in_force(r, now)
+            })
+            .map(|r| r.access.principal.as_str())
+            .collect();
         let known: BTreeSet<String> = requests
             .iter()
+            .filter(|r| !(serves_all && has_grant_in_force.contains(r.access.principal.as_str())))
             .map(|r| r.access.principal.clone())
             .collect();
         let full = self.full_scan_due(&cluster.name, now);

@@ -5,6 +5,7 @@
 //! this module, so unused items are expected.
 #![allow(dead_code)]
 
+pub mod aws_proxy;
 pub mod backstop_player;
 pub mod kube;
 pub mod kube_rbac;

@@ -74,11 +74,42 @@ struct State {
     server_errors: HashMap<String, usize>,
     /// Until this instant every API method and response URL answers 500.
     outage_until: Option<Instant>,
+    /// Slack's per-channel message limit, when a test turns it on.
+    channel_rate: Option<ChannelRate>,
+    /// Channel → (tokens left, when they were counted).
+    channel_buckets: HashMap<String, (f64, Instant)>,
     messages: HashMap<(String, String), Value>,
     issued_ts: u64,
 }
 
+/// About one message a second per channel with short bursts, as Slack
+/// documents for `chat.postMessage`: a token bucket per channel.
+#[derive(Clone, Copy, Debug)]
+struct ChannelRate {
+    per_second: f64,
+    burst: f64,
+}
+
 impl State {
+    /// Takes a token from `channel`'s bucket, or says how many whole
+    /// seconds to wait (Slack's `Retry-After` is in seconds, at least 1).
+    fn take_channel_token(&mut self, channel: &str) -> Option<u64> {
+        let rate = self.channel_rate?;
+        let now = Instant::now();
+        let (tokens, since) = self
+            .channel_buckets
+            .entry(channel.to_string())
+            .or_insert((rate.burst, now));
+        *tokens =
+            (*tokens + now.duration_since(*since).as_secs_f64() * rate.per_second).min(rate.burst);
+        *since = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return None;
+        }
+        Some((((1.0 - *tokens) / rate.per_second).ceil() as u64).max(1))
+    }
+
     fn next_ts(&mut self) -> String {
         let micros = FIRST_TS_MICROS + self.issued_ts * TS_STEP_MICROS;
         self.issued_ts += 1;
@@ -313,6 +344,16 @@ impl SlackStandIn {
             .extend(std::iter::repeat_n(retry_after_secs, times));
     }
 
+    /// From now on `chat.postMessage` allows `per_second` messages a second
+    /// per channel (a DM's channel is the user) after a burst of `burst`,
+    /// and answers 429 with `Retry-After` beyond that, as Slack does.
+    pub fn limit_channels(&self, per_second: f64, burst: u32) {
+        self.shared.lock().channel_rate = Some(ChannelRate {
+            per_second,
+            burst: f64::from(burst.max(1)),
+        });
+    }
+
     /// The next `times` calls to `method` answer HTTP 500. `*` matches every
     /// method and response URL (`response:{name}`).
     /// Slack is down for `length` from now: every call answers HTTP 500.
@@ -455,6 +496,13 @@ fn answer_api(state: &mut State, method: &str, params: &Value) -> Answer {
         .and_then(VecDeque::pop_front)
     {
         return Answer::RateLimited(secs);
+    }
+    if method == "chat.postMessage" {
+        if let Some(channel) = params.get("channel").and_then(Value::as_str) {
+            if let Some(secs) = state.take_channel_token(channel) {
+                return Answer::RateLimited(secs);
+            }
+        }
     }
     if let Some(code) = state
         .method_failures

@@ -279,6 +279,25 @@ impl AccessEntryStrategy {
         Ok(())
     }
 
+    /// Whether this store says one of its grants created `e`, the entry of
+    /// `principal` (the tag names the grant; its row recorded the entry).
+    async fn store_created(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        e: &Entry,
+    ) -> Result<bool, AccessError> {
+        store_knows(
+            self.store.as_ref(),
+            &cluster.name,
+            e.tags.get(TAG_GRANT).map(String::as_str),
+            &Intent::AccessEntry {
+                principal: principal.to_string(),
+            },
+        )
+        .await
+    }
+
     /// The backstop a converge leaves for `principal`: see
     /// `domain::backstop::plan`. `entry` is the principal's entry and
     /// whether this converge just created it.
@@ -296,15 +315,7 @@ impl AccessEntryStrategy {
         let entry_ours = match entry {
             Some((_, true)) => true,
             Some((e, false)) if e.backstop_may_delete(&self.instance, principal) => {
-                store_knows(
-                    self.store.as_ref(),
-                    &cluster.name,
-                    e.tags.get(TAG_GRANT).map(String::as_str),
-                    &Intent::AccessEntry {
-                        principal: principal.to_string(),
-                    },
-                )
-                .await?
+                self.store_created(cluster, principal, e).await?
             }
             _ => false,
         };
@@ -480,15 +491,7 @@ impl AccessEngine for AccessEntryStrategy {
                 && !owed
                 && e.marked_for(&self.instance)
                 && e.plain(principal)
-                && store_knows(
-                    self.store.as_ref(),
-                    &cluster.name,
-                    e.tags.get(TAG_GRANT).map(String::as_str),
-                    &Intent::AccessEntry {
-                        principal: principal.to_string(),
-                    },
-                )
-                .await?;
+                && self.store_created(cluster, principal, e).await?;
             findings.extend(readback::entry_left(true, should_be_gone));
         }
         let seen = ReadBack::from_findings(findings);
@@ -699,15 +702,7 @@ impl AccessEngine for AccessEntryStrategy {
         // can forge them.
         let deletable = match &entry {
             Some(e) if !plan.needs_entry && e.marked_for(&self.instance) && e.plain(principal) => {
-                store_knows(
-                    self.store.as_ref(),
-                    &cluster.name,
-                    e.tags.get(TAG_GRANT).map(String::as_str),
-                    &Intent::AccessEntry {
-                        principal: principal.to_string(),
-                    },
-                )
-                .await?
+                self.store_created(cluster, principal, e).await?
             }
             _ => false,
         };

@@ -43,6 +43,17 @@ pub struct InForce<'a> {
     pub expires_at: Option<time::OffsetDateTime>,
 }
 
+impl<'a> InForce<'a> {
+    /// A request's grant, as its row has it.
+    pub fn of(row: &'a crate::domain::request::Request) -> Self {
+        InForce {
+            grant_id: row.id.as_str(),
+            spec: &row.access,
+            expires_at: row.expires_at,
+        }
+    }
+}
+
 /// Something in a cluster that carries Tollgate's marks (spec 8.3).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Owned {

@@ -191,11 +191,7 @@ impl Service {
         let mut grants: Vec<InForce<'_>> = others
             .iter()
             .filter(|g| g.access.strategy_or(configured.strategy) == strategy)
-            .map(|g| InForce {
-                grant_id: g.id.as_str(),
-                spec: &g.access,
-                expires_at: g.expires_at,
-            })
+            .map(InForce::of)
             .collect();
         if let Some(expires_at) = include {
             grants.push(InForce {

@@ -53,14 +53,7 @@ impl Service {
             .filter(|r| r.id != req.id && in_force(r, now))
             .filter(|r| r.access.strategy_or(configured.strategy) == strategy)
             .collect();
-        let grants: Vec<InForce<'_>> = others
-            .iter()
-            .map(|g| InForce {
-                grant_id: g.id.as_str(),
-                spec: &g.access,
-                expires_at: g.expires_at,
-            })
-            .collect();
+        let grants: Vec<InForce<'_>> = others.iter().map(InForce::of).collect();
         let seen = self
             .access
             .verify_removed(

@@ -293,14 +293,7 @@ impl Service {
                 .iter()
                 .filter(|r| ours(r) && in_force(r, now))
                 .collect();
-            let in_force: Vec<InForce<'_>> = grants
-                .iter()
-                .map(|g| InForce {
-                    grant_id: g.id.as_str(),
-                    spec: &g.access,
-                    expires_at: g.expires_at,
-                })
-                .collect();
+            let in_force: Vec<InForce<'_>> = grants.iter().map(|g| InForce::of(g)).collect();
             // Drift is judged on what each grant needs, read now under the
             // lock, whoever made the object that holds it.
             let missing = self.access.missing(cluster, &principal, &in_force).await?;

@@ -111,34 +111,9 @@ pub trait AccessRecords: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
-#[async_trait]
-impl<S: Store + ?Sized> AccessRecords for S {
-    async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {
-        Store::get(self, id).await
-    }
-    async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError> {
-        Store::baselines(self, cluster, principal).await
-    }
-    async fn record_baselines(
-        &self,
-        cluster: &str,
-        principal: &str,
-        baselines: &Baselines,
-    ) -> Result<(), StoreError> {
-        Store::record_baselines(self, cluster, principal, baselines).await
-    }
-    async fn forget_baselines(
-        &self,
-        cluster: &str,
-        principal: &str,
-        policies: &[String],
-    ) -> Result<(), StoreError> {
-        Store::forget_baselines(self, cluster, principal, policies).await
-    }
-}
-
-/// `Arc<dyn Store>` as the narrow slice (a trait object cannot be
-/// unsized a second time, so it is wrapped).
+/// Every store serves the slice through its `Arc<dyn Store>` (a trait
+/// object cannot be unsized a second time, so the `Arc` is what implements
+/// it).
 #[async_trait]
 impl AccessRecords for Arc<dyn Store> {
     async fn get(&self, id: &RequestId) -> Result<Option<Request>, StoreError> {

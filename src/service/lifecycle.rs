@@ -149,7 +149,7 @@ impl Service {
 
     /// The other grants of the same principal on the same cluster that
     /// still need access: the engine converges to their union.
-    async fn others_in_force(
+    pub(super) async fn others_in_force(
         &self,
         req: &Request,
         now: OffsetDateTime,
@@ -166,7 +166,7 @@ impl Service {
     /// Converges `req`'s principal to `others`, plus `req` itself when
     /// `include` names its planned expiry. Any object created is credited to `req` when it is
     /// being granted, otherwise to a grant that stays.
-    async fn converge_with(
+    pub(super) async fn converge_with(
         &self,
         req: &Request,
         others: &[Request],
@@ -333,21 +333,23 @@ impl Service {
         }
         let mut verified = None;
         let (granted, failure) = if abandoned {
-            let began = std::time::Instant::now();
-            let removed = match self.converge_for(&req, None, now).await {
-                // Revoked before it was granted: read back like any revoke
-                // when a first try may have made something (its intents are
-                // recorded before any create call), since the row ends as
-                // `revoked`. With none recorded nothing was ever created:
-                // there is nothing of this grant's to find, and reading
-                // would only find someone else's access. A failed grant's
-                // cleanup is not a revoke and is not read back.
-                Ok(()) if req.failure.is_none() && req.intents.is_empty() => {
-                    Ok(Verified::At(self.clock.now()))
-                }
-                Ok(()) if req.failure.is_none() => self.read_back(&req, now, began).await,
-                Ok(()) => Ok(Verified::NotChecked),
-                Err(message) => Err(message),
+            // Revoked before it was granted: read back like any revoke
+            // when a first try may have made something (its intents are
+            // recorded before any create call), since the row ends as
+            // `revoked`. With none recorded nothing was ever created:
+            // there is nothing of this grant's to find, and reading would
+            // only find someone else's access. A failed grant's cleanup is
+            // not a revoke and is not read back.
+            let removed = if req.failure.is_none() && !req.intents.is_empty() {
+                self.remove_and_read_back(&req, now).await
+            } else {
+                self.converge_for(&req, None, now).await.map(|()| {
+                    if req.failure.is_none() {
+                        Verified::At(self.clock.now())
+                    } else {
+                        Verified::NotChecked
+                    }
+                })
             };
             verified = removed.as_ref().ok().copied();
             (false, removed.err())
@@ -538,11 +540,7 @@ impl Service {
         }
         // Spec 10.2: the revoke counts once the cluster, read back, no
         // longer shows the access; until then it is a failed attempt.
-        let began = std::time::Instant::now();
-        let result = match self.converge_for(&req, None, now).await {
-            Ok(()) => self.read_back(&req, now, began).await,
-            Err(message) => Err(message),
-        };
+        let result = self.remove_and_read_back(&req, now).await;
         if result.is_ok() {
             failpoint("after-revoke-converge");
         }

@@ -8,34 +8,37 @@ use time::OffsetDateTime;
 use super::error::ServiceError;
 use super::Service;
 use crate::access::InForce;
-use crate::domain::lifecycle::in_force;
 use crate::domain::readback::{ReadBack, Verified};
 use crate::domain::request::Request;
 
 impl Service {
-    /// Reads `req`'s cluster back after its revoke converged; an error
-    /// (the access is still there, or the cluster could not be read) is a
-    /// failed attempt of the revoke. The converge (started at `began`) and
-    /// the read-back share one converge limit, so the step keeps the room
-    /// it needs to record its outcome inside the drive timeout.
-    pub(super) async fn read_back(
+    /// Converges `req`'s access away and reads the cluster back (spec
+    /// 10.2); an error (the converge failed, the access is still there, or
+    /// the cluster could not be read) is a failed attempt of the revoke.
+    /// Both run over one read of the grants in force, so the read-back
+    /// judges exactly what the converge aimed at, and under one converge
+    /// limit, so the step keeps the room it needs to record its outcome
+    /// inside the drive timeout.
+    pub(super) async fn remove_and_read_back(
         &self,
         req: &Request,
         now: OffsetDateTime,
-        began: std::time::Instant,
     ) -> Result<Verified, ServiceError> {
         let limit = self.tunables.converge_limit;
-        let left = limit.saturating_sub(began.elapsed());
-        tokio::time::timeout(left, self.read_back_once(req, now))
+        let step = async {
+            let others = self
+                .others_in_force(req, now)
+                .await
+                .map_err(ServiceError::InForceUnreadable)?;
+            self.converge_with(req, &others, None).await?;
+            self.read_back(req, &others).await
+        };
+        tokio::time::timeout(limit, step)
             .await
             .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
-    async fn read_back_once(
-        &self,
-        req: &Request,
-        now: OffsetDateTime,
-    ) -> Result<Verified, ServiceError> {
+    async fn read_back(&self, req: &Request, others: &[Request]) -> Result<Verified, ServiceError> {
         let configured = self
             .config
             .cluster(&req.access.cluster)
@@ -44,16 +47,11 @@ impl Service {
         let strategy = req.access.strategy_or(configured.strategy);
         let mut cluster = configured.clone();
         cluster.strategy = strategy;
-        let others: Vec<Request> = self
-            .store
-            .live_for(&req.access.cluster, &req.access.principal)
-            .await
-            .map_err(ServiceError::InForceUnreadable)?
-            .into_iter()
-            .filter(|r| r.id != req.id && in_force(r, now))
+        let grants: Vec<InForce<'_>> = others
+            .iter()
             .filter(|r| r.access.strategy_or(configured.strategy) == strategy)
+            .map(InForce::of)
             .collect();
-        let grants: Vec<InForce<'_>> = others.iter().map(InForce::of).collect();
         let seen = self
             .access
             .verify_removed(

@@ -7,7 +7,7 @@ use aws_sdk_eks::types::{AccessScope, AccessScopeType};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::aws::{describe_error, AwsClients};
+use super::aws::{aws_error, AwsClients};
 use super::backstop::{AwsSchedules, Backstops, Schedules};
 use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
@@ -82,18 +82,6 @@ impl Entry {
         self.kind.as_deref().is_none_or(|k| k == STANDARD)
             && self.kubernetes_groups.is_empty()
             && username_ok
-    }
-}
-
-fn aws_error<E: std::error::Error>(
-    cluster: &ClusterPolicy,
-    operation: &'static str,
-    e: &E,
-) -> AccessError {
-    AccessError::Aws {
-        cluster: cluster.name.clone(),
-        operation,
-        message: describe_error(e),
     }
 }
 

@@ -77,6 +77,19 @@ impl AwsClients {
 
 /// The error text of an SDK call with its whole cause chain; never includes
 /// credentials.
+/// An AWS call on `cluster` that failed, with the SDK's description.
+pub fn aws_error<E: std::error::Error>(
+    cluster: &crate::domain::policy::ClusterPolicy,
+    operation: &'static str,
+    e: &E,
+) -> super::AccessError {
+    super::AccessError::Aws {
+        cluster: cluster.name.clone(),
+        operation,
+        message: describe_error(e),
+    }
+}
+
 pub fn describe_error<E: std::error::Error>(e: &E) -> String {
     aws_sdk_eks::error::DisplayErrorContext(e).to_string()
 }

@@ -13,7 +13,7 @@ use aws_sdk_scheduler::types::{
 };
 use std::sync::Arc;
 
-use super::aws::{describe_error, AwsClients};
+use super::aws::{aws_error, AwsClients};
 use super::AccessError;
 use crate::domain::backstop::{
     description, parse_at, Backstop, BackstopPlan, Planned, Undo, RETRY_ATTEMPTS, RETRY_MAX_AGE,
@@ -93,18 +93,6 @@ pub trait Schedules: Send + Sync + 'static {
         role_arn: &str,
         name: &str,
     ) -> Result<(), AccessError>;
-}
-
-fn aws_error<E: std::error::Error>(
-    cluster: &ClusterPolicy,
-    operation: &'static str,
-    e: &E,
-) -> AccessError {
-    AccessError::Aws {
-        cluster: cluster.name.clone(),
-        operation,
-        message: describe_error(e),
-    }
 }
 
 /// EventBridge Scheduler through the AWS SDK.

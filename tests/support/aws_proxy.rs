@@ -11,17 +11,17 @@
 //! calls and reads a piece of work cost.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State as AxumState;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, Method, Uri};
+use axum::response::Response;
 use axum::Router;
 use serde_json::Value;
-use tokio::sync::oneshot;
+
+use super::loopback::{answer, pass_upstream, Served};
 
 /// What crossed the proxy since it started (or since the snapshot a
 /// difference is taken against).
@@ -85,7 +85,7 @@ struct Shared {
 pub struct AwsProxy {
     pub endpoint: String,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
+    _served: Served,
 }
 
 impl AwsProxy {
@@ -101,23 +101,12 @@ impl AwsProxy {
                 .expect("proxy client"),
             counts: Mutex::new(Counts::default()),
         });
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("binding the AWS proxy");
-        let addr = listener.local_addr().expect("AWS proxy address");
         let app = Router::new().fallback(forward).with_state(shared.clone());
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
+        let served = Served::start(app, "AWS proxy").await;
         AwsProxy {
-            endpoint: format!("http://{addr}"),
+            endpoint: served.endpoint.clone(),
             shared,
-            shutdown: Some(tx),
+            _served: served,
         }
     }
 
@@ -145,14 +134,6 @@ impl AwsProxy {
     }
 }
 
-impl Drop for AwsProxy {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
 async fn forward(
     AxumState(shared): AxumState<Arc<Shared>>,
     method: Method,
@@ -174,25 +155,19 @@ async fn forward(
             .unwrap_or("/")
             .to_string(),
     };
-    let mut request = shared
-        .client
-        .request(method, format!("{}{path}", shared.upstream))
-        .body(body);
-    for (name, value) in &headers {
-        if !matches!(
-            name.as_str(),
-            "host" | "content-length" | "connection" | "transfer-encoding"
-        ) {
-            request = request.header(name, value);
-        }
-    }
-    let answer = match request.send().await {
-        Ok(a) => a,
-        Err(e) => return (StatusCode::BAD_GATEWAY, format!("proxy: {e}")).into_response(),
+    let (status, answer_headers, mut answer_body) = match pass_upstream(
+        &shared.client,
+        &shared.upstream,
+        method,
+        &path,
+        &headers,
+        body,
+    )
+    .await
+    {
+        Ok(parts) => parts,
+        Err(failed) => return failed,
     };
-    let status = answer.status();
-    let answer_headers = answer.headers().clone();
-    let mut answer_body = answer.bytes().await.unwrap_or_default();
     if let Some(page) = page.filter(|_| status.is_success()) {
         answer_body = page.cut(&answer_body);
     }
@@ -206,16 +181,7 @@ async fn forward(
         *counts.calls.entry(op).or_default() += 1;
         counts.items_read += read;
     }
-    let mut response = (status, answer_body).into_response();
-    for (name, value) in &answer_headers {
-        if !matches!(
-            name.as_str(),
-            "content-length" | "connection" | "transfer-encoding"
-        ) {
-            response.headers_mut().insert(name, value.clone());
-        }
-    }
-    response
+    answer(status, answer_headers, answer_body)
 }
 
 /// Which page of ListAccessEntries a call asked for.

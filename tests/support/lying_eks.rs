@@ -5,7 +5,6 @@
 //! body), without forwarding them. The association or entry stays in
 //! MiniStack: only reading the cluster back can tell.
 
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -14,7 +13,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use axum::Router;
-use tokio::sync::oneshot;
+
+use super::loopback::{answer, pass_upstream, Served};
 
 /// The two EKS calls that remove access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,15 +55,7 @@ pub struct LyingEks {
     /// `http://127.0.0.1:PORT`: give it to Tollgate as `AWS_ENDPOINT_URL`.
     pub endpoint: String,
     shared: Arc<Shared>,
-    shutdown: Option<oneshot::Sender<()>>,
-}
-
-impl Drop for LyingEks {
-    fn drop(&mut self) {
-        if let Some(stop) = self.shutdown.take() {
-            let _ = stop.send(());
-        }
-    }
+    _served: Served,
 }
 
 impl LyingEks {
@@ -78,23 +70,12 @@ impl LyingEks {
             disassociations_swallowed: AtomicUsize::new(0),
             deletions_swallowed: AtomicUsize::new(0),
         });
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("binding the lying EKS proxy");
-        let addr = listener.local_addr().expect("proxy address");
         let app = Router::new().fallback(forward).with_state(shared.clone());
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let served = Served::start(app, "lying EKS proxy").await;
         LyingEks {
-            endpoint: format!("http://{addr}"),
+            endpoint: served.endpoint.clone(),
             shared,
-            shutdown: Some(shutdown),
+            _served: served,
         }
     }
 
@@ -150,36 +131,17 @@ async fn forward(
             .unwrap();
     }
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut request = shared
-        .client
-        .request(method, format!("{}{path}", shared.upstream))
-        .body(body);
-    for (name, value) in &headers {
-        if !matches!(
-            name.as_str(),
-            "host" | "content-length" | "connection" | "transfer-encoding"
-        ) {
-            request = request.header(name, value);
-        }
+    match pass_upstream(
+        &shared.client,
+        &shared.upstream,
+        method,
+        path,
+        &headers,
+        body,
+    )
+    .await
+    {
+        Ok((status, headers, bytes)) => answer(status, headers, bytes),
+        Err(failed) => failed,
     }
-    let answer = match request.send().await {
-        Ok(answer) => answer,
-        Err(e) => {
-            return Response::builder()
-                .status(StatusCode::BAD_GATEWAY)
-                .body(Body::from(format!("proxy: {e}")))
-                .unwrap()
-        }
-    };
-    let mut response = Response::builder().status(answer.status().as_u16());
-    for (name, value) in answer.headers() {
-        if !matches!(
-            name.as_str(),
-            "content-length" | "connection" | "transfer-encoding"
-        ) {
-            response = response.header(name, value);
-        }
-    }
-    let bytes = answer.bytes().await.unwrap_or_default();
-    response.body(Body::from(bytes)).unwrap()
 }

@@ -9,6 +9,7 @@ pub mod aws_proxy;
 pub mod backstop_player;
 pub mod kube;
 pub mod kube_rbac;
+pub mod loopback;
 pub mod lying_eks;
 pub mod ministack;
 pub mod sign;

@@ -185,7 +185,7 @@ impl Service {
         // requests put nothing in front of them, and break-glass must work
         // in an incident whatever else is waiting.
         if mode == Mode::Approval {
-            self.pending_room(&user.id, user.email.as_deref().unwrap_or_default())
+            self.pending_room(&user.id, user.email.as_deref().unwrap_or_default(), None)
                 .await?;
         }
 
@@ -335,24 +335,40 @@ impl Service {
     /// others are pending (spec 11). A request made under an earlier
     /// mapping (the email or the principal template changed since) is not
     /// counted; the limit guards approvers' attention, it grants nothing.
-    pub(super) async fn pending_room(&self, user: &str, email: &str) -> Result<(), Refusal> {
+    /// An extension also names its grant's (cluster, principal) in `also`,
+    /// so its own principal's requests count even when the email no longer
+    /// maps to it.
+    pub(super) async fn pending_room(
+        &self,
+        user: &str,
+        email: &str,
+        also: Option<(&str, &str)>,
+    ) -> Result<(), Refusal> {
         let unavailable = |e: StoreError| {
             tracing::error!(error = %e, "store read failed");
             Refusal::StoreUnavailable { what: "requested" }
         };
+        let mut places: std::collections::BTreeSet<(String, String)> = self
+            .config
+            .clusters
+            .iter()
+            .filter_map(|cluster| {
+                resolve_principal(
+                    &self.config.identity,
+                    &cluster.account_id,
+                    cluster.strategy,
+                    email,
+                )
+                .ok()
+                .map(|Principal { principal, .. }| (cluster.name.clone(), principal))
+            })
+            .collect();
+        places.extend(also.map(|(c, p)| (c.to_string(), p.to_string())));
         let mut pending: Vec<String> = Vec::new();
-        for cluster in &self.config.clusters {
-            let Ok(Principal { principal, .. }) = resolve_principal(
-                &self.config.identity,
-                &cluster.account_id,
-                cluster.strategy,
-                email,
-            ) else {
-                continue;
-            };
+        for (cluster, principal) in &places {
             let live = self
                 .store
-                .live_for(&cluster.name, &principal)
+                .live_for(cluster, principal)
                 .await
                 .map_err(unavailable)?;
             pending.extend(

@@ -63,8 +63,13 @@ impl Service {
             );
         }
         // One open extension per grant: a double click on Extend must not
-        // file two.
-        match self.store.live().await {
+        // file two. Extensions carry their grant's cluster and principal,
+        // so that principal's live rows hold any open one.
+        match self
+            .store
+            .live_for(&grant.access.cluster, &grant.access.principal)
+            .await
+        {
             Ok(all) => {
                 if let Some(open) = all.iter().find(|r| {
                     r.extends.as_ref() == Some(&grant.id)
@@ -145,7 +150,11 @@ impl Service {
         };
         if mode == Mode::Approval {
             let email = requester.email.as_deref().unwrap_or_default();
-            if let Err(why) = self.pending_room(user, email).await {
+            let grant_at = Some((
+                grant.access.cluster.as_str(),
+                grant.access.principal.as_str(),
+            ));
+            if let Err(why) = self.pending_room(user, email, grant_at).await {
                 return blocks::refusal_text(&why);
             }
         }

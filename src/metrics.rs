@@ -62,6 +62,9 @@ pub struct Metrics {
     /// Reconcile passes finished, per cluster: a stalled reconciler shows
     /// as a flat line.
     pub reconcile_passes: Family<ClusterLabel, Counter>,
+    /// Slack clicks acknowledged by a process that did not live to act on
+    /// them, taken up from the store afterwards.
+    pub clicks_replayed: Counter,
 }
 
 impl Default for Metrics {
@@ -163,6 +166,12 @@ impl Metrics {
             "Reconcile passes finished, per cluster",
             reconcile_passes.clone(),
         );
+        let clicks_replayed = Counter::default();
+        registry.register(
+            "clicks_replayed",
+            "Slack clicks recorded and answered before a restart, processed after it",
+            clicks_replayed.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -180,6 +189,7 @@ impl Metrics {
             scheduler_lag_seconds,
             standing_access,
             reconcile_passes,
+            clicks_replayed,
         }
     }
 

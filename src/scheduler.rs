@@ -146,6 +146,30 @@ pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool
     }
 }
 
+/// How often the inbox of recorded Slack clicks is looked over.
+const INBOX_SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// A click still in the inbox this long after it was recorded was dropped
+/// by a process that died (on a shared store, another replica): the
+/// replica that records a click normally finishes it within a second or
+/// two, and processing one twice decides nothing twice.
+const INBOX_GRACE: Duration = Duration::from_secs(30);
+
+/// Takes up recorded clicks that no live process is working on. Start-up
+/// does this once for the previous process; this covers a replica that
+/// died while others keep serving.
+pub async fn inbox_sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(INBOX_SWEEP_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = service.replay_clicks(INBOX_GRACE).await {
+            service.metrics().failed("store", e.metric_label());
+            tracing::warn!(error = %e, "cannot read the click inbox; the next sweep retries");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::needs_wake;

@@ -117,7 +117,9 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     // `recover` also posts the cards of requests whose post died with the
     // previous process.
     let recovered = service.recover().await?;
-    tracing::info!(due = recovered, "start-up recovery done");
+    // Clicks the previous process answered 200 and never acted on.
+    let clicks = service.replay_clicks(std::time::Duration::ZERO).await?;
+    tracing::info!(due = recovered, clicks, "start-up recovery done");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(true));
@@ -131,6 +133,7 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
         })
     };
     let reconciler_task = tokio::spawn(scheduler::reconcile(service.clone(), stop_rx.clone()));
+    let inbox_task = tokio::spawn(scheduler::inbox_sweep(service.clone(), stop_rx.clone()));
     let admin_path = admin::socket_path(&config.store.path);
     let admin_task = {
         let (service, path) = (service.clone(), admin_path.clone());
@@ -186,6 +189,7 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     }
     let _ = scheduler_task.await;
     let _ = reconciler_task.await;
+    let _ = inbox_task.await;
     let _ = admin_task.await;
     store.flush().await?;
     tracing::info!("stopped");

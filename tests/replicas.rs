@@ -376,6 +376,15 @@ async fn losing_dynamodb_answers_unavailable_goes_unready_and_resumes() {
         })
         .await;
     }
+    // A click that cannot be recorded is never answered 200: Slack then
+    // shows the clicker that it failed, instead of losing it quietly.
+    let click = p
+        .click(&p.a, APPROVERS[0], "R-ABCDE", "1700000000.000100")
+        .await;
+    assert!(
+        click >= 500,
+        "a click the store did not keep is not acknowledged: {click}"
+    );
     wait_until(
         "not ready without the store",
         Duration::from_secs(10),

@@ -686,6 +686,44 @@ async fn leases_have_one_holder(store: Arc<dyn Store>) {
     );
 }
 
+/// The click inbox: a click is recorded once (the same click again is
+/// `false`), read back oldest first with every field, and gone once
+/// finished; finishing twice is harmless.
+async fn clicks_are_recorded_once_and_finished(store: Arc<dyn Store>) {
+    use tollgate::domain::inbox::{Click, Interaction};
+    let click = |ts: &str, at: OffsetDateTime| {
+        Interaction::new(
+            Click::Approve,
+            "R-ABCDE",
+            "U0APP",
+            Some(ts),
+            "sig",
+            Some("https://hooks.slack.com/actions/T0/1/x"),
+            at,
+        )
+    };
+    let later = click("2.0", T0 + secs(5));
+    let first = click("1.0", T0);
+    assert!(store.record_interaction(&later).await.unwrap());
+    assert!(store.record_interaction(&first).await.unwrap());
+    assert!(
+        !store.record_interaction(&first).await.unwrap(),
+        "the same click delivered again is recorded once"
+    );
+    assert_eq!(
+        store.interactions().await.unwrap(),
+        vec![first.clone(), later.clone()],
+        "oldest first, every field kept"
+    );
+    store.finish_interaction(&first.key).await.unwrap();
+    store.finish_interaction(&first.key).await.unwrap();
+    assert_eq!(store.interactions().await.unwrap(), vec![later.clone()]);
+    assert!(
+        store.record_interaction(&first).await.unwrap(),
+        "a finished key may be recorded again"
+    );
+}
+
 fn all_cases() -> Vec<(&'static str, Case)> {
     cases![
         create_get_list,
@@ -699,6 +737,7 @@ fn all_cases() -> Vec<(&'static str, Case)> {
         imports_are_verbatim,
         leases_have_one_holder,
         live_reads_ignore_history,
+        clicks_are_recorded_once_and_finished,
     ]
     .to_vec()
 }

@@ -8,6 +8,7 @@ pub mod duration;
 pub mod form;
 pub mod grant;
 pub mod identity;
+pub mod inbox;
 pub mod lifecycle;
 pub mod policy;
 pub mod readback;

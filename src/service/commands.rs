@@ -50,8 +50,14 @@ impl Service {
             Command::List => self.list_text(&cmd.user_id).await,
             Command::Revoke { id } => self.slack_revoke(&cmd.user_id, &id).await,
             Command::Extend { id, duration } => {
-                self.request_extension(&cmd.user_id, &id, Some(&duration), cmd.response_url.clone())
-                    .await
+                self.request_extension(
+                    &cmd.user_id,
+                    &id,
+                    Some(&duration),
+                    cmd.response_url.clone(),
+                    None,
+                )
+                .await
             }
             Command::Request(args) => match self.submit(&cmd, args).await {
                 Ok(receipt) => receipt,

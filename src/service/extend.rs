@@ -15,6 +15,18 @@ use crate::domain::policy::{check_total_duration, listed, may_request, mention_l
 use crate::domain::request::{Request, RequestId, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::blocks;
+use crate::store::StoreError;
+
+/// The answer to a click whose extension is already on file.
+fn already_filed(ext: &Request) -> String {
+    format!(
+        "Extension {} of {} by {} is already recorded ({}).",
+        ext.id,
+        ext.extends.as_ref().map(|g| g.as_str()).unwrap_or("?"),
+        format_duration(ext.duration),
+        ext.state.label().replace('_', " ")
+    )
+}
 
 /// What applying an approved extension found.
 enum Applied {
@@ -27,13 +39,16 @@ enum Applied {
 
 impl Service {
     /// `/access extend <id> <duration>`, and the reminder's Extend button
-    /// (no duration: the grant's own again).
+    /// (no duration: the grant's own again). A click names the id its
+    /// extension is filed under (`click_id`), so processing the same
+    /// recorded click again files nothing more.
     pub(super) async fn request_extension(
         self: &Arc<Self>,
         user: &str,
         id_text: &str,
         duration_text: Option<&str>,
         response_url: Option<String>,
+        click_id: Option<RequestId>,
     ) -> String {
         let Some(id) = RequestId::parse(id_text) else {
             return format!(
@@ -41,6 +56,16 @@ impl Service {
                 escape_slack(&clip(id_text, 20))
             );
         };
+        if let Some(ext_id) = &click_id {
+            match self.store.get(ext_id).await {
+                Ok(Some(ext)) => return already_filed(&ext),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "store read failed");
+                    return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
+                }
+            }
+        }
         let grant = match self.store.get(&id).await {
             Ok(Some(r)) => r,
             Ok(None) => return format!("Tollgate has no request {id}."),
@@ -158,9 +183,10 @@ impl Service {
                 return blocks::refusal_text(&why);
             }
         }
+        let fixed_id = click_id.is_some();
         let mut ext = Request::extension_of(
             &grant,
-            RequestId::generate(&mut rand::thread_rng()),
+            click_id.unwrap_or_else(|| RequestId::generate(&mut rand::thread_rng())),
             by,
             now,
             role.limits.approval_timeout,
@@ -168,19 +194,30 @@ impl Service {
             response_url,
         );
         mode.preapprove(&mut ext, now);
-        let recorded = self
-            .create_fresh(&mut ext, |ext| {
-                let mut audit = vec![AuditEvent::for_request(
-                    ext,
-                    "requested",
-                    user,
-                    now,
-                    json!({"extends": grant.id.as_str(), "duration": format_duration(by)}),
-                )];
-                audit.extend(mode.decision_audit(ext, now));
-                audit
-            })
-            .await;
+        let audit = |ext: &Request| {
+            let mut audit = vec![AuditEvent::for_request(
+                ext,
+                "requested",
+                user,
+                now,
+                json!({"extends": grant.id.as_str(), "duration": format_duration(by)}),
+            )];
+            audit.extend(mode.decision_audit(ext, now));
+            audit
+        };
+        let recorded = if fixed_id {
+            self.store.create(&ext, audit(&ext)).await
+        } else {
+            self.create_fresh(&mut ext, audit).await
+        };
+        if let Err(StoreError::Exists(_)) = recorded {
+            // Another pass over the same click (another replica's sweep)
+            // filed it in between.
+            return match self.store.get(&ext.id).await {
+                Ok(Some(filed)) => already_filed(&filed),
+                _ => format!("Extension {} of {id} is already recorded.", ext.id),
+            };
+        }
         if let Err(e) = recorded {
             tracing::error!(error = %e, "cannot record extension");
             return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
@@ -216,14 +253,15 @@ impl Service {
 
     /// The reminder's Extend button: the same duration again; the answer
     /// goes back ephemerally where the button was clicked.
-    pub async fn extend_clicked(
+    pub(super) async fn extend_clicked(
         self: &Arc<Self>,
         user: &str,
         grant_id: &str,
         response_url: Option<String>,
+        click_id: RequestId,
     ) {
         let text = self
-            .request_extension(user, grant_id, None, response_url.clone())
+            .request_extension(user, grant_id, None, response_url.clone(), Some(click_id))
             .await;
         self.respond(response_url.as_deref(), text).await;
     }

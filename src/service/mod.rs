@@ -24,6 +24,7 @@ mod decide;
 mod error;
 mod extend;
 mod identity;
+mod inbox;
 mod lifecycle;
 mod modal;
 mod readback;
@@ -60,6 +61,9 @@ pub struct Service {
     tunables: Tunables,
     /// Per cluster, when the reconciler last read every object's marks.
     full_scans: std::sync::Mutex<std::collections::BTreeMap<String, time::OffsetDateTime>>,
+    /// Keys of the recorded Slack clicks a task of this process is
+    /// processing, so the inbox sweep does not start them a second time.
+    clicks_in_flight: std::sync::Mutex<HashSet<String>>,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -148,6 +152,20 @@ pub(crate) fn failpoint(name: &str) {
     }
 }
 
+/// A failpoint reached just after an HTTP answer was handed over: it
+/// waits until the answer has surely gone out, so a crash test kills the
+/// process after the client has its 200. Nothing in a release build.
+#[cfg(not(feature = "failpoints"))]
+pub(crate) async fn failpoint_after_answer(_name: &str) {}
+
+#[cfg(feature = "failpoints")]
+pub(crate) async fn failpoint_after_answer(name: &str) {
+    if std::env::var("TOLLGATE_FAILPOINT").is_ok_and(|armed| armed == name) {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        failpoint(name);
+    }
+}
+
 /// Host name (the pod's, under Kubernetes) plus a random suffix: a
 /// restarted process never mistakes an old claim for its own.
 fn replica_name() -> String {
@@ -187,6 +205,7 @@ impl Service {
             standing: Default::default(),
             foreign: Default::default(),
             full_scans: Default::default(),
+            clicks_in_flight: Default::default(),
             tunables,
         })
     }

@@ -1079,3 +1079,63 @@ async fn an_extension_of_an_ended_grant_fails_and_others_may_not_extend() {
     let again = r.say("U0REQ", &format!("extend {grant} 1h")).await;
     assert!(again.contains("not active"), "{again}");
 }
+
+/// The inbox sweep takes up only clicks older than its grace, processes
+/// each once however many sweeps race for it, and empties the inbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_sweep_takes_up_abandoned_clicks_once() {
+    use crate::domain::inbox::{Click, Interaction};
+    let r = rig();
+    let receipt = r
+        .service
+        .handle_command(SlashCommand {
+            trigger_id: None,
+            user_id: "U0REQ".into(),
+            text: "eks prod 5m view".into(),
+            response_url: None,
+        })
+        .await;
+    let at = receipt.find("R-").unwrap();
+    let id = RequestId::parse(&receipt[at..at + 7]).unwrap();
+    let now = r.service.clock.now();
+    let click = Interaction::new(
+        Click::Approve,
+        id.as_str(),
+        "U0APP",
+        Some("1.1"),
+        "",
+        None,
+        now,
+    );
+    let fresh = r.service.record_clicks(vec![click.clone()]).await.unwrap();
+    assert_eq!(fresh.len(), 1);
+    assert!(
+        r.service
+            .record_clicks(vec![click])
+            .await
+            .unwrap()
+            .is_empty(),
+        "the same click again is not processed twice"
+    );
+
+    let grace = Duration::from_secs(30);
+    assert_eq!(
+        r.service.replay_clicks(grace).await.unwrap(),
+        0,
+        "a click younger than the grace belongs to the replica that took it"
+    );
+    r.clock.advance(grace);
+    let (a, b) = tokio::join!(
+        r.service.replay_clicks(grace),
+        r.service.replay_clicks(grace)
+    );
+    assert!(a.unwrap() + b.unwrap() >= 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !r.service.store.interactions().await.unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "inbox not emptied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let row = r.state(&id).await;
+    assert_eq!(row.approvals.len(), 1, "one vote");
+    assert_ne!(row.state, State::Pending, "the click decided the request");
+}

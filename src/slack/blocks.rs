@@ -522,6 +522,17 @@ mod tests {
     use super::*;
     use crate::domain::request::{AccessSpec, Asked, RequestId, Requester};
 
+    #[test]
+    fn the_inbox_knows_every_button_that_changes_something() {
+        use crate::domain::inbox::Click;
+        assert_eq!(Click::from_action_id(ACTION_APPROVE), Some(Click::Approve));
+        assert_eq!(Click::from_action_id(ACTION_DENY), Some(Click::Deny));
+        assert_eq!(Click::from_action_id(ACTION_EXTEND), Some(Click::Extend));
+        for click in [Click::Approve, Click::Deny, Click::Extend] {
+            assert_eq!(Click::from_action_id(click.label()), Some(click));
+        }
+    }
+
     /// Every mrkdwn text in `blocks`, and every plain_text.
     fn texts(blocks: &[Value]) -> (Vec<String>, Vec<String>) {
         fn walk(v: &Value, md: &mut Vec<String>, plain: &mut Vec<String>) {

@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::blocks::{ACTION_APPROVE, ACTION_DENY, ACTION_EXTEND};
 use super::modal;
 use super::verify::{Rejection, Verifier};
-use crate::service::{Decision, Service, SlashCommand};
+use crate::domain::inbox::{Click, Interaction as RecordedClick};
+use crate::service::{Service, SlashCommand};
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -28,6 +28,10 @@ const STORE_PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Slack gives up after three seconds; answer before that whatever happens.
 const COMMAND_DEADLINE: Duration = Duration::from_millis(2700);
+
+/// A click not on disk by then is answered non-200 (within Slack's three
+/// seconds), so Slack tells the clicker it failed.
+const CLICK_RECORD_DEADLINE: Duration = Duration::from_millis(2500);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -314,6 +318,9 @@ struct Action {
     action_id: String,
     #[serde(default)]
     value: Option<String>,
+    /// Slack's time of the click: the same in each delivery of it.
+    #[serde(default)]
+    action_ts: Option<String>,
 }
 
 /// An interaction body (form field `payload` holding JSON): the raw JSON,
@@ -347,30 +354,49 @@ async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Bod
         "block_actions" => {}
         _ => return StatusCode::OK.into_response(),
     }
-    for action in interaction.actions {
-        let approve = match action.action_id.as_str() {
-            ACTION_APPROVE => true,
-            ACTION_DENY => false,
-            ACTION_EXTEND => {
-                let service = app.service.clone();
-                let user = interaction.user.id.clone();
-                let url = interaction.response_url.clone();
-                let id = action.value.unwrap_or_default();
-                tokio::spawn(async move { service.extend_clicked(&user, &id, url).await });
-                continue;
-            }
-            _ => continue,
-        };
-        let decision = Decision {
-            request_id: action.value.unwrap_or_default(),
-            user_id: interaction.user.id.clone(),
-            approve,
-            response_url: interaction.response_url.clone(),
-        };
-        let service = app.service.clone();
-        tokio::spawn(async move { service.decide(decision).await });
+    // Every click that changes something is made durable before the 200:
+    // Slack never delivers an acknowledged interaction again, so a click
+    // answered and then lost with the process would be lost for good.
+    let delivery = headers
+        .get("x-slack-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let now = app.service.clock().now();
+    let clicks: Vec<RecordedClick> = interaction
+        .actions
+        .iter()
+        .filter_map(|action| {
+            let click = Click::from_action_id(&action.action_id)?;
+            Some(RecordedClick::new(
+                click,
+                action.value.as_deref().unwrap_or_default(),
+                &interaction.user.id,
+                action.action_ts.as_deref(),
+                delivery,
+                interaction.response_url.as_deref(),
+                now,
+            ))
+        })
+        .collect();
+    if clicks.is_empty() {
+        return StatusCode::OK.into_response();
     }
-    StatusCode::OK.into_response()
+    let recorded =
+        tokio::time::timeout(CLICK_RECORD_DEADLINE, app.service.record_clicks(clicks)).await;
+    match recorded {
+        Ok(Ok(fresh)) => {
+            for click in fresh {
+                app.service.process_click(click, false);
+            }
+            StatusCode::OK.into_response()
+        }
+        // Slack shows the clicker that the click failed; they click again.
+        Ok(Err(_)) | Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Tollgate could not record this click; please click again",
+        )
+            .into_response(),
+    }
 }
 
 /// Slack waits three seconds for the answer to a submission, and only that

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use crate::domain::audit::AuditEvent;
 use crate::domain::grant::Baselines;
+use crate::domain::inbox::Interaction;
 use crate::domain::request::{Request, RequestId};
 
 pub mod cli;
@@ -225,6 +226,16 @@ pub trait Store: Send + Sync + 'static {
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// A cheap round trip, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records a Slack click before it is answered: Slack never delivers
+    /// an acknowledged interaction again, so a 200 is only given for a
+    /// click this has made durable. `Ok(false)`: that click (same key) is
+    /// already recorded and not yet processed.
+    async fn record_interaction(&self, item: &Interaction) -> Result<bool, StoreError>;
+    /// Recorded clicks not yet processed, oldest first.
+    async fn interactions(&self) -> Result<Vec<Interaction>, StoreError>;
+    /// A processed click leaves the inbox (nothing to do if it already has).
+    async fn finish_interaction(&self, key: &str) -> Result<(), StoreError>;
 
     /// Requests not yet in a terminal state: the ones that may still hold
     /// or get access, read from an index kept in the same write as the

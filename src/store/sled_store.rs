@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use super::{epoch_ms, AuditEntry, AuditPosition, Store, StoreError};
 use crate::domain::audit::AuditEvent;
 use crate::domain::grant::{Baselines, Scope};
+use crate::domain::inbox::Interaction;
 use crate::domain::request::{Request, RequestId};
 
 pub struct SledStore {
@@ -23,6 +24,9 @@ pub struct SledStore {
     /// id: a grant or revoke reads the other grants of its principal with
     /// one prefix scan instead of decoding every row ever written.
     live: sled::Tree,
+    /// Slack clicks recorded before their 200 and not yet processed, by
+    /// click key.
+    inbox: sled::Tree,
     flushes: FlushGate,
 }
 
@@ -149,6 +153,7 @@ impl SledStore {
             audit: db.open_tree("audit").map_err(backend)?,
             baselines: db.open_tree("baselines").map_err(backend)?,
             live: db.open_tree("live").map_err(backend)?,
+            inbox: db.open_tree("inbox").map_err(backend)?,
             flushes: FlushGate::default(),
             db,
         };
@@ -554,6 +559,37 @@ impl Store for SledStore {
 
     async fn release_lease(&self, _name: &str, _holder: &str) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn record_interaction(&self, item: &Interaction) -> Result<bool, StoreError> {
+        let doc = encode(item)?;
+        let fresh = self
+            .inbox
+            .compare_and_swap(item.key.as_bytes(), None as Option<&[u8]>, Some(doc))
+            .map_err(backend)?
+            .is_ok();
+        // Durable before the caller answers 200, either way: a click seen
+        // again may be the one whose own flush has not finished yet.
+        self.durable().await?;
+        Ok(fresh)
+    }
+
+    async fn interactions(&self) -> Result<Vec<Interaction>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.inbox.iter() {
+            let (k, v) = entry.map_err(backend)?;
+            out.push(decode::<Interaction>(&k, &v)?);
+        }
+        out.sort_by_key(|i| i.received_at);
+        Ok(out)
+    }
+
+    /// Flushed like every write: a removal lost in a crash would only
+    /// process the click again (which decides nothing twice), but would
+    /// tell its clicker so once more.
+    async fn finish_interaction(&self, key: &str) -> Result<(), StoreError> {
+        self.inbox.remove(key.as_bytes()).map_err(backend)?;
+        self.durable().await
     }
 
     /// A read of the smallest tree: the embedded store answers or its files

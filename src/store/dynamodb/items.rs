@@ -11,6 +11,7 @@
 //! | `LIVE`     | JSON `[cluster, principal, id]`      | `doc` (JSON, the row's copy), `version` (N) |
 //! | `META`     | `audit-seq`                          | `seq` (N): last audit sequence handed out |
 //! | `META`     | `live-index`                         | `version` (N): the live index is complete |
+//! | `INBOX`    | click key (hex)                      | `doc` (JSON): a Slack click recorded, not yet processed |
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use time::OffsetDateTime;
 
 use crate::domain::audit::AuditEvent;
 use crate::domain::grant::Scope;
+use crate::domain::inbox::Interaction;
 use crate::domain::request::{Request, RequestId};
 use crate::store::{epoch_ms, from_epoch_ms, AuditEntry, AuditPosition, StoreError};
 
@@ -41,6 +43,8 @@ pub(super) const LIVE_INDEX: &str = "live-index";
 pub(super) const LIVE_INDEX_VERSION: u64 = 1;
 /// Leases of background jobs (`sk` = the job's name), held by one replica.
 pub(super) const LEASE: &str = "LEASE";
+/// Slack clicks recorded before their 200 and not yet processed.
+pub(super) const INBOX: &str = "INBOX";
 pub(super) const HOLDER: &str = "holder";
 pub(super) const UNTIL_MS: &str = "until_ms";
 pub(super) const VERSION: &str = "version";
@@ -135,6 +139,16 @@ pub(super) fn request_item(req: &Request) -> Result<Item, StoreError> {
 }
 
 pub(super) fn request_of(item: &Item) -> Result<Request, StoreError> {
+    json(item, "doc")
+}
+
+pub(super) fn interaction_item(item: &Interaction) -> Result<Item, StoreError> {
+    let mut out = key(INBOX, item.key.as_str());
+    out.insert("doc".into(), s(encode(item)?));
+    Ok(out)
+}
+
+pub(super) fn interaction_of(item: &Item) -> Result<Interaction, StoreError> {
     json(item, "doc")
 }
 

@@ -22,6 +22,7 @@ use ops::Guard;
 use super::{epoch_ms, AuditEntry, Store, StoreError};
 use crate::domain::audit::AuditEvent;
 use crate::domain::grant::Baselines;
+use crate::domain::inbox::Interaction;
 use crate::domain::request::{Request, RequestId};
 
 #[derive(Clone)]
@@ -293,6 +294,50 @@ impl Store for DynamoStore {
             .await
             .map(|_| ())
             .map_err(|e| self.err("GetItem (ping)", e))
+    }
+
+    async fn record_interaction(&self, item: &Interaction) -> Result<bool, StoreError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(interaction_item(item)?))
+            .condition_expression("attribute_not_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(self.err("PutItem (inbox)", e)),
+        }
+    }
+
+    async fn interactions(&self) -> Result<Vec<Interaction>, StoreError> {
+        let mut out = self
+            .query(INBOX, None, None)
+            .await?
+            .iter()
+            .map(interaction_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|i| i.received_at);
+        Ok(out)
+    }
+
+    async fn finish_interaction(&self, key_text: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(key(INBOX, key_text)))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("DeleteItem (inbox)", e))
     }
 
     async fn audit_entries(&self) -> Result<Vec<AuditEntry>, StoreError> {

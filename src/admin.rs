@@ -53,6 +53,47 @@ pub fn current_user() -> String {
     user_name(unsafe { libc::geteuid() })
 }
 
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The CLI speaks only to a socket this user owns, in a directory this
+/// user owns that nobody else may enter (the server makes both so).
+fn trusted_socket(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let me = euid();
+    let refuse = |why: String| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing the admin socket {}: {why}; run the command as the server's user",
+                path.display()
+            ),
+        ))
+    };
+    if !meta.file_type().is_socket() {
+        return refuse("it is not a socket".into());
+    }
+    if meta.uid() != me {
+        return refuse(format!(
+            "it belongs to {}, not to you ({})",
+            user_name(meta.uid()),
+            user_name(me)
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir_meta = std::fs::symlink_metadata(dir)?;
+    if !dir_meta.is_dir() || dir_meta.uid() != me || dir_meta.mode() & 0o077 != 0 {
+        return refuse(format!(
+            "its directory {} is not yours alone (mode {:o})",
+            dir.display(),
+            dir_meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// Creates `dir` owner-only, or makes an existing one owner-only, and
 /// refuses one owned by someone else.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
@@ -214,7 +255,17 @@ async fn connection(service: Arc<Service>, stream: UnixStream) -> std::io::Resul
 
 /// The CLI side: `Ok(None)` when no server listens (the caller then opens
 /// the store itself).
+///
+/// The answer of whoever listens on the socket is believed (a grant
+/// "revoked", an audit log), so the socket must be this user's own, in a
+/// directory only this user can enter, and the process behind it must run
+/// as this user too: anything else is refused, not spoken to.
 pub async fn call(path: &Path, request: &AdminRequest) -> std::io::Result<Option<AdminResponse>> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+        Ok(meta) => trusted_socket(path, &meta)?,
+    }
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e)
@@ -227,6 +278,18 @@ pub async fn call(path: &Path, request: &AdminRequest) -> std::io::Result<Option
         }
         Err(e) => return Err(e),
     };
+    let server = stream.peer_cred()?.uid();
+    if server != euid() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing the admin socket {}: the process behind it runs as {}, not as you ({})",
+                path.display(),
+                user_name(server),
+                user_name(euid())
+            ),
+        ));
+    }
     let (read, mut write) = stream.into_split();
     let mut text = serde_json::to_string(request).map_err(std::io::Error::other)?;
     text.push('\n');
@@ -236,4 +299,51 @@ pub async fn call(path: &Path, request: &AdminRequest) -> std::io::Result<Option
     serde_json::from_str(&line)
         .map(Some)
         .map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> AdminRequest {
+        AdminRequest::ListLive
+    }
+
+    /// A socket as the server leaves it: its directory made private, the
+    /// socket bound in it (no listener behind it afterwards).
+    fn planted(dir: &Path) -> PathBuf {
+        private_dir(dir).unwrap();
+        let path = dir.join("admin.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        path
+    }
+
+    #[tokio::test]
+    async fn the_cli_refuses_a_socket_it_cannot_trust() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("admin");
+        let path = planted(&dir);
+        // Ours, private, nobody listening: the CLI opens the store itself.
+        assert!(call(&path, &request()).await.unwrap().is_none());
+
+        // A directory others may enter: someone else could have put it there.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = call(&path, &request()).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        assert!(e.to_string().contains("not yours alone"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+        // Not a socket at all.
+        let file = dir.join("file.sock");
+        std::fs::write(&file, b"").unwrap();
+        let e = call(&file, &request()).await.unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+
+        // Another user's socket (only root can make one to test with).
+        if euid() == 0 {
+            std::os::unix::fs::lchown(&path, Some(4242), None).unwrap();
+            let e = call(&path, &request()).await.unwrap_err();
+            assert!(e.to_string().contains("belongs to"), "{e}");
+        }
+    }
 }

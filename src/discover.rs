@@ -13,6 +13,7 @@ use crate::admin::{AdminRequest, AdminResponse};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::domain::standing::{sort, summary_json, summary_line, ClusterStanding};
+use crate::domain::text::terminal_safe;
 use crate::service::standing::{classify_all, marked_ids, read_clusters};
 
 /// Every cluster was read.
@@ -75,7 +76,11 @@ pub async fn run(
     print!("{}", render(&standing, json));
     for c in &standing {
         if let Err(e) = &c.result {
-            eprintln!("error: cluster {} cannot be read: {e}", c.cluster);
+            eprintln!(
+                "error: cluster {} cannot be read: {}",
+                terminal_safe(&c.cluster),
+                terminal_safe(&e.to_string())
+            );
         }
     }
     exit_status(&standing)
@@ -102,7 +107,11 @@ pub fn render(standing: &[ClusterStanding], json: bool) -> String {
             out.push('\n');
         }
     } else {
-        let width = grants.iter().map(|g| g.principal.len()).max().unwrap_or(0);
+        let width = grants
+            .iter()
+            .map(|g| terminal_safe(&g.principal).chars().count())
+            .max()
+            .unwrap_or(0);
         if !grants.is_empty() {
             out.push_str(&format!(
                 "{:<13} {:<16} {:<18} {:<width$}  {}\n",

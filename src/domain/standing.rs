@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use time::{Duration, OffsetDateTime, Time, Weekday};
 
-use super::text::escape_slack;
+use super::text::{escape_slack, terminal_safe};
 
 /// How much a standing grant allows, most powerful first (the order of
 /// the listing).
@@ -271,7 +271,9 @@ pub struct StandingGrant {
 
 impl StandingGrant {
     /// One line of `tollgate discover`, the principal padded to
-    /// `principal_width` so the details line up.
+    /// `principal_width` so the details line up. Every field is read from
+    /// a cluster, where anyone who can edit aws-auth or a binding writes
+    /// what they like: each is passed through `terminal_safe`.
     pub fn text_line(&self, principal_width: usize) -> String {
         let mut details = vec![format!("type={}", self.kind)];
         if let Some(u) = &self.username {
@@ -296,10 +298,10 @@ impl StandingGrant {
         format!(
             "{:<13} {:<16} {:<18} {:<principal_width$}  {}",
             self.level.label(),
-            self.cluster,
+            terminal_safe(&self.cluster),
             self.source,
-            self.principal,
-            details.join(" ")
+            terminal_safe(&self.principal),
+            terminal_safe(&details.join(" "))
         )
     }
 }
@@ -450,12 +452,16 @@ pub fn summary_line(c: &ClusterStanding) -> String {
                 .collect();
             format!(
                 "{}: {} standing ({})",
-                c.cluster,
+                terminal_safe(&c.cluster),
                 grants.len(),
                 counts.join(", ")
             )
         }
-        Err(e) => format!("{}: cannot be read: {e}", c.cluster),
+        Err(e) => format!(
+            "{}: cannot be read: {}",
+            terminal_safe(&c.cluster),
+            terminal_safe(&e.to_string())
+        ),
     }
 }
 
@@ -647,6 +653,19 @@ mod tests {
             "{}",
             out[1].text_line(0)
         );
+        // Text read from a cluster cannot drive the operator's terminal.
+        let mut hostile = out[0].clone();
+        hostile.principal = "arn:aws:iam::1:role/x\u{1b}[1A\u{1b}[2K".into();
+        hostile.username = Some("ok\rhidden".into());
+        hostile.cluster = "prod\u{1b}]0;title\u{7}".into();
+        let line = hostile.text_line(0);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("\\u{1b}[1A"), "{line}");
+        let failed = ClusterStanding {
+            cluster: "c\u{1b}[31m".into(),
+            result: Err("denied\u{1b}[0m".into()),
+        };
+        assert!(!summary_line(&failed).chars().any(char::is_control));
         let s = summary(&out);
         assert_eq!(
             (

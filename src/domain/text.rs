@@ -18,10 +18,29 @@ pub fn escape_slack(text: &str) -> String {
 /// Control characters and bidirectional overrides can hide what a request
 /// really says from the approver reading it, so they are refused outright.
 pub fn has_hidden_characters(text: &str) -> bool {
-    text.chars().any(|c| {
-        (c.is_control() && c != ' ')
-            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
-    })
+    text.chars().any(is_hidden)
+}
+
+/// Whether `c` is one of the characters `has_hidden_characters` looks for.
+fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Text read from a cluster (an aws-auth username, a group, an error),
+/// made safe for an operator's terminal: control characters (an ANSI escape
+/// sequence could rewrite the screen or hide a line) and invisible or
+/// direction-changing characters are shown as `\u{…}` instead of acting.
+pub fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if is_hidden(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Shortens text for echoing back in an error message.
@@ -38,6 +57,21 @@ pub fn clip(text: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_safe_shows_escapes_instead_of_running_them() {
+        let hostile = "tollgate:\u{1b}[2K\u{1b}[1Aadmin\r\u{202e}x\u{7f}";
+        let safe = terminal_safe(hostile);
+        assert!(!safe.chars().any(is_hidden), "{safe}");
+        assert_eq!(
+            safe,
+            "tollgate:\\u{1b}[2K\\u{1b}[1Aadmin\\u{d}\\u{202e}x\\u{7f}"
+        );
+        assert_eq!(
+            terminal_safe("arn:aws:iam::1:role/ops é"),
+            "arn:aws:iam::1:role/ops é"
+        );
+    }
 
     #[test]
     fn escapes_mentions_and_links() {

@@ -52,6 +52,33 @@ const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// before the index existed get it on their first open.
 const LIVE_INDEX_MARKER: &[u8] = b"index:live:v1";
 
+/// The store is the approval authority (spec 9.8): a directory Tollgate
+/// creates is owner-only (0700), and one that anybody may write to is
+/// refused. An existing directory is otherwise left as it is, since a
+/// Kubernetes volume's group bits come from the pod's `fsGroup`.
+fn private_store_dir(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let cannot =
+        |e: std::io::Error| StoreError::Backend(format!("cannot create {}: {e}", path.display()));
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(cannot)?;
+    }
+    let mode = std::fs::metadata(path).map_err(cannot)?.mode();
+    if mode & 0o002 != 0 {
+        return Err(StoreError::Backend(format!(
+            "{} is writable by every user (mode {:o}); the store decides who gets access, so make it owner-only: chmod 700 {}",
+            path.display(),
+            mode & 0o7777,
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -139,6 +166,7 @@ fn tx_error(e: TransactionError<StoreError>) -> StoreError {
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        private_store_dir(path)?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(CACHE_BYTES)
@@ -640,6 +668,21 @@ mod tests {
 
     fn event(req: &Request, name: &str, at: OffsetDateTime) -> AuditEvent {
         AuditEvent::for_request(req, name, "U1", at, json!({}))
+    }
+
+    #[test]
+    fn the_store_directory_is_created_owner_only_and_a_world_writable_one_refused() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state").join("tollgate-data");
+        drop(SledStore::open(&dir).unwrap());
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let Err(e) = SledStore::open(&dir) else {
+            panic!("a world-writable store directory was opened")
+        };
+        assert!(e.to_string().contains("chmod 700"), "{e}");
     }
 
     #[tokio::test]

@@ -365,18 +365,19 @@ async fn a_namespace_denied_after_the_request_fails_the_grant_with_nothing_creat
     w.tollgate.restart().await;
 
     w.approve(&id, &ts).await;
-    wait_until("grant failed", Duration::from_secs(15), || async {
-        w.audit()
-            .await
-            .iter()
-            .any(|e| e["event"] == "grant_failed" && e["request_id"] == id.as_str())
-    })
+    let decided = |e: &Value| {
+        matches!(e["event"].as_str(), Some("granted" | "grant_failed"))
+            && e["request_id"] == id.as_str()
+    };
+    wait_until(
+        "granted or grant_failed",
+        Duration::from_secs(15),
+        || async { w.audit().await.iter().any(decided) },
+    )
     .await;
     let events = w.audit().await;
-    let failed = events
-        .iter()
-        .find(|e| e["event"] == "grant_failed" && e["request_id"] == id.as_str())
-        .unwrap();
+    let failed = events.iter().find(|e| decided(e)).unwrap();
+    assert_eq!(failed["event"], "grant_failed", "{failed}");
     let error = failed["details"]["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("deny_namespaces")

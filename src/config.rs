@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::domain::backstop::{Backstop, DEFAULT_GRACE, DEFAULT_GROUP};
+use crate::domain::namespaces::{validate_glob, NamespaceRules};
 use crate::domain::policy::{
     BreakGlass, ClusterPolicy, IdentityPolicy, Limits, RolePolicy, Strategy,
 };
@@ -62,6 +63,9 @@ macro_rules! with_limit_keys {
             required_approvals: Option<u32>,
             allow_self_approval: Option<bool>,
             require_reason: Option<bool>,
+            /// Spec 9.7 (globs); not limits, so resolved apart from them.
+            deny_namespaces: Option<Vec<String>>,
+            sensitive_namespaces: Option<Vec<String>>,
             $($(#[$fmeta])* $field: $ty,)*
         }
 
@@ -85,6 +89,14 @@ macro_rules! with_limit_keys {
             }
         }
     };
+}
+
+/// `deny_namespaces` and `sensitive_namespaces` as set at one level
+/// (`None`: inherited from the level above).
+#[derive(Debug, Clone, Default)]
+struct NamespaceKeys {
+    deny: Option<Vec<String>>,
+    sensitive: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -161,6 +173,10 @@ pub struct ServerSection {
     /// `/metrics` on its own listener, never behind the Slack ingress;
     /// unset: no metrics endpoint at all.
     pub metrics_listen: Option<String>,
+    /// The Kubernetes namespace Tollgate runs in: never granted, on any
+    /// cluster (spec 9.7).
+    #[serde(default = "default_server_namespace")]
+    pub namespace: String,
 }
 
 impl Default for ServerSection {
@@ -170,8 +186,13 @@ impl Default for ServerSection {
             public_url: None,
             instance: default_instance(),
             metrics_listen: None,
+            namespace: default_server_namespace(),
         }
     }
+}
+
+fn default_server_namespace() -> String {
+    crate::domain::namespaces::DEFAULT_SERVER_NAMESPACE.into()
 }
 
 pub const DEFAULT_INSTANCE: &str = "tollgate";
@@ -345,6 +366,9 @@ with_limit_keys! {
         auto_approve: Vec<String>,
         approvers: Option<Vec<String>>,
         requesters: Option<Vec<String>>,
+        /// Spec 9.7: the only namespaces this role reaches (globs);
+        /// replaces `deny_namespaces` for it.
+        namespaces: Option<Vec<String>>,
     }
 }
 
@@ -419,6 +443,28 @@ impl Resolver<'_> {
                 ),
             ));
         }
+        if crate::domain::command::validate_namespace(&file.server.namespace).is_err() {
+            return Err(self.invalid(
+                Section::Table("server"),
+                "namespace",
+                format!(
+                    "`{}` is not a Kubernetes namespace name: lowercase letters, digits and `-`, at most 63 characters, starting and ending with a letter or digit",
+                    file.server.namespace
+                ),
+            ));
+        }
+        let default_ns = NamespaceKeys {
+            deny: self.globs(
+                Section::Table("defaults"),
+                "deny_namespaces",
+                &file.defaults.deny_namespaces,
+            )?,
+            sensitive: self.globs(
+                Section::Table("defaults"),
+                "sensitive_namespaces",
+                &file.defaults.sensitive_namespaces,
+            )?,
+        };
         if file.store.backend == Backend::Dynamodb && file.store.table.is_none() {
             return Err(self.invalid(
                 Section::Table("store"),
@@ -485,7 +531,8 @@ impl Resolver<'_> {
         }
         let mut clusters: Vec<ClusterPolicy> = Vec::new();
         for (index, c) in file.clusters.iter().enumerate() {
-            let cluster = self.resolve_cluster(index, c, &defaults)?;
+            let cluster =
+                self.resolve_cluster(index, c, &defaults, &default_ns, &file.server.namespace)?;
             if clusters.iter().any(|other| other.name == cluster.name) {
                 return Err(self.invalid(
                     Section::Cluster(index),
@@ -596,6 +643,8 @@ impl Resolver<'_> {
         index: usize,
         c: &ClusterSection,
         defaults: &Limits,
+        default_ns: &NamespaceKeys,
+        server_namespace: &str,
     ) -> Result<ClusterPolicy, ConfigError> {
         let here = Section::Cluster(index);
         let name_ok = !c.name.is_empty()
@@ -648,6 +697,14 @@ impl Resolver<'_> {
         }
         .apply(defaults);
         self.check_limits(&cluster_limits, here)?;
+        let cluster_ns = NamespaceKeys {
+            deny: self
+                .globs(here, "deny_namespaces", &c.deny_namespaces)?
+                .or_else(|| default_ns.deny.clone()),
+            sensitive: self
+                .globs(here, "sensitive_namespaces", &c.sensitive_namespaces)?
+                .or_else(|| default_ns.sensitive.clone()),
+        };
         let mut roles = BTreeMap::new();
         for (role_name, r) in &c.roles {
             let role_here = Section::Role(index, role_name);
@@ -691,6 +748,8 @@ impl Resolver<'_> {
                 }
                 _ => {}
             }
+            let namespace_rules =
+                self.namespace_rules(role_here, r, &cluster_ns, strategy, server_namespace)?;
             roles.insert(
                 role_name.clone(),
                 RolePolicy {
@@ -703,6 +762,7 @@ impl Resolver<'_> {
                     approvers: r.approvers.clone().unwrap_or_else(|| c.approvers.clone()),
                     requesters: r.requesters.clone().unwrap_or_else(|| c.requesters.clone()),
                     limits,
+                    namespace_rules,
                 },
             );
         }
@@ -823,6 +883,75 @@ impl Resolver<'_> {
             role_arn: role.clone(),
             grace,
             group,
+        })
+    }
+
+    /// A list of namespace globs (spec 9.7), each checked, the key's line
+    /// named when one is not a pattern.
+    fn globs(
+        &self,
+        at: Section<'_>,
+        key: &str,
+        list: &Option<Vec<String>>,
+    ) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(list) = list else {
+            return Ok(None);
+        };
+        for pattern in list {
+            if let Err(why) = validate_glob(pattern) {
+                return Err(self.invalid(at, key, why));
+            }
+        }
+        Ok(Some(list.clone()))
+    }
+
+    /// One role's namespace rules: its own keys, else the cluster's, else
+    /// `[defaults]`, else the built-in deny list.
+    fn namespace_rules(
+        &self,
+        at: Section<'_>,
+        r: &RoleSection,
+        cluster: &NamespaceKeys,
+        strategy: Strategy,
+        server_namespace: &str,
+    ) -> Result<NamespaceRules, ConfigError> {
+        let allow = self.globs(at, "namespaces", &r.namespaces)?;
+        if let Some(allow) = &allow {
+            if strategy == Strategy::AwsAuth {
+                return Err(self.invalid(
+                    at,
+                    "namespaces",
+                    "aws-auth groups are cluster-wide and `--ns` is refused on aws-auth clusters, so a namespace allow-list would refuse every request".into(),
+                ));
+            }
+            if allow.is_empty() {
+                return Err(self.invalid(
+                    at,
+                    "namespaces",
+                    "an empty allow-list would refuse every request: list namespaces (globs) or remove the key".into(),
+                ));
+            }
+            // Written out, it reads as granted; it never is (spec 9.7).
+            if allow.iter().any(|p| p == server_namespace) {
+                return Err(self.invalid(
+                    at,
+                    "namespaces",
+                    format!("`{server_namespace}` is Tollgate's own namespace ([server] namespace) and is never granted; remove it from the allow-list"),
+                ));
+            }
+        }
+        let defaults = NamespaceRules::default();
+        Ok(NamespaceRules {
+            server: server_namespace.to_string(),
+            deny: self
+                .globs(at, "deny_namespaces", &r.deny_namespaces)?
+                .or_else(|| cluster.deny.clone())
+                .unwrap_or(defaults.deny),
+            allow,
+            sensitive: self
+                .globs(at, "sensitive_namespaces", &r.sensitive_namespaces)?
+                .or_else(|| cluster.sensitive.clone())
+                .unwrap_or_default(),
         })
     }
 
@@ -1158,6 +1287,122 @@ max_duration = "2h"
                 "{bad}: {err}"
             );
         }
+    }
+
+    /// Spec 9.7: defaults → cluster → role like the other defaults keys;
+    /// the allow-list only on the role; every pattern checked, by line.
+    #[test]
+    fn namespace_rules_resolve_and_bad_patterns_name_key_and_line() {
+        let cfg = Config::parse(MINIMAL, "t.toml").unwrap();
+        let edit = &cfg.clusters[0].roles["edit"].namespace_rules;
+        assert_eq!(edit.server, "tollgate");
+        assert_eq!(
+            edit.deny,
+            vec!["kube-system", "kube-public", "kube-node-lease"]
+        );
+        assert_eq!((edit.allow.as_ref(), edit.sensitive.len()), (None, 0));
+
+        let text = format!(
+            "[server]\nnamespace = \"access\"\n[defaults]\ndeny_namespaces = [\"kube-*\"]\nsensitive_namespaces = [\"*-prod\"]\n{}",
+            MINIMAL
+                .replace(
+                    "max_duration = \"4h\"",
+                    "max_duration = \"4h\"\nsensitive_namespaces = [\"payments\"]"
+                )
+                .replace(
+                    "namespaced = true",
+                    "namespaced = true\nnamespaces = [\"team-*\"]\ndeny_namespaces = []"
+                )
+        );
+        let cfg = Config::parse(&text, "t.toml").unwrap();
+        let view = &cfg.clusters[0].roles["view"].namespace_rules;
+        assert_eq!(view.server, "access");
+        assert_eq!(view.deny, vec!["kube-*"]);
+        assert_eq!(view.sensitive, vec!["payments"], "the cluster's wins");
+        let edit = &cfg.clusters[0].roles["edit"].namespace_rules;
+        assert_eq!(edit.allow, Some(vec!["team-*".to_string()]));
+        assert!(edit.deny.is_empty());
+
+        for (extra, needle, key) in [
+            (
+                "[server]\nnamespace = \"Tollgate_NS\"\n",
+                "Tollgate_NS",
+                "server.namespace",
+            ),
+            (
+                "[defaults]\ndeny_namespaces = [\"kube-system\", \"Kube-*\"]\n",
+                "Kube-*",
+                "defaults.deny_namespaces",
+            ),
+            (
+                "[defaults]\nsensitive_namespaces = [\"pay ments\"]\n",
+                "pay ments",
+                "defaults.sensitive_namespaces",
+            ),
+        ] {
+            let text = format!("{extra}{MINIMAL}");
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(&line_of(&text, needle)) && err.contains(key),
+                "{extra}: {err}"
+            );
+        }
+        for (role_keys, needle, why) in [
+            (
+                "namespaces = [\"team/*\"]",
+                "team/*",
+                "not a namespace pattern",
+            ),
+            (
+                "namespaces = [\"team-*\", \"tollgate\"]",
+                "tollgate\"]",
+                "never granted",
+            ),
+            ("namespaces = []", "namespaces = []", "empty allow-list"),
+            (
+                "sensitive_namespaces = [\"\"]",
+                "sensitive_namespaces",
+                "not a namespace pattern",
+            ),
+        ] {
+            let text = MINIMAL.replace(
+                "namespaced = true",
+                &format!("namespaced = true\n{role_keys}"),
+            );
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(
+                err.contains(&line_of(&text, needle))
+                    && err.contains("clusters[0].roles.edit.")
+                    && err.contains(why),
+                "{role_keys}: {err}"
+            );
+        }
+        // aws-auth refuses `--ns`, so an allow-list would refuse everything.
+        let text = MINIMAL
+            .replace(
+                "default_role = \"view\"",
+                "default_role = \"view\"\nstrategy = \"aws-auth\"",
+            )
+            .replace("namespaced = true\n", "namespaces = [\"team-*\"]\n")
+            .replace(
+                "access_policy = \"AmazonEKSViewPolicy\"",
+                "groups = [\"viewers\"]",
+            )
+            .replace(
+                "access_policy = \"AmazonEKSEditPolicy\"",
+                "groups = [\"editors\"]",
+            );
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains(&line_of(&text, "namespaces = [")) && err.contains("aws-auth"),
+            "{err}"
+        );
+        // The key is a role's: not a cluster's or the defaults'.
+        let text = format!("[defaults]\nnamespaces = [\"team-*\"]\n{MINIMAL}");
+        assert!(Config::parse(&text, "t.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("namespaces"));
     }
 
     #[test]

@@ -417,6 +417,33 @@ async fn check_aws_auth(
     Ok(aws_auth::foreign_managers(&cm))
 }
 
+/// Spec 9.7 for `tollgate check`: the namespace never granted, then per
+/// cluster and role what a request may reach, what is denied, and what the
+/// card marks sensitive.
+pub fn namespace_report(config: &Config) -> Vec<String> {
+    let mut notes = vec![format!(
+        "namespace {}: Tollgate's own ([server] namespace); never granted on any cluster, whatever a role says",
+        config.server.namespace
+    )];
+    for c in &config.clusters {
+        if c.strategy == Strategy::AwsAuth {
+            notes.push(format!(
+                "cluster {}: aws-auth groups are cluster-wide and --ns is refused: namespace rules do not apply",
+                c.name
+            ));
+            continue;
+        }
+        for (name, role) in &c.roles {
+            notes.push(format!(
+                "cluster {} role {name}: {}",
+                c.name,
+                role.namespace_rules.summary(role.namespaced)
+            ));
+        }
+    }
+    notes
+}
+
 pub async fn check(config: Config, tunables: &Tunables) -> bool {
     let mut ok = true;
     let mut line = |passed: bool, what: String| {
@@ -549,6 +576,10 @@ pub async fn check(config: Config, tunables: &Tunables) -> bool {
             }
             Err(e) => line(false, format!("cluster {}: {e}", c.name)),
         }
+    }
+    // Last: facts of the config, after what the peers answered.
+    for note in namespace_report(&config) {
+        println!("note {note}");
     }
     ok
 }

@@ -39,6 +39,12 @@ async fn check(path: &std::path::Path, env: Vec<(String, String)>) -> Output {
 }
 
 const CHECK_CONFIG: &str = r#"
+[server]
+namespace = "access-gate"
+
+[defaults]
+sensitive_namespaces = ["*-prod"]
+
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
 allowed_email_domains = ["example.com"]
@@ -53,6 +59,9 @@ approvers = ["U0APP"]
 default_role = "view"
 [clusters.roles.view]
 access_policy = "AmazonEKSViewPolicy"
+[clusters.roles.edit]
+access_policy = "AmazonEKSEditPolicy"
+namespaces = ["team-*"]
 
 [[clusters]]
 name = "cm-cluster"
@@ -112,6 +121,26 @@ async fn check_reports_each_peer_and_fails_on_config_map_clusters() {
         "{stdout}"
     );
     assert!(!stdout.contains(BOT_TOKEN) && !stdout.contains(SIGNING_SECRET));
+
+    // Spec 9.7: the namespace rules, per cluster and role.
+    assert!(
+        line("note namespace access-gate").contains("never granted on any cluster"),
+        "{stdout}"
+    );
+    let view = line("note cluster api-cluster role view:");
+    assert!(
+        view.contains("cluster-wide without --ns")
+            && view.contains(
+                "except access-gate and denied kube-system, kube-public, kube-node-lease"
+            )
+            && view.contains("sensitive *-prod"),
+        "{stdout}"
+    );
+    let edit = line("note cluster api-cluster role edit:");
+    assert!(
+        edit.contains("only namespaces team-*") && edit.contains("never access-gate"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -120,6 +120,13 @@ pub fn check(form: &RequestForm, clusters: &[ClusterPolicy]) -> Result<RequestAr
                 ),
             ));
         }
+        // Spec 9.7, under the field that asked; `submit` checks it again.
+        if let Err(refusal) = role.namespace_rules.check(&namespaces) {
+            errors.push((
+                Field::Namespaces,
+                refusal.message(&role.name, &cluster.name),
+            ));
+        }
         if let Err(e) = parse_in_range(&form.duration, &role.limits.range()) {
             errors.push((Field::Duration, e));
         }
@@ -210,6 +217,22 @@ mod tests {
             fields(&check(&unknown, &[c]).unwrap_err()),
             vec![Field::Cluster]
         );
+    }
+
+    /// Spec 9.7: the modal shows a protected namespace under its field.
+    #[test]
+    fn protected_namespaces_are_refused_under_the_namespaces_field() {
+        let c = cluster();
+        for ns in ["tollgate", "payments,kube-system"] {
+            let errors = check(&form("edit", ns, "1h"), std::slice::from_ref(&c)).unwrap_err();
+            assert_eq!(fields(&errors), vec![Field::Namespaces], "{ns}");
+            let shown = for_display(&errors[0].1);
+            assert!(
+                shown.contains("[server] namespace") || shown.contains("deny_namespaces"),
+                "{shown}"
+            );
+        }
+        assert!(check(&form("edit", "payments", "1h"), &[c]).is_ok());
     }
 
     #[test]

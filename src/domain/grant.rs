@@ -240,6 +240,24 @@ pub fn role_changed(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String
     })
 }
 
+/// Spec 9.7 at grant time (and when an extension would keep access in
+/// place longer): why the namespaces of `spec` may no longer be granted
+/// under the current configuration, if they may not. A row approved before
+/// a namespace was denied, or written straight into the store, gets
+/// nothing.
+pub fn namespace_refused(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String> {
+    let role = cluster.roles.get(&spec.role)?;
+    role.namespace_rules
+        .check(&spec.namespaces)
+        .err()
+        .map(|refusal| {
+            format!(
+                "a namespace rule refuses it: {}",
+                refusal.message(&spec.role, &cluster.name)
+            )
+        })
+}
+
 /// Whether `row` says it created `object`: the one test of "created by
 /// Tollgate" (spec 9.2). A row from before intents were recorded (none
 /// stored) adopts an object that matches what it would have created: its
@@ -508,6 +526,31 @@ mod tests {
                 name: "tollgate-r-bbbbb".into()
             }
         ));
+    }
+
+    /// Spec 9.7: a row whose namespaces are denied now (config changed
+    /// since approval, or the row was written by hand) is refused at grant.
+    #[test]
+    fn a_denied_namespace_at_grant_time_is_named() {
+        let mut cluster = crate::domain::policy::tests::cluster();
+        let mut s = spec("arn:aws:eks::aws:cluster-access-policy/edit", &["payments"]);
+        s.role = "edit".into();
+        assert_eq!(namespace_refused(&cluster, &s), None);
+        for ns in ["tollgate", "kube-system"] {
+            s.namespaces = vec!["payments".into(), ns.into()];
+            let why = namespace_refused(&cluster, &s).unwrap();
+            assert!(why.contains(ns) && why.contains("namespace rule"), "{why}");
+        }
+        s.namespaces = vec!["payments".into()];
+        cluster
+            .roles
+            .get_mut("edit")
+            .unwrap()
+            .namespace_rules
+            .deny
+            .push("pay*".into());
+        let why = namespace_refused(&cluster, &s).unwrap();
+        assert!(why.contains("\"pay*\""), "{why}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod grant;
 pub mod identity;
 pub mod inbox;
 pub mod lifecycle;
+pub mod namespaces;
 pub mod policy;
 pub mod readback;
 pub mod request;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::command::RequestArgs;
 use super::duration::{format_duration, parse_in_range, DurationRange};
+use super::namespaces::NamespaceRules;
 use super::text::{clip, escape_slack};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -68,6 +69,9 @@ pub struct RolePolicy {
     pub approvers: Vec<String>,
     pub requesters: Vec<String>,
     pub limits: Limits,
+    /// Spec 9.7: the server namespace, `deny_namespaces`, the role's
+    /// `namespaces` allow-list and `sensitive_namespaces`.
+    pub namespace_rules: NamespaceRules,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,6 +163,16 @@ pub fn resolve_request(
             cluster.name
         ));
     }
+    // Spec 9.7: before anything is recorded, break-glass included.
+    policy
+        .namespace_rules
+        .check(&namespaces)
+        .map_err(|refusal| {
+            format!(
+                "{} Nothing was requested.",
+                refusal.message(&role, &cluster.name)
+            )
+        })?;
     let duration = parse_in_range(&args.duration, &policy.limits.range())
         .map_err(|e| format!("{e} (role `{role}` on {})", cluster.name))?;
     // A break-glass reason is the request's reason (spec 8.7): the one
@@ -293,6 +307,7 @@ pub(crate) mod tests {
             approvers: vec!["U0APP".into(), "S0ONCALL".into()],
             requesters: vec![],
             limits: limits(),
+            namespace_rules: NamespaceRules::default(),
         }
     }
 
@@ -394,6 +409,52 @@ pub(crate) mod tests {
             panic!()
         };
         assert_eq!(resolve_request(&c, &args).unwrap().reason, "SEV1 INC-999");
+    }
+
+    /// Spec 9.7: refused by `resolve_request`, so before anything is
+    /// recorded, whichever way the request came (command, modal or
+    /// break-glass all resolve here), naming the rule.
+    #[test]
+    fn protected_namespaces_are_refused_naming_the_rule() {
+        for (text, rule) in [
+            ("eks prod 1h edit --ns tollgate", "[server] namespace"),
+            (
+                "eks prod 1h edit --ns payments,kube-system",
+                "deny_namespaces",
+            ),
+            ("eks prod 1h view --ns kube-node-lease", "deny_namespaces"),
+            (
+                "eks prod 30m edit --ns tollgate --break-glass SEV1",
+                "[server] namespace",
+            ),
+        ] {
+            let err = resolve(text).unwrap_err();
+            assert!(
+                err.contains(rule) && err.contains("Nothing was requested"),
+                "{text}: {err}"
+            );
+        }
+        // An allow-list: only those, never the server namespace, and a
+        // cluster-wide request would reach every namespace.
+        let mut c = cluster();
+        c.roles.get_mut("view").unwrap().namespace_rules.allow =
+            Some(vec!["team-*".into(), "kube-system".into(), "*".into()]);
+        let parsed = |t: &str| match parse(t).unwrap() {
+            Command::Request(args) => args,
+            other => panic!("{other:?}"),
+        };
+        assert!(resolve_request(&c, &parsed("eks prod 1h view --ns kube-system")).is_ok());
+        let err = resolve_request(&c, &parsed("eks prod 1h view --ns tollgate")).unwrap_err();
+        assert!(err.contains("[server] namespace"), "{err}");
+        c.roles.get_mut("view").unwrap().namespace_rules.allow = Some(vec!["team-*".into()]);
+        let err = resolve_request(&c, &parsed("eks prod 1h view --ns web")).unwrap_err();
+        assert!(
+            err.contains("`namespaces`") && err.contains("team-*"),
+            "{err}"
+        );
+        let err = resolve_request(&c, &parsed("eks prod 1h view")).unwrap_err();
+        assert!(err.contains("--ns"), "{err}");
+        assert!(resolve_request(&c, &parsed("eks prod 1h view --ns team-a")).is_ok());
     }
 
     /// Spec 9.3: the time a grant may still be extended by.

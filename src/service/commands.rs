@@ -472,7 +472,7 @@ impl Service {
             return;
         };
         let channel = cluster.approval_channel.clone();
-        let msg = blocks::card(&req, self.clock.now());
+        let msg = blocks::card(&req, self.clock.now(), &self.sensitive_namespaces(&req));
         match self
             .send("approval card", || self.slack.post(&channel, &msg))
             .await

@@ -61,6 +61,9 @@ pub enum GrantRefusal {
     /// An approver approved a precise change; the role was edited since.
     #[error("{0}")]
     RoleChanged(String),
+    /// Spec 9.7: the row names a namespace the configuration refuses now.
+    #[error("{0}; nothing was granted")]
+    NamespaceRefused(String),
     #[error("the cluster {0} is no longer configured; nothing was granted")]
     ClusterGone(String),
     #[error("the requester's Slack account no longer exists; nothing was granted")]
@@ -79,6 +82,7 @@ impl GrantRefusal {
     pub fn metric_label(&self) -> &'static str {
         match self {
             GrantRefusal::RoleChanged(_) => "role_changed",
+            GrantRefusal::NamespaceRefused(_) => "namespace_refused",
             GrantRefusal::ClusterGone(_) => "cluster_unconfigured",
             GrantRefusal::AccountGone | GrantRefusal::Offboarded(_) => "offboarded",
             GrantRefusal::Unconfirmed(_) => "identity_unconfirmed",

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
 use crate::domain::duration::{format_duration, parse_in_range};
+use crate::domain::grant::namespace_refused;
 use crate::domain::lifecycle::{self, in_force, Mode};
 use crate::domain::policy::{check_total_duration, listed, may_request, mention_list};
 use crate::domain::request::{Request, RequestId, State};
@@ -122,6 +123,15 @@ impl Service {
                 grant.access.role, grant.access.cluster
             );
         };
+        // An extension keeps the grant's own namespaces (it cannot name
+        // others); a namespace denied since the grant is not kept longer.
+        if let Some(why) = self
+            .config
+            .cluster(&grant.access.cluster)
+            .and_then(|c| namespace_refused(c, &grant.access))
+        {
+            return format!("{id} cannot be extended: {why}. Nothing was requested.");
+        }
         let text = duration_text
             .map(str::to_string)
             .unwrap_or_else(|| format_duration(grant.duration));
@@ -290,6 +300,7 @@ impl Service {
             .map(|r| r.limits.clone());
         let reminder_before = role_limits.as_ref().map(|l| l.reminder_before);
         let max_total = role_limits.map(|l| l.max_total_duration);
+        let cluster = self.config.cluster(&ext.access.cluster);
         let applied = self
             .modify(&grant_id, |grant| {
                 if grant.extended_by.contains(&ext.id) {
@@ -313,6 +324,11 @@ impl Service {
                     if let Err(why) = check_total_duration(so_far, ext.duration, max_total) {
                         return Change::Keep(Applied::Ended(why));
                     }
+                }
+                // Spec 9.7, checked on the grant's own namespaces: the
+                // config may have denied one since the extension was asked.
+                if let Some(why) = cluster.and_then(|c| namespace_refused(c, &grant.access)) {
+                    return Change::Keep(Applied::Ended(why));
                 }
                 let e = lifecycle::extend_grant(grant, ext, expires_at, reminder_before, now);
                 let moved = Applied::Moved(Box::new(e.row.clone()));

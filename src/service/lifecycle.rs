@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::error::{GrantRefusal, ServiceError};
 use super::{failpoint, Change, Service};
 use crate::access::InForce;
-use crate::domain::grant::{intents_for, role_changed};
+use crate::domain::grant::{intents_for, namespace_refused, role_changed};
 use crate::domain::lifecycle::{self, in_force};
 use crate::domain::readback::Verified;
 use crate::domain::request::{Request, RequestId, State};
@@ -279,20 +279,23 @@ impl Service {
         if !req.grant_abandoned() {
             // An approver approved a precise change; a role edited since
             // then fails the grant rather than granting something else.
-            if let Some(changed) = self
-                .config
-                .cluster(&req.access.cluster)
-                .and_then(|c| role_changed(c, &req.access))
-            {
-                tracing::error!(request_id = %id, error = %changed, "grant refused");
+            // Likewise a namespace denied since (spec 9.7).
+            if let Some(refusal) = self.config.cluster(&req.access.cluster).and_then(|c| {
+                role_changed(c, &req.access)
+                    .map(GrantRefusal::RoleChanged)
+                    .or_else(|| {
+                        namespace_refused(c, &req.access).map(GrantRefusal::NamespaceRefused)
+                    })
+            }) {
+                tracing::error!(request_id = %id, error = %refusal, "grant refused");
                 // Only a row that recorded intents can have left anything.
                 let cleanup = if req.intents.is_empty() {
                     None
                 } else {
                     self.converge_for(&req, None, now).await.err()
                 };
-                let refusal = GrantRefusal::RoleChanged(changed).into();
-                self.record_grant_failure(&req, refusal, cleanup).await;
+                self.record_grant_failure(&req, refusal.into(), cleanup)
+                    .await;
                 return;
             }
             // What the converge may create is in the store before any

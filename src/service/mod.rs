@@ -437,6 +437,16 @@ impl Service {
         }
     }
 
+    /// The request's namespaces its role's `sensitive_namespaces` match,
+    /// under the configuration as it is now (spec 9.7).
+    fn sensitive_namespaces(&self, req: &Request) -> Vec<String> {
+        self.config
+            .cluster(&req.access.cluster)
+            .and_then(|c| c.roles.get(&req.access.role))
+            .map(|r| r.namespace_rules.sensitive_of(&req.access.namespaces))
+            .unwrap_or_default()
+    }
+
     /// Every copy of the card (the approval channel's and approvers' DMs)
     /// shows the same state. Each attempt renders the row as it is then, so
     /// retries through a Slack outage never put an older state back.
@@ -448,7 +458,11 @@ impl Service {
                         Ok(Some(row)) => row,
                         _ => req.clone(),
                     };
-                    let msg = blocks::card(&latest, self.clock.now());
+                    let msg = blocks::card(
+                        &latest,
+                        self.clock.now(),
+                        &self.sensitive_namespaces(&latest),
+                    );
                     self.slack.update(&card.channel, &card.ts, &msg).await
                 })
                 .await;

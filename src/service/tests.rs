@@ -1139,3 +1139,66 @@ async fn the_inbox_sweep_takes_up_abandoned_clicks_once() {
     assert_eq!(row.approvals.len(), 1, "one vote");
     assert_ne!(row.state, State::Pending, "the click decided the request");
 }
+
+/// Spec 9.7: an extension keeps the grant's own namespaces, so once one of
+/// them is denied (the config changed and the server restarted) neither a
+/// waiting extension nor a new one keeps the access longer.
+#[tokio::test]
+async fn an_extension_never_keeps_a_namespace_denied_since_the_grant() {
+    let r = rig();
+    let grant = r.approved("eks prod 30m edit --ns payments", "U0APP").await;
+    let before = r.state(&grant).await.expires_at;
+    assert!(before.is_some());
+    let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    let ext = Rig::id_in(&receipt, 0);
+
+    let mut config = (*r.service.config).clone();
+    config.clusters[0]
+        .roles
+        .get_mut("edit")
+        .unwrap()
+        .namespace_rules
+        .deny
+        .push("pay*".into());
+    let restarted = Service::new(
+        Arc::new(config),
+        r.service.store.clone(),
+        r.access.clone(),
+        r.slack.clone(),
+        r.clock.clone(),
+        Arc::new(crate::metrics::Metrics::new()),
+        Tunables::default(),
+    );
+    restarted
+        .decide(Decision {
+            request_id: ext.to_string(),
+            user_id: "U0APP".into(),
+            approve: true,
+            response_url: None,
+        })
+        .await;
+    let failed = r.state(&ext).await;
+    assert_eq!(failed.state, State::Failed);
+    assert!(
+        failed
+            .failure
+            .as_deref()
+            .unwrap_or_default()
+            .contains("\"pay*\""),
+        "{failed:?}"
+    );
+    assert_eq!(r.state(&grant).await.expires_at, before, "expiry unmoved");
+
+    let refused = restarted
+        .handle_command(SlashCommand {
+            trigger_id: None,
+            user_id: "U0REQ".into(),
+            text: format!("extend {grant} 1h"),
+            response_url: None,
+        })
+        .await;
+    assert!(
+        refused.contains("cannot be extended") && refused.contains("deny_namespaces"),
+        "{refused}"
+    );
+}

@@ -179,8 +179,23 @@ fn votes(req: &Request) -> String {
 }
 
 /// The approval card: buttons while Pending, the outcome once decided.
-pub fn card(req: &Request, now: OffsetDateTime) -> Message {
+/// `sensitive`: the request's namespaces that match the role's
+/// `sensitive_namespaces` (spec 9.7), marked for the approver.
+pub fn card(req: &Request, now: OffsetDateTime, sensitive: &[String]) -> Message {
     let mut blocks = vec![section(&card_header(req)), card_details(req, now)];
+    if !sensitive.is_empty() {
+        // Plain text like every name that came with a request.
+        let text = format!(
+            "\u{26a0} Sensitive {}: {} (sensitive_namespaces). Approve only what the reason needs.",
+            if sensitive.len() == 1 {
+                "namespace"
+            } else {
+                "namespaces"
+            },
+            sensitive.join(", ")
+        );
+        blocks.push(json!({"type": "section", "block_id": "sensitive", "text": {"type": "plain_text", "text": text, "emoji": false}}));
+    }
     let status = match req.state {
         State::Pending => {
             let mut s = format!(
@@ -589,8 +604,17 @@ mod tests {
             },
             now,
         );
-        let msg = card(&req, now);
+        let msg = card(&req, now, &[]);
         let (md, plain) = texts(&msg.blocks);
+        assert!(!plain.iter().any(|t| t.contains("Sensitive")), "{plain:?}");
+        let marked = card(&req, now, &["payments".to_string()]);
+        let (_, marked) = texts(&marked.blocks);
+        assert!(
+            marked
+                .iter()
+                .any(|t| t.contains("Sensitive namespace: payments (sensitive_namespaces)")),
+            "{marked:?}"
+        );
         for text in &md {
             assert!(
                 !text.contains("urgent") && !text.contains("m*a_l"),
@@ -666,7 +690,7 @@ mod tests {
             dm.ends_with("has expired: access removed, verified at 16:40:02 UTC."),
             "{dm}"
         );
-        let card = serde_json::to_string(&card(&req, now).blocks).unwrap();
+        let card = serde_json::to_string(&card(&req, now, &[]).blocks).unwrap();
         assert!(
             card.contains("access removed, verified at 16:40:02 UTC."),
             "{card}"

@@ -177,6 +177,17 @@ pub struct ServerSection {
     /// cluster (spec 9.7).
     #[serde(default = "default_server_namespace")]
     pub namespace: String,
+    /// Connections held open at once on the Slack listener (spec 9.9);
+    /// one more is answered 503 at once and closed, so a flood of stalled
+    /// connections cannot grow memory without bound.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 
 impl Default for ServerSection {
@@ -187,6 +198,7 @@ impl Default for ServerSection {
             instance: default_instance(),
             metrics_listen: None,
             namespace: default_server_namespace(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -251,7 +263,7 @@ fn default_store_path() -> PathBuf {
     PathBuf::from("./tollgate-data")
 }
 
-#[derive(Debug, Deserialize, Clone, Default)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct SlackSection {
     pub api_url: Option<String>,
@@ -261,6 +273,26 @@ pub struct SlackSection {
     /// Standing-access summary to `security_channel` (spec section 12).
     #[serde(default)]
     pub standing_access_digest: Digest,
+    /// Slash commands one user may send in a minute (spec 9.9); more are
+    /// refused with the time to wait.
+    #[serde(default = "default_commands_per_minute")]
+    pub commands_per_minute: u32,
+}
+
+fn default_commands_per_minute() -> u32 {
+    20
+}
+
+impl Default for SlackSection {
+    fn default() -> Self {
+        SlackSection {
+            api_url: None,
+            app_id: None,
+            security_channel: None,
+            standing_access_digest: Digest::default(),
+            commands_per_minute: default_commands_per_minute(),
+        }
+    }
 }
 
 /// `[slack] standing_access_digest`.
@@ -519,6 +551,20 @@ impl Resolver<'_> {
                     "must differ from `listen`: metrics never share the Slack listener".into(),
                 ));
             }
+        }
+        if file.server.max_connections == 0 || file.server.max_connections > 65_536 {
+            return Err(self.invalid(
+                Section::Table("server"),
+                "max_connections",
+                "must be between 1 and 65536".into(),
+            ));
+        }
+        if file.slack.commands_per_minute == 0 {
+            return Err(self.invalid(
+                Section::Table("slack"),
+                "commands_per_minute",
+                "must be at least 1".into(),
+            ));
         }
         let identity = self.resolve_identity(&file.identity)?;
         let max_pending_per_user = file.defaults.max_pending_per_user.unwrap_or(5);

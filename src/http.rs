@@ -7,6 +7,7 @@
 //! [`REQUEST_TIMEOUT`] or the connection is closed.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -14,7 +15,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
 
 /// A connection that has not sent a complete request head within this is
 /// closed. It also closes a keep-alive connection idle for this long, so a
@@ -25,18 +30,39 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for requests under way.
 const DRAIN: Duration = Duration::from_secs(10);
+/// The request line and headers together (spec 9.9); longer is answered
+/// 431 by hyper before any handler runs.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Time given to the 503 written to a connection over the limit.
+const REFUSAL_WRITE: Duration = Duration::from_secs(1);
+const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nconnection: close\r\nretry-after: 1\r\n\r\nToo many connections to Tollgate; retry.\r\n";
+
+/// What one listener may hold: at most `max_connections` connections, each
+/// with at most [`MAX_HEADER_BYTES`] of request head and (the handlers'
+/// rule) 64 KiB of body, so a flood bounds memory at about
+/// `max_connections` × 80 KiB whatever it sends. `inflight` shows the
+/// connections held.
+pub struct Limits {
+    pub max_connections: usize,
+    pub metrics: Arc<Metrics>,
+    /// Whether this listener's connections are `tollgate_http_inflight`.
+    pub counted: bool,
+}
 
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()>,
+    limits: Limits,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -51,15 +77,28 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            limits.metrics.rejected("too_many_connections");
+            tokio::spawn(refuse(tcp));
+            continue;
+        };
         let service = TowerToHyperService::new(app.clone());
         let conn = builder
             .serve_connection(TokioIo::new(tcp), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let inflight = limits.counted.then(|| limits.metrics.http_inflight.clone());
+        if let Some(g) = &inflight {
+            g.inc();
+        }
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection closed with an error");
             }
+            if let Some(g) = inflight {
+                g.dec();
+            }
+            drop(permit);
         });
     }
     drop(listener);
@@ -70,4 +109,14 @@ pub async fn serve(
         tracing::warn!("requests still open at shutdown were cut off");
     }
     Ok(())
+}
+
+/// Over the connection limit: a 503 at once, without reading the request,
+/// then the connection is closed.
+async fn refuse(mut tcp: TcpStream) {
+    let _ = tokio::time::timeout(REFUSAL_WRITE, async {
+        tcp.write_all(OVER_CAPACITY).await?;
+        tcp.shutdown().await
+    })
+    .await;
 }

@@ -65,6 +65,8 @@ pub struct Metrics {
     /// Slack clicks acknowledged by a process that did not live to act on
     /// them, taken up from the store afterwards.
     pub clicks_replayed: Counter,
+    /// Connections open on the Slack listener (spec 9.9).
+    pub http_inflight: Gauge,
 }
 
 impl Default for Metrics {
@@ -172,6 +174,12 @@ impl Metrics {
             "Slack clicks recorded and answered before a restart, processed after it",
             clicks_replayed.clone(),
         );
+        let http_inflight = Gauge::default();
+        registry.register(
+            "http_inflight",
+            "Connections open on the Slack listener, at most [server] max_connections",
+            http_inflight.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -190,6 +198,7 @@ impl Metrics {
             standing_access,
             reconcile_passes,
             clicks_replayed,
+            http_inflight,
         }
     }
 

@@ -167,7 +167,14 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     let metrics_task = metrics_listener.map(|l| {
         tracing::info!(metrics_listen = ?l.local_addr().ok(), "serving metrics");
         let app = metrics_router(state.clone());
-        tokio::spawn(crate::http::serve(l, app, stopped(down_rx.clone())))
+        // Prometheus needs one connection; a few leave room for a second
+        // scraper and a person with curl.
+        let limits = crate::http::Limits {
+            max_connections: METRICS_CONNECTIONS,
+            metrics: service.metrics().clone(),
+            counted: false,
+        };
+        tokio::spawn(crate::http::serve(l, app, stopped(down_rx.clone()), limits))
     });
     tracing::info!(listen = %listener.local_addr()?, "serving");
     let app = router(state);
@@ -175,7 +182,12 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
         shutdown_signal().await;
         let _ = down_tx.send(true);
     });
-    crate::http::serve(listener, app, stopped(down_rx)).await?;
+    let limits = crate::http::Limits {
+        max_connections: config.server.max_connections,
+        metrics: service.metrics().clone(),
+        counted: true,
+    };
+    crate::http::serve(listener, app, stopped(down_rx), limits).await?;
     signal.abort();
     if let Some(task) = metrics_task {
         let _ = task.await;
@@ -195,6 +207,9 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Connections the metrics listener holds at once.
+const METRICS_CONNECTIONS: usize = 16;
 
 /// How long start-up keeps asking `auth.test` for the bot's workspace
 /// before the port opens anyway (not ready, refusing Slack requests) and

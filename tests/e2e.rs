@@ -2894,3 +2894,150 @@ async fn chaos_kills_around_commands_and_clicks_lose_no_acknowledged_request() {
     );
     assert!(left_pending.is_empty(), "left pending: {left_pending:?}");
 }
+
+// ------------------------------------------------ load and abuse at the edge
+
+/// Sends `head` on a fresh connection and returns the status line of what
+/// comes back within two seconds (empty when nothing does).
+async fn raw_status(base: &str, head: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(head).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut buf = [0u8; 1024];
+        while !got.windows(2).any(|w| w == b"\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Spec 9.9 at the HTTP edge: a body is judged by its declared length
+/// before a byte of it is awaited (none: 411, too long: 413, at once);
+/// headers are capped at 16 KiB; connections over `max_connections` get an
+/// immediate 503 while the ones held are shown in `tollgate_http_inflight`,
+/// and valid commands are served again as soon as room is made; one user's
+/// commands over `commands_per_minute` are refused with the time to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_bounds_lengths_headers_connections_and_command_rates() {
+    use tokio::io::AsyncWriteExt;
+    let config = CONFIG
+        .replace(
+            "listen = \"{listen}\"\n",
+            "listen = \"{listen}\"\nmax_connections = 24\n",
+        )
+        .replace(
+            "app_id = \"A0TOLLGATE\"\n",
+            "app_id = \"A0TOLLGATE\"\ncommands_per_minute = 3\n",
+        );
+    let w = World::with_config(config).await;
+    let base = w.tollgate.base.clone();
+
+    // A declared body too long, none of it sent: refused without waiting.
+    let started = Instant::now();
+    let status = raw_status(
+        &base,
+        b"POST /slack/commands HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n",
+    )
+    .await;
+    assert!(status.contains(" 413 "), "{status}");
+    // No declared length (a chunked body that never ends): 411 at once.
+    let status = raw_status(
+        &base,
+        b"POST /slack/interactions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await;
+    assert!(status.contains(" 411 "), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "both answered before any body: {:?}",
+        started.elapsed()
+    );
+    // Headers over 16 KiB.
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\nx-filler: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let status = raw_status(&base, big.as_bytes()).await;
+    assert!(status.contains(" 431 "), "{status}");
+    for reason in ["length_required", "too_large"] {
+        let counted = w
+            .metric("tollgate_http_rejected_total", Some(("reason", reason)))
+            .await;
+        assert_eq!(counted, Some(1.0), "{reason}");
+    }
+
+    // Hold every connection the server allows with a stalled request.
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(b"POST /slack/commands HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\nab")
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    wait_until("connections counted", Duration::from_secs(5), || async {
+        w.metric("tollgate_http_inflight", None).await == Some(24.0)
+    })
+    .await;
+    let started = Instant::now();
+    let status = raw_status(&base, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(status.contains(" 503 "), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        w.metric(
+            "tollgate_http_rejected_total",
+            Some(("reason", "too_many_connections"))
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    // Room made: commands are served again at once.
+    held.truncate(12);
+    wait_until("room again", Duration::from_secs(5), || async {
+        w.metric("tollgate_http_inflight", None).await == Some(12.0)
+    })
+    .await;
+    let (status, json) = w.slash(REQUESTER, "help").await;
+    assert_eq!(status, 200, "{json}");
+    drop(held);
+
+    // commands_per_minute = 3: `help` above was the first.
+    for _ in 0..2 {
+        let (status, _) = w.slash(REQUESTER, "clusters").await;
+        assert_eq!(status, 200);
+    }
+    let (status, json) = w
+        .slash(REQUESTER, "eks prod-cluster 5m view INC-RATE")
+        .await;
+    assert_eq!(status, 200);
+    let text = json["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("within the last minute") && text.contains("Try again in"),
+        "{text}"
+    );
+    assert!(
+        w.slack.calls_to("chat.postMessage").is_empty(),
+        "a refused command requests nothing"
+    );
+    let (_, json) = w.slash(OUTSIDER, "help").await;
+    assert!(
+        !json["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("within the last minute"),
+        "the limit is per user"
+    );
+}

@@ -12,6 +12,7 @@ pub mod inbox;
 pub mod lifecycle;
 pub mod namespaces;
 pub mod policy;
+pub mod rate;
 pub mod readback;
 pub mod request;
 pub mod standing;

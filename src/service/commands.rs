@@ -39,6 +39,15 @@ const USER_LOOKUP_TIMEOUT: Duration = Duration::from_millis(2000);
 impl Service {
     /// Every outcome, error or not, is a message for the requester.
     pub async fn handle_command(self: &Arc<Self>, cmd: SlashCommand) -> String {
+        let admitted = self
+            .command_rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit(&cmd.user_id, self.clock.now());
+        if let Err(wait) = admitted {
+            self.metrics.rejected("commands_per_minute");
+            return blocks::too_many_commands(self.config.slack.commands_per_minute, wait);
+        }
         let parsed = match parse(&cmd.text) {
             Ok(c) => c,
             Err(message) => return message,

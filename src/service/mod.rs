@@ -64,6 +64,8 @@ pub struct Service {
     /// Keys of the recorded Slack clicks a task of this process is
     /// processing, so the inbox sweep does not start them a second time.
     clicks_in_flight: std::sync::Mutex<HashSet<String>>,
+    /// `[slack] commands_per_minute`, per user.
+    command_rate: std::sync::Mutex<crate::domain::rate::PerMinute>,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -191,6 +193,7 @@ impl Service {
         metrics: Arc<Metrics>,
         tunables: Tunables,
     ) -> Arc<Self> {
+        let command_rate = crate::domain::rate::PerMinute::new(config.slack.commands_per_minute);
         Arc::new(Service {
             config,
             store,
@@ -206,6 +209,7 @@ impl Service {
             foreign: Default::default(),
             full_scans: Default::default(),
             clicks_in_flight: Default::default(),
+            command_rate: std::sync::Mutex::new(command_rate),
             tunables,
         })
     }

@@ -472,6 +472,14 @@ pub fn expired_dm(req: &Request) -> Message {
 
 /// The words for a refused command or click (`service::Refusal`): built
 /// here, where every other Slack text is, from the refusal's facts.
+/// `[slack] commands_per_minute` reached: nothing was done.
+pub fn too_many_commands(limit: u32, wait: std::time::Duration) -> String {
+    format!(
+        "You sent {limit} Tollgate commands within the last minute, the most allowed; nothing was done. Try again in {}s.",
+        wait.as_secs()
+    )
+}
+
 pub fn refusal_text(r: &crate::service::Refusal) -> String {
     use crate::domain::policy::mention_list;
     use crate::domain::text::clip;

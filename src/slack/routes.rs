@@ -166,6 +166,16 @@ fn reject(
     response
 }
 
+/// Tells the client the connection ends with this answer: the rest of
+/// what it sends is not read.
+fn closing(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
+}
+
 /// Reads at most 64 KiB and checks the signature, its timestamp, that it
 /// was not seen before and that the body is text; the error is the
 /// response.
@@ -174,6 +184,32 @@ async fn authenticated_body(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, Response> {
+    // Judged on the declared length, before any body byte is awaited: a
+    // client cannot hold the connection open with a body it never sends
+    // in full or that was always going to be too long (spec 9.9).
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        None => {
+            return Err(closing(reject(
+                app,
+                "length_required",
+                StatusCode::LENGTH_REQUIRED,
+                "Content-Length required",
+            )))
+        }
+        Some(n) if n > MAX_BODY_BYTES as u64 => {
+            return Err(closing(reject(
+                app,
+                "too_large",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body over 64 KiB",
+            )))
+        }
+        Some(_) => {}
+    }
     let bytes = read_limited(body).await.map_err(|status| match status {
         StatusCode::REQUEST_TIMEOUT => reject(app, "timeout", status, "request body too slow"),
         StatusCode::PAYLOAD_TOO_LARGE => {

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use support::ministack::{encode_arn, MiniStack};
 use tollgate::access::access_entry::AccessEntryStrategy;
-use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce, Look};
+use tollgate::access::{AccessEngine, AccessError, AwsClients, Converged, InForce, Look};
 use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
 use tollgate::domain::readback::ReadBack;
@@ -112,7 +112,7 @@ impl Harness {
 
     /// Converges ALICE to the given (grant id, spec) pairs; the first grant,
     /// or "none", is credited as creator.
-    async fn converge(&self, grants: &[(&str, &AccessSpec)]) -> Result<(), AccessError> {
+    async fn converge(&self, grants: &[(&str, &AccessSpec)]) -> Result<Converged, AccessError> {
         let in_force: Vec<InForce> = grants
             .iter()
             .map(|(id, spec)| InForce {
@@ -130,9 +130,10 @@ impl Harness {
             .await
     }
 
-    async fn converge_ok(&self, grants: &[(&str, &AccessSpec)]) {
-        if let Err(e) = self.converge(grants).await {
-            panic!("converge failed: {e}\nMiniStack log:\n{}", self.ms.log());
+    async fn converge_ok(&self, grants: &[(&str, &AccessSpec)]) -> Converged {
+        match self.converge(grants).await {
+            Ok(done) => done,
+            Err(e) => panic!("converge failed: {e}\nMiniStack log:\n{}", self.ms.log()),
         }
     }
 

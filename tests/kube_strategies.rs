@@ -178,6 +178,7 @@ impl Rig {
         self.rbac
             .converge(&self.cluster, USER, &in_force, "none")
             .await
+            .map(|_| ())
     }
 
     async fn auth(
@@ -196,6 +197,7 @@ impl Rig {
         self.aws_auth
             .converge(&self.cluster, principal, &in_force, "none")
             .await
+            .map(|_| ())
     }
 
     /// The read-back after revoking grant `id` (`spec`), with `grants`

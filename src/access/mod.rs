@@ -32,6 +32,25 @@ pub enum AccessError {
     },
     #[error("store error during grant: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The principal's access on `cluster` is marked by another Tollgate
+    /// installation: nothing is granted over it (spec 9.6).
+    #[error("{object} of {principal} on {cluster} belongs to another Tollgate installation, `{instance}`; nothing was granted (two installations never share a principal's access)")]
+    OtherInstallation {
+        cluster: String,
+        principal: String,
+        object: String,
+        instance: String,
+    },
+}
+
+/// What a converge reports besides having converged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Converged {
+    /// Standing access a baseline recorded that someone removed while a
+    /// grant was in force: not re-created, the baseline forgotten (spec
+    /// 9.6). The caller audits `baseline_gone` and tells the security
+    /// channel.
+    pub baselines_gone: Vec<crate::domain::grant::GoneBaseline>,
 }
 
 /// One grant that should be in force, with the id of the request it came from.
@@ -153,7 +172,7 @@ pub trait AccessEngine: Send + Sync + 'static {
         principal: &str,
         grants: &[InForce<'_>],
         creator: &str,
-    ) -> Result<(), AccessError>;
+    ) -> Result<Converged, AccessError>;
 }
 
 /// `serve --dry-run`: every write is logged instead of made, and nothing
@@ -189,7 +208,7 @@ impl AccessEngine for DryRun {
         principal: &str,
         grants: &[InForce<'_>],
         _creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let ids: Vec<&str> = grants.iter().map(|g| g.grant_id).collect();
         tracing::info!(
             dry_run = true,
@@ -199,7 +218,7 @@ impl AccessEngine for DryRun {
             grants_in_force = ?ids,
             "dry run: would converge access to these grants"
         );
-        Ok(())
+        Ok(Converged::default())
     }
 }
 
@@ -261,7 +280,7 @@ impl AccessEngine for Engine {
         principal: &str,
         grants: &[InForce<'_>],
         creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         self.strategy(cluster)
             .converge(cluster, principal, grants, creator)
             .await

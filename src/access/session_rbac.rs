@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::kube::KubeClients;
-use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
+use super::{store_knows, AccessEngine, AccessError, Converged, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
@@ -444,7 +444,7 @@ impl AccessEngine for SessionRbacStrategy {
         user: &str,
         grants: &[InForce<'_>],
         _creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let client = self.kube.client(cluster).await?;
         let mut desired: BTreeMap<BindingKey, Desired> = BTreeMap::new();
         for g in grants {
@@ -505,7 +505,7 @@ impl AccessEngine for SessionRbacStrategy {
                 tracing::warn!(cluster = %cluster.name, binding = %key.name, grant = ?f.grant, "binding carries Tollgate's labels but its store did not create it; left alone");
             }
         }
-        Ok(())
+        Ok(Converged::default())
     }
 
     /// A GET of each binding the revoked grant was given (named after it,

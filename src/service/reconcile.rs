@@ -271,7 +271,7 @@ impl Service {
                 .get(key)
                 .cloned()
                 .unwrap_or_else(|| key.clone());
-            let Some(_guard) = self.principal(&cluster.name, &principal).await else {
+            let Some(guard) = self.principal(&cluster.name, &principal).await else {
                 continue;
             };
             // Re-read under the lock: a grant or revoke may have finished.
@@ -349,9 +349,34 @@ impl Service {
                 .cloned()
                 .collect();
             let creator = keep.first().map(|g| g.grant_id).unwrap_or("reconciler");
-            self.access
-                .converge(cluster, &principal, &keep, creator)
-                .await?;
+            // The same lease and the same time limit as every other
+            // converge of this principal (spec 9.6): a pass that lingered
+            // past most of its lease leaves the principal to the next one,
+            // and a converge cut off mid-call fences it like any other.
+            if !guard.fresh_enough(self.clock.now()) {
+                tracing::warn!(cluster = %cluster.name, %principal, "lease nearly lapsed before the cleanup; leaving it to the next pass");
+                continue;
+            }
+            let limit = self.tunables.converge_limit;
+            let converged = match tokio::time::timeout(
+                limit,
+                self.access.converge(cluster, &principal, &keep, creator),
+            )
+            .await
+            {
+                Ok(result) => result?,
+                Err(_) => {
+                    self.fence(&cluster.name, &principal).await;
+                    return Err(ServiceError::CutOff(limit));
+                }
+            };
+            self.report_baselines_gone(
+                &cluster.name,
+                &principal,
+                creator,
+                &converged.baselines_gone,
+            )
+            .await;
             // The strategy leaves an object that holds something Tollgate
             // did not set (Kubernetes groups, another association); only
             // what is really gone is reported as removed.

@@ -87,7 +87,7 @@ impl AccessEngine for FakeAccess {
         principal: &str,
         grants: &[InForce<'_>],
         _: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<crate::access::Converged, AccessError> {
         self.converged_principals
             .lock()
             .unwrap()
@@ -123,7 +123,7 @@ impl AccessEngine for FakeAccess {
                 .unwrap()
                 .retain(|o| o.principal != principal);
         }
-        Ok(())
+        Ok(crate::access::Converged::default())
     }
 
     async fn verify_removed(

@@ -1,0 +1,277 @@
+//! Two installations of Tollgate (`[server] instance` "blue" and "green",
+//! each with its own store) on one EKS cluster in MiniStack, both granting
+//! the same principal (spec 9.6). Associations carry no marks, so if one
+//! installation granted over the other's entry it would take the other's
+//! association for standing access (a baseline) and put it back at its own
+//! end: access that outlives every grant. Each installation refuses to
+//! grant over an entry the other marked, naming it, and when everything
+//! ends nothing is left — in both orders.
+
+mod support;
+
+use serde_json::Value;
+use std::process::Command;
+use std::time::Duration;
+use support::ministack::{encode_arn, MiniStack};
+use support::sign::{action_body, post_signed, request_id, slash_body};
+use support::slack::SlackStandIn;
+use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
+
+const CHANNEL: &str = "C0APPROVALS";
+const REQUESTER: &str = "U0REQ";
+const APPROVER: &str = "U0APP";
+
+const CONFIG: &str = r#"
+[server]
+listen = "{listen}"
+instance = "{instance}"
+
+[store]
+path = "{data}"
+
+[identity]
+principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
+allowed_email_domains = ["example.com"]
+
+[defaults]
+min_duration = "1s"
+max_duration = "1h"
+reconcile_interval = "1s"
+
+[[clusters]]
+name = "prod-cluster"
+region = "us-east-1"
+account_id = "000000000000"
+approval_channel = "C0APPROVALS"
+approvers = ["U0APP"]
+default_role = "view"
+[clusters.roles.view]
+access_policy = "AmazonEKSViewPolicy"
+"#;
+
+struct Installations {
+    ms: MiniStack,
+    slack: SlackStandIn,
+    blue: Tollgate,
+    green: Tollgate,
+    http: reqwest::Client,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Installations {
+    async fn start() -> Installations {
+        support::install_crypto_provider();
+        let ms = MiniStack::start();
+        ms.create_cluster("prod-cluster").await;
+        let slack = SlackStandIn::start(BOT_TOKEN).await;
+        slack.add_user(REQUESTER, "alice@example.com", "UTC", 0);
+        slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
+        slack.add_channel(CHANNEL, true);
+        let (db, dg) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let blue = Tollgate::start(
+            db.path(),
+            &CONFIG.replace("{instance}", "blue"),
+            &slack.api_url(),
+            &ms,
+        )
+        .await;
+        let green = Tollgate::start(
+            dg.path(),
+            &CONFIG.replace("{instance}", "green"),
+            &slack.api_url(),
+            &ms,
+        )
+        .await;
+        Installations {
+            ms,
+            slack,
+            blue,
+            green,
+            http: reqwest::Client::new(),
+            _dirs: (db, dg),
+        }
+    }
+
+    /// A request through `via`, approved there; its id.
+    async fn granted_request(&self, via: &Tollgate, text: &str) -> String {
+        let body = slash_body(REQUESTER, text, &self.slack.response_url("cmd"));
+        let url = format!("{}/slack/commands", via.base);
+        let json: Value = post_signed(&self.http, &url, SIGNING_SECRET, body)
+            .await
+            .json()
+            .await
+            .unwrap();
+        let id = request_id(json["text"].as_str().unwrap());
+        let ts = self
+            .slack
+            .card_ts(CHANNEL, &id, Duration::from_secs(10))
+            .await;
+        let body = action_body(
+            APPROVER,
+            "approve",
+            &id,
+            CHANNEL,
+            &ts,
+            &self.slack.response_url("click"),
+        );
+        let url = format!("{}/slack/interactions", via.base);
+        let status = post_signed(&self.http, &url, SIGNING_SECRET, body)
+            .await
+            .status();
+        assert_eq!(status, 200);
+        id
+    }
+
+    /// Alice's associations as EKS lists them: policy ARN → scope type.
+    async fn associations(&self) -> Vec<(String, Value)> {
+        let path = format!(
+            "/clusters/prod-cluster/access-entries/{}/access-policies",
+            encode_arn(ALICE)
+        );
+        let (status, body) = self.ms.eks_json("GET", &path, None).await;
+        if status == 404 {
+            return Vec::new();
+        }
+        assert_eq!(status, 200, "{body}");
+        body["associatedAccessPolicies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["policyArn"].as_str().unwrap().to_string(),
+                    a["accessScope"].clone(),
+                )
+            })
+            .collect()
+    }
+
+    async fn entry_exists(&self) -> bool {
+        let path = format!(
+            "/clusters/prod-cluster/access-entries/{}",
+            encode_arn(ALICE)
+        );
+        self.ms.eks_json("GET", &path, None).await.0 == 200
+    }
+
+    /// Reconcile passes `t` has made on the cluster, from `/metrics`.
+    async fn passes(&self, t: &Tollgate) -> u64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", t.metrics_base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with("tollgate_reconcile_passes_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64
+    }
+}
+
+const ALICE: &str = "arn:aws:iam::000000000000:role/alice";
+
+fn cli(t: &Tollgate, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .arg("--config")
+        .arg(&t.config_path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn audit(t: &Tollgate) -> Vec<Value> {
+    let (ok, out, err) = cli(t, &["audit", "export"]);
+    assert!(ok, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn event(t: &Tollgate, name: &str, id: &str) -> Option<Value> {
+    audit(t)
+        .into_iter()
+        .find(|e| e["event"] == name && e["request_id"] == id)
+}
+
+/// `first` grants view; `second`, asked for view in `payments` while that
+/// grant is active, refuses naming `first_name`; `first`'s grant is
+/// revoked early; after that, and after both reconcilers have looked
+/// again, Alice has no access left.
+async fn second_installation_is_refused(
+    w: &Installations,
+    first: &Tollgate,
+    first_name: &str,
+    second: &Tollgate,
+) {
+    let a = w
+        .granted_request(first, "eks prod-cluster 30m view INC-1")
+        .await;
+    wait_until("first installation granted", Duration::from_secs(15), || async {
+        event(first, "granted", &a).is_some()
+    })
+    .await;
+
+    let b = w
+        .granted_request(second, "eks prod-cluster 30m view --ns payments INC-2")
+        .await;
+    wait_until("second grant failed", Duration::from_secs(15), || async {
+        event(second, "grant_failed", &b).is_some()
+    })
+    .await;
+    let failed = event(second, "grant_failed", &b).unwrap();
+    assert_eq!(failed["details"]["reason"], "other_installation", "{failed}");
+    let error = failed["details"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("`{first_name}`")),
+        "the refusal names the other installation: {error}"
+    );
+    assert!(event(second, "granted", &b).is_none());
+    let assoc = w.associations().await;
+    assert_eq!(assoc.len(), 1, "{assoc:?}");
+    assert_eq!(assoc[0].1["type"], "cluster", "{assoc:?}");
+
+    // The first grant is revoked early and removes its entry.
+    let (ok, _, err) = cli(first, &["grants", "revoke", &a, "--reason", "done"]);
+    assert!(ok, "{err}");
+    wait_until("first grant revoked", Duration::from_secs(15), || async {
+        event(first, "revoked", &a).is_some()
+    })
+    .await;
+    // Both reconcilers pass over the cluster twice more: neither puts
+    // anything back.
+    let (pb, pg) = (w.passes(&w.blue).await, w.passes(&w.green).await);
+    wait_until("two more reconcile passes each", Duration::from_secs(15), || async {
+        w.passes(&w.blue).await >= pb + 2 && w.passes(&w.green).await >= pg + 2
+    })
+    .await;
+    assert!(
+        !w.entry_exists().await,
+        "access outlived every grant: {:?}",
+        w.associations().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_installations_never_share_a_principals_access() {
+    let w = Installations::start().await;
+    // Blue first, then green.
+    second_installation_is_refused(&w, &w.blue, "blue", &w.green).await;
+    // Green first, then blue.
+    second_installation_is_refused(&w, &w.green, "green", &w.blue).await;
+    for t in [&w.blue, &w.green] {
+        assert!(
+            audit(t).iter().all(|e| e["event"] != "baseline_gone"),
+            "nothing of one installation was ever recorded by the other"
+        );
+    }
+}

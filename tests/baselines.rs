@@ -1,3 +1,6 @@
+//! Baselines end to end (spec 9.6), through the real binary against
+//! MiniStack.
+//!
 //! Two installations of Tollgate (`[server] instance` "blue" and "green",
 //! each with its own store) on one EKS cluster in MiniStack, both granting
 //! the same principal (spec 9.6). Associations carry no marks, so if one
@@ -20,6 +23,8 @@ use support::tollgate::{wait_until, Tollgate, BOT_TOKEN, SIGNING_SECRET};
 const CHANNEL: &str = "C0APPROVALS";
 const REQUESTER: &str = "U0REQ";
 const APPROVER: &str = "U0APP";
+const SECURITY: &str = "C0SECURITY";
+const VIEW: &str = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
 
 const CONFIG: &str = r#"
 [server]
@@ -28,6 +33,9 @@ instance = "{instance}"
 
 [store]
 path = "{data}"
+
+[slack]
+security_channel = "C0SECURITY"
 
 [identity]
 principal_template = "arn:aws:iam::{account_id}:role/{email_local}"
@@ -67,6 +75,7 @@ impl Installations {
         slack.add_user(REQUESTER, "alice@example.com", "UTC", 0);
         slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
         slack.add_channel(CHANNEL, true);
+        slack.add_channel(SECURITY, true);
         let (db, dg) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let blue = Tollgate::start(
             db.path(),
@@ -273,5 +282,118 @@ async fn two_installations_never_share_a_principals_access() {
             audit(t).iter().all(|e| e["event"] != "baseline_gone"),
             "nothing of one installation was ever recorded by the other"
         );
+    }
+}
+
+impl Installations {
+    fn entry_path(&self) -> String {
+        format!(
+            "/clusters/prod-cluster/access-entries/{}",
+            encode_arn(ALICE)
+        )
+    }
+
+    /// An admin, not Tollgate, gives Alice standing view in namespace `x`.
+    async fn standing_view_on_x(&self) {
+        let (status, body) = self
+            .ms
+            .eks_json(
+                "POST",
+                "/clusters/prod-cluster/access-entries",
+                Some(serde_json::json!({"principalArn": ALICE, "type": "STANDARD"})),
+            )
+            .await;
+        assert_eq!(status, 200, "CreateAccessEntry: {body}");
+        let (status, body) = self
+            .ms
+            .eks_json(
+                "POST",
+                &format!("{}/access-policies", self.entry_path()),
+                Some(serde_json::json!({
+                    "policyArn": VIEW,
+                    "accessScope": {"type": "namespace", "namespaces": ["x"]}
+                })),
+            )
+            .await;
+        assert_eq!(status, 200, "AssociateAccessPolicy: {body}");
+    }
+
+    /// Security-channel posts naming `needle`.
+    fn security_posts(&self, needle: &str) -> usize {
+        self.slack
+            .calls_to("chat.postMessage")
+            .iter()
+            .filter(|c| c.params["channel"] == SECURITY && c.params.to_string().contains(needle))
+            .count()
+    }
+}
+
+/// Standing access (view in `x`, made by an admin before any grant) is
+/// removed during Tollgate's grant — first the association, then, on a
+/// second grant, the whole entry. The revoke does not put it back nor
+/// create an entry for it: `baseline_gone` is audited and the security
+/// channel told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standing_access_removed_during_a_grant_is_reported_not_restored() {
+    let w = Installations::start().await;
+    let blue = &w.blue;
+
+    for whole_entry in [false, true] {
+        w.standing_view_on_x().await;
+        let id = w
+            .granted_request(blue, "eks prod-cluster 30m view INC-3")
+            .await;
+        wait_until("granted", Duration::from_secs(15), || async {
+            event(blue, "granted", &id).is_some()
+        })
+        .await;
+        let assoc = w.associations().await;
+        assert_eq!(assoc.len(), 1, "{assoc:?}");
+        assert_eq!(assoc[0].1["type"], "cluster", "the union with the baseline");
+
+        let removal = if whole_entry {
+            w.entry_path()
+        } else {
+            format!("{}/access-policies/{}", w.entry_path(), encode_arn(VIEW))
+        };
+        let (status, body) = w.ms.eks_json("DELETE", &removal, None).await;
+        assert_eq!(status, 200, "{removal}: {body}");
+
+        let (ok, _, err) = cli(blue, &["grants", "revoke", &id, "--reason", "done"]);
+        assert!(ok, "{err}");
+        wait_until("revoked", Duration::from_secs(15), || async {
+            event(blue, "revoked", &id).is_some()
+        })
+        .await;
+        assert_eq!(event(blue, "revoked", &id).unwrap()["details"]["verified"], true);
+        let gone = event(blue, "baseline_gone", &id)
+            .unwrap_or_else(|| panic!("no baseline_gone for {id}: {:?}", audit(blue)));
+        assert_eq!(gone["details"]["policy"], VIEW, "{gone}");
+        assert_eq!(gone["details"]["scope"], "namespaces x", "{gone}");
+        wait_until("security channel told", Duration::from_secs(10), || async {
+            w.security_posts(&id) > 0
+        })
+        .await;
+
+        // Reconcile passes later, nothing has come back.
+        let before = w.passes(blue).await;
+        wait_until("two more reconcile passes", Duration::from_secs(15), || async {
+            w.passes(blue).await >= before + 2
+        })
+        .await;
+        assert_eq!(
+            w.associations().await,
+            Vec::new(),
+            "standing access removed during the grant was put back"
+        );
+        assert_eq!(
+            w.entry_exists().await,
+            !whole_entry,
+            "an entry was created only to restore a baseline, or the pre-existing one deleted"
+        );
+        if !whole_entry {
+            let (status, body) = w.ms.eks_json("DELETE", &w.entry_path(), None).await;
+            assert_eq!(status, 200, "{body}");
+        }
     }
 }

@@ -15,6 +15,7 @@ mod support;
 use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
+use support::lying_eks::LyingEks;
 use support::ministack::{encode_arn, MiniStack};
 use support::sign::{action_body, post_signed, request_id, slash_body};
 use support::slack::SlackStandIn;
@@ -396,4 +397,73 @@ async fn standing_access_removed_during_a_grant_is_reported_not_restored() {
             assert_eq!(status, 200, "{body}");
         }
     }
+}
+
+/// Spec 9.6: a baseline is forgotten only on a read taken after
+/// Tollgate's own last write. The grant's AssociateAccessPolicy is held by
+/// the EKS proxy past the converge limit: the step is cut off with the
+/// call in flight, and the call lands later. Were the failed grant's
+/// cleanup to read at once, it would see nothing, forget the "none"
+/// baseline, and the late association on the pre-existing entry would be
+/// nobody's — permanent. The principal is fenced for a lease term instead,
+/// the cleanup reads after the call has landed, and removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_association_landing_after_the_cut_off_is_still_removed() {
+    let mut w = Installations::start().await;
+    let proxy = LyingEks::start(&w.ms.endpoint).await;
+    // Claims of 3 s: a step limit of 2 s, a converge limit of 0.8 s.
+    w.blue.set_env("TOLLGATE_CLAIM_TTL", Some("3s"));
+    w.blue.set_env("TOLLGATE_RETRY_BASE", Some("100ms"));
+    w.blue.set_env("AWS_ENDPOINT_URL", Some(&proxy.endpoint));
+    w.blue.restart().await;
+    // An entry made outside Tollgate, holding nothing: the failed grant's
+    // cleanup never deletes it, so a late association would stay on it.
+    let (status, body) = w
+        .ms
+        .eks_json(
+            "POST",
+            "/clusters/prod-cluster/access-entries",
+            Some(serde_json::json!({"principalArn": ALICE, "type": "STANDARD"})),
+        )
+        .await;
+    assert_eq!(status, 200, "CreateAccessEntry: {body}");
+    proxy.hold_associations(Duration::from_secs(2));
+
+    let blue = &w.blue;
+    let id = w
+        .granted_request(blue, "eks prod-cluster 30m view INC-4")
+        .await;
+    wait_until("grant cut off", Duration::from_secs(15), || async {
+        event(blue, "grant_failed", &id).is_some()
+    })
+    .await;
+    let failed = event(blue, "grant_failed", &id).unwrap();
+    assert!(
+        failed["details"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cut off")),
+        "{failed}"
+    );
+    wait_until("the held association lands", Duration::from_secs(10), || async {
+        proxy.associations_landed() >= 1
+    })
+    .await;
+    wait_until(
+        "the late association removed by the cleanup",
+        Duration::from_secs(20),
+        || async { w.associations().await.is_empty() },
+    )
+    .await;
+    wait_until("the request ends failed", Duration::from_secs(15), || async {
+        let (ok, out, _) = cli(blue, &["grants", "list", "--json"]);
+        ok && !out.contains(&id)
+    })
+    .await;
+    let before = w.passes(blue).await;
+    wait_until("two more reconcile passes", Duration::from_secs(15), || async {
+        w.passes(blue).await >= before + 2
+    })
+    .await;
+    assert_eq!(w.associations().await, Vec::new(), "access outlived the failed grant");
+    assert!(w.entry_exists().await, "the pre-existing entry stays");
 }

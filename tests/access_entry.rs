@@ -898,7 +898,9 @@ async fn standing_access_removed_mid_grant_is_forgotten_while_the_grant_goes_on(
 
     // Another grant of the principal converges (an extension, an overlap).
     let view = spec(VIEW, &[]);
-    let done = h.converge_ok(&[("R-00001", &on_a), ("R-00002", &view)]).await;
+    let done = h
+        .converge_ok(&[("R-00001", &on_a), ("R-00002", &view)])
+        .await;
     assert_eq!(done.baselines_gone.len(), 1, "{done:?}");
     assert_eq!(
         h.associations().await.get(EDIT),
@@ -944,7 +946,8 @@ async fn nothing_on_a_marked_entry_becomes_a_baseline() {
     // Someone adds EDIT to Tollgate's entry while VIEW is in force.
     h.associate_behind_tollgate(EDIT, &[]).await;
     let edit = spec(EDIT, &["a"]);
-    h.converge_ok(&[("R-00001", &view), ("R-00002", &edit)]).await;
+    h.converge_ok(&[("R-00001", &view), ("R-00002", &edit)])
+        .await;
     assert_eq!(
         h.store.baselines("dev", ALICE).await.unwrap().get(EDIT),
         Some(&None),
@@ -1008,7 +1011,9 @@ async fn another_installations_entry_is_never_granted_over() {
     };
 
     // Green first, then this installation.
-    converge_green(vec![("R-0GRN1", view.clone())]).await.unwrap();
+    converge_green(vec![("R-0GRN1", view.clone())])
+        .await
+        .unwrap();
     match h.converge(&[("R-00001", &payments)]).await {
         Err(AccessError::OtherInstallation { instance, .. }) => assert_eq!(instance, "green"),
         other => panic!("granted over another installation's entry: {other:?}"),
@@ -1037,7 +1042,11 @@ async fn another_installations_entry_is_never_granted_over() {
         Err(AccessError::OtherInstallation { instance, .. }) => assert_eq!(instance, "tollgate"),
         other => panic!("green granted over this installation's entry: {other:?}"),
     }
-    assert!(green_store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert!(green_store
+        .baselines("dev", ALICE)
+        .await
+        .unwrap()
+        .is_empty());
     converge_green(vec![]).await.unwrap();
     h.converge_ok(&[]).await;
     converge_green(vec![]).await.unwrap();

@@ -226,9 +226,11 @@ async fn second_installation_is_refused(
     let a = w
         .granted_request(first, "eks prod-cluster 30m view INC-1")
         .await;
-    wait_until("first installation granted", Duration::from_secs(15), || async {
-        event(first, "granted", &a).is_some()
-    })
+    wait_until(
+        "first installation granted",
+        Duration::from_secs(15),
+        || async { event(first, "granted", &a).is_some() },
+    )
     .await;
 
     let b = w
@@ -239,7 +241,10 @@ async fn second_installation_is_refused(
     })
     .await;
     let failed = event(second, "grant_failed", &b).unwrap();
-    assert_eq!(failed["details"]["reason"], "other_installation", "{failed}");
+    assert_eq!(
+        failed["details"]["reason"], "other_installation",
+        "{failed}"
+    );
     let error = failed["details"]["error"].as_str().unwrap_or_default();
     assert!(
         error.contains(&format!("`{first_name}`")),
@@ -260,9 +265,11 @@ async fn second_installation_is_refused(
     // Both reconcilers pass over the cluster twice more: neither puts
     // anything back.
     let (pb, pg) = (w.passes(&w.blue).await, w.passes(&w.green).await);
-    wait_until("two more reconcile passes each", Duration::from_secs(15), || async {
-        w.passes(&w.blue).await >= pb + 2 && w.passes(&w.green).await >= pg + 2
-    })
+    wait_until(
+        "two more reconcile passes each",
+        Duration::from_secs(15),
+        || async { w.passes(&w.blue).await >= pb + 2 && w.passes(&w.green).await >= pg + 2 },
+    )
     .await;
     assert!(
         !w.entry_exists().await,
@@ -366,7 +373,10 @@ async fn standing_access_removed_during_a_grant_is_reported_not_restored() {
             event(blue, "revoked", &id).is_some()
         })
         .await;
-        assert_eq!(event(blue, "revoked", &id).unwrap()["details"]["verified"], true);
+        assert_eq!(
+            event(blue, "revoked", &id).unwrap()["details"]["verified"],
+            true
+        );
         let gone = event(blue, "baseline_gone", &id)
             .unwrap_or_else(|| panic!("no baseline_gone for {id}: {:?}", audit(blue)));
         assert_eq!(gone["details"]["policy"], VIEW, "{gone}");
@@ -378,9 +388,11 @@ async fn standing_access_removed_during_a_grant_is_reported_not_restored() {
 
         // Reconcile passes later, nothing has come back.
         let before = w.passes(blue).await;
-        wait_until("two more reconcile passes", Duration::from_secs(15), || async {
-            w.passes(blue).await >= before + 2
-        })
+        wait_until(
+            "two more reconcile passes",
+            Duration::from_secs(15),
+            || async { w.passes(blue).await >= before + 2 },
+        )
         .await;
         assert_eq!(
             w.associations().await,
@@ -418,9 +430,8 @@ async fn an_association_landing_after_the_cut_off_is_still_removed() {
     w.blue.restart().await;
     // An entry made outside Tollgate, holding nothing: the failed grant's
     // cleanup never deletes it, so a late association would stay on it.
-    let (status, body) = w
-        .ms
-        .eks_json(
+    let (status, body) =
+        w.ms.eks_json(
             "POST",
             "/clusters/prod-cluster/access-entries",
             Some(serde_json::json!({"principalArn": ALICE, "type": "STANDARD"})),
@@ -444,9 +455,11 @@ async fn an_association_landing_after_the_cut_off_is_still_removed() {
             .is_some_and(|e| e.contains("cut off")),
         "{failed}"
     );
-    wait_until("the held association lands", Duration::from_secs(10), || async {
-        proxy.associations_landed() >= 1
-    })
+    wait_until(
+        "the held association lands",
+        Duration::from_secs(10),
+        || async { proxy.associations_landed() >= 1 },
+    )
     .await;
     wait_until(
         "the late association removed by the cleanup",
@@ -454,16 +467,26 @@ async fn an_association_landing_after_the_cut_off_is_still_removed() {
         || async { w.associations().await.is_empty() },
     )
     .await;
-    wait_until("the request ends failed", Duration::from_secs(15), || async {
-        let (ok, out, _) = cli(blue, &["grants", "list", "--json"]);
-        ok && !out.contains(&id)
-    })
+    wait_until(
+        "the request ends failed",
+        Duration::from_secs(15),
+        || async {
+            let (ok, out, _) = cli(blue, &["grants", "list", "--json"]);
+            ok && !out.contains(&id)
+        },
+    )
     .await;
     let before = w.passes(blue).await;
-    wait_until("two more reconcile passes", Duration::from_secs(15), || async {
-        w.passes(blue).await >= before + 2
-    })
+    wait_until(
+        "two more reconcile passes",
+        Duration::from_secs(15),
+        || async { w.passes(blue).await >= before + 2 },
+    )
     .await;
-    assert_eq!(w.associations().await, Vec::new(), "access outlived the failed grant");
+    assert_eq!(
+        w.associations().await,
+        Vec::new(),
+        "access outlived the failed grant"
+    );
     assert!(w.entry_exists().await, "the pre-existing entry stays");
 }

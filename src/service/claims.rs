@@ -130,9 +130,8 @@ impl Service {
         let local = self.locks.lock(key.clone()).await;
         let now = self.clock.now();
         if let Some(until) = self.fences.active(&key, now) {
-            let Some(wait) = fence_wait(until, now, self.tunables.claim_ttl) else {
-                return None;
-            };
+            // A fence longer than a term: the step is left to a later pass.
+            let wait = fence_wait(until, now, self.tunables.claim_ttl)?;
             tracing::info!(cluster, principal, wait = ?wait, "a cut-off call may still land; waiting before converging");
             tokio::time::sleep(wait).await;
             self.fences.clear(&key);

@@ -266,6 +266,7 @@ impl Service {
                 .collect(),
             ..Default::default()
         };
+        let mut cut_off = None;
         for key in principals.difference(&busy) {
             let principal = request_principal
                 .get(key)
@@ -366,8 +367,12 @@ impl Service {
             {
                 Ok(result) => result?,
                 Err(_) => {
+                    // The other principals of the cluster still get their
+                    // pass; the pass as a whole reports the cut-off.
                     self.fence(&cluster.name, &principal).await;
-                    return Err(ServiceError::CutOff(limit));
+                    tracing::error!(cluster = %cluster.name, %principal, "reconcile cleanup cut off by the converge limit");
+                    cut_off = Some(ServiceError::CutOff(limit));
+                    continue;
                 }
             };
             self.report_baselines_gone(
@@ -410,6 +415,9 @@ impl Service {
                     .removed
                     .push(format!("{} ({})", o.object, o.principal));
             }
+        }
+        if let Some(error) = cut_off {
+            return Err(error);
         }
         self.metrics
             .reconcile_passes

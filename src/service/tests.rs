@@ -9,9 +9,9 @@ use time::OffsetDateTime;
 
 use super::*;
 use crate::access::{AccessError, InForce};
-use crate::service::error::ServiceError;
 use crate::domain::policy::{tests::cluster, ClusterPolicy};
 use crate::domain::request::{CardRef, State};
+use crate::service::error::ServiceError;
 use crate::slack::{SlackError, SlackUser};
 use crate::store::SledStore;
 
@@ -739,7 +739,10 @@ async fn a_grant_cut_off_mid_call_leaves_its_cleanup_until_the_fence_ends() {
     let row = r.state(&id).await;
     assert_eq!(row.state, State::Approved, "not Failed: a call may land");
     assert!(
-        row.failure.as_deref().unwrap_or_default().contains("cut off"),
+        row.failure
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cut off"),
         "{row:?}"
     );
     assert_eq!(

@@ -161,9 +161,15 @@ async fn forward(
         // not stop the call from landing.
         let landed = tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_millis(hold)).await;
-            let result =
-                pass_upstream(&shared.client, &shared.upstream, method, &path, &headers, body)
-                    .await;
+            let result = pass_upstream(
+                &shared.client,
+                &shared.upstream,
+                method,
+                &path,
+                &headers,
+                body,
+            )
+            .await;
             shared.associations_landed.fetch_add(1, Ordering::SeqCst);
             result
         });

@@ -508,25 +508,54 @@ impl AccessEngine for AccessEntryStrategy {
 
     /// Only schedules are written, and only for grants whose association
     /// a converge already made (a baseline is recorded for it): nothing
-    /// here changes access.
+    /// here changes access. A baseline whose standing access someone
+    /// removed meanwhile is rewritten first (spec 9.6), so no schedule
+    /// restores it if Tollgate is gone by the time it fires.
     async fn backstop(
         &self,
         cluster: &ClusterPolicy,
         principal: &str,
         grants: &[InForce<'_>],
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let Some(b) = &cluster.backstop else {
-            return Ok(());
+            return Ok(Converged::default());
         };
         if grants.is_empty() {
-            return Ok(());
+            return Ok(Converged::default());
         }
         let eks = self.clients.eks(cluster).await;
-        let Some(entry) = self.describe_entry(&eks, cluster, principal).await? else {
-            return Ok(());
+        let entry = self.describe_entry(&eks, cluster, principal).await?;
+        let current = match &entry {
+            Some(_) => self.associations(&eks, cluster, principal).await?,
+            None => BTreeMap::new(),
         };
-        let current = self.associations(&eks, cluster, principal).await?;
-        let baselines = self.store.baselines(&cluster.name, principal).await?;
+        let mut baselines = self.store.baselines(&cluster.name, principal).await?;
+        let gone = crate::domain::grant::vanished_baselines(&current, &baselines);
+        if !gone.is_empty() {
+            let desired = desired_policies(grants.iter().map(|g| g.spec));
+            let (kept, forgot): (Vec<_>, Vec<_>) = gone
+                .iter()
+                .map(|g| g.policy.clone())
+                .partition(|p| desired.contains_key(p));
+            let none: crate::domain::grant::Baselines =
+                kept.into_iter().map(|p| (p, None)).collect();
+            if !none.is_empty() {
+                self.store
+                    .record_baselines(&cluster.name, principal, &none)
+                    .await?;
+            }
+            if !forgot.is_empty() {
+                self.store
+                    .forget_baselines(&cluster.name, principal, &forgot)
+                    .await?;
+            }
+            baselines = self.store.baselines(&cluster.name, principal).await?;
+        }
+        let Some(entry) = entry else {
+            return Ok(Converged {
+                baselines_gone: gone,
+            });
+        };
         let touched: Vec<InForce<'_>> = grants
             .iter()
             .filter(|g| {
@@ -548,7 +577,10 @@ impl AccessEngine for AccessEntryStrategy {
                 &baselines,
             )
             .await?;
-        self.backstops.put(cluster, b, &plan).await
+        self.backstops.put(cluster, b, &plan).await?;
+        Ok(Converged {
+            baselines_gone: gone,
+        })
     }
 
     async fn converge(

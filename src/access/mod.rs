@@ -154,13 +154,16 @@ pub trait AccessEngine: Send + Sync + 'static {
     /// `grants` without changing any access: the reconciler's repair for a
     /// schedule a converge could not move (spec 10.1). Strategies without
     /// an AWS-side backstop have nothing to do.
+    ///
+    /// A baseline whose standing access is gone is not restored by a
+    /// schedule either: it is rewritten and reported as in `converge`.
     async fn backstop(
         &self,
         _cluster: &ClusterPolicy,
         _principal: &str,
         _grants: &[InForce<'_>],
-    ) -> Result<(), AccessError> {
-        Ok(())
+    ) -> Result<Converged, AccessError> {
+        Ok(Converged::default())
     }
 
     /// Makes the cluster give `principal` exactly what `grants` need, plus
@@ -323,7 +326,7 @@ impl AccessEngine for Engine {
         cluster: &ClusterPolicy,
         principal: &str,
         grants: &[InForce<'_>],
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         self.strategy(cluster)
             .backstop(cluster, principal, grants)
             .await

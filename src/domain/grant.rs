@@ -131,6 +131,26 @@ pub struct AssociationPlan {
     pub other_installation: Option<String>,
 }
 
+/// Standing access that vanished while Tollgate held the policy: an
+/// association Tollgate makes over a baseline always includes it, and
+/// Tollgate never disassociates a policy whose baseline holds access, so
+/// its absence means someone else removed it (or the whole entry).
+pub fn vanished_baselines(
+    current: &BTreeMap<String, Scope>,
+    baselines: &Baselines,
+) -> Vec<GoneBaseline> {
+    baselines
+        .iter()
+        .filter(|(policy, _)| !current.contains_key(*policy))
+        .filter_map(|(policy, base)| {
+            base.clone().map(|scope| GoneBaseline {
+                policy: policy.clone(),
+                scope,
+            })
+        })
+        .collect()
+}
+
 /// Only policies that are desired or have a recorded baseline are touched;
 /// every other association of the principal is left as it is.
 ///
@@ -175,22 +195,12 @@ pub fn plan_associations(
         return plan;
     }
     let mut all_baselines = baselines.clone();
-    // Standing access that vanished while Tollgate held the policy: an
-    // association Tollgate made over a baseline always includes it, so
-    // its absence means someone removed it (or the entry).
-    for (policy, base) in baselines {
-        if let Some(scope) = base {
-            if !current.contains_key(policy) {
-                plan.gone.push(GoneBaseline {
-                    policy: policy.clone(),
-                    scope: scope.clone(),
-                });
-                all_baselines.insert(policy.clone(), None);
-                if desired.contains_key(policy) {
-                    plan.new_baselines.insert(policy.clone(), None);
-                }
-            }
+    for gone in vanished_baselines(current, baselines) {
+        all_baselines.insert(gone.policy.clone(), None);
+        if desired.contains_key(&gone.policy) {
+            plan.new_baselines.insert(gone.policy.clone(), None);
         }
+        plan.gone.push(gone);
     }
     let may_snapshot = baselines.is_empty() && *entry == EntryMark::Unmarked;
     for policy in desired.keys() {

@@ -309,8 +309,20 @@ impl Service {
             }
             // A schedule a grant or extension could not move is put right
             // here, long before it would fire (spec 10.1).
-            if let Err(e) = self.access.backstop(cluster, &principal, &in_force).await {
-                tracing::warn!(cluster = %cluster.name, %principal, error = %e, "backstop schedules not brought up to date");
+            match self.access.backstop(cluster, &principal, &in_force).await {
+                Ok(done) => {
+                    let grant = in_force.first().map(|g| g.grant_id).unwrap_or_default();
+                    self.report_baselines_gone(
+                        &cluster.name,
+                        &principal,
+                        grant,
+                        &done.baselines_gone,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %cluster.name, %principal, error = %e, "backstop schedules not brought up to date")
+                }
             }
             let mut mine: Vec<&Owned> = owned_by.get(key).cloned().unwrap_or_default();
             // The listing was taken before this principal's lock; a grant or

@@ -1043,7 +1043,11 @@ async fn a_vanished_baseline_gets_no_restore_schedule() {
     )
     .await;
     let bob = w
-        .approved(BOB_USER, "eks prod-cluster 1h edit --ns payments INC-7", None)
+        .approved(
+            BOB_USER,
+            "eks prod-cluster 1h edit --ns payments INC-7",
+            None,
+        )
         .await;
     wait_until("bob granted", Duration::from_secs(10), || async {
         w.schedule(BOB, EDIT).await.is_some() && w.expiry(&bob).is_some()

@@ -15,7 +15,7 @@ use tempfile::TempDir;
 
 use support::ministack::{encode_arn, MiniStack};
 use tollgate::access::access_entry::AccessEntryStrategy;
-use tollgate::access::{AccessEngine, AccessError, AwsClients, InForce, Look};
+use tollgate::access::{AccessEngine, AccessError, AwsClients, Converged, InForce, Look};
 use tollgate::domain::grant::intents_for;
 use tollgate::domain::policy::{ClusterPolicy, Strategy};
 use tollgate::domain::readback::ReadBack;
@@ -64,6 +64,18 @@ fn recorded_row(id: &str, spec: &AccessSpec) -> Request {
     row
 }
 
+/// One installation of the strategy: its own store and `[server] instance`.
+fn installation(
+    sdk: aws_config::SdkConfig,
+    instance: &str,
+) -> (AccessEntryStrategy, Arc<SledStore>, TempDir) {
+    let store_dir = tempfile::tempdir().expect("temp dir for the store");
+    let store = Arc::new(SledStore::open(store_dir.path()).expect("opening the sled store"));
+    let engine = AccessEntryStrategy::new(Arc::new(AwsClients::new(sdk)), store.clone())
+        .with_instance(instance);
+    (engine, store, store_dir)
+}
+
 impl Harness {
     async fn new() -> Harness {
         let h = Harness::without_cluster("dev").await;
@@ -74,21 +86,8 @@ impl Harness {
     /// The strategy pointed at a cluster named `name` that is not created.
     async fn without_cluster(name: &str) -> Harness {
         let ms = MiniStack::start();
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(Provider::Rustls(CryptoMode::Ring))
-            .build_https();
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .endpoint_url(&ms.endpoint)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(aws_credential_types::Credentials::new(
-                "test", "test", None, None, "test",
-            ))
-            .http_client(http)
-            .load()
-            .await;
-        let store_dir = tempfile::tempdir().expect("temp dir for the store");
-        let store = Arc::new(SledStore::open(store_dir.path()).expect("opening the sled store"));
-        let engine = AccessEntryStrategy::new(Arc::new(AwsClients::new(sdk)), store.clone());
+        let sdk = sdk_for(&ms).await;
+        let (engine, store, store_dir) = installation(sdk, "tollgate");
         Harness {
             ms,
             cluster: cluster_policy(name),
@@ -112,7 +111,7 @@ impl Harness {
 
     /// Converges ALICE to the given (grant id, spec) pairs; the first grant,
     /// or "none", is credited as creator.
-    async fn converge(&self, grants: &[(&str, &AccessSpec)]) -> Result<(), AccessError> {
+    async fn converge(&self, grants: &[(&str, &AccessSpec)]) -> Result<Converged, AccessError> {
         let in_force: Vec<InForce> = grants
             .iter()
             .map(|(id, spec)| InForce {
@@ -130,9 +129,10 @@ impl Harness {
             .await
     }
 
-    async fn converge_ok(&self, grants: &[(&str, &AccessSpec)]) {
-        if let Err(e) = self.converge(grants).await {
-            panic!("converge failed: {e}\nMiniStack log:\n{}", self.ms.log());
+    async fn converge_ok(&self, grants: &[(&str, &AccessSpec)]) -> Converged {
+        match self.converge(grants).await {
+            Ok(done) => done,
+            Err(e) => panic!("converge failed: {e}\nMiniStack log:\n{}", self.ms.log()),
         }
     }
 
@@ -232,6 +232,22 @@ impl Harness {
             .await;
         assert_eq!(status, 200, "AssociateAccessPolicy: {body}");
     }
+}
+
+/// The SDK pointed at `ms`.
+async fn sdk_for(ms: &MiniStack) -> aws_config::SdkConfig {
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(&ms.endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_credential_types::Credentials::new(
+            "test", "test", None, None, "test",
+        ))
+        .http_client(http)
+        .load()
+        .await
 }
 
 fn cluster_policy(name: &str) -> ClusterPolicy {
@@ -829,4 +845,210 @@ async fn read_back_judges_only_what_the_revoked_grant_alone_gave() {
     assert_eq!(h.verify("R-0000B", b, &[]).await, ReadBack::Removed);
     assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
     assert!(h.entry().await.is_some(), "the entry was never Tollgate's");
+}
+
+/// Spec 9.6: standing access an admin removes while a grant is in force is
+/// not put back when the grant ends. The baseline is forgotten and
+/// reported (`baselines_gone`, which the service audits as
+/// `baseline_gone` and tells the security channel).
+#[tokio::test]
+async fn standing_access_removed_during_a_grant_is_not_put_back() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &on_a)]).await;
+    assert_eq!(h.associations().await, only(EDIT, namespaces(&["a", "x"])));
+
+    // During the grant an admin removes the association (Tollgate's part
+    // with it).
+    let path = format!("{}/access-policies/{}", h.entry_path(), encode_arn(EDIT));
+    let (status, body) = h.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "DisassociateAccessPolicy: {body}");
+
+    let done = h.converge_ok(&[]).await;
+    assert_eq!(
+        h.associations().await,
+        BTreeMap::new(),
+        "standing access removed during the grant was put back"
+    );
+    assert_eq!(done.baselines_gone.len(), 1, "{done:?}");
+    assert_eq!(done.baselines_gone[0].policy, EDIT);
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert!(h.entry().await.is_some(), "the pre-existing entry stays");
+    assert_eq!(h.verify("R-00001", &on_a, &[]).await, ReadBack::Removed);
+    // Nothing comes back on a later pass either.
+    let again = h.converge_ok(&[]).await;
+    assert!(again.baselines_gone.is_empty());
+    assert_eq!(h.associations().await, BTreeMap::new());
+}
+
+/// The same while the grant is still in force: the grant keeps its own
+/// access, the baseline becomes "none", and its end removes only that.
+#[tokio::test]
+async fn standing_access_removed_mid_grant_is_forgotten_while_the_grant_goes_on() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &on_a)]).await;
+    let path = format!("{}/access-policies/{}", h.entry_path(), encode_arn(EDIT));
+    let (status, body) = h.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "DisassociateAccessPolicy: {body}");
+
+    // Another grant of the principal converges (an extension, an overlap).
+    let view = spec(VIEW, &[]);
+    let done = h
+        .converge_ok(&[("R-00001", &on_a), ("R-00002", &view)])
+        .await;
+    assert_eq!(done.baselines_gone.len(), 1, "{done:?}");
+    assert_eq!(
+        h.associations().await.get(EDIT),
+        Some(&namespaces(&["a"])),
+        "only the grant's own namespace, not the vanished baseline's"
+    );
+    h.converge_ok(&[]).await;
+    assert_eq!(h.associations().await, BTreeMap::new());
+}
+
+/// Spec 9.6: the whole pre-existing entry deleted during the grant is not
+/// re-created to restore a baseline.
+#[tokio::test]
+async fn a_deleted_entry_is_not_recreated_to_restore_a_baseline() {
+    let h = Harness::new().await;
+    h.create_entry_behind_tollgate().await;
+    h.associate_behind_tollgate(EDIT, &["x"]).await;
+    let on_a = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &on_a)]).await;
+
+    let (status, body) = h.ms.eks_json("DELETE", &h.entry_path(), None).await;
+    assert_eq!(status, 200, "DeleteAccessEntry: {body}");
+
+    let done = h.converge_ok(&[]).await;
+    assert!(
+        h.entry().await.is_none(),
+        "an entry was created to restore a baseline: {:?}",
+        h.entry().await
+    );
+    assert_eq!(done.baselines_gone.len(), 1, "{done:?}");
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    assert_eq!(h.verify("R-00001", &on_a, &[]).await, ReadBack::Removed);
+}
+
+/// Spec 9.6: a baseline is recorded only from an entry no Tollgate marked.
+/// What sits on this installation's own entry when its first grant finds
+/// it (left by anyone) is not standing access: it goes with the grant.
+#[tokio::test]
+async fn nothing_on_a_marked_entry_becomes_a_baseline() {
+    let h = Harness::new().await;
+    let view = spec(VIEW, &[]);
+    h.converge_ok(&[("R-00001", &view)]).await;
+    // Someone adds EDIT to Tollgate's entry while VIEW is in force.
+    h.associate_behind_tollgate(EDIT, &[]).await;
+    let edit = spec(EDIT, &["a"]);
+    h.converge_ok(&[("R-00001", &view), ("R-00002", &edit)])
+        .await;
+    assert_eq!(
+        h.store.baselines("dev", ALICE).await.unwrap().get(EDIT),
+        Some(&None),
+        "an association found while a grant is in force was taken for standing access"
+    );
+    h.converge_ok(&[]).await;
+    assert!(h.entry().await.is_none(), "{:?}", h.associations().await);
+
+    // No grant in force and nothing on record, but the entry is
+    // Tollgate's: what someone added to it is still not standing access.
+    h.converge_ok(&[("R-00003", &view)]).await;
+    h.associate_behind_tollgate(EDIT, &[]).await;
+    h.converge_ok(&[]).await;
+    assert_eq!(h.associations().await, only(EDIT, cluster_scope()));
+    assert!(h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+    h.converge_ok(&[("R-00004", &edit)]).await;
+    assert_eq!(
+        h.store.baselines("dev", ALICE).await.unwrap().get(EDIT),
+        Some(&None),
+        "an association on a marked entry was taken for standing access"
+    );
+    h.converge_ok(&[]).await;
+    assert!(h.entry().await.is_none(), "{:?}", h.associations().await);
+}
+
+/// Spec 9.6: two installations (different `[server] instance`) on one
+/// cluster never share a principal's access. The second grant fails
+/// before anything is created, naming the other installation, in both
+/// orders; when everything ends nothing is left.
+#[tokio::test]
+async fn another_installations_entry_is_never_granted_over() {
+    let h = Harness::new().await;
+    let (green, green_store, _green_dir) = installation(sdk_for(&h.ms).await, "green");
+    let view = spec(VIEW, &[]);
+    let payments = spec(VIEW, &["payments"]);
+    let converge_green = |grants: Vec<(&'static str, AccessSpec)>| {
+        let green = &green;
+        let green_store = &green_store;
+        let cluster = h.cluster.clone();
+        async move {
+            for (id, spec) in &grants {
+                let rid = RequestId::parse(id).unwrap();
+                if green_store.get(&rid).await.unwrap().is_none() {
+                    green_store
+                        .create(&recorded_row(id, spec), Vec::new())
+                        .await
+                        .unwrap();
+                }
+            }
+            let in_force: Vec<InForce> = grants
+                .iter()
+                .map(|(id, spec)| InForce {
+                    grant_id: id,
+                    spec,
+                    expires_at: None,
+                })
+                .collect();
+            let creator = grants.first().map_or("none", |(id, _)| id);
+            green.converge(&cluster, ALICE, &in_force, creator).await
+        }
+    };
+
+    // Green first, then this installation.
+    converge_green(vec![("R-0GRN1", view.clone())])
+        .await
+        .unwrap();
+    match h.converge(&[("R-00001", &payments)]).await {
+        Err(AccessError::OtherInstallation { instance, .. }) => assert_eq!(instance, "green"),
+        other => panic!("granted over another installation's entry: {other:?}"),
+    }
+    assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+    assert!(
+        h.store.baselines("dev", ALICE).await.unwrap().is_empty(),
+        "green's access recorded as a baseline"
+    );
+    assert_eq!(
+        h.entry().await.unwrap()["tags"]["tollgate-instance"],
+        "green"
+    );
+    // The refused grant's cleanup touches nothing of green's.
+    h.converge_ok(&[]).await;
+    assert_eq!(h.associations().await, only(VIEW, cluster_scope()));
+    // Green's grant ends: nothing is left, and a later pass of this
+    // installation puts nothing back.
+    converge_green(vec![]).await.unwrap();
+    h.converge_ok(&[]).await;
+    assert!(h.entry().await.is_none(), "{:?}", h.associations().await);
+
+    // This installation first, then green.
+    h.converge_ok(&[("R-00002", &view)]).await;
+    match converge_green(vec![("R-0GRN2", payments.clone())]).await {
+        Err(AccessError::OtherInstallation { instance, .. }) => assert_eq!(instance, "tollgate"),
+        other => panic!("green granted over this installation's entry: {other:?}"),
+    }
+    assert!(green_store
+        .baselines("dev", ALICE)
+        .await
+        .unwrap()
+        .is_empty());
+    converge_green(vec![]).await.unwrap();
+    h.converge_ok(&[]).await;
+    converge_green(vec![]).await.unwrap();
+    assert!(h.entry().await.is_none(), "{:?}", h.associations().await);
 }

@@ -1026,3 +1026,72 @@ async fn alice_has_entry(ms: &MiniStack) -> bool {
     let path = format!("/clusters/{CLUSTER}/access-entries/{}", encode_arn(ALICE));
     ms.eks_json("GET", &path, None).await.0 == 200
 }
+
+/// Spec 9.6 with the backstop: standing access removed during a grant
+/// must not come back through the schedule either (it fires when Tollgate
+/// is gone). The reconciler's schedule repair finds the baseline's
+/// association gone, rewrites the baseline to "none" (audit
+/// `baseline_gone`), and the schedule turns from a restore into a
+/// disassociation; played, it leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_baseline_gets_no_restore_schedule() {
+    let w = World::new().await;
+    w.entry_by_hand(
+        BOB,
+        EDIT,
+        json!({"type": "namespace", "namespaces": ["team-a"]}),
+    )
+    .await;
+    let bob = w
+        .approved(
+            BOB_USER,
+            "eks prod-cluster 1h edit --ns payments INC-7",
+            None,
+        )
+        .await;
+    wait_until("bob granted", Duration::from_secs(10), || async {
+        w.schedule(BOB, EDIT).await.is_some() && w.expiry(&bob).is_some()
+    })
+    .await;
+    assert_eq!(
+        w.schedule(BOB, EDIT).await.unwrap().target_arn,
+        "arn:aws:scheduler:::aws-sdk:eks:associateAccessPolicy"
+    );
+    // An admin removes Bob's association during the grant.
+    let path = format!(
+        "/clusters/{CLUSTER}/access-entries/{}/access-policies/{}",
+        encode_arn(BOB),
+        encode_arn(EDIT)
+    );
+    let (status, body) = w.ms.eks_json("DELETE", &path, None).await;
+    assert_eq!(status, 200, "{body}");
+
+    wait_until(
+        "the schedule no longer restores the vanished baseline",
+        Duration::from_secs(15),
+        || async {
+            w.schedule(BOB, EDIT).await.is_some_and(|s| {
+                s.target_arn == "arn:aws:scheduler:::aws-sdk:eks:disassociateAccessPolicy"
+            })
+        },
+    )
+    .await;
+    let gone: Vec<Value> = w
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "baseline_gone")
+        .collect();
+    assert_eq!(gone.len(), 1, "{gone:?}");
+    assert_eq!(gone[0]["details"]["policy"], EDIT);
+    assert_eq!(gone[0]["request_id"], bob.as_str());
+    // Tollgate gone for good: the schedule alone runs at its time. With
+    // nothing associated its disassociation finds nothing (EKS answers
+    // not found); a restore would have put the access back.
+    let s = w.schedule(BOB, EDIT).await.unwrap();
+    let _ = w.player.call(&s).await;
+    assert_eq!(
+        w.associations(BOB).await,
+        Vec::new(),
+        "the backstop put back standing access removed during the grant"
+    );
+}

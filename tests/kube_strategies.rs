@@ -178,6 +178,7 @@ impl Rig {
         self.rbac
             .converge(&self.cluster, USER, &in_force, "none")
             .await
+            .map(|_| ())
     }
 
     async fn auth(
@@ -196,6 +197,7 @@ impl Rig {
         self.aws_auth
             .converge(&self.cluster, principal, &in_force, "none")
             .await
+            .map(|_| ())
     }
 
     /// The read-back after revoking grant `id` (`spec`), with `grants`
@@ -395,6 +397,36 @@ async fn session_rbac_refuses_a_name_clash_with_a_foreign_binding() {
         .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
         .unwrap();
     assert_eq!(kept["subjects"][0]["name"], "mallory");
+}
+
+/// Spec 9.6: a binding of the same name marked by another installation is
+/// never granted over; the refusal names that installation.
+#[tokio::test]
+async fn session_rbac_refuses_another_installations_binding_by_name() {
+    let r = rig(Strategy::SessionRbac).await;
+    r.kube.seed_rolebinding(
+        "a",
+        json!({"metadata": {"name": "tollgate-r-7f3k2", "labels": {
+                   "app.kubernetes.io/managed-by": "tollgate",
+                   "tollgate.dev/grant": "R-7F3K2",
+                   "tollgate.dev/instance": "green"}},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+               "subjects": [{"kind": "User", "name": USER}]}),
+    );
+    match r.rbac(&[("R-7F3K2", &rbac_spec("edit", &["a"]))]).await {
+        Err(AccessError::OtherInstallation {
+            instance, object, ..
+        }) => {
+            assert_eq!(instance, "green");
+            assert_eq!(object, "RoleBinding a/tollgate-r-7f3k2");
+        }
+        other => panic!("granted over another installation's binding: {other:?}"),
+    }
+    let kept = r
+        .kube
+        .get_object(Kind::RoleBinding, "a", "tollgate-r-7f3k2")
+        .unwrap();
+    assert_eq!(kept["roleRef"]["name"], "view", "left exactly as it was");
 }
 
 #[tokio::test]

@@ -9,10 +9,12 @@ use std::sync::Arc;
 
 use super::aws::{aws_error, AwsClients};
 use super::backstop::{AwsSchedules, Backstops, Schedules};
-use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
+use super::{store_knows, AccessEngine, AccessError, Converged, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::backstop;
-use crate::domain::grant::{desired_policies, plan_associations, scope_covers, Scope};
+use crate::domain::grant::{
+    desired_policies, entry_mark, plan_associations, scope_covers, EntryMark, Scope,
+};
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
 use crate::domain::request::{AccessSpec, Intent};
@@ -53,6 +55,15 @@ pub fn default_username(principal: &str) -> Option<String> {
 }
 
 impl Entry {
+    /// Whose marks it carries: none, this installation's, or another's.
+    fn mark(&self, instance: &str) -> EntryMark {
+        entry_mark(
+            self.tags.get(TAG_MANAGED_BY).map(String::as_str),
+            self.tags.get(TAG_INSTANCE).map(String::as_str),
+            instance,
+        )
+    }
+
     /// Carries Tollgate's marks for this installation (or, made before
     /// installations were marked, for none). A mark is only a finding aid.
     fn marked_for(&self, instance: &str) -> bool {
@@ -474,7 +485,8 @@ impl AccessEngine for AccessEntryStrategy {
             // What converge deletes, by the same rules: an entry the store
             // says Tollgate created, untouched by anyone else, holding no
             // association and owed none.
-            let owed = plan_associations(&current, &desired, &baselines).needs_entry;
+            let owed = plan_associations(&current, &desired, &baselines, &e.mark(&self.instance))
+                .needs_entry;
             let should_be_gone = current.is_empty()
                 && !owed
                 && e.marked_for(&self.instance)
@@ -496,25 +508,54 @@ impl AccessEngine for AccessEntryStrategy {
 
     /// Only schedules are written, and only for grants whose association
     /// a converge already made (a baseline is recorded for it): nothing
-    /// here changes access.
+    /// here changes access. A baseline whose standing access someone
+    /// removed meanwhile is rewritten first (spec 9.6), so no schedule
+    /// restores it if Tollgate is gone by the time it fires.
     async fn backstop(
         &self,
         cluster: &ClusterPolicy,
         principal: &str,
         grants: &[InForce<'_>],
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let Some(b) = &cluster.backstop else {
-            return Ok(());
+            return Ok(Converged::default());
         };
         if grants.is_empty() {
-            return Ok(());
+            return Ok(Converged::default());
         }
         let eks = self.clients.eks(cluster).await;
-        let Some(entry) = self.describe_entry(&eks, cluster, principal).await? else {
-            return Ok(());
+        let entry = self.describe_entry(&eks, cluster, principal).await?;
+        let current = match &entry {
+            Some(_) => self.associations(&eks, cluster, principal).await?,
+            None => BTreeMap::new(),
         };
-        let current = self.associations(&eks, cluster, principal).await?;
-        let baselines = self.store.baselines(&cluster.name, principal).await?;
+        let mut baselines = self.store.baselines(&cluster.name, principal).await?;
+        let gone = crate::domain::grant::vanished_baselines(&current, &baselines);
+        if !gone.is_empty() {
+            let desired = desired_policies(grants.iter().map(|g| g.spec));
+            let (kept, forgot): (Vec<_>, Vec<_>) = gone
+                .iter()
+                .map(|g| g.policy.clone())
+                .partition(|p| desired.contains_key(p));
+            let none: crate::domain::grant::Baselines =
+                kept.into_iter().map(|p| (p, None)).collect();
+            if !none.is_empty() {
+                self.store
+                    .record_baselines(&cluster.name, principal, &none)
+                    .await?;
+            }
+            if !forgot.is_empty() {
+                self.store
+                    .forget_baselines(&cluster.name, principal, &forgot)
+                    .await?;
+            }
+            baselines = self.store.baselines(&cluster.name, principal).await?;
+        }
+        let Some(entry) = entry else {
+            return Ok(Converged {
+                baselines_gone: gone,
+            });
+        };
         let touched: Vec<InForce<'_>> = grants
             .iter()
             .filter(|g| {
@@ -536,7 +577,10 @@ impl AccessEngine for AccessEntryStrategy {
                 &baselines,
             )
             .await?;
-        self.backstops.put(cluster, b, &plan).await
+        self.backstops.put(cluster, b, &plan).await?;
+        Ok(Converged {
+            baselines_gone: gone,
+        })
     }
 
     async fn converge(
@@ -545,7 +589,7 @@ impl AccessEngine for AccessEntryStrategy {
         principal: &str,
         grants: &[InForce<'_>],
         creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let eks = self.clients.eks(cluster).await;
         let desired = desired_policies(grants.iter().map(|g| g.spec));
         // A grant usually finds no entry: creating it straight away saves
@@ -571,17 +615,36 @@ impl AccessEngine for AccessEntryStrategy {
         } else {
             self.describe_entry(&eks, cluster, principal).await?
         };
-        if let Some(e) = entry.as_mut().filter(|_| !created) {
-            self.hand_over(&eks, cluster, principal, e, grants, creator)
-                .await?;
-        }
+        let mark = match &entry {
+            None => EntryMark::Absent,
+            Some(_) if created => EntryMark::Ours,
+            Some(e) => e.mark(&self.instance),
+        };
         let current = match entry {
             Some(_) if !created => self.associations(&eks, cluster, principal).await?,
             _ => BTreeMap::new(),
         };
         let baselines = self.store.baselines(&cluster.name, principal).await?;
-        let plan = plan_associations(&current, &desired, &baselines);
+        let plan = plan_associations(&current, &desired, &baselines, &mark);
         tracing::debug!(cluster = %cluster.name, ?plan, "access-entry plan");
+        // Refused before anything is recorded or changed: the entry came
+        // back marked by another installation (CreateAccessEntry answered
+        // ResourceInUse, so nothing was created either).
+        if let Some(instance) = plan.other_installation {
+            return Err(AccessError::OtherInstallation {
+                cluster: cluster.name.clone(),
+                principal: principal.to_string(),
+                object: "the access entry".into(),
+                instance,
+            });
+        }
+        if let Some(e) = entry.as_mut().filter(|_| !created) {
+            self.hand_over(&eks, cluster, principal, e, grants, creator)
+                .await?;
+        }
+        for gone in &plan.gone {
+            tracing::warn!(cluster = %cluster.name, %principal, policy = %gone.policy, scope = %gone.scope.describe(), "standing access recorded as a baseline was removed during the grant; not re-created");
+        }
 
         if !plan.new_baselines.is_empty() {
             self.store
@@ -710,7 +773,9 @@ impl AccessEngine for AccessEntryStrategy {
                 }
             }
         }
-        Ok(())
+        Ok(Converged {
+            baselines_gone: plan.gone,
+        })
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::kube::KubeClients;
-use super::{AccessEngine, AccessError, InForce, Look, Owned};
+use super::{AccessEngine, AccessError, Converged, InForce, Look, Owned};
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
 use crate::domain::request::{AccessSpec, Intent};
@@ -328,7 +328,7 @@ impl AccessEngine for AwsAuthStrategy {
         principal: &str,
         grants: &[InForce<'_>],
         _creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let client = self.kube.client(cluster).await?;
         let api: Api<ConfigMap> = Api::namespaced(client, NAMESPACE);
         let mut users: Vec<&str> = grants
@@ -371,18 +371,18 @@ impl AccessEngine for AwsAuthStrategy {
                     .map_err(|m| error(cluster, "update aws-auth", m))?
                 {
                     Some(u) => u,
-                    None => return Ok(()),
+                    None => return Ok(Converged::default()),
                 },
             };
             let wanted = (!grants.is_empty()).then_some(groups.as_slice());
             let Some(next) = plan(&data, principal, &user, wanted)
                 .map_err(|m| error(cluster, "update aws-auth", m))?
             else {
-                return Ok(());
+                return Ok(Converged::default());
             };
             cm.data = Some(next);
             match api.replace(NAME, &PostParams::default(), &cm).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(Converged::default()),
                 Err(kube::Error::Api(s)) if s.code == 409 => {
                     let base = 20u64 << attempt.min(6);
                     let jitter = rand::thread_rng().gen_range(0..=base);

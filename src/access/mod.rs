@@ -32,6 +32,25 @@ pub enum AccessError {
     },
     #[error("store error during grant: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The principal's access on `cluster` is marked by another Tollgate
+    /// installation: nothing is granted over it (spec 9.6).
+    #[error("{object} of {principal} on {cluster} belongs to another Tollgate installation, `{instance}`; nothing was granted (two installations never share a principal's access)")]
+    OtherInstallation {
+        cluster: String,
+        principal: String,
+        object: String,
+        instance: String,
+    },
+}
+
+/// What a converge reports besides having converged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Converged {
+    /// Standing access a baseline recorded that someone removed while a
+    /// grant was in force: not re-created, the baseline forgotten (spec
+    /// 9.6). The caller audits `baseline_gone` and tells the security
+    /// channel.
+    pub baselines_gone: Vec<crate::domain::grant::GoneBaseline>,
 }
 
 /// One grant that should be in force, with the id of the request it came from.
@@ -135,13 +154,16 @@ pub trait AccessEngine: Send + Sync + 'static {
     /// `grants` without changing any access: the reconciler's repair for a
     /// schedule a converge could not move (spec 10.1). Strategies without
     /// an AWS-side backstop have nothing to do.
+    ///
+    /// A baseline whose standing access is gone is not restored by a
+    /// schedule either: it is rewritten and reported as in `converge`.
     async fn backstop(
         &self,
         _cluster: &ClusterPolicy,
         _principal: &str,
         _grants: &[InForce<'_>],
-    ) -> Result<(), AccessError> {
-        Ok(())
+    ) -> Result<Converged, AccessError> {
+        Ok(Converged::default())
     }
 
     /// Makes the cluster give `principal` exactly what `grants` need, plus
@@ -153,7 +175,7 @@ pub trait AccessEngine: Send + Sync + 'static {
         principal: &str,
         grants: &[InForce<'_>],
         creator: &str,
-    ) -> Result<(), AccessError>;
+    ) -> Result<Converged, AccessError>;
 }
 
 /// `serve --dry-run`: every write is logged instead of made, and nothing
@@ -189,7 +211,7 @@ impl AccessEngine for DryRun {
         principal: &str,
         grants: &[InForce<'_>],
         _creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let ids: Vec<&str> = grants.iter().map(|g| g.grant_id).collect();
         tracing::info!(
             dry_run = true,
@@ -199,7 +221,7 @@ impl AccessEngine for DryRun {
             grants_in_force = ?ids,
             "dry run: would converge access to these grants"
         );
-        Ok(())
+        Ok(Converged::default())
     }
 }
 
@@ -261,7 +283,7 @@ impl AccessEngine for Engine {
         principal: &str,
         grants: &[InForce<'_>],
         creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         self.strategy(cluster)
             .converge(cluster, principal, grants, creator)
             .await
@@ -304,7 +326,7 @@ impl AccessEngine for Engine {
         cluster: &ClusterPolicy,
         principal: &str,
         grants: &[InForce<'_>],
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         self.strategy(cluster)
             .backstop(cluster, principal, grants)
             .await

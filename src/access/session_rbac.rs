@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::kube::KubeClients;
-use super::{store_knows, AccessEngine, AccessError, InForce, Look, Owned};
+use super::{store_knows, AccessEngine, AccessError, Converged, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
+use crate::domain::grant::{entry_mark, EntryMark};
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
 use crate::domain::request::{AccessSpec, Intent};
@@ -242,7 +243,7 @@ impl SessionRbacStrategy {
                             .get(&key.name)
                             .await
                             .map_err(|e| kube_error(&self.kube, cluster, "get RoleBinding", e))?;
-                        Err(grant_label(&existing.metadata).map(str::to_string))
+                        Err(existing.metadata)
                     }
                     Err(e) => return Err(kube_error(&self.kube, cluster, "create RoleBinding", e)),
                 }
@@ -260,7 +261,7 @@ impl SessionRbacStrategy {
                         let existing = api.get(&key.name).await.map_err(|e| {
                             kube_error(&self.kube, cluster, "get ClusterRoleBinding", e)
                         })?;
-                        Err(grant_label(&existing.metadata).map(str::to_string))
+                        Err(existing.metadata)
                     }
                     Err(e) => {
                         return Err(kube_error(
@@ -273,17 +274,33 @@ impl SessionRbacStrategy {
                 }
             }
         };
-        match result {
-            Ok(()) => Ok(()),
+        let existing = match result {
+            Ok(()) => return Ok(()),
+            Err(meta) => meta,
+        };
+        let object = match &key.namespace {
+            Some(ns) => format!("RoleBinding {ns}/{}", key.name),
+            None => format!("ClusterRoleBinding {}", key.name),
+        };
+        match entry_mark(
+            label(&existing, LABEL_MANAGED_BY),
+            label(&existing, LABEL_INSTANCE),
+            &self.instance,
+        ) {
             // Already there from an earlier attempt at the same grant.
-            Err(Some(label)) if label == d.grant_id => Ok(()),
-            Err(_) => Err(AccessError::Aws {
+            EntryMark::Ours if grant_label(&existing) == Some(d.grant_id.as_str()) => Ok(()),
+            // Spec 9.6: never granted over, and named.
+            EntryMark::Other(instance) => Err(AccessError::OtherInstallation {
+                cluster: cluster.name.clone(),
+                principal: user.to_string(),
+                object,
+                instance,
+            }),
+            _ => Err(AccessError::Aws {
                 cluster: cluster.name.clone(),
                 operation: "create binding",
                 message: format!(
-                    "{} {} already exists and was not created by Tollgate for {}; it was left alone and nothing was granted",
-                    if key.namespace.is_some() { "RoleBinding" } else { "ClusterRoleBinding" },
-                    match &key.namespace { Some(ns) => format!("{ns}/{}", key.name), None => key.name.clone() },
+                    "{object} already exists and was not created by Tollgate for {}; it was left alone and nothing was granted",
                     d.grant_id
                 ),
             }),
@@ -444,7 +461,7 @@ impl AccessEngine for SessionRbacStrategy {
         user: &str,
         grants: &[InForce<'_>],
         _creator: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<Converged, AccessError> {
         let client = self.kube.client(cluster).await?;
         let mut desired: BTreeMap<BindingKey, Desired> = BTreeMap::new();
         for g in grants {
@@ -505,7 +522,7 @@ impl AccessEngine for SessionRbacStrategy {
                 tracing::warn!(cluster = %cluster.name, binding = %key.name, grant = ?f.grant, "binding carries Tollgate's labels but its store did not create it; left alone");
             }
         }
-        Ok(())
+        Ok(Converged::default())
     }
 
     /// A GET of each binding the revoked grant was given (named after it,

@@ -70,31 +70,146 @@ where
 /// `None` means "no association", and restoring it means disassociating.
 pub type Baselines = BTreeMap<String, Option<Scope>>;
 
+/// Whose marks the principal's access entry carries, as the converge read
+/// it (spec 8.3, 9.6). Only an entry no Tollgate marked can hold standing
+/// access worth recording as a baseline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryMark {
+    /// There is no entry.
+    Absent,
+    /// An entry without `managed-by=tollgate`: made outside any Tollgate.
+    Unmarked,
+    /// Marked by this installation (or, made before installations were
+    /// marked, by none).
+    Ours,
+    /// Marked by another installation, named by its `tollgate-instance`.
+    Other(String),
+}
+
+/// Reads an existing object's marks: `managed_by` is its `managed-by`
+/// tag (or label), `instance` its `tollgate-instance`, `ours` this
+/// installation's `[server] instance`.
+pub fn entry_mark(managed_by: Option<&str>, instance: Option<&str>, ours: &str) -> EntryMark {
+    if managed_by != Some("tollgate") {
+        return EntryMark::Unmarked;
+    }
+    match instance {
+        Some(other) if other != ours => EntryMark::Other(other.to_string()),
+        _ => EntryMark::Ours,
+    }
+}
+
+/// Standing access a baseline would have restored that is gone: someone
+/// removed it while Tollgate's grant was in force (spec 9.6). It is not
+/// re-created; the baseline is rewritten to "none" (a grant still needs
+/// the policy) or forgotten, and the loss is reported (`baseline_gone`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoneBaseline {
+    pub policy: String,
+    /// What the baseline recorded before it vanished.
+    pub scope: Scope,
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct AssociationPlan {
     /// Record these before any cloud call, so a crash mid-way still knows
-    /// what to restore.
+    /// what to restore. A gone baseline a grant still needs is rewritten
+    /// here as `None`.
     pub new_baselines: Baselines,
     pub associate: Vec<(String, Scope)>,
     pub disassociate: Vec<String>,
-    /// Policies no grant needs any more, seen already restored; forget them.
+    /// Policies no grant needs any more, seen already restored (or whose
+    /// standing access is gone); forget them.
     pub forget_baselines: Vec<String>,
+    /// Baselines whose standing access vanished: reported, never restored.
+    pub gone: Vec<GoneBaseline>,
     /// At least one association must exist, so the access entry must too.
     pub needs_entry: bool,
+    /// The entry is another installation's: nothing may be granted on it
+    /// (spec 9.6). Set only when grants want access; nothing else is
+    /// planned then.
+    pub other_installation: Option<String>,
+}
+
+/// Standing access that vanished while Tollgate held the policy: an
+/// association Tollgate makes over a baseline always includes it, and
+/// Tollgate never disassociates a policy whose baseline holds access, so
+/// its absence means someone else removed it (or the whole entry).
+pub fn vanished_baselines(
+    current: &BTreeMap<String, Scope>,
+    baselines: &Baselines,
+) -> Vec<GoneBaseline> {
+    baselines
+        .iter()
+        .filter(|(policy, _)| !current.contains_key(*policy))
+        .filter_map(|(policy, base)| {
+            base.clone().map(|scope| GoneBaseline {
+                policy: policy.clone(),
+                scope,
+            })
+        })
+        .collect()
 }
 
 /// Only policies that are desired or have a recorded baseline are touched;
 /// every other association of the principal is left as it is.
+///
+/// The baseline rules (spec 9.6):
+/// * A policy's baseline is what `current` shows for it only when the entry
+///   carries no Tollgate mark of any installation and no baseline of this
+///   store is on record for the principal. A baseline is recorded before
+///   every association Tollgate makes and kept while any grant needs the
+///   policy, so "none on record" means no grant of this store is in force
+///   (or ever associated anything): nothing `current` shows can be
+///   Tollgate's own in-flight work. Otherwise the baseline is "none", and
+///   whatever is there is removed when the last grant ends — fail closed.
+/// * An entry marked by another installation is never granted over
+///   (`other_installation`); with no grant wanting access nothing of this
+///   store can be on it (its grants would have been refused), so its
+///   baselines are about an entry that is gone: forgotten, and reported
+///   when they held access.
+/// * A baseline holding access whose association is gone (removed, or the
+///   whole entry deleted) is not re-created: `gone`.
 pub fn plan_associations(
     current: &BTreeMap<String, Scope>,
     desired: &BTreeMap<String, Scope>,
     baselines: &Baselines,
+    entry: &EntryMark,
 ) -> AssociationPlan {
     let mut plan = AssociationPlan::default();
+    if let EntryMark::Other(name) = entry {
+        if !desired.is_empty() {
+            plan.other_installation = Some(name.clone());
+        } else {
+            plan.forget_baselines = baselines.keys().cloned().collect();
+            plan.gone = baselines
+                .iter()
+                .filter_map(|(policy, base)| {
+                    base.clone().map(|scope| GoneBaseline {
+                        policy: policy.clone(),
+                        scope,
+                    })
+                })
+                .collect();
+        }
+        return plan;
+    }
     let mut all_baselines = baselines.clone();
+    for gone in vanished_baselines(current, baselines) {
+        all_baselines.insert(gone.policy.clone(), None);
+        if desired.contains_key(&gone.policy) {
+            plan.new_baselines.insert(gone.policy.clone(), None);
+        }
+        plan.gone.push(gone);
+    }
+    let may_snapshot = baselines.is_empty() && *entry == EntryMark::Unmarked;
     for policy in desired.keys() {
         if !baselines.contains_key(policy) {
-            let before = current.get(policy).cloned();
+            let before = if may_snapshot {
+                current.get(policy).cloned()
+            } else {
+                None
+            };
             plan.new_baselines.insert(policy.clone(), before.clone());
             all_baselines.insert(policy.clone(), before);
         }
@@ -124,7 +239,10 @@ pub fn plan_associations(
         // A baseline is forgotten only once a read shows it restored: a
         // restore call that answered success without taking effect (seen
         // by the read-back after a revoke) is then made again, because
-        // what to put back is still known.
+        // what to put back is still known. The read is this converge's
+        // first, made under the principal's lease after every earlier
+        // write of Tollgate's returned or could no longer land (a step cut
+        // off mid-call fences the principal for a lease term).
         if in_place && !desired.contains_key(policy) && baselines.contains_key(policy) {
             plan.forget_baselines.push(policy.clone());
         }
@@ -338,7 +456,12 @@ mod tests {
     #[test]
     fn first_grant_records_absent_baseline_and_associates() {
         let desired = desired_policies(&[spec(EDIT, &["a"])]);
-        let plan = plan_associations(&BTreeMap::new(), &desired, &Baselines::new());
+        let plan = plan_associations(
+            &BTreeMap::new(),
+            &desired,
+            &Baselines::new(),
+            &EntryMark::Absent,
+        );
         assert_eq!(
             plan.new_baselines,
             Baselines::from([(EDIT.to_string(), None)])
@@ -353,7 +476,7 @@ mod tests {
         let desired = desired_policies(&[spec(EDIT, &["a"])]);
         let current = BTreeMap::from([(EDIT.to_string(), ns(&["a"]))]);
         let baselines = Baselines::from([(EDIT.to_string(), None)]);
-        let plan = plan_associations(&current, &desired, &baselines);
+        let plan = plan_associations(&current, &desired, &baselines, &EntryMark::Unmarked);
         assert!(plan.associate.is_empty() && plan.disassociate.is_empty());
         assert!(plan.new_baselines.is_empty() && plan.forget_baselines.is_empty());
     }
@@ -362,14 +485,19 @@ mod tests {
     fn last_grant_ending_disassociates_and_forgets() {
         let current = BTreeMap::from([(EDIT.to_string(), ns(&["a"]))]);
         let baselines = Baselines::from([(EDIT.to_string(), None)]);
-        let plan = plan_associations(&current, &BTreeMap::new(), &baselines);
+        let plan = plan_associations(&current, &BTreeMap::new(), &baselines, &EntryMark::Unmarked);
         assert_eq!(plan.disassociate, vec![EDIT.to_string()]);
         assert!(
             plan.forget_baselines.is_empty(),
             "forgotten only once seen restored"
         );
         assert!(!plan.needs_entry);
-        let plan = plan_associations(&BTreeMap::new(), &BTreeMap::new(), &baselines);
+        let plan = plan_associations(
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &baselines,
+            &EntryMark::Unmarked,
+        );
         assert!(plan.disassociate.is_empty());
         assert_eq!(plan.forget_baselines, vec![EDIT.to_string()]);
     }
@@ -378,18 +506,23 @@ mod tests {
     fn preexisting_association_is_kept_in_union_and_restored() {
         let current = BTreeMap::from([(EDIT.to_string(), ns(&["x"]))]);
         let desired = desired_policies(&[spec(EDIT, &["a"])]);
-        let plan = plan_associations(&current, &desired, &Baselines::new());
+        let plan = plan_associations(&current, &desired, &Baselines::new(), &EntryMark::Unmarked);
         assert_eq!(plan.new_baselines[EDIT], Some(ns(&["x"])));
         assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["a", "x"]))]);
 
         let current = BTreeMap::from([(EDIT.to_string(), ns(&["a", "x"]))]);
         let baselines = Baselines::from([(EDIT.to_string(), Some(ns(&["x"])))]);
-        let plan = plan_associations(&current, &BTreeMap::new(), &baselines);
+        let plan = plan_associations(&current, &BTreeMap::new(), &baselines, &EntryMark::Unmarked);
         assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["x"]))]);
         assert!(plan.disassociate.is_empty());
         assert!(plan.forget_baselines.is_empty());
         let restored = BTreeMap::from([(EDIT.to_string(), ns(&["x"]))]);
-        let plan = plan_associations(&restored, &BTreeMap::new(), &baselines);
+        let plan = plan_associations(
+            &restored,
+            &BTreeMap::new(),
+            &baselines,
+            &EntryMark::Unmarked,
+        );
         assert!(plan.associate.is_empty());
         assert_eq!(plan.forget_baselines, vec![EDIT.to_string()]);
     }
@@ -398,11 +531,137 @@ mod tests {
     fn untouched_policies_are_left_alone() {
         let current = BTreeMap::from([(VIEW.to_string(), Scope::Cluster)]);
         let desired = desired_policies(&[spec(EDIT, &["a"])]);
-        let plan = plan_associations(&current, &desired, &Baselines::new());
+        let plan = plan_associations(&current, &desired, &Baselines::new(), &EntryMark::Unmarked);
         assert!(!plan.disassociate.contains(&VIEW.to_string()));
         assert!(plan.associate.iter().all(|(p, _)| p != VIEW));
-        let plan = plan_associations(&current, &BTreeMap::new(), &Baselines::new());
+        let plan = plan_associations(
+            &current,
+            &BTreeMap::new(),
+            &Baselines::new(),
+            &EntryMark::Unmarked,
+        );
         assert_eq!(plan, AssociationPlan::default());
+    }
+
+    #[test]
+    fn marks_name_the_installation() {
+        assert_eq!(entry_mark(None, None, "blue"), EntryMark::Unmarked);
+        assert_eq!(
+            entry_mark(Some("someone"), Some("blue"), "blue"),
+            EntryMark::Unmarked
+        );
+        assert_eq!(
+            entry_mark(Some("tollgate"), Some("blue"), "blue"),
+            EntryMark::Ours
+        );
+        assert_eq!(
+            entry_mark(Some("tollgate"), None, "blue"),
+            EntryMark::Ours,
+            "made before installations were marked"
+        );
+        assert_eq!(
+            entry_mark(Some("tollgate"), Some("green"), "blue"),
+            EntryMark::Other("green".into())
+        );
+    }
+
+    #[test]
+    fn another_installations_entry_is_never_granted_over() {
+        let current = BTreeMap::from([(VIEW.to_string(), Scope::Cluster)]);
+        let desired = desired_policies(&[spec(VIEW, &["payments"])]);
+        let other = EntryMark::Other("green".into());
+        let plan = plan_associations(&current, &desired, &Baselines::new(), &other);
+        assert_eq!(plan.other_installation.as_deref(), Some("green"));
+        assert!(
+            plan.new_baselines.is_empty() && plan.associate.is_empty() && !plan.needs_entry,
+            "nothing recorded, nothing made: {plan:?}"
+        );
+        // Nothing wanted: nothing of this store can be on it; a baseline on
+        // record is about an entry that is gone.
+        let baselines = Baselines::from([
+            (VIEW.to_string(), Some(ns(&["x"]))),
+            (EDIT.to_string(), None),
+        ]);
+        let plan = plan_associations(&current, &BTreeMap::new(), &baselines, &other);
+        assert_eq!(plan.other_installation, None);
+        assert!(plan.disassociate.is_empty() && plan.associate.is_empty());
+        assert_eq!(
+            plan.forget_baselines,
+            vec![EDIT.to_string(), VIEW.to_string()]
+        );
+        assert_eq!(
+            plan.gone,
+            vec![GoneBaseline {
+                policy: VIEW.into(),
+                scope: ns(&["x"])
+            }]
+        );
+    }
+
+    #[test]
+    fn baselines_come_only_from_unmarked_entries_with_nothing_on_record() {
+        let current = BTreeMap::from([(VIEW.to_string(), Scope::Cluster)]);
+        let desired = desired_policies(&[spec(VIEW, &["payments"])]);
+        let plan = plan_associations(&current, &desired, &Baselines::new(), &EntryMark::Unmarked);
+        assert_eq!(plan.new_baselines[VIEW], Some(Scope::Cluster));
+        // On an entry Tollgate marked, what is there is not standing access.
+        let plan = plan_associations(&current, &desired, &Baselines::new(), &EntryMark::Ours);
+        assert_eq!(plan.new_baselines[VIEW], None);
+        assert_eq!(plan.associate, vec![(VIEW.to_string(), ns(&["payments"]))]);
+        // A baseline on record means a grant of this store is in force: an
+        // association found now for another policy may be anyone's (another
+        // installation's, Tollgate's own call still landing); it is not
+        // taken for standing access.
+        let on_record = Baselines::from([(EDIT.to_string(), None)]);
+        let plan = plan_associations(&current, &desired, &on_record, &EntryMark::Unmarked);
+        assert_eq!(plan.new_baselines[VIEW], None);
+    }
+
+    #[test]
+    fn vanished_standing_access_is_not_recreated() {
+        let base = Baselines::from([(EDIT.to_string(), Some(ns(&["x"])))]);
+        let gone = vec![GoneBaseline {
+            policy: EDIT.into(),
+            scope: ns(&["x"]),
+        }];
+        // The grant ended; the pre-existing association was removed during it.
+        let plan = plan_associations(
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &base,
+            &EntryMark::Unmarked,
+        );
+        assert!(plan.associate.is_empty(), "{plan:?}");
+        assert!(
+            !plan.needs_entry,
+            "no entry is created to restore a baseline"
+        );
+        assert_eq!(plan.forget_baselines, vec![EDIT.to_string()]);
+        assert_eq!(plan.gone, gone);
+        // The whole entry was deleted: the same.
+        let plan = plan_associations(
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            &base,
+            &EntryMark::Absent,
+        );
+        assert!(plan.associate.is_empty() && !plan.needs_entry);
+        assert_eq!(plan.gone, gone);
+        // Still in force: the grant keeps its own access, the baseline
+        // becomes "none", so its end removes only what Tollgate made.
+        let desired = desired_policies(&[spec(EDIT, &["a"])]);
+        let plan = plan_associations(&BTreeMap::new(), &desired, &base, &EntryMark::Unmarked);
+        assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["a"]))]);
+        assert_eq!(
+            plan.new_baselines,
+            Baselines::from([(EDIT.to_string(), None)])
+        );
+        assert_eq!(plan.gone, gone);
+        // A baseline that only narrowed is restored as before.
+        let current = BTreeMap::from([(EDIT.to_string(), ns(&["a", "x"]))]);
+        let plan = plan_associations(&current, &BTreeMap::new(), &base, &EntryMark::Unmarked);
+        assert!(plan.gone.is_empty());
+        assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["x"]))]);
     }
 
     fn granted(id: &str, spec: AccessSpec, intents: Vec<Intent>) -> Request {

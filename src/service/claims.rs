@@ -6,6 +6,8 @@
 //! needs", so two of them at once on different replicas could undo each
 //! other's calls; the lease makes them take turns.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::OwnedMutexGuard;
@@ -19,6 +21,63 @@ const LEASE_POLL: Duration = Duration::from_millis(150);
 pub(crate) struct PrincipalGuard {
     _local: OwnedMutexGuard<()>,
     lease: Option<Lease>,
+    key: String,
+    fences: Arc<Fences>,
+}
+
+/// A converge cut off by its time limit may leave a call in flight (the
+/// SDK future is dropped, the request may already be with EKS): it counts
+/// as possibly applied. Until one lease term after the cut-off no
+/// converge of that (cluster, principal) starts, here or on another
+/// replica (the lease is renewed for that term and not handed back), so
+/// every read a converge judges by — including the one that forgets a
+/// baseline (spec 9.6) — is taken after Tollgate's own last write could
+/// still land.
+#[derive(Default)]
+pub(crate) struct Fences {
+    until: std::sync::Mutex<HashMap<String, OffsetDateTime>>,
+}
+
+impl Fences {
+    fn set(&self, key: &str, until: OffsetDateTime) {
+        if let Ok(mut map) = self.until.lock() {
+            let entry = map.entry(key.to_string()).or_insert(until);
+            *entry = (*entry).max(until);
+        }
+    }
+
+    /// When the fence on `key` ends, if it has not yet; an ended one is
+    /// dropped.
+    fn active(&self, key: &str, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        let mut map = self.until.lock().ok()?;
+        match map.get(key) {
+            Some(until) if *until > now => Some(*until),
+            Some(_) => {
+                map.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Whether a fence was put on `key` since it was last cleared: the
+    /// guard then leaves its lease to lapse.
+    fn is_set(&self, key: &str) -> bool {
+        self.until.lock().is_ok_and(|map| map.contains_key(key))
+    }
+
+    fn clear(&self, key: &str) {
+        if let Ok(mut map) = self.until.lock() {
+            map.remove(key);
+        }
+    }
+}
+
+/// How long a fenced principal waits, if it may wait at all: a fence that
+/// outlasts a whole lease term leaves the step to a later pass.
+fn fence_wait(until: OffsetDateTime, now: OffsetDateTime, term: Duration) -> Option<Duration> {
+    let left = Duration::try_from(until - now).unwrap_or_default();
+    (left <= term).then_some(left)
 }
 
 struct Lease {
@@ -45,6 +104,11 @@ impl Drop for PrincipalGuard {
     /// Handing the lease back early spares the other replicas the wait;
     /// if this never runs (a crash), the lease simply lapses.
     fn drop(&mut self) {
+        // Fenced: the lease stays taken until it lapses, so no replica
+        // reads this principal while a cut-off call may still land.
+        if self.fences.is_set(&self.key) {
+            return;
+        }
         if let Some(lease) = self.lease.take() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
@@ -63,11 +127,21 @@ impl Service {
     /// time (the row stays due and is tried again).
     pub(crate) async fn principal(&self, cluster: &str, principal: &str) -> Option<PrincipalGuard> {
         let key = format!("{cluster}\u{0}{principal}");
-        let local = self.locks.lock(key).await;
+        let local = self.locks.lock(key.clone()).await;
+        let now = self.clock.now();
+        if let Some(until) = self.fences.active(&key, now) {
+            // A fence longer than a term: the step is left to a later pass.
+            let wait = fence_wait(until, now, self.tunables.claim_ttl)?;
+            tracing::info!(cluster, principal, wait = ?wait, "a cut-off call may still land; waiting before converging");
+            tokio::time::sleep(wait).await;
+            self.fences.clear(&key);
+        }
         if !self.store.is_shared() {
             return Some(PrincipalGuard {
                 _local: local,
                 lease: None,
+                key,
+                fences: self.fences.clone(),
             });
         }
         let name = format!("principal/{cluster}/{principal}");
@@ -80,6 +154,8 @@ impl Service {
                 Ok(true) => {
                     return Some(PrincipalGuard {
                         _local: local,
+                        key,
+                        fences: self.fences.clone(),
                         lease: Some(Lease {
                             name,
                             ttl,
@@ -100,6 +176,36 @@ impl Service {
                 return None;
             }
             tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+}
+
+impl Service {
+    /// A converge of this (cluster, principal) was cut off by its time
+    /// limit: fences it for one lease term (see `Fences`). On a shared
+    /// store the lease is renewed for that term, so other replicas wait too;
+    /// if the renewal cannot be written the lease lapses at its old term.
+    pub(crate) async fn fence(&self, cluster: &str, principal: &str) {
+        let term = self.tunables.claim_ttl;
+        let key = format!("{cluster}\u{0}{principal}");
+        self.fences.set(&key, self.clock.now() + term);
+        tracing::warn!(cluster, principal, term = ?term, "converge cut off mid-call; no converge of this principal for one lease term");
+        if self.store.is_shared() {
+            let name = format!("principal/{cluster}/{principal}");
+            let now = self.clock.now();
+            match self
+                .store
+                .try_lease(&name, &self.replica, now + term, now)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(lease = %name, "lease already taken over; it was past its term")
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %name, error = %e, "lease not renewed; it lapses at its old term")
+                }
+            }
         }
     }
 }
@@ -151,5 +257,44 @@ impl Service {
     /// replica paused past its claim finds the row taken and writes nothing.
     pub(super) fn holds_claim(&self, row: &Request) -> bool {
         !self.store.is_shared() || row.claim.as_ref().is_some_and(|c| c.owner == self.replica)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fence_holds_until_its_end_and_no_longer() {
+        let fences = Fences::default();
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let secs = time::Duration::seconds;
+        assert_eq!(fences.active("k", now), None);
+        fences.set("k", now + secs(5));
+        fences.set("k", now + secs(1));
+        assert_eq!(
+            fences.active("k", now),
+            Some(now + secs(5)),
+            "a later cut-off never shortens a fence"
+        );
+        assert!(fences.is_set("k") && !fences.is_set("other"));
+        assert_eq!(fences.active("other", now), None);
+        assert_eq!(fences.active("k", now + secs(6)), None);
+        assert!(!fences.is_set("k"), "an ended fence is gone");
+    }
+
+    #[test]
+    fn a_fenced_principal_waits_at_most_one_term() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let term = Duration::from_secs(30);
+        assert_eq!(
+            fence_wait(now + time::Duration::seconds(3), now, term),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(fence_wait(now, now, term), Some(Duration::ZERO));
+        assert_eq!(
+            fence_wait(now + time::Duration::seconds(31), now, term),
+            None
+        );
     }
 }

@@ -43,12 +43,24 @@ impl ServiceError {
             ServiceError::Access(AccessError::Connect { .. }) => "cluster_unreachable",
             ServiceError::Access(AccessError::Aws { .. }) => "aws",
             ServiceError::Access(AccessError::Store(e)) => e.metric_label(),
+            ServiceError::Access(AccessError::OtherInstallation { .. }) => "other_installation",
             ServiceError::Slack(e) => e.metric_label(),
             ServiceError::ClusterGone(_) => "cluster_unconfigured",
             ServiceError::CutOff(_) => "timeout",
             ServiceError::StillThere(_) => "not_removed",
             ServiceError::GrantRefused(r) => r.metric_label(),
             ServiceError::Refused(r) => r.metric_label(),
+        }
+    }
+
+    /// `details.reason` of the `grant_failed` event this failure writes,
+    /// where the spec names one.
+    pub fn audit_reason(&self) -> Option<&'static str> {
+        match self {
+            ServiceError::Access(AccessError::OtherInstallation { .. }) => {
+                Some("other_installation")
+            }
+            _ => None,
         }
     }
 }

@@ -208,10 +208,18 @@ impl Service {
                 .map(|g| g.grant_id)
                 .unwrap_or(req.id.as_str())
         };
-        self.access
+        let converged = self
+            .access
             .converge(cluster, &req.access.principal, &grants, creator)
-            .await
-            .map_err(ServiceError::from)
+            .await?;
+        self.report_baselines_gone(
+            &cluster.name,
+            &req.access.principal,
+            req.id.as_str(),
+            &converged.baselines_gone,
+        )
+        .await;
+        Ok(())
     }
 
     /// Converges with `req` in or out, reading the other grants first.
@@ -229,9 +237,13 @@ impl Service {
                 .map_err(ServiceError::InForceUnreadable)?;
             self.converge_with(req, &others, include).await
         };
-        tokio::time::timeout(limit, converge)
-            .await
-            .unwrap_or(Err(ServiceError::CutOff(limit)))
+        match tokio::time::timeout(limit, converge).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.fence(&req.access.cluster, &req.access.principal).await;
+                Err(ServiceError::CutOff(limit))
+            }
+        }
     }
 
     /// Re-reads `id` under its principal's lock; `None` if it no longer
@@ -364,7 +376,16 @@ impl Service {
                 }
                 Err(error) => {
                     tracing::error!(request_id = %id, error = %error, "grant failed");
-                    let cleanup = self.converge_for(&req, None, now).await.err();
+                    // A converge cut off mid-call may still have a call in
+                    // flight: reading now could judge before it lands (and
+                    // forget a baseline it then contradicts). The principal
+                    // is fenced for a lease term; the cleanup is the next
+                    // pass's, after it.
+                    let cleanup = if matches!(error, ServiceError::CutOff(_)) {
+                        Some(ServiceError::CutOff(self.tunables.converge_limit))
+                    } else {
+                        self.converge_for(&req, None, now).await.err()
+                    };
                     self.record_grant_failure(&req, error, cleanup).await;
                     return;
                 }
@@ -492,10 +513,15 @@ impl Service {
                 if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
-                let effects =
+                let mut effects =
                     lifecycle::grant_failed(current, &message, cleanup.as_deref(), now, |n| {
                         self.retry_delay(n)
                     });
+                if let (Ok(effects), Some(reason)) = (effects.as_mut(), error.audit_reason()) {
+                    for event in &mut effects.audit {
+                        event.details["reason"] = serde_json::json!(reason);
+                    }
+                }
                 Change::event(&req.id, effects)
             })
             .await;

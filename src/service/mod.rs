@@ -66,6 +66,9 @@ pub struct Service {
     clicks_in_flight: std::sync::Mutex<HashSet<String>>,
     /// `[slack] commands_per_minute`, per user.
     command_rate: std::sync::Mutex<crate::domain::rate::PerMinute>,
+    /// Principals whose last converge was cut off mid-call, until when no
+    /// converge may read them (`claims::Fences`).
+    fences: Arc<claims::Fences>,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -179,6 +182,33 @@ fn replica_name() -> String {
     format!("{host}-{:08x}", rand::thread_rng().gen::<u32>())
 }
 
+/// Sends through Slack, retrying while Slack is down or answering 5xx:
+/// an outage delays messages, it does not drop them. Callers are always
+/// off the grant and revoke path, so waiting here holds up nothing.
+async fn send_with<T, F, Fut>(metrics: &Metrics, what: &str, mut call: F) -> Result<T, SlackError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SlackError>>,
+{
+    let started = std::time::Instant::now();
+    let mut delay = SLACK_RETRY_FIRST;
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() && started.elapsed() + delay < SLACK_RETRY_WINDOW => {
+                tracing::warn!(what, error = %e, retry_in = ?delay, "Slack unavailable; will send again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(SLACK_RETRY_CAP);
+            }
+            Err(e) => {
+                // Given up: counted once per message, not per try.
+                metrics.failed("slack", e.metric_label());
+                return Err(e);
+            }
+            ok => return ok,
+        }
+    }
+}
+
 /// CAS retries before giving up; each retry means another writer won, so
 /// more than a handful means something is badly wrong.
 const MAX_CAS_RETRIES: usize = 50;
@@ -210,6 +240,7 @@ impl Service {
             full_scans: Default::default(),
             clicks_in_flight: Default::default(),
             command_rate: std::sync::Mutex::new(command_rate),
+            fences: Default::default(),
             tunables,
         })
     }
@@ -325,27 +356,66 @@ impl Service {
     /// Sends through Slack, retrying while Slack is down or answering 5xx:
     /// an outage delays messages, it does not drop them. Callers are always
     /// off the grant and revoke path, so waiting here holds up nothing.
-    pub(crate) async fn send<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, SlackError>
+    pub(crate) async fn send<T, F, Fut>(&self, what: &str, call: F) -> Result<T, SlackError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, SlackError>>,
     {
-        let started = std::time::Instant::now();
-        let mut delay = SLACK_RETRY_FIRST;
-        loop {
-            match call().await {
-                Err(e) if e.is_transient() && started.elapsed() + delay < SLACK_RETRY_WINDOW => {
-                    tracing::warn!(what, error = %e, retry_in = ?delay, "Slack unavailable; will send again");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(SLACK_RETRY_CAP);
+        send_with(&self.metrics, what, call).await
+    }
+
+    /// Standing access a baseline recorded was gone when Tollgate would
+    /// have put it back (spec 9.6): one `baseline_gone` audit event per
+    /// policy, written now, and the security channel told in its own task
+    /// (Slack is never on the path of a grant or revoke). `grant` is the
+    /// request whose converge found it.
+    pub(crate) async fn report_baselines_gone(
+        &self,
+        cluster: &str,
+        principal: &str,
+        grant: &str,
+        gone: &[crate::domain::grant::GoneBaseline],
+    ) {
+        if gone.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let events: Vec<AuditEvent> = gone
+            .iter()
+            .map(|g| AuditEvent {
+                ts: now,
+                event: "baseline_gone".into(),
+                request_id: grant.to_string(),
+                actor: crate::domain::audit::ACTOR_TOLLGATE.into(),
+                cluster: cluster.to_string(),
+                principal: principal.to_string(),
+                details: serde_json::json!({
+                    "policy": g.policy,
+                    "scope": g.scope.describe(),
+                    "detail": "standing access recorded before the grant was removed during it; not re-created, baseline forgotten",
+                }),
+            })
+            .collect();
+        if let Err(e) = self.store.append_audit(events).await {
+            tracing::error!(cluster, principal, error = %e, "baseline_gone audit event not written");
+        }
+        let Some(channel) = self.config.slack.security_channel.clone() else {
+            tracing::error!(
+                cluster,
+                principal,
+                "no slack.security_channel to tell of a vanished baseline"
+            );
+            return;
+        };
+        for g in gone {
+            let msg = blocks::baseline_gone_alert(cluster, principal, &g.policy, &g.scope, grant);
+            let (slack, metrics, channel) =
+                (self.slack.clone(), self.metrics.clone(), channel.clone());
+            tokio::spawn(async move {
+                if let Err(e) = send_with(&metrics, "alert", || slack.post(&channel, &msg)).await {
+                    tracing::error!(error = %e, "baseline_gone alert not delivered");
                 }
-                Err(e) => {
-                    // Given up: counted once per message, not per try.
-                    self.metrics.failed("slack", e.metric_label());
-                    return Err(e);
-                }
-                ok => return ok,
-            }
+            });
         }
     }
 

@@ -33,9 +33,13 @@ impl Service {
             self.converge_with(req, &others, None).await?;
             self.read_back(req, &others).await
         };
-        tokio::time::timeout(limit, step)
-            .await
-            .unwrap_or(Err(ServiceError::CutOff(limit)))
+        match tokio::time::timeout(limit, step).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.fence(&req.access.cluster, &req.access.principal).await;
+                Err(ServiceError::CutOff(limit))
+            }
+        }
     }
 
     async fn read_back(&self, req: &Request, others: &[Request]) -> Result<Verified, ServiceError> {

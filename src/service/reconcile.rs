@@ -266,12 +266,13 @@ impl Service {
                 .collect(),
             ..Default::default()
         };
+        let mut cut_off = None;
         for key in principals.difference(&busy) {
             let principal = request_principal
                 .get(key)
                 .cloned()
                 .unwrap_or_else(|| key.clone());
-            let Some(_guard) = self.principal(&cluster.name, &principal).await else {
+            let Some(guard) = self.principal(&cluster.name, &principal).await else {
                 continue;
             };
             // Re-read under the lock: a grant or revoke may have finished.
@@ -308,8 +309,20 @@ impl Service {
             }
             // A schedule a grant or extension could not move is put right
             // here, long before it would fire (spec 10.1).
-            if let Err(e) = self.access.backstop(cluster, &principal, &in_force).await {
-                tracing::warn!(cluster = %cluster.name, %principal, error = %e, "backstop schedules not brought up to date");
+            match self.access.backstop(cluster, &principal, &in_force).await {
+                Ok(done) => {
+                    let grant = in_force.first().map(|g| g.grant_id).unwrap_or_default();
+                    self.report_baselines_gone(
+                        &cluster.name,
+                        &principal,
+                        grant,
+                        &done.baselines_gone,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %cluster.name, %principal, error = %e, "backstop schedules not brought up to date")
+                }
             }
             let mut mine: Vec<&Owned> = owned_by.get(key).cloned().unwrap_or_default();
             // The listing was taken before this principal's lock; a grant or
@@ -349,9 +362,38 @@ impl Service {
                 .cloned()
                 .collect();
             let creator = keep.first().map(|g| g.grant_id).unwrap_or("reconciler");
-            self.access
-                .converge(cluster, &principal, &keep, creator)
-                .await?;
+            // The same lease and the same time limit as every other
+            // converge of this principal (spec 9.6): a pass that lingered
+            // past most of its lease leaves the principal to the next one,
+            // and a converge cut off mid-call fences it like any other.
+            if !guard.fresh_enough(self.clock.now()) {
+                tracing::warn!(cluster = %cluster.name, %principal, "lease nearly lapsed before the cleanup; leaving it to the next pass");
+                continue;
+            }
+            let limit = self.tunables.converge_limit;
+            let converged = match tokio::time::timeout(
+                limit,
+                self.access.converge(cluster, &principal, &keep, creator),
+            )
+            .await
+            {
+                Ok(result) => result?,
+                Err(_) => {
+                    // The other principals of the cluster still get their
+                    // pass; the pass as a whole reports the cut-off.
+                    self.fence(&cluster.name, &principal).await;
+                    tracing::error!(cluster = %cluster.name, %principal, "reconcile cleanup cut off by the converge limit");
+                    cut_off = Some(ServiceError::CutOff(limit));
+                    continue;
+                }
+            };
+            self.report_baselines_gone(
+                &cluster.name,
+                &principal,
+                creator,
+                &converged.baselines_gone,
+            )
+            .await;
             // The strategy leaves an object that holds something Tollgate
             // did not set (Kubernetes groups, another association); only
             // what is really gone is reported as removed.
@@ -385,6 +427,9 @@ impl Service {
                     .removed
                     .push(format!("{} ({})", o.object, o.principal));
             }
+        }
+        if let Some(error) = cut_off {
+            return Err(error);
         }
         self.metrics
             .reconcile_passes

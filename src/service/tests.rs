@@ -11,6 +11,7 @@ use super::*;
 use crate::access::{AccessError, InForce};
 use crate::domain::policy::{tests::cluster, ClusterPolicy};
 use crate::domain::request::{CardRef, State};
+use crate::service::error::ServiceError;
 use crate::slack::{SlackError, SlackUser};
 use crate::store::SledStore;
 
@@ -87,7 +88,7 @@ impl AccessEngine for FakeAccess {
         principal: &str,
         grants: &[InForce<'_>],
         _: &str,
-    ) -> Result<(), AccessError> {
+    ) -> Result<crate::access::Converged, AccessError> {
         self.converged_principals
             .lock()
             .unwrap()
@@ -123,7 +124,7 @@ impl AccessEngine for FakeAccess {
                 .unwrap()
                 .retain(|o| o.principal != principal);
         }
-        Ok(())
+        Ok(crate::access::Converged::default())
     }
 
     async fn verify_removed(
@@ -715,6 +716,96 @@ async fn failed_grant_stays_live_until_its_cleanup_succeeds() {
             .any(|(u, t)| u == "U0REQ" && t.contains("could not grant"))
     })
     .await;
+}
+
+/// Spec 9.6: a grant cut off by its converge limit may have a call in
+/// flight. Its cleanup does not read at once (it could judge before the
+/// call lands and forget a baseline the call then contradicts): the
+/// principal is fenced for a lease term and the cleanup is a later pass's.
+#[tokio::test]
+async fn a_grant_cut_off_mid_call_leaves_its_cleanup_until_the_fence_ends() {
+    let tunables = Tunables {
+        retry_base: Duration::from_millis(100),
+        converge_limit: Duration::from_millis(100),
+        ..Tunables::new(
+            Duration::from_millis(100),
+            Duration::from_secs(3),
+            String::new(),
+        )
+    };
+    let r = rig_tuned(|_| {}, tunables);
+    *r.access.hangs.lock().unwrap() = 1;
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    let row = r.state(&id).await;
+    assert_eq!(row.state, State::Approved, "not Failed: a call may land");
+    assert!(
+        row.failure
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cut off"),
+        "{row:?}"
+    );
+    assert_eq!(
+        r.access.converged_principals.lock().unwrap().len(),
+        1,
+        "the cut-off grant's cleanup read the cluster at once"
+    );
+    // A pass inside the fence waits it out, then cleans up.
+    r.clock.advance(Duration::from_millis(2500));
+    let started = std::time::Instant::now();
+    r.service.run_due().await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "the cleanup did not wait for the fence: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(r.state(&id).await.state, State::Failed);
+    assert_eq!(
+        r.access.converged.lock().unwrap().last().unwrap(),
+        &Vec::<String>::new()
+    );
+}
+
+/// The reconciler's cleanup converges under the same time limit as every
+/// other converge, and a cut-off one fences the principal too.
+#[tokio::test]
+async fn a_reconcile_cleanup_is_cut_off_by_the_converge_limit() {
+    let tunables = Tunables {
+        converge_limit: Duration::from_millis(100),
+        ..Tunables::new(
+            Duration::from_millis(100),
+            Duration::from_secs(3),
+            String::new(),
+        )
+    };
+    let r = rig_tuned(|_| {}, tunables);
+    let cluster = r.service.config.clusters[0].clone();
+    let old = r.approved("eks prod 10m view", "U0APP").await;
+    let alice = r.state(&old).await.access.principal;
+    r.clock.advance(Duration::from_secs(10 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&old).await.state, State::Revoked);
+    *r.access.owned.lock().unwrap() = vec![entry(&alice, old.as_str())];
+    *r.access.hangs.lock().unwrap() = 1;
+    let cut = tokio::time::timeout(
+        Duration::from_secs(5),
+        r.service.reconcile_cluster(&cluster),
+    )
+    .await
+    .expect("the reconciler's cleanup ran with no time limit");
+    assert!(matches!(cut, Err(ServiceError::CutOff(_))), "{cut:?}");
+    // Right after, the principal is fenced: the next converge of it waits
+    // the term out before it reads (the fake clock is moved to just
+    // before its end).
+    r.clock.advance(Duration::from_millis(2500));
+    let started = std::time::Instant::now();
+    let guard = r.service.principal(&cluster.name, &alice).await;
+    assert!(guard.is_some());
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not fenced: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

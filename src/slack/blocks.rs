@@ -378,6 +378,27 @@ pub fn revoke_recovered_alert(req: &Request, now: OffsetDateTime) -> Message {
     ))
 }
 
+/// Standing access Tollgate would have put back at the end of a grant was
+/// removed during it (spec 9.6): it is not re-created, and security hears
+/// of it, since someone changed who can reach the cluster.
+pub fn baseline_gone_alert(
+    cluster: &str,
+    principal: &str,
+    policy: &str,
+    scope: &crate::domain::grant::Scope,
+    grant: &str,
+) -> Message {
+    use crate::domain::text::escape_slack;
+    Message::plain(format!(
+        ":warning: Standing access removed during a grant on {}: `{}` had `{}` ({}) before Tollgate's grant {}; someone removed it while the grant was in force. Tollgate did not re-create it.",
+        escape_slack(cluster),
+        escape_slack(principal),
+        escape_slack(policy),
+        escape_slack(&scope.describe()),
+        escape_slack(grant),
+    ))
+}
+
 /// The security channel's notice. The reason is shown in `plain_text`
 /// (as typed, unable to format or ping); the notification text, which
 /// Slack reads as mrkdwn, has it escaped.

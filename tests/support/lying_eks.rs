@@ -4,6 +4,11 @@
 //! DeleteAccessEntry itself, with the success EKS sends (HTTP 200, empty
 //! body), without forwarding them. The association or entry stays in
 //! MiniStack: only reading the cluster back can tell.
+//!
+//! Told to hold AssociateAccessPolicy (`hold_associations`), it forwards
+//! that call only after the given delay, from a task of its own: a caller
+//! that gave up waiting (a converge cut off by its time limit) has its
+//! association land later anyway, as a call already sent to EKS would.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -49,6 +54,9 @@ struct Shared {
     lie_delete_entry: AtomicBool,
     disassociations_swallowed: AtomicUsize,
     deletions_swallowed: AtomicUsize,
+    /// Milliseconds AssociateAccessPolicy is held before it is forwarded.
+    hold_associate_ms: std::sync::atomic::AtomicU64,
+    associations_landed: AtomicUsize,
 }
 
 pub struct LyingEks {
@@ -69,6 +77,8 @@ impl LyingEks {
             lie_delete_entry: AtomicBool::new(false),
             disassociations_swallowed: AtomicUsize::new(0),
             deletions_swallowed: AtomicUsize::new(0),
+            hold_associate_ms: std::sync::atomic::AtomicU64::new(0),
+            associations_landed: AtomicUsize::new(0),
         });
         let app = Router::new().fallback(forward).with_state(shared.clone());
         let served = Served::start(app, "lying EKS proxy").await;
@@ -87,6 +97,19 @@ impl LyingEks {
         self.shared
             .lie_delete_entry
             .store(delete_entry, Ordering::SeqCst);
+    }
+
+    /// AssociateAccessPolicy is forwarded only `delay` after it arrives
+    /// (zero: at once), whether or not its caller still waits.
+    pub fn hold_associations(&self, delay: std::time::Duration) {
+        self.shared
+            .hold_associate_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// How many AssociateAccessPolicy calls reached MiniStack so far.
+    pub fn associations_landed(&self) -> usize {
+        self.shared.associations_landed.load(Ordering::SeqCst)
     }
 
     /// How many calls of `kind` were answered with a lie so far.
@@ -131,6 +154,31 @@ async fn forward(
             .unwrap();
     }
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if is_associate(&method, uri.path()) {
+        let hold = shared.hold_associate_ms.load(Ordering::SeqCst);
+        let (shared, path) = (shared.clone(), path.to_string());
+        // Its own task: dropping this handler (the caller hung up) does
+        // not stop the call from landing.
+        let landed = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(hold)).await;
+            let result = pass_upstream(
+                &shared.client,
+                &shared.upstream,
+                method,
+                &path,
+                &headers,
+                body,
+            )
+            .await;
+            shared.associations_landed.fetch_add(1, Ordering::SeqCst);
+            result
+        });
+        return match landed.await {
+            Ok(Ok((status, headers, bytes))) => answer(status, headers, bytes),
+            Ok(Err(failed)) => failed,
+            Err(e) => panic!("held association task failed: {e}"),
+        };
+    }
     match pass_upstream(
         &shared.client,
         &shared.upstream,
@@ -144,4 +192,14 @@ async fn forward(
         Ok((status, headers, bytes)) => answer(status, headers, bytes),
         Err(failed) => failed,
     }
+}
+
+/// `POST /clusters/{name}/access-entries/{principal}/access-policies`
+fn is_associate(method: &Method, path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    method == Method::POST
+        && matches!(
+            parts.as_slice(),
+            ["clusters", _, "access-entries", _, "access-policies"]
+        )
 }

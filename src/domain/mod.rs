@@ -12,5 +12,6 @@ pub mod lifecycle;
 pub mod policy;
 pub mod readback;
 pub mod request;
+pub mod row_check;
 pub mod standing;
 pub mod text;

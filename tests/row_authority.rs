@@ -107,6 +107,10 @@ impl World {
     }
 
     async fn approve(&self, id: &str) {
+        self.approve_via(&self.tollgate, id).await
+    }
+
+    async fn approve_via(&self, via: &Tollgate, id: &str) {
         let ts = self
             .slack
             .card_ts(CHANNEL, id, Duration::from_secs(10))
@@ -119,7 +123,7 @@ impl World {
             &ts,
             &self.slack.response_url("click"),
         );
-        let url = format!("{}/slack/interactions", self.tollgate.base);
+        let url = format!("{}/slack/interactions", via.base);
         let status = post_signed(&self.http, &url, SIGNING_SECRET, body)
             .await
             .status();
@@ -365,18 +369,18 @@ async fn a_forged_approved_row_written_into_dynamodb_is_never_granted() {
     w.write_row(&forged, Some(now)).await;
 
     wait_until(
-        "the forged row is refused",
+        "the scheduler drives the forged row",
         Duration::from_secs(20),
-        || async { w.event("grant_failed", id).is_some() },
+        || async { w.event("grant_failed", id).is_some() || w.event("granted", id).is_some() },
     )
     .await;
+    assert!(!w.entry_exists().await, "no access entry was created");
+    assert!(w.event("granted", id).is_none(), "nothing was granted");
     let failed = w.event("grant_failed", id).unwrap();
     assert_eq!(failed["details"]["reason"], "invalid_row", "{failed}");
     let error = failed["details"]["error"].as_str().unwrap();
     assert!(error.contains("max_total_duration"), "{error}");
     assert_eq!(w.row(id).await["state"], "Failed");
-    assert!(w.event("granted", id).is_none(), "nothing was granted");
-    assert!(!w.entry_exists().await, "no access entry was created");
     assert!(!w.has_access().await, "no association was made");
     wait_until(
         "the security channel is told",
@@ -570,4 +574,71 @@ async fn a_live_server_refuses_a_store_with_dry_run_grants() {
     );
     assert!(!w.entry_exists().await, "nothing was granted");
     assert_eq!(w.row(&id).await["state"], "Active");
+}
+
+/// A live and a dry-run replica on one table (both started on an empty
+/// store): each request is driven only by the mode that made it, whichever
+/// replica the approval click reaches. Without the isolation the live
+/// replica, reached by the click, would grant the dry-run request for real.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_and_dry_run_replicas_never_act_on_each_others_rows() {
+    let w = World::start(&[], &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let trial = Tollgate::start_with_env(
+        dir.path(),
+        CONFIG,
+        &w.slack.api_url(),
+        &w.ms,
+        &["--dry-run"],
+        &[],
+    )
+    .await;
+
+    // Asked of the dry-run replica, approved through the live one.
+    let body = slash_body(
+        REQUESTER,
+        "eks prod-cluster 1h view INC-TRY",
+        &w.slack.response_url("try"),
+    );
+    let json: Value = post_signed(
+        &w.http,
+        &format!("{}/slack/commands", trial.base),
+        SIGNING_SECRET,
+        body,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let id = request_id(json["text"].as_str().unwrap());
+    w.approve_via(&w.tollgate, &id).await;
+    wait_until(
+        "the dry-run grant is recorded",
+        Duration::from_secs(15),
+        || async { w.row(&id).await["state"] == "Active" },
+    )
+    .await;
+    assert_eq!(w.row(&id).await["dry_run"], true);
+    assert!(!w.entry_exists().await, "the live replica granted nothing");
+    let granted = w.event("granted", &id).unwrap();
+    assert_eq!(granted["details"]["dry_run"], true, "{granted}");
+    assert!(
+        w.tollgate.log().contains("made in the other mode"),
+        "the live replica saw the row and left it"
+    );
+
+    // Asked of the live replica, approved through the dry-run one: granted
+    // for real, by the live replica.
+    let id = w.request("eks prod-cluster 1h view INC-REAL").await;
+    w.approve_via(&trial, &id).await;
+    wait_until("the live grant is made", Duration::from_secs(15), || {
+        w.has_access()
+    })
+    .await;
+    wait_until("and recorded", Duration::from_secs(10), || async {
+        w.row(&id).await["state"] == "Active"
+    })
+    .await;
+    let granted = w.event("granted", &id).unwrap();
+    assert!(granted["details"].get("dry_run").is_none(), "{granted}");
 }

@@ -54,6 +54,9 @@ struct FakeAccess {
     /// Each read-back: the revoked grant and the grants in force it was
     /// judged against.
     read_backs: Mutex<Vec<(String, Vec<String>)>>,
+    /// Each converge's grants with the expiry the cloud side was given
+    /// (backstop schedules, annotations).
+    expiries: Mutex<Vec<Vec<(String, Option<OffsetDateTime>)>>>,
 }
 
 #[async_trait]
@@ -117,6 +120,12 @@ impl AccessEngine for FakeAccess {
             .lock()
             .unwrap()
             .push(grants.iter().map(|g| g.grant_id.to_string()).collect());
+        self.expiries.lock().unwrap().push(
+            grants
+                .iter()
+                .map(|g| (g.grant_id.to_string(), g.expires_at))
+                .collect(),
+        );
         if grants.is_empty() {
             self.owned
                 .lock()
@@ -1078,4 +1087,74 @@ async fn an_extension_of_an_ended_grant_fails_and_others_may_not_extend() {
     assert!(failed.failure.unwrap().contains("already ended"));
     let again = r.say("U0REQ", &format!("extend {grant} 1h")).await;
     assert!(again.contains("not active"), "{again}");
+}
+
+#[tokio::test]
+async fn an_extension_of_a_grant_whose_role_changed_fails_clearly() {
+    let r = rig();
+    let grant = r.approved("eks prod 30m view", "U0APP").await;
+    let before = r.state(&grant).await.expires_at;
+    let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    let ext = Rig::id_in(&receipt, 0);
+    // The grant's access as stored is no longer what its role gives (the
+    // role was edited since, as far as this grant is concerned).
+    let row = r.state(&grant).await;
+    let mut edited = row.clone();
+    edited.access.policy_arn =
+        Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy".into());
+    edited.version += 1;
+    r.service
+        .store()
+        .update(&row, edited, Vec::new())
+        .await
+        .unwrap();
+    r.approve(&ext).await;
+    let failed = r.state(&ext).await;
+    assert_eq!(failed.state, State::Failed);
+    let why = failed.failure.unwrap();
+    assert!(
+        why.contains("cannot be extended") && why.contains("role changed"),
+        "{why}"
+    );
+    assert_eq!(r.state(&grant).await.expires_at, before, "not moved");
+}
+
+#[tokio::test]
+async fn a_moved_expiry_is_never_given_to_the_cloud_past_the_cap_and_is_revoked() {
+    let r = rig();
+    let grant = r.approved("eks prod 30m view", "U0APP").await;
+    let row = r.state(&grant).await;
+    let cap = row.activated_at.unwrap() + Duration::from_secs(12 * 3600);
+    // Moved ten years out by a direct write to the store.
+    let mut edited = row.clone();
+    edited.expires_at = Some(row.activated_at.unwrap() + Duration::from_secs(3650 * 86400));
+    r.service
+        .store()
+        .update(&row, edited, Vec::new())
+        .await
+        .unwrap();
+    // A second grant of the same principal converges the union: the
+    // edited grant goes to the cloud side with its expiry capped.
+    let second = r.approved("eks prod 10m view", "U0APP").await;
+    let given = r.access.expiries.lock().unwrap().last().cloned().unwrap();
+    let first = given.iter().find(|(id, _)| id == grant.as_str()).unwrap();
+    assert_eq!(first.1, Some(cap), "{given:?}");
+    assert!(given.iter().any(|(id, _)| id == second.as_str()));
+
+    // The reconcile pass revokes it (reason invalid_row) and tells security.
+    let cluster = r.service.config().cluster("prod").unwrap().clone();
+    assert_eq!(r.service.revoke_overlong(&cluster).await, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.state(&grant).await.state != State::Revoked {
+        assert!(std::time::Instant::now() < deadline, "not revoked");
+        r.service.run_due().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let ended = r.state(&grant).await;
+    assert_eq!(ended.state, State::Revoked);
+    assert_eq!(
+        ended.revoke.map(|i| i.reason),
+        Some(crate::domain::request::RevokeReason::InvalidRow)
+    );
+    assert_eq!(r.state(&second).await.state, State::Active, "the other stays");
 }

@@ -1156,5 +1156,9 @@ async fn a_moved_expiry_is_never_given_to_the_cloud_past_the_cap_and_is_revoked(
         ended.revoke.map(|i| i.reason),
         Some(crate::domain::request::RevokeReason::InvalidRow)
     );
-    assert_eq!(r.state(&second).await.state, State::Active, "the other stays");
+    assert_eq!(
+        r.state(&second).await.state,
+        State::Active,
+        "the other stays"
+    );
 }

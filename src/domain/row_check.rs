@@ -390,7 +390,7 @@ mod tests {
         ended.id = RequestId::parse("R-AAAAA").unwrap();
         ended.state = crate::domain::request::State::Revoked;
 
-        assert_eq!(mode_mismatch(false, &[live.clone()]), None);
+        assert_eq!(mode_mismatch(false, std::slice::from_ref(&live)), None);
         assert_eq!(mode_mismatch(true, &[trial.clone(), ended.clone()]), None);
         let why = mode_mismatch(false, &[live.clone(), trial.clone(), ended.clone()]).unwrap();
         assert!(why.contains("R-9QX4M") && !why.contains("R-7F3K2"), "{why}");

@@ -29,6 +29,9 @@ impl Clock for ManualClock {
     }
 }
 
+/// A grant id and the expiry a converge was given for it.
+type GivenExpiry = (String, Option<OffsetDateTime>);
+
 /// Records each converge's grant ids per principal; fails while
 /// `failures` is above zero.
 #[derive(Default)]
@@ -56,7 +59,7 @@ struct FakeAccess {
     read_backs: Mutex<Vec<(String, Vec<String>)>>,
     /// Each converge's grants with the expiry the cloud side was given
     /// (backstop schedules, annotations).
-    expiries: Mutex<Vec<Vec<(String, Option<OffsetDateTime>)>>>,
+    expiries: Mutex<Vec<Vec<GivenExpiry>>>,
 }
 
 #[async_trait]

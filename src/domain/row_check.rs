@@ -26,10 +26,27 @@ pub struct Members {
     pub requesters: HashSet<String>,
 }
 
-/// Why a row may not be granted as written, if it may not. `None` means
-/// the row is what Tollgate itself would have written under the current
-/// configuration.
-pub fn invalid_row(row: &Request, cluster: &ClusterPolicy, members: &Members) -> Option<String> {
+/// How far a replica's clock may run behind the one that wrote a time on
+/// a row before that time counts as "in the future".
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Why a row may not be granted as written at `now`, if it may not. `None`
+/// means the row is what Tollgate itself would have written under the
+/// current configuration.
+pub fn invalid_row(
+    row: &Request,
+    cluster: &ClusterPolicy,
+    members: &Members,
+    now: OffsetDateTime,
+) -> Option<String> {
+    // A first attempt recorded in the future would start the grant's
+    // clock (and its cap) there.
+    if let Some(started) = row.first_attempt_at.filter(|t| *t > now + CLOCK_SKEW) {
+        return Some(format!(
+            "its first attempt is recorded in the future ({})",
+            super::lifecycle::rfc3339(Some(started)).unwrap_or_default()
+        ));
+    }
     check(row, cluster, members).err()
 }
 
@@ -128,9 +145,21 @@ pub fn expiry_cap(activated_at: OffsetDateTime, max_total: Duration) -> OffsetDa
 /// Tollgate's writes such an expiry, so the row was edited behind its back.
 /// A row with no activation time cannot be judged this way and is left to
 /// the other checks.
-pub fn expiry_beyond_cap(row: &Request, cluster: &ClusterPolicy) -> Option<String> {
+pub fn expiry_beyond_cap(
+    row: &Request,
+    cluster: &ClusterPolicy,
+    now: OffsetDateTime,
+) -> Option<String> {
     let role = cluster.roles.get(&row.access.role)?;
     let (active, expires) = (row.activated_at?, row.expires_at?);
+    // Moving the activation forward with the expiry would move the cap
+    // too; an Active grant was activated in the past.
+    if active > now + CLOCK_SKEW {
+        return Some(format!(
+            "activation {} is in the future",
+            super::lifecycle::rfc3339(Some(active)).unwrap_or_default()
+        ));
+    }
     let cap = expiry_cap(active, role.limits.max_total_duration);
     (expires > cap).then(|| {
         format!(
@@ -142,15 +171,22 @@ pub fn expiry_beyond_cap(row: &Request, cluster: &ClusterPolicy) -> Option<Strin
 }
 
 /// The expiry the cloud side may carry for a grant (backstop schedules,
-/// Kubernetes annotations): never past the cap, whatever the row says.
-pub fn capped_expiry(row: &Request, cluster: &ClusterPolicy) -> Option<OffsetDateTime> {
+/// Kubernetes annotations): never past the cap, whatever the row says,
+/// counted from an activation no later than `now`.
+pub fn capped_expiry(
+    row: &Request,
+    cluster: &ClusterPolicy,
+    now: OffsetDateTime,
+) -> Option<OffsetDateTime> {
     let expires = row.expires_at?;
     let max_total = cluster
         .roles
         .get(&row.access.role)
         .map(|r| r.limits.max_total_duration);
     match (row.activated_at, max_total) {
-        (Some(active), Some(max_total)) => Some(expires.min(expiry_cap(active, max_total))),
+        (Some(active), Some(max_total)) => {
+            Some(expires.min(expiry_cap(active.min(now), max_total)))
+        }
         _ => Some(expires),
     }
 }
@@ -173,8 +209,12 @@ pub fn mode_mismatch(dry_run: bool, live: &[Request]) -> Option<String> {
     } else {
         ("live", "dry-run", "tollgate serve --dry-run")
     };
-    let listed: Vec<String> = other
+    // The first few by name; a store full of them needs no full list to
+    // make the point (`tollgate grants list` shows them all).
+    const NAMED: usize = 10;
+    let mut listed: Vec<String> = other
         .iter()
+        .take(NAMED)
         .map(|r| {
             format!(
                 "{} ({}, `{}` on {} for {})",
@@ -186,6 +226,9 @@ pub fn mode_mismatch(dry_run: bool, live: &[Request]) -> Option<String> {
             )
         })
         .collect();
+    if other.len() > NAMED {
+        listed.push(format!("and {} more", other.len() - NAMED));
+    }
     Some(format!(
         "refusing to start a {this} server: the store holds {} {that} request(s) not yet ended: {}. \
          A {this} server never acts on {that} rows. End them first: start `{serve}` on this store \
@@ -253,6 +296,56 @@ mod tests {
 
     fn none() -> Members {
         Members::default()
+    }
+
+    /// The checks as the grant step asks them, an hour after the rows'
+    /// times.
+    fn invalid_row(row: &Request, c: &ClusterPolicy, m: &Members) -> Option<String> {
+        super::invalid_row(row, c, m, T0 + H)
+    }
+
+    fn expiry_beyond_cap(row: &Request, c: &ClusterPolicy) -> Option<String> {
+        super::expiry_beyond_cap(row, c, T0 + H)
+    }
+
+    fn capped_expiry(row: &Request, c: &ClusterPolicy) -> Option<OffsetDateTime> {
+        super::capped_expiry(row, c, T0 + H)
+    }
+
+    #[test]
+    fn times_recorded_in_the_future_are_refused() {
+        let mut row = approve(&pending(H), "U0APP", T0).unwrap().row;
+        row.first_attempt_at = Some(T0 + H + CLOCK_SKEW);
+        assert_eq!(
+            invalid_row(&row, &cluster(), &none()),
+            None,
+            "within the skew"
+        );
+        row.first_attempt_at = Some(T0 + 3650 * 24 * H);
+        assert!(invalid_row(&row, &cluster(), &none())
+            .unwrap()
+            .contains("in the future"));
+
+        let made = GrantMade {
+            activated_at: T0,
+            reminder_before: None,
+            grant_ms: 1,
+        };
+        let mut active = granted(&approve(&pending(H), "U0APP", T0).unwrap().row, &made, T0)
+            .unwrap()
+            .row;
+        // Activation and expiry moved out together: the cap moves with
+        // the activation, so the activation itself gives it away.
+        active.activated_at = Some(T0 + 3650 * 24 * H);
+        active.expires_at = Some(T0 + 3650 * 24 * H + H);
+        assert!(expiry_beyond_cap(&active, &cluster())
+            .unwrap()
+            .contains("in the future"));
+        assert_eq!(
+            capped_expiry(&active, &cluster()),
+            Some(T0 + H + 12 * H),
+            "capped from now, not from the future activation"
+        );
     }
 
     #[test]

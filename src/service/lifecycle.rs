@@ -133,7 +133,10 @@ impl Service {
             }
         };
         if !self.acts_on(&req) {
-            tracing::warn!(request_id = %id, dry_run = req.dry_run, "row made in the other mode (serve --dry-run or live); not acted on");
+            // Debug, not warn: on a table shared with a replica of the other
+            // mode (start-up refuses any other way to get here) the row is
+            // due on every pass until that replica drives it.
+            tracing::debug!(request_id = %id, dry_run = req.dry_run, "row made in the other mode (serve --dry-run or live); not acted on");
             return;
         }
         let now = self.clock.now();
@@ -206,11 +209,12 @@ impl Service {
         // Spec 9.8: what the cloud side carries (backstop schedules,
         // expiry annotations) never follows an expiry written past the
         // total a grant may last.
+        let now = self.clock.now();
         let mut grants: Vec<InForce<'_>> = others
             .iter()
             .filter(|g| g.access.strategy_or(configured.strategy) == strategy)
             .map(|g| InForce {
-                expires_at: capped_expiry(g, configured),
+                expires_at: capped_expiry(g, configured, now),
                 ..InForce::of(g)
             })
             .collect();
@@ -220,6 +224,7 @@ impl Service {
                 .get(&req.access.role)
                 .zip(req.activated_at.or(req.first_attempt_at))
                 .map(|(role, started)| {
+                    let started = started.min(now);
                     expires_at.min(expiry_cap(started, role.limits.max_total_duration))
                 })
                 .unwrap_or(expires_at);
@@ -507,7 +512,7 @@ impl Service {
                 members.approvers = self.group_members(&role.approvers).await;
             }
         }
-        row_check::invalid_row(req, cluster, &members)
+        row_check::invalid_row(req, cluster, &members, self.clock.now())
     }
 
     /// Writes on the row, in one CAS write, what granting it may create

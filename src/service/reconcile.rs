@@ -300,7 +300,7 @@ impl Service {
             let in_force: Vec<InForce<'_>> = grants
                 .iter()
                 .map(|g| InForce {
-                    expires_at: crate::domain::row_check::capped_expiry(g, cluster),
+                    expires_at: crate::domain::row_check::capped_expiry(g, cluster, now),
                     ..InForce::of(g)
                 })
                 .collect();

@@ -31,13 +31,13 @@ impl Service {
             .iter()
             .filter(|r| r.access.cluster == cluster.name && in_force(r, now) && self.acts_on(r))
         {
-            if expiry_beyond_cap(r, cluster).is_none() {
+            if expiry_beyond_cap(r, cluster, now).is_none() {
                 continue;
             }
             let marked = self
                 .modify(&r.id, |current| {
                     // Judged again on the row as it is now.
-                    let why = match expiry_beyond_cap(current, cluster) {
+                    let why = match expiry_beyond_cap(current, cluster, now) {
                         Some(why) if current.state == State::Active => why,
                         _ => return Change::Keep(None),
                     };
@@ -47,7 +47,7 @@ impl Service {
             match marked {
                 Ok(Some(notice)) => {
                     revoked += 1;
-                    self.metrics.failed("grant", "invalid_row");
+                    self.metrics.failed("reconcile", "invalid_row");
                     tracing::error!(request_id = %r.id, "expiry moved past max_total_duration in the store: revoking");
                     self.announce(&r.id, notice);
                     let service = Arc::clone(self);

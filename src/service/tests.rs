@@ -1165,3 +1165,37 @@ async fn a_moved_expiry_is_never_given_to_the_cloud_past_the_cap_and_is_revoked(
         "the other stays"
     );
 }
+
+#[tokio::test]
+async fn a_re_drive_after_the_grants_whole_time_makes_nothing() {
+    let r = rig();
+    let receipt = r.say("U0REQ", "eks prod 30m view").await;
+    let id = Rig::id_in(&receipt, 0);
+    // As if a first attempt crashed after recording its start, long ago.
+    let row = r.state(&id).await;
+    let mut started = row.clone();
+    started.first_attempt_at = Some(r.clock.now() - Duration::from_secs(3600));
+    r.service
+        .store()
+        .update(&row, started, Vec::new())
+        .await
+        .unwrap();
+    r.approve(&id).await;
+    let failed = r.state(&id).await;
+    assert_eq!(failed.state, State::Failed);
+    assert!(
+        failed.failure.as_deref().unwrap().contains("time ran out"),
+        "{:?}",
+        failed.failure
+    );
+    assert_eq!(failed.expires_at, None);
+    // Whatever the first attempt may have made was converged away: no
+    // converge ever included the grant.
+    assert!(r
+        .access
+        .converged
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|g| !g.contains(&id.to_string())));
+}

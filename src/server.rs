@@ -43,6 +43,12 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     let signing_secret = secret("SLACK_SIGNING_SECRET")?;
     let config = Arc::new(config);
     let store = open_store(&config).await?;
+    // Spec 9.8: one mode's rows are never the other's to act on; a store
+    // holding live rows of the other mode is refused before anything runs.
+    if let Some(why) = crate::domain::row_check::mode_mismatch(config.dry_run, &store.live().await?)
+    {
+        anyhow::bail!(why);
+    }
     let metrics = Arc::new(Metrics::new());
     let slack: Arc<dyn SlackApi> = Arc::new(
         SlackWebApi::new(&tunables.slack_api_url, &bot_token)

@@ -508,3 +508,47 @@ fn the_guard_denies_schedule_writes_and_passrole_to_all_but_tollgate() {
         std::slice::from_ref(&b.role_arn)
     );
 }
+
+/// Spec 9.8: the table is the approval authority. The shipped guards (an
+/// SCP and the table's own resource policy) deny every item write on the
+/// table Tollgate's policy names to everyone but Tollgate's role (and the
+/// store-admin role that runs `store init/copy/prune`).
+#[test]
+fn the_store_guards_let_only_tollgate_write_its_table() {
+    let table = as_list(&statement(&policy(), "DynamoDbStore")["Resource"]);
+    let sa: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("manifests/base/serviceaccount.yaml")).unwrap(),
+    )
+    .unwrap();
+    let tollgate = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let writes = [
+        "dynamodb:PutItem",
+        "dynamodb:UpdateItem",
+        "dynamodb:DeleteItem",
+        "dynamodb:BatchWriteItem",
+        "dynamodb:PartiQLInsert",
+        "dynamodb:PartiQLUpdate",
+        "dynamodb:PartiQLDelete",
+        "dynamodb:DeleteTable",
+        "dynamodb:PutResourcePolicy",
+    ];
+    for name in ["store-guard-scp.json", "store-table-resource-policy.json"] {
+        let guard = manifest_json(name);
+        let deny = statement(&guard, "OnlyTollgateWritesItsTable");
+        assert_eq!(deny["Effect"], "Deny", "{name}");
+        let actions = as_list(&deny["Action"]);
+        for a in writes {
+            assert!(actions.iter().any(|x| x == a), "{name}: {a} not denied");
+        }
+        let resources = as_list(&deny["Resource"]);
+        for t in &table {
+            assert!(resources.contains(t), "{name}: {t} not covered");
+        }
+        let exempt = as_list(&deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]);
+        assert!(exempt.contains(&tollgate), "{name}: Tollgate may write");
+        assert_eq!(exempt.len(), 2, "{name}: Tollgate and the store admin only");
+    }
+}

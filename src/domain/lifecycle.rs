@@ -40,6 +40,12 @@ pub enum Notice {
     RevokeRecovered,
     /// An approved extension moved its grant's expiry.
     Extended,
+    /// A stored row failed the check against the configuration (spec
+    /// 9.8): the requester is told the grant failed, the security channel
+    /// that the store holds a row Tollgate would not have written.
+    InvalidRow {
+        why: String,
+    },
 }
 
 /// What an event does: the row to write, its audit events, and what to
@@ -446,6 +452,50 @@ pub fn grant_failed(
         .notice(notice))
 }
 
+/// `details.reason` of the audit events of a row that failed the check
+/// against the configuration (spec 9.8).
+pub const INVALID_ROW: &str = "invalid_row";
+
+/// An Approved row that fails the check against the configuration (`why`,
+/// from `domain::row_check`): `grant_failed` with `details.reason`
+/// `invalid_row`, and the security channel is told. Nothing is made; a row
+/// whose earlier attempt recorded intents keeps its cleanup (`cleanup`) as
+/// any failed grant does.
+pub fn row_rejected(
+    row: &Request,
+    why: &str,
+    cleanup: Option<&str>,
+    now: OffsetDateTime,
+    delay: impl FnOnce(u32) -> Duration,
+) -> Result<Effects, Refused> {
+    let error =
+        format!("the stored request is not one Tollgate would grant ({why}); nothing was granted");
+    let mut effects = grant_failed(row, &error, cleanup, now, delay)?;
+    for a in &mut effects.audit {
+        a.details["reason"] = json!(INVALID_ROW);
+    }
+    Ok(effects.notice(Notice::InvalidRow {
+        why: why.to_string(),
+    }))
+}
+
+/// An Active grant whose row was edited past what any grant may last
+/// (`why`): revoked now, with reason `invalid_row` (spec 9.8). Only the
+/// intent is written, as for any early revoke; the audit `revoked` names
+/// the reason once the access is gone.
+pub fn invalid_grant(row: &Request, why: &str, now: OffsetDateTime) -> Result<Effects, Refused> {
+    let intent = RevokeIntent {
+        reason: RevokeReason::InvalidRow,
+        by: ACTOR_TOLLGATE.into(),
+        note: Some(why.to_string()),
+        at: now,
+    };
+    let effects = revoke_requested(row, intent)?;
+    Ok(effects.notice(Notice::InvalidRow {
+        why: why.to_string(),
+    }))
+}
+
 /// The access is gone: at expiry, or early with the intent's reason.
 pub fn revoked(row: &Request, verified: Verified, now: OffsetDateTime) -> Result<Effects, Refused> {
     let recovered = row.state == State::RevokeFailed;
@@ -814,6 +864,42 @@ mod tests {
             }
             row = e.row;
         }
+    }
+
+    #[test]
+    fn a_rejected_row_fails_with_reason_invalid_row_and_tells_security() {
+        let e = row_rejected(&approved(), "0 approval(s)", None, T0 + MIN, doubling).unwrap();
+        assert_eq!(e.row.state, State::Failed);
+        assert!(e.row.failure.as_deref().unwrap().contains("0 approval(s)"));
+        assert_eq!(names(&e), ["grant_failed"]);
+        assert_eq!(e.audit[0].details["reason"], INVALID_ROW);
+        assert_eq!(
+            e.notice,
+            Some(Notice::InvalidRow {
+                why: "0 approval(s)".into()
+            })
+        );
+        // Only an Approved row can be refused at grant.
+        assert!(row_rejected(&active(), "x", None, T0, doubling).is_err());
+    }
+
+    #[test]
+    fn an_overlong_grant_is_revoked_now_with_reason_invalid_row() {
+        let e = invalid_grant(&active(), "moved", T0 + 5 * MIN).unwrap();
+        assert_eq!(e.row.state, State::Active);
+        let intent = e.row.revoke.as_ref().unwrap();
+        assert_eq!(intent.reason, RevokeReason::InvalidRow);
+        assert_eq!(e.row.step_due(), Some(T0 + 5 * MIN));
+        assert_eq!(
+            e.notice,
+            Some(Notice::InvalidRow {
+                why: "moved".into()
+            })
+        );
+        let done = revoked(&e.row, Verified::At(T0 + 6 * MIN), T0 + 6 * MIN).unwrap();
+        assert_eq!(done.audit[0].details["reason"], INVALID_ROW);
+        assert_eq!(done.audit[0].details["note"], "moved");
+        assert!(invalid_grant(&done.row, "moved", T0).is_err());
     }
 
     #[test]

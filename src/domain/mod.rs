@@ -15,5 +15,6 @@ pub mod policy;
 pub mod rate;
 pub mod readback;
 pub mod request;
+pub mod row_check;
 pub mod standing;
 pub mod text;

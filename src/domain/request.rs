@@ -174,6 +174,9 @@ pub enum RevokeReason {
     Admin,
     /// The requester's Slack account was deactivated (or made a guest).
     Offboarded,
+    /// The row was edited past what the configuration lets a grant be
+    /// (spec 9.8): its expiry moved beyond `max_total_duration`.
+    InvalidRow,
 }
 
 impl RevokeReason {
@@ -183,6 +186,7 @@ impl RevokeReason {
             RevokeReason::Early => "early",
             RevokeReason::Admin => "admin",
             RevokeReason::Offboarded => "offboarded",
+            RevokeReason::InvalidRow => "invalid_row",
         }
     }
 }
@@ -360,6 +364,17 @@ pub struct Request {
     /// row revoked before this was recorded).
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub verified_at: Option<OffsetDateTime>,
+    /// When the grant was first attempted, recorded before its first
+    /// converge (spec 9.8): the grant's clock starts then, and a re-drive
+    /// after a crash reuses it, so the expiry (and the backstop) never
+    /// moves on.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub first_attempt_at: Option<OffsetDateTime>,
+    /// Made by `serve --dry-run` (spec 9.8). A live server never acts on
+    /// such a row, nor a dry-run server on a live one; rows from before
+    /// this was recorded read as live.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// What a new request asks for, before any decision.
@@ -480,6 +495,8 @@ impl Request {
             claim: None,
             intents: Vec::new(),
             verified_at: None,
+            first_attempt_at: None,
+            dry_run: false,
         }
     }
 
@@ -509,6 +526,7 @@ impl Request {
             now,
         );
         ext.extends = Some(grant.id.clone());
+        ext.dry_run = grant.dry_run;
         ext
     }
 
@@ -523,6 +541,12 @@ impl Request {
     /// converge its access away.
     pub fn grant_abandoned(&self) -> bool {
         self.state == State::Approved && (self.failure.is_some() || self.revoke.is_some())
+    }
+
+    /// The expiry of a grant started at `started`: fixed from the first
+    /// attempt on, whatever time a re-drive runs at.
+    pub fn planned_expiry(&self, now: OffsetDateTime) -> OffsetDateTime {
+        self.first_attempt_at.unwrap_or(now) + self.duration
     }
 
     pub fn has_vote_from(&self, user: &str) -> bool {

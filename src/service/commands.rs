@@ -406,6 +406,9 @@ impl Service {
         req: &mut Request,
         audit: impl Fn(&Request) -> Vec<AuditEvent>,
     ) -> Result<(), StoreError> {
+        // Spec 9.8: the mode that made a row is part of it, so the other
+        // mode never acts on it.
+        req.dry_run = self.config.dry_run;
         let mut attempts = 0;
         loop {
             match self.store.create(req, audit(req)).await {

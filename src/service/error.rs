@@ -86,6 +86,14 @@ pub enum GrantRefusal {
     Offboarded(&'static str),
     #[error("the requester no longer maps to a principal ({0}); nothing was granted")]
     NoPrincipal(String),
+    /// Spec 9.8: the stored row is not one Tollgate would have written
+    /// under the configuration in force (forged or edited in the store).
+    #[error("the stored request is not one Tollgate would grant ({0}); nothing was granted")]
+    InvalidRow(String),
+    /// A re-drive after a crash found the grant's whole time (fixed at its
+    /// first attempt) gone by.
+    #[error("the grant's time ran out before it could be recorded; nothing is left to grant")]
+    EndedBeforeGranted,
     #[error("the requester's principal changed since the request (it was {was}, it is now {now}: their email or the identity mapping changed); nothing was granted. Request again so approvers see the new one.")]
     PrincipalChanged { was: String, now: String },
 }
@@ -95,6 +103,8 @@ impl GrantRefusal {
         match self {
             GrantRefusal::RoleChanged(_) => "role_changed",
             GrantRefusal::NamespaceRefused(_) => "namespace_refused",
+            GrantRefusal::InvalidRow(_) => "invalid_row",
+            GrantRefusal::EndedBeforeGranted => "timeout",
             GrantRefusal::ClusterGone(_) => "cluster_unconfigured",
             GrantRefusal::AccountGone | GrantRefusal::Offboarded(_) => "offboarded",
             GrantRefusal::Unconfirmed(_) => "identity_unconfirmed",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
 use crate::domain::duration::{format_duration, parse_in_range};
-use crate::domain::grant::namespace_refused;
+use crate::domain::grant::{namespace_refused, role_changed};
 use crate::domain::lifecycle::{self, in_force, Mode};
 use crate::domain::policy::{check_total_duration, listed, may_request, mention_list};
 use crate::domain::request::{Request, RequestId, State};
@@ -293,6 +293,29 @@ impl Service {
             return;
         };
         let now = self.clock.now();
+        // Spec 9.8: an extension row is checked like a grant's before it
+        // moves anything (a forged one would otherwise buy time up to the cap).
+        if let Some(why) = self.invalid_row(ext).await {
+            tracing::error!(request_id = %ext.id, error = %why, "stored extension refused");
+            self.metrics.failed("grant", "invalid_row");
+            let rejected = self
+                .modify(&ext.id, |current| {
+                    if current.state != State::Approved {
+                        return Change::Keep(None);
+                    }
+                    Change::event(
+                        &ext.id,
+                        lifecycle::row_rejected(current, &why, None, now, |_| Duration::ZERO),
+                    )
+                })
+                .await;
+            match rejected {
+                Ok(Some(notice)) => self.announce(&ext.id, notice),
+                Ok(None) => {}
+                Err(e) => self.store_failed(&ext.id, &e, "refused extension not recorded"),
+            }
+            return;
+        }
         let role_limits = self
             .config
             .cluster(&ext.access.cluster)
@@ -317,6 +340,22 @@ impl Service {
                         grant.id
                     )));
                 };
+                // The grant's access as approved must still be what its
+                // role gives: more time on a role edited since would be
+                // time on something nobody approved.
+                let changed = match self.config.cluster(&grant.access.cluster) {
+                    Some(c) => role_changed(c, &grant.access),
+                    None => Some(format!(
+                        "the cluster {} is no longer configured",
+                        grant.access.cluster
+                    )),
+                };
+                if let Some(changed) = changed {
+                    return Change::Keep(Applied::Ended(format!(
+                        "{} cannot be extended: {changed}",
+                        grant.id
+                    )));
+                }
                 // Checked when asked for; checked again here because the
                 // config may have lowered the cap since.
                 if let (Some(active), Some(max_total)) = (grant.activated_at, max_total) {

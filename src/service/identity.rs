@@ -122,7 +122,11 @@ impl Service {
         let now = self.clock.now();
         let mut by_user: BTreeMap<String, Vec<Request>> = BTreeMap::new();
         for r in live {
-            if r.access.cluster == cluster.name && in_force(&r, now) && r.extends.is_none() {
+            if r.access.cluster == cluster.name
+                && in_force(&r, now)
+                && r.extends.is_none()
+                && self.acts_on(&r)
+            {
                 by_user
                     .entry(r.requester.user_id.clone())
                     .or_default()

@@ -16,9 +16,11 @@ use super::error::{GrantRefusal, ServiceError};
 use super::{failpoint, Change, Service};
 use crate::access::InForce;
 use crate::domain::grant::{intents_for, namespace_refused, role_changed};
+use crate::domain::lifecycle::Mode;
 use crate::domain::lifecycle::{self, in_force};
 use crate::domain::readback::Verified;
 use crate::domain::request::{Request, RequestId, State};
+use crate::domain::row_check::{self, capped_expiry, expiry_cap, Members};
 use crate::store::StoreError;
 
 /// Failed steps retry with capped exponential backoff from
@@ -68,6 +70,9 @@ impl Service {
         let now = self.clock.now();
         let mut ids = Vec::new();
         for r in self.store.live().await? {
+            if !self.acts_on(&r) {
+                continue;
+            }
             let overdue = r.expires_at.is_some_and(|e| e <= now) || r.revoke.is_some();
             match r.state {
                 State::Approved => ids.push(r.id),
@@ -127,6 +132,13 @@ impl Service {
                 return;
             }
         };
+        if !self.acts_on(&req) {
+            // Debug, not warn: on a table shared with a replica of the other
+            // mode (start-up refuses any other way to get here) the row is
+            // due on every pass until that replica drives it.
+            tracing::debug!(request_id = %id, dry_run = req.dry_run, "row made in the other mode (serve --dry-run or live); not acted on");
+            return;
+        }
         let now = self.clock.now();
         match req.state {
             State::Pending => self.expire(id).await,
@@ -159,8 +171,14 @@ impl Service {
             .live_for(&req.access.cluster, &req.access.principal)
             .await?
             .into_iter()
-            .filter(|r| r.id != req.id && in_force(r, now))
+            .filter(|r| r.id != req.id && in_force(r, now) && self.acts_on(r))
             .collect())
+    }
+
+    /// Spec 9.8: a live server never acts on rows `serve --dry-run` made,
+    /// nor a dry-run server on live ones.
+    pub(crate) fn acts_on(&self, row: &Request) -> bool {
+        row.dry_run == self.config.dry_run
     }
 
     /// Converges `req`'s principal to `others`, plus `req` itself when
@@ -188,16 +206,32 @@ impl Service {
             std::borrow::Cow::Owned(c)
         };
         let cluster = cluster.as_ref();
+        // Spec 9.8: what the cloud side carries (backstop schedules,
+        // expiry annotations) never follows an expiry written past the
+        // total a grant may last.
+        let now = self.clock.now();
         let mut grants: Vec<InForce<'_>> = others
             .iter()
             .filter(|g| g.access.strategy_or(configured.strategy) == strategy)
-            .map(InForce::of)
+            .map(|g| InForce {
+                expires_at: capped_expiry(g, configured, now),
+                ..InForce::of(g)
+            })
             .collect();
         if let Some(expires_at) = include {
+            let capped = configured
+                .roles
+                .get(&req.access.role)
+                .zip(req.activated_at.or(req.first_attempt_at))
+                .map(|(role, started)| {
+                    let started = started.min(now);
+                    expires_at.min(expiry_cap(started, role.limits.max_total_duration))
+                })
+                .unwrap_or(expires_at);
             grants.push(InForce {
                 grant_id: req.id.as_str(),
                 spec: &req.access,
-                expires_at: Some(expires_at),
+                expires_at: Some(capped),
             });
         }
         let creator = if include.is_some() {
@@ -310,20 +344,44 @@ impl Service {
                     .await;
                 return;
             }
-            // What the converge may create is in the store before any
-            // create call: that record, not a tag, makes it Tollgate's.
-            if !self.record_intents(&req).await {
+            // Spec 9.8: the row is what the store says was approved, and
+            // anyone who can write the store could have written it; it is
+            // granted only if it is what Tollgate itself would have written
+            // under the configuration in force now.
+            if let Some(why) = self.invalid_row(&req).await {
+                tracing::error!(request_id = %id, error = %why, "stored row refused");
+                let cleanup = if req.intents.is_empty() {
+                    None
+                } else {
+                    self.converge_for(&req, None, now).await.err()
+                };
+                let refusal = GrantRefusal::InvalidRow(why).into();
+                self.record_grant_failure(&req, refusal, cleanup).await;
                 return;
             }
         }
+        let req = if req.grant_abandoned() {
+            req
+        } else {
+            // What the converge may create is in the store before any
+            // create call: that record, not a tag, makes it Tollgate's.
+            // The same write fixes when the grant started (spec 9.8).
+            match self.record_intents(&req, now).await {
+                Some(row) => row,
+                None => return,
+            }
+        };
 
         // A grant that failed, or was revoked before it was made, is only
         // ever converged away; it becomes terminal once that succeeds, so
         // nothing it may have left behind goes unrecorded.
         let abandoned = req.grant_abandoned();
-        // The clock starts as access is put in place; Kubernetes objects carry
-        // this expiry, so the row must record the same instant.
-        let planned_expiry = now + req.duration;
+        // The clock starts when the grant is first attempted (recorded
+        // with its intents, before any create call); Kubernetes objects
+        // carry this expiry, so the row records the same instant. A
+        // re-drive after a crash reuses it: it never moves the expiry.
+        let started_at = req.first_attempt_at.unwrap_or(now);
+        let planned_expiry = req.planned_expiry(now);
         let reminder_before = self
             .config
             .cluster(&req.access.cluster)
@@ -332,7 +390,14 @@ impl Service {
         // Spec 9.1: the principal shown to approvers is still the
         // requester's, or nothing is made.
         if !abandoned {
-            if let Err(refusal) = self.recheck_identity(&req).await {
+            let refused = if planned_expiry <= now {
+                // A re-drive after the grant's whole time went by: there
+                // is nothing left to grant.
+                Err(GrantRefusal::EndedBeforeGranted)
+            } else {
+                self.recheck_identity(&req).await
+            };
+            if let Err(refusal) = refused {
                 // A retry after a crash may find access the first try made
                 // (its intents are recorded): it goes with the refusal,
                 // so the failure never leaves anything granted.
@@ -396,7 +461,7 @@ impl Service {
         }
         let done_at = self.clock.now();
         let made = lifecycle::GrantMade {
-            activated_at: now,
+            activated_at: started_at,
             reminder_before,
             grant_ms: started.elapsed().as_millis() as u64,
         };
@@ -451,22 +516,49 @@ impl Service {
         }
     }
 
-    /// Writes on the row, in one CAS write, what granting it may create;
-    /// false when the row could not be written (the step runs again).
-    async fn record_intents(&self, req: &Request) -> bool {
-        let Some(cluster) = self.config.cluster(&req.access.cluster) else {
+    /// Spec 9.8: why `req` may not be granted as stored, if it may not.
+    /// The groups its checks need are asked of Slack now, not remembered
+    /// from the approval.
+    pub(super) async fn invalid_row(&self, req: &Request) -> Option<String> {
+        // A cluster no longer configured is reported by the converge.
+        let cluster = self.config.cluster(&req.access.cluster)?;
+        let mut members = Members::default();
+        if let Some(role) = cluster.roles.get(&req.access.role) {
+            let by = req.decided_by.as_deref();
+            members.requesters = self.group_members(&role.requesters).await;
+            if by == Some(Mode::AutoApproved.label()) {
+                members.auto_approve = self.group_members(&role.auto_approve).await;
+            } else if by == Some(Mode::BreakGlass.label()) {
+                if let Some(bg) = &cluster.break_glass {
+                    members.break_glass = self.group_members(&bg.allowed).await;
+                }
+            } else {
+                members.approvers = self.group_members(&role.approvers).await;
+            }
+        }
+        row_check::invalid_row(req, cluster, &members, self.clock.now())
+    }
+
+    /// Writes on the row, in one CAS write, what granting it may create
+    /// and when the grant was first attempted (`now`, unless a previous
+    /// attempt recorded it); the row as written, or `None` when it could
+    /// not be written (the step runs again).
+    async fn record_intents(&self, req: &Request, now: OffsetDateTime) -> Option<Request> {
+        let wanted = match self.config.cluster(&req.access.cluster) {
+            Some(cluster) => {
+                let strategy = req.access.strategy_or(cluster.strategy);
+                intents_for(strategy, req.id.as_str(), &req.access)
+            }
             // The converge reports the missing cluster.
-            return true;
+            None => Vec::new(),
         };
-        let strategy = req.access.strategy_or(cluster.strategy);
-        let wanted = intents_for(strategy, req.id.as_str(), &req.access);
-        if wanted.iter().all(|i| req.intents.contains(i)) {
-            return true;
+        if req.first_attempt_at.is_some() && wanted.iter().all(|i| req.intents.contains(i)) {
+            return Some(req.clone());
         }
         let written = self
             .modify(&req.id, |current| {
                 if current.state != State::Approved || !self.holds_claim(current) {
-                    return Change::Keep(false);
+                    return Change::Keep(None);
                 }
                 let mut next = current.clone();
                 for i in &wanted {
@@ -474,18 +566,21 @@ impl Service {
                         next.intents.push(i.clone());
                     }
                 }
-                Change::Write(Box::new(next), Vec::new(), true)
+                next.first_attempt_at = next.first_attempt_at.or(Some(now));
+                Change::Write(Box::new(next.clone()), Vec::new(), Some(next))
             })
             .await;
         match written {
-            Ok(done) => done,
+            // Later writes read the row afresh (`modify`), so the version
+            // this copy carries is never used as a guard.
+            Ok(row) => row,
             Err(e) => {
                 self.store_failed(
                     &req.id,
                     &e,
                     "cannot record what the grant will create; it will be driven again",
                 );
-                false
+                None
             }
         }
     }
@@ -503,6 +598,10 @@ impl Service {
     ) {
         self.metrics.failed("grant", error.metric_label());
         let message = error.to_string();
+        let invalid = match &error {
+            ServiceError::GrantRefused(GrantRefusal::InvalidRow(why)) => Some(why.clone()),
+            _ => None,
+        };
         let now = self.clock.now();
         let cleanup = cleanup.map(|e| e.to_string());
         if let Some(cleanup_error) = &cleanup {
@@ -513,10 +612,18 @@ impl Service {
                 if current.state != State::Approved || !self.holds_claim(current) {
                     return Change::Keep(None);
                 }
-                let mut effects =
-                    lifecycle::grant_failed(current, &message, cleanup.as_deref(), now, |n| {
-                        self.retry_delay(n)
-                    });
+                let mut effects = match &invalid {
+                    Some(why) => {
+                        lifecycle::row_rejected(current, why, cleanup.as_deref(), now, |n| {
+                            self.retry_delay(n)
+                        })
+                    }
+                    None => {
+                        lifecycle::grant_failed(current, &message, cleanup.as_deref(), now, |n| {
+                            self.retry_delay(n)
+                        })
+                    }
+                };
                 if let (Ok(effects), Some(reason)) = (effects.as_mut(), error.audit_reason()) {
                     for event in &mut effects.audit {
                         event.details["reason"] = serde_json::json!(reason);

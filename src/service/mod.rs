@@ -29,6 +29,7 @@ mod lifecycle;
 mod modal;
 mod readback;
 mod reconcile;
+mod row_authority;
 pub mod standing;
 
 pub use commands::SlashCommand;
@@ -489,6 +490,14 @@ impl Service {
                     };
                     if let Some(grant) = grant {
                         service.dm(&user, blocks::extended_dm(&req, &grant)).await
+                    }
+                }
+                Notice::InvalidRow { why } => {
+                    service
+                        .alert(&id, blocks::invalid_row_alert(&req, &why))
+                        .await;
+                    if req.state == crate::domain::request::State::Failed {
+                        service.dm(&user, blocks::failed_dm(&req)).await
                     }
                 }
                 Notice::RevokeRecovered => {

@@ -192,7 +192,9 @@ impl Service {
             .live()
             .await?
             .into_iter()
-            .filter(|r| r.access.cluster == cluster.name)
+            // Rows of the other mode (`serve --dry-run` or live) are not
+            // this server's to judge by (spec 9.8).
+            .filter(|r| r.access.cluster == cluster.name && self.acts_on(r))
             .collect();
         // An ordinary pass reads only what the principals with live requests
         // hold: a crash's orphan belongs to a row that is still live (the
@@ -283,6 +285,7 @@ impl Service {
                     .filter(|r| {
                         r.access.cluster == cluster.name
                             && principal_key(strategy, &r.access.principal) == *key
+                            && self.acts_on(r)
                     })
                     .collect(),
                 Err(e) => return Err(e.into()),
@@ -294,7 +297,14 @@ impl Service {
                 .iter()
                 .filter(|r| ours(r) && in_force(r, now))
                 .collect();
-            let in_force: Vec<InForce<'_>> = grants.iter().map(|g| InForce::of(g)).collect();
+            // The backstop never follows an expiry written past the cap.
+            let in_force: Vec<InForce<'_>> = grants
+                .iter()
+                .map(|g| InForce {
+                    expires_at: crate::domain::row_check::capped_expiry(g, cluster, now),
+                    ..InForce::of(g)
+                })
+                .collect();
             // Drift is judged on what each grant needs, read now under the
             // lock, whoever made the object that holds it.
             let missing = self.access.missing(cluster, &principal, &in_force).await?;

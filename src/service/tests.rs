@@ -30,6 +30,9 @@ impl Clock for ManualClock {
     }
 }
 
+/// A grant id and the expiry a converge was given for it.
+type GivenExpiry = (String, Option<OffsetDateTime>);
+
 /// Records each converge's grant ids per principal; fails while
 /// `failures` is above zero.
 #[derive(Default)]
@@ -55,6 +58,9 @@ struct FakeAccess {
     /// Each read-back: the revoked grant and the grants in force it was
     /// judged against.
     read_backs: Mutex<Vec<(String, Vec<String>)>>,
+    /// Each converge's grants with the expiry the cloud side was given
+    /// (backstop schedules, annotations).
+    expiries: Mutex<Vec<Vec<GivenExpiry>>>,
 }
 
 #[async_trait]
@@ -118,6 +124,12 @@ impl AccessEngine for FakeAccess {
             .lock()
             .unwrap()
             .push(grants.iter().map(|g| g.grant_id.to_string()).collect());
+        self.expiries.lock().unwrap().push(
+            grants
+                .iter()
+                .map(|g| (g.grant_id.to_string(), g.expires_at))
+                .collect(),
+        );
         if grants.is_empty() {
             self.owned
                 .lock()
@@ -1292,4 +1304,112 @@ async fn an_extension_never_keeps_a_namespace_denied_since_the_grant() {
         refused.contains("cannot be extended") && refused.contains("deny_namespaces"),
         "{refused}"
     );
+}
+
+#[tokio::test]
+async fn an_extension_of_a_grant_whose_role_changed_fails_clearly() {
+    let r = rig();
+    let grant = r.approved("eks prod 30m view", "U0APP").await;
+    let before = r.state(&grant).await.expires_at;
+    let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    let ext = Rig::id_in(&receipt, 0);
+    // The grant's access as stored is no longer what its role gives (the
+    // role was edited since, as far as this grant is concerned).
+    let row = r.state(&grant).await;
+    let mut edited = row.clone();
+    edited.access.policy_arn =
+        Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy".into());
+    edited.version += 1;
+    r.service
+        .store()
+        .update(&row, edited, Vec::new())
+        .await
+        .unwrap();
+    r.approve(&ext).await;
+    let failed = r.state(&ext).await;
+    assert_eq!(failed.state, State::Failed);
+    let why = failed.failure.unwrap();
+    assert!(
+        why.contains("cannot be extended") && why.contains("role changed"),
+        "{why}"
+    );
+    assert_eq!(r.state(&grant).await.expires_at, before, "not moved");
+}
+
+#[tokio::test]
+async fn a_moved_expiry_is_never_given_to_the_cloud_past_the_cap_and_is_revoked() {
+    let r = rig();
+    let grant = r.approved("eks prod 30m view", "U0APP").await;
+    let row = r.state(&grant).await;
+    let cap = row.activated_at.unwrap() + Duration::from_secs(12 * 3600);
+    // Moved ten years out by a direct write to the store.
+    let mut edited = row.clone();
+    edited.expires_at = Some(row.activated_at.unwrap() + Duration::from_secs(3650 * 86400));
+    r.service
+        .store()
+        .update(&row, edited, Vec::new())
+        .await
+        .unwrap();
+    // A second grant of the same principal converges the union: the
+    // edited grant goes to the cloud side with its expiry capped.
+    let second = r.approved("eks prod 10m view", "U0APP").await;
+    let given = r.access.expiries.lock().unwrap().last().cloned().unwrap();
+    let first = given.iter().find(|(id, _)| id == grant.as_str()).unwrap();
+    assert_eq!(first.1, Some(cap), "{given:?}");
+    assert!(given.iter().any(|(id, _)| id == second.as_str()));
+
+    // The reconcile pass revokes it (reason invalid_row) and tells security.
+    let cluster = r.service.config().cluster("prod").unwrap().clone();
+    assert_eq!(r.service.revoke_overlong(&cluster).await, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.state(&grant).await.state != State::Revoked {
+        assert!(std::time::Instant::now() < deadline, "not revoked");
+        r.service.run_due().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let ended = r.state(&grant).await;
+    assert_eq!(ended.state, State::Revoked);
+    assert_eq!(
+        ended.revoke.map(|i| i.reason),
+        Some(crate::domain::request::RevokeReason::InvalidRow)
+    );
+    assert_eq!(
+        r.state(&second).await.state,
+        State::Active,
+        "the other stays"
+    );
+}
+
+#[tokio::test]
+async fn a_re_drive_after_the_grants_whole_time_makes_nothing() {
+    let r = rig();
+    let receipt = r.say("U0REQ", "eks prod 30m view").await;
+    let id = Rig::id_in(&receipt, 0);
+    // As if a first attempt crashed after recording its start, long ago.
+    let row = r.state(&id).await;
+    let mut started = row.clone();
+    started.first_attempt_at = Some(r.clock.now() - Duration::from_secs(3600));
+    r.service
+        .store()
+        .update(&row, started, Vec::new())
+        .await
+        .unwrap();
+    r.approve(&id).await;
+    let failed = r.state(&id).await;
+    assert_eq!(failed.state, State::Failed);
+    assert!(
+        failed.failure.as_deref().unwrap().contains("time ran out"),
+        "{:?}",
+        failed.failure
+    );
+    assert_eq!(failed.expires_at, None);
+    // Whatever the first attempt may have made was converged away: no
+    // converge ever included the grant.
+    assert!(r
+        .access
+        .converged
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|g| !g.contains(&id.to_string())));
 }

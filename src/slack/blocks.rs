@@ -343,6 +343,9 @@ pub fn revoked_dm(req: &Request, now: OffsetDateTime) -> Message {
         Some(crate::domain::request::RevokeReason::Offboarded) => {
             "been revoked because your Slack account was deactivated or made a guest"
         }
+        Some(crate::domain::request::RevokeReason::InvalidRow) => {
+            "been revoked because its stored record was changed outside Tollgate"
+        }
         _ => "expired",
     };
     Message::plain(format!(
@@ -363,6 +366,27 @@ pub fn revoke_failing_alert(req: &Request, error: &str) -> Message {
         req.access.principal,
         req.attempts,
         escape_slack(error)
+    ))
+}
+
+/// Spec 9.8: a stored row Tollgate would not have written (a forged or
+/// edited `Approved` row, an `Active` expiry moved past the cap). Someone
+/// with write access to the store may be trying to grant themselves access.
+pub fn invalid_row_alert(req: &Request, why: &str) -> Message {
+    let done = if req.state == crate::domain::request::State::Active
+        || req.state == crate::domain::request::State::RevokeFailed
+    {
+        "It is being revoked now."
+    } else {
+        "Nothing was granted."
+    };
+    Message::plain(format!(
+        ":rotating_light: The store holds a request Tollgate would not have written: {} (`{}` on {} for `{}`): {}. {done} Check who can write Tollgate's table or volume.",
+        req.id,
+        req.access.role,
+        req.access.cluster,
+        req.access.principal,
+        escape_slack(why)
     ))
 }
 

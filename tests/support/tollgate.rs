@@ -118,7 +118,45 @@ impl Tollgate {
         t
     }
 
-    async fn spawn(&mut self) {
+    /// Replaces the extra `serve` arguments for the next start.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// Starts the server expecting it to refuse: waits (bounded) for it to
+    /// exit with a failure and returns its log. Panics if it comes up.
+    pub async fn start_refused(&mut self, within: Duration) -> String {
+        self.spawn_child();
+        let url = format!("{}/healthz", self.base);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                assert!(!status.success(), "refused with a failure status");
+                return self.log();
+            }
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                panic!(
+                    "tollgate started when it should have refused:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate neither refused nor came up within {within:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn spawn_child(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -137,6 +175,10 @@ impl Tollgate {
             .spawn()
             .unwrap_or_else(|e| panic!("starting tollgate: {e}"));
         self.child = Some(child);
+    }
+
+    async fn spawn(&mut self) {
+        self.spawn_child();
         let url = format!("{}/healthz", self.base);
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -153,7 +153,7 @@ const INBOX_SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// by a process that died (on a shared store, another replica): the
 /// replica that records a click normally finishes it within a second or
 /// two, and processing one twice decides nothing twice.
-const INBOX_GRACE: Duration = Duration::from_secs(30);
+pub const INBOX_GRACE: Duration = Duration::from_secs(30);
 
 /// Takes up recorded clicks that no live process is working on. Start-up
 /// does this once for the previous process; this covers a replica that

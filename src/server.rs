@@ -123,8 +123,16 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     // `recover` also posts the cards of requests whose post died with the
     // previous process.
     let recovered = service.recover().await?;
-    // Clicks the previous process answered 200 and never acted on.
-    let clicks = service.replay_clicks(std::time::Duration::ZERO).await?;
+    // Clicks the previous process answered 200 and never acted on. The
+    // inbox never stops a start: revokes matter more than a click.
+    let grace = service.startup_click_grace(scheduler::INBOX_GRACE);
+    let clicks = match service.replay_clicks(grace).await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the click inbox at start; the sweep retries");
+            0
+        }
+    };
     tracing::info!(due = recovered, clicks, "start-up recovery done");
 
     let (stop_tx, stop_rx) = watch::channel(false);

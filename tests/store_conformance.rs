@@ -691,6 +691,7 @@ async fn leases_have_one_holder(store: Arc<dyn Store>) {
 /// finished; finishing twice is harmless.
 async fn clicks_are_recorded_once_and_finished(store: Arc<dyn Store>) {
     use tollgate::domain::inbox::{Click, Interaction};
+    use tollgate::store::InboxEntry;
     let click = |ts: &str, at: OffsetDateTime| {
         Interaction::new(
             Click::Approve,
@@ -712,12 +713,18 @@ async fn clicks_are_recorded_once_and_finished(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store.interactions().await.unwrap(),
-        vec![first.clone(), later.clone()],
+        vec![
+            InboxEntry::Click(first.clone()),
+            InboxEntry::Click(later.clone())
+        ],
         "oldest first, every field kept"
     );
     store.finish_interaction(&first.key).await.unwrap();
     store.finish_interaction(&first.key).await.unwrap();
-    assert_eq!(store.interactions().await.unwrap(), vec![later.clone()]);
+    assert_eq!(
+        store.interactions().await.unwrap(),
+        vec![InboxEntry::Click(later.clone())]
+    );
     assert!(
         store.record_interaction(&first).await.unwrap(),
         "a finished key may be recorded again"

@@ -5,7 +5,6 @@
 //! runs: Approve and Deny are one vote per user in the lifecycle, and an
 //! Extend click files its extension under an id derived from the click.
 
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -54,7 +53,15 @@ pub struct Interaction {
     pub response_url: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
+    /// Recorded by a `serve --dry-run` server: only a server of the same
+    /// mode processes it (the two may share a store; spec 9.8).
+    #[serde(default)]
+    pub dry_run: bool,
 }
+
+/// How many ids an Extend click tries before it gives up: with 100 000
+/// rows stored, eight in a row taken by other requests is vanishingly rare.
+const EXTENSION_ID_CANDIDATES: u32 = 8;
 
 /// Longest button value, user id or `action_ts` kept; Slack's are far
 /// shorter, and a recorded entry must stay small whatever a payload says.
@@ -97,15 +104,21 @@ impl Interaction {
                 .filter(|u| u.len() <= URL_MAX)
                 .map(str::to_string),
             received_at: now,
+            dry_run: false,
         }
     }
 
-    /// The id an Extend click files its extension under: derived from the
-    /// click, so processing it again (after a crash, or on another replica)
-    /// finds the extension it already filed instead of filing a second.
-    pub fn extension_id(&self) -> RequestId {
-        let seed: [u8; 32] = Sha256::digest(format!("extension:{}", self.key).as_bytes()).into();
-        RequestId::generate(&mut rand::rngs::StdRng::from_seed(seed))
+    /// The ids an Extend click may file its extension under, in order:
+    /// derived from the click, so processing it again (after a crash, on
+    /// another replica, or in another build) finds the extension it
+    /// already filed instead of filing a second. Ids are short, so one may
+    /// already name an unrelated request: the next candidate is taken then.
+    pub fn extension_ids(&self) -> impl Iterator<Item = RequestId> + '_ {
+        (0..EXTENSION_ID_CANDIDATES).map(move |n| {
+            let digest: [u8; 32] =
+                Sha256::digest(format!("extension:{n}:{}", self.key).as_bytes()).into();
+            RequestId::from_digest(&digest)
+        })
     }
 
     /// Whether a sweep should process this entry: the replica that recorded
@@ -178,37 +191,23 @@ mod tests {
     }
 
     #[test]
-    fn the_extension_id_is_fixed_by_the_click() {
-        let one = Interaction::new(
-            Click::Extend,
-            "R-ABCDE",
-            "U0REQ",
-            Some("1.1"),
-            "",
-            None,
-            NOW,
-        );
-        let again = Interaction::new(
-            Click::Extend,
-            "R-ABCDE",
-            "U0REQ",
-            Some("1.1"),
-            "",
-            None,
-            NOW,
-        );
-        let next = Interaction::new(
-            Click::Extend,
-            "R-ABCDE",
-            "U0REQ",
-            Some("1.2"),
-            "",
-            None,
-            NOW,
-        );
-        assert_eq!(one.extension_id(), again.extension_id());
-        assert_ne!(one.extension_id(), next.extension_id());
-        assert!(RequestId::parse(one.extension_id().as_str()).is_some());
+    fn the_extension_ids_are_fixed_by_the_click() {
+        let ids = |ts: &str| -> Vec<RequestId> {
+            Interaction::new(Click::Extend, "R-ABCDE", "U0REQ", Some(ts), "", None, NOW)
+                .extension_ids()
+                .collect()
+        };
+        assert_eq!(ids("1.1"), ids("1.1"));
+        assert_ne!(ids("1.1")[0], ids("1.2")[0]);
+        let all = ids("1.1");
+        assert_eq!(all.len(), EXTENSION_ID_CANDIDATES as usize);
+        let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "each candidate is another id");
+        // Pinned: every build derives the same ids for a recorded click (a
+        // rolling deploy's new replica replays the old one's inbox).
+        assert_eq!(all[0].as_str(), "R-3BXAZ");
+        assert_eq!(RequestId::from_digest(&[0u8; 32]).as_str(), "R-00000");
+        assert_eq!(RequestId::from_digest(&[0xff; 32]).as_str(), "R-ZZZZZ");
     }
 
     #[test]

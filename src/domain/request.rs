@@ -25,6 +25,19 @@ impl RequestId {
         RequestId(format!("R-{body}"))
     }
 
+    /// An id read off the first bytes of a digest: the same digest gives
+    /// the same id in every build (no random generator in between, whose
+    /// output may change with its version).
+    pub fn from_digest(digest: &[u8; 32]) -> Self {
+        let bits = u64::from_be_bytes([
+            digest[0], digest[1], digest[2], digest[3], digest[4], digest[5], digest[6], digest[7],
+        ]);
+        let body: String = (0..ID_LEN)
+            .map(|i| ID_ALPHABET[((bits >> (59 - 5 * i)) & 31) as usize] as char)
+            .collect();
+        RequestId(format!("R-{body}"))
+    }
+
     /// Accepts what a person types: any case, with or without the `R-` prefix.
     pub fn parse(text: &str) -> Option<Self> {
         let upper = text.trim().to_ascii_uppercase();

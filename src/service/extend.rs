@@ -11,12 +11,19 @@ use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
 use crate::domain::duration::{format_duration, parse_in_range};
 use crate::domain::grant::{namespace_refused, role_changed};
+use crate::domain::inbox::Interaction;
 use crate::domain::lifecycle::{self, in_force, Mode};
 use crate::domain::policy::{check_total_duration, listed, may_request, mention_list};
 use crate::domain::request::{Request, RequestId, State};
 use crate::domain::text::{clip, escape_slack};
 use crate::slack::blocks;
 use crate::store::StoreError;
+
+/// Whether `ext` is an extension of `grant` asked for by `user`: a row a
+/// derived id finds is this click's own only then.
+fn filed_by(ext: &Request, grant: &RequestId, user: &str) -> bool {
+    ext.extends.as_ref() == Some(grant) && ext.requester.user_id == user
+}
 
 /// The answer to a click whose extension is already on file.
 fn already_filed(ext: &Request) -> String {
@@ -40,16 +47,16 @@ enum Applied {
 
 impl Service {
     /// `/access extend <id> <duration>`, and the reminder's Extend button
-    /// (no duration: the grant's own again). A click names the id its
-    /// extension is filed under (`click_id`), so processing the same
-    /// recorded click again files nothing more.
+    /// (no duration: the grant's own again). A recorded click names the
+    /// ids its extension may be filed under (`Interaction::extension_ids`),
+    /// so processing the same click again files nothing more.
     pub(super) async fn request_extension(
         self: &Arc<Self>,
         user: &str,
         id_text: &str,
         duration_text: Option<&str>,
         response_url: Option<String>,
-        click_id: Option<RequestId>,
+        click: Option<&Interaction>,
     ) -> String {
         let Some(id) = RequestId::parse(id_text) else {
             return format!(
@@ -57,14 +64,27 @@ impl Service {
                 escape_slack(&clip(id_text, 20))
             );
         };
-        if let Some(ext_id) = &click_id {
-            match self.store.get(ext_id).await {
-                Ok(Some(ext)) => return already_filed(&ext),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "store read failed");
-                    return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
+        let mut click_id = None;
+        if let Some(click) = click {
+            for candidate in click.extension_ids() {
+                match self.store.get(&candidate).await {
+                    Ok(None) => {
+                        click_id = Some(candidate);
+                        break;
+                    }
+                    Ok(Some(ext)) if filed_by(&ext, &id, user) => return already_filed(&ext),
+                    // Another request holds that id: the next candidate.
+                    Ok(Some(_)) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "store read failed");
+                        return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
+                    }
                 }
+            }
+            if click_id.is_none() {
+                return format!(
+                    "Tollgate could not file an extension of {id} for this click; nothing was requested. Ask with `/access extend {id} <duration>`."
+                );
             }
         }
         let grant = match self.store.get(&id).await {
@@ -75,6 +95,14 @@ impl Service {
                 return "Tollgate's store is temporarily unavailable; nothing was requested. Please try again in a minute.".into();
             }
         };
+        // A dry-run server never extends a live grant, nor a live one a
+        // dry-run grant (spec 9.8).
+        if !self.acts_on(&grant) {
+            return format!(
+                "{id} belongs to a {} Tollgate server; this one cannot extend it.",
+                if grant.dry_run { "dry-run" } else { "live" }
+            );
+        }
         if let Some(original) = &grant.extends {
             return format!("{id} is itself an extension; extend the grant {original} instead.");
         }
@@ -222,10 +250,10 @@ impl Service {
         };
         if let Err(StoreError::Exists(_)) = recorded {
             // Another pass over the same click (another replica's sweep)
-            // filed it in between.
+            // filed it in between, or an unrelated request took the id.
             return match self.store.get(&ext.id).await {
-                Ok(Some(filed)) => already_filed(&filed),
-                _ => format!("Extension {} of {id} is already recorded.", ext.id),
+                Ok(Some(filed)) if filed_by(&filed, &id, user) => already_filed(&filed),
+                _ => format!("Tollgate could not file an extension of {id} just now; nothing was requested. Please click again."),
             };
         }
         if let Err(e) = recorded {
@@ -268,10 +296,10 @@ impl Service {
         user: &str,
         grant_id: &str,
         response_url: Option<String>,
-        click_id: RequestId,
+        click: &Interaction,
     ) {
         let text = self
-            .request_extension(user, grant_id, None, response_url.clone(), Some(click_id))
+            .request_extension(user, grant_id, None, response_url.clone(), Some(click))
             .await;
         self.respond(response_url.as_deref(), text).await;
     }

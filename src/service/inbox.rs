@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::{failpoint, failpoint_after_answer, Decision, Notice, Service};
 use crate::domain::inbox::{Click, Interaction};
 use crate::domain::request::RequestId;
-use crate::store::StoreError;
+use crate::store::{InboxEntry, StoreError};
 
 /// The keys of the clicks this process is working on. Each use is one
 /// insert, remove or lookup, so a panic elsewhere cannot leave the set
@@ -37,12 +37,15 @@ impl Service {
     /// Makes the clicks of one delivery durable. The caller answers 200
     /// only when this succeeds; the clicks it returns are the ones not
     /// recorded before (a delivery seen again is already being processed).
+    /// On failure nothing of this delivery is left to act on later: the
+    /// clicker is told it failed and clicks again.
     pub async fn record_clicks(
         &self,
         clicks: Vec<Interaction>,
     ) -> Result<Vec<Interaction>, StoreError> {
         let mut fresh = Vec::with_capacity(clicks.len());
-        for click in clicks {
+        for mut click in clicks {
+            click.dry_run = self.config.dry_run;
             match self.store.record_interaction(&click).await {
                 Ok(true) => fresh.push(click),
                 Ok(false) => {
@@ -51,11 +54,25 @@ impl Service {
                 Err(e) => {
                     self.metrics.failed("store", e.metric_label());
                     tracing::error!(error = %e, "cannot record a click; answering non-200");
+                    // A write that failed may still have landed.
+                    fresh.push(click);
+                    self.forget_clicks(&fresh).await;
                     return Err(e);
                 }
             }
         }
         Ok(fresh)
+    }
+
+    /// Removes clicks whose delivery was answered non-200, so that no sweep
+    /// acts on a click its clicker was told had failed.
+    pub async fn forget_clicks(&self, clicks: &[Interaction]) {
+        for click in clicks {
+            if let Err(e) = self.store.finish_interaction(&click.key).await {
+                self.metrics.failed("store", e.metric_label());
+                tracing::error!(error = %e, "a click answered non-200 may still be processed later");
+            }
+        }
     }
 
     /// Processes a recorded click in its own task; `replayed`: taken up
@@ -73,8 +90,24 @@ impl Service {
         let now = self.clock.now();
         let waiting = self.store.interactions().await?;
         let mut taken = 0;
-        for click in waiting {
-            if !click.abandoned(now, grace) || self.is_in_flight(&click.key) {
+        for entry in waiting {
+            let click = match entry {
+                InboxEntry::Click(click) => click,
+                InboxEntry::Unreadable { key, message } => {
+                    // Never acted on; removed so it is reported once.
+                    self.metrics.failed("store", "store_corrupt");
+                    tracing::error!(key = %key, error = %message, "unreadable click in the inbox removed");
+                    if let Err(e) = self.store.finish_interaction(&key).await {
+                        self.metrics.failed("store", e.metric_label());
+                    }
+                    continue;
+                }
+            };
+            // The other mode's server, sharing the store, processes its own.
+            if click.dry_run != self.config.dry_run
+                || !click.abandoned(now, grace)
+                || self.is_in_flight(&click.key)
+            {
                 continue;
             }
             taken += 1;
@@ -89,6 +122,17 @@ impl Service {
             self.metrics.clicks_replayed.inc_by(taken as u64);
         }
         Ok(taken)
+    }
+
+    /// The grace start-up gives recorded clicks: none on a store only this
+    /// process opens; on a shared one, other replicas' clicks in flight
+    /// are theirs until the sweep's grace has passed.
+    pub fn startup_click_grace(&self, sweep_grace: Duration) -> Duration {
+        if self.store.is_shared() {
+            sweep_grace
+        } else {
+            Duration::ZERO
+        }
     }
 
     fn is_in_flight(&self, key: &str) -> bool {
@@ -128,7 +172,7 @@ impl Service {
                     &click.user_id,
                     &click.value,
                     click.response_url.clone(),
-                    click.extension_id(),
+                    &click,
                 )
                 .await
             }

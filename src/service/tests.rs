@@ -1221,6 +1221,24 @@ async fn the_inbox_sweep_takes_up_abandoned_clicks_once() {
         "the same click again is not processed twice"
     );
 
+    // A click a dry-run server sharing the store recorded is its own.
+    let mut other_mode = Interaction::new(
+        Click::Deny,
+        id.as_str(),
+        "U0APP",
+        Some("1.2"),
+        "",
+        None,
+        now,
+    );
+    other_mode.dry_run = true;
+    assert!(r
+        .service
+        .store
+        .record_interaction(&other_mode)
+        .await
+        .unwrap());
+
     let grace = Duration::from_secs(30);
     assert_eq!(
         r.service.replay_clicks(grace).await.unwrap(),
@@ -1234,13 +1252,18 @@ async fn the_inbox_sweep_takes_up_abandoned_clicks_once() {
     );
     assert!(a.unwrap() + b.unwrap() >= 1);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !r.service.store.interactions().await.unwrap().is_empty() {
+    while r.service.store.interactions().await.unwrap().len() > 1 {
         assert!(std::time::Instant::now() < deadline, "inbox not emptied");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let row = r.state(&id).await;
     assert_eq!(row.approvals.len(), 1, "one vote");
     assert_ne!(row.state, State::Pending, "the click decided the request");
+    assert_eq!(
+        r.service.store.interactions().await.unwrap(),
+        vec![crate::store::InboxEntry::Click(other_mode)],
+        "the other mode's click is left to its own server"
+    );
 }
 
 /// Spec 9.7: an extension keeps the grant's own namespaces, so once one of

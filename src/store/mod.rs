@@ -74,6 +74,34 @@ pub struct AuditPosition {
     pub seq: u64,
 }
 
+/// One entry of the click inbox as read back.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InboxEntry {
+    Click(Interaction),
+    /// Written by another version, damaged, or not Tollgate's: removed and
+    /// reported, never acted on.
+    Unreadable {
+        key: String,
+        message: String,
+    },
+}
+
+impl InboxEntry {
+    /// Oldest first; unreadable entries before every click, so they are
+    /// cleared first.
+    fn order(&self) -> Option<OffsetDateTime> {
+        match self {
+            InboxEntry::Click(c) => Some(c.received_at),
+            InboxEntry::Unreadable { .. } => None,
+        }
+    }
+
+    pub(crate) fn sorted(mut entries: Vec<InboxEntry>) -> Vec<InboxEntry> {
+        entries.sort_by_key(InboxEntry::order);
+        entries
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub position: AuditPosition,
@@ -232,8 +260,9 @@ pub trait Store: Send + Sync + 'static {
     /// click this has made durable. `Ok(false)`: that click (same key) is
     /// already recorded and not yet processed.
     async fn record_interaction(&self, item: &Interaction) -> Result<bool, StoreError>;
-    /// Recorded clicks not yet processed, oldest first.
-    async fn interactions(&self) -> Result<Vec<Interaction>, StoreError>;
+    /// Recorded clicks not yet processed, oldest first; an entry that
+    /// cannot be read is returned as such (by key), never failing the rest.
+    async fn interactions(&self) -> Result<Vec<InboxEntry>, StoreError>;
     /// A processed click leaves the inbox (nothing to do if it already has).
     async fn finish_interaction(&self, key: &str) -> Result<(), StoreError>;
 

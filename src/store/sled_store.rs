@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use time::OffsetDateTime;
 
-use super::{epoch_ms, AuditEntry, AuditPosition, Store, StoreError};
+use super::{epoch_ms, AuditEntry, AuditPosition, InboxEntry, Store, StoreError};
 use crate::domain::audit::AuditEvent;
 use crate::domain::grant::{Baselines, Scope};
 use crate::domain::inbox::Interaction;
@@ -602,14 +602,19 @@ impl Store for SledStore {
         Ok(fresh)
     }
 
-    async fn interactions(&self) -> Result<Vec<Interaction>, StoreError> {
+    async fn interactions(&self) -> Result<Vec<InboxEntry>, StoreError> {
         let mut out = Vec::new();
         for entry in self.inbox.iter() {
             let (k, v) = entry.map_err(backend)?;
-            out.push(decode::<Interaction>(&k, &v)?);
+            out.push(match decode::<Interaction>(&k, &v) {
+                Ok(click) => InboxEntry::Click(click),
+                Err(e) => InboxEntry::Unreadable {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    message: e.to_string(),
+                },
+            });
         }
-        out.sort_by_key(|i| i.received_at);
-        Ok(out)
+        Ok(InboxEntry::sorted(out))
     }
 
     /// Flushed like every write: a removal lost in a crash would only
@@ -668,6 +673,24 @@ mod tests {
 
     fn event(req: &Request, name: &str, at: OffsetDateTime) -> AuditEvent {
         AuditEvent::for_request(req, name, "U1", at, json!({}))
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_click_is_returned_as_such_and_the_others_read() {
+        use crate::domain::inbox::{Click, Interaction};
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let click = Interaction::new(Click::Approve, "R-ABCDE", "U0APP", Some("1"), "", None, now);
+        store.record_interaction(&click).await.unwrap();
+        store.inbox.insert(b"garbage", b"{not json").unwrap();
+        let read = store.interactions().await.unwrap();
+        assert!(
+            matches!(&read[..], [InboxEntry::Unreadable { key, .. }, InboxEntry::Click(c)] if key == "garbage" && *c == click),
+            "{read:?}"
+        );
+        store.finish_interaction("garbage").await.unwrap();
+        assert_eq!(store.interactions().await.unwrap().len(), 1);
     }
 
     #[test]

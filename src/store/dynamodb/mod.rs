@@ -19,7 +19,7 @@ use error::Refusal;
 use items::*;
 use ops::Guard;
 
-use super::{epoch_ms, AuditEntry, Store, StoreError};
+use super::{epoch_ms, AuditEntry, InboxEntry, Store, StoreError};
 use crate::domain::audit::AuditEvent;
 use crate::domain::grant::Baselines;
 use crate::domain::inbox::Interaction;
@@ -318,15 +318,24 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn interactions(&self) -> Result<Vec<Interaction>, StoreError> {
-        let mut out = self
+    async fn interactions(&self) -> Result<Vec<InboxEntry>, StoreError> {
+        let entries = self
             .query(INBOX, None, None)
             .await?
             .iter()
-            .map(interaction_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|i| i.received_at);
-        Ok(out)
+            .map(|item| match interaction_of(item) {
+                Ok(click) => InboxEntry::Click(click),
+                Err(e) => InboxEntry::Unreadable {
+                    key: item
+                        .get(SK)
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .unwrap_or_default(),
+                    message: e.to_string(),
+                },
+            })
+            .collect();
+        Ok(InboxEntry::sorted(entries))
     }
 
     async fn finish_interaction(&self, key_text: &str) -> Result<(), StoreError> {

@@ -407,19 +407,42 @@ async fn kubernetes_bindings_and_aws_auth_are_listed_but_not_tollgates_or_the_pl
     );
     // What the store says: dana's binding and bob's aws-auth item are
     // Tollgate's grants.
+    let record = |id: &str, principal: &str, user: &str, role: Option<&str>| {
+        let access = tollgate::domain::request::AccessSpec {
+            cluster: "dev".into(),
+            role: "debug".into(),
+            principal: principal.into(),
+            policy_arn: None,
+            namespaces: Vec::new(),
+            cluster_role: role.map(str::to_string),
+            groups: Vec::new(),
+            k8s_user: Some(user.into()),
+            strategy: None,
+        };
+        GrantRecord {
+            id: id.into(),
+            cluster: "dev".into(),
+            principal: principal.into(),
+            k8s_user: Some(user.into()),
+            intents: tollgate::domain::grant::intents_for(cluster.strategy, id, &access),
+            activated: true,
+            holds_access: true,
+            access: Some(access),
+        }
+    };
     let records = [
-        GrantRecord {
-            id: "R-KUBE1".into(),
-            cluster: "dev".into(),
-            principal: "tollgate:dana@example.com".into(),
-            k8s_user: Some("tollgate:dana@example.com".into()),
-        },
-        GrantRecord {
-            id: "R-KUBE2".into(),
-            cluster: "dev".into(),
-            principal: "arn:aws:iam::000000000000:role/bob".into(),
-            k8s_user: Some("tollgate:bob@example.com".into()),
-        },
+        record(
+            "R-KUBE1",
+            "tollgate:dana@example.com",
+            "tollgate:dana@example.com",
+            Some("edit"),
+        ),
+        record(
+            "R-KUBE2",
+            "arn:aws:iam::000000000000:role/bob",
+            "tollgate:bob@example.com",
+            None,
+        ),
     ];
     let readings = read_clusters(&reader, std::slice::from_ref(&cluster)).await;
     let standing = classify_all(readings, &records);

@@ -44,12 +44,7 @@ struct Entry {
 /// The user name EKS gives an entry created without one, which is how
 /// Tollgate creates them: any other name was set by someone else.
 pub fn default_username(principal: &str) -> Option<String> {
-    let (prefix, rest) = principal.split_once(":role/")?;
-    let account = prefix.rsplit(':').next()?;
-    let name = rest.rsplit('/').next()?;
-    Some(format!(
-        "arn:aws:sts::{account}:assumed-role/{name}/{{{{SessionName}}}}"
-    ))
+    crate::domain::standing::eks_default_username(principal)
 }
 
 impl Entry {

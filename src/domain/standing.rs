@@ -347,6 +347,62 @@ pub fn describe_beyond(e: &RawEntry) -> String {
     parts.join(", ")
 }
 
+/// The request a binding is named after, when that request of `cluster`
+/// recorded creating it there: the binding is Tollgate's by name and row,
+/// whatever its labels say.
+pub fn binding_record<'a>(
+    records: &'a [GrantRecord],
+    cluster: &str,
+    b: &RawBinding,
+) -> Option<&'a GrantRecord> {
+    let id = super::grant::binding_grant(&b.name)?;
+    records.iter().find(|r| {
+        r.id == id.as_str()
+            && r.cluster == cluster
+            && r.records(&Intent::Binding {
+                namespace: b.namespace.clone(),
+                name: b.name.clone(),
+            })
+    })
+}
+
+/// How a binding of `r`'s differs from what its grant was approved as —
+/// its ClusterRole, bound to its user alone — in words; `None` when it
+/// binds exactly that.
+pub fn binding_differs(r: &GrantRecord, b: &RawBinding) -> Option<String> {
+    let spec = r.access.as_ref()?;
+    let mut out = Vec::new();
+    if b.role_kind != "ClusterRole" || spec.cluster_role.as_deref() != Some(b.role_name.as_str()) {
+        out.push(format!(
+            "binds {} {} where its grant recorded ClusterRole {}",
+            b.role_kind,
+            b.role_name,
+            spec.cluster_role.as_deref().unwrap_or("none")
+        ));
+    }
+    let expected: Vec<(String, String)> = spec
+        .k8s_user
+        .iter()
+        .map(|u| ("User".to_string(), u.clone()))
+        .collect();
+    if b.subjects != expected {
+        let have: Vec<String> = b.subjects.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        out.push(format!(
+            "binds {} where its grant recorded {}",
+            if have.is_empty() {
+                "no subject".to_string()
+            } else {
+                have.join(", ")
+            },
+            spec.k8s_user
+                .as_deref()
+                .map(|u| format!("User {u}"))
+                .unwrap_or_else(|| "no user".into())
+        ));
+    }
+    (!out.is_empty()).then(|| out.join("; "))
+}
+
 /// Spec 9.2 and 12: whether a binding is Tollgate's. It is judged by its
 /// name, whatever its labels say: the request it is named after must be a
 /// grant of this cluster Tollgate still answers for, whose row recorded
@@ -355,27 +411,8 @@ pub fn describe_beyond(e: &RawEntry) -> String {
 /// role or subjects were changed, or that outlived its grant, is standing
 /// access.
 pub fn binding_created_by_tollgate(records: &[GrantRecord], cluster: &str, b: &RawBinding) -> bool {
-    let Some(id) = super::grant::binding_grant(&b.name) else {
-        return false;
-    };
-    records.iter().any(|r| {
-        let Some(spec) = &r.access else {
-            return false;
-        };
-        r.id == id.as_str()
-            && r.cluster == cluster
-            && r.holds_access
-            && r.records(&Intent::Binding {
-                namespace: b.namespace.clone(),
-                name: b.name.clone(),
-            })
-            && b.role_kind == "ClusterRole"
-            && spec.cluster_role.as_deref() == Some(b.role_name.as_str())
-            && spec
-                .k8s_user
-                .as_deref()
-                .is_some_and(|user| b.subjects == [("User".to_string(), user.to_string())])
-    })
+    binding_record(records, cluster, b)
+        .is_some_and(|r| r.holds_access && binding_differs(r, b).is_none())
 }
 
 /// Node identities in aws-auth: a `system:node:` username with no group
@@ -1206,6 +1243,12 @@ mod tests {
         let mut denied = record("R-BBBBB", "dev", BOB, Some(BOB));
         denied.activated = false;
         assert_eq!(out(&ours, &[denied]).len(), 1);
+        // What the reconciler reports of a binding its store did create.
+        assert_eq!(binding_differs(&rec, &ours), None);
+        let why = binding_differs(&rec, &swapped).unwrap();
+        assert!(why.contains("User mallory") && why.contains(BOB), "{why}");
+        let why = binding_differs(&rec, &widened).unwrap();
+        assert!(why.contains("cluster-admin"), "{why}");
     }
 
     #[test]

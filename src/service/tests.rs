@@ -185,6 +185,7 @@ fn entry(principal: &str, grant: &str) -> crate::access::Owned {
         intent: Some(crate::domain::request::Intent::AccessEntry {
             principal: principal.into(),
         }),
+        holds: None,
     }
 }
 
@@ -888,6 +889,7 @@ async fn aws_auth_items_no_live_request_records_are_left_alone() {
             arn: arn.to_ascii_lowercase(),
             username: user.into(),
         }),
+        holds: None,
     };
     let alice = crate::domain::grant::aws_auth_arn(&row.access.principal);
     let admin = "arn:aws:iam::111122223333:role/platform-admin";

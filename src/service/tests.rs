@@ -54,6 +54,8 @@ struct FakeAccess {
     /// Each read-back: the revoked grant and the grants in force it was
     /// judged against.
     read_backs: Mutex<Vec<(String, Vec<String>)>>,
+    /// Each step in order: `converge`, `remove <id>`, `verify <id>`.
+    steps: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -92,6 +94,7 @@ impl AccessEngine for FakeAccess {
             .lock()
             .unwrap()
             .push(principal.to_string());
+        self.steps.lock().unwrap().push("converge".into());
         let hang = {
             let mut hangs = self.hangs.lock().unwrap();
             let hang = *hangs > 0;
@@ -134,6 +137,10 @@ impl AccessEngine for FakeAccess {
         _: &crate::domain::request::AccessSpec,
         grants: &[InForce<'_>],
     ) -> Result<crate::domain::readback::ReadBack, AccessError> {
+        self.steps
+            .lock()
+            .unwrap()
+            .push(format!("verify {revoked_id}"));
         self.read_backs.lock().unwrap().push((
             revoked_id.to_string(),
             grants.iter().map(|g| g.grant_id.to_string()).collect(),
@@ -153,6 +160,19 @@ impl AccessEngine for FakeAccess {
             ]));
         }
         Ok(crate::domain::readback::ReadBack::Removed)
+    }
+
+    async fn remove_recorded(
+        &self,
+        _: &ClusterPolicy,
+        _: &str,
+        revoked_id: &str,
+    ) -> Result<(), AccessError> {
+        self.steps
+            .lock()
+            .unwrap()
+            .push(format!("remove {revoked_id}"));
+        Ok(())
     }
 
     /// A grant's access is in place while its principal has an object.
@@ -351,6 +371,27 @@ impl Rig {
         let events = self.service.store.audit_since(None).await.unwrap();
         events.into_iter().map(|e| e.event).collect()
     }
+}
+
+/// Issue 21: a revoke removes what the row recorded by name (a
+/// session-rbac binding whose subjects were swapped is found no other
+/// way) after its converge and before the read-back judges it.
+#[tokio::test]
+async fn a_revoke_removes_what_its_row_recorded_before_reading_back() {
+    let r = rig();
+    let id = r.approved("eks prod 10m view one", "U0APP").await;
+    r.access.steps.lock().unwrap().clear();
+    r.clock.advance(Duration::from_secs(11 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+    assert_eq!(
+        *r.access.steps.lock().unwrap(),
+        vec![
+            "converge".to_string(),
+            format!("remove {id}"),
+            format!("verify {id}")
+        ]
+    );
 }
 
 #[tokio::test]

@@ -1146,7 +1146,7 @@ mod tests {
         assert!(entry_beyond(&[active.clone()], "prod", &view).is_none());
         // A wider scope than the grant needs, groups, a user name: listed.
         let scoped = entry_record("R-AAAAA", "prod", MALLORY, "AmazonEKSViewPolicy", &["a"]);
-        let out = listed(&[scoped.clone()], &view);
+        let out = listed(std::slice::from_ref(&scoped), &view);
         assert_eq!(out.len(), 1, "cluster-wide view for a grant of namespace a");
         let narrow = RawEntry {
             policies: entry(MALLORY, "STANDARD", &[("AmazonEKSViewPolicy", &["a"])]).policies,
@@ -1199,7 +1199,11 @@ mod tests {
             "edit",
             &[("User", BOB)],
         );
-        assert!(binding_created_by_tollgate(&[rec.clone()], "dev", &ours));
+        assert!(binding_created_by_tollgate(
+            std::slice::from_ref(&rec),
+            "dev",
+            &ours
+        ));
         let out = |b: &RawBinding, records: &[GrantRecord]| {
             classify(
                 "dev",
@@ -1210,33 +1214,39 @@ mod tests {
                 records,
             )
         };
-        assert!(out(&ours, &[rec.clone()]).is_empty());
+        assert!(out(&ours, std::slice::from_ref(&rec)).is_empty());
         let widened = RawBinding {
             role_name: "cluster-admin".into(),
             ..ours.clone()
         };
-        assert_eq!(out(&widened, &[rec.clone()])[0].level, Level::ClusterAdmin);
+        assert_eq!(
+            out(&widened, std::slice::from_ref(&rec))[0].level,
+            Level::ClusterAdmin
+        );
         let swapped = binding(
             "tollgate-r-bbbbb",
             Some("payments"),
             "edit",
             &[("User", "mallory")],
         );
-        assert_eq!(out(&swapped, &[rec.clone()])[0].principal, "mallory");
+        assert_eq!(
+            out(&swapped, std::slice::from_ref(&rec))[0].principal,
+            "mallory"
+        );
         let added = binding(
             "tollgate-r-bbbbb",
             Some("payments"),
             "edit",
             &[("User", BOB), ("Group", "ops")],
         );
-        assert_eq!(out(&added, &[rec.clone()]).len(), 2);
+        assert_eq!(out(&added, std::slice::from_ref(&rec)).len(), 2);
         let elsewhere = binding(
             "tollgate-r-bbbbb",
             Some("kube-system"),
             "edit",
             &[("User", BOB)],
         );
-        assert_eq!(out(&elsewhere, &[rec.clone()]).len(), 1);
+        assert_eq!(out(&elsewhere, std::slice::from_ref(&rec)).len(), 1);
         let mut ended = rec.clone();
         ended.holds_access = false;
         assert_eq!(out(&ours, &[ended]).len(), 1, "outlived its grant");

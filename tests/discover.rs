@@ -324,11 +324,11 @@ fn seed_kubernetes(kube: &KubeStandIn) {
     ));
     kube.seed_clusterrolebinding(crb("carol-view", "view", "User", "carol", json!({})));
     kube.seed_clusterrolebinding(crb(
-        "tollgate-r-kube1",
+        "tollgate-r-kb001",
         "edit",
         "User",
         "tollgate:dana@example.com",
-        json!({"app.kubernetes.io/managed-by": "tollgate", "tollgate.dev/grant": "R-KUBE1"}),
+        json!({"app.kubernetes.io/managed-by": "tollgate", "tollgate.dev/grant": "R-KB001"}),
     ));
     kube.seed_rolebinding(
         "payments",
@@ -407,19 +407,42 @@ async fn kubernetes_bindings_and_aws_auth_are_listed_but_not_tollgates_or_the_pl
     );
     // What the store says: dana's binding and bob's aws-auth item are
     // Tollgate's grants.
+    let record = |id: &str, principal: &str, user: &str, role: Option<&str>| {
+        let access = tollgate::domain::request::AccessSpec {
+            cluster: "dev".into(),
+            role: "debug".into(),
+            principal: principal.into(),
+            policy_arn: None,
+            namespaces: Vec::new(),
+            cluster_role: role.map(str::to_string),
+            groups: Vec::new(),
+            k8s_user: Some(user.into()),
+            strategy: None,
+        };
+        GrantRecord {
+            id: id.into(),
+            cluster: "dev".into(),
+            principal: principal.into(),
+            k8s_user: Some(user.into()),
+            intents: tollgate::domain::grant::intents_for(cluster.strategy, id, &access),
+            activated: true,
+            holds_access: true,
+            access: Some(access),
+        }
+    };
     let records = [
-        GrantRecord {
-            id: "R-KUBE1".into(),
-            cluster: "dev".into(),
-            principal: "tollgate:dana@example.com".into(),
-            k8s_user: Some("tollgate:dana@example.com".into()),
-        },
-        GrantRecord {
-            id: "R-KUBE2".into(),
-            cluster: "dev".into(),
-            principal: "arn:aws:iam::000000000000:role/bob".into(),
-            k8s_user: Some("tollgate:bob@example.com".into()),
-        },
+        record(
+            "R-KB001",
+            "tollgate:dana@example.com",
+            "tollgate:dana@example.com",
+            Some("edit"),
+        ),
+        record(
+            "R-KB002",
+            "arn:aws:iam::000000000000:role/bob",
+            "tollgate:bob@example.com",
+            None,
+        ),
     ];
     let readings = read_clusters(&reader, std::slice::from_ref(&cluster)).await;
     let standing = classify_all(readings, &records);
@@ -571,4 +594,179 @@ groups = ["tollgate-debug"]
 
     let (code, _, _) = discover(&ms, &path, &["--cluster", "gone"]).await;
     assert_eq!(code, 1, "nothing readable");
+}
+
+/// `tollgate <args> --config <config>` with MiniStack's credentials:
+/// (success, stdout, stderr).
+async fn cli(ms: &MiniStack, config: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(ms.aws_env());
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 21: a mark naming a request of this store hides nothing that
+/// request did not make. alice's entry is tagged with her own denied
+/// request, bob's with his own grant that has ended; each holds a
+/// hand-made AmazonEKSClusterAdminPolicy association. Both are listed by
+/// `tollgate discover` at cluster-admin, counted in the
+/// `tollgate_standing_access` gauge, and reported `foreign` by the
+/// reconciler (audit and `tollgate_foreign_objects`); neither is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marked_entry_naming_a_denied_or_ended_request_is_standing_and_foreign() {
+    const BOB_USER: &str = "U0BOB";
+    const BOB: &str = "arn:aws:iam::000000000000:role/bob";
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    ms.create_cluster(CLUSTER).await;
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    slack.add_user(REQUESTER, "alice@example.com", "UTC", 0);
+    slack.add_user(BOB_USER, "bob@example.com", "UTC", 0);
+    slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
+    slack.add_channel(CHANNEL, true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut tollgate = Tollgate::start(dir.path(), CONFIG, &slack.api_url(), &ms).await;
+    let http = reqwest::Client::new();
+    let decide = |user: &'static str, text: &'static str, action: &'static str| {
+        let (http, slack, base) = (&http, &slack, tollgate.base.clone());
+        async move {
+            let body = slash_body(user, text, &slack.response_url("cmd"));
+            let resp = post_signed(
+                http,
+                &format!("{base}/slack/commands"),
+                SIGNING_SECRET,
+                body,
+            )
+            .await;
+            let receipt: Value = resp.json().await.unwrap();
+            let id = request_id(receipt["text"].as_str().unwrap_or_default());
+            let ts = slack.card_ts(CHANNEL, &id, Duration::from_secs(10)).await;
+            let click = action_body(
+                APPROVER,
+                action,
+                &id,
+                CHANNEL,
+                &ts,
+                &slack.response_url("click"),
+            );
+            post_signed(
+                http,
+                &format!("{base}/slack/interactions"),
+                SIGNING_SECRET,
+                click,
+            )
+            .await;
+            id
+        }
+    };
+    let audit = |config: std::path::PathBuf| {
+        let ms = &ms;
+        async move {
+            let (ok, out, err) = cli(ms, &config, &["audit", "export"]).await;
+            assert!(ok, "{err}");
+            out.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let config = tollgate.config_path.clone();
+    let denied = decide(REQUESTER, "eks prod-cluster 30m view INC-1", "deny").await;
+    let ended = decide(BOB_USER, "eks prod-cluster 2s view INC-2", "approve").await;
+    wait_until("denied and revoked", Duration::from_secs(30), || async {
+        let events = audit(config.clone()).await;
+        let has = |event: &str, id: &str| {
+            events
+                .iter()
+                .any(|e| e["event"] == event && e["request_id"] == id)
+        };
+        has("denied", &denied) && has("revoked", &ended)
+    })
+    .await;
+
+    // Made behind Tollgate's back while it is down, so the first pass of
+    // the next start (which reads every object's marks) finds them.
+    tollgate.kill9();
+    let marks = |id: &str| json!({"managed-by": "tollgate", "tollgate-grant": id, "tollgate-instance": "tollgate"});
+    let admin = [("AmazonEKSClusterAdminPolicy", &[][..])];
+    seed_entry(&ms, CLUSTER, ALICE, "STANDARD", marks(&denied), &admin).await;
+    seed_entry(&ms, CLUSTER, BOB, "STANDARD", marks(&ended), &admin).await;
+    tollgate.start_again().await;
+
+    let (code, out, err) = discover(&ms, &tollgate.config_path, &["--json"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines = json_lines(&out);
+    for principal in [ALICE, BOB] {
+        let line = find(&lines, principal).unwrap_or_else(|| panic!("{principal} hidden:\n{out}"));
+        assert_eq!(line["level"], "cluster-admin", "{line}");
+        assert_eq!(
+            line["policies"][0]["policy"],
+            format!("{POLICY}AmazonEKSClusterAdminPolicy")
+        );
+    }
+    let metrics_url = format!("{}/metrics", tollgate.metrics_base);
+    let fetch = || async {
+        http.get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let foreign_gauge = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_foreign_objects "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    wait_until("foreign reported", Duration::from_secs(30), || async {
+        let events = audit(config.clone()).await;
+        [ALICE, BOB].iter().all(|p| {
+            events
+                .iter()
+                .any(|e| e["event"] == "foreign" && e["principal"] == *p)
+        }) && gauge(&fetch().await, CLUSTER, "cluster-admin").is_some()
+    })
+    .await;
+    let events = audit(config.clone()).await;
+    for (principal, id) in [(ALICE, &denied), (BOB, &ended)] {
+        let found: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["event"] == "foreign" && e["principal"] == principal)
+            .collect();
+        assert_eq!(found.len(), 1, "{principal}: {found:?}");
+        assert_eq!(found[0]["request_id"], **id);
+    }
+    let bob_foreign = events
+        .iter()
+        .find(|e| e["event"] == "foreign" && e["principal"] == BOB)
+        .unwrap();
+    assert!(
+        bob_foreign["details"]["beyond"]
+            .as_str()
+            .is_some_and(|b| b.contains("AmazonEKSClusterAdminPolicy")),
+        "{bob_foreign}"
+    );
+    assert_eq!(foreign_gauge(&fetch().await), Some(2));
+    assert!(
+        !events.iter().any(|e| e["event"] == "reconciled"),
+        "nothing of the standing access removed"
+    );
+
+    let summary = lines.last().unwrap();
+    let admins = summary["summary"]["cluster-admin"].as_u64().unwrap();
+    assert!(admins >= 2, "{out}");
+    assert_eq!(
+        gauge(&fetch().await, CLUSTER, "cluster-admin"),
+        Some(admins)
+    );
 }

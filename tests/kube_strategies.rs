@@ -997,3 +997,70 @@ async fn aws_auth_read_back_judges_groups_against_the_grants_in_force() {
     );
     assert_eq!(r.map_roles(), vec![node_item()]);
 }
+
+/// Issue 21: a grantee allowed to edit RoleBindings in their namespace
+/// binds their own `tollgate-<id>` to another identity they hold (a group
+/// here) and strips its labels, so neither a lookup by marks nor one by
+/// user finds it. The read-back judges the binding by the name the row
+/// recorded, so the revoke is not verified; the revoke's removal by name
+/// deletes it, after which it is.
+#[tokio::test]
+async fn a_subject_swapped_binding_is_not_verified_removed_and_is_deleted_by_name() {
+    let r = rig(Strategy::SessionRbac).await;
+    let edit = rbac_spec("edit", &["a"]);
+    r.rbac(&[("R-AAAAA", &edit)]).await.unwrap();
+    r.kube
+        .modify_object(Kind::RoleBinding, "a", "tollgate-r-aaaaa", |rb| {
+            rb["subjects"] = json!([{
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Group",
+                "name": "alice-other-identity",
+            }]);
+            rb["metadata"]["labels"] = json!({});
+        });
+    // The converge of the revoke looks by marks and user: it misses it.
+    r.rbac(&[]).await.unwrap();
+    assert!(
+        r.kube
+            .get_object(Kind::RoleBinding, "a", "tollgate-r-aaaaa")
+            .is_some(),
+        "the swapped binding survived the converge"
+    );
+    match r.verify_rbac("R-AAAAA", &edit, &[]).await.unwrap() {
+        ReadBack::StillThere(found) => {
+            assert_eq!(found, vec!["RoleBinding a/tollgate-r-aaaaa still exists"])
+        }
+        other => panic!("a binding still giving access was verified gone: {other:?}"),
+    }
+    // What the revoke runs next: every binding its row recorded, by name.
+    r.rbac
+        .remove_recorded(&r.cluster, USER, "R-AAAAA")
+        .await
+        .unwrap();
+    assert!(
+        r.kube
+            .get_object(Kind::RoleBinding, "a", "tollgate-r-aaaaa")
+            .is_none(),
+        "the binding named for the revoked grant was not deleted"
+    );
+    assert_eq!(
+        r.verify_rbac("R-AAAAA", &edit, &[]).await.unwrap(),
+        ReadBack::Removed
+    );
+    // A binding the row never recorded (another namespace) is not
+    // Tollgate's, whatever its name: removal by name leaves it.
+    r.kube.seed_rolebinding(
+        "b",
+        json!({"metadata": {"name": "tollgate-r-aaaaa", "namespace": "b"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}]}),
+    );
+    r.rbac
+        .remove_recorded(&r.cluster, USER, "R-AAAAA")
+        .await
+        .unwrap();
+    assert!(r
+        .kube
+        .get_object(Kind::RoleBinding, "b", "tollgate-r-aaaaa")
+        .is_some());
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::aws::{aws_error, AwsClients};
 use super::backstop::{AwsSchedules, Backstops, Schedules};
-use super::{store_knows, AccessEngine, AccessError, Converged, InForce, Look, Owned};
+use super::{store_knows, AccessEngine, AccessError, Converged, Holds, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::backstop;
 use crate::domain::grant::{
@@ -18,6 +18,7 @@ use crate::domain::grant::{
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
 use crate::domain::request::{AccessSpec, Intent};
+use crate::domain::standing::{Association, RawEntry};
 use crate::store::{AccessRecords, Store};
 
 pub const TAG_MANAGED_BY: &str = "managed-by";
@@ -46,12 +47,7 @@ struct Entry {
 /// The user name EKS gives an entry created without one, which is how
 /// Tollgate creates them: any other name was set by someone else.
 pub fn default_username(principal: &str) -> Option<String> {
-    let (prefix, rest) = principal.split_once(":role/")?;
-    let account = prefix.rsplit(':').next()?;
-    let name = rest.rsplit('/').next()?;
-    Some(format!(
-        "arn:aws:sts::{account}:assumed-role/{name}/{{{{SessionName}}}}"
-    ))
+    crate::domain::standing::eks_default_username(principal)
 }
 
 impl Entry {
@@ -109,6 +105,22 @@ fn to_aws_scope(scope: &Scope) -> AccessScope {
             .r#type(AccessScopeType::Namespace)
             .set_namespaces(Some(ns.iter().cloned().collect()))
             .build(),
+    }
+}
+
+/// An association as discovery reads it.
+fn to_association(policy: String, scope: &Scope) -> Association {
+    match scope {
+        Scope::Cluster => Association {
+            policy,
+            scope: "cluster".into(),
+            namespaces: Vec::new(),
+        },
+        Scope::Namespaces(ns) => Association {
+            policy,
+            scope: "namespace".into(),
+            namespaces: ns.iter().cloned().collect(),
+        },
     }
 }
 
@@ -401,7 +413,24 @@ impl AccessEngine for AccessEntryStrategy {
                 continue;
             };
             if entry.marked_for(&self.instance) {
+                // What it holds, so the reconciler can tell what is more
+                // than Tollgate made (one more read per marked entry).
+                let policies = self
+                    .associations(&eks, cluster, &principal)
+                    .await?
+                    .into_iter()
+                    .map(|(policy, scope)| to_association(policy, &scope))
+                    .collect();
+                let holds = Holds::Entry(RawEntry {
+                    principal: principal.clone(),
+                    kind: entry.kind.clone().unwrap_or_else(|| STANDARD.into()),
+                    username: entry.username.clone().filter(|u| !u.is_empty()),
+                    groups: entry.kubernetes_groups.clone(),
+                    policies,
+                    grant_mark: entry.tags.get(TAG_GRANT).cloned(),
+                });
                 out.push(Owned {
+                    holds: Some(holds),
                     grant_id: entry.tags.get(TAG_GRANT).cloned(),
                     instance: entry.tags.get(TAG_INSTANCE).cloned(),
                     intent: Some(Intent::AccessEntry {

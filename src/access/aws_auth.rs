@@ -226,6 +226,7 @@ pub fn owned_items(data: &BTreeMap<String, String>) -> Vec<Owned> {
                         principal: arn,
                         grant_id: None,
                         object: format!("aws-auth {list} item for {user}"),
+                        holds: None,
                     });
                 }
             }

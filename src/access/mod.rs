@@ -89,6 +89,17 @@ pub struct Owned {
     /// What its creator would have recorded before making it: compared
     /// with the store's rows to tell Tollgate's objects from forgeries.
     pub intent: Option<Intent>,
+    /// What the object holds as it was read, where the strategy reads it:
+    /// the reconciler reports what is more than the store recorded
+    /// Tollgate making (spec 9.2).
+    pub holds: Option<Holds>,
+}
+
+/// What a marked object holds, as discovery reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holds {
+    Entry(crate::domain::standing::RawEntry),
+    Binding(crate::domain::standing::RawBinding),
 }
 
 /// How much of a cluster a listing reads.
@@ -149,6 +160,19 @@ pub trait AccessEngine: Send + Sync + 'static {
         revoked: &AccessSpec,
         grants: &[InForce<'_>],
     ) -> Result<ReadBack, AccessError>;
+
+    /// After a revoke's converge: removes what the revoked grant's row
+    /// recorded creating, found by name rather than by marks, whatever it
+    /// now carries (session-rbac: its bindings). Strategies whose converge
+    /// already judges objects by the row have nothing to do.
+    async fn remove_recorded(
+        &self,
+        _cluster: &ClusterPolicy,
+        _principal: &str,
+        _revoked_id: &str,
+    ) -> Result<(), AccessError> {
+        Ok(())
+    }
 
     /// Brings the backstop schedules of `principal` up to date with
     /// `grants` without changing any access: the reconciler's repair for a
@@ -329,6 +353,17 @@ impl AccessEngine for Engine {
     ) -> Result<Converged, AccessError> {
         self.strategy(cluster)
             .backstop(cluster, principal, grants)
+            .await
+    }
+
+    async fn remove_recorded(
+        &self,
+        cluster: &ClusterPolicy,
+        principal: &str,
+        revoked_id: &str,
+    ) -> Result<(), AccessError> {
+        self.strategy(cluster)
+            .remove_recorded(cluster, principal, revoked_id)
             .await
     }
 }

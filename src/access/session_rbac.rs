@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::kube::KubeClients;
-use super::{store_knows, AccessEngine, AccessError, Converged, InForce, Look, Owned};
+use super::standing::raw_binding;
+use super::{store_knows, AccessEngine, AccessError, Converged, Holds, InForce, Look, Owned};
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::grant::{entry_mark, EntryMark};
 use crate::domain::policy::ClusterPolicy;
@@ -155,6 +156,26 @@ fn found(meta: &ObjectMeta) -> Found {
         instance: label(meta, LABEL_INSTANCE).map(str::to_string),
         expires_at: expiry_of(meta),
     }
+}
+
+/// The bindings `row` recorded creating (namespace, name): its intents, or
+/// for a row from before intents were recorded, what it would have made.
+fn recorded_bindings(row: &crate::domain::request::Request) -> Vec<(Option<String>, String)> {
+    use crate::domain::grant::{intents_for, row_records};
+    use crate::domain::policy::Strategy;
+    let candidates = if row.intents.is_empty() {
+        intents_for(Strategy::SessionRbac, row.id.as_str(), &row.access)
+    } else {
+        row.intents.clone()
+    };
+    candidates
+        .into_iter()
+        .filter(|i| row_records(row, i))
+        .filter_map(|i| match i {
+            Intent::Binding { namespace, name } => Some((namespace, name)),
+            _ => None,
+        })
+        .collect()
 }
 
 impl SessionRbacStrategy {
@@ -409,8 +430,14 @@ impl AccessEngine for SessionRbacStrategy {
             if !f.marked_for(&self.instance) {
                 continue;
             }
+            let holds = Holds::Binding(raw_binding(
+                &rb.metadata,
+                &rb.role_ref,
+                rb.subjects.as_deref(),
+            ));
             for principal in users(rb.subjects.as_ref()) {
                 out.push(Owned {
+                    holds: Some(holds.clone()),
                     principal,
                     grant_id: f.grant.clone(),
                     instance: f.instance.clone(),
@@ -436,8 +463,14 @@ impl AccessEngine for SessionRbacStrategy {
             if !f.marked_for(&self.instance) {
                 continue;
             }
+            let holds = Holds::Binding(raw_binding(
+                &crb.metadata,
+                &crb.role_ref,
+                crb.subjects.as_deref(),
+            ));
             for principal in users(crb.subjects.as_ref()) {
                 out.push(Owned {
+                    holds: Some(holds.clone()),
                     principal,
                     grant_id: f.grant.clone(),
                     instance: f.instance.clone(),
@@ -525,14 +558,47 @@ impl AccessEngine for SessionRbacStrategy {
         Ok(Converged::default())
     }
 
+    /// Deletes every binding the revoked grant's row recorded, by name,
+    /// whatever its labels or subjects now say: the converge finds
+    /// bindings by their marks and their user, which a grantee allowed to
+    /// edit bindings can change; the name and the row cannot be.
+    async fn remove_recorded(
+        &self,
+        cluster: &ClusterPolicy,
+        _user: &str,
+        revoked_id: &str,
+    ) -> Result<(), AccessError> {
+        let Some(id) = crate::domain::request::RequestId::parse(revoked_id) else {
+            return Ok(());
+        };
+        let Some(row) = self.store.get(&id).await? else {
+            return Ok(());
+        };
+        if row.access.cluster != cluster.name {
+            return Ok(());
+        }
+        let keys: Vec<BindingKey> = recorded_bindings(&row)
+            .into_iter()
+            .map(|(namespace, name)| BindingKey { namespace, name })
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let client = self.kube.client(cluster).await?;
+        for key in &keys {
+            self.delete(&client, cluster, key).await?;
+        }
+        Ok(())
+    }
+
     /// A GET of each binding the revoked grant was given (named after it,
     /// so no other grant shares one, and `grants`, which never holds the
-    /// revoked grant, has nothing to add): any that still exists and binds
-    /// the user is its access still in place, whatever its labels say.
+    /// revoked grant, has nothing to add): any that still exists is its
+    /// access still in place, whatever its labels or subjects say.
     async fn verify_removed(
         &self,
         cluster: &ClusterPolicy,
-        user: &str,
+        _user: &str,
         revoked_id: &str,
         revoked: &AccessSpec,
         _grants: &[InForce<'_>],
@@ -546,14 +612,14 @@ impl AccessEngine for SessionRbacStrategy {
             revoked.namespaces.iter().map(Some).collect()
         };
         for ns in namespaces {
-            let (subjects, what) = match ns {
+            let what = match ns {
                 Some(ns) => {
                     let found = Api::<RoleBinding>::namespaced(client.clone(), ns)
                         .get_opt(&name)
                         .await
                         .map_err(|e| kube_error(&self.kube, cluster, "get RoleBinding", e))?;
                     match found {
-                        Some(rb) => (rb.subjects, format!("RoleBinding {ns}/{name}")),
+                        Some(_) => format!("RoleBinding {ns}/{name}"),
                         None => continue,
                     }
                 }
@@ -565,18 +631,18 @@ impl AccessEngine for SessionRbacStrategy {
                             kube_error(&self.kube, cluster, "get ClusterRoleBinding", e)
                         })?;
                     match found {
-                        Some(crb) => (crb.subjects, format!("ClusterRoleBinding {name}")),
+                        Some(_) => format!("ClusterRoleBinding {name}"),
                         None => continue,
                     }
                 }
             };
-            // Whatever its labels say: the grant's row records this name,
-            // so it is Tollgate's, and a grantee who can edit bindings in
-            // the namespace could relabel it to hide it from a lookup by
-            // marks. It still gives the user access, so it still counts.
-            if for_user(subjects.as_ref(), user) {
-                still_bound.push(what);
-            }
+            // Whatever its labels and subjects say: the grant's row records
+            // this name, so it is Tollgate's, and a grantee who can edit
+            // bindings in the namespace could relabel it, or bind it to
+            // another identity or group they hold, to hide it from a lookup
+            // by marks or by user. It still gives access, so it still
+            // counts until it is gone.
+            still_bound.push(what);
         }
         Ok(ReadBack::from_findings(readback::bindings_left(
             &still_bound,

@@ -199,7 +199,11 @@ impl ClusterReader {
     }
 }
 
-fn raw_binding(meta: &ObjectMeta, role: &RoleRef, subjects: Option<&[Subject]>) -> RawBinding {
+pub(crate) fn raw_binding(
+    meta: &ObjectMeta,
+    role: &RoleRef,
+    subjects: Option<&[Subject]>,
+) -> RawBinding {
     let labels = meta.labels.clone().unwrap_or_default();
     let grant_mark = (labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY))
         .then(|| labels.get(LABEL_GRANT).cloned())

@@ -382,30 +382,57 @@ pub fn namespace_refused(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<S
 /// own principal's entry and associations, bindings named after it, its
 /// principal's aws-auth item under its username.
 pub fn row_records(row: &Request, object: &Intent) -> bool {
-    if row.intents.contains(object) {
+    records(
+        &row.intents,
+        row.activated_at.is_some(),
+        row.id.as_str(),
+        &row.access,
+        object,
+    )
+}
+
+/// `row_records` over the parts of a row it reads: what the row recorded
+/// (`intents`), whether it ever became Active, its id and its access. The
+/// standing-access records carried over the admin socket hold just these.
+pub fn records(
+    intents: &[Intent],
+    activated: bool,
+    id: &str,
+    spec: &AccessSpec,
+    object: &Intent,
+) -> bool {
+    if intents.contains(object) {
         return true;
     }
-    if !row.intents.is_empty() {
+    if !intents.is_empty() {
         return false;
     }
     // Adoption is for rows from before intents were recorded, and only for
     // those that reached Active: a pending, denied or cancelled request
     // never created anything, so a forged tag naming it adopts nothing.
-    if row.activated_at.is_none() {
+    if !activated {
         return false;
     }
-    let spec = &row.access;
     match object {
         Intent::AccessEntry { principal } => *principal == spec.principal,
         Intent::Association { principal, policy } => {
             *principal == spec.principal && spec.policy_arn.as_deref() == Some(policy.as_str())
         }
-        Intent::Binding { name, .. } => *name == binding_name(row.id.as_str()),
+        Intent::Binding { name, .. } => *name == binding_name(id),
         Intent::AwsAuthItem { arn, username } => {
             aws_auth_arn(&spec.principal).eq_ignore_ascii_case(arn)
                 && spec.k8s_user.as_deref() == Some(username.as_str())
         }
     }
+}
+
+/// The grant a binding is named after (`tollgate-<id lowercased>`), if its
+/// name is one: a binding is judged by the name a row recorded, whatever
+/// its labels or subjects now say.
+pub fn binding_grant(name: &str) -> Option<super::request::RequestId> {
+    let id = name.strip_prefix("tollgate-")?;
+    let parsed = super::request::RequestId::parse(id)?;
+    (binding_name(parsed.as_str()) == name).then_some(parsed)
 }
 
 /// Whether an association with `scope` gives what a grant for
@@ -856,6 +883,21 @@ mod tests {
         assert!(role_changed(&rbac, &stored)
             .unwrap()
             .contains("strategy access-entry is now session-rbac"));
+    }
+
+    #[test]
+    fn a_binding_name_names_its_grant() {
+        assert_eq!(
+            binding_grant("tollgate-r-aaaaa").map(|id| id.to_string()),
+            Some("R-AAAAA".to_string())
+        );
+        assert_eq!(
+            binding_grant("tollgate-R-AAAAA"),
+            None,
+            "names are lowercase"
+        );
+        assert_eq!(binding_grant("ops-r-aaaaa"), None);
+        assert_eq!(binding_grant("tollgate-r-aaaaa-x"), None);
     }
 
     #[test]

@@ -9,6 +9,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use time::{Duration, OffsetDateTime, Time, Weekday};
 
+use super::grant::{records, Scope};
+use super::request::{AccessSpec, Intent, Request, State};
 use super::text::{escape_slack, terminal_safe};
 
 /// How much a standing grant allows, most powerful first (the order of
@@ -159,7 +161,8 @@ impl ClusterReading {
 }
 
 /// What the store says about one request: enough to tell whether an
-/// object carrying Tollgate's marks is really Tollgate's.
+/// object carrying Tollgate's marks is really Tollgate's, and how much of
+/// what it holds Tollgate made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct GrantRecord {
     pub id: String,
@@ -167,16 +170,50 @@ pub struct GrantRecord {
     pub principal: String,
     #[serde(default)]
     pub k8s_user: Option<String>,
+    /// What the row recorded creating before its first create call.
+    #[serde(default)]
+    pub intents: Vec<Intent>,
+    /// The request reached Active once (a row from before intents were
+    /// recorded adopts only then).
+    #[serde(default)]
+    pub activated: bool,
+    /// Tollgate still answers for this grant's access: approved and being
+    /// made, active, or its revoke not yet seen done. Only such a grant
+    /// accounts for an association or a binding being there.
+    #[serde(default)]
+    pub holds_access: bool,
+    /// What the grant was approved as. Absent from an older server's
+    /// answer: such a record then accounts for nothing, and everything is
+    /// listed.
+    #[serde(default)]
+    pub access: Option<AccessSpec>,
 }
 
-/// What marks an object as Tollgate's.
-#[derive(Clone, Copy, Debug)]
-pub enum Mark<'a> {
-    /// A `tollgate-grant` tag or `tollgate.dev/grant` label naming a grant.
-    Grant(&'a str),
-    /// An aws-auth item's `tollgate:<email>` username (aws-auth items carry
-    /// no grant id).
-    Username(&'a str),
+impl GrantRecord {
+    pub fn of(r: &Request) -> GrantRecord {
+        GrantRecord {
+            id: r.id.to_string(),
+            cluster: r.access.cluster.clone(),
+            principal: r.access.principal.clone(),
+            k8s_user: r.access.k8s_user.clone(),
+            intents: r.intents.clone(),
+            activated: r.activated_at.is_some(),
+            // An extension grants nothing of its own.
+            holds_access: r.extends.is_none()
+                && matches!(
+                    r.state,
+                    State::Approved | State::Active | State::RevokeFailed
+                ),
+            access: Some(r.access.clone()),
+        }
+    }
+
+    /// Whether this row says it created `object` (`grant::row_records`).
+    fn records(&self, object: &Intent) -> bool {
+        self.access
+            .as_ref()
+            .is_some_and(|spec| records(&self.intents, self.activated, &self.id, spec, object))
+    }
 }
 
 /// IAM compares role ARNs without their path and case-insensitively; a
@@ -192,30 +229,190 @@ fn same_principal(a: &str, b: &str) -> bool {
     norm(a) == norm(b)
 }
 
-/// The one place that decides whether an object in a cluster is
-/// Tollgate's: a mark is not enough (anyone with tagging rights can forge
-/// one, spec 8.7); the store must hold a request for this cluster and this
-/// principal that the mark names. A forged or stale mark leaves the object
-/// listed as standing access.
-pub fn created_by_tollgate(
+/// Whether an aws-auth item is Tollgate's: its `tollgate:<email>` username
+/// (items carry no grant id) must be the user of a request of this store
+/// for this cluster and this ARN. A forged or stale username leaves the
+/// item listed as standing access.
+pub fn mapping_created_by_tollgate(
     records: &[GrantRecord],
     cluster: &str,
-    principal: &str,
-    mark: Mark<'_>,
+    arn: &str,
+    username: &str,
 ) -> bool {
     records.iter().any(|r| {
         r.cluster == cluster
-            && match mark {
-                Mark::Grant(id) => {
-                    r.id == id
-                        && (same_principal(&r.principal, principal)
-                            || r.k8s_user.as_deref() == Some(principal))
-                }
-                Mark::Username(user) => {
-                    r.k8s_user.as_deref() == Some(user) && same_principal(&r.principal, principal)
-                }
-            }
+            && r.k8s_user.as_deref() == Some(username)
+            && same_principal(&r.principal, arn)
     })
+}
+
+/// The user name EKS gives an entry created without one, which is how
+/// Tollgate creates them: any other name was set by someone else.
+pub fn eks_default_username(principal: &str) -> Option<String> {
+    let (prefix, rest) = principal.split_once(":role/")?;
+    let account = prefix.rsplit(':').next()?;
+    let name = rest.rsplit('/').next()?;
+    Some(format!(
+        "arn:aws:sts::{account}:assumed-role/{name}/{{{{SessionName}}}}"
+    ))
+}
+
+fn association_scope(a: &Association) -> Scope {
+    if a.scope == "cluster" {
+        Scope::Cluster
+    } else {
+        Scope::from_namespaces(a.namespaces.iter().cloned())
+    }
+}
+
+fn scope_within(have: &Scope, allowed: &Scope) -> bool {
+    match (have, allowed) {
+        (_, Scope::Cluster) => true,
+        (Scope::Cluster, Scope::Namespaces(_)) => false,
+        (Scope::Namespaces(h), Scope::Namespaces(a)) => h.is_subset(a),
+    }
+}
+
+/// Spec 9.2 and 12: how much of an access entry is not Tollgate's. A mark
+/// names a request; the entry is Tollgate's only when that request of this
+/// cluster recorded creating it, and then only the associations a grant
+/// Tollgate still answers for needs (that policy, within the scopes those
+/// grants need together) are Tollgate's too. `None`: everything on the
+/// entry is Tollgate's. Otherwise the entry as discovery lists it: whole
+/// when the entry itself is not Tollgate's (or is not a `STANDARD` entry,
+/// which Tollgate never creates), else only what is more — another policy
+/// or a wider scope, Kubernetes groups, a user name Tollgate did not set.
+pub fn entry_beyond(records: &[GrantRecord], cluster: &str, e: &RawEntry) -> Option<RawEntry> {
+    let ours = e.kind == "STANDARD"
+        && e.grant_mark.as_deref().is_some_and(|mark| {
+            records.iter().any(|r| {
+                r.id == mark
+                    && r.cluster == cluster
+                    && r.records(&Intent::AccessEntry {
+                        principal: e.principal.clone(),
+                    })
+            })
+        });
+    if !ours {
+        return Some(e.clone());
+    }
+    let policies: Vec<Association> = e
+        .policies
+        .iter()
+        .filter(|a| {
+            let allowed = records
+                .iter()
+                .filter(|r| r.cluster == cluster && r.holds_access)
+                .filter_map(|r| r.access.as_ref().map(|spec| (r, spec)))
+                .filter(|(r, spec)| {
+                    spec.policy_arn.as_deref() == Some(a.policy.as_str())
+                        && same_principal(&spec.principal, &e.principal)
+                        && r.records(&Intent::Association {
+                            principal: spec.principal.clone(),
+                            policy: a.policy.clone(),
+                        })
+                })
+                .map(|(_, spec)| Scope::from_namespaces(spec.namespaces.iter().cloned()))
+                .reduce(|x, y| x.union(&y));
+            !allowed.is_some_and(|allowed| scope_within(&association_scope(a), &allowed))
+        })
+        .cloned()
+        .collect();
+    let username = e.username.clone().filter(|u| {
+        !u.is_empty()
+            && *u != e.principal
+            && Some(u.as_str()) != eks_default_username(&e.principal).as_deref()
+    });
+    let beyond = RawEntry {
+        principal: e.principal.clone(),
+        kind: e.kind.clone(),
+        username,
+        groups: e.groups.clone(),
+        policies,
+        grant_mark: e.grant_mark.clone(),
+    };
+    (!beyond.policies.is_empty() || !beyond.groups.is_empty() || beyond.username.is_some())
+        .then_some(beyond)
+}
+
+/// What `entry_beyond` found, in words for the audit and the log.
+pub fn describe_beyond(e: &RawEntry) -> String {
+    let mut parts: Vec<String> = e.policies.iter().map(Association::short).collect();
+    if !e.groups.is_empty() {
+        parts.push(format!("kubernetes groups {}", e.groups.join(",")));
+    }
+    if let Some(u) = &e.username {
+        parts.push(format!("username {u}"));
+    }
+    parts.join(", ")
+}
+
+/// The request a binding is named after, when that request of `cluster`
+/// recorded creating it there: the binding is Tollgate's by name and row,
+/// whatever its labels say.
+pub fn binding_record<'a>(
+    records: &'a [GrantRecord],
+    cluster: &str,
+    b: &RawBinding,
+) -> Option<&'a GrantRecord> {
+    let id = super::grant::binding_grant(&b.name)?;
+    records.iter().find(|r| {
+        r.id == id.as_str()
+            && r.cluster == cluster
+            && r.records(&Intent::Binding {
+                namespace: b.namespace.clone(),
+                name: b.name.clone(),
+            })
+    })
+}
+
+/// How a binding of `r`'s differs from what its grant was approved as —
+/// its ClusterRole, bound to its user alone — in words; `None` when it
+/// binds exactly that.
+pub fn binding_differs(r: &GrantRecord, b: &RawBinding) -> Option<String> {
+    let spec = r.access.as_ref()?;
+    let mut out = Vec::new();
+    if b.role_kind != "ClusterRole" || spec.cluster_role.as_deref() != Some(b.role_name.as_str()) {
+        out.push(format!(
+            "binds {} {} where its grant recorded ClusterRole {}",
+            b.role_kind,
+            b.role_name,
+            spec.cluster_role.as_deref().unwrap_or("none")
+        ));
+    }
+    let expected: Vec<(String, String)> = spec
+        .k8s_user
+        .iter()
+        .map(|u| ("User".to_string(), u.clone()))
+        .collect();
+    if b.subjects != expected {
+        let have: Vec<String> = b.subjects.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        out.push(format!(
+            "binds {} where its grant recorded {}",
+            if have.is_empty() {
+                "no subject".to_string()
+            } else {
+                have.join(", ")
+            },
+            spec.k8s_user
+                .as_deref()
+                .map(|u| format!("User {u}"))
+                .unwrap_or_else(|| "no user".into())
+        ));
+    }
+    (!out.is_empty()).then(|| out.join("; "))
+}
+
+/// Spec 9.2 and 12: whether a binding is Tollgate's. It is judged by its
+/// name, whatever its labels say: the request it is named after must be a
+/// grant of this cluster Tollgate still answers for, whose row recorded
+/// this binding, and the binding must still bind exactly what that grant
+/// was approved as — its ClusterRole, to its user alone. A binding whose
+/// role or subjects were changed, or that outlived its grant, is standing
+/// access.
+pub fn binding_created_by_tollgate(records: &[GrantRecord], cluster: &str, b: &RawBinding) -> bool {
+    binding_record(records, cluster, b)
+        .is_some_and(|r| r.holds_access && binding_differs(r, b).is_none())
 }
 
 /// Node identities in aws-auth: a `system:node:` username with no group
@@ -315,11 +512,12 @@ pub fn classify(
 ) -> Vec<StandingGrant> {
     let mut out = Vec::new();
     for e in &reading.entries {
-        if let Some(id) = &e.grant_mark {
-            if created_by_tollgate(records, cluster, &e.principal, Mark::Grant(id)) {
-                continue;
-            }
-        }
+        // Tollgate's own part of an entry is left out; anything more on it
+        // is listed, whatever its mark says.
+        let Some(e) = entry_beyond(records, cluster, e) else {
+            continue;
+        };
+        let e = &e;
         let level = e
             .policies
             .iter()
@@ -347,7 +545,7 @@ pub fn classify(
         }
         if let Some(user) = m.username.as_deref() {
             if super::identity::is_grant_username(user)
-                && created_by_tollgate(records, cluster, &m.arn, Mark::Username(user))
+                && mapping_created_by_tollgate(records, cluster, &m.arn, user)
             {
                 continue;
             }
@@ -367,17 +565,12 @@ pub fn classify(
         });
     }
     for b in &reading.bindings {
-        if b.role_kind != "ClusterRole" {
+        if b.role_kind != "ClusterRole" || binding_created_by_tollgate(records, cluster, b) {
             continue;
         }
         for (kind, name) in &b.subjects {
             if !matches!(kind.as_str(), "User" | "Group") || is_platform_subject(b, name) {
                 continue;
-            }
-            if let Some(id) = &b.grant_mark {
-                if created_by_tollgate(records, cluster, name, Mark::Grant(id)) {
-                    continue;
-                }
             }
             out.push(StandingGrant {
                 cluster: cluster.to_string(),
@@ -561,12 +754,61 @@ mod tests {
     }
 
     fn record(id: &str, cluster: &str, principal: &str, user: Option<&str>) -> GrantRecord {
+        let access = AccessSpec {
+            cluster: cluster.into(),
+            role: "r".into(),
+            principal: principal.into(),
+            policy_arn: None,
+            namespaces: Vec::new(),
+            cluster_role: None,
+            groups: Vec::new(),
+            k8s_user: user.map(str::to_string),
+            strategy: None,
+        };
         GrantRecord {
             id: id.into(),
             cluster: cluster.into(),
             principal: principal.into(),
             k8s_user: user.map(str::to_string),
+            intents: Vec::new(),
+            activated: true,
+            holds_access: true,
+            access: Some(access),
         }
+    }
+
+    /// An access-entry grant of `policy` over `ns`, with what it recorded.
+    fn entry_record(
+        id: &str,
+        cluster: &str,
+        principal: &str,
+        policy: &str,
+        ns: &[&str],
+    ) -> GrantRecord {
+        let mut r = record(id, cluster, principal, None);
+        let spec = r.access.as_mut().unwrap();
+        spec.policy_arn = Some(format!("arn:aws:eks::aws:cluster-access-policy/{policy}"));
+        spec.namespaces = ns.iter().map(|s| s.to_string()).collect();
+        r.intents = crate::domain::grant::intents_for(
+            crate::domain::policy::Strategy::AccessEntry,
+            id,
+            spec,
+        );
+        r
+    }
+
+    /// A session-rbac grant of `role` over `ns`, with what it recorded.
+    fn binding_record(id: &str, cluster: &str, user: &str, role: &str, ns: &[&str]) -> GrantRecord {
+        let mut r = record(id, cluster, user, Some(user));
+        let spec = r.access.as_mut().unwrap();
+        spec.cluster_role = Some(role.into());
+        spec.namespaces = ns.iter().map(|s| s.to_string()).collect();
+        r.intents = crate::domain::grant::intents_for(
+            crate::domain::policy::Strategy::SessionRbac,
+            id,
+            spec,
+        );
+        r
     }
 
     #[test]
@@ -632,7 +874,13 @@ mod tests {
             ],
             ..Default::default()
         };
-        let records = [record("R-AAAAA", "prod", "arn:aws:iam::1:role/alice", None)];
+        let records = [entry_record(
+            "R-AAAAA",
+            "prod",
+            "arn:aws:iam::1:role/alice",
+            "AmazonEKSViewPolicy",
+            &[],
+        )];
         let out = classify("prod", &reading, &records);
         let got: Vec<(&str, Level)> = out
             .iter()
@@ -694,12 +942,19 @@ mod tests {
         };
         for records in [
             vec![],
-            vec![record("R-AAAAA", "prod", "arn:aws:iam::1:role/alice", None)],
-            vec![record(
+            vec![entry_record(
+                "R-AAAAA",
+                "prod",
+                "arn:aws:iam::1:role/alice",
+                "AmazonEKSClusterAdminPolicy",
+                &[],
+            )],
+            vec![entry_record(
                 "R-AAAAA",
                 "staging",
                 "arn:aws:iam::1:role/mallory",
-                None,
+                "AmazonEKSClusterAdminPolicy",
+                &[],
             )],
         ] {
             let out = classify("prod", &reading, &records);
@@ -791,11 +1046,12 @@ mod tests {
             ..Default::default()
         };
         let records = [
-            record(
+            binding_record(
                 "R-BBBBB",
                 "dev",
                 "tollgate:bob@example.com",
-                Some("tollgate:bob@example.com"),
+                "edit",
+                &["payments"],
             ),
             record(
                 "R-DDDDD",
@@ -828,6 +1084,181 @@ mod tests {
                 ("ClusterRoleBinding", "carol", Level::View),
             ]
         );
+    }
+
+    /// Issue 21: a mark naming a request of this store hides nothing that
+    /// request did not create and does not still need.
+    #[test]
+    fn a_marked_entry_shows_whatever_its_request_did_not_make() {
+        const MALLORY: &str = "arn:aws:iam::1:role/mallory";
+        let mut marked = entry(MALLORY, "STANDARD", &[("AmazonEKSClusterAdminPolicy", &[])]);
+        marked.grant_mark = Some("R-AAAAA".into());
+        let listed = |records: &[GrantRecord], e: &RawEntry| {
+            classify(
+                "prod",
+                &ClusterReading {
+                    entries: vec![e.clone()],
+                    ..Default::default()
+                },
+                records,
+            )
+        };
+        // A denied request: it never recorded anything, whatever its
+        // principal and cluster.
+        let mut denied = record("R-AAAAA", "prod", MALLORY, None);
+        denied.activated = false;
+        denied.holds_access = false;
+        let out = listed(&[denied], &marked);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].level, Level::ClusterAdmin);
+        // A view grant that recorded the entry, ended: its entry is
+        // Tollgate's, the ClusterAdmin association is not.
+        let mut ended = entry_record("R-AAAAA", "prod", MALLORY, "AmazonEKSViewPolicy", &[]);
+        ended.holds_access = false;
+        let out = listed(&[ended.clone()], &marked);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].level, Level::ClusterAdmin);
+        assert_eq!(out[0].policies.len(), 1);
+        // The same grant in force: its view association is Tollgate's,
+        // ClusterAdmin beside it is still listed, alone.
+        let mut active = ended.clone();
+        active.holds_access = true;
+        let mut both = marked.clone();
+        both.policies
+            .extend(entry(MALLORY, "STANDARD", &[("AmazonEKSViewPolicy", &[])]).policies);
+        let out = listed(&[active.clone()], &both);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0]
+                .policies
+                .iter()
+                .map(|p| p.policy.as_str())
+                .collect::<Vec<_>>(),
+            ["arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"]
+        );
+        // Just what the grant needs: nothing to list.
+        let view = entry(MALLORY, "STANDARD", &[("AmazonEKSViewPolicy", &[])]);
+        let view = RawEntry {
+            grant_mark: Some("R-AAAAA".into()),
+            ..view
+        };
+        assert!(listed(&[active.clone()], &view).is_empty());
+        assert!(entry_beyond(&[active.clone()], "prod", &view).is_none());
+        // A wider scope than the grant needs, groups, a user name: listed.
+        let scoped = entry_record("R-AAAAA", "prod", MALLORY, "AmazonEKSViewPolicy", &["a"]);
+        let out = listed(std::slice::from_ref(&scoped), &view);
+        assert_eq!(out.len(), 1, "cluster-wide view for a grant of namespace a");
+        let narrow = RawEntry {
+            policies: entry(MALLORY, "STANDARD", &[("AmazonEKSViewPolicy", &["a"])]).policies,
+            ..view.clone()
+        };
+        assert!(listed(&[scoped], &narrow).is_empty());
+        let grouped = RawEntry {
+            groups: vec!["system:masters".into()],
+            ..view.clone()
+        };
+        let out = listed(&[active.clone()], &grouped);
+        assert_eq!((out.len(), out[0].level), (1, Level::ClusterAdmin));
+        assert!(
+            out[0].policies.is_empty(),
+            "the grant's own view is not listed"
+        );
+        let named = RawEntry {
+            username: Some("admin".into()),
+            ..view.clone()
+        };
+        let beyond = entry_beyond(&[active.clone()], "prod", &named).unwrap();
+        assert_eq!(describe_beyond(&beyond), "username admin");
+        let defaulted = RawEntry {
+            username: eks_default_username(MALLORY),
+            ..view.clone()
+        };
+        assert!(entry_beyond(&[active.clone()], "prod", &defaulted).is_none());
+        // A grant for another principal, another cluster's, or one that
+        // never recorded an association accounts for nothing.
+        let mut alice = active.clone();
+        alice.access.as_mut().unwrap().principal = "arn:aws:iam::1:role/alice".into();
+        assert!(entry_beyond(&[active.clone(), alice], "prod", &view).is_none());
+        let mut entry_only = active.clone();
+        entry_only
+            .intents
+            .retain(|i| matches!(i, Intent::AccessEntry { .. }));
+        assert!(entry_beyond(&[entry_only], "prod", &view).is_some());
+        assert!(entry_beyond(&[active], "staging", &view).is_some());
+    }
+
+    /// Issue 21: a binding named after a grant is judged by what that
+    /// grant's row recorded, whatever its labels or subjects say.
+    #[test]
+    fn a_binding_is_tollgates_only_as_its_row_recorded_it() {
+        const BOB: &str = "tollgate:bob@example.com";
+        let rec = binding_record("R-BBBBB", "dev", BOB, "edit", &["payments"]);
+        let ours = binding(
+            "tollgate-r-bbbbb",
+            Some("payments"),
+            "edit",
+            &[("User", BOB)],
+        );
+        assert!(binding_created_by_tollgate(
+            std::slice::from_ref(&rec),
+            "dev",
+            &ours
+        ));
+        let out = |b: &RawBinding, records: &[GrantRecord]| {
+            classify(
+                "dev",
+                &ClusterReading {
+                    bindings: vec![b.clone()],
+                    ..Default::default()
+                },
+                records,
+            )
+        };
+        assert!(out(&ours, std::slice::from_ref(&rec)).is_empty());
+        let widened = RawBinding {
+            role_name: "cluster-admin".into(),
+            ..ours.clone()
+        };
+        assert_eq!(
+            out(&widened, std::slice::from_ref(&rec))[0].level,
+            Level::ClusterAdmin
+        );
+        let swapped = binding(
+            "tollgate-r-bbbbb",
+            Some("payments"),
+            "edit",
+            &[("User", "mallory")],
+        );
+        assert_eq!(
+            out(&swapped, std::slice::from_ref(&rec))[0].principal,
+            "mallory"
+        );
+        let added = binding(
+            "tollgate-r-bbbbb",
+            Some("payments"),
+            "edit",
+            &[("User", BOB), ("Group", "ops")],
+        );
+        assert_eq!(out(&added, std::slice::from_ref(&rec)).len(), 2);
+        let elsewhere = binding(
+            "tollgate-r-bbbbb",
+            Some("kube-system"),
+            "edit",
+            &[("User", BOB)],
+        );
+        assert_eq!(out(&elsewhere, std::slice::from_ref(&rec)).len(), 1);
+        let mut ended = rec.clone();
+        ended.holds_access = false;
+        assert_eq!(out(&ours, &[ended]).len(), 1, "outlived its grant");
+        let mut denied = record("R-BBBBB", "dev", BOB, Some(BOB));
+        denied.activated = false;
+        assert_eq!(out(&ours, &[denied]).len(), 1);
+        // What the reconciler reports of a binding its store did create.
+        assert_eq!(binding_differs(&rec, &ours), None);
+        let why = binding_differs(&rec, &swapped).unwrap();
+        assert!(why.contains("User mallory") && why.contains(BOB), "{why}");
+        let why = binding_differs(&rec, &widened).unwrap();
+        assert!(why.contains("cluster-admin"), "{why}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ impl Service {
                 .await
                 .map_err(ServiceError::InForceUnreadable)?;
             self.converge_with(req, &others, None).await?;
+            self.remove_recorded(req).await?;
             self.read_back(req, &others).await
         };
         match tokio::time::timeout(limit, step).await {
@@ -40,6 +41,22 @@ impl Service {
                 Err(ServiceError::CutOff(limit))
             }
         }
+    }
+
+    /// What the revoked grant's row recorded creating, removed by name
+    /// through the strategy it was made with (spec 9.2: Tollgate's by its
+    /// store, whatever marks or subjects it carries now).
+    async fn remove_recorded(&self, req: &Request) -> Result<(), ServiceError> {
+        let configured = self
+            .config
+            .cluster(&req.access.cluster)
+            .ok_or_else(|| ServiceError::ClusterGone(req.access.cluster.clone()))?;
+        let mut cluster = configured.clone();
+        cluster.strategy = req.access.strategy_or(configured.strategy);
+        self.access
+            .remove_recorded(&cluster, &req.access.principal, req.id.as_str())
+            .await
+            .map_err(ServiceError::from)
     }
 
     async fn read_back(&self, req: &Request, others: &[Request]) -> Result<Verified, ServiceError> {

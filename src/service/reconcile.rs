@@ -11,12 +11,15 @@ use std::sync::Arc;
 
 use super::error::ServiceError;
 use super::{Change, Service};
-use crate::access::{store_knows, InForce, Look, Owned};
+use crate::access::{store_knows, Holds, InForce, Look, Owned};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::identity::role_arn_key;
 use crate::domain::lifecycle::in_force;
 use crate::domain::policy::{ClusterPolicy, Strategy};
-use crate::domain::request::{Request, State};
+use crate::domain::request::{Request, RequestId, State};
+use crate::domain::standing::{
+    binding_differs, binding_record, describe_beyond, entry_beyond, GrantRecord,
+};
 use time::OffsetDateTime;
 
 /// What one reconcile pass of a cluster found and did.
@@ -54,13 +57,19 @@ fn needed(strategy: Strategy, object: &Owned, grants: &[&Request]) -> bool {
     }
 }
 
-/// How a foreign object is remembered between passes.
-fn foreign_key(o: &Owned) -> String {
+/// A foreign finding: a marked object the store did not create (`None`),
+/// or one it did that holds more than it recorded making (what, in words).
+type Finding = (Owned, Option<String>);
+
+/// How a foreign finding is remembered between passes: a change in what
+/// an object holds beyond Tollgate's is a new finding.
+fn foreign_key((o, beyond): &Finding) -> String {
     format!(
-        "{}|{}|{}",
+        "{}|{}|{}|{}",
         o.object,
         o.principal,
-        o.grant_id.as_deref().unwrap_or_default()
+        o.grant_id.as_deref().unwrap_or_default(),
+        beyond.as_deref().unwrap_or_default()
     )
 }
 
@@ -135,19 +144,67 @@ impl Service {
         Ok((known, foreign))
     }
 
-    /// Audits each foreign object the first time a pass finds it, and sets
-    /// the gauge to what the latest passes found across clusters.
-    async fn report_foreign(&self, cluster: &ClusterPolicy, foreign: &[Owned]) {
+    /// What an object the store created holds beyond what it recorded
+    /// making in it (spec 9.2), in words: judged against the grants `live`
+    /// (read after the listing, so a grant being made is among them) and
+    /// the row its mark names.
+    async fn beyond(
+        &self,
+        cluster: &ClusterPolicy,
+        o: &Owned,
+        live: &[Request],
+    ) -> Result<Option<String>, ServiceError> {
+        let Some(holds) = &o.holds else {
+            return Ok(None);
+        };
+        let mut records: Vec<GrantRecord> = live
+            .iter()
+            .filter(|r| r.access.cluster == cluster.name)
+            .map(GrantRecord::of)
+            .collect();
+        let named = match holds {
+            Holds::Entry(_) => o.grant_id.as_deref().and_then(RequestId::parse),
+            Holds::Binding(b) => crate::domain::grant::binding_grant(&b.name),
+        };
+        if let Some(id) = named {
+            if !records.iter().any(|r| r.id == id.as_str()) {
+                if let Some(row) = self.store.get(&id).await? {
+                    records.push(GrantRecord::of(&row));
+                }
+            }
+        }
+        Ok(match holds {
+            Holds::Entry(e) => {
+                entry_beyond(&records, &cluster.name, e).map(|b| describe_beyond(&b))
+            }
+            Holds::Binding(b) => {
+                binding_record(&records, &cluster.name, b).and_then(|r| binding_differs(r, b))
+            }
+        })
+    }
+
+    /// Audits each foreign finding the first time it is made, and sets the
+    /// gauge to what the latest passes found across clusters. A full scan
+    /// replaces the cluster's findings (`replace`); a single finding made
+    /// between scans is added to them.
+    async fn report_foreign(&self, cluster: &ClusterPolicy, foreign: &[Finding], replace: bool) {
         let now = self.clock.now();
         let keys: BTreeSet<String> = foreign.iter().map(foreign_key).collect();
         let (new, total) = {
             let Ok(mut seen) = self.foreign.lock() else {
                 return;
             };
-            let before = seen.insert(cluster.name.clone(), keys).unwrap_or_default();
-            let new: Vec<&Owned> = foreign
+            let before = if replace {
+                seen.insert(cluster.name.clone(), keys).unwrap_or_default()
+            } else {
+                let set = seen.entry(cluster.name.clone()).or_default();
+                let before = set.clone();
+                set.extend(keys);
+                before
+            };
+            let new: Vec<&Finding> = foreign
                 .iter()
-                .filter(|o| !before.contains(&foreign_key(o)))
+                .filter(|f| !before.contains(&foreign_key(f)))
                 .collect();
             let total: usize = seen.values().map(BTreeSet::len).sum();
             (new, total)
@@ -158,8 +215,17 @@ impl Service {
         }
         let events: Vec<AuditEvent> = new
             .iter()
-            .map(|o| {
-                tracing::warn!(cluster = %cluster.name, principal = %o.principal, object = %o.object, grant = ?o.grant_id, "object carries Tollgate's marks but its store did not create it; left alone");
+            .map(|(o, beyond)| {
+                let detail = match beyond {
+                    None => {
+                        tracing::warn!(cluster = %cluster.name, principal = %o.principal, object = %o.object, grant = ?o.grant_id, "object carries Tollgate's marks but its store did not create it; left alone");
+                        "marked as Tollgate's, not created by this installation's store; left alone".to_string()
+                    }
+                    Some(what) => {
+                        tracing::warn!(cluster = %cluster.name, principal = %o.principal, object = %o.object, grant = ?o.grant_id, beyond = %what, "object Tollgate created holds what its store did not record Tollgate making; that is left alone and counts as standing access");
+                        format!("created by this installation's store, but holds what it did not make ({what}); left alone")
+                    }
+                };
                 AuditEvent {
                     ts: now,
                     event: "foreign".into(),
@@ -171,7 +237,8 @@ impl Service {
                         "object": o.object,
                         "grant": o.grant_id,
                         "instance": o.instance,
-                        "detail": "marked as Tollgate's, not created by this installation's store; left alone",
+                        "beyond": beyond,
+                        "detail": detail,
                     }),
                 }
             })
@@ -229,8 +296,17 @@ impl Service {
         };
         let listed = self.access.owned(cluster, look).await?;
         let (owned, foreign) = self.sort_owned(cluster, listed, &requests).await?;
+        let mut findings: Vec<Finding> = foreign.into_iter().map(|o| (o, None)).collect();
         if full {
-            self.report_foreign(cluster, &foreign).await;
+            // What Tollgate's own objects hold is judged against the grants
+            // read after the listing: one it shows being made is in them.
+            let after: Vec<Request> = self.store.live().await?;
+            for o in &owned {
+                if let Some(what) = self.beyond(cluster, o, &after).await? {
+                    findings.push((o.clone(), Some(what)));
+                }
+            }
+            self.report_foreign(cluster, &findings, true).await;
             self.full_scan_done(&cluster.name, now);
         }
         // Grants made with another strategy (the cluster's changed since)
@@ -262,9 +338,12 @@ impl Service {
             .collect();
 
         let mut report = ReconcileReport {
-            foreign: foreign
+            foreign: findings
                 .iter()
-                .map(|o| format!("{} ({})", o.object, o.principal))
+                .map(|(o, beyond)| match beyond {
+                    None => format!("{} ({})", o.object, o.principal),
+                    Some(what) => format!("{} ({}): {what}", o.object, o.principal),
+                })
                 .collect(),
             ..Default::default()
         };
@@ -412,11 +491,26 @@ impl Service {
                 .owned(cluster, Look::Principals(&just_this))
                 .await?;
             for o in orphans {
-                if after
+                if let Some(left) = after
                     .iter()
-                    .any(|a| a.object == o.object && a.principal == o.principal)
+                    .find(|a| a.object == o.object && a.principal == o.principal)
                 {
-                    tracing::info!(cluster = %cluster.name, principal = %o.principal, object = %o.object, "no grant needs it, but it holds what Tollgate did not set; left in place");
+                    // What is left is not Tollgate's to remove, and it is
+                    // access: reported as foreign now, not at the next
+                    // full scan.
+                    let fresh = self.store.live().await?;
+                    let what = self.beyond(cluster, left, &fresh).await?;
+                    tracing::warn!(cluster = %cluster.name, principal = %o.principal, object = %o.object, beyond = ?what, "no grant needs it, but it holds what Tollgate did not make; left in place");
+                    if what.is_some() {
+                        let finding = (left.clone(), what);
+                        report.foreign.push(format!(
+                            "{} ({}): {}",
+                            left.object,
+                            left.principal,
+                            finding.1.as_deref().unwrap_or_default()
+                        ));
+                        self.report_foreign(cluster, &[finding], false).await;
+                    }
                     continue;
                 }
                 tracing::warn!(cluster = %cluster.name, principal = %o.principal, object = %o.object, grant = ?o.grant_id, "removed access no grant needs");

@@ -93,12 +93,7 @@ impl Service {
         let mut out: Vec<GrantRecord> = Vec::new();
         let mut add = |r: &crate::domain::request::Request| {
             if !out.iter().any(|o| o.id == r.id.as_str()) {
-                out.push(GrantRecord {
-                    id: r.id.to_string(),
-                    cluster: r.access.cluster.clone(),
-                    principal: r.access.principal.clone(),
-                    k8s_user: r.access.k8s_user.clone(),
-                });
+                out.push(GrantRecord::of(r));
             }
         };
         for r in self.store.live().await? {

@@ -61,6 +61,8 @@ struct FakeAccess {
     /// Each converge's grants with the expiry the cloud side was given
     /// (backstop schedules, annotations).
     expiries: Mutex<Vec<Vec<GivenExpiry>>>,
+    /// Each step in order: `converge`, `remove <id>`, `verify <id>`.
+    steps: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -99,6 +101,7 @@ impl AccessEngine for FakeAccess {
             .lock()
             .unwrap()
             .push(principal.to_string());
+        self.steps.lock().unwrap().push("converge".into());
         let hang = {
             let mut hangs = self.hangs.lock().unwrap();
             let hang = *hangs > 0;
@@ -147,6 +150,10 @@ impl AccessEngine for FakeAccess {
         _: &crate::domain::request::AccessSpec,
         grants: &[InForce<'_>],
     ) -> Result<crate::domain::readback::ReadBack, AccessError> {
+        self.steps
+            .lock()
+            .unwrap()
+            .push(format!("verify {revoked_id}"));
         self.read_backs.lock().unwrap().push((
             revoked_id.to_string(),
             grants.iter().map(|g| g.grant_id.to_string()).collect(),
@@ -166,6 +173,19 @@ impl AccessEngine for FakeAccess {
             ]));
         }
         Ok(crate::domain::readback::ReadBack::Removed)
+    }
+
+    async fn remove_recorded(
+        &self,
+        _: &ClusterPolicy,
+        _: &str,
+        revoked_id: &str,
+    ) -> Result<(), AccessError> {
+        self.steps
+            .lock()
+            .unwrap()
+            .push(format!("remove {revoked_id}"));
+        Ok(())
     }
 
     /// A grant's access is in place while its principal has an object.
@@ -198,6 +218,7 @@ fn entry(principal: &str, grant: &str) -> crate::access::Owned {
         intent: Some(crate::domain::request::Intent::AccessEntry {
             principal: principal.into(),
         }),
+        holds: None,
     }
 }
 
@@ -363,6 +384,27 @@ impl Rig {
         let events = self.service.store.audit_since(None).await.unwrap();
         events.into_iter().map(|e| e.event).collect()
     }
+}
+
+/// Issue 21: a revoke removes what the row recorded by name (a
+/// session-rbac binding whose subjects were swapped is found no other
+/// way) after its converge and before the read-back judges it.
+#[tokio::test]
+async fn a_revoke_removes_what_its_row_recorded_before_reading_back() {
+    let r = rig();
+    let id = r.approved("eks prod 10m view one", "U0APP").await;
+    r.access.steps.lock().unwrap().clear();
+    r.clock.advance(Duration::from_secs(11 * 60));
+    r.service.run_due().await.unwrap();
+    assert_eq!(r.state(&id).await.state, State::Revoked);
+    assert_eq!(
+        *r.access.steps.lock().unwrap(),
+        vec![
+            "converge".to_string(),
+            format!("remove {id}"),
+            format!("verify {id}")
+        ]
+    );
 }
 
 #[tokio::test]
@@ -991,6 +1033,7 @@ async fn aws_auth_items_no_live_request_records_are_left_alone() {
             arn: arn.to_ascii_lowercase(),
             username: user.into(),
         }),
+        holds: None,
     };
     let alice = crate::domain::grant::aws_auth_arn(&row.access.principal);
     let admin = "arn:aws:iam::111122223333:role/platform-admin";

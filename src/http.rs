@@ -33,6 +33,9 @@ const DRAIN: Duration = Duration::from_secs(10);
 /// The request line and headers together (spec 9.9); longer is answered
 /// 431 by hyper before any handler runs.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// 503s being written at once to connections over the limit; more are
+/// closed without one.
+const MAX_REFUSALS: usize = 64;
 /// Time given to the 503 written to a connection over the limit.
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nconnection: close\r\nretry-after: 1\r\n\r\nToo many connections to Tollgate; retry.\r\n";
@@ -63,6 +66,7 @@ pub async fn serve(
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -79,7 +83,14 @@ pub async fn serve(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             limits.metrics.rejected("too_many_connections");
-            tokio::spawn(refuse(tcp));
+            // A client that never reads could hold each refusal for its
+            // write deadline; past a few at once the socket is just closed.
+            if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(tcp).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         let service = TowerToHyperService::new(app.clone());

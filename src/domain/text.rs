@@ -24,7 +24,16 @@ pub fn has_hidden_characters(text: &str) -> bool {
 /// Whether `c` is one of the characters `has_hidden_characters` looks for.
 fn is_hidden(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{2028}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+                | '\u{E0000}'..='\u{E007F}'
+        )
 }
 
 /// Text read from a cluster (an aws-auth username, a group, an error),
@@ -36,6 +45,9 @@ pub fn terminal_safe(text: &str) -> String {
     for c in text.chars() {
         if is_hidden(c) {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else if c == '\\' {
+            // So a literal `\u{1b}` in a name never reads as an escape.
+            out.push_str("\\\\");
         } else {
             out.push(c);
         }
@@ -71,6 +83,14 @@ mod tests {
             terminal_safe("arn:aws:iam::1:role/ops é"),
             "arn:aws:iam::1:role/ops é"
         );
+        assert_eq!(
+            terminal_safe(r"a\u{1b}b"),
+            r"a\\u{1b}b",
+            "a backslash is escaped"
+        );
+        for hidden in ['\u{2028}', '\u{00AD}', '\u{2061}', '\u{E0041}'] {
+            assert!(!terminal_safe(&format!("x{hidden}y")).contains(hidden));
+        }
     }
 
     #[test]

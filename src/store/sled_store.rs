@@ -52,12 +52,13 @@ const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// before the index existed get it on their first open.
 const LIVE_INDEX_MARKER: &[u8] = b"index:live:v1";
 
-/// The store is the approval authority (spec 9.8): a directory Tollgate
-/// creates is owner-only (0700), and one that anybody may write to is
-/// refused. An existing directory is otherwise left as it is, since a
-/// Kubernetes volume's group bits come from the pod's `fsGroup`.
+/// The store is the approval authority (spec 9.8), and holds Slack
+/// response URLs of recorded clicks: a directory Tollgate creates is
+/// owner-only (0700); an existing one it owns loses every permission for
+/// others (its group bits stay: a Kubernetes volume's come from the pod's
+/// `fsGroup`); one anybody may write to is refused.
 fn private_store_dir(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let cannot =
         |e: std::io::Error| StoreError::Backend(format!("cannot create {}: {e}", path.display()));
     if !path.exists() {
@@ -67,7 +68,8 @@ fn private_store_dir(path: &Path) -> Result<(), StoreError> {
             .create(path)
             .map_err(cannot)?;
     }
-    let mode = std::fs::metadata(path).map_err(cannot)?.mode();
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    let mode = meta.mode();
     if mode & 0o002 != 0 {
         return Err(StoreError::Backend(format!(
             "{} is writable by every user (mode {:o}); the store decides who gets access, so make it owner-only: chmod 700 {}",
@@ -75,6 +77,16 @@ fn private_store_dir(path: &Path) -> Result<(), StoreError> {
             mode & 0o7777,
             path.display()
         )));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if mode & 0o007 != 0 {
+        if meta.uid() == me {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7770))
+                .map_err(cannot)?;
+        } else {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o7777), "the store directory is readable by other users and not this user's to change");
+        }
     }
     Ok(())
 }
@@ -700,6 +712,11 @@ mod tests {
         let dir = tmp.path().join("state").join("tollgate-data");
         drop(SledStore::open(&dir).unwrap());
         assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+
+        // Others lose what an existing directory gave them.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(SledStore::open(&dir).unwrap());
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o750);
 
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let Err(e) = SledStore::open(&dir) else {

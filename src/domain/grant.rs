@@ -164,10 +164,14 @@ pub fn vanished_baselines(
 ///   Tollgate's own in-flight work. Otherwise the baseline is "none", and
 ///   whatever is there is removed when the last grant ends — fail closed.
 /// * An entry marked by another installation is never granted over
-///   (`other_installation`); with no grant wanting access nothing of this
-///   store can be on it (its grants would have been refused), so its
-///   baselines are about an entry that is gone: forgotten, and reported
-///   when they held access.
+///   (`other_installation`): refused when the plan would add access (a
+///   policy with no baseline of this store on record, or an association
+///   wider than what is there). Taking access away is never refused for a
+///   mark: tags are forgeable (spec 8.7) and the store decides (9.2), so
+///   while baselines of this store are on record a converge that wants
+///   nothing, or less, removes and restores as on any other entry.
+///   Otherwise a retag of a granted entry would leave its access in place
+///   for good.
 /// * A baseline holding access whose association is gone (removed, or the
 ///   whole entry deleted) is not re-created: `gone`.
 pub fn plan_associations(
@@ -176,24 +180,45 @@ pub fn plan_associations(
     baselines: &Baselines,
     entry: &EntryMark,
 ) -> AssociationPlan {
-    let mut plan = AssociationPlan::default();
+    let refused = |name: &String| AssociationPlan {
+        other_installation: Some(name.clone()),
+        ..AssociationPlan::default()
+    };
     if let EntryMark::Other(name) = entry {
-        if !desired.is_empty() {
-            plan.other_installation = Some(name.clone());
-        } else {
-            plan.forget_baselines = baselines.keys().cloned().collect();
-            plan.gone = baselines
-                .iter()
-                .filter_map(|(policy, base)| {
-                    base.clone().map(|scope| GoneBaseline {
-                        policy: policy.clone(),
-                        scope,
-                    })
-                })
-                .collect();
+        if desired.keys().any(|p| !baselines.contains_key(p)) {
+            return refused(name);
+        }
+        let plan = plan_for(current, desired, baselines, entry);
+        if plan
+            .associate
+            .iter()
+            .any(|(p, scope)| !narrows(current.get(p), scope))
+        {
+            return refused(name);
         }
         return plan;
     }
+    plan_for(current, desired, baselines, entry)
+}
+
+/// Whether associating `new` only takes access away from what `current`
+/// gives (or gives exactly that).
+pub fn narrows(current: Option<&Scope>, new: &Scope) -> bool {
+    match (current, new) {
+        (None, _) => false,
+        (Some(Scope::Cluster), _) => true,
+        (Some(Scope::Namespaces(_)), Scope::Cluster) => false,
+        (Some(Scope::Namespaces(had)), Scope::Namespaces(ns)) => ns.is_subset(had),
+    }
+}
+
+fn plan_for(
+    current: &BTreeMap<String, Scope>,
+    desired: &BTreeMap<String, Scope>,
+    baselines: &Baselines,
+    entry: &EntryMark,
+) -> AssociationPlan {
+    let mut plan = AssociationPlan::default();
     let mut all_baselines = baselines.clone();
     for gone in vanished_baselines(current, baselines) {
         all_baselines.insert(gone.policy.clone(), None);
@@ -576,26 +601,44 @@ mod tests {
             plan.new_baselines.is_empty() && plan.associate.is_empty() && !plan.needs_entry,
             "nothing recorded, nothing made: {plan:?}"
         );
-        // Nothing wanted: nothing of this store can be on it; a baseline on
-        // record is about an entry that is gone.
+        // Wider than what is there, over a baseline of this store: refused.
+        let on_record = Baselines::from([(VIEW.to_string(), None)]);
+        let narrow = BTreeMap::from([(VIEW.to_string(), ns(&["a"]))]);
+        let plan = plan_associations(&narrow, &desired, &on_record, &other);
+        assert_eq!(plan.other_installation.as_deref(), Some("green"));
+        assert!(plan.associate.is_empty() && plan.disassociate.is_empty());
+    }
+
+    /// The attack: an entry this store granted on is retagged as another
+    /// installation's; a revoke (nothing wanted) must still take the
+    /// access away, not forget its baselines and leave it for good.
+    #[test]
+    fn a_retagged_entry_still_loses_what_this_store_granted() {
+        let other = EntryMark::Other("zzz".into());
+        let current = BTreeMap::from([
+            (VIEW.to_string(), Scope::Cluster),
+            (EDIT.to_string(), ns(&["payments"])),
+        ]);
         let baselines = Baselines::from([
             (VIEW.to_string(), Some(ns(&["x"]))),
             (EDIT.to_string(), None),
         ]);
         let plan = plan_associations(&current, &BTreeMap::new(), &baselines, &other);
         assert_eq!(plan.other_installation, None);
-        assert!(plan.disassociate.is_empty() && plan.associate.is_empty());
-        assert_eq!(
-            plan.forget_baselines,
-            vec![EDIT.to_string(), VIEW.to_string()]
-        );
-        assert_eq!(
-            plan.gone,
-            vec![GoneBaseline {
-                policy: VIEW.into(),
-                scope: ns(&["x"])
-            }]
-        );
+        assert_eq!(plan.disassociate, vec![EDIT.to_string()]);
+        assert_eq!(plan.associate, vec![(VIEW.to_string(), ns(&["x"]))]);
+        assert!(plan.forget_baselines.is_empty(), "{plan:?}");
+        assert!(plan.gone.is_empty(), "{plan:?}");
+        // Narrowing (one of two grants ends) is not refused either.
+        let desired = desired_policies(&[spec(EDIT, &["payments"])]);
+        let wide = BTreeMap::from([(EDIT.to_string(), ns(&["payments", "orders"]))]);
+        let edit_only = Baselines::from([(EDIT.to_string(), None)]);
+        let plan = plan_associations(&wide, &desired, &edit_only, &other);
+        assert_eq!(plan.other_installation, None);
+        assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["payments"]))]);
+        // Nothing of this store on record: nothing to take away or forget.
+        let plan = plan_associations(&current, &BTreeMap::new(), &Baselines::new(), &other);
+        assert_eq!(plan, AssociationPlan::default());
     }
 
     #[test]

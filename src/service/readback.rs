@@ -33,13 +33,9 @@ impl Service {
             self.converge_with(req, &others, None).await?;
             self.read_back(req, &others).await
         };
-        match tokio::time::timeout(limit, step).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.fence(&req.access.cluster, &req.access.principal).await;
-                Err(ServiceError::CutOff(limit))
-            }
-        }
+        self.converge_limited(&req.access.cluster, &req.access.principal, step)
+            .await
+            .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
     async fn read_back(&self, req: &Request, others: &[Request]) -> Result<Verified, ServiceError> {

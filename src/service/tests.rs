@@ -778,6 +778,45 @@ async fn a_grant_cut_off_mid_call_leaves_its_cleanup_until_the_fence_ends() {
     );
 }
 
+/// Security review H2: a converge cut off not by its own limit but by the
+/// step's outer time limit (the whole step future dropped mid-call) may
+/// have a call in flight just the same. It fences the principal too: the
+/// next converge waits until a late call could no longer land.
+#[tokio::test]
+async fn a_step_cut_off_by_its_outer_limit_mid_converge_fences_the_principal() {
+    let tunables = Tunables {
+        retry_base: Duration::from_millis(100),
+        // Longer than the step (two thirds of the 3 s claim): only the
+        // outer limit can cut this converge off.
+        converge_limit: Duration::from_secs(30),
+        ..Tunables::new(
+            Duration::from_millis(100),
+            Duration::from_secs(3),
+            String::new(),
+        )
+    };
+    assert!(tunables.step_limit() < tunables.converge_limit);
+    let r = rig_tuned(|_| {}, tunables);
+    *r.access.hangs.lock().unwrap() = 1;
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    assert_eq!(r.state(&id).await.state, State::Approved);
+    assert_eq!(r.access.converged_principals.lock().unwrap().len(), 1);
+    // The next pass, inside the fence's term, waits it out first.
+    r.clock.advance(Duration::from_millis(2500));
+    let started = std::time::Instant::now();
+    r.service.run_due().await.unwrap();
+    assert_eq!(
+        r.access.converged_principals.lock().unwrap().len(),
+        2,
+        "the row was driven again"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "the next converge did not wait for a fence: {:?}",
+        started.elapsed()
+    );
+}
+
 /// The reconciler's cleanup converges under the same time limit as every
 /// other converge, and a cut-off one fences the principal too.
 #[tokio::test]

@@ -389,6 +389,12 @@ pub fn role_changed(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String
 /// a namespace was denied, or written straight into the store, gets
 /// nothing.
 pub fn namespace_refused(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String> {
+    // First, and whatever the role: the rules below match names, and a
+    // stored `*` or `kube-*` is no name (their globs take it literally)
+    // while EKS access scopes take it as a wildcard.
+    if let Some(why) = invalid_namespace(spec) {
+        return Some(why);
+    }
     let role = cluster.roles.get(&spec.role)?;
     role.namespace_rules
         .check(&spec.namespaces)
@@ -399,6 +405,15 @@ pub fn namespace_refused(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<S
                 refusal.message(&spec.role, &cluster.name)
             )
         })
+}
+
+/// Why a stored row's namespaces are not all Kubernetes namespace names
+/// (RFC 1123 labels), if one is not: the same test as a request's
+/// `--ns` (spec 9.7). Only a row written straight into the store fails it.
+pub fn invalid_namespace(spec: &AccessSpec) -> Option<String> {
+    spec.namespaces
+        .iter()
+        .find_map(|ns| super::command::validate_namespace(ns).err())
 }
 
 /// Whether `row` says it created `object`: the one test of "created by
@@ -853,6 +868,29 @@ mod tests {
             .push("pay*".into());
         let why = namespace_refused(&cluster, &s).unwrap();
         assert!(why.contains("\"pay*\""), "{why}");
+    }
+
+    /// Security review M1: a row edited to a wildcard namespace passes no
+    /// rule by the glob that would refuse it (a name's `*` is literal to
+    /// the globs), yet EKS would take it as a wildcard. It is refused as
+    /// no namespace name, whatever the role's rules.
+    #[test]
+    fn a_stored_wildcard_namespace_is_refused_at_grant() {
+        let mut cluster = crate::domain::policy::tests::cluster();
+        let mut s = spec("arn:aws:eks::aws:cluster-access-policy/edit", &["payments"]);
+        s.role = "edit".into();
+        // An allow-list a wildcard would otherwise slip through.
+        cluster.roles.get_mut("edit").unwrap().namespace_rules.allow = Some(vec!["*".into()]);
+        assert_eq!(namespace_refused(&cluster, &s), None);
+        for bad in ["*", "kube-*", "Payments", "-x", ""] {
+            s.namespaces = vec!["payments".into(), bad.into()];
+            let why = namespace_refused(&cluster, &s)
+                .unwrap_or_else(|| panic!("{bad:?} passed at grant"));
+            assert!(why.contains("not a valid namespace name"), "{why}");
+            assert!(invalid_namespace(&s).is_some());
+        }
+        s.namespaces = vec!["payments".into(), "kube-x1".into()];
+        assert_eq!(invalid_namespace(&s), None);
     }
 
     #[test]

@@ -13,7 +13,8 @@ use super::{store_knows, AccessEngine, AccessError, Converged, InForce, Look, Ow
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::backstop;
 use crate::domain::grant::{
-    desired_policies, entry_mark, narrows, plan_associations, scope_covers, EntryMark, Scope,
+    desired_policies, entry_mark, left_in_place, narrows, plan_associations, scope_covers,
+    EntryMark, Scope,
 };
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
@@ -676,18 +677,13 @@ impl AccessEngine for AccessEntryStrategy {
                 // undo stays in place, whatever this plan chose not to
                 // change. Only a removal, a restore, or a baseline seen
                 // already restored lets it go.
-                let left_in_place: Vec<String> = current
-                    .iter()
-                    .filter(|(p, scope)| {
-                        !desired.contains_key(*p)
-                            && !plan.disassociate.contains(*p)
-                            && !plan.associate.iter().any(|(q, _)| q == *p)
-                            && all_baselines.get(*p) != Some(&Some((*scope).clone()))
-                    })
-                    .map(|(p, _)| {
-                        backstop::schedule_name(&self.instance, &cluster.name, principal, p)
-                    })
-                    .collect();
+                let left_in_place: Vec<String> =
+                    left_in_place(&current, &desired, &all_baselines, &plan)
+                        .iter()
+                        .map(|p| {
+                            backstop::schedule_name(&self.instance, &cluster.name, principal, p)
+                        })
+                        .collect();
                 backstop_plan
                     .remove
                     .retain(|name| !left_in_place.contains(name));

@@ -201,6 +201,29 @@ pub fn plan_associations(
     plan_for(current, desired, baselines, entry)
 }
 
+/// The policies whose association `plan` leaves in place although no
+/// grant wants it and no baseline of this store says it is standing
+/// access: their backstop schedules stay, whatever the backstop plan says,
+/// so a converge that chose not to remove an association never also takes
+/// away the schedule that would.
+pub fn left_in_place(
+    current: &BTreeMap<String, Scope>,
+    desired: &BTreeMap<String, Scope>,
+    baselines: &Baselines,
+    plan: &AssociationPlan,
+) -> Vec<String> {
+    current
+        .iter()
+        .filter(|(p, scope)| {
+            !desired.contains_key(*p)
+                && !plan.disassociate.contains(*p)
+                && !plan.associate.iter().any(|(q, _)| q == *p)
+                && baselines.get(*p) != Some(&Some((*scope).clone()))
+        })
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
 /// Whether associating `new` only takes access away from what `current`
 /// gives (or gives exactly that).
 pub fn narrows(current: Option<&Scope>, new: &Scope) -> bool {
@@ -622,6 +645,30 @@ mod tests {
         let plan = plan_associations(&narrow, &desired, &on_record, &other);
         assert_eq!(plan.other_installation.as_deref(), Some("green"));
         assert!(plan.associate.is_empty() && plan.disassociate.is_empty());
+    }
+
+    #[test]
+    fn an_association_left_in_place_keeps_its_schedule() {
+        let current = BTreeMap::from([
+            (VIEW.to_string(), Scope::Cluster),
+            (EDIT.to_string(), ns(&["payments"])),
+        ]);
+        let baselines = Baselines::from([
+            (VIEW.to_string(), Some(Scope::Cluster)),
+            (EDIT.to_string(), None),
+        ]);
+        // A plan that removes EDIT: nothing is left in place (VIEW is its
+        // own restored baseline).
+        let plan = plan_associations(&current, &BTreeMap::new(), &baselines, &EntryMark::Ours);
+        assert_eq!(plan.disassociate, vec![EDIT.to_string()]);
+        assert!(left_in_place(&current, &BTreeMap::new(), &baselines, &plan).is_empty());
+        // A plan that (for whatever reason) leaves EDIT there: its
+        // schedule must stay.
+        let idle = AssociationPlan::default();
+        assert_eq!(
+            left_in_place(&current, &BTreeMap::new(), &baselines, &idle),
+            vec![EDIT.to_string()]
+        );
     }
 
     /// The attack: an entry this store granted on is retagged as another

@@ -1052,3 +1052,48 @@ async fn another_installations_entry_is_never_granted_over() {
     converge_green(vec![]).await.unwrap();
     assert!(h.entry().await.is_none(), "{:?}", h.associations().await);
 }
+
+/// The attack (security review H1): someone allowed to tag marks an entry
+/// this installation granted on as another installation's. Tags are
+/// forgeable (spec 8.7) and the store decides (9.2): the revoke still
+/// takes the access away and reads it back gone, instead of forgetting
+/// its baselines and leaving the association in place for good.
+#[tokio::test]
+async fn a_grant_on_an_entry_retagged_as_another_installations_is_still_revoked() {
+    let h = Harness::new().await;
+    let edit = spec(EDIT, &["payments"]);
+    h.converge_ok(&[("R-00001", &edit)]).await;
+    assert_eq!(
+        h.associations().await,
+        only(EDIT, namespaces(&["payments"]))
+    );
+    assert!(!h.store.baselines("dev", ALICE).await.unwrap().is_empty());
+
+    // The retag. MiniStack's DescribeAccessEntry shows the tags an entry
+    // was created with, not TagResource's, so the entry is made again
+    // with the forged marks and the association put back: what the
+    // converge reads is then exactly what EKS shows after TagResource.
+    let forged =
+        json!({"managed-by": "tollgate", "tollgate-grant": "R-00001", "tollgate-instance": "zzz"});
+    let (status, body) = h.ms.eks_json("DELETE", &h.entry_path(), None).await;
+    assert_eq!(status, 200, "DeleteAccessEntry: {body}");
+    let (status, body) =
+        h.ms.eks_json(
+            "POST",
+            "/clusters/dev/access-entries",
+            Some(json!({"principalArn": ALICE, "type": "STANDARD", "tags": forged})),
+        )
+        .await;
+    assert_eq!(status, 200, "CreateAccessEntry: {body}");
+    h.associate_behind_tollgate(EDIT, &["payments"]).await;
+    assert_eq!(h.entry().await.unwrap()["tags"]["tollgate-instance"], "zzz");
+
+    // The revoke: nothing wanted.
+    h.converge_ok(&[]).await;
+    assert!(
+        h.associations().await.is_empty(),
+        "the revoke left the access of a retagged entry: {:?}",
+        h.associations().await
+    );
+    assert_eq!(h.verify("R-00001", &edit, &[]).await, ReadBack::Removed);
+}

@@ -577,9 +577,12 @@ async fn a_live_server_refuses_a_store_with_dry_run_grants() {
 }
 
 /// A live and a dry-run replica on one table (both started on an empty
-/// store): each request is driven only by the mode that made it, whichever
-/// replica the approval click reaches. Without the isolation the live
-/// replica, reached by the click, would grant the dry-run request for real.
+/// store): each request is driven only by the mode that made it, and a
+/// click reaching the other mode's replica is answered so and not counted
+/// (security review M6): a trial server, with its own configuration, never
+/// decides a live request. Without the isolation the live replica, reached
+/// by the click, would count a vote on the dry-run request, and the
+/// dry-run one would approve a live request under its own rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_and_dry_run_replicas_never_act_on_each_others_rows() {
     let w = World::start(&[], &[]).await;
@@ -593,8 +596,16 @@ async fn live_and_dry_run_replicas_never_act_on_each_others_rows() {
         &[],
     )
     .await;
+    // How many clicks were answered with `text`.
+    let answered = |text: &str| {
+        w.slack
+            .calls_to("response:click")
+            .iter()
+            .filter(|c| c.params["text"].as_str().unwrap_or_default().contains(text))
+            .count()
+    };
 
-    // Asked of the dry-run replica, approved through the live one.
+    // Asked of the dry-run replica; the click reaches the live one first.
     let body = slash_body(
         REQUESTER,
         "eks prod-cluster 1h view INC-TRY",
@@ -613,6 +624,20 @@ async fn live_and_dry_run_replicas_never_act_on_each_others_rows() {
     let id = request_id(json["text"].as_str().unwrap());
     w.approve_via(&w.tollgate, &id).await;
     wait_until(
+        "the live replica answers the click",
+        Duration::from_secs(15),
+        || async { answered("belongs to a dry-run server") == 1 },
+    )
+    .await;
+    let row = w.row(&id).await;
+    assert_eq!(row["state"], "Pending", "{row}");
+    assert!(
+        row["approvals"].as_array().is_none_or(|a| a.is_empty()),
+        "the other mode's click was counted: {row}"
+    );
+    // Through its own replica it is decided, and driven as a dry run.
+    w.approve_via(&trial, &id).await;
+    wait_until(
         "the dry-run grant is recorded",
         Duration::from_secs(15),
         || async { w.row(&id).await["state"] == "Active" },
@@ -622,15 +647,23 @@ async fn live_and_dry_run_replicas_never_act_on_each_others_rows() {
     assert!(!w.entry_exists().await, "the live replica granted nothing");
     let granted = w.event("granted", &id).unwrap();
     assert_eq!(granted["details"]["dry_run"], true, "{granted}");
-    assert!(
-        w.tollgate.log().contains("made in the other mode"),
-        "the live replica saw the row and left it"
-    );
 
-    // Asked of the live replica, approved through the dry-run one: granted
-    // for real, by the live replica.
+    // Asked of the live replica: a click on the dry-run one changes
+    // nothing; through the live one it is granted for real.
     let id = w.request("eks prod-cluster 1h view INC-REAL").await;
     w.approve_via(&trial, &id).await;
+    wait_until(
+        "the dry-run replica answers the click",
+        Duration::from_secs(15),
+        || async { answered("belongs to a live server") == 1 },
+    )
+    .await;
+    assert_eq!(w.row(&id).await["state"], "Pending");
+    assert!(
+        !w.has_access().await,
+        "granted off a dry-run server's click"
+    );
+    w.approve_via(&w.tollgate, &id).await;
     wait_until("the live grant is made", Duration::from_secs(15), || {
         w.has_access()
     })

@@ -13,7 +13,8 @@ use super::{store_knows, AccessEngine, AccessError, Converged, Holds, InForce, L
 use crate::config::DEFAULT_INSTANCE;
 use crate::domain::backstop;
 use crate::domain::grant::{
-    desired_policies, entry_mark, plan_associations, scope_covers, EntryMark, Scope,
+    desired_policies, entry_mark, left_in_place, narrows, plan_associations, scope_covers,
+    EntryMark, Scope,
 };
 use crate::domain::policy::ClusterPolicy;
 use crate::domain::readback::{self, ReadBack};
@@ -689,7 +690,7 @@ impl AccessEngine for AccessEntryStrategy {
             Some(b) => {
                 let mut all_baselines = baselines.clone();
                 all_baselines.extend(plan.new_baselines.clone());
-                let backstop_plan = self
+                let mut backstop_plan = self
                     .backstop_plan(
                         cluster,
                         b,
@@ -700,6 +701,21 @@ impl AccessEngine for AccessEntryStrategy {
                         &all_baselines,
                     )
                     .await?;
+                // A schedule is the last word on an association Tollgate
+                // made: it is never deleted while the association it would
+                // undo stays in place, whatever this plan chose not to
+                // change. Only a removal, a restore, or a baseline seen
+                // already restored lets it go.
+                let left_in_place: Vec<String> =
+                    left_in_place(&current, &desired, &all_baselines, &plan)
+                        .iter()
+                        .map(|p| {
+                            backstop::schedule_name(&self.instance, &cluster.name, principal, p)
+                        })
+                        .collect();
+                backstop_plan
+                    .remove
+                    .retain(|name| !left_in_place.contains(name));
                 schedules_failed = self.backstops.put(cluster, b, &backstop_plan).await.err();
                 Some((b, backstop_plan))
             }
@@ -805,17 +821,6 @@ impl AccessEngine for AccessEntryStrategy {
         Ok(Converged {
             baselines_gone: plan.gone,
         })
-    }
-}
-
-/// Whether associating `new` only takes access away from what `current`
-/// gives (or gives exactly that).
-fn narrows(current: Option<&Scope>, new: &Scope) -> bool {
-    match (current, new) {
-        (None, _) => false,
-        (Some(Scope::Cluster), _) => true,
-        (Some(Scope::Namespaces(_)), Scope::Cluster) => false,
-        (Some(Scope::Namespaces(had)), Scope::Namespaces(ns)) => ns.is_subset(had),
     }
 }
 

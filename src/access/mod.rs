@@ -41,6 +41,17 @@ pub enum AccessError {
         object: String,
         instance: String,
     },
+    /// A grant in force names a namespace that is no Kubernetes name (a
+    /// row written straight into the store: `*`, `kube-*`). Refused before
+    /// any call: EKS access scopes would take it as a wildcard.
+    #[error(
+        "grant {grant} names an invalid namespace on {cluster}: {message}; nothing was changed"
+    )]
+    InvalidNamespace {
+        cluster: String,
+        grant: String,
+        message: String,
+    },
 }
 
 /// What a converge reports besides having converged.
@@ -264,6 +275,25 @@ pub async fn store_knows(
     }))
 }
 
+/// The last line before any AWS or Kubernetes call: whatever the service
+/// checked, no grant whose namespaces are not all namespace names reaches a
+/// strategy (spec 9.7).
+pub fn refuse_invalid_namespaces(
+    cluster: &ClusterPolicy,
+    grants: &[InForce<'_>],
+) -> Result<(), AccessError> {
+    for g in grants {
+        if let Some(message) = crate::domain::grant::invalid_namespace(g.spec) {
+            return Err(AccessError::InvalidNamespace {
+                cluster: cluster.name.clone(),
+                grant: g.grant_id.to_string(),
+                message,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Dispatches to the strategy each `ClusterPolicy` it is given names: the
 /// caller passes the cluster with the strategy a grant was made with.
 pub struct Engine {
@@ -308,6 +338,7 @@ impl AccessEngine for Engine {
         grants: &[InForce<'_>],
         creator: &str,
     ) -> Result<Converged, AccessError> {
+        refuse_invalid_namespaces(cluster, grants)?;
         self.strategy(cluster)
             .converge(cluster, principal, grants, creator)
             .await
@@ -365,5 +396,45 @@ impl AccessEngine for Engine {
         self.strategy(cluster)
             .remove_recorded(cluster, principal, revoked_id)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Security review M1: the access layer itself refuses a grant whose
+    /// namespaces are no names, before any strategy (any AWS or
+    /// Kubernetes call) sees it.
+    #[test]
+    fn a_wildcard_namespace_never_reaches_a_strategy() {
+        let cluster = crate::domain::policy::tests::cluster();
+        let mut spec = AccessSpec {
+            cluster: cluster.name.clone(),
+            role: "edit".into(),
+            principal: "arn:aws:iam::111122223333:role/alice".into(),
+            policy_arn: Some("arn:aws:eks::aws:cluster-access-policy/edit".into()),
+            namespaces: vec!["payments".into()],
+            cluster_role: None,
+            groups: vec![],
+            k8s_user: None,
+            strategy: None,
+        };
+        let grant = |spec: &AccessSpec| {
+            let in_force = [InForce {
+                grant_id: "R-00001",
+                spec,
+                expires_at: None,
+            }];
+            refuse_invalid_namespaces(&cluster, &in_force)
+        };
+        assert!(grant(&spec).is_ok());
+        for bad in ["*", "kube-*"] {
+            spec.namespaces = vec!["payments".into(), bad.into()];
+            match grant(&spec) {
+                Err(AccessError::InvalidNamespace { grant, .. }) => assert_eq!(grant, "R-00001"),
+                other => panic!("{bad} reached a strategy: {other:?}"),
+            }
+        }
     }
 }

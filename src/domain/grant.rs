@@ -164,10 +164,14 @@ pub fn vanished_baselines(
 ///   Tollgate's own in-flight work. Otherwise the baseline is "none", and
 ///   whatever is there is removed when the last grant ends — fail closed.
 /// * An entry marked by another installation is never granted over
-///   (`other_installation`); with no grant wanting access nothing of this
-///   store can be on it (its grants would have been refused), so its
-///   baselines are about an entry that is gone: forgotten, and reported
-///   when they held access.
+///   (`other_installation`): refused when the plan would add access (a
+///   policy with no baseline of this store on record, or an association
+///   wider than what is there). Taking access away is never refused for a
+///   mark: tags are forgeable (spec 8.7) and the store decides (9.2), so
+///   while baselines of this store are on record a converge that wants
+///   nothing, or less, removes and restores as on any other entry.
+///   Otherwise a retag of a granted entry would leave its access in place
+///   for good.
 /// * A baseline holding access whose association is gone (removed, or the
 ///   whole entry deleted) is not re-created: `gone`.
 pub fn plan_associations(
@@ -176,24 +180,68 @@ pub fn plan_associations(
     baselines: &Baselines,
     entry: &EntryMark,
 ) -> AssociationPlan {
-    let mut plan = AssociationPlan::default();
+    let refused = |name: &String| AssociationPlan {
+        other_installation: Some(name.clone()),
+        ..AssociationPlan::default()
+    };
     if let EntryMark::Other(name) = entry {
-        if !desired.is_empty() {
-            plan.other_installation = Some(name.clone());
-        } else {
-            plan.forget_baselines = baselines.keys().cloned().collect();
-            plan.gone = baselines
-                .iter()
-                .filter_map(|(policy, base)| {
-                    base.clone().map(|scope| GoneBaseline {
-                        policy: policy.clone(),
-                        scope,
-                    })
-                })
-                .collect();
+        if desired.keys().any(|p| !baselines.contains_key(p)) {
+            return refused(name);
+        }
+        let plan = plan_for(current, desired, baselines, entry);
+        if plan
+            .associate
+            .iter()
+            .any(|(p, scope)| !narrows(current.get(p), scope))
+        {
+            return refused(name);
         }
         return plan;
     }
+    plan_for(current, desired, baselines, entry)
+}
+
+/// The policies whose association `plan` leaves in place although no
+/// grant wants it and no baseline of this store says it is standing
+/// access: their backstop schedules stay, whatever the backstop plan says,
+/// so a converge that chose not to remove an association never also takes
+/// away the schedule that would.
+pub fn left_in_place(
+    current: &BTreeMap<String, Scope>,
+    desired: &BTreeMap<String, Scope>,
+    baselines: &Baselines,
+    plan: &AssociationPlan,
+) -> Vec<String> {
+    current
+        .iter()
+        .filter(|(p, scope)| {
+            !desired.contains_key(*p)
+                && !plan.disassociate.contains(*p)
+                && !plan.associate.iter().any(|(q, _)| q == *p)
+                && baselines.get(*p) != Some(&Some((*scope).clone()))
+        })
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+/// Whether associating `new` only takes access away from what `current`
+/// gives (or gives exactly that).
+pub fn narrows(current: Option<&Scope>, new: &Scope) -> bool {
+    match (current, new) {
+        (None, _) => false,
+        (Some(Scope::Cluster), _) => true,
+        (Some(Scope::Namespaces(_)), Scope::Cluster) => false,
+        (Some(Scope::Namespaces(had)), Scope::Namespaces(ns)) => ns.is_subset(had),
+    }
+}
+
+fn plan_for(
+    current: &BTreeMap<String, Scope>,
+    desired: &BTreeMap<String, Scope>,
+    baselines: &Baselines,
+    entry: &EntryMark,
+) -> AssociationPlan {
+    let mut plan = AssociationPlan::default();
     let mut all_baselines = baselines.clone();
     for gone in vanished_baselines(current, baselines) {
         all_baselines.insert(gone.policy.clone(), None);
@@ -364,6 +412,12 @@ pub fn role_changed(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String
 /// a namespace was denied, or written straight into the store, gets
 /// nothing.
 pub fn namespace_refused(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<String> {
+    // First, and whatever the role: the rules below match names, and a
+    // stored `*` or `kube-*` is no name (their globs take it literally)
+    // while EKS access scopes take it as a wildcard.
+    if let Some(why) = invalid_namespace(spec) {
+        return Some(why);
+    }
     let role = cluster.roles.get(&spec.role)?;
     role.namespace_rules
         .check(&spec.namespaces)
@@ -374,6 +428,15 @@ pub fn namespace_refused(cluster: &ClusterPolicy, spec: &AccessSpec) -> Option<S
                 refusal.message(&spec.role, &cluster.name)
             )
         })
+}
+
+/// Why a stored row's namespaces are not all Kubernetes namespace names
+/// (RFC 1123 labels), if one is not: the same test as a request's
+/// `--ns` (spec 9.7). Only a row written straight into the store fails it.
+pub fn invalid_namespace(spec: &AccessSpec) -> Option<String> {
+    spec.namespaces
+        .iter()
+        .find_map(|ns| super::command::validate_namespace(ns).err())
 }
 
 /// Whether `row` says it created `object`: the one test of "created by
@@ -603,26 +666,68 @@ mod tests {
             plan.new_baselines.is_empty() && plan.associate.is_empty() && !plan.needs_entry,
             "nothing recorded, nothing made: {plan:?}"
         );
-        // Nothing wanted: nothing of this store can be on it; a baseline on
-        // record is about an entry that is gone.
+        // Wider than what is there, over a baseline of this store: refused.
+        let on_record = Baselines::from([(VIEW.to_string(), None)]);
+        let narrow = BTreeMap::from([(VIEW.to_string(), ns(&["a"]))]);
+        let plan = plan_associations(&narrow, &desired, &on_record, &other);
+        assert_eq!(plan.other_installation.as_deref(), Some("green"));
+        assert!(plan.associate.is_empty() && plan.disassociate.is_empty());
+    }
+
+    #[test]
+    fn an_association_left_in_place_keeps_its_schedule() {
+        let current = BTreeMap::from([
+            (VIEW.to_string(), Scope::Cluster),
+            (EDIT.to_string(), ns(&["payments"])),
+        ]);
+        let baselines = Baselines::from([
+            (VIEW.to_string(), Some(Scope::Cluster)),
+            (EDIT.to_string(), None),
+        ]);
+        // A plan that removes EDIT: nothing is left in place (VIEW is its
+        // own restored baseline).
+        let plan = plan_associations(&current, &BTreeMap::new(), &baselines, &EntryMark::Ours);
+        assert_eq!(plan.disassociate, vec![EDIT.to_string()]);
+        assert!(left_in_place(&current, &BTreeMap::new(), &baselines, &plan).is_empty());
+        // A plan that (for whatever reason) leaves EDIT there: its
+        // schedule must stay.
+        let idle = AssociationPlan::default();
+        assert_eq!(
+            left_in_place(&current, &BTreeMap::new(), &baselines, &idle),
+            vec![EDIT.to_string()]
+        );
+    }
+
+    /// The attack: an entry this store granted on is retagged as another
+    /// installation's; a revoke (nothing wanted) must still take the
+    /// access away, not forget its baselines and leave it for good.
+    #[test]
+    fn a_retagged_entry_still_loses_what_this_store_granted() {
+        let other = EntryMark::Other("zzz".into());
+        let current = BTreeMap::from([
+            (VIEW.to_string(), Scope::Cluster),
+            (EDIT.to_string(), ns(&["payments"])),
+        ]);
         let baselines = Baselines::from([
             (VIEW.to_string(), Some(ns(&["x"]))),
             (EDIT.to_string(), None),
         ]);
         let plan = plan_associations(&current, &BTreeMap::new(), &baselines, &other);
         assert_eq!(plan.other_installation, None);
-        assert!(plan.disassociate.is_empty() && plan.associate.is_empty());
-        assert_eq!(
-            plan.forget_baselines,
-            vec![EDIT.to_string(), VIEW.to_string()]
-        );
-        assert_eq!(
-            plan.gone,
-            vec![GoneBaseline {
-                policy: VIEW.into(),
-                scope: ns(&["x"])
-            }]
-        );
+        assert_eq!(plan.disassociate, vec![EDIT.to_string()]);
+        assert_eq!(plan.associate, vec![(VIEW.to_string(), ns(&["x"]))]);
+        assert!(plan.forget_baselines.is_empty(), "{plan:?}");
+        assert!(plan.gone.is_empty(), "{plan:?}");
+        // Narrowing (one of two grants ends) is not refused either.
+        let desired = desired_policies(&[spec(EDIT, &["payments"])]);
+        let wide = BTreeMap::from([(EDIT.to_string(), ns(&["payments", "orders"]))]);
+        let edit_only = Baselines::from([(EDIT.to_string(), None)]);
+        let plan = plan_associations(&wide, &desired, &edit_only, &other);
+        assert_eq!(plan.other_installation, None);
+        assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["payments"]))]);
+        // Nothing of this store on record: nothing to take away or forget.
+        let plan = plan_associations(&current, &BTreeMap::new(), &Baselines::new(), &other);
+        assert_eq!(plan, AssociationPlan::default());
     }
 
     #[test]
@@ -837,6 +942,29 @@ mod tests {
             .push("pay*".into());
         let why = namespace_refused(&cluster, &s).unwrap();
         assert!(why.contains("\"pay*\""), "{why}");
+    }
+
+    /// Security review M1: a row edited to a wildcard namespace passes no
+    /// rule by the glob that would refuse it (a name's `*` is literal to
+    /// the globs), yet EKS would take it as a wildcard. It is refused as
+    /// no namespace name, whatever the role's rules.
+    #[test]
+    fn a_stored_wildcard_namespace_is_refused_at_grant() {
+        let mut cluster = crate::domain::policy::tests::cluster();
+        let mut s = spec("arn:aws:eks::aws:cluster-access-policy/edit", &["payments"]);
+        s.role = "edit".into();
+        // An allow-list a wildcard would otherwise slip through.
+        cluster.roles.get_mut("edit").unwrap().namespace_rules.allow = Some(vec!["*".into()]);
+        assert_eq!(namespace_refused(&cluster, &s), None);
+        for bad in ["*", "kube-*", "Payments", "-x", ""] {
+            s.namespaces = vec!["payments".into(), bad.into()];
+            let why = namespace_refused(&cluster, &s)
+                .unwrap_or_else(|| panic!("{bad:?} passed at grant"));
+            assert!(why.contains("not a valid namespace name"), "{why}");
+            assert!(invalid_namespace(&s).is_some());
+        }
+        s.namespaces = vec!["payments".into(), "kube-x1".into()];
+        assert_eq!(invalid_namespace(&s), None);
     }
 
     #[test]

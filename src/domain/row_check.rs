@@ -57,6 +57,9 @@ fn check(row: &Request, cluster: &ClusterPolicy, members: &Members) -> Result<()
             cluster.name, row.access.role
         ));
     };
+    if let Some(why) = super::grant::invalid_namespace(&row.access) {
+        return Err(why);
+    }
     let requester = row.requester.user_id.as_str();
     if !role.requesters.is_empty() && !listed(&role.requesters, requester, &members.requesters) {
         return Err(format!(
@@ -310,6 +313,21 @@ mod tests {
 
     fn capped_expiry(row: &Request, c: &ClusterPolicy) -> Option<OffsetDateTime> {
         super::capped_expiry(row, c, T0 + H)
+    }
+
+    /// Security review M1: a row edited to a wildcard namespace is not
+    /// what Tollgate would have written.
+    #[test]
+    fn a_stored_namespace_that_is_no_name_is_refused() {
+        let mut row = approve(&pending(H), "U0APP", T0).unwrap().row;
+        row.access.namespaces = vec!["payments".into()];
+        assert_eq!(invalid_row(&row, &cluster(), &none()), None);
+        for bad in ["*", "kube-*"] {
+            row.access.namespaces = vec![bad.into()];
+            let why = invalid_row(&row, &cluster(), &none())
+                .unwrap_or_else(|| panic!("{bad} passed the row check"));
+            assert!(why.contains("not a valid namespace name"), "{why}");
+        }
     }
 
     #[test]

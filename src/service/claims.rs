@@ -36,9 +36,33 @@ pub(crate) struct PrincipalGuard {
 #[derive(Default)]
 pub(crate) struct Fences {
     until: std::sync::Mutex<HashMap<String, OffsetDateTime>>,
+    /// Converges of a key under way (`InFlight`): a guard dropped while
+    /// one runs was cut off with it, and keeps its lease like a fenced one.
+    in_flight: std::sync::Mutex<HashMap<String, usize>>,
 }
 
 impl Fences {
+    fn enter(&self, key: &str) {
+        if let Ok(mut map) = self.in_flight.lock() {
+            *map.entry(key.to_string()).or_default() += 1;
+        }
+    }
+
+    fn leave(&self, key: &str) {
+        if let Ok(mut map) = self.in_flight.lock() {
+            if let Some(n) = map.get_mut(key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+
+    fn in_flight(&self, key: &str) -> bool {
+        self.in_flight.lock().is_ok_and(|map| map.contains_key(key))
+    }
+
     fn set(&self, key: &str, until: OffsetDateTime) {
         if let Ok(mut map) = self.until.lock() {
             let entry = map.entry(key.to_string()).or_insert(until);
@@ -106,7 +130,10 @@ impl Drop for PrincipalGuard {
     fn drop(&mut self) {
         // Fenced: the lease stays taken until it lapses, so no replica
         // reads this principal while a cut-off call may still land.
-        if self.fences.is_set(&self.key) {
+        // A converge still in flight means this guard is being dropped with
+        // it (the step's outer time limit): its `InFlight` sets the fence,
+        // whichever of the two is dropped first.
+        if self.fences.is_set(&self.key) || self.fences.in_flight(&self.key) {
             return;
         }
         if let Some(lease) = self.lease.take() {
@@ -180,7 +207,94 @@ impl Service {
     }
 }
 
+/// A converge of one (cluster, principal) under way. Whatever cuts it off
+/// — its own converge limit, or the step's outer time limit dropping the
+/// whole step with it — may leave a call in flight, so a converge that
+/// never reached `finish` fences the principal when dropped, and the
+/// principal's guard keeps its lease (see `Fences`).
+pub(crate) struct InFlight {
+    cluster: String,
+    principal: String,
+    key: String,
+    fences: Arc<Fences>,
+    clock: Arc<dyn crate::clock::Clock>,
+    term: Duration,
+    /// On a shared store: the lease to renew for the fence's term.
+    lease: Option<(String, String, Arc<dyn crate::store::Store>)>,
+    done: bool,
+}
+
+impl InFlight {
+    /// The converge returned (or its cut-off was fenced already).
+    pub(crate) fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.fences.leave(&self.key);
+        if self.done {
+            return;
+        }
+        let now = self.clock.now();
+        self.fences.set(&self.key, now + self.term);
+        tracing::warn!(cluster = %self.cluster, principal = %self.principal, term = ?self.term, "step cut off mid-converge; no converge of this principal for one lease term");
+        if let Some((name, holder, store)) = self.lease.take() {
+            let until = now + self.term;
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = store.try_lease(&name, &holder, until, now).await {
+                        tracing::warn!(lease = %name, error = %e, "lease not renewed; it lapses at its old term");
+                    }
+                });
+            }
+        }
+    }
+}
+
 impl Service {
+    /// Marks a converge of (cluster, principal) as under way until
+    /// `InFlight::finish`; see `InFlight`.
+    pub(crate) fn in_flight(&self, cluster: &str, principal: &str) -> InFlight {
+        let key = format!("{cluster}\u{0}{principal}");
+        self.fences.enter(&key);
+        InFlight {
+            cluster: cluster.to_string(),
+            principal: principal.to_string(),
+            key,
+            fences: self.fences.clone(),
+            clock: self.clock.clone(),
+            term: self.tunables.claim_ttl,
+            lease: self.store.is_shared().then(|| {
+                (
+                    format!("principal/{cluster}/{principal}"),
+                    self.replica.clone(),
+                    self.store.clone(),
+                )
+            }),
+            done: false,
+        }
+    }
+
+    /// Runs one converge of (cluster, principal) under the converge limit;
+    /// `None` when the limit cut it off, the principal then fenced. A step
+    /// cut off around it by its own time limit fences it too (`InFlight`).
+    pub(crate) async fn converge_limited<T>(
+        &self,
+        cluster: &str,
+        principal: &str,
+        converge: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let in_flight = self.in_flight(cluster, principal);
+        let out = tokio::time::timeout(self.tunables.converge_limit, converge).await;
+        if out.is_err() {
+            self.fence(cluster, principal).await;
+        }
+        in_flight.finish();
+        out.ok()
+    }
+
     /// A converge of this (cluster, principal) was cut off by its time
     /// limit: fences it for one lease term (see `Fences`). On a shared
     /// store the lease is renewed for that term, so other replicas wait too;

@@ -50,6 +50,17 @@ impl Service {
                 .await;
             }
         };
+        // A card of the other mode's server (a shared table, a channel both
+        // post to): a click here would record a decision this server never
+        // acts on, or approve a row the other mode would then grant.
+        if !self.acts_on(&req) {
+            tracing::warn!(request_id = %id, dry_run = req.dry_run, "click on a request of the other mode; not counted");
+            return reply(format!(
+                "{} Your click was not counted.",
+                super::extend::other_mode(&id, req.dry_run)
+            ))
+            .await;
+        }
         if req.state != State::Pending {
             return reply(not_pending_text(&id, req.state)).await;
         }

@@ -44,6 +44,7 @@ impl ServiceError {
             ServiceError::Access(AccessError::Aws { .. }) => "aws",
             ServiceError::Access(AccessError::Store(e)) => e.metric_label(),
             ServiceError::Access(AccessError::OtherInstallation { .. }) => "other_installation",
+            ServiceError::Access(AccessError::InvalidNamespace { .. }) => "invalid_row",
             ServiceError::Slack(e) => e.metric_label(),
             ServiceError::ClusterGone(_) => "cluster_unconfigured",
             ServiceError::CutOff(_) => "timeout",

@@ -36,6 +36,46 @@ fn already_filed(ext: &Request) -> String {
     )
 }
 
+/// Why an extension row does not belong to the grant it names, if it does
+/// not: an extension asked through Tollgate copies the grant's access and
+/// requester, so any difference is a row written by hand.
+fn extension_mismatch(ext: &Request, grant: &Request) -> Option<String> {
+    let (a, g) = (&ext.access, &grant.access);
+    let same_access = a.cluster == g.cluster
+        && a.role == g.role
+        && a.principal == g.principal
+        && a.namespaces == g.namespaces;
+    if !same_access {
+        return Some(format!(
+            "extension {} names access other than its grant {}'s",
+            ext.id, grant.id
+        ));
+    }
+    if ext.requester.user_id != grant.requester.user_id {
+        return Some(format!(
+            "extension {} was not asked by the requester of {}",
+            ext.id, grant.id
+        ));
+    }
+    if ext.dry_run != grant.dry_run {
+        return Some(format!(
+            "extension {} and its grant {} were made by servers of different modes",
+            ext.id, grant.id
+        ));
+    }
+    None
+}
+
+/// The answer for a row this server's mode does not act on.
+pub(super) fn other_mode(id: &RequestId, dry_run: bool) -> String {
+    let server = if dry_run {
+        "a dry-run server (`serve --dry-run`)"
+    } else {
+        "a live server"
+    };
+    format!("{id} belongs to {server}; this one changes nothing for it.")
+}
+
 /// What applying an approved extension found.
 enum Applied {
     /// The grant's expiry moved (now, or by an earlier pass of this same
@@ -322,8 +362,23 @@ impl Service {
         };
         let now = self.clock.now();
         // Spec 9.8: an extension row is checked like a grant's before it
-        // moves anything (a forged one would otherwise buy time up to the cap).
-        if let Some(why) = self.invalid_row(ext).await {
+        // moves anything (a forged one would otherwise buy time up to the
+        // cap), and it must be about the grant it names: the same access,
+        // asked by the same requester. Its own row is otherwise checked
+        // against a role and a principal the grant never had.
+        let grant_row = match self.store.get(&grant_id).await {
+            Ok(row) => row,
+            Err(e) => {
+                self.store_failed(&ext.id, &e, "store read failed");
+                return;
+            }
+        };
+        let mismatch = grant_row.as_ref().and_then(|g| extension_mismatch(ext, g));
+        let invalid = match mismatch {
+            Some(why) => Some(why),
+            None => self.invalid_row(ext).await,
+        };
+        if let Some(why) = invalid {
             tracing::error!(request_id = %ext.id, error = %why, "stored extension refused");
             self.metrics.failed("grant", "invalid_row");
             let rejected = self
@@ -344,19 +399,30 @@ impl Service {
             }
             return;
         }
-        let role_limits = self
-            .config
-            .cluster(&ext.access.cluster)
-            .and_then(|c| c.roles.get(&ext.access.role))
-            .map(|r| r.limits.clone());
-        let reminder_before = role_limits.as_ref().map(|l| l.reminder_before);
-        let max_total = role_limits.map(|l| l.max_total_duration);
-        let cluster = self.config.cluster(&ext.access.cluster);
         let applied = self
             .modify(&grant_id, |grant| {
                 if grant.extended_by.contains(&ext.id) {
                     return Change::Keep(Applied::Moved(Box::new(grant.clone())));
                 }
+                // A grant of the other mode (a dry-run grant on a live
+                // server, or the reverse) is never moved from here.
+                if !self.acts_on(grant) {
+                    return Change::Keep(Applied::Ended(other_mode(&grant.id, grant.dry_run)));
+                }
+                // Checked before the store write too; again here, on the
+                // grant as this write finds it.
+                if let Some(why) = extension_mismatch(ext, grant) {
+                    return Change::Keep(Applied::Ended(why));
+                }
+                // The limits are the grant's role's: the extension's row
+                // names the same one (checked above), but the grant is what
+                // is moved.
+                let cluster = self.config.cluster(&grant.access.cluster);
+                let role_limits = cluster
+                    .and_then(|c| c.roles.get(&grant.access.role))
+                    .map(|r| r.limits.clone());
+                let reminder_before = role_limits.as_ref().map(|l| l.reminder_before);
+                let max_total = role_limits.map(|l| l.max_total_duration);
                 // A live claim on an Active grant means a replica is revoking it.
                 let revoking = grant.claim.as_ref().is_some_and(|c| c.until > now);
                 let Some(expires_at) = grant

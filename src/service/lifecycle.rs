@@ -271,13 +271,9 @@ impl Service {
                 .map_err(ServiceError::InForceUnreadable)?;
             self.converge_with(req, &others, include).await
         };
-        match tokio::time::timeout(limit, converge).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.fence(&req.access.cluster, &req.access.principal).await;
-                Err(ServiceError::CutOff(limit))
-            }
-        }
+        self.converge_limited(&req.access.cluster, &req.access.principal, converge)
+            .await
+            .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
     /// Re-reads `id` under its principal's lock; `None` if it no longer

@@ -34,13 +34,9 @@ impl Service {
             self.remove_recorded(req).await?;
             self.read_back(req, &others).await
         };
-        match tokio::time::timeout(limit, step).await {
-            Ok(result) => result,
-            Err(_) => {
-                self.fence(&req.access.cluster, &req.access.principal).await;
-                Err(ServiceError::CutOff(limit))
-            }
-        }
+        self.converge_limited(&req.access.cluster, &req.access.principal, step)
+            .await
+            .unwrap_or(Err(ServiceError::CutOff(limit)))
     }
 
     /// What the revoked grant's row recorded creating, removed by name

@@ -460,17 +460,19 @@ impl Service {
                 continue;
             }
             let limit = self.tunables.converge_limit;
-            let converged = match tokio::time::timeout(
-                limit,
-                self.access.converge(cluster, &principal, &keep, creator),
-            )
-            .await
+            let converged = match self
+                .converge_limited(
+                    &cluster.name,
+                    &principal,
+                    self.access.converge(cluster, &principal, &keep, creator),
+                )
+                .await
             {
-                Ok(result) => result?,
-                Err(_) => {
+                Some(result) => result?,
+                None => {
                     // The other principals of the cluster still get their
-                    // pass; the pass as a whole reports the cut-off.
-                    self.fence(&cluster.name, &principal).await;
+                    // pass; the pass as a whole reports the cut-off. The
+                    // principal is fenced already.
                     tracing::error!(cluster = %cluster.name, %principal, "reconcile cleanup cut off by the converge limit");
                     cut_off = Some(ServiceError::CutOff(limit));
                     continue;

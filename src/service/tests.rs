@@ -226,6 +226,8 @@ fn entry(principal: &str, grant: &str) -> crate::access::Owned {
 struct FakeSlack {
     posts: Mutex<Vec<(String, String)>>,
     dms: Mutex<Vec<(String, String)>>,
+    /// What was answered on a response_url: (url, text).
+    responses: Mutex<Vec<(String, String)>>,
 }
 
 #[async_trait]
@@ -263,7 +265,11 @@ impl SlackApi for FakeSlack {
     async fn open_view(&self, _: &str, _: &serde_json::Value) -> Result<(), SlackError> {
         Ok(())
     }
-    async fn respond(&self, _: &str, _: &Message) -> Result<(), SlackError> {
+    async fn respond(&self, url: &str, msg: &Message) -> Result<(), SlackError> {
+        self.responses
+            .lock()
+            .unwrap()
+            .push((url.into(), msg.text.clone()));
         Ok(())
     }
     async fn auth_test(&self) -> Result<crate::slack::BotIdentity, SlackError> {
@@ -817,6 +823,45 @@ async fn a_grant_cut_off_mid_call_leaves_its_cleanup_until_the_fence_ends() {
     assert_eq!(
         r.access.converged.lock().unwrap().last().unwrap(),
         &Vec::<String>::new()
+    );
+}
+
+/// Security review H2: a converge cut off not by its own limit but by the
+/// step's outer time limit (the whole step future dropped mid-call) may
+/// have a call in flight just the same. It fences the principal too: the
+/// next converge waits until a late call could no longer land.
+#[tokio::test]
+async fn a_step_cut_off_by_its_outer_limit_mid_converge_fences_the_principal() {
+    let tunables = Tunables {
+        retry_base: Duration::from_millis(100),
+        // Longer than the step (two thirds of the 3 s claim): only the
+        // outer limit can cut this converge off.
+        converge_limit: Duration::from_secs(30),
+        ..Tunables::new(
+            Duration::from_millis(100),
+            Duration::from_secs(3),
+            String::new(),
+        )
+    };
+    assert!(tunables.step_limit() < tunables.converge_limit);
+    let r = rig_tuned(|_| {}, tunables);
+    *r.access.hangs.lock().unwrap() = 1;
+    let id = r.approved("eks prod 5m view", "U0APP").await;
+    assert_eq!(r.state(&id).await.state, State::Approved);
+    assert_eq!(r.access.converged_principals.lock().unwrap().len(), 1);
+    // The next pass, inside the fence's term, waits it out first.
+    r.clock.advance(Duration::from_millis(2500));
+    let started = std::time::Instant::now();
+    r.service.run_due().await.unwrap();
+    assert_eq!(
+        r.access.converged_principals.lock().unwrap().len(),
+        2,
+        "the row was driven again"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "the next converge did not wait for a fence: {:?}",
+        started.elapsed()
     );
 }
 
@@ -1478,4 +1523,110 @@ async fn a_re_drive_after_the_grants_whole_time_makes_nothing() {
         .unwrap()
         .iter()
         .all(|g| !g.contains(&id.to_string())));
+}
+
+/// Security review M2: an extension row edited in the store to name other
+/// access (another principal and requester, or a role with longer limits)
+/// than the grant it extends is refused as an invalid row, and the grant's
+/// expiry does not move. Each forgery would otherwise pass the row check
+/// on its own terms: it is a properly approved row for what it names.
+#[tokio::test]
+async fn a_forged_extension_row_never_moves_another_grants_expiry() {
+    type Forge = fn(&mut Request);
+    let forgeries: [(&str, Forge); 3] = [
+        ("names access other than", |ext| {
+            ext.access.principal = "arn:aws:iam::111122223333:role/mallory".into();
+        }),
+        ("not asked by the requester", |ext| {
+            ext.requester.user_id = "U0MALLORY".into();
+        }),
+        ("names access other than", |ext| {
+            ext.access.role = "edit".into();
+            ext.access.namespaces = vec!["payments".into()];
+        }),
+    ];
+    for (said, forge) in forgeries {
+        let r = rig();
+        let grant = r.approved("eks prod 30m view", "U0APP").await;
+        let before = r.state(&grant).await.expires_at;
+        assert!(before.is_some());
+        let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+        let ext = Rig::id_in(&receipt, 0);
+        // The row as someone with write access to the table leaves it.
+        let row = r.state(&ext).await;
+        let mut forged = row.clone();
+        forge(&mut forged);
+        forged.version += 1;
+        r.service
+            .store()
+            .update(&row, forged, Vec::new())
+            .await
+            .unwrap();
+        r.approve(&ext).await;
+        let failed = r.state(&ext).await;
+        assert_eq!(failed.state, State::Failed, "{said}: {failed:?}");
+        let why = failed.failure.unwrap_or_default();
+        assert!(why.contains(said), "{why}");
+        assert_eq!(r.state(&grant).await.expires_at, before, "{said}: moved");
+    }
+}
+
+/// Security review M6: a click on a card of the other mode's server (a
+/// dry-run request on a live server) is answered so and changes nothing.
+#[tokio::test]
+async fn a_click_on_another_modes_request_changes_nothing() {
+    let r = rig();
+    let receipt = r.say("U0REQ", "eks prod 30m view").await;
+    let id = Rig::id_in(&receipt, 0);
+    let row = r.state(&id).await;
+    let mut dry = row.clone();
+    dry.dry_run = true;
+    dry.version += 1;
+    r.service
+        .store()
+        .update(&row, dry, Vec::new())
+        .await
+        .unwrap();
+    r.service
+        .decide(Decision {
+            request_id: id.to_string(),
+            user_id: "U0APP".into(),
+            approve: true,
+            response_url: Some("https://hooks.example/r1".into()),
+        })
+        .await;
+    let after = r.state(&id).await;
+    assert_eq!(after.state, State::Pending);
+    assert!(after.approvals.is_empty(), "{after:?}");
+    let answered = r.slack.responses.lock().unwrap().clone();
+    assert!(
+        answered
+            .iter()
+            .any(|(_, t)| t.contains("belongs to a dry-run server") && t.contains(id.as_str())),
+        "{answered:?}"
+    );
+}
+
+/// Security review M6: an extension is never applied to a grant of the
+/// other mode (a live extension row naming a dry-run grant).
+#[tokio::test]
+async fn an_extension_never_moves_a_grant_of_the_other_mode() {
+    let r = rig();
+    let grant = r.approved("eks prod 30m view", "U0APP").await;
+    let before = r.state(&grant).await.expires_at;
+    let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
+    let ext = Rig::id_in(&receipt, 0);
+    let row = r.state(&grant).await;
+    let mut dry = row.clone();
+    dry.dry_run = true;
+    dry.version += 1;
+    r.service
+        .store()
+        .update(&row, dry, Vec::new())
+        .await
+        .unwrap();
+    r.approve(&ext).await;
+    let failed = r.state(&ext).await;
+    assert_eq!(failed.state, State::Failed, "{failed:?}");
+    assert_eq!(r.state(&grant).await.expires_at, before, "moved");
 }

@@ -173,6 +173,7 @@ impl Service {
                         "instance": o.instance,
                         "detail": "marked as Tollgate's, not created by this installation's store; left alone",
                     }),
+                    mac: None,
                 }
             })
             .collect();
@@ -428,6 +429,7 @@ impl Service {
                     cluster: cluster.name.clone(),
                     principal: o.principal.clone(),
                     details: json!({"removed": o.object}),
+                    mac: None,
                 };
                 if let Err(e) = self.store.append_audit(vec![event]).await {
                     tracing::error!(error = %e, "reconcile audit event not written");

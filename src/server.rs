@@ -542,10 +542,10 @@ pub async fn check(config: Config, tunables: &Tunables) -> bool {
     match (&tunables.integrity, config.store.integrity_key_env.as_deref()) {
         (Some(_), Some(name)) => line(
             true,
-            format!("store: row integrity on (HMAC-SHA256, key from ${name})"),
+            format!("row integrity on (HMAC-SHA256 on every row and audit event, key from ${name})"),
         ),
         _ => println!(
-            "warn store: row integrity off ([store] integrity_key_env unset): a row written into the store by anyone else is checked only against the config (invalid_row)"
+            "note row integrity off ([store] integrity_key_env unset): a row written into the store by anyone else is checked only against the config (invalid_row)"
         ),
     }
     if config.store.backend == Backend::Dynamodb {

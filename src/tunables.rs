@@ -95,21 +95,6 @@ impl Tunables {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn limits_follow_the_claim() {
-        let t = Tunables::default();
-        assert_eq!(t.step_limit(), Duration::from_secs(20));
-        assert_eq!(t.converge_limit, Duration::from_secs(8));
-        let long = Tunables::new(RETRY_BASE, Duration::from_secs(600), String::new());
-        assert_eq!(long.step_limit(), STEP_LIMIT_CAP);
-        assert_eq!(long.converge_limit, Duration::from_secs(24));
-    }
-}
-
 /// The row integrity key from the variable `[store] integrity_key_env`
 /// names, or `None` when the config names none. A named variable that is
 /// unset or shorter than `MIN_KEY_BYTES` is an error naming the variable,
@@ -134,4 +119,19 @@ pub fn integrity_key(config: &Config) -> Result<Option<RowKey>, String> {
             bytes.len()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_claim() {
+        let t = Tunables::default();
+        assert_eq!(t.step_limit(), Duration::from_secs(20));
+        assert_eq!(t.converge_limit, Duration::from_secs(8));
+        let long = Tunables::new(RETRY_BASE, Duration::from_secs(600), String::new());
+        assert_eq!(long.step_limit(), STEP_LIMIT_CAP);
+        assert_eq!(long.converge_limit, Duration::from_secs(24));
+    }
 }

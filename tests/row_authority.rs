@@ -905,6 +905,21 @@ async fn turning_the_key_on_needs_a_seal_of_the_live_rows() {
     // seal signs nothing.
     let again = seal(false);
     assert!(again.contains("already sealed"), "{again}");
+    // `check` says row integrity is on (other checks may fail here: no
+    // Slack credentials are given to it).
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .envs(w.ms.aws_env())
+        .env("TOLLGATE_STORE_KEY", STORE_KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok   row integrity on") && stdout.contains("$TOLLGATE_STORE_KEY"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(STORE_KEY), "{stdout}");
 
     w.tollgate.start_again().await;
     let row = w.row(&id).await;

@@ -34,8 +34,20 @@ pub const MIN_KEY_BYTES: usize = 32;
 
 /// The integrity key. Its `Debug` never shows the bytes, so a key inside
 /// a logged struct is never logged.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RowKey(Arc<[u8]>);
+#[derive(Clone)]
+pub struct RowKey {
+    bytes: Arc<[u8]>,
+    /// The HMAC keyed once; each MAC starts from a clone.
+    keyed: HmacSha256,
+}
+
+impl PartialEq for RowKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes == other.bytes
+    }
+}
+
+impl Eq for RowKey {}
 
 impl std::fmt::Debug for RowKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -44,76 +56,86 @@ impl std::fmt::Debug for RowKey {
 }
 
 impl RowKey {
-    /// `None` when shorter than `MIN_KEY_BYTES`.
+    /// `None` when shorter than `MIN_KEY_BYTES` (HMAC itself takes any
+    /// length).
     pub fn new(bytes: &[u8]) -> Option<RowKey> {
-        (bytes.len() >= MIN_KEY_BYTES).then(|| RowKey(Arc::from(bytes)))
+        if bytes.len() < MIN_KEY_BYTES {
+            return None;
+        }
+        let keyed = HmacSha256::new_from_slice(bytes).ok()?;
+        Some(RowKey {
+            bytes: Arc::from(bytes),
+            keyed,
+        })
     }
 
     fn mac(&self, context: &[u8], content: &[u8]) -> HmacSha256 {
-        // HMAC takes a key of any length; `new_from_slice` cannot fail.
-        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length");
+        let mut mac = self.keyed.clone();
         mac.update(context);
         mac.update(content);
         mac
     }
 
-    fn sign(&self, context: &[u8], content: &[u8]) -> String {
-        hex::encode(self.mac(context, content).finalize().into_bytes())
+    /// `None` only if the value cannot be serialized (never for rows and
+    /// events): the row is then written without a MAC and fails closed.
+    fn sign(&self, context: &[u8], content: Option<Vec<u8>>) -> Option<String> {
+        let content = content?;
+        Some(hex::encode(
+            self.mac(context, &content).finalize().into_bytes(),
+        ))
     }
 
-    fn verify(&self, context: &[u8], content: &[u8], mac: Option<&str>) -> bool {
-        let Some(bytes) = mac.and_then(|m| hex::decode(m).ok()) else {
+    fn verify(&self, context: &[u8], content: Option<Vec<u8>>, mac: Option<&str>) -> bool {
+        let (Some(content), Some(bytes)) = (content, mac.and_then(|m| hex::decode(m).ok())) else {
             return false;
         };
         // Constant time: a forger learns nothing from how long a wrong
         // MAC took to refuse.
-        self.mac(context, content).verify_slice(&bytes).is_ok()
+        self.mac(context, &content).verify_slice(&bytes).is_ok()
     }
 
     /// The MAC of `row` as it stands (its `mac` field ignored).
-    pub fn row_mac(&self, row: &Request) -> String {
-        self.sign(ROW_CONTEXT, &canonical_row(row))
+    pub fn row_mac(&self, row: &Request) -> Option<String> {
+        self.sign(ROW_CONTEXT, canonical_row(row))
     }
 
     /// `row` with its MAC set, for writing.
     pub fn seal_row(&self, mut row: Request) -> Request {
-        row.mac = Some(self.row_mac(&row));
+        row.mac = self.row_mac(&row);
         row
     }
 
     /// Whether `row` carries the MAC of its own content.
     pub fn row_intact(&self, row: &Request) -> bool {
-        self.verify(ROW_CONTEXT, &canonical_row(row), row.mac.as_deref())
+        self.verify(ROW_CONTEXT, canonical_row(row), row.mac.as_deref())
     }
 
     pub fn seal_audit(&self, mut event: AuditEvent) -> AuditEvent {
-        event.mac = Some(self.sign(AUDIT_CONTEXT, &canonical_audit(&event)));
+        event.mac = self.sign(AUDIT_CONTEXT, canonical_audit(&event));
         event
     }
 
     pub fn audit_intact(&self, event: &AuditEvent) -> bool {
-        self.verify(AUDIT_CONTEXT, &canonical_audit(event), event.mac.as_deref())
+        self.verify(AUDIT_CONTEXT, canonical_audit(event), event.mac.as_deref())
     }
 }
 
 /// What a row's MAC covers: every field but the MAC itself.
-pub fn canonical_row(row: &Request) -> Vec<u8> {
+pub fn canonical_row(row: &Request) -> Option<Vec<u8>> {
     let mut row = row.clone();
     row.mac = None;
     canonical(&row)
 }
 
-pub fn canonical_audit(event: &AuditEvent) -> Vec<u8> {
+pub fn canonical_audit(event: &AuditEvent) -> Option<Vec<u8>> {
     let mut event = event.clone();
     event.mac = None;
     canonical(&event)
 }
 
-fn canonical<T: Serialize>(value: &T) -> Vec<u8> {
-    // Rows and events are plain data (strings, numbers, RFC 3339 times);
-    // serializing them cannot fail.
-    let value = serde_json::to_value(value).expect("rows serialize to JSON");
-    serde_json::to_vec(&value).expect("a JSON value serializes")
+fn canonical<T: Serialize>(value: &T) -> Option<Vec<u8>> {
+    let value = serde_json::to_value(value).ok()?;
+    serde_json::to_vec(&value).ok()
 }
 
 /// Whether a row may be acted on under `key`: with no key configured,
@@ -236,12 +258,12 @@ mod tests {
     fn any_edit_of_a_sealed_row_fails() {
         let k = key(1);
         let sealed = k.seal_row(row());
-        let edits: Vec<Box<dyn Fn(&mut Request)>> = vec![
-            Box::new(|r| r.state = State::Approved),
-            Box::new(|r| r.duration += std::time::Duration::from_secs(1)),
-            Box::new(|r| r.access.role = "admin".into()),
-            Box::new(|r| r.required_approvals = 0),
-            Box::new(|r| r.dry_run = !r.dry_run),
+        let edits: [fn(&mut Request); 5] = [
+            |r| r.state = State::Approved,
+            |r| r.duration += std::time::Duration::from_secs(1),
+            |r| r.access.role = "admin".into(),
+            |r| r.required_approvals = 0,
+            |r| r.dry_run = !r.dry_run,
         ];
         for edit in edits {
             let mut edited = sealed.clone();
@@ -282,7 +304,7 @@ mod tests {
         edited.details["b"] = json!(2);
         assert!(!k.audit_intact(&edited));
         // A row's MAC is not an event's, whatever the bytes.
-        assert_ne!(sealed.mac, Some(k.row_mac(&row())));
+        assert_ne!(sealed.mac, k.row_mac(&row()));
     }
 
     #[test]

@@ -247,6 +247,9 @@ pub struct StoreSection {
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
     pub table: Option<String>,
+    /// Spec 9.8: the NAME of the environment variable holding the row
+    /// integrity key (never the key itself); `main` reads it once.
+    pub integrity_key_env: Option<String>,
 }
 
 impl Default for StoreSection {
@@ -255,6 +258,7 @@ impl Default for StoreSection {
             backend: Backend::Sled,
             path: default_store_path(),
             table: None,
+            integrity_key_env: None,
         }
     }
 }

@@ -108,6 +108,13 @@ enum StoreCmd {
         #[arg(long)]
         before: String,
     },
+    /// Turn row integrity on for a store that already has live rows: sign
+    /// each live request row that carries no MAC, once, printing each.
+    /// Refused on a store already sealed (`[store] integrity_key_env`).
+    Seal {
+        #[arg(long, default_value = "tollgate.toml")]
+        config: PathBuf,
+    },
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -117,12 +124,27 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The process settings from the environment, the row integrity key
+/// included: a key the config names but the environment does not hold
+/// stops the command (exit 2), naming the variable, never a value.
+fn tunables(config: &Config) -> Result<Tunables, ExitCode> {
+    let mut tunables = Tunables::from_env(config);
+    tunables.integrity = tollgate::tunables::integrity_key(config).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(2)
+    })?;
+    Ok(tunables)
+}
+
 async fn admin(config: &std::path::Path, request: AdminRequest, json: bool) -> ExitCode {
     let config = match load(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let tunables = Tunables::from_env(&config);
+    let tunables = match tunables(&config) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let response = match tollgate::server::admin_command(config, &tunables, request).await {
         Ok(r) => r,
         Err(e) => {
@@ -197,7 +219,10 @@ async fn main() -> ExitCode {
                 Err(code) => return code,
             };
             config.dry_run = dry_run;
-            let tunables = Tunables::from_env(&config);
+            let tunables = match tunables(&config) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
             match tollgate::server::serve(config, tunables).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -211,7 +236,10 @@ async fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let tunables = Tunables::from_env(&config);
+            let tunables = match tunables(&config) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
             if tollgate::server::check(config, &tunables).await {
                 ExitCode::SUCCESS
             } else {
@@ -254,6 +282,26 @@ async fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Cmd::Store {
+            action: StoreCmd::Seal { config },
+        } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let tunables = match tunables(&config) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            let Some(key) = tunables.integrity else {
+                eprintln!(
+                    "error: {}: [store] integrity_key_env is not set; there is no key to seal rows with",
+                    config.path
+                );
+                return ExitCode::from(2);
+            };
+            report(tollgate::store::cli::seal(&config, &key).await)
+        }
         Cmd::Store {
             action: StoreCmd::Init { config },
         } => match load(&config) {

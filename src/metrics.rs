@@ -55,6 +55,9 @@ pub struct Metrics {
     pub reconcile_removed: Counter,
     pub drift: Counter,
     pub foreign_objects: Gauge,
+    /// Spec 9.8: live rows the last reconcile read found failing their
+    /// integrity MAC (each is then ended as `tampered`).
+    pub tampered_rows: Gauge,
     pub slack_api_errors: Family<MethodLabel, Counter>,
     pub http_rejected: Family<ReasonLabel, Counter>,
     pub scheduler_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -138,6 +141,12 @@ impl Metrics {
             "Objects marked as Tollgate's whose grant its store did not create; left alone",
             foreign_objects.clone(),
         );
+        let tampered_rows = Gauge::default();
+        registry.register(
+            "tampered_rows",
+            "Live request rows the last reconcile read found failing their integrity MAC (spec 9.8)",
+            tampered_rows.clone(),
+        );
         let slack_api_errors = Family::<MethodLabel, Counter>::default();
         registry.register(
             "slack_api_errors",
@@ -192,6 +201,7 @@ impl Metrics {
             reconcile_removed,
             drift,
             foreign_objects,
+            tampered_rows,
             slack_api_errors,
             http_rejected,
             scheduler_lag_seconds,

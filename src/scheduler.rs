@@ -124,6 +124,7 @@ pub async fn reconcile(service: Arc<Service>, mut shutdown: watch::Receiver<bool
                 }
             }
             service.offboard_cluster(cluster).await;
+            service.quarantine_tampered(cluster).await;
             service.revoke_overlong(cluster).await;
             match service.reconcile_cluster(cluster).await {
                 Ok(report) if report.removed.is_empty() && report.drifted.is_empty() => {

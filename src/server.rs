@@ -34,15 +34,34 @@ fn secret(name: &str) -> anyhow::Result<String> {
     }
 }
 
-async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    crate::store::open(config).await
+/// The configured store; with a row integrity key, wrapped so every row
+/// and audit event written carries its MAC (`store::SealedStore`).
+async fn open_store(config: &Config, tunables: &Tunables) -> anyhow::Result<Arc<dyn Store>> {
+    let store = crate::store::open(config).await?;
+    Ok(crate::store::SealedStore::wrap(
+        store,
+        tunables.integrity.as_ref(),
+    ))
 }
 
 pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     let bot_token = secret("SLACK_BOT_TOKEN")?;
     let signing_secret = secret("SLACK_SIGNING_SECRET")?;
     let config = Arc::new(config);
-    let store = open_store(&config).await?;
+    let store = open_store(&config, &tunables).await?;
+    // Spec 9.8: with a row integrity key, live rows written before it was
+    // turned on carry no MAC; rather than take them on trust (or revoke
+    // them all), start-up names them and the command that signs them.
+    if let Some(key) = &tunables.integrity {
+        let live = store.live().await?;
+        let unsigned = crate::domain::integrity::unsigned(&live);
+        if !unsigned.is_empty() && !crate::domain::integrity::sealed(key, &store.list().await?) {
+            anyhow::bail!(crate::domain::integrity::unsealed_refusal(
+                &config.path,
+                &unsigned
+            ));
+        }
+    }
     // Spec 9.8: one mode's rows are never the other's to act on; a store
     // holding live rows of the other mode is refused before anything runs.
     if let Some(why) = crate::domain::row_check::mode_mismatch(config.dry_run, &store.live().await?)
@@ -337,7 +356,7 @@ pub async fn admin_command(
         return Ok(response);
     }
     let config = Arc::new(config);
-    let store = open_store(&config).await.map_err(|e| {
+    let store = open_store(&config, tunables).await.map_err(|e| {
         anyhow::anyhow!(
             "{e:#}\n(no server answered on {}; is one running without its admin socket?)",
             path.display()
@@ -523,6 +542,18 @@ pub async fn check(config: Config, tunables: &Tunables) -> bool {
         Err(e) => line(
             false,
             format!("aws sts get-caller-identity: {}", aws::describe_error(&e)),
+        ),
+    }
+    // Spec 9.8: whether rows are checked is the operator's to see. A key
+    // the config names but the environment lacks never gets here (`main`
+    // refuses it, naming the variable).
+    match (&tunables.integrity, config.store.integrity_key_env.as_deref()) {
+        (Some(_), Some(name)) => line(
+            true,
+            format!("row integrity on (HMAC-SHA256 on every row and audit event, key from ${name})"),
+        ),
+        _ => println!(
+            "note row integrity off ([store] integrity_key_env unset): a row written into the store by anyone else is checked only against the config (invalid_row)"
         ),
     }
     if config.store.backend == Backend::Dynamodb {

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::domain::integrity::{RowKey, MIN_KEY_BYTES};
 
 pub const DEFAULT_SLACK_API_URL: &str = "https://slack.com/api";
 
@@ -37,6 +38,9 @@ pub struct Tunables {
     /// calls) may take before it counts as a failed attempt.
     pub converge_limit: Duration,
     pub slack_api_url: String,
+    /// The row integrity key (`[store] integrity_key_env`, spec 9.8), read
+    /// by `integrity_key`; `None`: rows carry no MAC and none is checked.
+    pub integrity: Option<RowKey>,
 }
 
 impl Default for Tunables {
@@ -53,6 +57,7 @@ impl Tunables {
             claim_ttl,
             converge_limit: Duration::ZERO,
             slack_api_url,
+            integrity: None,
         };
         t.converge_limit = t.step_limit() * 2 / 5;
         t
@@ -88,6 +93,32 @@ impl Tunables {
     pub fn step_limit(&self) -> Duration {
         STEP_LIMIT_CAP.min(self.claim_ttl * 2 / 3)
     }
+}
+
+/// The row integrity key from the variable `[store] integrity_key_env`
+/// names, or `None` when the config names none. A named variable that is
+/// unset or shorter than `MIN_KEY_BYTES` is an error naming the variable,
+/// never its value: a server told to check rows must not run without.
+pub fn integrity_key(config: &Config) -> Result<Option<RowKey>, String> {
+    let Some(name) = config.store.integrity_key_env.as_deref() else {
+        return Ok(None);
+    };
+    let value = std::env::var_os(name).unwrap_or_default();
+    let bytes = value.as_encoded_bytes();
+    if bytes.is_empty() {
+        return Err(format!(
+            "{}: [store] integrity_key_env names the environment variable {name}, which is not set",
+            config.path
+        ));
+    }
+    RowKey::new(bytes).map(Some).ok_or_else(|| {
+        format!(
+            "{}: the environment variable {name} ([store] integrity_key_env) holds {} bytes; \
+             the row integrity key must have at least {MIN_KEY_BYTES} (e.g. `openssl rand -hex 32`)",
+            config.path,
+            bytes.len()
+        )
+    })
 }
 
 #[cfg(test)]

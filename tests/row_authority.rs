@@ -61,17 +61,34 @@ default_role = "view"
 access_policy = "AmazonEKSViewPolicy"
 "#;
 
+/// The row integrity key of the integrity tests (spec 9.8); 32 bytes.
+const STORE_KEY: &str = "k3y-for-tests-only-0123456789abcdef";
+
+/// `CONFIG` with row integrity on.
+fn integrity_config() -> String {
+    CONFIG.replace(
+        "table = \"tollgate\"\n",
+        "table = \"tollgate\"\nintegrity_key_env = \"TOLLGATE_STORE_KEY\"\n",
+    )
+}
+
 struct World {
     ms: MiniStack,
     slack: SlackStandIn,
     tollgate: Tollgate,
     db: aws_sdk_dynamodb::Client,
     http: reqwest::Client,
+    /// What the CLI commands the tests run need besides AWS (the key).
+    cli_env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
 impl World {
     async fn start(args: &[&str], env: &[(&str, &str)]) -> World {
+        World::start_with(CONFIG, args, env).await
+    }
+
+    async fn start_with(config: &str, args: &[&str], env: &[(&str, &str)]) -> World {
         support::install_crypto_provider();
         let ms = MiniStack::start();
         ms.create_cluster("prod-cluster").await;
@@ -83,7 +100,7 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         init_table(&ms, dir.path());
         let tollgate =
-            Tollgate::start_with_env(dir.path(), CONFIG, &slack.api_url(), &ms, args, env).await;
+            Tollgate::start_with_env(dir.path(), config, &slack.api_url(), &ms, args, env).await;
         let db = dynamo(&ms).await;
         World {
             ms,
@@ -91,6 +108,10 @@ impl World {
             tollgate,
             db,
             http: reqwest::Client::new(),
+            cli_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _dir: dir,
         }
     }
@@ -156,6 +177,7 @@ impl World {
             .args(["audit", "export", "--config"])
             .arg(&self.tollgate.config_path)
             .envs(self.ms.aws_env())
+            .envs(self.cli_env.iter().cloned())
             .output()
             .unwrap();
         assert!(
@@ -674,4 +696,274 @@ async fn live_and_dry_run_replicas_never_act_on_each_others_rows() {
     .await;
     let granted = w.event("granted", &id).unwrap();
     assert!(granted["details"].get("dry_run").is_none(), "{granted}");
+}
+
+// ------------------------------------------------ row integrity (spec 9.8)
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// With `[store] integrity_key_env`, a forged `Approved` row that passes
+/// every check against the configuration (a duration in range, the vote
+/// of a real approver of the role) is still never granted: it carries no
+/// MAC under the key. It is audited `tampered` and fails; the security
+/// channel is told. A request made the ordinary way on the same server is
+/// granted as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_store_key_a_forged_row_with_real_approvals_is_never_granted() {
+    let key = [("TOLLGATE_STORE_KEY", STORE_KEY)];
+    let w = World::start_with(&integrity_config(), &[], &key).await;
+    let now = OffsetDateTime::now_utc();
+    let id = "R-F0RG4";
+    let forged = json!({
+        "id": id,
+        "state": "Approved",
+        "version": 1,
+        "requester": {"user_id": REQUESTER, "email": "alice@example.com", "tz": null, "tz_offset_secs": 0},
+        "access": {
+            "cluster": "prod-cluster",
+            "role": "view",
+            "principal": ALICE,
+            "policy_arn": "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy",
+            "namespaces": [],
+            "k8s_user": "tollgate:alice@example.com",
+            "strategy": "access-entry"
+        },
+        "reason": "INC-FORGED",
+        "duration": 600,
+        "created_at": rfc3339(now),
+        "approval_deadline": rfc3339(now + time::Duration::hours(1)),
+        "required_approvals": 1,
+        "approvals": [{"user": APPROVER, "at": rfc3339(now)}],
+        "decided_by": APPROVER,
+        "approved_at": rfc3339(now),
+        "activated_at": null,
+        "expires_at": null,
+        "ended_at": null,
+        "revoke": null,
+        "attempts": 0,
+        "retry_at": null,
+        "failure": null,
+        "card": null,
+        "response_url": null,
+        // A made-up MAC is no better than none.
+        "mac": "00".repeat(32)
+    });
+    w.write_row(&forged, Some(now)).await;
+
+    wait_until(
+        "the scheduler reads the forged row",
+        Duration::from_secs(20),
+        || async { w.event("tampered", id).is_some() || w.event("granted", id).is_some() },
+    )
+    .await;
+    assert!(w.event("granted", id).is_none(), "nothing was granted");
+    assert!(!w.entry_exists().await, "no access entry was created");
+    let tampered = w.event("tampered", id).unwrap();
+    assert_eq!(tampered["details"]["state"], "approved", "{tampered}");
+    let failed = w.event("grant_failed", id).expect("the row fails");
+    assert_eq!(failed["details"]["reason"], "invalid_row", "{failed}");
+    assert_eq!(w.row(id).await["state"], "Failed");
+    wait_until(
+        "the security channel is told",
+        Duration::from_secs(10),
+        || async { w.told_security(id) },
+    )
+    .await;
+    let count = w
+        .audit()
+        .iter()
+        .filter(|e| e["event"] == "tampered" && e["request_id"] == id)
+        .count();
+    assert_eq!(count, 1, "audited once for the tampered version");
+
+    // Tollgate's own rows carry a MAC and are granted as usual.
+    let real = w.request("eks prod-cluster 10m view INC-REAL").await;
+    w.approve(&real).await;
+    wait_until("granted", Duration::from_secs(15), || w.has_access()).await;
+    wait_until("recorded", Duration::from_secs(10), || async {
+        w.row(&real).await["state"] == "Active"
+    })
+    .await;
+    let row = w.row(&real).await;
+    assert_eq!(row["mac"].as_str().map(str::len), Some(64), "{row}");
+    assert!(w.event("tampered", &real).is_none());
+    // Audit events carry theirs too.
+    let granted = w.event("granted", &real).unwrap();
+    assert_eq!(granted["mac"].as_str().map(str::len), Some(64), "{granted}");
+}
+
+/// With a key, an Active grant's expiry moved within `max_total_duration`
+/// (so the configuration check alone has nothing to object to) makes the
+/// row fail its MAC: the grant is revoked at the next reconcile pass,
+/// audited `tampered`, and the security channel told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_store_key_an_expiry_moved_within_the_cap_is_revoked_as_tampered() {
+    let key = [("TOLLGATE_STORE_KEY", STORE_KEY)];
+    let w = World::start_with(&integrity_config(), &[], &key).await;
+    let id = w.request("eks prod-cluster 10m view INC-MOVE").await;
+    w.approve(&id).await;
+    wait_until("granted", Duration::from_secs(15), || w.has_access()).await;
+    wait_until("grant recorded", Duration::from_secs(10), || async {
+        w.row(&id).await["state"] == "Active"
+    })
+    .await;
+
+    let mut row = w.row(&id).await;
+    let activated = parse_time(&row["activated_at"]);
+    // 90 minutes: past the 10 asked for, within the 2 h cap.
+    let moved = activated + time::Duration::minutes(90);
+    row["expires_at"] = json!(rfc3339(moved));
+    row["remind_at"] = Value::Null;
+    w.write_row(&row, Some(moved)).await;
+
+    wait_until(
+        "the edited grant is revoked",
+        Duration::from_secs(20),
+        || async { !w.has_access().await },
+    )
+    .await;
+    wait_until("revoke recorded", Duration::from_secs(10), || async {
+        w.event("revoked", &id).is_some()
+    })
+    .await;
+    let tampered = w.event("tampered", &id).expect("audited tampered");
+    assert_eq!(tampered["details"]["state"], "active", "{tampered}");
+    let revoked = w.event("revoked", &id).unwrap();
+    assert_eq!(revoked["details"]["reason"], "invalid_row", "{revoked}");
+    assert_eq!(revoked["details"]["verified"], true, "{revoked}");
+    wait_until(
+        "the security channel is told",
+        Duration::from_secs(10),
+        || async { w.told_security(&id) },
+    )
+    .await;
+    let metrics = w
+        .http
+        .get(format!("{}/metrics", w.tollgate.metrics_base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&metrics, "tollgate_tampered_rows").is_some(),
+        "the gauge is exported:\n{metrics}"
+    );
+}
+
+/// Turning the key on for a store with live rows: the server refuses to
+/// start, naming the unsigned rows and `tollgate store seal`; after the
+/// seal the grant goes on, signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_the_key_on_needs_a_seal_of_the_live_rows() {
+    let mut w = World::start(&[], &[]).await;
+    let id = w.request("eks prod-cluster 1h view INC-OLD").await;
+    w.approve(&id).await;
+    wait_until("granted", Duration::from_secs(15), || w.has_access()).await;
+    wait_until("grant recorded", Duration::from_secs(10), || async {
+        w.row(&id).await["state"] == "Active"
+    })
+    .await;
+    assert!(
+        w.row(&id).await.get("mac").is_none(),
+        "written without a key"
+    );
+    w.tollgate.terminate(Duration::from_secs(40)).await;
+
+    // The same config, with the key turned on.
+    let path = w.tollgate.config_path.clone();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "table = \"tollgate\"\n",
+        "table = \"tollgate\"\nintegrity_key_env = \"TOLLGATE_STORE_KEY\"\n",
+    );
+    assert!(text.contains("integrity_key_env"));
+    std::fs::write(&path, text).unwrap();
+    w.cli_env
+        .push(("TOLLGATE_STORE_KEY".into(), STORE_KEY.into()));
+    // Named but missing, or too short: refused, naming the variable only.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .envs(w.ms.aws_env())
+        .env("TOLLGATE_STORE_KEY", "short-key")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("TOLLGATE_STORE_KEY") && !err.contains("short-key"),
+        "{err}"
+    );
+
+    w.tollgate.set_env("TOLLGATE_STORE_KEY", Some(STORE_KEY));
+    let log = w.tollgate.start_refused(Duration::from_secs(30)).await;
+    assert!(log.contains(&id), "names the row:\n{log}");
+    assert!(
+        log.contains("tollgate store seal"),
+        "names the command:\n{log}"
+    );
+    assert!(!log.contains(STORE_KEY), "never the key:\n{log}");
+    assert!(w.has_access().await, "nothing touched");
+
+    let seal = |expect_ok: bool| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["store", "seal", "--config"])
+            .arg(&path)
+            .envs(w.ms.aws_env())
+            .env("TOLLGATE_STORE_KEY", STORE_KEY)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.success(),
+            expect_ok,
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let sealed = seal(true);
+    assert!(sealed.contains(&id), "{sealed}");
+    // Once sealed, an unsigned row is a forgery, not an old row: a second
+    // seal signs nothing.
+    let again = seal(false);
+    assert!(again.contains("already sealed"), "{again}");
+    // `check` says row integrity is on (other checks may fail here: no
+    // Slack credentials are given to it).
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .envs(w.ms.aws_env())
+        .env("TOLLGATE_STORE_KEY", STORE_KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok   row integrity on") && stdout.contains("$TOLLGATE_STORE_KEY"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(STORE_KEY), "{stdout}");
+
+    w.tollgate.start_again().await;
+    let row = w.row(&id).await;
+    assert_eq!(row["state"], "Active");
+    assert_eq!(row["mac"].as_str().map(str::len), Some(64), "{row}");
+    // Several reconcile passes (1 s apart) leave the sealed grant alone.
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        assert!(w.has_access().await, "the sealed grant stands");
+        assert!(w.event("tampered", &id).is_none(), "not tampered");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(w.row(&id).await["state"], "Active");
 }

@@ -17,6 +17,10 @@ pub struct AuditEvent {
     pub cluster: String,
     pub principal: String,
     pub details: Value,
+    /// With `[store] integrity_key_env`: the HMAC of this event
+    /// (`domain::integrity`), set by the store wrapper when it is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 pub const ACTOR_TOLLGATE: &str = "tollgate";
@@ -37,6 +41,7 @@ impl AuditEvent {
             cluster: req.access.cluster.clone(),
             principal: req.access.principal.clone(),
             details,
+            mac: None,
         }
     }
 }

@@ -57,6 +57,10 @@ pub struct Interaction {
     /// mode processes it (the two may share a store; spec 9.8).
     #[serde(default)]
     pub dry_run: bool,
+    /// With `[store] integrity_key_env`, the HMAC of the rest (spec 9.8):
+    /// a click that does not carry it is never processed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// How many ids an Extend click tries before it gives up: with 100 000
@@ -105,6 +109,7 @@ impl Interaction {
                 .map(str::to_string),
             received_at: now,
             dry_run: false,
+            mac: None,
         }
     }
 

@@ -496,6 +496,56 @@ pub fn invalid_grant(row: &Request, why: &str, now: OffsetDateTime) -> Result<Ef
     }))
 }
 
+/// What the security channel and the audit say of a row failing its
+/// integrity MAC (spec 9.8).
+pub const TAMPERED_WHY: &str =
+    "its integrity MAC is missing or wrong: the row was written into the store outside Tollgate";
+
+/// A live row whose integrity MAC is missing or wrong (spec 9.8): never
+/// acted on as written. It is audited `tampered` (this write re-signs the
+/// row, so once per tampered version) and ended the safe way for its
+/// state: Pending ends (Expired); Approved with nothing recorded fails
+/// (`invalid_row`); Approved with intents, Active and RevokeFailed get a
+/// revoke intent (`invalid_row`), so whatever it holds is removed at once
+/// and counts for no other converge meanwhile. Only Tollgate's own
+/// bookkeeping is kept from the row: the revoke converges the principal to
+/// the other grants in force, whatever this row says it granted.
+pub fn tampered(row: &Request, now: OffsetDateTime) -> Effects {
+    let why = TAMPERED_WHY;
+    let ended = match row.state {
+        State::Pending => {
+            let mut next = row.clone();
+            next.apply(Event::ApprovalTimeout).ok().map(|()| {
+                next.ended_at = Some(now);
+                next.failure = Some(why.to_string());
+                Effects::new(next)
+            })
+        }
+        State::Approved if row.intents.is_empty() && row.revoke.is_none() => {
+            row_rejected(row, why, None, now, |_| Duration::ZERO).ok()
+        }
+        State::Approved | State::Active | State::RevokeFailed => invalid_grant(row, why, now).ok(),
+        _ => None,
+    };
+    // Already ending (a revoke intent recorded, say): only re-signed and
+    // audited, so it is not reported again.
+    let mut effects = ended.unwrap_or_else(|| Effects::new(row.clone()));
+    effects.notice = Some(Notice::InvalidRow {
+        why: why.to_string(),
+    });
+    effects.audit.insert(
+        0,
+        AuditEvent::for_request(
+            row,
+            "tampered",
+            ACTOR_TOLLGATE,
+            now,
+            json!({"state": row.state.label(), "version": row.version, "detail": why}),
+        ),
+    );
+    effects
+}
+
 /// The access is gone: at expiry, or early with the intent's reason.
 pub fn revoked(row: &Request, verified: Verified, now: OffsetDateTime) -> Result<Effects, Refused> {
     let recovered = row.state == State::RevokeFailed;
@@ -651,6 +701,42 @@ mod tests {
 
     fn approved() -> Request {
         approve(&pending(1), "U0APP", T0 + MIN).unwrap().row
+    }
+
+    #[test]
+    fn a_tampered_row_is_ended_the_safe_way_for_its_state() {
+        let now = T0 + 3 * MIN;
+        let names = |e: &Effects| e.audit.iter().map(|a| a.event.clone()).collect::<Vec<_>>();
+        // Pending: ends, nothing decided on it.
+        let e = tampered(&pending(1), now);
+        assert_eq!(e.row.state, State::Expired);
+        assert_eq!(names(&e), ["tampered"]);
+        // Approved, nothing made yet: fails, never granted.
+        let e = tampered(&approved(), now);
+        assert_eq!(e.row.state, State::Failed);
+        assert_eq!(names(&e), ["tampered", "grant_failed"]);
+        assert_eq!(e.audit[1].details["reason"], INVALID_ROW);
+        // Approved with intents: whatever the first attempt made is removed.
+        let mut started = approved();
+        started.intents = vec![crate::domain::request::Intent::AccessEntry {
+            principal: started.access.principal.clone(),
+        }];
+        let e = tampered(&started, now);
+        assert_eq!(e.row.state, State::Approved);
+        assert!(e.row.grant_abandoned());
+        // Active: revoked at once.
+        let e = tampered(&active(), now);
+        assert_eq!(e.row.state, State::Active);
+        let intent = e.row.revoke.as_ref().unwrap();
+        assert_eq!(intent.reason, RevokeReason::InvalidRow);
+        assert!(e.row.step_due().unwrap() <= now, "due now");
+        assert_eq!(e.audit[0].details["version"], active().version);
+        assert!(matches!(e.notice, Some(Notice::InvalidRow { .. })));
+        // Already revoking: audited and re-signed, nothing else changes.
+        let revoking = e.row.clone();
+        let e = tampered(&revoking, now);
+        assert_eq!(e.row, revoking);
+        assert_eq!(names(&e), ["tampered"]);
     }
 
     fn active() -> Request {

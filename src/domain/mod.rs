@@ -9,6 +9,7 @@ pub mod form;
 pub mod grant;
 pub mod identity;
 pub mod inbox;
+pub mod integrity;
 pub mod lifecycle;
 pub mod namespaces;
 pub mod policy;

@@ -388,6 +388,11 @@ pub struct Request {
     /// this was recorded read as live.
     #[serde(default)]
     pub dry_run: bool,
+    /// With `[store] integrity_key_env`: the HMAC of this row's content
+    /// (`domain::integrity`), set by the store wrapper on every write.
+    /// Absent on rows written without a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// What a new request asks for, before any decision.
@@ -510,6 +515,7 @@ impl Request {
             verified_at: None,
             first_attempt_at: None,
             dry_run: false,
+            mac: None,
         }
     }
 

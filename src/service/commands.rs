@@ -431,6 +431,7 @@ impl Service {
             cluster: cluster.name.clone(),
             principal: String::new(),
             details: json!({"refused": true, "why": why}),
+            mac: None,
         };
         if let Err(e) = self.store.append_audit(vec![event]).await {
             tracing::error!(error = %e, "break-glass refusal not audited");

@@ -70,6 +70,14 @@ impl Service {
         let now = self.clock.now();
         let mut ids = Vec::new();
         for r in self.store.live().await? {
+            if r.dry_run == self.config.dry_run && !self.intact(&r) {
+                // Ended (spec 9.8); whatever it recorded to revoke or
+                // clean up is driven with the rest, before the port opens.
+                if self.quarantine(&r).await {
+                    ids.push(r.id);
+                }
+                continue;
+            }
             if !self.acts_on(&r) {
                 continue;
             }
@@ -132,6 +140,10 @@ impl Service {
                 return;
             }
         };
+        if req.dry_run == self.config.dry_run && !self.intact(&req) {
+            self.quarantine(&req).await;
+            return;
+        }
         if !self.acts_on(&req) {
             // Debug, not warn: on a table shared with a replica of the other
             // mode (start-up refuses any other way to get here) the row is
@@ -176,9 +188,16 @@ impl Service {
     }
 
     /// Spec 9.8: a live server never acts on rows `serve --dry-run` made,
-    /// nor a dry-run server on live ones.
+    /// nor a dry-run server on live ones; with a row integrity key, only a
+    /// row carrying a valid MAC is acted on or counted in force (one that
+    /// fails is ended by `quarantine`).
     pub(crate) fn acts_on(&self, row: &Request) -> bool {
-        row.dry_run == self.config.dry_run
+        row.dry_run == self.config.dry_run && self.intact(row)
+    }
+
+    /// Whether `row` passes the integrity check (always, with no key).
+    pub(crate) fn intact(&self, row: &Request) -> bool {
+        crate::domain::integrity::intact(self.tunables.integrity.as_ref(), row)
     }
 
     /// Converges `req`'s principal to `others`, plus `req` itself when

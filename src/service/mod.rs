@@ -303,6 +303,11 @@ impl Service {
                 .get(id)
                 .await?
                 .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            // Spec 9.8: a row failing its integrity MAC decides nothing;
+            // `Service::quarantine` ends it.
+            if !self.intact(&current) {
+                return Err(StoreError::Tampered(id.to_string()));
+            }
             match decide(&current) {
                 Change::Keep(out) => return Ok(out),
                 Change::Write(next, mut audit, out) => {
@@ -395,6 +400,7 @@ impl Service {
                     "scope": g.scope.describe(),
                     "detail": "standing access recorded before the grant was removed during it; not re-created, baseline forgotten",
                 }),
+                mac: None,
             })
             .collect();
         if let Err(e) = self.store.append_audit(events).await {

@@ -240,6 +240,7 @@ impl Service {
                         "beyond": beyond,
                         "detail": detail,
                     }),
+                    mac: None,
                 }
             })
             .collect();
@@ -524,6 +525,7 @@ impl Service {
                     cluster: cluster.name.clone(),
                     principal: o.principal.clone(),
                     details: json!({"removed": o.object}),
+                    mac: None,
                 };
                 if let Err(e) = self.store.append_audit(vec![event]).await {
                     tracing::error!(error = %e, "reconcile audit event not written");

@@ -285,6 +285,9 @@ impl SlackApi for FakeSlack {
 
 struct Rig {
     service: Arc<Service>,
+    /// The backend under the service's store: a write here skips the row
+    /// integrity wrapper, as a write from outside Tollgate would.
+    raw: Arc<dyn Store>,
     access: Arc<FakeAccess>,
     slack: Arc<FakeSlack>,
     clock: Arc<ManualClock>,
@@ -323,7 +326,8 @@ fn rig_tuned(edit: impl FnOnce(&mut Config), tunables: Tunables) -> Rig {
         dry_run: false,
     };
     edit(&mut config);
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let raw: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let store = crate::store::SealedStore::wrap(raw.clone(), tunables.integrity.as_ref());
     let access = Arc::new(FakeAccess::default());
     let slack = Arc::new(FakeSlack::default());
     let clock = Arc::new(ManualClock(Mutex::new(datetime!(2026-11-23 12:00 UTC))));
@@ -338,6 +342,7 @@ fn rig_tuned(edit: impl FnOnce(&mut Config), tunables: Tunables) -> Rig {
     );
     Rig {
         service,
+        raw,
         access,
         slack,
         clock,
@@ -1629,4 +1634,66 @@ async fn an_extension_never_moves_a_grant_of_the_other_mode() {
     let failed = r.state(&ext).await;
     assert_eq!(failed.state, State::Failed, "{failed:?}");
     assert_eq!(r.state(&grant).await.expires_at, before, "moved");
+}
+/// Spec 9.8 with a row integrity key: a grant whose expiry was moved
+/// within the cap by a write that skipped Tollgate (no valid MAC) counts
+/// for no other converge, is ended at the reconcile pass (audited
+/// `tampered` once, security channel told) and revoked; the other grant
+/// stays.
+#[tokio::test]
+async fn with_a_store_key_an_edited_grant_is_not_in_force_and_is_revoked_as_tampered() {
+    let tunables = Tunables {
+        integrity: crate::domain::integrity::RowKey::new(&[5; 32]),
+        ..Tunables::default()
+    };
+    let r = rig_tuned(|_| {}, tunables);
+    let grant = r.approved("eks prod 30m view", "U0APP").await;
+    let row = r.state(&grant).await;
+    assert_eq!(row.state, State::Active);
+    assert!(row.mac.is_some(), "Tollgate's writes are signed");
+    let mut edited = row.clone();
+    edited.expires_at = Some(row.expires_at.unwrap() + Duration::from_secs(3600));
+    r.raw.update(&row, edited, Vec::new()).await.unwrap();
+
+    let second = r.approved("eks prod 10m view", "U0APP").await;
+    assert_eq!(r.state(&second).await.state, State::Active);
+    let given = r.access.expiries.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        !given.iter().any(|(id, _)| id == grant.as_str()),
+        "the edited grant is not in force: {given:?}"
+    );
+
+    let cluster = r.service.config().cluster("prod").unwrap().clone();
+    assert_eq!(r.service.quarantine_tampered(&cluster).await, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.state(&grant).await.state != State::Revoked {
+        assert!(std::time::Instant::now() < deadline, "not revoked");
+        r.service.run_due().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        r.service.quarantine_tampered(&cluster).await,
+        0,
+        "reported once"
+    );
+    let audit = r.service.store().audit_since(None).await.unwrap();
+    let tampered: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event == "tampered" && e.request_id == grant.as_str())
+        .collect();
+    assert_eq!(tampered.len(), 1, "{audit:?}");
+    r.wait_for("alert", |r| {
+        r.slack
+            .posts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(c, t)| c == "C0SECURITY" && t.contains(grant.as_str()))
+    })
+    .await;
+    assert_eq!(
+        r.state(&second).await.state,
+        State::Active,
+        "the other stays"
+    );
 }

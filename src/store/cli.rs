@@ -2,7 +2,8 @@
 
 use crate::config::{Backend, Config};
 
-use super::{copy, dynamodb, prune, DynamoStore};
+use super::{copy, dynamodb, prune, DynamoStore, SealedStore};
+use crate::domain::integrity::{self, RowKey};
 
 /// Creates the DynamoDB table the config names; nothing to do for sled.
 pub async fn init(config: &Config) -> anyhow::Result<String> {
@@ -29,6 +30,45 @@ pub async fn init(config: &Config) -> anyhow::Result<String> {
             }
         }
     }
+}
+
+/// `store seal` (spec 9.8): turning row integrity on for a store that
+/// has live rows signs each live row without a MAC, once, through the
+/// same CAS write every change uses. A store where any row already
+/// verifies is refused: its unsigned rows were written by someone else
+/// after the key was on, and signing them would launder a forgery (the
+/// server handles them as tampered instead). Stop the server first.
+pub async fn seal(config: &Config, key: &RowKey) -> anyhow::Result<String> {
+    let raw = super::open(config).await?;
+    let all = raw.list().await?;
+    if let Some(r) = all.iter().find(|r| key.row_intact(r)) {
+        anyhow::bail!(
+            "{}: the store is already sealed (row {} carries a valid MAC); a row without one was written outside Tollgate and is handled as tampered by the server; nothing signed",
+            config.path,
+            r.id
+        );
+    }
+    let store = SealedStore::wrap(raw.clone(), Some(key));
+    let live = raw.live().await?;
+    let mut lines = Vec::new();
+    for row in integrity::unsigned(&live) {
+        store
+            .update(row, row.clone(), Vec::new())
+            .await
+            .map_err(|e| anyhow::anyhow!("sealing {}: {e}", row.id))?;
+        lines.push(format!(
+            "sealed {} ({}, {} on {} as {}, requested by {})",
+            row.id,
+            row.state.label(),
+            row.access.role,
+            row.access.cluster,
+            row.access.principal,
+            row.requester.user_id
+        ));
+    }
+    raw.flush().await?;
+    lines.push(format!("{} live request row(s) sealed", lines.len()));
+    Ok(lines.join("\n"))
 }
 
 /// Copies everything from one configured store into another. Both must be

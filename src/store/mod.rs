@@ -17,10 +17,12 @@ pub mod copy;
 pub mod dynamodb;
 mod open;
 pub mod prune;
+pub mod sealed;
 pub mod sled_store;
 
 pub use dynamodb::DynamoStore;
 pub use open::open;
+pub use sealed::SealedStore;
 pub use sled_store::SledStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store holds unreadable data under {key}: {message}")]
     Corrupt { key: String, message: String },
+    /// The row's integrity MAC is missing or wrong (spec 9.8): it is not
+    /// acted on as written (the service ends it as `tampered`).
+    #[error("request {0} failed its integrity check; not acted on")]
+    Tampered(String),
 }
 
 impl StoreError {
@@ -53,6 +59,7 @@ impl StoreError {
             StoreError::Backend(_) => "store_backend",
             StoreError::Unavailable(_) => "store_unavailable",
             StoreError::Corrupt { .. } => "store_corrupt",
+            StoreError::Tampered(_) => "tampered",
         }
     }
 

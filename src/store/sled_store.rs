@@ -645,14 +645,14 @@ impl Store for SledStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::request::{AccessSpec, Asked, Requester, State};
     use serde_json::json;
     use std::time::Duration;
     use time::macros::datetime;
 
-    fn request(id: &str, now: OffsetDateTime) -> Request {
+    pub(crate) fn request(id: &str, now: OffsetDateTime) -> Request {
         Request::pending(
             Asked {
                 id: RequestId::parse(id).unwrap(),

@@ -34,12 +34,45 @@ impl Drop for InFlight<'_> {
 }
 
 impl Service {
+    /// Takes the clicks of one delivery: records them within `deadline`
+    /// and starts processing them, or says they were not taken (the caller
+    /// answers non-200). The recording runs in its own task: when it
+    /// outlasts the deadline, whatever it recorded is removed once it
+    /// finishes, so no sweep acts on a click its clicker was told had
+    /// failed.
+    pub async fn take_clicks(
+        self: &Arc<Self>,
+        clicks: Vec<Interaction>,
+        deadline: Duration,
+    ) -> bool {
+        let service = Arc::clone(self);
+        let mut recording = tokio::spawn(async move { service.record_clicks(clicks).await });
+        match tokio::time::timeout(deadline, &mut recording).await {
+            Ok(Ok(Ok(fresh))) => {
+                for click in fresh {
+                    self.process_click(click, false);
+                }
+                true
+            }
+            Ok(_) => false,
+            Err(_) => {
+                let service = Arc::clone(self);
+                tokio::spawn(async move {
+                    if let Ok(Ok(fresh)) = recording.await {
+                        service.forget_clicks(&fresh).await;
+                    }
+                });
+                false
+            }
+        }
+    }
+
     /// Makes the clicks of one delivery durable. The caller answers 200
     /// only when this succeeds; the clicks it returns are the ones not
     /// recorded before (a delivery seen again is already being processed).
     /// On failure nothing of this delivery is left to act on later: the
     /// clicker is told it failed and clicks again.
-    pub async fn record_clicks(
+    pub(super) async fn record_clicks(
         &self,
         clicks: Vec<Interaction>,
     ) -> Result<Vec<Interaction>, StoreError> {
@@ -66,7 +99,7 @@ impl Service {
 
     /// Removes clicks whose delivery was answered non-200, so that no sweep
     /// acts on a click its clicker was told had failed.
-    pub async fn forget_clicks(&self, clicks: &[Interaction]) {
+    async fn forget_clicks(&self, clicks: &[Interaction]) {
         for click in clicks {
             if let Err(e) = self.store.finish_interaction(&click.key).await {
                 self.metrics.failed("store", e.metric_label());
@@ -77,7 +110,7 @@ impl Service {
 
     /// Processes a recorded click in its own task; `replayed`: taken up
     /// from the store rather than just received.
-    pub fn process_click(self: &Arc<Self>, click: Interaction, replayed: bool) {
+    fn process_click(self: &Arc<Self>, click: Interaction, replayed: bool) {
         let service = Arc::clone(self);
         tokio::spawn(async move { service.process_recorded(click, replayed).await });
     }

@@ -417,34 +417,15 @@ async fn interactions(State(app): State<AppState>, headers: HeaderMap, body: Bod
     if clicks.is_empty() {
         return StatusCode::OK.into_response();
     }
-    // The recording runs in its own task: when it outlasts the deadline,
-    // the clicker is told the click failed, and whatever it recorded is
-    // removed once it finishes, so no sweep acts on it later.
-    let service = app.service.clone();
-    let mut recording = tokio::spawn(async move { service.record_clicks(clicks).await });
-    match tokio::time::timeout(CLICK_RECORD_DEADLINE, &mut recording).await {
-        Ok(Ok(Ok(fresh))) => {
-            for click in fresh {
-                app.service.process_click(click, false);
-            }
-            StatusCode::OK.into_response()
-        }
-        late => {
-            if late.is_err() {
-                let service = app.service.clone();
-                tokio::spawn(async move {
-                    if let Ok(Ok(fresh)) = recording.await {
-                        service.forget_clicks(&fresh).await;
-                    }
-                });
-            }
-            // Slack shows the clicker that the click failed; they click again.
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Tollgate could not record this click; please click again",
-            )
-                .into_response()
-        }
+    if app.service.take_clicks(clicks, CLICK_RECORD_DEADLINE).await {
+        StatusCode::OK.into_response()
+    } else {
+        // Slack shows the clicker that the click failed; they click again.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Tollgate could not record this click; please click again",
+        )
+            .into_response()
     }
 }
 

@@ -447,29 +447,22 @@ async fn a_forged_approved_row_written_into_dynamodb_is_never_granted() {
     assert!(!w.entry_exists().await, "still nothing granted");
 }
 
-/// A grant made the ordinary way, then its expiry moved ten years out by a
-/// direct write (row, live copy and due entry). Decision (spec 9.8): no
-/// write of Tollgate's puts an expiry past `activated_at +
-/// max_total_duration`, so such a row is invalid and its access is revoked
-/// at the next reconcile pass (reason `invalid_row`, security channel told).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expiry_moved_far_out_in_dynamodb_is_revoked() {
-    let w = World::start(&[], &[]).await;
-    let id = w.request("eks prod-cluster 1h view INC-MOVE").await;
+/// Grants `text` the ordinary way, moves its expiry to `activated_at +
+/// moved_by` with a direct write (row, live copy and due entry), and waits
+/// for the access to go and the revoke to be recorded; the grant's id.
+async fn moved_expiry_is_revoked(w: &World, text: &str, moved_by: time::Duration) -> String {
+    let id = w.request(text).await;
     w.approve(&id).await;
     wait_until("granted", Duration::from_secs(15), || w.has_access()).await;
     wait_until("grant recorded", Duration::from_secs(10), || async {
         w.row(&id).await["state"] == "Active"
     })
     .await;
-
     let mut row = w.row(&id).await;
-    let activated = parse_time(&row["activated_at"]);
-    let moved = activated + time::Duration::days(3650);
+    let moved = parse_time(&row["activated_at"]) + moved_by;
     row["expires_at"] = json!(rfc3339(moved));
     row["remind_at"] = Value::Null;
     w.write_row(&row, Some(moved)).await;
-
     wait_until(
         "the moved grant is revoked",
         Duration::from_secs(20),
@@ -479,6 +472,23 @@ async fn an_expiry_moved_far_out_in_dynamodb_is_revoked() {
     wait_until("revoke recorded", Duration::from_secs(10), || async {
         w.event("revoked", &id).is_some()
     })
+    .await;
+    id
+}
+
+/// A grant made the ordinary way, then its expiry moved ten years out by a
+/// direct write (row, live copy and due entry). Decision (spec 9.8): no
+/// write of Tollgate's puts an expiry past `activated_at +
+/// max_total_duration`, so such a row is invalid and its access is revoked
+/// at the next reconcile pass (reason `invalid_row`, security channel told).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_moved_far_out_in_dynamodb_is_revoked() {
+    let w = World::start(&[], &[]).await;
+    let id = moved_expiry_is_revoked(
+        &w,
+        "eks prod-cluster 1h view INC-MOVE",
+        time::Duration::days(3650),
+    )
     .await;
     let revoked = w.event("revoked", &id).unwrap();
     assert_eq!(revoked["details"]["reason"], "invalid_row", "{revoked}");
@@ -805,31 +815,12 @@ async fn with_a_store_key_a_forged_row_with_real_approvals_is_never_granted() {
 async fn with_a_store_key_an_expiry_moved_within_the_cap_is_revoked_as_tampered() {
     let key = [("TOLLGATE_STORE_KEY", STORE_KEY)];
     let w = World::start_with(&integrity_config(), &[], &key).await;
-    let id = w.request("eks prod-cluster 10m view INC-MOVE").await;
-    w.approve(&id).await;
-    wait_until("granted", Duration::from_secs(15), || w.has_access()).await;
-    wait_until("grant recorded", Duration::from_secs(10), || async {
-        w.row(&id).await["state"] == "Active"
-    })
-    .await;
-
-    let mut row = w.row(&id).await;
-    let activated = parse_time(&row["activated_at"]);
     // 90 minutes: past the 10 asked for, within the 2 h cap.
-    let moved = activated + time::Duration::minutes(90);
-    row["expires_at"] = json!(rfc3339(moved));
-    row["remind_at"] = Value::Null;
-    w.write_row(&row, Some(moved)).await;
-
-    wait_until(
-        "the edited grant is revoked",
-        Duration::from_secs(20),
-        || async { !w.has_access().await },
+    let id = moved_expiry_is_revoked(
+        &w,
+        "eks prod-cluster 10m view INC-MOVE",
+        time::Duration::minutes(90),
     )
-    .await;
-    wait_until("revoke recorded", Duration::from_secs(10), || async {
-        w.event("revoked", &id).is_some()
-    })
     .await;
     let tampered = w.event("tampered", &id).expect("audited tampered");
     assert_eq!(tampered["details"]["state"], "active", "{tampered}");

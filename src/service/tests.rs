@@ -1163,6 +1163,20 @@ impl Rig {
             .await;
     }
 
+    /// Writes `id`'s row as `edit` leaves it, straight into the store, as
+    /// someone with write access to the table would.
+    async fn edit_row(&self, id: &RequestId, edit: impl FnOnce(&mut Request)) {
+        let row = self.state(id).await;
+        let mut edited = row.clone();
+        edit(&mut edited);
+        edited.version += 1;
+        self.service
+            .store()
+            .update(&row, edited, Vec::new())
+            .await
+            .unwrap();
+    }
+
     fn id_in(text: &str, skip: usize) -> RequestId {
         let at = text
             .match_indices("R-")
@@ -1431,16 +1445,11 @@ async fn an_extension_of_a_grant_whose_role_changed_fails_clearly() {
     let ext = Rig::id_in(&receipt, 0);
     // The grant's access as stored is no longer what its role gives (the
     // role was edited since, as far as this grant is concerned).
-    let row = r.state(&grant).await;
-    let mut edited = row.clone();
-    edited.access.policy_arn =
-        Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy".into());
-    edited.version += 1;
-    r.service
-        .store()
-        .update(&row, edited, Vec::new())
-        .await
-        .unwrap();
+    r.edit_row(&grant, |edited| {
+        edited.access.policy_arn =
+            Some("arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy".into());
+    })
+    .await;
     r.approve(&ext).await;
     let failed = r.state(&ext).await;
     assert_eq!(failed.state, State::Failed);
@@ -1558,15 +1567,7 @@ async fn a_forged_extension_row_never_moves_another_grants_expiry() {
         let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
         let ext = Rig::id_in(&receipt, 0);
         // The row as someone with write access to the table leaves it.
-        let row = r.state(&ext).await;
-        let mut forged = row.clone();
-        forge(&mut forged);
-        forged.version += 1;
-        r.service
-            .store()
-            .update(&row, forged, Vec::new())
-            .await
-            .unwrap();
+        r.edit_row(&ext, forge).await;
         r.approve(&ext).await;
         let failed = r.state(&ext).await;
         assert_eq!(failed.state, State::Failed, "{said}: {failed:?}");
@@ -1583,15 +1584,10 @@ async fn a_click_on_another_modes_request_changes_nothing() {
     let r = rig();
     let receipt = r.say("U0REQ", "eks prod 30m view").await;
     let id = Rig::id_in(&receipt, 0);
-    let row = r.state(&id).await;
-    let mut dry = row.clone();
-    dry.dry_run = true;
-    dry.version += 1;
-    r.service
-        .store()
-        .update(&row, dry, Vec::new())
-        .await
-        .unwrap();
+    r.edit_row(&id, |dry| {
+        dry.dry_run = true;
+    })
+    .await;
     r.service
         .decide(Decision {
             request_id: id.to_string(),
@@ -1621,15 +1617,10 @@ async fn an_extension_never_moves_a_grant_of_the_other_mode() {
     let before = r.state(&grant).await.expires_at;
     let receipt = r.say("U0REQ", &format!("extend {grant} 1h")).await;
     let ext = Rig::id_in(&receipt, 0);
-    let row = r.state(&grant).await;
-    let mut dry = row.clone();
-    dry.dry_run = true;
-    dry.version += 1;
-    r.service
-        .store()
-        .update(&row, dry, Vec::new())
-        .await
-        .unwrap();
+    r.edit_row(&grant, |dry| {
+        dry.dry_run = true;
+    })
+    .await;
     r.approve(&ext).await;
     let failed = r.state(&ext).await;
     assert_eq!(failed.state, State::Failed, "{failed:?}");

@@ -199,36 +199,7 @@ mod tests {
     }
 
     fn row() -> Request {
-        use crate::domain::request::{AccessSpec, Asked, RequestId, Requester};
-        let min = std::time::Duration::from_secs(60);
-        Request::pending(
-            Asked {
-                id: RequestId::parse("R-7F3K2").unwrap(),
-                requester: Requester {
-                    user_id: "U0ALICE".into(),
-                    email: "alice@example.com".into(),
-                    tz: None,
-                    tz_offset_secs: 0,
-                },
-                access: AccessSpec {
-                    cluster: "prod".into(),
-                    role: "view".into(),
-                    principal: "arn:aws:iam::111122223333:role/alice".into(),
-                    policy_arn: Some("AmazonEKSViewPolicy".into()),
-                    namespaces: vec![],
-                    cluster_role: None,
-                    groups: vec![],
-                    k8s_user: None,
-                    strategy: None,
-                },
-                reason: "INC-1".into(),
-                duration: 60 * min,
-                approval_timeout: 30 * min,
-                required_approvals: 1,
-                response_url: None,
-            },
-            time::macros::datetime!(2026-11-23 12:00 UTC),
-        )
+        crate::domain::lifecycle::tests::pending(1)
     }
 
     #[test]

@@ -660,7 +660,7 @@ pub fn extension_failed(ext: &Request, why: &str, now: OffsetDateTime) -> Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::request::{AccessSpec, Asked, Claim, RequestId, Requester};
     use time::macros::datetime;
@@ -668,7 +668,9 @@ mod tests {
     const T0: OffsetDateTime = datetime!(2026-11-23 12:00 UTC);
     const MIN: Duration = Duration::from_secs(60);
 
-    fn pending(required_approvals: u32) -> Request {
+    /// Alice's pending `view` request on prod, an hour long, as other
+    /// domain tests start from too.
+    pub(crate) fn pending(required_approvals: u32) -> Request {
         Request::pending(
             Asked {
                 id: RequestId::parse("R-7F3K2").unwrap(),

@@ -64,8 +64,16 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     }
     // Spec 9.8: one mode's rows are never the other's to act on; a store
     // holding live rows of the other mode is refused before anything runs.
-    if let Some(why) = crate::domain::row_check::mode_mismatch(config.dry_run, &store.live().await?)
-    {
+    // Only rows that verify count: a row written into the store from
+    // outside (failing its MAC) must not keep every replica from
+    // starting; the running server ends it as tampered.
+    let live: Vec<_> = store
+        .live()
+        .await?
+        .into_iter()
+        .filter(|r| crate::domain::integrity::intact(tunables.integrity.as_ref(), r))
+        .collect();
+    if let Some(why) = crate::domain::row_check::mode_mismatch(config.dry_run, &live) {
         anyhow::bail!(why);
     }
     let metrics = Arc::new(Metrics::new());

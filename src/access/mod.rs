@@ -338,10 +338,22 @@ impl AccessEngine for Engine {
         grants: &[InForce<'_>],
         creator: &str,
     ) -> Result<Converged, AccessError> {
+        // A grant naming a namespace that is no name (a row edited in the
+        // store: EKS would take `*` as a wildcard) is left out, which can
+        // only mean less access, and the converge still runs: one such row
+        // must not keep the principal's other grants from being revoked.
+        // The step then fails, naming it.
+        let valid: Vec<InForce<'_>> = grants
+            .iter()
+            .filter(|g| crate::domain::grant::invalid_namespace(g.spec).is_none())
+            .cloned()
+            .collect();
+        let converged = self
+            .strategy(cluster)
+            .converge(cluster, principal, &valid, creator)
+            .await?;
         refuse_invalid_namespaces(cluster, grants)?;
-        self.strategy(cluster)
-            .converge(cluster, principal, grants, creator)
-            .await
+        Ok(converged)
     }
 
     async fn owned(

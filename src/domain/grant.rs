@@ -133,17 +133,22 @@ pub struct AssociationPlan {
 
 /// Standing access that vanished while Tollgate held the policy: an
 /// association Tollgate makes over a baseline always includes it, and
-/// Tollgate never disassociates a policy whose baseline holds access, so
-/// its absence means someone else removed it (or the whole entry).
+/// Tollgate never disassociates a policy whose baseline holds access nor
+/// narrows it below the baseline, so its absence, or a scope that no
+/// longer covers it, means someone else removed or narrowed it (or the
+/// whole entry). Restoring it would put back what they took away.
 pub fn vanished_baselines(
     current: &BTreeMap<String, Scope>,
     baselines: &Baselines,
 ) -> Vec<GoneBaseline> {
     baselines
         .iter()
-        .filter(|(policy, _)| !current.contains_key(*policy))
         .filter_map(|(policy, base)| {
-            base.clone().map(|scope| GoneBaseline {
+            let scope = base.clone()?;
+            let kept = current
+                .get(policy)
+                .is_some_and(|now| narrows(Some(now), &scope));
+            (!kept).then(|| GoneBaseline {
                 policy: policy.clone(),
                 scope,
             })
@@ -794,6 +799,15 @@ mod tests {
         let plan = plan_associations(&current, &BTreeMap::new(), &base, &EntryMark::Unmarked);
         assert!(plan.gone.is_empty());
         assert_eq!(plan.associate, vec![(EDIT.to_string(), ns(&["x"]))]);
+        // Narrowed by an admin below the baseline during the grant (x
+        // taken away): what they took away is not put back.
+        let current = BTreeMap::from([(EDIT.to_string(), ns(&["a"]))]);
+        let plan = plan_associations(&current, &BTreeMap::new(), &base, &EntryMark::Unmarked);
+        assert_eq!(plan.gone, gone);
+        assert!(
+            !plan.associate.iter().any(|(_, scope)| *scope == ns(&["x"])),
+            "{plan:?}"
+        );
     }
 
     fn granted(id: &str, spec: AccessSpec, intents: Vec<Intent>) -> Request {

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use super::duration::{format_duration, DurationRange};
 use super::lifecycle::Mode;
 use super::policy::{check_approver, listed, quorum_reached, ClusterPolicy};
-use super::request::Request;
+use super::request::{Request, State};
 
 /// The members of the user groups (`S…`) named in the role's lists, asked
 /// fresh at grant time. A group Slack could not list contributes nobody, so
@@ -46,6 +46,21 @@ pub fn invalid_row(
             "its first attempt is recorded in the future ({})",
             super::lifecycle::rfc3339(Some(started)).unwrap_or_default()
         ));
+    }
+    // A grant approved longer ago than its role's total cap allows cannot
+    // be in force any more: an older, validly signed version of a row
+    // written back (spec 9.8 notes that a MAC cannot tell versions apart)
+    // would otherwise start its whole duration again from now.
+    if row.state == State::Approved && row.extends.is_none() {
+        if let (Some(approved), Some(role)) = (row.approved_at, cluster.roles.get(&row.access.role))
+        {
+            if approved + role.limits.max_total_duration <= now {
+                return Some(format!(
+                    "it was approved at {}, longer ago than `max_total_duration` allows",
+                    super::lifecycle::rfc3339(Some(approved)).unwrap_or_default()
+                ));
+            }
+        }
     }
     check(row, cluster, members).err()
 }
@@ -313,6 +328,22 @@ mod tests {
 
     fn capped_expiry(row: &Request, c: &ClusterPolicy) -> Option<OffsetDateTime> {
         super::capped_expiry(row, c, T0 + H)
+    }
+
+    /// An older, validly approved version of a row written back long after
+    /// (a MAC cannot tell versions apart) does not start its duration again:
+    /// a grant approved longer ago than the role's total cap is refused.
+    #[test]
+    fn an_approval_older_than_the_total_cap_is_refused() {
+        let row = approve(&pending(H), "U0APP", T0).unwrap().row;
+        let cap = cluster().roles["view"].limits.max_total_duration;
+        assert_eq!(
+            super::invalid_row(&row, &cluster(), &none(), T0 + cap - H),
+            None
+        );
+        let why = super::invalid_row(&row, &cluster(), &none(), T0 + cap)
+            .expect("an approval past the cap was granted");
+        assert!(why.contains("max_total_duration"), "{why}");
     }
 
     /// Security review M1: a row edited to a wildcard namespace is not

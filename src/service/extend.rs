@@ -354,6 +354,9 @@ impl Service {
         let Some(_working) = self.begin_work().await else {
             return;
         };
+        // Asked before the principal's lock: a revoke of the grant never
+        // waits on Slack behind this extension.
+        let members = self.row_members(ext).await;
         let Some(guard) = self
             .principal(&ext.access.cluster, &ext.access.principal)
             .await
@@ -376,7 +379,7 @@ impl Service {
         let mismatch = grant_row.as_ref().and_then(|g| extension_mismatch(ext, g));
         let invalid = match mismatch {
             Some(why) => Some(why),
-            None => self.invalid_row(ext).await,
+            None => self.invalid_row(ext, &members),
         };
         if let Some(why) = invalid {
             tracing::error!(request_id = %ext.id, error = %why, "stored extension refused");

@@ -313,6 +313,13 @@ impl Service {
             return;
         };
         let id = &snapshot.id;
+        // Memberships from the snapshot: a row whose mode changed since
+        // is judged against groups asked for another mode and fails.
+        let members = if snapshot.grant_abandoned() {
+            Members::default()
+        } else {
+            self.row_members(snapshot).await
+        };
         let Some(guard) = self
             .principal(&snapshot.access.cluster, &snapshot.access.principal)
             .await
@@ -363,7 +370,7 @@ impl Service {
             // anyone who can write the store could have written it; it is
             // granted only if it is what Tollgate itself would have written
             // under the configuration in force now.
-            if let Some(why) = self.invalid_row(&req).await {
+            if let Some(why) = self.invalid_row(&req, &members) {
                 tracing::error!(request_id = %id, error = %why, "stored row refused");
                 let cleanup = if req.intents.is_empty() {
                     None
@@ -531,13 +538,15 @@ impl Service {
         }
     }
 
-    /// Spec 9.8: why `req` may not be granted as stored, if it may not.
-    /// The groups its checks need are asked of Slack now, not remembered
-    /// from the approval.
-    pub(super) async fn invalid_row(&self, req: &Request) -> Option<String> {
-        // A cluster no longer configured is reported by the converge.
-        let cluster = self.config.cluster(&req.access.cluster)?;
+    /// The group memberships the row check of `req` needs (spec 9.8),
+    /// asked of Slack now, not remembered from the approval. Asked before
+    /// the principal's lock is taken: a revoke waiting on that lock never
+    /// waits on Slack.
+    pub(super) async fn row_members(&self, req: &Request) -> Members {
         let mut members = Members::default();
+        let Some(cluster) = self.config.cluster(&req.access.cluster) else {
+            return members;
+        };
         if let Some(role) = cluster.roles.get(&req.access.role) {
             let by = req.decided_by.as_deref();
             members.requesters = self.group_members(&role.requesters).await;
@@ -551,7 +560,15 @@ impl Service {
                 members.approvers = self.group_members(&role.approvers).await;
             }
         }
-        row_check::invalid_row(req, cluster, &members, self.clock.now())
+        members
+    }
+
+    /// Spec 9.8: why `req` may not be granted as stored, if it may not,
+    /// judged with memberships `row_members` asked for.
+    pub(super) fn invalid_row(&self, req: &Request, members: &Members) -> Option<String> {
+        // A cluster no longer configured is reported by the converge.
+        let cluster = self.config.cluster(&req.access.cluster)?;
+        row_check::invalid_row(req, cluster, members, self.clock.now())
     }
 
     /// Writes on the row, in one CAS write, what granting it may create
@@ -572,7 +589,13 @@ impl Service {
         }
         let written = self
             .modify(&req.id, |current| {
-                if current.state != State::Approved || !self.holds_claim(current) {
+                // Only the row that was checked is granted: one changed in
+                // between (beyond this step's own bookkeeping) is driven
+                // again from the top, and checked again.
+                if current.state != State::Approved
+                    || !self.holds_claim(current)
+                    || !same_request(current, req)
+                {
                     return Change::Keep(None);
                 }
                 let mut next = current.clone();
@@ -749,6 +772,18 @@ impl Service {
             Err(e) => self.store_failed(id, &e, "expiry not recorded; it will run again"),
         }
     }
+}
+
+/// Whether `a` and `b` are the same request apart from what the grant
+/// step itself writes (version, claim, intents, first attempt, MAC).
+fn same_request(a: &Request, b: &Request) -> bool {
+    let mut a = a.clone();
+    a.version = b.version;
+    a.claim = b.claim.clone();
+    a.intents = b.intents.clone();
+    a.first_attempt_at = b.first_attempt_at;
+    a.mac = b.mac.clone();
+    a == *b
 }
 
 #[cfg(test)]

@@ -1064,3 +1064,32 @@ async fn a_subject_swapped_binding_is_not_verified_removed_and_is_deleted_by_nam
         .get_object(Kind::RoleBinding, "b", "tollgate-r-aaaaa")
         .is_some());
 }
+
+/// A binding that took a grant's name before the grant was first
+/// attempted (its create then failed) is not Tollgate's, although the row
+/// recorded that name: removal by name leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_by_name_leaves_a_binding_older_than_the_grant() {
+    let r = rig(Strategy::SessionRbac).await;
+    let edit = rbac_spec("edit", &["a"]);
+    r.kube.seed_rolebinding(
+        "a",
+        json!({"metadata": {"name": "tollgate-r-bbbbb", "namespace": "a"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}]}),
+    );
+    let mut row = recorded_row("R-BBBBB", &edit, Strategy::SessionRbac);
+    let seeded = OffsetDateTime::from(r.kube.now());
+    row.first_attempt_at = Some(seeded + time::Duration::minutes(10));
+    r.store.create(&row, Vec::new()).await.unwrap();
+    r.rbac
+        .remove_recorded(&r.cluster, USER, "R-BBBBB")
+        .await
+        .unwrap();
+    assert!(
+        r.kube
+            .get_object(Kind::RoleBinding, "a", "tollgate-r-bbbbb")
+            .is_some(),
+        "a binding created before the grant was first attempted was deleted"
+    );
+}

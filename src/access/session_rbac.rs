@@ -27,6 +27,10 @@ pub const ANNOTATION_EXPIRES: &str = "tollgate.dev/expires-at";
 pub const MANAGED_BY: &str = "tollgate";
 
 /// Where one binding lives: `None` namespace means a ClusterRoleBinding.
+/// How far the API server's clock may run behind Tollgate's when a
+/// binding's creation time is compared with a grant's first attempt.
+const RECORDED_CLOCK_SKEW: time::Duration = time::Duration::minutes(1);
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BindingKey {
     pub namespace: Option<String>,
@@ -376,6 +380,30 @@ impl SessionRbacStrategy {
         })
     }
 
+    /// `None` when the binding does not exist; else its creation time, as
+    /// the API server recorded it.
+    async fn created_at(
+        &self,
+        client: &kube::Client,
+        cluster: &ClusterPolicy,
+        key: &BindingKey,
+    ) -> Result<Option<Option<time::OffsetDateTime>>, AccessError> {
+        let created = match &key.namespace {
+            Some(ns) => Api::<RoleBinding>::namespaced(client.clone(), ns)
+                .get_opt(&key.name)
+                .await
+                .map(|b| b.map(|b| b.metadata.creation_timestamp)),
+            None => Api::<ClusterRoleBinding>::all(client.clone())
+                .get_opt(&key.name)
+                .await
+                .map(|b| b.map(|b| b.metadata.creation_timestamp)),
+        }
+        .map_err(|e| kube_error(&self.kube, cluster, "get binding", e))?;
+        Ok(created.map(|t| {
+            t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.0.as_second()).ok())
+        }))
+    }
+
     async fn delete(
         &self,
         client: &kube::Client,
@@ -585,8 +613,19 @@ impl AccessEngine for SessionRbacStrategy {
             return Ok(());
         }
         let client = self.kube.client(cluster).await?;
+        // A name recorded before the create call may have been taken by
+        // someone else first (the create then failed): a binding created
+        // before the grant was first attempted cannot be Tollgate's, and
+        // is left for the read-back to report.
+        let since = row.first_attempt_at.map(|t| t - RECORDED_CLOCK_SKEW);
         for key in &keys {
-            self.delete(&client, cluster, key).await?;
+            match self.created_at(&client, cluster, key).await? {
+                None => {}
+                Some(created) if since.is_some_and(|s| created.is_some_and(|c| c < s)) => {
+                    tracing::warn!(cluster = %cluster.name, binding = %key.name, "a binding named for the grant existed before it; left alone");
+                }
+                Some(_) => self.delete(&client, cluster, key).await?,
+            }
         }
         Ok(())
     }

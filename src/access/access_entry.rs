@@ -45,12 +45,6 @@ struct Entry {
     username: Option<String>,
 }
 
-/// The user name EKS gives an entry created without one, which is how
-/// Tollgate creates them: any other name was set by someone else.
-pub fn default_username(principal: &str) -> Option<String> {
-    crate::domain::standing::eks_default_username(principal)
-}
-
 impl Entry {
     /// Whose marks it carries: none, this installation's, or another's.
     fn mark(&self, instance: &str) -> EntryMark {
@@ -85,7 +79,10 @@ impl Entry {
     fn plain(&self, principal: &str) -> bool {
         let username_ok = match self.username.as_deref() {
             None | Some("") => true,
-            Some(u) => Some(u) == default_username(principal).as_deref() || u == principal,
+            Some(u) => {
+                Some(u) == crate::domain::standing::eks_default_username(principal).as_deref()
+                    || u == principal
+            }
         };
         self.kind.as_deref().is_none_or(|k| k == STANDARD)
             && self.kubernetes_groups.is_empty()
@@ -871,10 +868,16 @@ mod tests {
     #[test]
     fn eks_default_username_is_recognised() {
         assert_eq!(
-            default_username("arn:aws:iam::111122223333:role/team/alice").as_deref(),
+            crate::domain::standing::eks_default_username(
+                "arn:aws:iam::111122223333:role/team/alice"
+            )
+            .as_deref(),
             Some("arn:aws:sts::111122223333:assumed-role/alice/{{SessionName}}")
         );
-        assert_eq!(default_username("arn:aws:iam::111122223333:user/bob"), None);
+        assert_eq!(
+            crate::domain::standing::eks_default_username("arn:aws:iam::111122223333:user/bob"),
+            None
+        );
         let entry = |username: Option<&str>, groups: &[&str], kind: &str| Entry {
             arn: None,
             tags: HashMap::new(),

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use super::duration::{format_duration, DurationRange};
 use super::lifecycle::Mode;
-use super::policy::{check_approver, listed, quorum_reached, ClusterPolicy};
+use super::policy::{check_approver, listed, may_request, quorum_reached, ClusterPolicy};
 use super::request::{Request, State};
 
 /// The members of the user groups (`S…`) named in the role's lists, asked
@@ -76,7 +76,7 @@ fn check(row: &Request, cluster: &ClusterPolicy, members: &Members) -> Result<()
         return Err(why);
     }
     let requester = row.requester.user_id.as_str();
-    if !role.requesters.is_empty() && !listed(&role.requesters, requester, &members.requesters) {
+    if !may_request(role, requester, &members.requesters) {
         return Err(format!(
             "{requester} may not request `{}` on {}",
             role.name, cluster.name

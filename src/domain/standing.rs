@@ -265,14 +265,6 @@ fn association_scope(a: &Association) -> Scope {
     }
 }
 
-fn scope_within(have: &Scope, allowed: &Scope) -> bool {
-    match (have, allowed) {
-        (_, Scope::Cluster) => true,
-        (Scope::Cluster, Scope::Namespaces(_)) => false,
-        (Scope::Namespaces(h), Scope::Namespaces(a)) => h.is_subset(a),
-    }
-}
-
 /// Spec 9.2 and 12: how much of an access entry is not Tollgate's. A mark
 /// names a request; the entry is Tollgate's only when that request of this
 /// cluster recorded creating it, and then only the associations a grant
@@ -314,7 +306,8 @@ pub fn entry_beyond(records: &[GrantRecord], cluster: &str, e: &RawEntry) -> Opt
                 })
                 .map(|(_, spec)| Scope::from_namespaces(spec.namespaces.iter().cloned()))
                 .reduce(|x, y| x.union(&y));
-            !allowed.is_some_and(|allowed| scope_within(&association_scope(a), &allowed))
+            !allowed
+                .is_some_and(|allowed| super::grant::narrows(Some(&allowed), &association_scope(a)))
         })
         .cloned()
         .collect();

@@ -138,10 +138,7 @@ impl Service {
         // A dry-run server never extends a live grant, nor a live one a
         // dry-run grant (spec 9.8).
         if !self.acts_on(&grant) {
-            return format!(
-                "{id} belongs to a {} Tollgate server; this one cannot extend it.",
-                if grant.dry_run { "dry-run" } else { "live" }
-            );
+            return other_mode(&id, grant.dry_run);
         }
         if let Some(original) = &grant.extends {
             return format!("{id} is itself an extension; extend the grant {original} instead.");

@@ -8,6 +8,7 @@ mod support;
 use serde_json::Value;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use support::backstop_player::Player;
 use support::ministack::{encode_arn, MiniStack};
 use support::sign::{action_body, post_signed, request_id, slash_body};
 use support::slack::SlackStandIn;
@@ -63,7 +64,11 @@ struct Pair {
 impl Pair {
     async fn start(a_env: &[(&str, &str)]) -> Pair {
         support::install_crypto_provider();
-        let ms = MiniStack::start();
+        Pair::start_on(MiniStack::start(), CONFIG, a_env).await
+    }
+
+    /// Two replicas of `config` on `ms`, A with `a_env` besides.
+    async fn start_on(ms: MiniStack, config: &str, a_env: &[(&str, &str)]) -> Pair {
         ms.create_cluster("prod-cluster").await;
         let slack = SlackStandIn::start(BOT_TOKEN).await;
         slack.add_user(REQUESTER, "alice@example.com", "UTC", 0);
@@ -72,14 +77,14 @@ impl Pair {
         }
         slack.add_channel(CHANNEL, true);
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        init_table(&ms, da.path());
+        init_table(&ms, config, da.path());
         let mut env_a = vec![("TOLLGATE_CLAIM_TTL", CLAIM_TTL)];
         env_a.extend_from_slice(a_env);
         let env_b = [("TOLLGATE_CLAIM_TTL", CLAIM_TTL)];
         let a =
-            Tollgate::start_with_env(da.path(), CONFIG, &slack.api_url(), &ms, &[], &env_a).await;
+            Tollgate::start_with_env(da.path(), config, &slack.api_url(), &ms, &[], &env_a).await;
         let b =
-            Tollgate::start_with_env(db.path(), CONFIG, &slack.api_url(), &ms, &[], &env_b).await;
+            Tollgate::start_with_env(db.path(), config, &slack.api_url(), &ms, &[], &env_b).await;
         Pair {
             ms,
             slack,
@@ -135,6 +140,25 @@ impl Pair {
                 .is_some_and(|a| !a.is_empty())
     }
 
+    /// Whether Alice's entry holds `policy` (any scope).
+    async fn holds(&self, policy: &str) -> bool {
+        let path = format!(
+            "/clusters/prod-cluster/access-entries/{}/access-policies",
+            encode_arn(ALICE)
+        );
+        let (status, body) = self.ms.eks_json("GET", &path, None).await;
+        status == 200
+            && body["associatedAccessPolicies"]
+                .as_array()
+                .is_some_and(|a| {
+                    a.iter().any(|x| {
+                        x["policyArn"]
+                            .as_str()
+                            .is_some_and(|arn| arn.ends_with(policy))
+                    })
+                })
+    }
+
     /// The audit log as the CLI exports it, read straight from the table.
     fn audit(&self) -> Vec<Value> {
         let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -166,9 +190,9 @@ impl Pair {
     }
 }
 
-fn init_table(ms: &MiniStack, dir: &std::path::Path) {
+fn init_table(ms: &MiniStack, config: &str, dir: &std::path::Path) {
     let path = dir.join("init.toml");
-    let text = CONFIG
+    let text = config
         .replace("{listen}", "127.0.0.1:0")
         .replace("{data}", &dir.join("data").display().to_string());
     std::fs::write(&path, text).unwrap();
@@ -399,11 +423,124 @@ async fn losing_dynamodb_answers_unavailable_goes_unready_and_resumes() {
     // DynamoDB is back (empty, as a restored table would be re-created):
     // the same processes become ready and take requests again.
     p.ms.resume();
-    init_table(&p.ms, p.dirs.0.path());
+    init_table(&p.ms, CONFIG, p.dirs.0.path());
     wait_until("ready again", Duration::from_secs(15), || async {
         ready(p.a.base.clone()).await == 200 && ready(p.b.base.clone()).await == 200
     })
     .await;
     let id = p.request(&p.b, "eks prod-cluster 1h view INC-BACK").await;
     assert!(id.starts_with("R-"));
+}
+
+/// The cluster of `CONFIG` with a backstop and a namespaced role, so that
+/// a second grant brings an association and a schedule of its own.
+fn backstop_config() -> String {
+    CONFIG.replace(
+        "[clusters.roles.view]",
+        r#"[clusters.backstop]
+scheduler_role_arn = "arn:aws:iam::000000000000:role/tollgate-backstop"
+grace = "2s"
+group = "tollgate"
+
+[clusters.roles.edit]
+access_policy = "AmazonEKSEditPolicy"
+namespaced = true
+
+[clusters.roles.view]"#,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "arms TOLLGATE_FAILPOINT: run with --features failpoints"
+)]
+async fn a_reconcile_pass_paused_after_its_read_leaves_a_grant_made_meanwhile_alone() {
+    // Spec 9.6: the reconciler works on a principal under the same lease
+    // as a grant or revoke, and a pass that outlived its lease acts on
+    // nothing it read. A reads Alice's one grant and freezes there; B
+    // revokes that grant and grants her another meanwhile; A wakes up
+    // holding a read in which the first grant is in force and the second
+    // does not exist.
+    support::install_crypto_provider();
+    let ms = MiniStack::start();
+    let player = Player::new(&ms, "tollgate").await;
+    player.create_group().await;
+    let p = Pair::start_on(
+        ms,
+        &backstop_config(),
+        &[("TOLLGATE_FAILPOINT", "stop:reconcile-principal-read")],
+    )
+    .await;
+
+    let first = p.request(&p.b, "eks prod-cluster 5s view INC-RACE1").await;
+    let ts = p.card(&first).await;
+    p.click(&p.b, APPROVERS[0], &first, &ts).await;
+    wait_until("first grant", Duration::from_secs(15), || async {
+        p.count("granted", &first) == 1
+    })
+    .await;
+    wait_until(
+        "A's reconcile frozen after reading Alice's grant",
+        Duration::from_secs(15),
+        || async { p.a.log().contains("failpoint armed: stopping") },
+    )
+    .await;
+
+    // While A is frozen, B revokes the first grant at its expiry and grants
+    // Alice edit in payments, each once the lease A took has lapsed.
+    wait_until(
+        "first revoke",
+        Duration::from_secs(CLAIM_SECS + 15),
+        || async { p.count("revoked", &first) == 1 },
+    )
+    .await;
+    let second = p
+        .request(&p.b, "eks prod-cluster 1h edit --ns payments INC-RACE2")
+        .await;
+    let ts = p.card(&second).await;
+    p.click(&p.b, APPROVERS[1], &second, &ts).await;
+    wait_until(
+        "second grant",
+        Duration::from_secs(CLAIM_SECS + 15),
+        || async { p.count("granted", &second) == 1 },
+    )
+    .await;
+    assert!(p.holds("AmazonEKSEditPolicy").await);
+    assert!(!p.holds("AmazonEKSViewPolicy").await);
+    let schedules = || async {
+        let mut all: Vec<(String, String)> = player
+            .schedules()
+            .await
+            .into_iter()
+            .map(|s| (s.name, s.expression))
+            .collect();
+        all.sort();
+        all
+    };
+    let planned = schedules().await;
+    assert!(!planned.is_empty(), "the second grant has its backstop");
+
+    p.a.resume();
+    // A's stale pass, then its next passes reading afresh: watched as they
+    // run.
+    let resumed = Instant::now();
+    while resumed.elapsed() < Duration::from_secs(4) {
+        assert!(
+            p.holds("AmazonEKSEditPolicy").await,
+            "the second grant survived A's wake-up"
+        );
+        assert!(!p.holds("AmazonEKSViewPolicy").await, "nothing restored");
+        assert_eq!(schedules().await, planned, "its backstop kept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A revoked grant seen "in force" would be reported as removed behind
+    // Tollgate's back.
+    assert_eq!(p.count("drift", &first), 0, "no false drift alarm");
+    assert_eq!(p.count("drift", &second), 0);
+    assert_eq!(p.count("revoked", &second), 0);
+    assert!(
+        p.a.log().contains("lease nearly lapsed before the repair"),
+        "A gave the stale pass up"
+    );
 }

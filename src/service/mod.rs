@@ -148,8 +148,13 @@ pub(crate) fn failpoint(name: &str) {
         std::process::abort();
     }
     // `stop:<name>` freezes the process there (SIGSTOP to itself) until it
-    // is sent SIGCONT: a long pause at the worst moment, on demand.
-    if armed.strip_prefix("stop:") == Some(name) {
+    // is sent SIGCONT: a long pause at the worst moment, on demand. Only the
+    // first time: a periodic pass that reaches the point again once resumed
+    // runs on, as the replica that woke up would.
+    static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if armed.strip_prefix("stop:") == Some(name)
+        && !STOPPED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
         tracing::error!(failpoint = name, "failpoint armed: stopping");
         let _ = std::process::Command::new("kill")
             .arg("-STOP")

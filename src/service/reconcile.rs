@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::error::ServiceError;
-use super::{Change, Service};
+use super::{failpoint, Change, Service};
 use crate::access::{store_knows, Holds, InForce, Look, Owned};
 use crate::domain::audit::{AuditEvent, ACTOR_TOLLGATE};
 use crate::domain::identity::role_arn_key;
@@ -373,6 +373,7 @@ impl Service {
             if fresh.iter().any(|r| r.state == State::Approved) {
                 continue;
             }
+            failpoint("reconcile-principal-read");
             let grants: Vec<&Request> = fresh
                 .iter()
                 .filter(|r| ours(r) && in_force(r, now))
@@ -388,6 +389,15 @@ impl Service {
             // Drift is judged on what each grant needs, read now under the
             // lock, whoever made the object that holds it.
             let missing = self.access.missing(cluster, &principal, &in_force).await?;
+            // Everything below acts on `fresh`: drift alerts, the backstop's
+            // schedules, the cleanup. A pass paused past most of its lease
+            // since that read may be looking at a principal another
+            // replica has revoked or granted since (spec 9.6); the next
+            // pass reads again under a lease of its own.
+            if !guard.fresh_enough(self.clock.now()) {
+                tracing::warn!(cluster = %cluster.name, %principal, "lease nearly lapsed before the repair; leaving it to the next pass");
+                continue;
+            }
             let drifted: Vec<&Request> = grants
                 .iter()
                 .copied()

@@ -1,9 +1,13 @@
 # Multi-stage: build with the Rust toolchain, run on distroless (no shell,
 # non-root). Tollgate needs no aws or kubectl binary at run time.
+# Keep at or above Cargo.toml's rust-version.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo.toml declares the benchmark target: cargo refuses a manifest whose
+# targets are missing, even to build only the binary.
+COPY benches ./benches
 RUN cargo build --release --locked --bin tollgate
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -29,6 +29,9 @@ enum Cmd {
     Check {
         #[arg(long, default_value = "tollgate.toml")]
         config: PathBuf,
+        /// Print each failure's whole error, not only its causes.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Inspect or revoke grants.
     Grants {
@@ -231,7 +234,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Check { config } => {
+        Cmd::Check { config, verbose } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -240,7 +243,7 @@ async fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(code) => return code,
             };
-            if tollgate::server::check(config, &tunables).await {
+            if tollgate::server::check(config, &tunables, verbose).await {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

@@ -500,9 +500,19 @@ pub fn namespace_report(config: &Config) -> Vec<String> {
     notes
 }
 
-pub async fn check(config: Config, tunables: &Tunables) -> bool {
+/// The longest failure line `tollgate check` prints without `--verbose`.
+const CHECK_LINE_MAX: usize = 300;
+
+pub async fn check(config: Config, tunables: &Tunables, verbose: bool) -> bool {
     let mut ok = true;
+    // One line per finding: a failure's full error (AWS SDK and HTTP
+    // client errors run to kilobytes of debug output) only when asked.
     let mut line = |passed: bool, what: String| {
+        let what = if verbose || passed {
+            what
+        } else {
+            crate::domain::text::brief_error(&what, CHECK_LINE_MAX)
+        };
         println!("{} {what}", if passed { "ok  " } else { "FAIL" });
         ok &= passed;
     };

@@ -300,3 +300,63 @@ groups = ["tollgate-debug"]
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_one_short_line_per_failure_and_the_whole_error_when_asked() {
+    // Nothing answers: Slack, STS and every cluster fail, each with the
+    // HTTP clients' and AWS SDK's error chains behind it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, CHECK_CONFIG).unwrap();
+    let refused = "http://127.0.0.1:9";
+    let env: Vec<(String, String)> = [
+        ("AWS_ENDPOINT_URL", refused),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("SLACK_BOT_TOKEN", BOT_TOKEN),
+        ("SLACK_SIGNING_SECRET", SIGNING_SECRET),
+        ("SLACK_API_URL", "http://127.0.0.1:9/api"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let run = |verbose: bool| {
+        let (path, env) = (path.display().to_string(), env.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut args = vec!["check", "--config", path.as_str()];
+            if verbose {
+                args.push("--verbose");
+            }
+            tollgate(&args, &env)
+        })
+    };
+    let out = run(false).await.unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let failed: Vec<&str> = text.lines().filter(|l| l.starts_with("FAIL")).collect();
+    // Slack (auth.test and two channels), STS, and each cluster.
+    assert!(failed.len() >= 5, "{text}");
+    for l in &failed {
+        assert!(l.chars().count() <= 310, "one short line: {l}");
+        assert!(
+            !l.contains("Some(") && !l.contains("DispatchFailure("),
+            "{l}"
+        );
+        assert!(l.contains("Connection refused"), "the cause is named: {l}");
+    }
+    let lines = text.lines().count();
+    let clusters = 2;
+    assert!(
+        lines <= 8 + 4 * clusters,
+        "a few lines per finding, {lines} in all:\n{text}"
+    );
+
+    let out = run(true).await.unwrap();
+    let verbose = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        verbose.contains("DispatchFailure("),
+        "--verbose keeps the whole error:\n{verbose}"
+    );
+}

@@ -66,9 +66,75 @@ pub fn clip(text: &str, max_chars: usize) -> String {
     }
 }
 
+/// Where an error's text turns into a debug dump of its value: the AWS
+/// SDK's context display ends with `(DispatchFailure(…))` and friends, and
+/// transport errors from HTTP clients print `Some(hyper_util::…)`.
+const DUMP_STARTS: [&str; 6] = [
+    " (DispatchFailure(",
+    " (ServiceError(",
+    " (TimeoutError(",
+    " (ResponseError(",
+    " (ConstructionFailure(",
+    " Some(",
+];
+
+/// One finding's error for a line of `tollgate check`: the chain of causes
+/// without the debug dump that follows it, the OS's words for an I/O
+/// failure kept (they are often the only cause that says anything), on one
+/// line of at most `max_chars`. `check --verbose` prints the whole error.
+pub fn brief_error(text: &str, max_chars: usize) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let cut = DUMP_STARTS
+        .iter()
+        .filter_map(|m| text.find(m))
+        .min()
+        .unwrap_or(text.len());
+    let (kept, dump) = text.split_at(cut);
+    let mut out = kept.trim_end_matches([':', ' ']).to_string();
+    if let Some(said) = dump
+        .split("message: \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .filter(|m| !m.is_empty() && !out.contains(*m))
+    {
+        out.push_str(&format!(" ({said})"));
+    }
+    clip(&out, max_chars)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn brief_error_keeps_the_causes_and_drops_the_dumps() {
+        let aws = "cluster prod: DescribeCluster on prod failed: dispatch failure: io error: \
+                   client error (Connect): tcp connect error: Connection refused (os error 111) \
+                   (DispatchFailure(DispatchFailure { source: ConnectorError { kind: Io, source: \
+                   hyper_util::client::legacy::Error(Connect, ConnectError(\"tcp connect error\")) } }))";
+        assert_eq!(
+            brief_error(aws, 300),
+            "cluster prod: DescribeCluster on prod failed: dispatch failure: io error: client \
+             error (Connect): tcp connect error: Connection refused (os error 111)"
+        );
+        let slack = "slack auth.test: Slack auth.test failed: Slack http protocol error: \
+                     Some(hyper_util::client::legacy::Error(Connect, ConnectError(\"tcp connect \
+                     error\", 127.0.0.1:9, Os { code: 111, kind: ConnectionRefused, message: \
+                     \"Connection refused\" })))";
+        assert_eq!(
+            brief_error(slack, 300),
+            "slack auth.test: Slack auth.test failed: Slack http protocol error (Connection refused)"
+        );
+        // Nothing to drop: only made one line and clipped.
+        assert_eq!(
+            brief_error("store:\n  table missing", 300),
+            "store: table missing"
+        );
+        assert_eq!(
+            brief_error(&"x".repeat(400), 10),
+            format!("{}…", "x".repeat(10))
+        );
+    }
 
     #[test]
     fn terminal_safe_shows_escapes_instead_of_running_them() {

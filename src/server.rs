@@ -88,24 +88,22 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
     // refused and /readyz says not ready. A token Slack rejects stops
     // start-up with the reason.
     let team_id = Arc::new(std::sync::OnceLock::new());
-    match bot_workspace(slack.as_ref(), WORKSPACE_PATIENCE).await? {
+    let mut wait = std::time::Duration::ZERO;
+    match bot_workspace(slack.as_ref(), Some(WORKSPACE_PATIENCE), &mut wait).await? {
         Some(team) => {
             let _ = team_id.set(team);
         }
         None => {
             let (slack, team_id) = (slack.clone(), team_id.clone());
             tokio::spawn(async move {
-                loop {
-                    match bot_workspace(slack.as_ref(), WORKSPACE_RETRY_EVERY).await {
-                        Ok(Some(team)) => {
-                            let _ = team_id.set(team);
-                            return;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::error!(error = %e, "Slack refused the bot token; no Slack request will be served");
-                            return;
-                        }
+                // Without a deadline it returns only with an answer.
+                match bot_workspace(slack.as_ref(), None, &mut wait).await {
+                    Ok(Some(team)) => {
+                        let _ = team_id.set(team);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "Slack refused the bot token; no Slack request will be served");
                     }
                 }
             });
@@ -256,16 +254,29 @@ const METRICS_CONNECTIONS: usize = 16;
 /// before the port opens anyway (not ready, refusing Slack requests) and
 /// the asking goes on in the background.
 const WORKSPACE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long each background round of asking lasts.
-const WORKSPACE_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The longest wait between two `auth.test` attempts while Slack is
+/// unreachable.
+const WORKSPACE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The wait after a failed attempt: doubling from one second up to the
+/// maximum, so an outage is logged a few times at first and then once a
+/// minute, not every two seconds.
+fn next_wait(wait: std::time::Duration) -> std::time::Duration {
+    (wait * 2)
+        .max(std::time::Duration::from_secs(1))
+        .min(WORKSPACE_BACKOFF_MAX)
+}
 
 /// The bot token's workspace; `None` when Slack could not be reached within
-/// `patience`. A definite refusal (a revoked or wrong token) is an error.
+/// `patience` (never, without one). A definite refusal (a revoked or wrong
+/// token) is an error. `wait` carries the backoff from one call to the next.
 async fn bot_workspace(
     slack: &dyn SlackApi,
-    patience: std::time::Duration,
+    patience: Option<std::time::Duration>,
+    wait: &mut std::time::Duration,
 ) -> anyhow::Result<Option<String>> {
-    let deadline = tokio::time::Instant::now() + patience;
+    let deadline = patience.map(|p| tokio::time::Instant::now() + p);
     loop {
         match slack.auth_test().await {
             Ok(bot) if !bot.team_id.is_empty() => {
@@ -276,12 +287,18 @@ async fn bot_workspace(
                 anyhow::bail!("slack auth.test named no workspace (team_id) for the bot token")
             }
             Err(e) if e.is_transient() => {
-                if tokio::time::Instant::now() >= deadline {
+                let now = tokio::time::Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
                     tracing::warn!(error = %e, "Slack unreachable; serving no Slack request until auth.test answers");
                     return Ok(None);
                 }
-                tracing::warn!(error = %e, "slack auth.test failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                *wait = next_wait(*wait);
+                tracing::warn!(error = %e, retry_in = ?*wait, "slack auth.test failed");
+                let pause = match deadline {
+                    Some(d) => (*wait).min(d - now),
+                    None => *wait,
+                };
+                tokio::time::sleep(pause).await;
             }
             Err(e) => anyhow::bail!("slack auth.test (the bot token's workspace): {e}"),
         }
@@ -660,4 +677,21 @@ pub async fn check(config: Config, tunables: &Tunables, verbose: bool) -> bool {
         println!("note {note}");
     }
     ok
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn auth_test_retries_back_off_to_once_a_minute() {
+        let mut wait = std::time::Duration::ZERO;
+        let waits: Vec<u64> = (0..9)
+            .map(|_| {
+                wait = next_wait(wait);
+                wait.as_secs()
+            })
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
 }

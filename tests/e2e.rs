@@ -2421,6 +2421,18 @@ async fn slack_unreachable_at_start_serves_no_slack_request_until_the_workspace_
         metrics.contains("tollgate_http_rejected_total{reason=\"workspace_unknown\"} 1"),
         "{metrics}"
     );
+
+    // Slack stays down: the retries back off (1 s, 2 s, 4 s … up to once a
+    // minute) instead of filling the log every two seconds.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let retries = tollgate.log().matches("slack auth.test failed").count();
+    assert!(
+        (2..=6).contains(&retries),
+        "{retries} retries logged in about 18 s"
+    );
 }
 
 /// Every `chat.postMessage` to the security channel that names `id` and

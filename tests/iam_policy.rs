@@ -31,12 +31,26 @@ fn manifest_json(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// The configuration the shipped manifests deploy.
+/// The configuration the shipped manifests deploy, with the backstop
+/// turned on as the README's setup step does: its commented block
+/// uncommented.
 fn shipped_config() -> Config {
     let cm_path = root().join("manifests/overlays/sled/configmap.yaml");
     let cm: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(&cm_path).unwrap()).unwrap();
-    Config::parse(cm["data"]["tollgate.toml"].as_str().unwrap(), "configmap").unwrap()
+    let text = cm["data"]["tollgate.toml"].as_str().unwrap();
+    let mut on = String::new();
+    let mut in_block = false;
+    for line in text.lines() {
+        in_block = (in_block && !line.trim().is_empty()) || line == "# [clusters.backstop]";
+        match line.strip_prefix("# ").filter(|_| in_block) {
+            Some(uncommented) => on.push_str(uncommented),
+            None => on.push_str(line),
+        }
+        on.push('\n');
+    }
+    assert!(on.contains("\n[clusters.backstop]\n"), "{on}");
+    Config::parse(&on, "configmap").unwrap()
 }
 
 fn as_list(v: &Value) -> Vec<String> {

@@ -225,3 +225,95 @@ fn rendered_overlays_work_behind_an_alb_and_keep_metrics_inside() {
         }
     }
 }
+
+/// What a new EKS cluster needs from the rendered overlays, and what the
+/// README's steps promise: the namespace first, a StorageClass for the sled
+/// volume (EKS clusters from 1.30 on have no default one), the image set in
+/// one place, and no shipped placeholder that breaks real requests.
+#[test]
+fn overlays_apply_to_a_new_cluster_in_order_with_nothing_to_fix_first() {
+    for overlay in OVERLAYS {
+        let kustomization: serde_yaml::Value = serde_yaml::from_str(
+            &std::fs::read_to_string(
+                root()
+                    .join("manifests/overlays")
+                    .join(overlay)
+                    .join("kustomization.yaml"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let docs = documents(&render(overlay));
+        let at = |what: &str| format!("{overlay}: {what}");
+        let first_namespaced = docs
+            .iter()
+            .position(|d| d["metadata"]["namespace"].is_string())
+            .unwrap();
+        let namespace = docs.iter().position(|d| d["kind"] == "Namespace").unwrap();
+        assert!(namespace < first_namespaced, "{}", at("Namespace first"));
+
+        // Every claim names a StorageClass the overlay ships, provisioned
+        // by the EBS CSI driver the README installs.
+        for pvc in docs.iter().filter(|d| d["kind"] == "PersistentVolumeClaim") {
+            let class = pvc["spec"]["storageClassName"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}", at("the claim names no StorageClass")));
+            let sc = docs
+                .iter()
+                .find(|d| d["kind"] == "StorageClass" && d["metadata"]["name"] == class)
+                .unwrap_or_else(|| panic!("{}", at(&format!("StorageClass {class} shipped"))));
+            assert_eq!(sc["provisioner"], "ebs.csi.aws.com", "{}", at("EBS CSI"));
+        }
+
+        // The image is the one the overlay's `images:` sets (what the
+        // README's `kustomize edit set image` changes).
+        let image = find(&docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let set = &kustomization["images"][0];
+        assert_eq!(set["name"].as_str(), Some("tollgate"), "{}", at("images"));
+        assert_eq!(
+            image,
+            format!(
+                "{}:{}",
+                set["newName"].as_str().unwrap(),
+                set["newTag"].as_str().unwrap()
+            ),
+            "{}",
+            at("image")
+        );
+
+        // No placeholder that makes every real request fail: a wrong
+        // app_id answers 401 to all of Slack, and a backstop whose group
+        // and role do not exist yet fails every grant.
+        let cm = find(&docs, "ConfigMap");
+        let cfg = Config::parse(cm["data"]["tollgate.toml"].as_str().unwrap(), overlay).unwrap();
+        assert_eq!(cfg.slack.app_id, None, "{}", at("app_id"));
+        assert!(
+            cfg.clusters.iter().all(|c| c.backstop.is_none()),
+            "{}",
+            at("backstop on before its step")
+        );
+    }
+    let example = std::fs::read_to_string(root().join("tollgate.example.toml")).unwrap();
+    let cfg = Config::parse(&example, "tollgate.example.toml").unwrap();
+    assert_eq!(cfg.slack.app_id, None, "the README's first command");
+
+    // The README's setup applies the namespace before the Secret in it.
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let setup = &readme[readme.find("## Setting it up").unwrap()..];
+    let setup = &setup[..setup[3..].find("\n## ").unwrap()];
+    let ns = setup.find("manifests/base/namespace.yaml").unwrap();
+    let secret = setup.find("secret.template.yaml").unwrap();
+    assert!(ns < secret, "namespace before the Secret in README's steps");
+    for needed in [
+        "aws-ebs-csi-driver",
+        "kustomize edit set image",
+        "create-schedule-group",
+        "enableNetworkPolicy",
+        "cargo install --locked --path .",
+    ] {
+        assert!(setup.contains(needed), "README's setup says {needed}");
+    }
+}

@@ -5,12 +5,26 @@
 //! targets) with a header deadline, and the handlers bound the body read
 //! (see `slack::routes::read_limited`), so a whole request is in within
 //! [`REQUEST_TIMEOUT`] or the connection is closed.
+//!
+//! At `max_connections`, a new connection displaces the one that has waited
+//! longest — at least [`STALLED_AFTER`] — for its client: a request head or
+//! body that stopped arriving, or a keep-alive connection idle between
+//! requests. A client that sends what it means to send is done in
+//! milliseconds, so a flood of stalled connections cannot keep Slack out.
+//! Only when every connection is working on a request or younger than that
+//! is the new one answered 503.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::Router;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -38,6 +52,9 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 const MAX_REFUSALS: usize = 64;
 /// Time given to the 503 written to a connection over the limit.
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
+/// A connection waiting this long for its client (mid-request or idle) may
+/// be closed to make room for a new one.
+pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nconnection: close\r\nretry-after: 1\r\n\r\nToo many connections to Tollgate; retry.\r\n";
 
 /// What one listener may hold: at most `max_connections` connections, each
@@ -65,7 +82,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let held = Arc::new(Mutex::new(Held::default()));
+    let epoch = Instant::now();
     let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     tokio::pin!(shutdown);
     loop {
@@ -81,7 +99,24 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let now = epoch.elapsed();
+        let (admitted, displacing) = {
+            let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+            let mut displacing = None;
+            if held.conns.len() >= limits.max_connections {
+                displacing = displaced(held.waiting(), now).and_then(|id| held.conns.remove(&id));
+            }
+            let room = held.conns.len() < limits.max_connections;
+            (room.then(|| held.admit(now)), displacing)
+        };
+        // Aborted outside the lock: the task's own clean-up takes it.
+        if let Some(old) = displacing {
+            limits.metrics.rejected("stalled");
+            if let Some(task) = old.task {
+                task.abort();
+            }
+        }
+        let Some((id, state)) = admitted else {
             limits.metrics.rejected("too_many_connections");
             // A client that never reads could hold each refusal for its
             // write deadline; past a few at once the socket is just closed.
@@ -93,7 +128,7 @@ pub async fn serve(
             }
             continue;
         };
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(marking(app.clone(), state, epoch));
         let conn = builder
             .serve_connection(TokioIo::new(tcp), service)
             .into_owned();
@@ -102,15 +137,23 @@ pub async fn serve(
         if let Some(g) = &inflight {
             g.inc();
         }
-        tokio::spawn(async move {
+        // Removed from `held` however the task ends: done, or aborted to
+        // make room (then `held` has dropped it already).
+        let leaving = Leaving {
+            held: held.clone(),
+            id,
+            inflight,
+        };
+        let task = tokio::spawn(async move {
+            let _leaving = leaving;
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection closed with an error");
             }
-            if let Some(g) = inflight {
-                g.dec();
-            }
-            drop(permit);
         });
+        let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = held.conns.get_mut(&id) {
+            c.task = Some(task.abort_handle());
+        }
     }
     drop(listener);
     if tokio::time::timeout(DRAIN, graceful.shutdown())
@@ -130,4 +173,184 @@ async fn refuse(mut tcp: TcpStream) {
         tcp.shutdown().await
     })
     .await;
+}
+
+/// What one connection shows the accept loop.
+struct ConnState {
+    /// Working on a request whose body has fully arrived (never displaced).
+    busy: AtomicBool,
+    /// Since when (ms after the listener's start) it has waited for its
+    /// client: accepted, or its last response finished.
+    waiting_since_ms: AtomicU64,
+}
+
+struct HeldConn {
+    state: Arc<ConnState>,
+    /// Set right after the task is spawned, before the next accept.
+    task: Option<tokio::task::AbortHandle>,
+}
+
+/// The listener's connections, in the order they were accepted.
+#[derive(Default)]
+struct Held {
+    next: u64,
+    conns: BTreeMap<u64, HeldConn>,
+}
+
+impl Held {
+    fn admit(&mut self, now: Duration) -> (u64, Arc<ConnState>) {
+        let id = self.next;
+        self.next += 1;
+        let state = Arc::new(ConnState {
+            busy: AtomicBool::new(false),
+            waiting_since_ms: AtomicU64::new(now.as_millis() as u64),
+        });
+        self.conns.insert(
+            id,
+            HeldConn {
+                state: state.clone(),
+                task: None,
+            },
+        );
+        (id, state)
+    }
+
+    /// (id, busy, waiting since) of every connection.
+    fn waiting(&self) -> impl Iterator<Item = (u64, bool, Duration)> + '_ {
+        self.conns.iter().map(|(id, c)| {
+            (
+                *id,
+                c.state.busy.load(Ordering::Relaxed),
+                Duration::from_millis(c.state.waiting_since_ms.load(Ordering::Relaxed)),
+            )
+        })
+    }
+}
+
+/// The connection a new one displaces at the limit: of those waiting on
+/// their client for at least [`STALLED_AFTER`], the one waiting longest.
+fn displaced(conns: impl Iterator<Item = (u64, bool, Duration)>, now: Duration) -> Option<u64> {
+    conns
+        .filter(|(_, busy, since)| !busy && now.saturating_sub(*since) >= STALLED_AFTER)
+        .min_by_key(|(id, _, since)| (*since, *id))
+        .map(|(id, _, _)| id)
+}
+
+struct Leaving {
+    held: Arc<Mutex<Held>>,
+    id: u64,
+    inflight: Option<prometheus_client::metrics::gauge::Gauge>,
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.conns.remove(&self.id);
+        if let Some(g) = &self.inflight {
+            g.dec();
+        }
+    }
+}
+
+/// The router, with each request marking its connection busy from the
+/// moment its body has fully arrived until its response is handed over.
+fn marking(
+    app: Router,
+    state: Arc<ConnState>,
+    epoch: Instant,
+) -> impl tower::Service<
+    axum::http::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+> + Clone {
+    tower::service_fn(move |req: axum::http::Request<Incoming>| {
+        let (app, state) = (app.clone(), state.clone());
+        async move {
+            use tower::ServiceExt;
+            let (parts, body) = req.into_parts();
+            if hyper::body::Body::is_end_stream(&body) {
+                state.busy.store(true, Ordering::Relaxed);
+            }
+            let body = Body::new(Marked {
+                inner: body,
+                state: state.clone(),
+            });
+            let response = app
+                .oneshot(axum::http::Request::from_parts(parts, body))
+                .await;
+            state
+                .waiting_since_ms
+                .store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            state.busy.store(false, Ordering::Relaxed);
+            response
+        }
+    })
+}
+
+/// A request body that marks its connection busy once it has all arrived.
+struct Marked {
+    inner: Incoming,
+    state: Arc<ConnState>,
+}
+
+impl hyper::body::Body for Marked {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.state.busy.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_new_connection_displaces_the_longest_stalled_never_a_busy_or_young_one() {
+        let now = s(10_000);
+        // Busy for long: working on a request, never displaced.
+        // Waiting 0.5 s: young, may be a request still arriving.
+        assert_eq!(
+            displaced([(1, true, s(0)), (2, false, s(9_500))].into_iter(), now),
+            None
+        );
+        // Of two stalled, the one waiting longest, whatever its id.
+        assert_eq!(
+            displaced(
+                [
+                    (1, true, s(0)),
+                    (2, false, s(8_000)),
+                    (3, false, s(5_000)),
+                    (4, false, s(9_900))
+                ]
+                .into_iter(),
+                now
+            ),
+            Some(3)
+        );
+        // Exactly STALLED_AFTER counts.
+        assert_eq!(displaced([(7, false, s(9_000))].into_iter(), now), Some(7));
+        assert_eq!(displaced(std::iter::empty(), now), None);
+    }
 }

@@ -2937,11 +2937,12 @@ async fn raw_status(base: &str, head: &[u8]) -> String {
 /// before a byte of it is awaited (none: 411, too long: 413, at once);
 /// headers are capped at 16 KiB; connections over `max_connections` get an
 /// immediate 503 while the ones held are shown in `tollgate_http_inflight`,
-/// and valid commands are served again as soon as room is made; one user's
-/// commands over `commands_per_minute` are refused with the time to wait.
+/// and once they have stalled for a second a new connection displaces the
+/// longest-waiting one, so valid commands are served; one user's commands
+/// over `commands_per_minute` are refused with the time to wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_bounds_lengths_headers_connections_and_command_rates() {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = CONFIG
         .replace(
             "listen = \"{listen}\"\n",
@@ -3015,14 +3016,35 @@ async fn the_edge_bounds_lengths_headers_connections_and_command_rates() {
         .unwrap_or(0.0)
             >= 1.0
     );
-    // Room made: commands are served again at once.
-    held.truncate(12);
-    wait_until("room again", Duration::from_secs(5), || async {
-        w.metric("tollgate_http_inflight", None).await == Some(12.0)
-    })
+    // Stalled for a second, they make room: a new connection displaces
+    // the one that has waited longest, and a command is served.
+    wait_until(
+        "a stalled connection displaced",
+        Duration::from_secs(5),
+        || async {
+            raw_status(&base, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .contains(" 200 ")
+        },
+    )
     .await;
+    assert!(
+        w.metric("tollgate_http_rejected_total", Some(("reason", "stalled")))
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    let mut first = held.remove(0);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(2), first.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the longest-stalled connection was closed: {closed:?}"
+    );
+    let started = Instant::now();
     let (status, json) = w.slash(REQUESTER, "help").await;
     assert_eq!(status, 200, "{json}");
+    assert!(started.elapsed() < Duration::from_secs(1));
     drop(held);
 
     // commands_per_minute = 3: `help` above was the first.

@@ -105,6 +105,11 @@ struct Counts {
     /// Figure 10: requests, and the approval channels they go to.
     cards: usize,
     card_channels: usize,
+    /// Figure 12: stalled connections, valid commands among them, and the
+    /// listener's `max_connections` (the default in the full run).
+    flood: usize,
+    flood_valid: usize,
+    flood_cap: usize,
 }
 
 impl Counts {
@@ -130,6 +135,9 @@ impl Counts {
             reconcile_active: 20,
             cards: 200,
             card_channels: 10,
+            flood: 3_000,
+            flood_valid: 50,
+            flood_cap: 512,
         }
     }
 
@@ -155,6 +163,9 @@ impl Counts {
             reconcile_active: 3,
             cards: 20,
             card_channels: 4,
+            flood: 200,
+            flood_valid: 5,
+            flood_cap: 64,
         }
     }
 }
@@ -2130,6 +2141,229 @@ async fn fig10_cards(c: &Counts, rows: &mut Vec<Row>) {
 
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// 12. A flood of stalled connections beside valid commands and an expiry.
+
+/// Opens `n` connections that each send a request head declaring a 60 KiB
+/// body and 1 KiB of it, then stall; they are held until dropped. Any the
+/// server refuses or closes are simply no longer held.
+async fn stalled_connections(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let head = format!(
+        "POST /slack/commands HTTP/1.1\r\nhost: tollgate\r\n\
+         content-type: application/x-www-form-urlencoded\r\ncontent-length: 61440\r\n\
+         x-slack-request-timestamp: {}\r\nx-slack-signature: v0={}\r\n\r\n{}",
+        wall_now().unix_timestamp(),
+        "0".repeat(64),
+        "a".repeat(1024)
+    );
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let (addr, head) = (addr.to_string(), head.clone());
+            async move {
+                let mut tcp = tokio::net::TcpStream::connect(&addr).await.ok()?;
+                tcp.write_all(head.as_bytes()).await.ok()?;
+                Some(tcp)
+            }
+        })
+        .buffer_unordered(128)
+        .filter_map(|c| async move { c })
+        .collect()
+        .await
+}
+
+/// Each user's `/access eks` spread over `spread`: (time to the receipt,
+/// or `None` when it was not answered with one).
+async fn spread_commands(
+    url: &str,
+    users: &[String],
+    response_url: &str,
+    spread: Duration,
+) -> Vec<Option<Duration>> {
+    let gap = spread / users.len().max(1) as u32;
+    let tasks: Vec<_> = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_else(|e| panic!("client: {e}"));
+            let url = url.to_string();
+            let body = slash_body(user, "eks bench-cluster 1h view flood test", response_url);
+            tokio::spawn(async move {
+                tokio::time::sleep(gap * i as u32).await;
+                let started = Instant::now();
+                let resp = post_signed(&client, &url, SIGNING_SECRET, body).await;
+                let ok = resp.status().is_success();
+                let text = resp.text().await.unwrap_or_default();
+                (ok && text.contains("R-")).then(|| started.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap_or(None));
+    }
+    out
+}
+
+async fn fig12_flood(c: &Counts, rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let data = dir.path().join("data");
+    // One grant, expiring 12 s from now: inside the flood below.
+    let at_ms = (wall_now() + Duration::from_secs(8)).unix_timestamp_nanos() / 1_000_000;
+    seed_child(&[
+        "storm".into(),
+        data.display().to_string(),
+        "0".into(),
+        "1".into(),
+        at_ms.to_string(),
+    ])
+    .await;
+    let expiry = OffsetDateTime::from_unix_timestamp_nanos((at_ms + 4_000) * 1_000_000)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    slack.add_user(STORM_USER, "storm@example.com", "UTC", 0);
+    slack.add_channel(CHANNEL, true);
+    let users: Vec<String> = (0..2 * c.flood_valid)
+        .map(|i| format!("U0FLD{i:04}"))
+        .collect();
+    for u in &users {
+        slack.add_user(u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
+    }
+    let config = CONFIG.replacen(
+        "listen = \"{listen}\"\n",
+        &format!(
+            "listen = \"{{listen}}\"\nmax_connections = {}\n",
+            c.flood_cap
+        ),
+        1,
+    );
+    let mut server = Server::spawn_with(
+        dir.path(),
+        &config,
+        offline_aws_env(),
+        &slack.api_url(),
+        &["--dry-run"],
+    );
+    server.wait_ready(Duration::from_secs(60)).await;
+    let url = format!("{}/slack/commands", server.base);
+    let response_url = slack.response_url("flood");
+    let spread = Duration::from_secs(2);
+    let (quiet_users, flood_users) = users.split_at(c.flood_valid);
+
+    // Baseline: the same commands with nothing else going on.
+    let quiet = spread_commands(&url, quiet_users, &response_url, spread).await;
+    let rss_before = server.status_kib("VmRSS");
+    assert!(
+        wall_now() + Duration::from_secs(4) < expiry,
+        "start-up took too long: the expiry must fall inside the flood"
+    );
+
+    // The flood, then the valid commands arriving while it is held.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let opened = Instant::now();
+    let held = stalled_connections(&addr, c.flood).await;
+    let open_took = opened.elapsed();
+    let opened_count = held.len();
+    let flooded = spread_commands(&url, flood_users, &response_url, spread).await;
+    let wait_past = expiry + Duration::from_secs(3);
+    while wall_now() < wait_past {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let peak_kib = server.status_kib("VmHWM");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server
+        .json_lines(&["grants", "list", "--json"])
+        .await
+        .iter()
+        .all(|g| g["state"] == "pending")
+    {
+        assert!(Instant::now() < deadline, "the grant was never revoked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+    let store = open_store(&data).await;
+    let lateness = store
+        .audit_since(None)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .find(|e| e.event == "revoked")
+        .and_then(|e| e.details["lateness_seconds"].as_f64())
+        .unwrap_or_else(|| panic!("no revoked event"));
+
+    let histo = |answers: &[Option<Duration>]| {
+        let mut h = histogram();
+        for d in answers.iter().flatten() {
+            record(&mut h, *d);
+        }
+        h
+    };
+    let (q, f) = (histo(&quiet), histo(&flooded));
+    let answered = flooded.iter().flatten().count();
+    let within = flooded
+        .iter()
+        .flatten()
+        .filter(|d| **d <= Duration::from_secs(3))
+        .count();
+    assert_eq!(
+        quiet.iter().flatten().count(),
+        quiet.len(),
+        "every command is answered without a flood"
+    );
+    let (_, p99, _) = pcts(&f);
+    let (_, quiet_p99, _) = pcts(&q);
+    rows.push(
+        Row::new(
+            "12",
+            format!(
+                "flood: {} connections stall with 1 KiB of a declared 60 KiB body ({} opened in {:.1} s, max_connections {}); {} valid `/access eks` over 2 s among them → receipt, p50/p99/max",
+                c.flood,
+                opened_count,
+                open_took.as_secs_f64(),
+                c.flood_cap,
+                c.flood_valid
+            ),
+            format!("{} ({answered}/{} answered)", fmt_pcts(&f), c.flood_valid),
+        )
+        .baseline(format!("the same without the flood: {}", fmt_pcts(&q)))
+        .ratio(p99 as f64 / quiet_p99.max(1) as f64)
+        .target("all within 3 s", within == c.flood_valid),
+    );
+    rows.push(
+        Row::new(
+            "12",
+            "a grant expiring during the flood: expiry → revoked",
+            format!("{:.0} ms", lateness * 1_000.0),
+        )
+        .target("≤ 2 s", lateness <= 2.0),
+    );
+    let peak_mib = peak_kib as f64 / 1024.0;
+    rows.push(
+        Row::new(
+            "12",
+            "peak RSS (VmHWM) of the server",
+            format!("{peak_mib:.1} MiB"),
+        )
+        .baseline(format!(
+            "RSS before the flood: {:.1} MiB",
+            rss_before as f64 / 1024.0
+        ))
+        .ratio(peak_kib as f64 / rss_before.max(1) as f64)
+        .target("≤ 128 MiB", peak_mib <= 128.0),
+    );
+    if c.smoke {
+        assert_eq!(
+            within, c.flood_valid,
+            "valid commands answered during the flood"
+        );
+        assert!(lateness <= 2.0, "the revoke kept its time: {lateness}");
+    }
+}
+
 fn print_table(rows: &[Row], smoke: bool, took: Duration) {
     println!();
     println!(
@@ -2214,6 +2448,10 @@ fn main() {
         if runs("10") {
             eprintln!("bench: 10/10 cards over several channels");
             fig10_cards(&counts, &mut rows).await;
+        }
+        if runs("12") {
+            eprintln!("bench: 12 a flood of stalled connections");
+            fig12_flood(&counts, &mut rows).await;
         }
         rows
     });

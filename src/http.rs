@@ -7,12 +7,12 @@
 //! [`REQUEST_TIMEOUT`] or the connection is closed.
 //!
 //! At `max_connections`, a new connection displaces the one that has waited
-//! longest — at least [`STALLED_AFTER`] — for its client: a request head or
-//! body that stopped arriving, or a keep-alive connection idle between
-//! requests. A client that sends what it means to send is done in
-//! milliseconds, so a flood of stalled connections cannot keep Slack out.
-//! Only when every connection is working on a request or younger than that
-//! is the new one answered 503.
+//! longest for its client: a request head or body that stopped arriving, or
+//! a keep-alive connection idle between requests. A client that sends what
+//! it means to send is done in milliseconds, long before `max_connections`
+//! newer connections could make it the longest waiting, so a flood of
+//! stalled connections cannot keep Slack out. Only when every connection is
+//! working on a complete request is the new one answered 503.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -52,9 +52,6 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 const MAX_REFUSALS: usize = 64;
 /// Time given to the 503 written to a connection over the limit.
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
-/// A connection waiting this long for its client (mid-request or idle) may
-/// be closed to make room for a new one.
-pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nconnection: close\r\nretry-after: 1\r\n\r\nToo many connections to Tollgate; retry.\r\n";
 
 /// What one listener may hold: at most `max_connections` connections, each
@@ -104,7 +101,7 @@ pub async fn serve(
             let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
             let mut displacing = None;
             if held.conns.len() >= limits.max_connections {
-                displacing = displaced(held.waiting(), now).and_then(|id| held.conns.remove(&id));
+                displacing = displaced(held.waiting()).and_then(|id| held.conns.remove(&id));
             }
             let room = held.conns.len() < limits.max_connections;
             (room.then(|| held.admit(now)), displacing)
@@ -228,10 +225,10 @@ impl Held {
 }
 
 /// The connection a new one displaces at the limit: of those waiting on
-/// their client for at least [`STALLED_AFTER`], the one waiting longest.
-fn displaced(conns: impl Iterator<Item = (u64, bool, Duration)>, now: Duration) -> Option<u64> {
+/// their client, the one waiting longest.
+fn displaced(conns: impl Iterator<Item = (u64, bool, Duration)>) -> Option<u64> {
     conns
-        .filter(|(_, busy, since)| !busy && now.saturating_sub(*since) >= STALLED_AFTER)
+        .filter(|(_, busy, _)| !busy)
         .min_by_key(|(id, _, since)| (*since, *id))
         .map(|(id, _, _)| id)
 }
@@ -327,15 +324,14 @@ mod tests {
     }
 
     #[test]
-    fn a_new_connection_displaces_the_longest_stalled_never_a_busy_or_young_one() {
-        let now = s(10_000);
-        // Busy for long: working on a request, never displaced.
-        // Waiting 0.5 s: young, may be a request still arriving.
+    fn a_new_connection_displaces_the_longest_waiting_never_a_busy_one() {
+        // Busy: working on a complete request, never displaced.
         assert_eq!(
-            displaced([(1, true, s(0)), (2, false, s(9_500))].into_iter(), now),
+            displaced([(1, true, s(0)), (2, true, s(9_500))].into_iter()),
             None
         );
-        // Of two stalled, the one waiting longest, whatever its id.
+        // Of those waiting, the one waiting longest, whatever its id (an
+        // old keep-alive connection idle since its last answer is younger).
         assert_eq!(
             displaced(
                 [
@@ -344,13 +340,10 @@ mod tests {
                     (3, false, s(5_000)),
                     (4, false, s(9_900))
                 ]
-                .into_iter(),
-                now
+                .into_iter()
             ),
             Some(3)
         );
-        // Exactly STALLED_AFTER counts.
-        assert_eq!(displaced([(7, false, s(9_000))].into_iter(), now), Some(7));
-        assert_eq!(displaced(std::iter::empty(), now), None);
+        assert_eq!(displaced(std::iter::empty()), None);
     }
 }

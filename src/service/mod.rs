@@ -70,9 +70,24 @@ pub struct Service {
     /// Principals whose last converge was cut off mid-call, until when no
     /// converge may read them (`claims::Fences`).
     fences: Arc<claims::Fences>,
+    /// Notices (card updates, DMs, alerts) run a few at a time, behind
+    /// the grants and revokes they report: a storm of expiries revokes
+    /// first and tells people after, at Slack's pace (spec 9.9).
+    notice_lanes: Arc<tokio::sync::Semaphore>,
+    /// Signalled when the last grant or revoke under way finishes.
+    work_idle: Notify,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
+/// Notices sent at once; the rest wait their turn in order. A few, so a
+/// storm's thousands of DMs do not take the cores from its revokes (each
+/// also waits until no grant or revoke is under way); more than one or
+/// two, so a notice waiting out a Slack `Retry-After` does not hold up
+/// everyone else's.
+const NOTICE_LANES: usize = 8;
+/// How long a notice gives way to grants and revokes under way before it
+/// goes out anyway: under steady load, notices are late, never lost.
+const NOTICE_MAX_DEFER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a message waits out a Slack outage before it is given up (and
 /// logged); the first retry comes quickly, later ones at most this far apart.
@@ -81,6 +96,22 @@ const SLACK_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1)
 const SLACK_RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub(crate) use crate::domain::lifecycle::Notice;
+
+/// A grant or revoke under way (a permit of `Service::work`); the last
+/// one to finish lets the notices waiting behind it go.
+pub(crate) struct Working<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    service: &'a Service,
+}
+
+impl Drop for Working<'_> {
+    fn drop(&mut self) {
+        // This permit is still out: one more available means none will be.
+        if self.service.work.available_permits() + 1 >= WORK_PERMITS as usize {
+            self.service.work_idle.notify_waiters();
+        }
+    }
+}
 
 /// Who ends a request early.
 pub enum Revoker {
@@ -247,6 +278,8 @@ impl Service {
             clicks_in_flight: Default::default(),
             command_rate: std::sync::Mutex::new(command_rate),
             fences: Default::default(),
+            notice_lanes: Arc::new(tokio::sync::Semaphore::new(NOTICE_LANES)),
+            work_idle: Notify::new(),
             tunables,
         })
     }
@@ -272,8 +305,30 @@ impl Service {
     }
 
     /// A permit to change access, or `None` once shutting down.
-    pub(crate) async fn begin_work(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        self.work.acquire().await.ok()
+    pub(crate) async fn begin_work(&self) -> Option<Working<'_>> {
+        let permit = self.work.acquire().await.ok()?;
+        Some(Working {
+            _permit: permit,
+            service: self,
+        })
+    }
+
+    /// Whether a grant or revoke is under way.
+    fn working(&self) -> bool {
+        self.work.available_permits() < WORK_PERMITS as usize
+    }
+
+    /// Waits until no grant or revoke is under way, or `NOTICE_MAX_DEFER`.
+    async fn after_work(&self) {
+        let deadline = tokio::time::Instant::now() + NOTICE_MAX_DEFER;
+        while self.working() && tokio::time::Instant::now() < deadline {
+            // The signal can be missed between the check and the wait; the
+            // short sleep looks again.
+            tokio::select! {
+                _ = self.work_idle.notified() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            }
+        }
     }
 
     pub fn wake_handle(&self) -> Arc<Notify> {
@@ -472,6 +527,19 @@ impl Service {
         let service = Arc::clone(self);
         let id = id.clone();
         tokio::spawn(async move {
+            // An alert that a revoke is failing is not queued behind DMs;
+            // everything else waits for the grants and revokes under way.
+            let _lane = match notice {
+                Notice::RevokeFailing { .. } => None,
+                _ => {
+                    let lane = match service.notice_lanes.clone().acquire_owned().await {
+                        Ok(lane) => lane,
+                        Err(_) => return,
+                    };
+                    service.after_work().await;
+                    Some(lane)
+                }
+            };
             let Ok(Some(req)) = service.store.get(&id).await else {
                 return;
             };

@@ -99,6 +99,8 @@ struct Counts {
     /// binary, and revokes timed per backend and condition.
     revoke_history: usize,
     revoke_cycles: usize,
+    /// How long each of those grants lasts.
+    revoke_life: Duration,
     /// Figure 9: `/metrics` scrapes per condition.
     scrapes: usize,
     /// Figure 8: access entries in the cluster, how many carry Tollgate's
@@ -130,6 +132,7 @@ impl Counts {
             cycles: 100,
             revoke_history: 10_000,
             revoke_cycles: 6,
+            revoke_life: Duration::from_secs(2),
             scrapes: 200,
             reconcile_entries: 500,
             reconcile_marked: 100,
@@ -156,7 +159,8 @@ impl Counts {
             history: 300,
             cycles: 5,
             revoke_history: 300,
-            revoke_cycles: 2,
+            revoke_cycles: 1,
+            revoke_life: Duration::from_secs(1),
             scrapes: 10,
             reconcile_entries: 30,
             reconcile_marked: 10,
@@ -1959,10 +1963,10 @@ struct Revokes {
     exports: usize,
 }
 
-/// `n` grants of 2 s, one after another, each left to expire and be
-/// revoked by the scheduler; users `U0HS{tag}{i}`.
-async fn expiring_grants(w: &E2e, tag: &str, n: usize) -> Revokes {
-    const LIFE: Duration = Duration::from_secs(2);
+/// `revoke_cycles` grants of `revoke_life`, one after another, each left
+/// to expire and be revoked by the scheduler; users `U0HS{tag}{i}`.
+async fn expiring_grants(w: &E2e, tag: &str, c: &Counts) -> Revokes {
+    let (n, life) = (c.revoke_cycles, c.revoke_life);
     let from = wall_now();
     let mut out = Revokes {
         recorded: histogram(),
@@ -1976,12 +1980,12 @@ async fn expiring_grants(w: &E2e, tag: &str, n: usize) -> Revokes {
     for i in 0..n {
         let user = format!("U0HS{tag}{i:02}");
         let principal = principal_of(&user);
-        let (id, ts) = w.request(&user, &format!("{}s", LIFE.as_secs())).await;
+        let (id, ts) = w.request(&user, &format!("{}s", life.as_secs())).await;
         w.approve(&id, &ts).await;
         wait_logged(&w.server, &id, "grant step recorded").await;
         let before = w.proxy.counts();
-        // The expiry is under `LIFE` from here; watch from a little before.
-        tokio::time::sleep(LIFE - Duration::from_millis(400)).await;
+        // The expiry is under `life` from here; watch from a little before.
+        tokio::time::sleep(life.saturating_sub(Duration::from_millis(400))).await;
         let gone = w
             .wait_access(&principal, false, Duration::from_secs(30))
             .await;
@@ -2047,7 +2051,7 @@ async fn fig7_revokes(
         None => CONFIG.to_string(),
     };
     let mut w = E2e::start_on(&users, &config, AWS_DELAY, table).await;
-    let empty = expiring_grants(&w, "E", c.revoke_cycles).await;
+    let empty = expiring_grants(&w, "E", c).await;
     w.server.stop().await;
     let seeding = Instant::now();
     // Ids far above any the bench's other seeds use; the server's own are
@@ -2081,7 +2085,7 @@ async fn fig7_revokes(
         &[],
     );
     w.server.wait_ready(Duration::from_secs(60)).await;
-    let full = expiring_grants(&w, "H", c.revoke_cycles).await;
+    let full = expiring_grants(&w, "H", c).await;
     // And while an operator's `audit export` of the whole log runs in a
     // loop: the load the issue's own measurement put on the server.
     let exporting = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -2097,7 +2101,7 @@ async fn fig7_revokes(
             exports
         })
     };
-    let mut loaded = expiring_grants(&w, "X", c.revoke_cycles).await;
+    let mut loaded = expiring_grants(&w, "X", c).await;
     exporting.store(false, std::sync::atomic::Ordering::SeqCst);
     loaded.exports = exporter.await.unwrap_or_else(|e| panic!("exporter: {e}"));
     (empty, full, loaded)

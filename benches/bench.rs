@@ -1294,14 +1294,29 @@ impl E2e {
 
     /// Requests as `user`; the request id and its card's ts.
     async fn request(&self, user: &str, duration: &str) -> (String, String) {
+        let answer_to = format!("cmd-{user}-{}", wall_now().unix_timestamp_nanos());
         let body = slash_body(
             user,
             &format!("eks {CLUSTER} {duration} view benchmark"),
-            &self.slack.response_url("cmd"),
+            &self.slack.response_url(&answer_to),
         );
         let url = format!("{}/slack/commands", self.server.base);
         let resp = post_signed(&self.http, &url, SIGNING_SECRET, body).await;
-        let text = resp.text().await.unwrap_or_default();
+        let mut text = resp.text().await.unwrap_or_default();
+        if receipt_id(&text).is_none() && text.contains("still working") {
+            // Past the ack deadline (a loaded server) the receipt follows
+            // at the command's response_url.
+            text = self
+                .slack
+                .wait_for_call(
+                    &format!("response:{answer_to}"),
+                    |c| receipt_id(&c.params.to_string()).is_some(),
+                    Duration::from_secs(30),
+                )
+                .await
+                .params
+                .to_string();
+        }
         let id = receipt_id(&text).unwrap_or_else(|| panic!("no receipt: {text}"));
         let needle = id.clone();
         let card = self

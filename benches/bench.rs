@@ -95,6 +95,12 @@ struct Counts {
     history: usize,
     /// Figure 7: grant + revoke cycles per condition.
     cycles: usize,
+    /// Figure 7, end to end: ended requests in the store of the real
+    /// binary, and revokes timed per backend and condition.
+    revoke_history: usize,
+    revoke_cycles: usize,
+    /// How long each of those grants lasts.
+    revoke_life: Duration,
     /// Figure 9: `/metrics` scrapes per condition.
     scrapes: usize,
     /// Figure 8: access entries in the cluster, how many carry Tollgate's
@@ -129,6 +135,9 @@ impl Counts {
             revoke_duration_secs: 20,
             history: 100_000,
             cycles: 100,
+            revoke_history: 10_000,
+            revoke_cycles: 6,
+            revoke_life: Duration::from_secs(2),
             scrapes: 200,
             reconcile_entries: 500,
             reconcile_marked: 100,
@@ -157,6 +166,9 @@ impl Counts {
             revoke_duration_secs: 4,
             history: 300,
             cycles: 5,
+            revoke_history: 300,
+            revoke_cycles: 1,
+            revoke_life: Duration::from_secs(1),
             scrapes: 10,
             reconcile_entries: 30,
             reconcile_marked: 10,
@@ -474,21 +486,7 @@ impl Server {
     /// `tollgate <args> --config <this server's config>` through its admin
     /// socket; stdout.
     async fn cli(&self, args: &[&str]) -> String {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        cmd.args(args)
-            .arg("--config")
-            .arg(&self.config_path)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let out = cmd
-            .output()
-            .await
-            .unwrap_or_else(|e| panic!("tollgate {args:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "tollgate {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        cli_at(&self.config_path, &self.env, args).await
     }
 
     async fn json_lines(&self, args: &[&str]) -> Vec<Value> {
@@ -530,6 +528,25 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// `tollgate <args> --config <config>` with `env`; stdout.
+async fn cli_at(config: &Path, env: &[(String, String)], args: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let out = cmd
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("tollgate {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "tollgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn receipt_id(text: &str) -> Option<String> {
@@ -1300,15 +1317,29 @@ struct E2e {
     /// Straight to MiniStack: watching access without the proxy's delay.
     watch: Aws,
     http: reqwest::Client,
+    /// Before anything of this world was written.
+    started: OffsetDateTime,
     _dir: tempfile::TempDir,
 }
 
 impl E2e {
     async fn start(users: &[String], config: &str, delay: Duration) -> E2e {
+        E2e::start_on(users, config, delay, None).await
+    }
+
+    /// As `start`, with the DynamoDB `table` made in MiniStack first when
+    /// the config's store is that table.
+    async fn start_on(users: &[String], config: &str, delay: Duration, table: Option<&str>) -> E2e {
+        let started = wall_now();
         let ms = tokio::task::spawn_blocking(MiniStack::start)
             .await
             .unwrap_or_else(|e| panic!("MiniStack: {e}"));
         ms.create_cluster(CLUSTER).await;
+        if let Some(table) = table {
+            tollgate::store::dynamodb::init(&dynamo_client(&ms.endpoint).await, table)
+                .await
+                .unwrap_or_else(|e| panic!("store init: {e}"));
+        }
         let proxy = AwsProxy::start(&ms.endpoint, delay).await;
         let slack = SlackStandIn::start(BOT_TOKEN).await;
         slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
@@ -1330,20 +1361,36 @@ impl E2e {
             aws,
             watch,
             http: reqwest::Client::new(),
+            started,
             _dir: dir,
         }
     }
 
     /// Requests as `user`; the request id and its card's ts.
     async fn request(&self, user: &str, duration: &str) -> (String, String) {
+        let answer_to = format!("cmd-{user}-{}", wall_now().unix_timestamp_nanos());
         let body = slash_body(
             user,
             &format!("eks {CLUSTER} {duration} view benchmark"),
-            &self.slack.response_url("cmd"),
+            &self.slack.response_url(&answer_to),
         );
         let url = format!("{}/slack/commands", self.server.base);
         let resp = post_signed(&self.http, &url, SIGNING_SECRET, body).await;
-        let text = resp.text().await.unwrap_or_default();
+        let mut text = resp.text().await.unwrap_or_default();
+        if receipt_id(&text).is_none() && text.contains("still working") {
+            // Past the ack deadline (a loaded server) the receipt follows
+            // at the command's response_url.
+            text = self
+                .slack
+                .wait_for_call(
+                    &format!("response:{answer_to}"),
+                    |c| receipt_id(&c.params.to_string()).is_some(),
+                    Duration::from_secs(30),
+                )
+                .await
+                .params
+                .to_string();
+        }
         let id = receipt_id(&text).unwrap_or_else(|| panic!("no receipt: {text}"));
         let needle = id.clone();
         let card = self
@@ -1403,11 +1450,21 @@ impl E2e {
         self.wait_event(id, "granted").await
     }
 
-    /// Waits for the audit event `name` of request `id`.
+    /// Waits for the audit event `name` of request `id`, reading only the
+    /// log since this world started: a waiter that read the whole log on
+    /// every poll would load the server it measures in step with the
+    /// history (issue 29).
     async fn wait_event(&self, id: &str, name: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let since = self
+            .started
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|e| panic!("{e}"));
         loop {
-            let audit = self.server.json_lines(&["audit", "export"]).await;
+            let audit = self
+                .server
+                .json_lines(&["audit", "export", "--since", &since])
+                .await;
             if audit
                 .iter()
                 .any(|e| e["event"] == name && e["request_id"] == id)
@@ -1686,17 +1743,19 @@ async fn cycles(
     (h, most)
 }
 
-/// Ended requests written straight into sled, concurrently, each with its
-/// audit events, as the service would have left them.
-async fn seed_ended_sled(store: &SledStore, first: usize, n: usize) {
+/// Ended requests written through the store API, concurrently, each with
+/// its audit events, as the service would have left them.
+/// Request `i` is `principal(i)`'s.
+async fn seed_ended(
+    store: &dyn Store,
+    first: usize,
+    n: usize,
+    principal: &(dyn Fn(usize) -> String + Sync),
+) {
     let now = wall_now();
     futures::stream::iter(first..first + n)
         .for_each_concurrent(64, |i| async move {
-            let (r, audit) = ended(
-                i,
-                &format!("arn:aws:iam::000000000000:role/user-{}", i % 5_000),
-                now,
-            );
+            let (r, audit) = ended(i, &principal(i), now);
             store
                 .create(&r, audit)
                 .await
@@ -1860,7 +1919,10 @@ async fn fig7_history(c: &Counts, rows: &mut Vec<Row>) {
     let history_from = 4 * c.cycles;
     cycles(&store, 2 * c.cycles, c.cycles, None).await;
     let (empty, _) = cycles(&store, 0, c.cycles, None).await;
-    seed_ended_sled(&store, history_from, c.history).await;
+    seed_ended(&store, history_from, c.history, &|i| {
+        format!("arn:aws:iam::000000000000:role/user-{}", i % 5_000)
+    })
+    .await;
     let (full, _) = cycles(&store, c.cycles, c.cycles, None).await;
     assert_eq!(
         store.list().await.map(|l| l.len()).unwrap_or(0),
@@ -1930,6 +1992,294 @@ async fn fig7_history(c: &Counts, rows: &mut Vec<Row>) {
         .baseline(format!("0 ended: {}", fmt_pcts(&probe_empty)))
         .ratio(ratio),
     );
+}
+
+// ---------------------------------------------------------------------------
+// 7, end to end: expiry → revoke recorded through the real binary, with and
+// without history in its store.
+
+/// The steps the server logs with each `revoked` line, in order (see
+/// `service::readback::RevokeTimes`).
+const REVOKE_STEPS: [&str; 6] = [
+    "claimed",
+    "in_force",
+    "converge",
+    "remove",
+    "read_back",
+    "record",
+];
+
+/// The server's log line with `message` for request `id` (its JSON
+/// `fields`), waited for: reading the log, unlike `audit export`, puts no
+/// load on the server being measured.
+async fn wait_logged(server: &Server, id: &str, message: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = server.log().lines().find_map(|l| {
+            let line: Value = serde_json::from_str(l).ok()?;
+            let fields = &line["fields"];
+            (fields["message"] == message
+                && fields["request_id"]
+                    .as_str()
+                    .is_some_and(|r| r.ends_with(id.trim_start_matches("R-"))))
+            .then(|| fields.clone())
+        });
+        if let Some(fields) = found {
+            return fields;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id}: no {message:?} logged within 60 s:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What the revokes of one condition took.
+struct Revokes {
+    /// Expiry → the `revoked` audit event's time.
+    recorded: Histogram<u64>,
+    /// Expiry → a separate client no longer sees the policy.
+    gone: Histogram<u64>,
+    /// Per `REVOKE_STEPS`, as the server logged it.
+    steps: Vec<Histogram<u64>>,
+    /// The AWS calls (DynamoDB included) most revokes made, from the
+    /// grant recorded to the revoke logged: the revoke's own, and what
+    /// else ran meanwhile.
+    calls: String,
+    /// Whole-log `audit export`s run alongside.
+    exports: usize,
+}
+
+/// `revoke_cycles` grants of `revoke_life`, one after another, each left
+/// to expire and be revoked by the scheduler; users `U0HS{tag}{i}`.
+async fn expiring_grants(w: &E2e, tag: &str, c: &Counts) -> Revokes {
+    let (n, life) = (c.revoke_cycles, c.revoke_life);
+    let from = wall_now();
+    let mut out = Revokes {
+        recorded: histogram(),
+        gone: histogram(),
+        steps: REVOKE_STEPS.iter().map(|_| histogram()).collect(),
+        calls: String::new(),
+        exports: 0,
+    };
+    let mut calls: HashMap<String, usize> = HashMap::new();
+    let mut seen = Vec::new();
+    for i in 0..n {
+        let user = format!("U0HS{tag}{i:02}");
+        let principal = principal_of(&user);
+        let (id, ts) = w.request(&user, &format!("{}s", life.as_secs())).await;
+        w.approve(&id, &ts).await;
+        wait_logged(&w.server, &id, "grant step recorded").await;
+        let before = w.proxy.counts();
+        // The expiry is under `life` from here; watch from a little before.
+        tokio::time::sleep(life.saturating_sub(Duration::from_millis(400))).await;
+        let gone = w
+            .wait_access(&principal, false, Duration::from_secs(30))
+            .await;
+        let fields = wait_logged(&w.server, &id, "revoked").await;
+        *calls
+            .entry(w.proxy.counts().since(&before).describe(""))
+            .or_default() += 1;
+        for (h, step) in out.steps.iter_mut().zip(REVOKE_STEPS) {
+            let ms = fields[format!("{step}_ms")]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{id}: no {step}_ms in {fields}"));
+            record(h, Duration::from_secs_f64(ms / 1e3));
+        }
+        seen.push((id, gone));
+    }
+    out.calls = calls
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(calls, _)| calls)
+        .unwrap_or_default();
+    // One read of the audit log, after the revokes, of this run's events.
+    let from_text = from
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let audit = w
+        .server
+        .json_lines(&["audit", "export", "--since", &from_text])
+        .await;
+    let event = |id: &str, name: &str| {
+        audit
+            .iter()
+            .find(|e| e["event"] == name && e["request_id"] == id)
+            .unwrap_or_else(|| panic!("{id} has no {name} event"))
+            .clone()
+    };
+    for (id, gone) in seen {
+        let expires = parse_ts(&event(&id, "granted")["details"]["expires_at"]);
+        let revoked = parse_ts(&event(&id, "revoked")["ts"]);
+        record(&mut out.recorded, since(expires, revoked));
+        record(&mut out.gone, since(expires, gone));
+    }
+    out
+}
+
+/// Expiry → `revoked` on one backend: `revoke_cycles` revokes on an empty
+/// store, then, after the server is stopped, `revoke_history` ended
+/// requests written through the store API and the server started again,
+/// as many more.
+async fn fig7_revokes(
+    c: &Counts,
+    backend: &str,
+    table: Option<&str>,
+) -> (Revokes, Revokes, Revokes) {
+    let users: Vec<String> = ["E", "H", "X"]
+        .iter()
+        .flat_map(|tag| (0..c.revoke_cycles).map(move |i| format!("U0HS{tag}{i:02}")))
+        .collect();
+    let config = match table {
+        Some(table) => CONFIG.replace(
+            "[store]\n",
+            &format!("[store]\nbackend = \"dynamodb\"\ntable = \"{table}\"\n"),
+        ),
+        None => CONFIG.to_string(),
+    };
+    let mut w = E2e::start_on(&users, &config, AWS_DELAY, table).await;
+    let empty = expiring_grants(&w, "E", c).await;
+    w.server.stop().await;
+    let seeding = Instant::now();
+    // Ids far above any the bench's other seeds use; the server's own are
+    // random.
+    let first = 5_000_000;
+    // The history is the measured users' own, as a team that keeps asking
+    // leaves it: anything read per principal meets all of it.
+    let principal = |i: usize| principal_of(&users[i % users.len()]);
+    match table {
+        Some(table) => {
+            let store =
+                tollgate::store::DynamoStore::new(dynamo_client(&w.ms.endpoint).await, table);
+            seed_ended(&store, first, c.revoke_history, &principal).await;
+        }
+        None => {
+            let store = open_store(&w._dir.path().join("data")).await;
+            seed_ended(&store, first, c.revoke_history, &principal).await;
+            store.flush().await.unwrap_or_else(|e| panic!("flush: {e}"));
+        }
+    }
+    eprintln!(
+        "bench: 7 {backend}: seeded {} ended requests in {:.1} s",
+        c.revoke_history,
+        seeding.elapsed().as_secs_f64()
+    );
+    w.server = Server::spawn_with(
+        w._dir.path(),
+        &config,
+        w.proxy.aws_env(),
+        &w.slack.api_url(),
+        &[],
+    );
+    w.server.wait_ready(Duration::from_secs(60)).await;
+    let full = expiring_grants(&w, "H", c).await;
+    // And while an operator's `audit export` of the whole log runs in a
+    // loop: the load the issue's own measurement put on the server.
+    let exporting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let exporter = {
+        let (config, env) = (w.server.config_path.clone(), w.server.env.clone());
+        let exporting = exporting.clone();
+        tokio::spawn(async move {
+            let mut exports = 0;
+            while exporting.load(std::sync::atomic::Ordering::SeqCst) {
+                cli_at(&config, &env, &["audit", "export"]).await;
+                exports += 1;
+            }
+            exports
+        })
+    };
+    let mut loaded = expiring_grants(&w, "X", c).await;
+    exporting.store(false, std::sync::atomic::Ordering::SeqCst);
+    loaded.exports = exporter.await.unwrap_or_else(|e| panic!("exporter: {e}"));
+    (empty, full, loaded)
+}
+
+fn fig7_revoke_rows(
+    backend: &str,
+    empty: &Revokes,
+    full: &Revokes,
+    c: &Counts,
+    rows: &mut Vec<Row>,
+) {
+    let history = c.revoke_history;
+    let (e50, _, _) = pcts(&empty.recorded);
+    let (f50, _, _) = pcts(&full.recorded);
+    let ratio = f50 as f64 / e50.max(1) as f64;
+    rows.push(
+        Row::new(
+            "7",
+            format!(
+                "{backend}, real binary: grant expiry → `revoked` audit event, {} revokes, with {history} ended requests, p50/p99/max",
+                c.revoke_cycles
+            ),
+            fmt_pcts(&full.recorded),
+        )
+        .baseline(format!("0 ended: {}", fmt_pcts(&empty.recorded)))
+        .ratio(ratio)
+        .target("ratio (p50) ≤ 1.2", ratio <= 1.2),
+    );
+    let (e50, _, _) = pcts(&empty.gone);
+    let (f50, _, _) = pcts(&full.gone);
+    rows.push(
+        Row::new(
+            "7",
+            format!("{backend}, real binary: grant expiry → policy gone for a separate client, with {history} ended, p50/p99/max"),
+            fmt_pcts(&full.gone),
+        )
+        .baseline(format!("0 ended: {}", fmt_pcts(&empty.gone)))
+        .ratio(f50 as f64 / e50.max(1) as f64),
+    );
+    let breakdown = |r: &Revokes| {
+        REVOKE_STEPS
+            .iter()
+            .zip(&r.steps)
+            .map(|(step, h)| format!("{step} {}", fmt_ms(pcts(h).0)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let total = |r: &Revokes| r.steps.iter().map(|h| pcts(h).0).sum::<u64>();
+    rows.push(
+        Row::new(
+            "7",
+            format!("{backend}, real binary: where a revoke's time goes, from the server's log (p50 per step), with {history} ended; AWS calls from grant to revoke: {}", full.calls),
+            breakdown(full),
+        )
+        .baseline(format!("0 ended: {}; calls: {}", breakdown(empty), empty.calls))
+        .ratio(total(full) as f64 / total(empty).max(1) as f64),
+    );
+}
+
+async fn fig7_end_to_end(c: &Counts, rows: &mut Vec<Row>) {
+    for (backend, table) in [
+        ("sled", None),
+        ("DynamoDB (MiniStack)", Some("tollgate-bench")),
+    ] {
+        let (empty, full, loaded) = fig7_revokes(c, backend, table).await;
+        fig7_revoke_rows(backend, &empty, &full, c, rows);
+        let (e50, _, _) = pcts(&empty.recorded);
+        let (l50, _, _) = pcts(&loaded.recorded);
+        rows.push(
+            Row::new(
+                "7",
+                format!(
+                    "{backend}, real binary: grant expiry → `revoked`, with {} ended and a whole-log `audit export` in a loop alongside ({} exports); where the time went: {}",
+                    c.revoke_history,
+                    loaded.exports,
+                    REVOKE_STEPS
+                        .iter()
+                        .zip(&loaded.steps)
+                        .map(|(step, h)| format!("{step} {}", fmt_ms(pcts(h).0)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                fmt_pcts(&loaded.recorded),
+            )
+            .baseline(format!("0 ended, no export: {}", fmt_pcts(&empty.recorded)))
+            .ratio(l50 as f64 / e50.max(1) as f64),
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2508,6 +2858,8 @@ fn main() {
         if runs("7") {
             eprintln!("bench: 7/10 grant + revoke with history");
             fig7_history(&counts, &mut rows).await;
+            eprintln!("bench: 7/10 expiry → revoked with history, real binary");
+            fig7_end_to_end(&counts, &mut rows).await;
         }
         if runs("8") {
             eprintln!("bench: 8/10 reconcile pass");

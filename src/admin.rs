@@ -247,8 +247,18 @@ async fn connection(service: Arc<Service>, stream: UnixStream) -> std::io::Resul
             },
         }
     };
-    let mut text = serde_json::to_string(&response).map_err(std::io::Error::other)?;
-    text.push('\n');
+    // An audit export answers with the whole log in one line: encoded on
+    // a blocking thread, so the runtime's workers go on driving revokes
+    // meanwhile (issue 29).
+    let text = tokio::task::spawn_blocking(move || {
+        serde_json::to_string(&response).map(|mut text| {
+            text.push('\n');
+            text
+        })
+    })
+    .await
+    .map_err(std::io::Error::other)?
+    .map_err(std::io::Error::other)?;
     write.write_all(text.as_bytes()).await?;
     write.shutdown().await
 }

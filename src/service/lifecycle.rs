@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::error::{GrantRefusal, ServiceError};
+use super::readback::RevokeTimes;
 use super::{failpoint, Change, Service};
 use crate::access::InForce;
 use crate::domain::grant::{intents_for, namespace_refused, role_changed};
@@ -443,7 +444,8 @@ impl Service {
             // only find someone else's access. A failed grant's cleanup is
             // not a revoke and is not read back.
             let removed = if req.failure.is_none() && !req.intents.is_empty() {
-                self.remove_and_read_back(&req, now).await
+                self.remove_and_read_back(&req, now, &mut RevokeTimes::default())
+                    .await
             } else {
                 self.converge_for(&req, None, now).await.map(|()| {
                     if req.failure.is_none() {
@@ -682,6 +684,7 @@ impl Service {
     }
 
     async fn revoke(self: &Arc<Self>, snapshot: &Request, when: When) {
+        let started = std::time::Instant::now();
         let Some(_working) = self.begin_work().await else {
             return;
         };
@@ -714,10 +717,13 @@ impl Service {
         }
         // Spec 10.2: the revoke counts once the cluster, read back, no
         // longer shows the access; until then it is a failed attempt.
-        let result = self.remove_and_read_back(&req, now).await;
+        let claimed = started.elapsed();
+        let mut times = RevokeTimes::default();
+        let result = self.remove_and_read_back(&req, now, &mut times).await;
         if result.is_ok() {
             failpoint("after-revoke-converge");
         }
+        let recording = std::time::Instant::now();
         let done_at = self.clock.now();
         let recorded = self
             .modify(id, |current| {
@@ -737,6 +743,7 @@ impl Service {
                 Change::event(id, effects)
             })
             .await;
+        let record = recording.elapsed();
         drop(guard);
         if let Err(error) = &result {
             self.metrics.revoke_failures.inc();
@@ -750,7 +757,20 @@ impl Service {
                         let lateness = (done_at - expired).as_seconds_f64().max(0.0);
                         self.metrics.revoke_lateness_seconds.observe(lateness);
                     }
-                    tracing::info!(request_id = %id, "revoked");
+                    // Milliseconds per step: the lock, lease and claim
+                    // (`claimed`), the steps of `remove_and_read_back`,
+                    // and the write that records it with its audit event.
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    tracing::info!(
+                        request_id = %id,
+                        claimed_ms = ms(claimed),
+                        in_force_ms = ms(times.in_force),
+                        converge_ms = ms(times.converge),
+                        remove_ms = ms(times.remove),
+                        read_back_ms = ms(times.read_back),
+                        record_ms = ms(record),
+                        "revoked"
+                    );
                 }
                 self.announce(id, notice);
             }

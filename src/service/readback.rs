@@ -3,6 +3,7 @@
 //! same grants in force the converge used. A read-back that still shows
 //! the revoked access fails the attempt exactly like a failed converge.
 
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 use super::error::ServiceError;
@@ -10,6 +11,21 @@ use super::Service;
 use crate::access::InForce;
 use crate::domain::readback::{ReadBack, Verified};
 use crate::domain::request::Request;
+
+/// Where a revoke's time went between its claim and its record, logged
+/// with its `revoked` line (`scripts/bench` figure 7 reads it back), so a
+/// slow revoke shows which step grew without a profiler.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct RevokeTimes {
+    /// Reading the principal's other grants in force.
+    pub in_force: Duration,
+    /// The converge that removes the access.
+    pub converge: Duration,
+    /// Removing by name what the row recorded creating.
+    pub remove: Duration,
+    /// Reading the cluster back.
+    pub read_back: Duration,
+}
 
 impl Service {
     /// Converges `req`'s access away and reads the cluster back (spec
@@ -23,16 +39,28 @@ impl Service {
         &self,
         req: &Request,
         now: OffsetDateTime,
+        times: &mut RevokeTimes,
     ) -> Result<Verified, ServiceError> {
         let limit = self.tunables.converge_limit;
         let step = async {
+            let mut from = Instant::now();
+            let mut lap = || {
+                let took = from.elapsed();
+                from = Instant::now();
+                took
+            };
             let others = self
                 .others_in_force(req, now)
                 .await
                 .map_err(ServiceError::InForceUnreadable)?;
+            times.in_force = lap();
             self.converge_with(req, &others, None).await?;
+            times.converge = lap();
             self.remove_recorded(req).await?;
-            self.read_back(req, &others).await
+            times.remove = lap();
+            let verified = self.read_back(req, &others).await;
+            times.read_back = lap();
+            verified
         };
         self.converge_limited(&req.access.cluster, &req.access.principal, step)
             .await

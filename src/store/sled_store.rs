@@ -398,13 +398,21 @@ impl Store for SledStore {
         since: Option<OffsetDateTime>,
     ) -> Result<Vec<AuditEvent>, StoreError> {
         let start = since.map(time_key).unwrap_or([0; 8]);
-        self.audit
-            .range(start.as_slice()..)
-            .map(|item| {
-                let (k, v) = item.map_err(backend)?;
-                decode(&k, &v)
-            })
-            .collect()
+        let audit = self.audit.clone();
+        // A whole log is read and decoded in one go (tens of thousands of
+        // events with a year of history): on a blocking thread, so the
+        // runtime's workers go on driving revokes meanwhile (issue 29).
+        tokio::task::spawn_blocking(move || {
+            audit
+                .range(start.as_slice()..)
+                .map(|item| {
+                    let (k, v) = item.map_err(backend)?;
+                    decode(&k, &v)
+                })
+                .collect()
+        })
+        .await
+        .map_err(backend)?
     }
 
     async fn baselines(&self, cluster: &str, principal: &str) -> Result<Baselines, StoreError> {

@@ -228,7 +228,9 @@ impl Service {
         // Who may request is asked again: being allowed once is not a
         // standing right to more time.
         if !role.requesters.is_empty() {
-            let members = self.group_members(&role.requesters).await;
+            let members = self
+                .group_members(&role.requesters, crate::domain::directory::Need::Recent)
+                .await;
             if !may_request(role, user, &members) {
                 return format!(
                     "You may no longer request `{}` on {}, so {id} cannot be extended. Who may: {}.",
@@ -242,7 +244,9 @@ impl Service {
             && listed(
                 &role.auto_approve,
                 user,
-                &self.group_members(&role.auto_approve).await,
+                &self
+                    .group_members(&role.auto_approve, crate::domain::directory::Need::Recent)
+                    .await,
             ) {
             Mode::AutoApproved
         } else {

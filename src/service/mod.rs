@@ -21,6 +21,7 @@ mod admin;
 mod claims;
 mod commands;
 mod decide;
+pub mod directory;
 mod error;
 mod extend;
 mod identity;
@@ -70,6 +71,8 @@ pub struct Service {
     /// Principals whose last converge was cut off mid-call, until when no
     /// converge may read them (`claims::Fences`).
     fences: Arc<claims::Fences>,
+    /// Slack profiles and user-group members, per id (spec 9.9).
+    directory: directory::Directory,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -242,6 +245,7 @@ impl Service {
             clicks_in_flight: Default::default(),
             command_rate: std::sync::Mutex::new(command_rate),
             fences: Default::default(),
+            directory: Default::default(),
             tunables,
         })
     }
@@ -346,12 +350,41 @@ impl Service {
         tracing::error!(request_id = %id, error = %e, "{what}");
     }
 
+    /// A Slack profile as `need` requires it (spec 9.9): remembered for a
+    /// command, asked fresh for an approval or a grant.
+    pub(crate) async fn profile(
+        &self,
+        id: &str,
+        need: crate::domain::directory::Need,
+    ) -> Result<crate::slack::SlackUser, SlackError> {
+        self.directory
+            .users
+            .get(id, need, &*self.clock, || self.slack.user(id))
+            .await
+    }
+
+    /// `Need::FreshSince` now: only an answer Slack gives from here on.
+    pub(crate) fn asked_now(&self) -> crate::domain::directory::Need {
+        crate::domain::directory::Need::FreshSince(self.clock.now())
+    }
+
     /// Members of the user groups (`S…`) in a list of approvers or
-    /// requesters. A group Slack cannot list contributes nobody.
-    async fn group_members(&self, ids: &[String]) -> HashSet<String> {
+    /// requesters, as `need` requires them (remembered for a command,
+    /// asked fresh for an approval or a grant). A group Slack cannot list
+    /// contributes nobody.
+    async fn group_members(
+        &self,
+        ids: &[String],
+        need: crate::domain::directory::Need,
+    ) -> HashSet<String> {
         let mut members = HashSet::new();
         for id in ids.iter().filter(|id| id.starts_with('S')) {
-            match self.slack.group_members(id).await {
+            let listed = self
+                .directory
+                .groups
+                .get(id, need, &*self.clock, || self.slack.group_members(id))
+                .await;
+            match listed {
                 Ok(users) => members.extend(users),
                 Err(e) => tracing::warn!(group = %id, error = %e, "cannot list user group"),
             }

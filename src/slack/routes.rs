@@ -20,6 +20,7 @@ use std::time::Duration;
 use super::modal;
 use super::verify::{Rejection, Verifier};
 use crate::domain::inbox::{Click, Interaction as RecordedClick};
+use crate::service::directory::{answering, Ack};
 use crate::service::{Service, SlashCommand};
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -32,6 +33,11 @@ const COMMAND_DEADLINE: Duration = Duration::from_millis(2700);
 /// A click not on disk by then is answered non-200 (within Slack's three
 /// seconds), so Slack tells the clicker it failed.
 const CLICK_RECORD_DEADLINE: Duration = Duration::from_millis(2500);
+
+/// The answer of a command whose work waits on Slack; the outcome follows
+/// through the command's `response_url`.
+pub const WORKING_ON_IT: &str =
+    "Working on it: Tollgate is asking Slack about you; the answer follows here in a moment.";
 
 #[derive(Clone)]
 pub struct AppState {
@@ -297,20 +303,33 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
     let response_url = cmd.response_url.clone();
     // The work runs in its own task so a late answer is still finished,
     // recorded and delivered through response_url after Slack stopped
-    // waiting for the HTTP answer.
-    let mut work = tokio::spawn(async move { service.handle_command(cmd).await });
-    match tokio::time::timeout(COMMAND_DEADLINE, &mut work).await {
+    // waiting for the HTTP answer. The answer waits on the config and the
+    // store only (spec 9.9): the moment the work needs Slack (a profile or
+    // a group not remembered, a rate limit to wait out) it is answered
+    // "working on it", and the rest follows through the response_url.
+    let ack = Arc::new(Ack::default());
+    let gate = ack.clone();
+    let mut work = tokio::spawn(answering(
+        gate,
+        async move { service.handle_command(cmd).await },
+    ));
+    let answered = tokio::select! {
+        done = &mut work => Some(done),
+        _ = ack.deferred() => None,
+        _ = tokio::time::sleep(COMMAND_DEADLINE) => None,
+    };
+    match answered {
         // The modal opened: Slack wants an empty 200, not a message.
-        Ok(Ok(text)) if text.is_empty() => StatusCode::OK.into_response(),
-        Ok(Ok(text)) => ephemeral(text),
-        Ok(Err(e)) => {
+        Some(Ok(text)) if text.is_empty() => StatusCode::OK.into_response(),
+        Some(Ok(text)) => ephemeral(text),
+        Some(Err(e)) => {
             tracing::error!(error = %e, "command handler failed");
             ephemeral(
                 "Tollgate hit an internal error handling that command; nothing was requested."
                     .into(),
             )
         }
-        Err(_) => {
+        None => {
             let service = app.service.clone();
             tokio::spawn(async move {
                 // An empty answer means a modal opened: nothing to say.
@@ -322,7 +341,7 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
                     Err(e) => tracing::error!(error = %e, "command handler failed"),
                 }
             });
-            ephemeral("Tollgate is still working on that; the answer follows in a moment.".into())
+            ephemeral(WORKING_ON_IT.into())
         }
     }
 }

@@ -457,21 +457,28 @@ async fn view_submission(app: &AppState, payload: &Value) -> Response {
     };
     let service = app.service.clone();
     let url = sub.response_url.clone();
-    // Its own task, like a command: past the deadline it still finishes,
-    // and whatever it has to say goes through the response_url.
-    let mut work = tokio::spawn(async move {
+    // Its own task, like a command: once it would wait on Slack, or past
+    // the deadline, it still finishes, and whatever it has to say goes
+    // through the response_url.
+    let ack = Arc::new(Ack::default());
+    let mut work = tokio::spawn(answering(ack.clone(), async move {
         service
             .submit_form(&sub.user_id, &sub.form, sub.response_url)
             .await
-    });
-    match tokio::time::timeout(COMMAND_DEADLINE, &mut work).await {
-        Ok(Ok(Ok(()))) => StatusCode::OK.into_response(),
-        Ok(Ok(Err(errors))) => Json(modal::errors_response(&errors)).into_response(),
-        Ok(Err(e)) => {
+    }));
+    let answered = tokio::select! {
+        done = &mut work => Some(done),
+        _ = ack.deferred() => None,
+        _ = tokio::time::sleep(COMMAND_DEADLINE) => None,
+    };
+    match answered {
+        Some(Ok(Ok(()))) => StatusCode::OK.into_response(),
+        Some(Ok(Err(errors))) => Json(modal::errors_response(&errors)).into_response(),
+        Some(Err(e)) => {
             tracing::error!(error = %e, "modal submission failed");
             StatusCode::OK.into_response()
         }
-        Err(_) => {
+        None => {
             let service = app.service.clone();
             tokio::spawn(async move {
                 if let Ok(Err(errors)) = work.await {

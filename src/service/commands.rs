@@ -135,7 +135,10 @@ impl Service {
                 cluster: cluster.name.clone(),
             })?;
 
-        let user = self.requesting_user(&cmd.user_id).await?;
+        // Remembered answers will do: nothing is granted before approval,
+        // and an auto-approved or break-glass grant asks Slack afresh at
+        // grant (`recheck_identity`, `row_members`).
+        let user = self.requesting_user(&cmd.user_id, Need::Recent).await?;
         if !role.requesters.is_empty() {
             let members = self.group_members(&role.requesters, Need::Recent).await;
             if !may_request(role, &user.id, &members) {
@@ -317,12 +320,12 @@ impl Service {
         ))
     }
 
-    /// The Slack profile of someone asking for access (remembered for a
-    /// minute, spec 9.9); deactivated accounts and bots are refused. A
-    /// profile Slack rate-limits is waited for, not refused: the command
-    /// was acknowledged already and its answer follows (`directory`).
-    pub(super) async fn requesting_user(&self, id: &str) -> Result<SlackUser, Refusal> {
-        let user = match self.profile(id, Need::Recent).await {
+    /// The Slack profile of someone asking for access, as `need` requires
+    /// it (spec 9.9); deactivated accounts and bots are refused. A profile
+    /// Slack rate-limits is waited for, not refused: the command was
+    /// acknowledged already and its answer follows (`directory`).
+    pub(super) async fn requesting_user(&self, id: &str, need: Need) -> Result<SlackUser, Refusal> {
+        let user = match self.profile(id, need).await {
             Ok(user) => user,
             Err(e) => {
                 tracing::warn!(error = %e, "users.info failed");

@@ -4,10 +4,12 @@
 //! whoever holds an id's slot asks, the others wait on the slot and are
 //! answered by that call), and waits out Slack's `Retry-After`.
 //!
-//! A command's acknowledgement never waits on any of this: the first time
-//! a command task would ask Slack or wait for it, `defer` tells the HTTP
-//! handler, which answers at once and lets the answer follow through the
-//! `response_url` (`slack::routes`).
+//! A command's acknowledgement never waits out a rate limit: the moment a
+//! command task would wait for Slack's `Retry-After`, `defer` tells the
+//! HTTP handler, which answers "working on it" at once and lets the
+//! outcome follow through the `response_url` (`slack::routes`). A call
+//! Slack may answer at once (the first profile of someone new) is given
+//! `ASK_BUDGET` in all before the same happens.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -95,8 +97,8 @@ impl<T: Clone + Send + 'static> Table<T> {
             Ok(entry) => entry,
             Err(_) => {
                 // Another task is asking Slack about this id: its answer
-                // is ours too, but it is a wait on Slack.
-                defer();
+                // is ours too, within the budget of a call.
+                asking();
                 slot.lock_owned().await
             }
         };
@@ -117,7 +119,7 @@ impl<T: Clone + Send + 'static> Table<T> {
                     tokio::time::sleep(wait).await;
                 }
                 Plan::Ask => {
-                    defer();
+                    asking();
                     match ask().await {
                         Ok(value) => {
                             entry.answered(value.clone(), now);
@@ -144,11 +146,19 @@ tokio::task_local! {
     static ANSWERING: Arc<Ack>;
 }
 
-/// Tells the HTTP handler of a command that its task is about to wait on
-/// Slack, so it answers now instead.
+/// How long in all a command's answer may wait for Slack calls that are
+/// not rate-limited: a healthy `users.info` answers in a fraction of it,
+/// and the answer still leaves the store its time within Slack's three
+/// seconds.
+pub const ASK_BUDGET: Duration = Duration::from_secs(1);
+
+/// Tells the HTTP handler of a command when its task waits on Slack, so it
+/// answers without it: at once for a rate limit, after `ASK_BUDGET` for a
+/// call.
 #[derive(Default)]
 pub struct Ack {
     deferred: AtomicBool,
+    asking: AtomicBool,
     notify: Notify,
 }
 
@@ -160,12 +170,32 @@ impl Ack {
         }
     }
 
-    /// Completes once the command's task needed Slack.
-    pub async fn deferred(&self) {
-        if self.deferred.load(Ordering::SeqCst) {
-            return;
+    fn asking(&self) {
+        if !self.asking.swap(true, Ordering::SeqCst) {
+            self.notify.notify_one();
         }
-        self.notify.notified().await
+    }
+
+    /// Completes once the command's answer should no longer wait for its
+    /// task: the task waits out a rate limit, or its Slack calls took
+    /// `ASK_BUDGET`.
+    pub async fn deferred(&self) {
+        loop {
+            if self.deferred.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.asking.load(Ordering::SeqCst) {
+                // A rate limit met during the budget ends it early.
+                let _ = tokio::time::timeout(ASK_BUDGET, async {
+                    while !self.deferred.load(Ordering::SeqCst) {
+                        self.notify.notified().await;
+                    }
+                })
+                .await;
+                return;
+            }
+            self.notify.notified().await;
+        }
     }
 }
 
@@ -177,4 +207,8 @@ pub async fn answering<F: Future>(ack: Arc<Ack>, work: F) -> F::Output {
 
 fn defer() {
     let _ = ANSWERING.try_with(|ack| ack.defer());
+}
+
+fn asking() {
+    let _ = ANSWERING.try_with(|ack| ack.asking());
 }

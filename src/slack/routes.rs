@@ -303,10 +303,11 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
     let response_url = cmd.response_url.clone();
     // The work runs in its own task so a late answer is still finished,
     // recorded and delivered through response_url after Slack stopped
-    // waiting for the HTTP answer. The answer waits on the config and the
-    // store only (spec 9.9): the moment the work needs Slack (a profile or
-    // a group not remembered, a rate limit to wait out) it is answered
-    // "working on it", and the rest follows through the response_url.
+    // waiting for the HTTP answer. The answer never waits out Slack's rate
+    // limits (spec 9.9): the moment the work would (a profile or a group
+    // not remembered while Slack says Retry-After), or once its Slack calls
+    // took `directory::ASK_BUDGET`, it is answered "working on it", and the
+    // outcome follows through the response_url.
     let ack = Arc::new(Ack::default());
     let gate = ack.clone();
     let mut work = tokio::spawn(answering(

@@ -150,7 +150,7 @@ tokio::task_local! {
 /// not rate-limited: a healthy `users.info` answers in a fraction of it,
 /// and the answer still leaves the store its time within Slack's three
 /// seconds.
-pub const ASK_BUDGET: Duration = Duration::from_secs(1);
+pub const ASK_BUDGET: Duration = Duration::from_millis(1500);
 
 /// Tells the HTTP handler of a command when its task waits on Slack, so it
 /// answers without it: at once for a rate limit, after `ASK_BUDGET` for a

@@ -1,6 +1,7 @@
 //! The Slack Web API client against the Slack stand-in: messages to
 //! different channels are not queued behind each other, and a 429 is
-//! waited out for as long as Slack's `Retry-After` says.
+//! waited out for as long as Slack's `Retry-After` says, except on the
+//! directory methods, which report it to their caller.
 
 mod support;
 
@@ -57,4 +58,35 @@ async fn a_429_is_waited_out_for_its_retry_after() {
         "the second try waited for Retry-After: 2"
     );
     assert!(started.elapsed() >= Duration::from_millis(1900));
+}
+
+/// The directory methods report a 429 at once with Slack's `Retry-After`
+/// (spec 9.9): the caller serves a remembered answer meanwhile or waits
+/// itself, one call per id, instead of each call sleeping in the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_users_info_is_reported_with_its_retry_after() {
+    support::install_crypto_provider();
+    let slack = SlackStandIn::start(BOT_TOKEN).await;
+    slack.add_user("U0REQ", "alice@example.com", "UTC", 0);
+    slack.rate_limit("users.info", 7, 1);
+    slack.rate_limit("usergroups.users.list", 3, 1);
+    let api = SlackWebApi::new(&slack.api_url(), BOT_TOKEN).unwrap();
+    match api.user("U0REQ").await {
+        Err(tollgate::slack::SlackError::RateLimited {
+            method,
+            retry_after,
+        }) => {
+            assert_eq!(method, "users.info");
+            assert_eq!(retry_after, Duration::from_secs(7));
+        }
+        other => panic!("expected a rate limit, got {other:?}"),
+    }
+    assert!(matches!(
+        api.group_members("S0ONCALL").await,
+        Err(tollgate::slack::SlackError::RateLimited { retry_after, .. })
+            if retry_after == Duration::from_secs(3)
+    ));
+    assert_eq!(slack.calls_to("users.info").len(), 1, "not retried");
+    let user = api.user("U0REQ").await.unwrap();
+    assert_eq!(user.email.as_deref(), Some("alice@example.com"));
 }

@@ -670,6 +670,67 @@ async fn slack_standin_limits_messages_per_channel() {
     }
 }
 
+/// Slack's tiers are per method: a bucket of a minute's worth (Tier 4:
+/// 100), then 429 with `Retry-After` in seconds and Slack's body; another
+/// method keeps its own bucket, and a method no test limits never 429s.
+#[tokio::test]
+async fn slack_standin_limits_each_method_by_its_tier() {
+    let standin = SlackStandIn::start(BOT_TOKEN).await;
+    standin.add_user("U1", "alice@example.com", "UTC", 0);
+    standin.add_usergroup("S1", &["U1"]);
+    standin.slack_tiers(1.0, 3);
+    let http = reqwest::Client::new();
+    for i in 0..100 {
+        let (status, _, _) = api(&http, &standin, "users.info", json!({"user": "U1"})).await;
+        assert_eq!(status, 200, "call {i} is within Tier 4's 100");
+    }
+    let (status, headers, body) = api(&http, &standin, "users.info", json!({"user": "U1"})).await;
+    assert_eq!(status, 429);
+    assert_eq!(body, json!({"ok": false, "error": "ratelimited"}));
+    // One token a 0.6 s at 100 a minute: Slack says wait a whole second.
+    assert_eq!(
+        headers.get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    assert_eq!(standin.rate_limited_calls("users.info"), 1);
+    let (status, _, _) = api(
+        &http,
+        &standin,
+        "usergroups.users.list",
+        json!({"usergroup": "S1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "Tier 2 has its own bucket");
+    for _ in 0..19 {
+        api(
+            &http,
+            &standin,
+            "usergroups.users.list",
+            json!({"usergroup": "S1"}),
+        )
+        .await;
+    }
+    let (status, headers, _) = api(
+        &http,
+        &standin,
+        "usergroups.users.list",
+        json!({"usergroup": "S1"}),
+    )
+    .await;
+    assert_eq!(status, 429, "the 21st Tier 2 call in a minute");
+    assert_eq!(
+        headers.get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("3"),
+        "20 a minute: a token every 3 s"
+    );
+    let fresh = SlackStandIn::start(BOT_TOKEN).await;
+    fresh.add_user("U1", "alice@example.com", "UTC", 0);
+    for _ in 0..150 {
+        let (status, _, _) = api(&http, &fresh, "users.info", json!({"user": "U1"})).await;
+        assert_eq!(status, 200, "no limits unless a test asks");
+    }
+}
+
 /// The AWS proxy holds every call for its delay, names each operation as
 /// AWS does, and counts the DynamoDB items an answer read.
 #[tokio::test]

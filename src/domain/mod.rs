@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod backstop;
 pub mod command;
+pub mod directory;
 pub mod duration;
 pub mod form;
 pub mod grant;

@@ -4,12 +4,12 @@
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::error::Refusal;
 use super::{Change, Service};
 use crate::domain::audit::AuditEvent;
 use crate::domain::command::{parse, Command, RequestArgs, USAGE};
+use crate::domain::directory::Need;
 use crate::domain::duration::format_duration;
 use crate::domain::identity::{resolve as resolve_principal, Principal};
 use crate::domain::lifecycle::Mode;
@@ -31,10 +31,6 @@ pub struct SlashCommand {
     #[serde(default)]
     pub trigger_id: Option<String>,
 }
-
-/// Slack waits three seconds for the answer; the user lookup must leave room
-/// for the rest of the work.
-const USER_LOOKUP_TIMEOUT: Duration = Duration::from_millis(2000);
 
 impl Service {
     /// Every outcome, error or not, is a message for the requester.
@@ -139,9 +135,12 @@ impl Service {
                 cluster: cluster.name.clone(),
             })?;
 
-        let user = self.requesting_user(&cmd.user_id).await?;
+        // Remembered answers will do: nothing is granted before approval,
+        // and an auto-approved or break-glass grant asks Slack afresh at
+        // grant (`recheck_identity`, `row_members`).
+        let user = self.requesting_user(&cmd.user_id, Need::Recent).await?;
         if !role.requesters.is_empty() {
-            let members = self.group_members(&role.requesters).await;
+            let members = self.group_members(&role.requesters, Need::Recent).await;
             if !may_request(role, &user.id, &members) {
                 return Err(Refusal::MayNotRequest {
                     role: role.name.clone(),
@@ -152,7 +151,7 @@ impl Service {
         }
         let mode = match &cluster.break_glass {
             Some(bg) if args.break_glass.is_some() => {
-                let members = self.group_members(&bg.allowed).await;
+                let members = self.group_members(&bg.allowed, Need::Recent).await;
                 if !listed(&bg.allowed, &user.id, &members) {
                     self.audit_break_glass_refused(&user.id, cluster, "not in break_glass.allowed")
                         .await;
@@ -167,7 +166,7 @@ impl Service {
                 && listed(
                     &role.auto_approve,
                     &user.id,
-                    &self.group_members(&role.auto_approve).await,
+                    &self.group_members(&role.auto_approve, Need::Recent).await,
                 ) =>
             {
                 Mode::AutoApproved
@@ -321,16 +320,17 @@ impl Service {
         ))
     }
 
-    /// The Slack profile of someone asking for access, within the time a
-    /// command has; deactivated accounts and bots are refused.
-    pub(super) async fn requesting_user(&self, id: &str) -> Result<SlackUser, Refusal> {
-        let user = match tokio::time::timeout(USER_LOOKUP_TIMEOUT, self.slack.user(id)).await {
-            Ok(Ok(user)) => user,
-            Ok(Err(e)) => {
+    /// The Slack profile of someone asking for access, as `need` requires
+    /// it (spec 9.9); deactivated accounts and bots are refused. A profile
+    /// Slack rate-limits is waited for, not refused: the command was
+    /// acknowledged already and its answer follows (`directory`).
+    pub(super) async fn requesting_user(&self, id: &str, need: Need) -> Result<SlackUser, Refusal> {
+        let user = match self.profile(id, need).await {
+            Ok(user) => user,
+            Err(e) => {
                 tracing::warn!(error = %e, "users.info failed");
                 return Err(Refusal::ProfileUnavailable);
             }
-            Err(_) => return Err(Refusal::ProfileTimeout),
         };
         if user.deleted || user.is_bot {
             return Err(Refusal::DeactivatedOrBot);
@@ -461,7 +461,7 @@ impl Service {
                 .and_then(|c| c.roles.get(&req.access.role))
                 .map(|r| r.approvers.clone())
                 .unwrap_or_default();
-            let members = self.group_members(&approvers).await;
+            let members = self.group_members(&approvers, Need::Recent).await;
             if !crate::domain::policy::listed(&approvers, user, &members) {
                 return format!(
                     "Only the requester or an approver of `{}` on {} can revoke {id}.",
@@ -551,7 +551,7 @@ impl Service {
             .iter()
             .filter(|a| !a.starts_with('S'))
             .cloned()
-            .chain(self.group_members(&approvers).await)
+            .chain(self.group_members(&approvers, Need::Recent).await)
             .filter(|u| *u != req.requester.user_id)
             .collect();
         users.sort();

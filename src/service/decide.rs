@@ -75,7 +75,10 @@ impl Service {
             ))
             .await;
         };
-        match self.slack.user(&d.user_id).await {
+        // Asked fresh, not remembered (spec 9.9): a deactivated approver or
+        // one removed from the approvers' group loses the power at once.
+        let fresh = self.asked_now();
+        match self.profile(&d.user_id, fresh).await {
             Ok(u) if u.deleted || u.is_bot => {
                 return reply("Deactivated accounts and bots cannot decide requests.".into()).await
             }
@@ -99,7 +102,7 @@ impl Service {
                 return reply(crate::slack::blocks::refusal_text(&why)).await;
             }
         }
-        let members = self.group_members(&role.approvers).await;
+        let members = self.group_members(&role.approvers, fresh).await;
         let allowed = if d.approve {
             check_approver(role, &req.requester.user_id, &d.user_id, &members)
         } else if listed(&role.approvers, &d.user_id, &members) {

@@ -143,7 +143,6 @@ pub enum Refusal {
         who: Vec<String>,
     },
     ProfileUnavailable,
-    ProfileTimeout,
     DeactivatedOrBot,
     Guest,
     /// The store could not be read or written; `what` was not done.
@@ -173,9 +172,7 @@ impl Refusal {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Refusal::StoreUnavailable { .. } | Refusal::Vanished(_) => "store_unavailable",
-            Refusal::ProfileUnavailable
-            | Refusal::ProfileTimeout
-            | Refusal::RequesterUnconfirmed => "slack_unreachable",
+            Refusal::ProfileUnavailable | Refusal::RequesterUnconfirmed => "slack_unreachable",
             _ => "refused",
         }
     }

@@ -217,7 +217,10 @@ impl Service {
                 return format!("{why} Nothing was requested for {id}.");
             }
         }
-        let requester = match self.requesting_user(user).await {
+        // Asked fresh (spec 9.9): an auto-approved extension moves the
+        // expiry with no other look at the requester's account or groups.
+        let fresh = self.asked_now();
+        let requester = match self.requesting_user(user, fresh).await {
             Ok(u) => u,
             Err(why) => return blocks::refusal_text(&why),
         };
@@ -228,7 +231,7 @@ impl Service {
         // Who may request is asked again: being allowed once is not a
         // standing right to more time.
         if !role.requesters.is_empty() {
-            let members = self.group_members(&role.requesters).await;
+            let members = self.group_members(&role.requesters, fresh).await;
             if !may_request(role, user, &members) {
                 return format!(
                     "You may no longer request `{}` on {}, so {id} cannot be extended. Who may: {}.",
@@ -242,7 +245,7 @@ impl Service {
             && listed(
                 &role.auto_approve,
                 user,
-                &self.group_members(&role.auto_approve).await,
+                &self.group_members(&role.auto_approve, fresh).await,
             ) {
             Mode::AutoApproved
         } else {

@@ -36,7 +36,10 @@ pub(super) fn offboarded(user: &SlackUser, allow_guests: bool) -> Option<&'stati
 
 impl Service {
     async fn lookup(&self, user: &str) -> Result<SlackUser, SlackError> {
-        match tokio::time::timeout(LOOKUP_TIMEOUT, self.slack.user(user)).await {
+        // Fresh (spec 9.9): approval, grant and offboarding see what Slack
+        // says now; only while it rate-limits may a young answer stand in.
+        let fresh = self.asked_now();
+        match tokio::time::timeout(LOOKUP_TIMEOUT, self.profile(user, fresh)).await {
             Ok(r) => r,
             Err(_) => Err(SlackError::Transport {
                 method: "users.info",

@@ -549,17 +549,20 @@ impl Service {
         let Some(cluster) = self.config.cluster(&req.access.cluster) else {
             return members;
         };
+        // Asked fresh (spec 9.9): a member removed from a group since the
+        // approval is seen now; only a 429 lets a young answer stand in.
+        let fresh = self.asked_now();
         if let Some(role) = cluster.roles.get(&req.access.role) {
             let by = req.decided_by.as_deref();
-            members.requesters = self.group_members(&role.requesters).await;
+            members.requesters = self.group_members(&role.requesters, fresh).await;
             if by == Some(Mode::AutoApproved.label()) {
-                members.auto_approve = self.group_members(&role.auto_approve).await;
+                members.auto_approve = self.group_members(&role.auto_approve, fresh).await;
             } else if by == Some(Mode::BreakGlass.label()) {
                 if let Some(bg) = &cluster.break_glass {
-                    members.break_glass = self.group_members(&bg.allowed).await;
+                    members.break_glass = self.group_members(&bg.allowed, fresh).await;
                 }
             } else {
-                members.approvers = self.group_members(&role.approvers).await;
+                members.approvers = self.group_members(&role.approvers, fresh).await;
             }
         }
         members

@@ -21,6 +21,7 @@ mod admin;
 mod claims;
 mod commands;
 mod decide;
+pub mod directory;
 mod error;
 mod extend;
 mod identity;
@@ -76,6 +77,8 @@ pub struct Service {
     notice_lanes: Arc<tokio::sync::Semaphore>,
     /// Signalled when the last grant or revoke under way finishes.
     work_idle: Notify,
+    /// Slack profiles and user-group members, per id (spec 9.9).
+    directory: directory::Directory,
 }
 
 const WORK_PERMITS: u32 = 1 << 20;
@@ -280,6 +283,7 @@ impl Service {
             fences: Default::default(),
             notice_lanes: Arc::new(tokio::sync::Semaphore::new(NOTICE_LANES)),
             work_idle: Notify::new(),
+            directory: Default::default(),
             tunables,
         })
     }
@@ -406,12 +410,41 @@ impl Service {
         tracing::error!(request_id = %id, error = %e, "{what}");
     }
 
+    /// A Slack profile as `need` requires it (spec 9.9): remembered for a
+    /// command, asked fresh for an approval or a grant.
+    pub(crate) async fn profile(
+        &self,
+        id: &str,
+        need: crate::domain::directory::Need,
+    ) -> Result<crate::slack::SlackUser, SlackError> {
+        self.directory
+            .users
+            .get(id, need, &*self.clock, || self.slack.user(id))
+            .await
+    }
+
+    /// `Need::FreshSince` now: only an answer Slack gives from here on.
+    pub(crate) fn asked_now(&self) -> crate::domain::directory::Need {
+        crate::domain::directory::Need::FreshSince(self.clock.now())
+    }
+
     /// Members of the user groups (`S…`) in a list of approvers or
-    /// requesters. A group Slack cannot list contributes nobody.
-    async fn group_members(&self, ids: &[String]) -> HashSet<String> {
+    /// requesters, as `need` requires them (remembered for a command,
+    /// asked fresh for an approval or a grant). A group Slack cannot list
+    /// contributes nobody.
+    async fn group_members(
+        &self,
+        ids: &[String],
+        need: crate::domain::directory::Need,
+    ) -> HashSet<String> {
         let mut members = HashSet::new();
         for id in ids.iter().filter(|id| id.starts_with('S')) {
-            match self.slack.group_members(id).await {
+            let listed = self
+                .directory
+                .groups
+                .get(id, need, &*self.clock, || self.slack.group_members(id))
+                .await;
+            match listed {
                 Ok(users) => members.extend(users),
                 Err(e) => tracing::warn!(group = %id, error = %e, "cannot list user group"),
             }

@@ -18,7 +18,9 @@ impl Service {
             .iter()
             .flat_map(|c| c.roles.values().flat_map(|r| r.requesters.iter().cloned()))
             .collect();
-        let members = self.group_members(&lists).await;
+        let members = self
+            .group_members(&lists, crate::domain::directory::Need::Recent)
+            .await;
         self.config
             .clusters
             .iter()

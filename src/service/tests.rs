@@ -228,11 +228,47 @@ struct FakeSlack {
     dms: Mutex<Vec<(String, String)>>,
     /// What was answered on a response_url: (url, text).
     responses: Mutex<Vec<(String, String)>>,
+    /// User group → members (`usergroups.users.list`).
+    groups: Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Calls to `users.info` and `usergroups.users.list`.
+    lookups: Mutex<Vec<String>>,
+    /// While set, both directory methods answer 429 (Retry-After 30 s).
+    limited: std::sync::atomic::AtomicBool,
+}
+
+impl FakeSlack {
+    fn lookup(&self, method: &'static str, id: &str) -> Result<(), SlackError> {
+        self.lookups.lock().unwrap().push(format!("{method} {id}"));
+        if self.limited.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(SlackError::RateLimited {
+                method,
+                retry_after: Duration::from_secs(30),
+            });
+        }
+        Ok(())
+    }
+
+    fn lookups_of(&self, what: &str) -> usize {
+        self.lookups
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| *l == what)
+            .count()
+    }
+
+    fn set_group(&self, id: &str, members: &[&str]) {
+        self.groups
+            .lock()
+            .unwrap()
+            .insert(id.into(), members.iter().map(|m| m.to_string()).collect());
+    }
 }
 
 #[async_trait]
 impl SlackApi for FakeSlack {
     async fn user(&self, id: &str) -> Result<SlackUser, SlackError> {
+        self.lookup("users.info", id)?;
         Ok(SlackUser {
             id: id.into(),
             email: Some(format!("{}@example.com", id.to_lowercase())),
@@ -243,8 +279,15 @@ impl SlackApi for FakeSlack {
             tz_offset_secs: 0,
         })
     }
-    async fn group_members(&self, _: &str) -> Result<Vec<String>, SlackError> {
-        Ok(vec![])
+    async fn group_members(&self, id: &str) -> Result<Vec<String>, SlackError> {
+        self.lookup("usergroups.users.list", id)?;
+        Ok(self
+            .groups
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .unwrap_or_default())
     }
     async fn post(&self, channel: &str, msg: &Message) -> Result<String, SlackError> {
         let mut posts = self.posts.lock().unwrap();
@@ -1687,4 +1730,62 @@ async fn with_a_store_key_an_edited_grant_is_not_in_force_and_is_revoked_as_tamp
         State::Active,
         "the other stays"
     );
+}
+
+/// Spec 9.9: commands read group memberships remembered for a minute, so a
+/// member spamming `/access clusters` costs one `usergroups.users.list`;
+/// an approval asks afresh, so a member removed from the approvers' group
+/// a moment ago cannot approve on the remembered answer.
+#[tokio::test]
+async fn commands_share_one_group_lookup_and_an_approval_asks_afresh() {
+    let r = rig_with(|c| {
+        let view = c.clusters[0].roles.get_mut("view").unwrap();
+        view.requesters = vec!["S0REQS".into()];
+    });
+    r.slack.set_group("S0REQS", &["U0REQ"]);
+    r.slack.set_group("S0ONCALL", &["U0ONCALL"]);
+    let cmd = |text: &str| SlashCommand {
+        trigger_id: None,
+        user_id: "U0REQ".into(),
+        text: text.into(),
+        response_url: None,
+    };
+    for _ in 0..10 {
+        let text = r.service.handle_command(cmd("clusters")).await;
+        assert!(text.contains("`view`"), "{text}");
+    }
+    assert_eq!(r.slack.lookups_of("usergroups.users.list S0REQS"), 1);
+    let first = r.approved("eks prod 5m view", "U0ONCALL").await;
+    assert_eq!(r.state(&first).await.state, State::Active);
+    assert_eq!(
+        r.slack.lookups_of("users.info U0REQ"),
+        3,
+        "request, approval, grant"
+    );
+
+    r.slack.set_group("S0ONCALL", &[]);
+    r.clock.advance(Duration::from_secs(1));
+    let second = r.approved("eks prod 5m view", "U0ONCALL").await;
+    assert_eq!(r.state(&second).await.state, State::Pending);
+    assert!(r.state(&second).await.approvals.is_empty());
+}
+
+/// Spec 9.9: while Slack answers 429, an answer at most ten minutes old
+/// stands in, for a command and for the fresh checks of an approval and
+/// a grant alike.
+#[tokio::test]
+async fn while_slack_rate_limits_a_young_answer_stands_in_at_approval_and_grant() {
+    let r = rig();
+    r.slack.set_group("S0ONCALL", &["U0ONCALL"]);
+    let first = r.approved("eks prod 5m view", "U0ONCALL").await;
+    assert_eq!(r.state(&first).await.state, State::Active);
+    r.clock.advance(Duration::from_secs(5 * 60));
+    r.slack
+        .limited
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let asked = r.slack.lookups.lock().unwrap().len();
+    let second = r.approved("eks prod 5m edit --ns web", "U0ONCALL").await;
+    assert_eq!(r.state(&second).await.state, State::Active);
+    // Slack was asked (and said 429) rather than skipped.
+    assert!(r.slack.lookups.lock().unwrap().len() > asked);
 }

@@ -559,7 +559,6 @@ pub fn refusal_text(r: &crate::service::Refusal) -> String {
             mention_list(who)
         ),
         Refusal::ProfileUnavailable => "Tollgate could not look up your Slack profile just now; nothing was requested. Please try again.".into(),
-        Refusal::ProfileTimeout => "Slack took too long to answer a profile lookup; nothing was requested. Please try again.".into(),
         Refusal::DeactivatedOrBot => "Deactivated accounts and bots cannot request access.".into(),
         Refusal::Guest => "Slack guest accounts cannot request access here; nothing was requested. Ask an admin if you need it.".into(),
         Refusal::StoreUnavailable { what } => format!(

@@ -69,6 +69,27 @@ macro_rules! call {
     };
 }
 
+/// How a `call_once!` call failed.
+enum Failed {
+    Limited(SlackError),
+    Client(SlackClientError),
+}
+
+/// One call, no wait on a 429: the directory methods report Slack's
+/// `Retry-After` to `service::directory`, which serves the last good
+/// answer meanwhile or waits itself, one call per id (spec 9.9).
+macro_rules! call_once {
+    ($request:expr, $method:expr $(,)?) => {
+        within($request).await.map_err(|e| match e {
+            SlackClientError::RateLimitError(e) => Failed::Limited(SlackError::RateLimited {
+                method: $method,
+                retry_after: e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            }),
+            other => Failed::Client(other),
+        })
+    };
+}
+
 impl SlackWebApi {
     pub fn new(api_url: &str, bot_token: &str) -> Result<Self, String> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -101,6 +122,20 @@ impl SlackWebApi {
             m.slack_error(method);
         }
         map_err(method, e)
+    }
+
+    /// As `fail`, for a `call_once!` result: a 429 is counted and passed on
+    /// as `RateLimited`.
+    fn fail_or_limited(&self, method: &'static str, e: Failed) -> SlackError {
+        match e {
+            Failed::Limited(limited) => {
+                if let Some(m) = &self.metrics {
+                    m.slack_error(method);
+                }
+                limited
+            }
+            Failed::Client(other) => self.fail(method, other),
+        }
     }
 }
 
@@ -135,13 +170,13 @@ fn content(msg: &Message) -> Result<SlackMessageContent, SlackError> {
 impl SlackApi for SlackWebApi {
     async fn user(&self, id: &str) -> Result<SlackUser, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = call!(
+        let res = call_once!(
             session.users_info(&SlackApiUsersInfoRequest::new(SlackUserId::new(
                 id.to_string(),
             ))),
+            "users.info",
         )
-        .await
-        .map_err(|e| self.fail("users.info", e))?;
+        .map_err(|e| self.fail_or_limited("users.info", e))?;
         let u = res.user;
         Ok(SlackUser {
             id: u.id.to_string(),
@@ -157,13 +192,13 @@ impl SlackApi for SlackWebApi {
 
     async fn group_members(&self, group: &str) -> Result<Vec<String>, SlackError> {
         let session = self.client.open_session(&self.token);
-        let res = call!(
+        let res = call_once!(
             session.usergroups_users_list(&SlackApiUserGroupsUsersListRequest::new(
                 SlackUserGroupId::new(group.to_string()),
             )),
+            "usergroups.users.list",
         )
-        .await
-        .map_err(|e| self.fail("usergroups.users.list", e))?;
+        .map_err(|e| self.fail_or_limited("usergroups.users.list", e))?;
         Ok(res.users.into_iter().map(|u| u.to_string()).collect())
     }
 

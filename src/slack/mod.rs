@@ -52,6 +52,15 @@ pub enum SlackError {
         method: &'static str,
         message: String,
     },
+    /// HTTP 429: Slack's rate limit for this method; ask again after
+    /// `retry_after` (its `Retry-After`). Only the directory methods
+    /// (`users.info`, `usergroups.users.list`) report it: their caller
+    /// decides what to serve meanwhile (`domain::directory`).
+    #[error("Slack {method} rate-limited: retry after {} s", .retry_after.as_secs())]
+    RateLimited {
+        method: &'static str,
+        retry_after: std::time::Duration,
+    },
     /// Tollgate built something Slack would refuse; sending it again cannot help.
     #[error("cannot send to Slack: {0}")]
     Invalid(String),
@@ -63,6 +72,7 @@ impl SlackError {
         match self {
             SlackError::Api { .. } => "slack_refused",
             SlackError::Transport { .. } => "slack_unreachable",
+            SlackError::RateLimited { .. } => "slack_ratelimited",
             SlackError::Invalid(_) => "slack_invalid",
         }
     }
@@ -70,6 +80,7 @@ impl SlackError {
     pub fn code(&self) -> Option<&str> {
         match self {
             SlackError::Api { code, .. } => Some(code),
+            SlackError::RateLimited { .. } => Some("ratelimited"),
             SlackError::Transport { .. } | SlackError::Invalid(_) => None,
         }
     }
@@ -78,7 +89,7 @@ impl SlackError {
     /// saying it is having trouble.
     pub fn is_transient(&self) -> bool {
         match self {
-            SlackError::Transport { .. } => true,
+            SlackError::Transport { .. } | SlackError::RateLimited { .. } => true,
             SlackError::Api { code, .. } => matches!(
                 code.as_str(),
                 "internal_error"
@@ -103,7 +114,10 @@ pub struct BotIdentity {
 
 #[async_trait]
 pub trait SlackApi: Send + Sync + 'static {
+    /// `users.info`. A 429 is returned at once (`SlackError::RateLimited`),
+    /// not waited out: `service::directory` decides what serves meanwhile.
     async fn user(&self, id: &str) -> Result<SlackUser, SlackError>;
+    /// `usergroups.users.list`; a 429 is returned at once, as for `user`.
     async fn group_members(&self, group: &str) -> Result<Vec<String>, SlackError>;
     /// Posts to a channel; returns the message's `ts`.
     async fn post(&self, channel: &str, msg: &Message) -> Result<String, SlackError>;

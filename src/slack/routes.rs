@@ -20,6 +20,7 @@ use std::time::Duration;
 use super::modal;
 use super::verify::{Rejection, Verifier};
 use crate::domain::inbox::{Click, Interaction as RecordedClick};
+use crate::service::directory::{answering, Ack};
 use crate::service::{Service, SlashCommand};
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -32,6 +33,11 @@ const COMMAND_DEADLINE: Duration = Duration::from_millis(2700);
 /// A click not on disk by then is answered non-200 (within Slack's three
 /// seconds), so Slack tells the clicker it failed.
 const CLICK_RECORD_DEADLINE: Duration = Duration::from_millis(2500);
+
+/// The answer of a command whose work waits on Slack; the outcome follows
+/// through the command's `response_url`.
+pub const WORKING_ON_IT: &str =
+    "Working on it: Tollgate is asking Slack about you; the answer follows here in a moment.";
 
 #[derive(Clone)]
 pub struct AppState {
@@ -297,20 +303,34 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
     let response_url = cmd.response_url.clone();
     // The work runs in its own task so a late answer is still finished,
     // recorded and delivered through response_url after Slack stopped
-    // waiting for the HTTP answer.
-    let mut work = tokio::spawn(async move { service.handle_command(cmd).await });
-    match tokio::time::timeout(COMMAND_DEADLINE, &mut work).await {
+    // waiting for the HTTP answer. The answer never waits out Slack's rate
+    // limits (spec 9.9): the moment the work would (a profile or a group
+    // not remembered while Slack says Retry-After), or once its Slack calls
+    // took `directory::ASK_BUDGET`, it is answered "working on it", and the
+    // outcome follows through the response_url.
+    let ack = Arc::new(Ack::default());
+    let gate = ack.clone();
+    let mut work = tokio::spawn(answering(
+        gate,
+        async move { service.handle_command(cmd).await },
+    ));
+    let answered = tokio::select! {
+        done = &mut work => Some(done),
+        _ = ack.deferred() => None,
+        _ = tokio::time::sleep(COMMAND_DEADLINE) => None,
+    };
+    match answered {
         // The modal opened: Slack wants an empty 200, not a message.
-        Ok(Ok(text)) if text.is_empty() => StatusCode::OK.into_response(),
-        Ok(Ok(text)) => ephemeral(text),
-        Ok(Err(e)) => {
+        Some(Ok(text)) if text.is_empty() => StatusCode::OK.into_response(),
+        Some(Ok(text)) => ephemeral(text),
+        Some(Err(e)) => {
             tracing::error!(error = %e, "command handler failed");
             ephemeral(
                 "Tollgate hit an internal error handling that command; nothing was requested."
                     .into(),
             )
         }
-        Err(_) => {
+        None => {
             let service = app.service.clone();
             tokio::spawn(async move {
                 // An empty answer means a modal opened: nothing to say.
@@ -322,7 +342,7 @@ async fn commands(State(app): State<AppState>, headers: HeaderMap, body: Body) -
                     Err(e) => tracing::error!(error = %e, "command handler failed"),
                 }
             });
-            ephemeral("Tollgate is still working on that; the answer follows in a moment.".into())
+            ephemeral(WORKING_ON_IT.into())
         }
     }
 }
@@ -438,21 +458,28 @@ async fn view_submission(app: &AppState, payload: &Value) -> Response {
     };
     let service = app.service.clone();
     let url = sub.response_url.clone();
-    // Its own task, like a command: past the deadline it still finishes,
-    // and whatever it has to say goes through the response_url.
-    let mut work = tokio::spawn(async move {
+    // Its own task, like a command: once it would wait on Slack, or past
+    // the deadline, it still finishes, and whatever it has to say goes
+    // through the response_url.
+    let ack = Arc::new(Ack::default());
+    let mut work = tokio::spawn(answering(ack.clone(), async move {
         service
             .submit_form(&sub.user_id, &sub.form, sub.response_url)
             .await
-    });
-    match tokio::time::timeout(COMMAND_DEADLINE, &mut work).await {
-        Ok(Ok(Ok(()))) => StatusCode::OK.into_response(),
-        Ok(Ok(Err(errors))) => Json(modal::errors_response(&errors)).into_response(),
-        Ok(Err(e)) => {
+    }));
+    let answered = tokio::select! {
+        done = &mut work => Some(done),
+        _ = ack.deferred() => None,
+        _ = tokio::time::sleep(COMMAND_DEADLINE) => None,
+    };
+    match answered {
+        Some(Ok(Ok(()))) => StatusCode::OK.into_response(),
+        Some(Ok(Err(errors))) => Json(modal::errors_response(&errors)).into_response(),
+        Some(Err(e)) => {
             tracing::error!(error = %e, "modal submission failed");
             StatusCode::OK.into_response()
         }
-        Err(_) => {
+        None => {
             let service = app.service.clone();
             tokio::spawn(async move {
                 if let Ok(Err(errors)) = work.await {

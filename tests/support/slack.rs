@@ -78,6 +78,11 @@ struct State {
     channel_rate: Option<ChannelRate>,
     /// Channel → (tokens left, when they were counted).
     channel_buckets: HashMap<String, (f64, Instant)>,
+    /// Method → its rate-limit tier, for the methods a test limits
+    /// (`limit_method`, `slack_tiers`); none by default.
+    method_rates: HashMap<String, MethodRate>,
+    /// Method → (tokens left, when they were counted).
+    method_buckets: HashMap<String, (f64, Instant)>,
     messages: HashMap<(String, String), Value>,
     issued_ts: u64,
 }
@@ -90,24 +95,69 @@ struct ChannelRate {
     burst: f64,
 }
 
+/// Slack's Web API tiers, in requests a minute (Slack's "Rate limits"
+/// page: Tier 1 1+, Tier 2 20+, Tier 3 50+, Tier 4 100+ per minute, "per
+/// API method per workspace per app", with bursts).
+pub const TIER_1: f64 = 1.0;
+pub const TIER_2: f64 = 20.0;
+pub const TIER_3: f64 = 50.0;
+pub const TIER_4: f64 = 100.0;
+
+/// The tier of each method Tollgate calls, from each method's reference
+/// page; `chat.postMessage` is Slack's special tier (per channel, see
+/// `limit_channels`), and `auth.test` is called once at start-up.
+pub const METHOD_TIERS: &[(&str, f64)] = &[
+    ("users.info", TIER_4),
+    ("usergroups.users.list", TIER_2),
+    ("conversations.open", TIER_3),
+    ("conversations.info", TIER_3),
+    ("chat.update", TIER_3),
+    ("views.open", TIER_4),
+    ("views.publish", TIER_4),
+];
+
+/// A token bucket of one method: `burst` tokens, refilled at `per_minute`.
+#[derive(Clone, Copy, Debug)]
+struct MethodRate {
+    per_minute: f64,
+    burst: f64,
+}
+
+/// Takes a token from a bucket refilled at `per_second` up to `burst`, or
+/// says how many whole seconds to wait for the next one (Slack's
+/// `Retry-After` is whole seconds, at least 1).
+fn take_token(bucket: &mut (f64, Instant), per_second: f64, burst: f64) -> Option<u64> {
+    let now = Instant::now();
+    let (tokens, since) = bucket;
+    *tokens = (*tokens + now.duration_since(*since).as_secs_f64() * per_second).min(burst);
+    *since = now;
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        return None;
+    }
+    Some((((1.0 - *tokens) / per_second).ceil() as u64).max(1))
+}
+
 impl State {
+    /// Takes a token from `method`'s bucket when a test limits it.
+    fn take_method_token(&mut self, method: &str) -> Option<u64> {
+        let rate = *self.method_rates.get(method)?;
+        let bucket = self
+            .method_buckets
+            .entry(method.to_string())
+            .or_insert((rate.burst, Instant::now()));
+        take_token(bucket, rate.per_minute / 60.0, rate.burst)
+    }
+
     /// Takes a token from `channel`'s bucket, or says how many whole
     /// seconds to wait (Slack's `Retry-After` is in seconds, at least 1).
     fn take_channel_token(&mut self, channel: &str) -> Option<u64> {
         let rate = self.channel_rate?;
-        let now = Instant::now();
-        let (tokens, since) = self
+        let bucket = self
             .channel_buckets
             .entry(channel.to_string())
-            .or_insert((rate.burst, now));
-        *tokens =
-            (*tokens + now.duration_since(*since).as_secs_f64() * rate.per_second).min(rate.burst);
-        *since = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return None;
-        }
-        Some((((1.0 - *tokens) / rate.per_second).ceil() as u64).max(1))
+            .or_insert((rate.burst, Instant::now()));
+        take_token(bucket, rate.per_second, rate.burst)
     }
 
     fn next_ts(&mut self) -> String {
@@ -354,13 +404,51 @@ impl SlackStandIn {
         });
     }
 
-    /// The next `times` calls to `method` answer HTTP 500. `*` matches every
-    /// method and response URL (`response:{name}`).
+    /// From now on `method` allows `per_minute` calls a minute after a
+    /// burst of `burst` (a token bucket per method, as Slack limits each
+    /// method per app per workspace), and answers HTTP 429 with
+    /// `Retry-After` (the whole seconds to the next token) and
+    /// `{"ok":false,"error":"ratelimited"}` beyond that. Off by default, so
+    /// a test that does not ask for limits never meets one.
+    pub fn limit_method(&self, method: &str, per_minute: f64, burst: u32) {
+        let mut state = self.shared.lock();
+        state.method_rates.insert(
+            method.to_string(),
+            MethodRate {
+                per_minute,
+                burst: f64::from(burst.max(1)),
+            },
+        );
+        state.method_buckets.remove(method);
+    }
+
+    /// Every method of `METHOD_TIERS` at its documented tier (bucket = one
+    /// minute's worth), and `chat.postMessage` at one message a second per
+    /// channel after a burst of `channel_burst`. `speedup` compresses time
+    /// for short runs: every rate is multiplied by it, buckets stay the
+    /// size of Slack's (1.0 = Slack's own limits).
+    pub fn slack_tiers(&self, speedup: f64, channel_burst: u32) {
+        for (method, per_minute) in METHOD_TIERS {
+            self.limit_method(method, per_minute * speedup, *per_minute as u32);
+        }
+        self.limit_channels(speedup, channel_burst);
+    }
+
+    /// How many calls to `method` Slack answered 429.
+    pub fn rate_limited_calls(&self, method: &str) -> usize {
+        self.calls_to(method)
+            .iter()
+            .filter(|c| c.status == 429)
+            .count()
+    }
+
     /// Slack is down for `length` from now: every call answers HTTP 500.
     pub fn outage_for(&self, length: Duration) {
         self.shared.lock().outage_until = Some(Instant::now() + length);
     }
 
+    /// The next `times` calls to `method` answer HTTP 500. `*` matches every
+    /// method and response URL (`response:{name}`).
     pub fn server_error(&self, method_or_star: &str, times: usize) {
         *self
             .shared
@@ -495,6 +583,9 @@ fn answer_api(state: &mut State, method: &str, params: &Value) -> Answer {
         .get_mut(method)
         .and_then(VecDeque::pop_front)
     {
+        return Answer::RateLimited(secs);
+    }
+    if let Some(secs) = state.take_method_token(method) {
         return Answer::RateLimited(secs);
     }
     if method == "chat.postMessage" {

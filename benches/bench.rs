@@ -2485,6 +2485,40 @@ access_policy = "AmazonEKSViewPolicy"
     config
 }
 
+/// Waits (at most `within`) for `count` cards posted to the channels
+/// `channel` accepts, and asserts there is one per request; when the last
+/// was posted (`None` for no card at all).
+async fn last_card(
+    slack: &SlackStandIn,
+    server: &Server,
+    count: usize,
+    within: Duration,
+    channel: impl Fn(&str) -> bool,
+) -> Option<Instant> {
+    let deadline = Instant::now() + within;
+    loop {
+        let cards: Vec<Instant> = slack
+            .calls_to("chat.postMessage")
+            .iter()
+            .filter(|call| {
+                call.status == 200 && call.params["channel"].as_str().is_some_and(&channel)
+            })
+            .map(|call| call.at)
+            .collect();
+        if cards.len() >= count {
+            assert_eq!(cards.len(), count, "one card per request");
+            return cards.into_iter().max();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {count} cards posted after {within:?}:\n{}",
+            cards.len(),
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn fig10_cards(c: &Counts, rows: &mut Vec<Row>) {
     let slack = SlackStandIn::start(BOT_TOKEN).await;
     // Slack: about one message a second per channel, short bursts allowed.
@@ -2536,36 +2570,15 @@ async fn fig10_cards(c: &Counts, rows: &mut Vec<Row>) {
     for t in tasks {
         t.await.unwrap_or_else(|e| panic!("request task: {e}"));
     }
-    let posted = |calls: &[support::slack::Call]| -> Vec<Instant> {
-        calls
-            .iter()
-            .filter(|call| {
-                call.method == "chat.postMessage"
-                    && call.status == 200
-                    && call.params["channel"]
-                        .as_str()
-                        .is_some_and(|ch| ch.starts_with("C0CARDS"))
-            })
-            .map(|call| call.at)
-            .collect()
-    };
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let last = loop {
-        let calls = slack.calls();
-        let cards = posted(&calls);
-        if cards.len() >= c.cards {
-            assert_eq!(cards.len(), c.cards, "one card per request");
-            break cards.into_iter().max().unwrap_or(started);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} cards posted after 180 s:\n{}",
-            cards.len(),
-            c.cards,
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let last = last_card(
+        &slack,
+        &server,
+        c.cards,
+        Duration::from_secs(180),
+        |channel| channel.starts_with("C0CARDS"),
+    )
+    .await
+    .unwrap_or(started);
     let limited = slack
         .calls()
         .iter()
@@ -2693,27 +2706,15 @@ async fn fig11_incident(c: &Counts, rows: &mut Vec<Row>) {
         assert!(text.contains("sent to"), "{user} got no receipt: {text}");
         ids.push(receipt_id(&text).unwrap_or_default());
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let last = loop {
-        let cards: Vec<Instant> = slack
-            .calls_to("chat.postMessage")
-            .iter()
-            .filter(|call| call.status == 200 && call.params["channel"] == CHANNEL)
-            .map(|call| call.at)
-            .collect();
-        if cards.len() >= c.incident {
-            assert_eq!(cards.len(), c.incident, "one card per request");
-            break cards.into_iter().max().unwrap_or(started);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {} cards posted:\n{}",
-            cards.len(),
-            c.incident,
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let last = last_card(
+        &slack,
+        &server,
+        c.incident,
+        Duration::from_secs(600),
+        |channel| channel == CHANNEL,
+    )
+    .await
+    .unwrap_or(started);
     let posted = slack.calls_to("chat.postMessage");
     let missing = ids
         .iter()

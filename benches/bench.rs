@@ -585,6 +585,18 @@ async fn cli_at(config: &Path, env: &[(String, String)], args: &[&str]) -> Strin
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `n` Slack users `<prefix>0000`, `<prefix>0001`, … with emails of the
+/// allowed domain, known to the stand-in.
+fn add_users(slack: &SlackStandIn, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let u = format!("{prefix}{i:04}");
+            slack.add_user(&u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
+            u
+        })
+        .collect()
+}
+
 fn receipt_id(text: &str) -> Option<String> {
     let at = text.find("R-")?;
     text.get(at..at + 7).map(str::to_string)
@@ -735,12 +747,7 @@ async fn fig1_ack(c: &Counts, rows: &mut Vec<Row>) {
     let slack = SlackStandIn::start(BOT_TOKEN).await;
     slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
     slack.add_channel(CHANNEL, true);
-    let users: Vec<String> = (0..c.ack_concurrent)
-        .map(|i| format!("U0ACK{i:04}"))
-        .collect();
-    for u in &users {
-        slack.add_user(u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
-    }
+    let users = add_users(&slack, "U0ACK", c.ack_concurrent);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let mut server = Server::spawn(
         dir.path(),
@@ -2527,10 +2534,7 @@ async fn fig10_cards(c: &Counts, rows: &mut Vec<Row>) {
     for k in 0..c.card_channels {
         slack.add_channel(&format!("C0CARDS{k}"), true);
     }
-    let users: Vec<String> = (0..c.cards).map(|i| format!("U0CARD{i:04}")).collect();
-    for u in &users {
-        slack.add_user(u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
-    }
+    let users = add_users(&slack, "U0CARD", c.cards);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let mut server = Server::spawn_with(
         dir.path(),
@@ -2656,10 +2660,7 @@ async fn fig11_incident(c: &Counts, rows: &mut Vec<Row>) {
     slack.limit_channels(c.incident_speedup, SLACK_BURST);
     slack.add_user(APPROVER, "approver@example.com", "UTC", 0);
     slack.add_channel(CHANNEL, true);
-    let users: Vec<String> = (0..c.incident).map(|i| format!("U0INC{i:04}")).collect();
-    for u in &users {
-        slack.add_user(u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
-    }
+    let users = add_users(&slack, "U0INC", c.incident);
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let mut server = Server::spawn(
         dir.path(),
@@ -3082,12 +3083,7 @@ async fn fig12_flood(c: &Counts, rows: &mut Vec<Row>) {
     let slack = SlackStandIn::start(BOT_TOKEN).await;
     slack.add_user(STORM_USER, "storm@example.com", "UTC", 0);
     slack.add_channel(CHANNEL, true);
-    let users: Vec<String> = (0..2 * c.flood_valid)
-        .map(|i| format!("U0FLD{i:04}"))
-        .collect();
-    for u in &users {
-        slack.add_user(u, &format!("{}@example.com", u.to_lowercase()), "UTC", 0);
-    }
+    let users = add_users(&slack, "U0FLD", 2 * c.flood_valid);
     let config = CONFIG.replacen(
         "listen = \"{listen}\"\n",
         &format!(

@@ -351,12 +351,10 @@ async fn dynamo(ms: &MiniStack) -> aws_sdk_dynamodb::Client {
 /// An `Approved` row nobody approved, for ten years, written with the AWS
 /// SDK straight into the table with its due and live items: the scheduler
 /// picks it up, and must refuse it before any cloud call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_approved_row_written_into_dynamodb_is_never_granted() {
-    let w = World::start(&[], &[]).await;
-    let now = OffsetDateTime::now_utc();
-    let id = "R-F0RGE";
-    let forged = json!({
+/// An `Approved` row as a writer with the table's credentials would put it
+/// in: no approval recorded, nothing signed.
+fn forged_approved_row(id: &str, now: OffsetDateTime, duration_secs: u64) -> Value {
+    json!({
         "id": id,
         "state": "Approved",
         "version": 1,
@@ -371,7 +369,7 @@ async fn a_forged_approved_row_written_into_dynamodb_is_never_granted() {
             "strategy": "access-entry"
         },
         "reason": "INC-FORGED",
-        "duration": 10 * 365 * 24 * 3600u64,
+        "duration": duration_secs,
         "created_at": rfc3339(now),
         "approval_deadline": rfc3339(now + time::Duration::hours(1)),
         "required_approvals": 1,
@@ -387,7 +385,15 @@ async fn a_forged_approved_row_written_into_dynamodb_is_never_granted() {
         "failure": null,
         "card": null,
         "response_url": null
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_approved_row_written_into_dynamodb_is_never_granted() {
+    let w = World::start(&[], &[]).await;
+    let now = OffsetDateTime::now_utc();
+    let id = "R-F0RGE";
+    let forged = forged_approved_row(id, now, 10 * 365 * 24 * 3600);
     w.write_row(&forged, Some(now)).await;
 
     wait_until(
@@ -729,40 +735,10 @@ async fn with_a_store_key_a_forged_row_with_real_approvals_is_never_granted() {
     let w = World::start_with(&integrity_config(), &[], &key).await;
     let now = OffsetDateTime::now_utc();
     let id = "R-F0RG4";
-    let forged = json!({
-        "id": id,
-        "state": "Approved",
-        "version": 1,
-        "requester": {"user_id": REQUESTER, "email": "alice@example.com", "tz": null, "tz_offset_secs": 0},
-        "access": {
-            "cluster": "prod-cluster",
-            "role": "view",
-            "principal": ALICE,
-            "policy_arn": "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy",
-            "namespaces": [],
-            "k8s_user": "tollgate:alice@example.com",
-            "strategy": "access-entry"
-        },
-        "reason": "INC-FORGED",
-        "duration": 600,
-        "created_at": rfc3339(now),
-        "approval_deadline": rfc3339(now + time::Duration::hours(1)),
-        "required_approvals": 1,
-        "approvals": [{"user": APPROVER, "at": rfc3339(now)}],
-        "decided_by": APPROVER,
-        "approved_at": rfc3339(now),
-        "activated_at": null,
-        "expires_at": null,
-        "ended_at": null,
-        "revoke": null,
-        "attempts": 0,
-        "retry_at": null,
-        "failure": null,
-        "card": null,
-        "response_url": null,
-        // A made-up MAC is no better than none.
-        "mac": "00".repeat(32)
-    });
+    let mut forged = forged_approved_row(id, now, 600);
+    forged["approvals"] = json!([{"user": APPROVER, "at": rfc3339(now)}]);
+    // A made-up MAC is no better than none.
+    forged["mac"] = json!("00".repeat(32));
     w.write_row(&forged, Some(now)).await;
 
     wait_until(

@@ -9,10 +9,11 @@
 //! At `max_connections`, a new connection displaces the one that has waited
 //! longest for its client: a request head or body that stopped arriving, or
 //! a keep-alive connection idle between requests. A client that sends what
-//! it means to send is done in milliseconds, long before `max_connections`
-//! newer connections could make it the longest waiting, so a flood of
-//! stalled connections cannot keep Slack out. Only when every connection is
-//! working on a complete request is the new one answered 503.
+//! it means to send is done in milliseconds; only a flood opening
+//! `max_connections` new connections within those milliseconds makes it the
+//! longest waiting (a connection still receiving its body, or writing its
+//! answer, counts as waiting). Only when every connection is working on a
+//! complete request is the new one answered 503.
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -101,7 +101,7 @@ pub async fn serve(config: Config, tunables: Tunables) -> anyhow::Result<()> {
                     Ok(Some(team)) => {
                         let _ = team_id.set(team);
                     }
-                    Ok(None) => {}
+                    Ok(None) => tracing::error!("auth.test stopped asking without an answer"),
                     Err(e) => {
                         tracing::error!(error = %e, "Slack refused the bot token; no Slack request will be served");
                     }

@@ -101,8 +101,8 @@ impl<T: Clone> Entry<T> {
     /// the caller does meanwhile is `plan` again.
     pub fn rate_limited(&mut self, retry_after: Duration, now: OffsetDateTime) {
         // At least a second: Slack's `Retry-After` is whole seconds, and
-        // zero would spin.
-        let until = now + retry_after.max(Duration::from_secs(1));
+        // zero would spin. At most an hour: a larger one would overflow.
+        let until = now + retry_after.clamp(Duration::from_secs(1), Duration::from_secs(3600));
         self.quiet_until = Some(self.quiet_until.map_or(until, |u| u.max(until)));
     }
 

@@ -91,9 +91,11 @@ pub fn brief_error(text: &str, max_chars: usize) -> String {
         .unwrap_or(text.len());
     let (kept, dump) = text.split_at(cut);
     let mut out = kept.trim_end_matches([':', ' ']).to_string();
-    if let Some(said) = dump
-        .split("message: \"")
-        .nth(1)
+    // An I/O error's Debug says `message: "…"`; an AWS service error's
+    // says `message: Some("…")`.
+    if let Some(said) = ["message: \"", "message: Some(\""]
+        .iter()
+        .find_map(|m| dump.split(m).nth(1))
         .and_then(|rest| rest.split('"').next())
         .filter(|m| !m.is_empty() && !out.contains(*m))
     {

@@ -351,12 +351,13 @@ impl Service {
         let Some(grant_id) = ext.extends.clone() else {
             return;
         };
+        // Asked before the principal's lock and the work permit: a revoke
+        // of the grant never waits on Slack behind this extension, nor do
+        // notices or a shutdown's drain.
+        let members = self.row_members(ext).await;
         let Some(_working) = self.begin_work().await else {
             return;
         };
-        // Asked before the principal's lock: a revoke of the grant never
-        // waits on Slack behind this extension.
-        let members = self.row_members(ext).await;
         let Some(guard) = self
             .principal(&ext.access.cluster, &ext.access.principal)
             .await

@@ -310,17 +310,29 @@ impl Service {
     }
 
     async fn grant(self: &Arc<Self>, snapshot: &Request, when: When) {
-        let Some(_working) = self.begin_work().await else {
-            return;
-        };
-        let id = &snapshot.id;
         // Memberships from the snapshot: a row whose mode changed since
         // is judged against groups asked for another mode and fails.
+        // Asked before the work permit: a lookup waiting out Slack's
+        // `Retry-After` holds up neither notices nor a shutdown's drain.
         let members = if snapshot.grant_abandoned() {
             Members::default()
         } else {
             self.row_members(snapshot).await
         };
+        // Spec 9.1: the principal shown to approvers is still the
+        // requester's, or nothing is made. Asked fresh from Slack before
+        // the principal's lock, so a revoke of another of its grants never
+        // waits on Slack behind this one; requester and access never
+        // change on a row, so the answer holds for the row read under it.
+        let identity = if snapshot.grant_abandoned() {
+            Ok(())
+        } else {
+            self.recheck_identity(snapshot).await
+        };
+        let Some(_working) = self.begin_work().await else {
+            return;
+        };
+        let id = &snapshot.id;
         let Some(guard) = self
             .principal(&snapshot.access.cluster, &snapshot.access.principal)
             .await
@@ -410,15 +422,16 @@ impl Service {
             .cluster(&req.access.cluster)
             .and_then(|c| c.roles.get(&req.access.role))
             .map(|r| r.limits.reminder_before);
-        // Spec 9.1: the principal shown to approvers is still the
-        // requester's, or nothing is made.
         if !abandoned {
             let refused = if planned_expiry <= now {
                 // A re-drive after the grant's whole time went by: there
                 // is nothing left to grant.
                 Err(GrantRefusal::EndedBeforeGranted)
-            } else {
+            } else if snapshot.grant_abandoned() {
+                // Not asked above; never granted without the check.
                 self.recheck_identity(&req).await
+            } else {
+                identity
             };
             if let Err(refusal) = refused {
                 // A retry after a crash may find access the first try made

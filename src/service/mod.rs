@@ -103,14 +103,15 @@ pub(crate) use crate::domain::lifecycle::Notice;
 /// A grant or revoke under way (a permit of `Service::work`); the last
 /// one to finish lets the notices waiting behind it go.
 pub(crate) struct Working<'a> {
-    _permit: tokio::sync::SemaphorePermit<'a>,
+    permit: Option<tokio::sync::SemaphorePermit<'a>>,
     service: &'a Service,
 }
 
 impl Drop for Working<'_> {
     fn drop(&mut self) {
-        // This permit is still out: one more available means none will be.
-        if self.service.work.available_permits() + 1 >= WORK_PERMITS as usize {
+        // Returned first, so a woken notice sees it back.
+        drop(self.permit.take());
+        if !self.service.working() {
             self.service.work_idle.notify_waiters();
         }
     }
@@ -312,7 +313,7 @@ impl Service {
     pub(crate) async fn begin_work(&self) -> Option<Working<'_>> {
         let permit = self.work.acquire().await.ok()?;
         Some(Working {
-            _permit: permit,
+            permit: Some(permit),
             service: self,
         })
     }
@@ -325,12 +326,16 @@ impl Service {
     /// Waits until no grant or revoke is under way, or `NOTICE_MAX_DEFER`.
     async fn after_work(&self) {
         let deadline = tokio::time::Instant::now() + NOTICE_MAX_DEFER;
-        while self.working() && tokio::time::Instant::now() < deadline {
-            // The signal can be missed between the check and the wait; the
-            // short sleep looks again.
-            tokio::select! {
-                _ = self.work_idle.notified() => {}
-                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+        loop {
+            // Armed before the check, so an end signalled in between wakes it.
+            let idle = self.work_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if !self.working() {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return;
             }
         }
     }
@@ -560,25 +565,47 @@ impl Service {
         let service = Arc::clone(self);
         let id = id.clone();
         tokio::spawn(async move {
-            // An alert that a revoke is failing is not queued behind DMs;
+            // A security-channel alert is neither queued behind DMs nor
+            // held up by a card update waiting out Slack's `Retry-After`;
             // everything else waits for the grants and revokes under way.
-            let _lane = match notice {
-                Notice::RevokeFailing { .. } => None,
-                _ => {
-                    let lane = match service.notice_lanes.clone().acquire_owned().await {
-                        Ok(lane) => lane,
-                        Err(_) => return,
-                    };
-                    service.after_work().await;
-                    Some(lane)
-                }
+            let alerting = matches!(
+                notice,
+                Notice::RevokeFailing { .. } | Notice::InvalidRow { .. } | Notice::RevokeRecovered
+            );
+            let _lane = if alerting {
+                None
+            } else {
+                let lane = match service.notice_lanes.clone().acquire_owned().await {
+                    Ok(lane) => lane,
+                    Err(_) => return,
+                };
+                service.after_work().await;
+                Some(lane)
             };
             let Ok(Some(req)) = service.store.get(&id).await else {
                 return;
             };
+            let now = service.clock.now();
+            match &notice {
+                Notice::RevokeFailing { error } => {
+                    service
+                        .alert(&id, blocks::revoke_failing_alert(&req, error))
+                        .await
+                }
+                Notice::InvalidRow { why } => {
+                    service
+                        .alert(&id, blocks::invalid_row_alert(&req, why))
+                        .await
+                }
+                Notice::RevokeRecovered => {
+                    service
+                        .alert(&id, blocks::revoke_recovered_alert(&req, now))
+                        .await
+                }
+                _ => {}
+            }
             service.refresh_card(&req).await;
             let user = req.requester.user_id.clone();
-            let now = service.clock.now();
             match notice {
                 Notice::CardOnly => {}
                 Notice::Granted => {
@@ -590,11 +617,7 @@ impl Service {
                 Notice::Denied => service.dm(&user, blocks::denied_dm(&req)).await,
                 Notice::Expired => service.dm(&user, blocks::expired_dm(&req)).await,
                 Notice::Revoked => service.dm(&user, blocks::revoked_dm(&req, now)).await,
-                Notice::RevokeFailing { error } => {
-                    service
-                        .alert(&id, blocks::revoke_failing_alert(&req, &error))
-                        .await
-                }
+                Notice::RevokeFailing { .. } => {}
                 Notice::Extended => {
                     let grant = match &req.extends {
                         Some(g) => service.store.get(g).await.ok().flatten(),
@@ -604,20 +627,12 @@ impl Service {
                         service.dm(&user, blocks::extended_dm(&req, &grant)).await
                     }
                 }
-                Notice::InvalidRow { why } => {
-                    service
-                        .alert(&id, blocks::invalid_row_alert(&req, &why))
-                        .await;
+                Notice::InvalidRow { .. } => {
                     if req.state == crate::domain::request::State::Failed {
                         service.dm(&user, blocks::failed_dm(&req)).await
                     }
                 }
-                Notice::RevokeRecovered => {
-                    service.dm(&user, blocks::revoked_dm(&req, now)).await;
-                    service
-                        .alert(&id, blocks::revoke_recovered_alert(&req, now))
-                        .await
-                }
+                Notice::RevokeRecovered => service.dm(&user, blocks::revoked_dm(&req, now)).await,
             }
         });
     }

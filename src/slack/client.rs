@@ -43,6 +43,13 @@ async fn within<T>(
 const MAX_RATE_LIMIT_RETRIES: usize = 8;
 /// A 429 without `Retry-After` waits this long.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The longest `Retry-After` believed: a larger one (a misbehaving proxy,
+/// a typo) would overflow the times it is added to.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+fn retry_after(said: Option<Duration>) -> Duration {
+    said.unwrap_or(DEFAULT_RETRY_AFTER).min(MAX_RETRY_AFTER)
+}
 
 /// One Web API call, made again after each 429 once Slack's `Retry-After`
 /// has passed, all within `CALL_DEADLINE`. Slack limits messages per
@@ -60,7 +67,7 @@ macro_rules! call {
                         if limited < MAX_RATE_LIMIT_RETRIES =>
                     {
                         limited += 1;
-                        tokio::time::sleep(e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER)).await;
+                        tokio::time::sleep(retry_after(e.retry_after)).await;
                     }
                     other => break other,
                 }
@@ -83,7 +90,7 @@ macro_rules! call_once {
         within($request).await.map_err(|e| match e {
             SlackClientError::RateLimitError(e) => Failed::Limited(SlackError::RateLimited {
                 method: $method,
-                retry_after: e.retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+                retry_after: retry_after(e.retry_after),
             }),
             other => Failed::Client(other),
         })
